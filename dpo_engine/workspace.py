@@ -1,0 +1,57 @@
+"""The workspace: one directory holding datasets, embeddings, runs, the model cache and the job DB.
+
+Every component finds its files through a `Workspace`, so the app, the CLI, the worker and the
+tests agree on where things live. Location: `--workspace`, else `$DPO_KERNELS_WORKSPACE`, else
+`./workspace`. The job database is SQLite (WAL) inside the workspace unless
+`$DPO_KERNELS_DB_URL` names another SQLAlchemy URL (e.g. PostgreSQL shared by several machines).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_WORKSPACE = "DPO_KERNELS_WORKSPACE"
+ENV_DB_URL = "DPO_KERNELS_DB_URL"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike | None = None) -> "Workspace":
+        """Pick the workspace from an explicit path, the environment, or ./workspace; create it."""
+        chosen = path or os.environ.get(ENV_WORKSPACE) or "workspace"
+        ws = cls(Path(chosen).expanduser().resolve())
+        ws.ensure()
+        return ws
+
+    def ensure(self) -> None:
+        for d in (self.root, self.datasets_dir, self.embeddings_dir, self.runs_dir, self.models_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def models_dir(self) -> Path:
+        """Converted model cache (e.g. the SmolLM2 GGUF dequantised to safetensors)."""
+        return self.root / "models"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    @property
+    def db_url(self) -> str:
+        return os.environ.get(ENV_DB_URL) or f"sqlite:///{self.root / 'jobs.db'}"
