@@ -14,6 +14,7 @@ from pathlib import Path
 
 ENV_WORKSPACE = "DPO_KERNELS_WORKSPACE"
 ENV_DB_URL = "DPO_KERNELS_DB_URL"
+ENV_MODEL_CACHE = "DPO_KERNELS_MODEL_CACHE"
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,13 @@ class Workspace:
 
     @property
     def models_dir(self) -> Path:
-        """Converted model cache (e.g. the SmolLM2 GGUF dequantised to safetensors)."""
-        return self.root / "models"
+        """Converted model cache (e.g. the SmolLM2 GGUF dequantised to safetensors).
+
+        `$DPO_KERNELS_MODEL_CACHE` points several workspaces (tests, other users) at one cache so
+        the one-time conversion is not repeated.
+        """
+        override = os.environ.get(ENV_MODEL_CACHE)
+        return Path(override).expanduser().resolve() if override else self.root / "models"
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id

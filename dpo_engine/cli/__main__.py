@@ -1,0 +1,3 @@
+from dpo_engine.cli import main
+
+main()

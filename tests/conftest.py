@@ -1,0 +1,36 @@
+"""Shared test fixtures: offline hub, a fresh workspace per test, one model cache per machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+HH_SAMPLE = SHARED_DATA / "hh_harmless_dev.jsonl.gz"
+BUNDLED_SAMPLE = REPO_ROOT / "assets" / "sample_hh.jsonl.gz"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Converting the bundled GGUF policy takes ~25 s: do it once per machine, not once per test.
+os.environ.setdefault("DPO_KERNELS_MODEL_CACHE", str(REPO_ROOT / ".cache" / "models"))
+
+
+@pytest.fixture
+def hh_sample_path() -> Path:
+    """The real HH-RLHF sample (shared data when present, else the bundled copy)."""
+    return HH_SAMPLE if HH_SAMPLE.exists() else BUNDLED_SAMPLE
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty workspace in tmp_path, also exported for subprocesses."""
+    from dpo_engine.workspace import Workspace
+
+    root = tmp_path / "ws"
+    monkeypatch.setenv("DPO_KERNELS_WORKSPACE", str(root))
+    monkeypatch.delenv("DPO_KERNELS_DB_URL", raising=False)
+    return Workspace.resolve(root)
