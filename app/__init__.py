@@ -1,0 +1,1 @@
+"""Streamlit UI building blocks for DPO-Kernels Studio (navigation, shared state, widgets)."""

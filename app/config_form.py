@@ -1,0 +1,250 @@
+"""Render any pydantic settings model as a Streamlit form, so forms never drift from the config.
+
+The form is generated from the model's fields: Literal -> selectbox, bool -> checkbox, int/float
+-> number input bounded by the field's constraints, str -> text input, list[str] -> comma list,
+optional numbers -> text input where empty means "not set", nested models -> a titled group.
+Help texts are the field descriptions plus the default. The caller validates the returned dict
+with the model itself (one source of truth for rules) and hands errors back for display next to
+the offending fields.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import annotated_types
+import streamlit as st
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+RECOMMENDED_MARK = "⭐"
+
+
+@dataclass
+class FieldSpec:
+    """What the renderer needs to know about one leaf field."""
+
+    path: str
+    name: str
+    annotation: Any
+    optional: bool
+    default: Any
+    required: bool
+    description: str
+    lower: float | None = None
+    upper: float | None = None
+    lower_strict: bool = False
+    upper_strict: bool = False
+
+
+@dataclass
+class FormOptions:
+    """Per-field customisation: prefilled values, notes (e.g. 'recommended by diagnosis'), custom widgets."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    widgets: dict[str, Callable[[FieldSpec, Any, str], Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    group_titles: dict[str, str] = field(default_factory=dict)
+    columns: int = 3
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0], True
+    return annotation, False
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _bounds(info: FieldInfo, spec: FieldSpec) -> None:
+    for meta in info.metadata:
+        if isinstance(meta, annotated_types.Ge):
+            spec.lower = meta.ge
+        elif isinstance(meta, annotated_types.Gt):
+            spec.lower, spec.lower_strict = meta.gt, True
+        elif isinstance(meta, annotated_types.Le):
+            spec.upper = meta.le
+        elif isinstance(meta, annotated_types.Lt):
+            spec.upper, spec.upper_strict = meta.lt, True
+
+
+def _default_of(info: FieldInfo) -> Any:
+    if info.is_required():
+        return None
+    return info.get_default(call_default_factory=True)
+
+
+def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[FieldSpec]:
+    """Every non-model field, depth first, with its dotted path (used by tests and the renderer)."""
+    out = []
+    for name, info in model.model_fields.items():
+        annotation, optional = _unwrap_optional(info.annotation)
+        path = f"{prefix}{name}"
+        if _is_model(annotation):
+            out.extend(leaf_fields(annotation, path + "."))
+            continue
+        spec = FieldSpec(path=path, name=name, annotation=annotation, optional=optional, default=_default_of(info),
+                         required=info.is_required(), description=info.description or "")
+        _bounds(info, spec)
+        out.append(spec)
+    return out
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "empty"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _help(spec: FieldSpec) -> str:
+    text = spec.description or spec.name
+    bounds = []
+    if spec.lower is not None:
+        bounds.append(f"{'>' if spec.lower_strict else '≥'} {spec.lower:g}")
+    if spec.upper is not None:
+        bounds.append(f"{'<' if spec.upper_strict else '≤'} {spec.upper:g}")
+    extra = f" Allowed: {' and '.join(bounds)}." if bounds else ""
+    return f"{text}{extra} Default: {'(required)' if spec.required else _default_text(spec.default)}."
+
+
+def _label(spec: FieldSpec, note: str | None) -> str:
+    label = spec.name.replace("_", " ")
+    return f"{label} {RECOMMENDED_MARK}" if note else label
+
+
+class _Unparsable(str):
+    """A text entry that is not a number; validation reports it next to the field."""
+
+
+def _parse_optional_number(text: str, kind: type) -> Any:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+    except ValueError:
+        return _Unparsable(text)
+
+
+def _widget(spec: FieldSpec, value: Any, key: str, note: str | None) -> Any:
+    label, help_text = _label(spec, note), _help(spec)
+    annotation = spec.annotation
+    if typing.get_origin(annotation) is Literal:
+        options = list(typing.get_args(annotation))
+        index = options.index(value) if value in options else 0
+        return st.selectbox(label, options, index=index, key=key, help=help_text)
+    if annotation is bool:
+        return st.checkbox(label, value=bool(value), key=key, help=help_text)
+    if annotation in (int, float) and spec.optional:
+        entered = st.text_input(label, value="" if value is None else _default_text(value), key=key, help=help_text,
+                                placeholder="empty = not set")
+        return _parse_optional_number(entered, annotation)
+    if annotation is int:
+        return int(st.number_input(label, value=int(value if value is not None else spec.lower or 0),
+                                   min_value=None if spec.lower is None else int(spec.lower),
+                                   max_value=None if spec.upper is None else int(spec.upper),
+                                   step=1, key=key, help=help_text))
+    if annotation is float:
+        return float(st.number_input(label, value=float(value if value is not None else spec.lower or 0.0),
+                                     min_value=None if spec.lower is None else float(spec.lower),
+                                     max_value=None if spec.upper is None else float(spec.upper),
+                                     format="%g", key=key, help=help_text))
+    if typing.get_origin(annotation) is list:
+        entered = st.text_input(label, value=_default_text(value) if value else "", key=key,
+                                help=help_text + " Separate entries with commas.")
+        return [item.strip() for item in entered.split(",") if item.strip()]
+    entered = st.text_input(label, value="" if value is None else str(value), key=key, help=help_text)
+    return entered if entered.strip() or not spec.optional else None
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    keys = path.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def render_model_form(model: type[BaseModel], options: FormOptions | None = None, *, key: str = "form",
+                      _prefix: str = "", _depth: int = 0, _out: dict | None = None) -> dict:
+    """Draw widgets for every field of `model` (inside the caller's st.form) and return the raw values.
+
+    The result is a nested dict shaped like the model, ready for `model.model_validate`.
+    """
+    options = options or FormOptions()
+    out = {} if _out is None else _out
+    leaves = []
+    for name, info in model.model_fields.items():
+        annotation, _ = _unwrap_optional(info.annotation)
+        path = f"{_prefix}{name}"
+        if _is_model(annotation):
+            continue
+        leaves.append((path, info))
+    if leaves:
+        cols = st.columns(options.columns) if options.columns > 1 else [st.container()]
+        for i, (path, info) in enumerate(leaves):
+            spec = next(s for s in leaf_fields(model, _prefix) if s.path == path)
+            value = options.values.get(path, spec.default)
+            note = options.notes.get(path)
+            with cols[i % len(cols)]:
+                custom = options.widgets.get(path)
+                result = custom(spec, value, f"{key}.{path}") if custom else _widget(spec, value, f"{key}.{path}", note)
+                if note:
+                    st.caption(f"{RECOMMENDED_MARK} {note}")
+                if path in options.errors:
+                    st.error(options.errors[path], icon="⚠️")
+            _set(out, path, result)
+    for name, info in model.model_fields.items():
+        annotation, _ = _unwrap_optional(info.annotation)
+        if not _is_model(annotation):
+            continue
+        path = f"{_prefix}{name}"
+        title = options.group_titles.get(path, name.replace("_", " ").capitalize())
+        if _depth == 0:
+            st.subheader(title)
+            if info.description:
+                st.caption(info.description)
+            render_model_form(annotation, options, key=key, _prefix=path + ".", _depth=1, _out=out)
+        else:
+            with st.container(border=True):
+                st.markdown(f"**{title}**" + (f" · {info.description}" if info.description else ""))
+                render_model_form(annotation, options, key=key, _prefix=path + ".", _depth=_depth + 1, _out=out)
+        if path in options.errors:
+            st.error(options.errors[path], icon="⚠️")
+    return out
+
+
+def validation_errors(exc: ValidationError) -> dict[str, str]:
+    """pydantic errors keyed by the dotted path of the field they belong to ('' = whole form)."""
+    out: dict[str, str] = {}
+    for error in exc.errors():
+        path = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
+        message = error["msg"].removeprefix("Value error, ")
+        out[path] = f"{out[path]}; {message}" if path in out else message
+    return out
+
+
+def attach_errors(errors: dict[str, str], model: type[BaseModel]) -> dict[str, str]:
+    """Map each error to the nearest rendered field or group (model-level errors go to their group)."""
+    known = {s.path for s in leaf_fields(model)}
+    groups = {p.rsplit(".", 1)[0] for p in known if "." in p}
+    groups |= {".".join(g.split(".")[:i]) for g in list(groups) for i in range(1, g.count(".") + 1)}
+    out: dict[str, str] = {}
+    for path, message in errors.items():
+        target = path
+        while target and target not in known and target not in groups:
+            target = target.rsplit(".", 1)[0] if "." in target else ""
+        out[target] = f"{out[target]}; {message}" if target in out else message
+    return out
