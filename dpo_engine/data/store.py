@@ -1,0 +1,182 @@
+"""The dataset registry: canonical tables stored as Parquet with a meta.json beside each.
+
+Layout: `<workspace>/datasets/<dataset_id>/data.parquet` and `meta.json`. A dataset is written
+into a hidden temporary directory and renamed into place, so a crash never leaves half a dataset
+that `list()` would show. Ids are readable and unique: slug of the name plus 6 hex of the
+content hash; `content_hash` is the embedding cache key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import BaseModel, Field, ValidationError
+
+from dpo_engine.data.errors import DataFormatError, DatasetExists, DatasetNotFound
+from dpo_engine.data.ingest import IngestResult, content_hash, load_preferences
+from dpo_engine.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DATASET_NAME = "hh-harmless-sample"
+SAMPLE_SOURCE = "assets/sample_hh.jsonl.gz"
+ExportFormat = Literal["jsonl", "csv", "parquet"]
+
+
+def assets_dir() -> Path:
+    """The repository's assets folder (dpo_engine/../assets)."""
+    return Path(__file__).resolve().parents[2] / "assets"
+
+
+def sample_path() -> Path:
+    return assets_dir() / "sample_hh.jsonl.gz"
+
+
+class DatasetInfo(BaseModel):
+    """What meta.json records about a stored dataset."""
+
+    id: str
+    name: str
+    n_pairs: int
+    source: str
+    created_at: datetime
+    content_hash: str
+    n_rows_in: int
+    dropped: dict[str, int] = Field(default_factory=dict)
+    n_flagged_kept: int = 0
+    warnings: list[str] = Field(default_factory=list)
+    detected_format: str
+    detected_layout: str
+    mapping: dict[str, str] = Field(default_factory=dict)
+    has_category: bool = False
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug[:40].strip("-") or "dataset"
+
+
+class DatasetStore:
+    """Add, list, read, delete and export the datasets of one workspace."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        self.root = workspace.datasets_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def dir(self, dataset_id: str) -> Path:
+        return self.root / dataset_id
+
+    def add(
+        self, result: IngestResult, name: str, source: str, drop_flagged: bool | list[str] = True
+    ) -> DatasetInfo:
+        """Apply the drop choice and store the kept rows; names must be unique."""
+        name = name.strip()
+        if not name:
+            raise ValueError("a dataset needs a non-empty name")
+        if any(info.name == name for info in self.list()):
+            raise DatasetExists(f"a dataset named {name!r} already exists; choose another name or delete it")
+        kept, dropped = result.finalize(drop_flagged)
+        if kept.empty:
+            raise DataFormatError(f"nothing left to store: all {result.report.n_rows_in} rows were dropped {dropped}")
+        digest = content_hash(kept)
+        dataset_id = f"{slugify(name)}-{digest[:6]}"
+        if self.dir(dataset_id).exists():
+            raise DatasetExists(f"dataset id {dataset_id!r} already exists")
+        flagged_kept = int(result.flags.loc[result.table["pair_id"].isin(kept["pair_id"]).to_numpy()].any(axis=1).sum())
+        info = DatasetInfo(
+            id=dataset_id,
+            name=name,
+            n_pairs=len(kept),
+            source=source,
+            created_at=datetime.now(timezone.utc),
+            content_hash=digest,
+            n_rows_in=result.report.n_rows_in,
+            dropped=dropped,
+            n_flagged_kept=flagged_kept,
+            warnings=result.report.warnings,
+            detected_format=result.report.detected_format,
+            detected_layout=result.report.detected_layout,
+            mapping=result.report.mapping,
+            has_category="category" in kept.columns,
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dataset_id}.", dir=self.root))
+        try:
+            kept.to_parquet(tmp / "data.parquet", index=False)
+            (tmp / "meta.json").write_text(info.model_dump_json(indent=2), encoding="utf-8")
+            tmp.rename(self.dir(dataset_id))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return info
+
+    def list(self) -> list[DatasetInfo]:
+        """All stored datasets, oldest first (unreadable entries are logged and skipped)."""
+        infos: list[DatasetInfo] = []
+        for d in sorted(self.root.iterdir()) if self.root.exists() else []:
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            meta = d / "meta.json"
+            try:
+                infos.append(DatasetInfo.model_validate_json(meta.read_text(encoding="utf-8")))
+            except (OSError, ValidationError) as exc:
+                log.warning("skipping dataset directory %s: unreadable meta.json (%s)", d, exc)
+        return sorted(infos, key=lambda i: (i.created_at, i.id))
+
+    def get(self, id_or_name: str) -> DatasetInfo:
+        """A dataset by id, else by name."""
+        infos = self.list()
+        for info in infos:
+            if info.id == id_or_name:
+                return info
+        for info in infos:
+            if info.name == id_or_name:
+                return info
+        known = ", ".join(i.id for i in infos) or "none"
+        raise DatasetNotFound(f"no dataset with id or name {id_or_name!r} (known: {known})")
+
+    def load(self, id_or_name: str) -> pd.DataFrame:
+        return pd.read_parquet(self.dir(self.get(id_or_name).id) / "data.parquet")
+
+    def delete(self, id_or_name: str) -> DatasetInfo:
+        info = self.get(id_or_name)
+        shutil.rmtree(self.dir(info.id))
+        return info
+
+    def export(self, id_or_name: str, fmt: ExportFormat = "jsonl") -> bytes:
+        """The canonical table as JSON Lines, CSV or Parquet bytes (re-ingestable as flat data)."""
+        table = self.load(id_or_name)
+        if fmt == "jsonl":
+            return "".join(
+                json.dumps(rec, ensure_ascii=False) + "\n" for rec in table.to_dict(orient="records")
+            ).encode("utf-8")
+        if fmt == "csv":
+            return table.to_csv(index=False).encode("utf-8")
+        if fmt == "parquet":
+            buf = io.BytesIO()
+            table.to_parquet(buf, index=False)
+            return buf.getvalue()
+        raise ValueError(f"unknown export format {fmt!r}; use jsonl, csv or parquet")
+
+
+def ensure_sample_dataset(workspace: Workspace) -> DatasetInfo:
+    """Register the bundled HH-RLHF sample under SAMPLE_DATASET_NAME unless it is there already."""
+    store = DatasetStore(workspace)
+    try:
+        return store.get(SAMPLE_DATASET_NAME)
+    except DatasetNotFound:
+        pass
+    result = load_preferences(sample_path())
+    try:
+        return store.add(result, SAMPLE_DATASET_NAME, source=SAMPLE_SOURCE, drop_flagged=True)
+    except DatasetExists:  # registered concurrently by another process
+        return store.get(SAMPLE_DATASET_NAME)

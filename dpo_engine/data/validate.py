@@ -1,0 +1,59 @@
+"""Row checks that flag usable rows (the user decides to drop or keep them), vectorised with pandas."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dpo_engine.data.report import FLAG_REASONS, Issue
+
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def flag_rows(table: pd.DataFrame, *, max_chars: int, had_decode_errors: bool) -> tuple[pd.DataFrame, list[Issue]]:
+    """Boolean flags (one column per flag reason, aligned with `table`) and the matching issues."""
+    flags = pd.DataFrame(False, index=table.index, columns=list(FLAG_REASONS))
+    issues: list[Issue] = []
+    rows = table["source_row"].to_numpy()
+
+    def add(mask: pd.Series, reason: str, column: str | None, message) -> None:
+        mask = mask.fillna(False).astype(bool)
+        flags[reason] |= mask
+        for pos in mask.to_numpy().nonzero()[0]:
+            issues.append(
+                Issue.model_construct(
+                    row=int(rows[pos]), reason=reason, column=column, message=message(pos), unusable=False
+                )
+            )
+
+    stripped = {c: table[c].str.strip() for c in TEXT_COLUMNS}
+    lengths = {c: table[c].str.len() for c in TEXT_COLUMNS}
+    for c in TEXT_COLUMNS:
+        add(stripped[c].eq(""), "empty_field", c, lambda pos, c=c: f"{c} is empty or whitespace only")
+    add(
+        stripped["chosen"].eq(stripped["rejected"]),
+        "identical_responses",
+        None,
+        lambda pos: "chosen and rejected are identical",
+    )
+    key = list(TEXT_COLUMNS)
+    dup = table.duplicated(subset=key, keep="first")
+    if dup.any():
+        first_row = table.groupby(key, sort=False)["source_row"].transform("first").to_numpy()
+        add(dup, "duplicate", None, lambda pos: f"same prompt, chosen and rejected as row {int(first_row[pos])}")
+    for c in TEXT_COLUMNS:
+        add(
+            lengths[c].gt(max_chars),
+            "too_long",
+            c,
+            lambda pos, c=c: f"{c} has {int(lengths[c].iloc[pos])} characters (limit {max_chars})",
+        )
+    for c in TEXT_COLUMNS:
+        add(table[c].str.contains("\x00", regex=False), "bad_encoding", c, lambda pos, c=c: f"{c} contains a NUL byte")
+        if had_decode_errors:
+            add(
+                table[c].str.contains("\ufffd", regex=False),
+                "bad_encoding",
+                c,
+                lambda pos, c=c: f"{c} had invalid UTF-8 (replaced with U+FFFD)",
+            )
+    return flags, issues

@@ -1,0 +1,45 @@
+"""The Jobs page under AppTest: jobs listed with status, progress and log; cancel from the page."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from dpo_engine.jobs import JobStore
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "jobs.py")
+
+
+def test_empty_workspace_says_so(workspace):
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    assert any("No jobs yet" in i.value for i in at.info)
+    assert any("none" in c.value for c in at.caption)  # no worker alive
+
+
+def test_finished_job_shows_status_and_log(workspace):
+    store = JobStore.for_workspace(workspace)
+    job = store.submit("selftest", {"seconds": 0.2, "steps": 3}, title="smoke")
+    subprocess.run([sys.executable, "-m", "dpo_engine.cli", "worker", "--once", "--device", "cpu",
+                    "--workspace", str(workspace.root)], check=True, timeout=120)
+    assert store.get(job.id).status == "succeeded"
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    row = table[table["id"] == job.id].iloc[0]
+    assert row["status"] == "succeeded" and row["progress"] == 100
+    log = at.code[0].value
+    assert log.strip() and log != "(no output yet)"
+
+
+def test_cancel_queued_job_from_page(workspace):
+    store = JobStore.for_workspace(workspace)
+    job = store.submit("selftest", {"seconds": 5}, title="to cancel")
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert any("to cancel" in str(v) for v in at.dataframe[0].value["title"])
+    next(b for b in at.button if b.label == "Cancel job").click().run()
+    assert not at.exception
+    assert store.get(job.id).status == "cancelled"
