@@ -1,0 +1,190 @@
+"""Diagnose: the eight selection metrics, the recommended kernel and divergence, why, and how sure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app.state import dataset_store, job_store
+from app.ui import figure_with_export, job_status_panel, page_header, switch_page
+from dpo_engine.embed import DEFAULT_EMBEDDER
+from dpo_engine.selection import Thresholds, load_diagnosis, recommend_again, suspicious_pairs
+from dpo_engine.viz import diagnosis as dviz
+
+page_header("Diagnose", "Embed a dataset, compute the DPO-Kernels selection metrics and get a kernel–divergence "
+            "recommendation with the rules that decided it.")
+
+store = dataset_store()
+infos = store.list()
+if not infos:
+    st.info("No datasets yet: add one on the Datasets page first.")
+    st.stop()
+
+ids = [i.id for i in infos]
+default = st.session_state.get("diagnose_dataset")
+dataset_id = st.selectbox("Dataset", ids, index=ids.index(default) if default in ids else 0,
+                          format_func=lambda d: f"{store.get(d).name} ({store.get(d).n_pairs} pairs)")
+st.session_state["diagnose_dataset"] = dataset_id
+
+with st.expander("Embedding options"):
+    oc = st.columns(4)
+    embedder = oc[0].text_input("Embedder", value=DEFAULT_EMBEDDER,
+                                help="A sentence-transformers model name or local path (default: bundled all-MiniLM-L6-v2).")
+    distance = oc[1].selectbox("Distance", ["cosine", "euclidean"], help="d(a, b) = 1 − cos(a, b) by default.")
+    max_pairs = oc[2].number_input("Max pairs (0 = all)", min_value=0, value=0, step=100)
+    n_bootstrap = oc[3].number_input("Bootstrap resamples", min_value=0, max_value=2000, value=200, step=50)
+
+jobs = [j for j in job_store().list(kind="diagnose", limit=200) if j.params.get("dataset") == dataset_id]
+if st.button("Run diagnosis", type="primary"):
+    params = {"dataset": dataset_id, "embedder": embedder, "distance": distance,
+              "max_pairs": int(max_pairs) or None, "n_bootstrap": int(n_bootstrap)}
+    job = job_store().submit("diagnose", params, title=f"diagnose {store.get(dataset_id).name}")
+    st.toast(f"Diagnosis job #{job.id} queued")
+    jobs.insert(0, job)
+
+if not jobs:
+    st.info("This dataset has not been diagnosed yet: press **Run diagnosis** (it runs as a job on a worker).")
+    st.stop()
+
+latest = jobs[0]
+done = next((j for j in jobs if j.status == "succeeded"), None)
+
+
+@st.fragment(run_every=2)
+def live_status(job_id: int) -> None:
+    job = job_store().get(job_id)
+    job_status_panel(job, key="diagnose")
+    if job.status == "succeeded":
+        st.rerun(scope="app")
+
+
+if latest.status in ("queued", "running"):
+    live_status(latest.id)
+elif latest.status in ("failed", "cancelled"):
+    job_status_panel(latest, key="diagnose-last")
+
+if done is None:
+    st.stop()
+
+
+@st.cache_data(show_spinner="Loading the diagnosis…", max_entries=16)
+def _load(run_dir: str, stamp: float):
+    return load_diagnosis(run_dir)
+
+
+run_dir = Path(done.run_dir)
+base = _load(str(run_dir), (run_dir / "diagnosis.json").stat().st_mtime)
+info = json.loads((run_dir / "diagnosis.json").read_text()).get("dataset", {})
+st.caption(f"Diagnosis of job #{done.id} · {base.n_pairs} pairs · embedder {base.embedder} · "
+           f"{base.distance} distance · {base.n_bootstrap} bootstrap resamples")
+
+with st.expander("Thresholds (edit to re-apply the rules; no re-embedding)"):
+    defaults = base.thresholds
+    values = {}
+    tcols = st.columns(4)
+    for k, (name, field) in enumerate(Thresholds.model_fields.items()):
+        values[name] = tcols[k % 4].number_input(name, value=float(getattr(defaults, name)), step=0.05,
+                                                 format="%.3f", help=field.description, key=f"thr-{name}")
+diagnosis = recommend_again(base, values) if values != defaults.model_dump() else base
+rec = diagnosis.recommendation
+
+st.subheader("Recommendation")
+rc = st.columns(4)
+rc[0].metric("Kernel", rec.kernel, help=diagnosis.kernel_evaluation.rule)
+rc[1].metric("Kernel confidence", f"{100 * rec.confidence.kernel.get(rec.kernel, 0):.0f}%")
+rc[2].metric("Divergence", rec.divergence, help=diagnosis.divergence_evaluation.rule)
+rc[3].metric("Divergence confidence", f"{100 * rec.confidence.divergence.get(rec.divergence, 0):.0f}%")
+st.markdown(f"**Kernel rule:** {diagnosis.kernel_evaluation.rule}  \n"
+            f"**Divergence rule:** {diagnosis.divergence_evaluation.rule}")
+if rec.kernel_runner_up or rec.divergence_runner_up:
+    st.caption(f"Runner-up kernel: {rec.kernel_runner_up or '–'} "
+               f"(distance {diagnosis.kernel_evaluation.runner_up_distance}); runner-up divergence: "
+               f"{rec.divergence_runner_up or '–'} (distance {diagnosis.divergence_evaluation.runner_up_distance}); "
+               f"distances in {diagnosis.kernel_evaluation.gap_unit.replace('_', ' ')}.")
+if st.button("Train with this recommendation", type="primary"):
+    st.session_state["recommendation"] = {"kernel": rec.kernel, "divergence": rec.divergence,
+                                          "dataset_id": dataset_id, "source": done.run_id}
+    st.success(f"{rec.kernel} + {rec.divergence} handed to the Train page, where the form is prefilled.")
+    switch_page("train.py")
+
+st.subheader("Selection metrics")
+se = diagnosis.standard_errors()
+m = diagnosis.metrics
+st.dataframe(pd.DataFrame([
+    {"metric": name, "value": getattr(m, name), "bootstrap s.e.": se.get(name), "used for": group}
+    for group, names in (("kernel", ("pnd", "pnav", "tat", "nag")),
+                         ("divergence", ("support_overlap", "drift_magnitude", "kurtosis", "smoothness")))
+    for name in names]), hide_index=True, width="stretch")
+
+
+def _rules_frame(evaluation) -> pd.DataFrame:
+    rows = []
+    for rule in evaluation.rules:
+        if not rule.conditions:
+            rows.append({"rule": rule.name, "condition": "fallback (always matches)", "value": None,
+                         "threshold": None, "passed": True, "fired": rule.fired})
+        for c in rule.conditions:
+            metric = f"|{c.metric}|" if c.absolute else c.metric
+            rows.append({"rule": rule.name, "condition": f"{metric} {c.comparison} {c.threshold_name or c.threshold}",
+                         "value": c.value, "threshold": c.threshold, "passed": c.passed, "fired": rule.fired})
+    return pd.DataFrame(rows)
+
+
+st.subheader("Why: every rule, first match wins")
+tc = st.columns(2)
+tc[0].markdown("**Kernel rules**")
+tc[0].dataframe(_rules_frame(diagnosis.kernel_evaluation), hide_index=True, width="stretch")
+tc[1].markdown("**Divergence rules**")
+tc[1].dataframe(_rules_frame(diagnosis.divergence_evaluation), hide_index=True, width="stretch")
+
+st.subheader("How sure: bootstrap confidence")
+figure_with_export(dviz.confidence_figure(diagnosis), key="confidence")
+
+st.subheader("The data behind the metrics")
+figs = dviz.diagnosis_figures(diagnosis)
+gc = st.columns(2)
+for k, key in enumerate(("distances", "margins", "tat", "overlap")):
+    with gc[k % 2]:
+        figure_with_export(figs[key], key=key)
+figure_with_export(figs["smoothness"], key="smoothness")
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _table(dataset: str, n: int) -> pd.DataFrame:
+    return store.load(dataset).head(n).reset_index(drop=True)
+
+
+table = None
+if info.get("dataset_id"):
+    try:
+        table = _table(info["dataset_id"], diagnosis.n_pairs)
+    except Exception:  # noqa: BLE001 - the dataset may have been deleted since
+        table = None
+
+with st.expander("2-D map of prompt, chosen and rejected embeddings"):
+    method = st.radio("Projection", ["umap", "tsne"], horizontal=True,
+                      format_func=lambda x: "UMAP" if x == "umap" else "t-SNE")
+    if st.button("Draw the map"):
+        st.session_state["diagnose_map"] = (str(run_dir), method)
+    if st.session_state.get("diagnose_map") == (str(run_dir), method):
+        @st.cache_data(show_spinner="Projecting embeddings…", max_entries=8)
+        def _map(run: str, how: str, _table):
+            with np.load(Path(run) / "embeddings.npz") as z:
+                return dviz.embedding_map(z["prompt"], z["chosen"], z["rejected"], table=_table, method=how)
+
+        figure_with_export(_map(str(run_dir), method, table), key=f"map-{method}")
+
+st.subheader("Suspicious pairs (possible label noise)")
+if table is None:
+    st.info("The dataset behind this diagnosis is no longer stored, so pair texts are unavailable.")
+else:
+    n_show = st.slider("Pairs to show", 10, min(500, diagnosis.n_pairs), min(50, diagnosis.n_pairs))
+    sus = suspicious_pairs(table, diagnosis, n=n_show)
+    st.caption("Lowest margins first: the rejected response is much closer to the prompt than the chosen one.")
+    st.dataframe(sus, hide_index=True, width="stretch", height=360)
+    st.download_button("Export suspicious pairs (CSV)", sus.to_csv(index=False), file_name=f"suspicious-{dataset_id}.csv",
+                       mime="text/csv")

@@ -1,0 +1,86 @@
+"""The Diagnose page under AppTest, on a real diagnose job run by a real worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dpo_engine.data import DatasetStore, load_preferences
+from dpo_engine.jobs import JobStore
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "diagnose.py")
+
+
+@pytest.fixture
+def small_dataset(workspace, hh_sample_path, tmp_path):
+    import gzip
+
+    lines = gzip.open(hh_sample_path, "rt").read().splitlines()[:60]
+    path = tmp_path / "small.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return DatasetStore(workspace).add(load_preferences(path), name="small-hh", source=str(path))
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _set_threshold(at, name: str, value: float):
+    next(n for n in at.number_input if n.label == name).set_value(value)
+
+
+def test_diagnose_page_end_to_end(workspace, small_dataset):
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert not at.exception
+    assert any("not been diagnosed" in i.value for i in at.info)
+
+    next(b for b in at.button if b.label == "Run diagnosis").click().run()
+    assert not at.exception
+    jobs = JobStore.for_workspace(workspace).list(kind="diagnose")
+    assert len(jobs) == 1 and jobs[0].params["dataset"] == small_dataset.id
+
+    subprocess.run([sys.executable, "-m", "dpo_engine.cli", "worker", "--once", "--device", "cpu",
+                    "--workspace", str(workspace.root)], check=True, timeout=300)
+    assert JobStore.for_workspace(workspace).get(jobs[0].id).status == "succeeded"
+
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert not at.exception
+    metrics = _metrics(at)
+    assert metrics["Kernel"] in {"rbf", "polynomial", "spectral", "mahalanobis", "hmk"}
+    assert metrics["Divergence"] in {"kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv"}
+    assert metrics["Kernel confidence"].endswith("%")
+    # The rule tables list every rule, exactly one of which fired per table.
+    kernel_rules, divergence_rules = at.dataframe[1].value, at.dataframe[2].value
+    assert set(kernel_rules["rule"]) == {"rbf", "polynomial", "mahalanobis", "spectral", "hmk"}
+    assert kernel_rules.groupby("rule")["fired"].first().sum() == 1
+    assert divergence_rules.groupby("rule")["fired"].first().sum() == 1
+    assert len(at.get("plotly_chart")) >= 6
+
+    # Thresholds change the recommendation without recomputing: PNAV >= 0 > -1 and TAT <= 1 < 2 make RBF fire;
+    # overlap >= 0 > -1 makes Bhattacharyya fire.
+    _set_threshold(at, "eps1", -1.0)
+    _set_threshold(at, "eps2", 2.0)
+    _set_threshold(at, "overlap_hi", -1.0)
+    at.run()
+    assert not at.exception
+    assert _metrics(at)["Kernel"] == "rbf"
+    assert _metrics(at)["Divergence"] == "bhattacharyya"
+    # No overlap rule can fire now, and drift >= 0 > -1 makes Wasserstein fire next.
+    _set_threshold(at, "overlap_hi", 2.0)
+    _set_threshold(at, "drift", -1.0)
+    at.run()
+    assert _metrics(at)["Divergence"] == "wasserstein"
+
+    # Label-noise table sorted by margin, exportable.
+    sus = at.dataframe[-1].value
+    assert list(sus["margin"]) == sorted(sus["margin"])
+    assert any(b.label == "Export suspicious pairs (CSV)" for b in at.get("download_button"))
+
+    next(b for b in at.button if b.label == "Train with this recommendation").click().run()
+    assert at.session_state["recommendation"]["kernel"] == "rbf"
+    assert at.session_state["recommendation"]["divergence"] == "wasserstein"
+    assert at.session_state["recommendation"]["dataset_id"] == small_dataset.id
