@@ -1,0 +1,52 @@
+"""Device names for workers and jobs, and `auto` resolution without importing torch.
+
+The worker stays light (no torch import): `auto` looks for an NVIDIA driver first and only
+then asks a short-lived Python subprocess whether torch can actually use CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda:\d+)$")
+
+
+def normalize_device(device: str) -> str:
+    """Canonical device name: `cpu`, `mps` or `cuda:N` (`cuda` alone means `cuda:0`)."""
+    name = str(device).strip().lower()
+    if name == "cuda":
+        name = "cuda:0"
+    if not _DEVICE_RE.match(name):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    return name
+
+
+def _nvidia_driver_present() -> bool:
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+
+
+def cuda_usable(timeout_s: float = 120.0) -> bool:
+    """True when torch in this interpreter sees a CUDA device (checked in a subprocess)."""
+    if not _nvidia_driver_present():
+        return False
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import torch; print(int(torch.cuda.is_available()))"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.strip().endswith("1")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto` -> `cuda:0` when CUDA is usable, else `cpu`; anything else is validated."""
+    if str(device).strip().lower() == "auto":
+        return "cuda:0" if cuda_usable() else "cpu"
+    return normalize_device(device)
