@@ -8,7 +8,7 @@ import streamlit as st
 
 PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
 
-st.set_page_config(page_title="DPO-Kernels Studio", page_icon="🧭", layout="wide")
+st.set_page_config(page_title="DPO-Kernels Studio", page_icon=":material/hub:", layout="wide")
 
 
 def _page(file: str, title: str, icon: str, default: bool = False):
@@ -19,18 +19,18 @@ def _page(file: str, title: str, icon: str, default: bool = False):
 navigation = st.navigation(
     {
         "Data": [
-            _page("home.py", "Overview", "🏠", default=True),
-            _page("datasets.py", "Datasets", "📂"),
-            _page("diagnose.py", "Diagnose", "🔬"),
+            _page("home.py", "Overview", ":material/home:", default=True),
+            _page("datasets.py", "Datasets", ":material/folder_open:"),
+            _page("diagnose.py", "Diagnose", ":material/biotech:"),
         ],
         "Training": [
-            _page("train.py", "Train", "🚀"),
-            _page("runs.py", "Runs", "📈"),
-            _page("compare.py", "Compare", "⚖️"),
+            _page("train.py", "Train", ":material/rocket_launch:"),
+            _page("runs.py", "Runs", ":material/monitoring:"),
+            _page("compare.py", "Compare", ":material/compare_arrows:"),
         ],
         "Analysis": [
-            _page("htsr.py", "HT-SR", "📐"),
-            _page("jobs.py", "Jobs", "🗂️"),
+            _page("htsr.py", "HT-SR", ":material/analytics:"),
+            _page("jobs.py", "Jobs", ":material/list_alt:"),
         ],
     }
 )

@@ -32,14 +32,14 @@ steps = st.columns(3)
 with steps[0]:
     st.markdown("**1 · Datasets**  \nUpload JSONL, JSON, CSV or Parquet (optionally .gz): flat columns, "
                 "TRL conversations or raw HH-RLHF dialogues. Every flagged row is listed before saving.")
-    page_link("datasets.py", label="Open Datasets", icon="📂")
+    page_link("datasets.py", label="Open Datasets", icon=":material/folder_open:")
 with steps[1]:
     st.markdown("**2 · Diagnose**  \nEmbed the pairs, compute the eight selection metrics and get the "
                 "recommended kernel and divergence, with the rule that fired and a bootstrap confidence.")
-    page_link("diagnose.py", label="Open Diagnose", icon="🔬")
+    page_link("diagnose.py", label="Open Diagnose", icon=":material/biotech:")
 with steps[2]:
     st.markdown("**3 · Train and explain**  \nTrain on a worker, watch losses, kernel weights, divergences, "
                 "chosen/rejected clusters and HT-SR alpha live; compare runs and export a report.")
-    page_link("train.py", label="Open Train", icon="🚀")
+    page_link("train.py", label="Open Train", icon=":material/rocket_launch:")
 
 st.caption(f"Workspace: `{ws.root}`")
