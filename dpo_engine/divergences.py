@@ -1,0 +1,564 @@
+"""Token-level divergences between policy and reference next-token distributions (METHOD.md 2.7).
+
+Two layers:
+- distribution-level functions on log-probabilities over the last dimension
+  (..., V) -> (...), written in log space, differentiable;
+- `token_divergence`, the training regulariser: the mean over response positions,
+  computed in chunks of positions. It works out the value and the gradient with
+  respect to the policy logits chunk by chunk in the forward pass (hand-derived
+  gradients, checked against autograd in tests) and keeps only that gradient for
+  backward, so memory stays close to a plain DPO step whatever the sequence length,
+  and the backward pass is a single scaling. On a CPU, small chunks (about 16
+  positions) are markedly faster than large ones: the working set stays in cache.
+
+Wasserstein is the debiased entropic OT (Sinkhorn divergence)
+S(p, q) = OT_ε(p, q) - ½ OT_ε(p, p) - ½ OT_ε(q, q), so that S(p, p) = 0 like every
+other divergence here; S tends to the exact OT cost as ε -> 0. OT_ε is solved by
+log-domain Sinkhorn on a small per-position support (top-k of p ∪ top-k of q plus one
+bucket holding the remaining mass), batched over positions. Its gradient is the
+envelope (dual-potential) gradient of the converged problem, so the iterations are
+not unrolled through autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+DivergenceName = Literal["none", "kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv"]
+FDivergenceName = Literal["jeffreys", "chi2", "total_variation", "alpha"]
+ALL_DIVERGENCES = ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv")
+
+_LOG_ZERO = -1e30
+"""Finite stand-in for log 0 in Sinkhorn, so empty support points never produce inf - inf."""
+
+
+class DivergenceConfig(BaseModel):
+    """Divergence regulariser settings (METHOD.md 2.7)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: DivergenceName = "kl"
+    alpha: float = Field(0.1, ge=0.0)
+    renyi_order: float = Field(2.0, gt=0.0)
+    f: FDivergenceName = "jeffreys"
+    f_alpha: float = 0.5
+    ot_epsilon: float = Field(0.05, gt=0.0)
+    ot_iterations: int = Field(50, ge=1)
+    ot_top_k: int = Field(32, ge=1)
+    chunk_positions: int = Field(256, ge=1)
+
+
+# ----------------------------------------------------------------------------------------
+# Distribution-level divergences: logp, logq are log-probabilities over the last dim.
+
+
+def _check_same_shape(logp: Tensor, logq: Tensor) -> None:
+    if logp.shape != logq.shape:
+        raise ValueError(f"log-probability tensors differ in shape: {tuple(logp.shape)} vs {tuple(logq.shape)}")
+
+
+def kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) = sum p log(p / q)."""
+    _check_same_shape(logp, logq)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def js(logp: Tensor, logq: Tensor) -> Tensor:
+    """Jensen-Shannon: ½ KL(p || m) + ½ KL(q || m), m = (p + q) / 2."""
+    _check_same_shape(logp, logq)
+    logm = torch.logaddexp(logp, logq) - math.log(2.0)
+    return 0.5 * ((logp.exp() * (logp - logm)).sum(-1) + (logq.exp() * (logq - logm)).sum(-1))
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt with a zero (not infinite) gradient at 0: p = q happens at the first step."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def hellinger(logp: Tensor, logq: Tensor) -> Tensor:
+    """sqrt(½ sum (sqrt p - sqrt q)^2), summed term by term (no 1 - BC cancellation)."""
+    _check_same_shape(logp, logq)
+    squared = 0.5 * (torch.exp(0.5 * logp) - torch.exp(0.5 * logq)).pow(2).sum(-1)
+    return _safe_sqrt(squared)
+
+
+def renyi(logp: Tensor, logq: Tensor, order: float = 2.0) -> Tensor:
+    """Rényi divergence of order a: 1/(a-1) log sum p^a q^(1-a); order 1 is KL."""
+    _check_same_shape(logp, logq)
+    if order <= 0:
+        raise ValueError(f"Rényi order must be > 0, got {order}")
+    if order == 1.0:
+        return kl(logp, logq)
+    return torch.logsumexp(order * logp + (1.0 - order) * logq, dim=-1) / (order - 1.0)
+
+
+def bhattacharyya(logp: Tensor, logq: Tensor) -> Tensor:
+    """-log sum sqrt(p q)."""
+    _check_same_shape(logp, logq)
+    return -torch.logsumexp(0.5 * (logp + logq), dim=-1)
+
+
+def f_divergence(logp: Tensor, logq: Tensor, f: FDivergenceName = "jeffreys", f_alpha: float = 0.5) -> Tensor:
+    """sum q f(p / q) for the named f, each written in a cancellation-free form.
+
+    jeffreys: f(t) = (t - 1) log t            -> sum (p - q)(log p - log q)
+    chi2:     f(t) = (t - 1)^2                -> sum q (p/q - 1)^2
+    total_variation: f(t) = ½ |t - 1|         -> ½ sum |p - q|
+    alpha:    f(t) = (t^a - a t - (1 - a)) / (a (a - 1))
+              -> (sum p^a q^(1-a) - 1) / (a (a - 1)); a -> 1 gives KL(p||q), a -> 0 KL(q||p).
+    """
+    _check_same_shape(logp, logq)
+    if f == "jeffreys":
+        return ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)
+    if f == "chi2":
+        return (logq.exp() * torch.expm1(logp - logq).pow(2)).sum(-1)
+    if f == "total_variation":
+        return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+    if f == "alpha":
+        a = float(f_alpha)
+        if a == 1.0:
+            return kl(logp, logq)
+        if a == 0.0:
+            return kl(logq, logp)
+        return torch.expm1(torch.logsumexp(a * logp + (1.0 - a) * logq, dim=-1)) / (a * (a - 1.0))
+    raise ValueError(f"unknown f-divergence {f!r}; expected one of jeffreys, chi2, total_variation, alpha")
+
+
+# ----------------------------------------------------------------------------------------
+# Wasserstein: entropic OT on a small support per position.
+
+
+def _support(logp: Tensor, logq: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Indices (N × 2k) of top-k of p then top-k of q, and which of them count (duplicates of p's don't)."""
+    k = min(int(top_k), logp.shape[-1])
+    idx_p = logp.topk(k, dim=-1).indices
+    idx_q = logq.topk(k, dim=-1).indices
+    duplicate = (idx_q.unsqueeze(-1) == idx_p.unsqueeze(-2)).any(-1)
+    keep = torch.cat([torch.ones_like(duplicate), ~duplicate], dim=-1)
+    return torch.cat([idx_p, idx_q], dim=-1), keep
+
+
+def _compact(keep: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
+    """Move the counted support points first and drop columns no row needs (keep, then columns).
+
+    p and q of a policy near its reference share most of their top tokens, so the union
+    is usually far smaller than 2k, and Sinkhorn's cost grows with its square.
+    """
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    width = max(int(keep.sum(-1).max()), 1)
+    return tuple(t.gather(-1, order)[:, :width] for t in (keep, *columns))
+
+
+def _log_masses(on_support: Tensor, keep: Tensor) -> Tensor:
+    """Log-masses on the support points (given their log-probs) plus the remaining-mass bucket (N × (n + 1))."""
+    rest = (1.0 - (on_support.exp() * keep).sum(-1)).clamp_min(0.0)
+    log_rest = torch.where(rest > 0, rest.clamp_min(torch.finfo(rest.dtype).tiny).log(), torch.full_like(rest, _LOG_ZERO))
+    log_support = torch.where(keep, on_support, torch.full_like(on_support, _LOG_ZERO))
+    return torch.cat([log_support, log_rest.unsqueeze(-1)], dim=-1)
+
+
+def _ground_cost(token_rows: tuple[Tensor, Tensor], idx: Tensor) -> Tensor:
+    """1 - cos between support tokens' output embeddings; the bucket is at cost 1 from every token
+    (as if its embedding were orthogonal to all of them) and 0 from itself. Symmetric."""
+    embeddings, inv_norm = token_rows
+    rows = embeddings[idx].to(inv_norm.dtype) * inv_norm[idx].unsqueeze(-1)  # N × n × d, unit rows
+    cost = (1.0 - rows @ rows.transpose(-1, -2)).clamp_min(0.0)
+    cost = F.pad(cost, (0, 1, 0, 1), value=1.0)
+    cost[:, -1, -1] = 0.0
+    return cost
+
+
+_MAX_SAFE_EXPONENT = {torch.float32: 80.0, torch.float64: 700.0}
+"""Largest C/ε for which exp(-C/ε) is still a normal number: the kernel-matrix path is exact then."""
+
+
+def _sinkhorn_potentials(log_a: Tensor, log_b: Tensor, cost: Tensor, epsilon: float, iterations: int) -> tuple[Tensor, Tensor]:
+    """Log-domain Sinkhorn for min <P, C> + ε KL(P || a ⊗ b) with a symmetric cost; returns the
+    dual potentials f (on a) and g (on b).
+
+    Each update is the soft-min -ε log sum_j exp(h_j - C_ij / ε). When exp(-C/ε) cannot
+    underflow, it is evaluated as max(h) + log(K @ exp(h - max(h))) with K = exp(-C/ε):
+    the same log-domain quantity (every sum is >= exp(-max C / ε) > 0), computed by one
+    batched matrix-vector product instead of a logsumexp over an n × n temporary.
+    """
+    f = torch.zeros_like(log_a)
+    g = torch.zeros_like(log_b)
+    if float(cost.amax()) / epsilon <= _MAX_SAFE_EXPONENT.get(cost.dtype, 0.0):
+        kernel = torch.exp(-cost / epsilon)
+
+        def softmin(h: Tensor) -> Tensor:
+            top = h.amax(-1, keepdim=True)
+            return -epsilon * (torch.bmm(kernel, (h - top).exp().unsqueeze(-1)).squeeze(-1).log() + top)
+    else:
+        neg_cost = -cost / epsilon
+
+        def softmin(h: Tensor) -> Tensor:
+            return -epsilon * torch.logsumexp(neg_cost + h.unsqueeze(-2), dim=-1)
+
+    for _ in range(iterations):
+        f = softmin(log_b + g / epsilon)
+        g = softmin(log_a + f / epsilon)  # C symmetric: the column soft-min is the row one
+    return f, g
+
+
+@torch.no_grad()
+def _sinkhorn_divergence(log_a: Tensor, log_b: Tensor, cost: Tensor, epsilon: float, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """S = OT(a,b) - ½ OT(a,a) - ½ OT(b,b) per row, and dS/da, dS/db (envelope gradients)."""
+    n = log_a.shape[0]
+    f, g = _sinkhorn_potentials(
+        torch.cat([log_a, log_a, log_b]), torch.cat([log_b, log_a, log_b]), cost.repeat(3, 1, 1), epsilon, iterations
+    )
+    a, b = log_a.exp(), log_b.exp()
+    f_ab, f_aa, f_bb = f.split(n)
+    g_ab, g_aa, g_bb = g.split(n)
+    ot_ab = (a * f_ab).sum(-1) + (b * g_ab).sum(-1)
+    ot_aa = (a * (f_aa + g_aa)).sum(-1)
+    ot_bb = (b * (f_bb + g_bb)).sum(-1)
+    value = ot_ab - 0.5 * ot_aa - 0.5 * ot_bb
+    # d OT(a,a)/da = f_aa + g_aa = 2 f_aa at convergence; using f_aa (computed by the very same
+    # iterations as f_ab) makes the gradient exactly 0 at p = q even before full convergence.
+    return value, f_ab - f_aa, g_ab - g_bb
+
+
+def _unit_embeddings(token_embeddings: Tensor, vocab: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The embedding rows and their inverse norms; rows are normalised only where gathered."""
+    if token_embeddings.ndim != 2 or token_embeddings.shape[0] != vocab:
+        raise ValueError(
+            f"token embeddings must be (V x d) with V = {vocab} (the logits' vocabulary), got {tuple(token_embeddings.shape)}"
+        )
+    rows = token_embeddings.detach()
+    norms = torch.linalg.vector_norm(rows, dim=-1, dtype=dtype)
+    return rows, 1.0 / norms.clamp_min(1e-12)
+
+
+def _check_ot_args(top_k: int, epsilon: float, iterations: int) -> None:
+    if top_k < 1 or epsilon <= 0 or iterations < 1:
+        raise ValueError(f"need top_k >= 1, epsilon > 0, iterations >= 1; got {top_k}, {epsilon}, {iterations}")
+
+
+def wasserstein_sinkhorn(
+    logp: Tensor,
+    logq: Tensor,
+    token_embeddings: Tensor,
+    top_k: int = 32,
+    epsilon: float = 0.05,
+    iterations: int = 50,
+) -> Tensor:
+    """Debiased entropic OT between p and q over the top-k ∪ top-k support plus a remaining-mass bucket.
+
+    Ground cost 1 - cos(E_a, E_b) over token embedding rows (V × d); differentiable in
+    logp and logq through the masses (the support choice itself is discrete).
+    """
+    _check_same_shape(logp, logq)
+    _check_ot_args(top_k, epsilon, iterations)
+    vocab = logp.shape[-1]
+    lead = logp.shape[:-1]
+    lp, lq = logp.reshape(-1, vocab), logq.reshape(-1, vocab)
+    unit = _unit_embeddings(token_embeddings, vocab, lp.dtype)
+    with torch.no_grad():
+        idx, keep = _support(lp, lq, top_k)
+        keep, idx = _compact(keep, idx)
+        log_a, log_b = _log_masses(lp.gather(-1, idx), keep), _log_masses(lq.gather(-1, idx), keep)
+        value, phi_a, phi_b = _sinkhorn_divergence(log_a, log_b, _ground_cost(unit, idx), epsilon, iterations)
+
+    def linear_part(logx: Tensor, phi: Tensor) -> Tensor:
+        # <masses, phi> as a function of logx: support masses plus bucket = 1 - their sum.
+        on_support = logx.gather(-1, idx).exp() * keep
+        return phi[:, -1] + (on_support * (phi[:, :-1] - phi[:, -1:])).sum(-1)
+
+    surrogate = linear_part(lp, phi_a) + linear_part(lq, phi_b)
+    return (value + surrogate - surrogate.detach()).reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------
+# Token level: mean over masked positions, chunked.
+
+_Pointwise = Callable[[Tensor, Tensor], Tensor]
+
+
+def _pointwise(cfg: DivergenceConfig, name: str) -> _Pointwise:
+    if name == "kl":
+        return kl
+    if name == "js":
+        return js
+    if name == "hellinger":
+        return hellinger
+    if name == "renyi":
+        return lambda lp, lq: renyi(lp, lq, cfg.renyi_order)
+    if name == "bhattacharyya":
+        return bhattacharyya
+    if name == "fdiv":
+        return lambda lp, lq: f_divergence(lp, lq, cfg.f, cfg.f_alpha)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+def _softmax_and_lse(x: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(x) and logsumexp(x) over the last dim from one exponential pass."""
+    top = x.amax(-1, keepdim=True)
+    e = (x - top).exp_()
+    total = e.sum(-1, keepdim=True)
+    return e.div_(total), (total.log() + top).squeeze(-1)
+
+
+def _closed_form(cfg: DivergenceConfig, name: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(logp, logq) -> (D per row, dD/dz per row) with p = softmax(z), in few passes over the vocabulary.
+
+    Every gradient is p ⊙ (∂D/∂p - <p, ∂D/∂p>) (the softmax Jacobian) worked out by hand;
+    tests check them against autograd through the distribution-level functions above.
+    """
+
+    def kl_(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
+        p, diff = lp.exp(), lp - lq
+        value = (p * diff).sum(-1)
+        return value, diff.sub_(value.unsqueeze(-1)).mul_(p)
+
+    def js_(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
+        p, q = lp.exp(), lq.exp()
+        lm = torch.logaddexp(lp, lq).sub_(math.log(2.0))
+        dp = lp - lm  # ∂D/∂p = ½ (log p - log m)
+        value = 0.5 * ((p * dp).sum(-1) + (q * (lq - lm)).sum(-1))
+        mean = (p * dp).sum(-1, keepdim=True)
+        return value, dp.sub_(mean).mul_(p).mul_(0.5)
+
+    def hellinger_(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
+        p = lp.exp()
+        root_ratio = torch.exp(0.5 * (lq - lp))  # sqrt(q / p)
+        sp = (0.5 * lp).exp_()
+        squared = 0.5 * (sp - (0.5 * lq).exp_()).pow_(2).sum(-1)
+        value = _safe_sqrt(squared)
+        # ∂H²/∂p = ½ (1 - sqrt(q/p)), so p ⊙ (∂H²/∂p - <p, ∂H²/∂p>) = -½ p ⊙ (sqrt(q/p) - BC), BC = <p, sqrt(q/p)>
+        bc = (p * root_ratio).sum(-1, keepdim=True)
+        grad_sq = root_ratio.sub_(bc).mul_(p).mul_(-0.5)
+        scale = torch.where(value > 0, 0.5 / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value))
+        return value, grad_sq.mul_(scale.unsqueeze(-1))
+
+    def renyi_(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
+        a = float(cfg.renyi_order)
+        if a == 1.0:
+            return kl_(lp, lq)
+        w, lse = _softmax_and_lse(a * lp + (1.0 - a) * lq)
+        return lse / (a - 1.0), w.sub_(lp.exp()).mul_(a / (a - 1.0))
+
+    def bhattacharyya_(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
+        w, lse = _softmax_and_lse(0.5 * (lp + lq))
+        return -lse, w.sub_(lp.exp()).mul_(-0.5)
+
+    def fdiv_(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
+        if cfg.f == "jeffreys":
+            p, q, diff = lp.exp(), lq.exp(), lp - lq
+            value = ((p - q) * diff).sum(-1)
+            kl_pq = (p * diff).sum(-1, keepdim=True)
+            return value, diff.sub_(kl_pq).add_(1.0).mul_(p).sub_(q)
+        if cfg.f == "chi2":
+            p, q = lp.exp(), lq.exp()
+            ratio = (lp - lq).exp_()
+            value = (q * (ratio - 1.0).pow_(2)).sum(-1)
+            return value, ratio.sub_(1.0 + value.unsqueeze(-1)).mul_(p).mul_(2.0)
+        if cfg.f == "total_variation":
+            p, q = lp.exp(), lq.exp()
+            sign = torch.sign(p - q).mul_(0.5)
+            value = 0.5 * (p - q).abs_().sum(-1)
+            mean = (p * sign).sum(-1, keepdim=True)
+            return value, sign.sub_(mean).mul_(p)
+        a = float(cfg.f_alpha)
+        if a == 1.0:
+            return kl_(lp, lq)
+        if a == 0.0:
+            # D = KL(q || p): ∂D/∂z = p - q
+            q = lq.exp()
+            return (q * (lq - lp)).sum(-1), lp.exp().sub_(q)
+        w, lse = _softmax_and_lse(a * lp + (1.0 - a) * lq)
+        total = lse.exp()
+        return torch.expm1(lse) / (a * (a - 1.0)), w.sub_(lp.exp()).mul_((total / (a - 1.0)).unsqueeze(-1))
+
+    table = {"kl": kl_, "js": js_, "hellinger": hellinger_, "renyi": renyi_, "bhattacharyya": bhattacharyya_, "fdiv": fdiv_}
+    if name not in table:
+        raise ValueError(f"unknown divergence {name!r}")
+    return table[name]
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _chunks(positions: Tensor, size: int) -> list[Tensor]:
+    return list(positions.split(size))
+
+
+def _rows(logits: Tensor, pos: Tensor) -> Tensor:
+    """The (n × V) next-token logits at (batch, time) positions pos (n × 2); copies only those rows."""
+    return logits[pos[:, 0], pos[:, 1]]
+
+
+def _pointwise_value_and_grad(
+    cfg: DivergenceConfig, policy: Tensor, ref: Tensor, positions: Tensor, grad_out: Tensor | None
+) -> Tensor:
+    """Sum of the divergence over the given positions; when grad_out is given, write d(sum)/d(policy logits) into it."""
+    dtype = _compute_dtype(policy)
+    total = torch.zeros((), dtype=dtype, device=policy.device)
+    fn = _pointwise(cfg, cfg.name)
+    value_and_grad = _closed_form(cfg, cfg.name)
+    for pos in _chunks(positions, cfg.chunk_positions):
+        logp = torch.log_softmax(_rows(policy, pos).to(dtype), dim=-1)
+        logq = torch.log_softmax(_rows(ref, pos).to(dtype), dim=-1)
+        if grad_out is None:
+            total += fn(logp, logq).sum()
+            continue
+        values, grad = value_and_grad(logp, logq)
+        total += values.sum()
+        grad_out[pos[:, 0], pos[:, 1]] = grad.to(grad_out.dtype)
+    return total
+
+
+def _wasserstein_value_and_grad(
+    cfg: DivergenceConfig, embeddings: Tensor, policy: Tensor, ref: Tensor, positions: Tensor, grad_out: Tensor | None
+) -> Tensor:
+    """Sum of the Sinkhorn divergence over rows: supports per chunk, one Sinkhorn for all rows,
+    then the envelope gradient p ⊙ (ψ - <p, ψ>) per chunk."""
+    dtype = _compute_dtype(policy)
+    unit = _unit_embeddings(embeddings, policy.shape[-1], dtype)
+    chunks = _chunks(positions, cfg.chunk_positions)
+    parts = []  # per chunk: support indices, which count, their log-probs under p and q
+    for pos in chunks:
+        logp = torch.log_softmax(_rows(policy, pos).to(dtype), dim=-1)
+        logq = torch.log_softmax(_rows(ref, pos).to(dtype), dim=-1)
+        idx, keep = _support(logp, logq, cfg.ot_top_k)
+        parts.append((idx, keep, logp.gather(-1, idx), logq.gather(-1, idx)))
+    idx, keep, lp_s, lq_s = (torch.cat(column) for column in zip(*parts))
+    keep, idx, lp_s, lq_s = _compact(keep, idx, lp_s, lq_s)
+    sizes = [len(pos) for pos in chunks]
+    idxs, keeps = idx.split(sizes), keep.split(sizes)
+    costs = torch.cat([_ground_cost(unit, idx_c) for idx_c in idxs])
+    value, phi_a, _ = _sinkhorn_divergence(
+        _log_masses(lp_s, keep), _log_masses(lq_s, keep), costs, cfg.ot_epsilon, cfg.ot_iterations
+    )
+    if grad_out is not None:
+        # <a, phi> = phi_bucket + sum_v p_v psi_v with psi_v = phi_s - phi_bucket at support token v.
+        start = 0
+        for pos, idx, keep in zip(chunks, idxs, keeps):
+            phi = phi_a[start : start + len(pos)]
+            start += len(pos)
+            p = torch.softmax(_rows(policy, pos).to(dtype), dim=-1)
+            shifted = (phi[:, :-1] - phi[:, -1:]) * keep
+            psi = torch.zeros_like(p).scatter_add_(-1, idx, shifted)
+            mean_psi = (p.gather(-1, idx) * shifted).sum(-1, keepdim=True)
+            grad_out[pos[:, 0], pos[:, 1]] = (p * (psi - mean_psi)).to(grad_out.dtype)
+    return value.sum()
+
+
+class _ChunkedTokenDivergence(torch.autograd.Function):
+    """Mean divergence over the (batch, time) `positions` of (B × T × V) logits; gradient to the policy only."""
+
+    @staticmethod
+    def forward(ctx, policy: Tensor, ref: Tensor, positions: Tensor, evaluate):  # type: ignore[override]
+        grad = torch.zeros_like(policy)
+        total = evaluate(policy, ref, positions, grad)
+        ctx.save_for_backward(grad)
+        ctx.count = len(positions)
+        return total / len(positions)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_output.to(grad.dtype) / ctx.count), None, None, None
+
+
+def _resolve_cfg(cfg_or_name: DivergenceConfig | str, cfg: DivergenceConfig | None) -> DivergenceConfig:
+    if isinstance(cfg_or_name, DivergenceConfig):
+        return cfg_or_name
+    if isinstance(cfg_or_name, str):
+        base = cfg if cfg is not None else DivergenceConfig()
+        return base.model_copy(update={"name": DivergenceConfig(name=cfg_or_name).name})
+    raise TypeError(f"expected a DivergenceConfig or a divergence name, got {type(cfg_or_name).__name__}")
+
+
+def _flatten_inputs(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if policy_logits.ndim != 3:
+        raise ValueError(f"logits must be (B x T x V), got shape {tuple(policy_logits.shape)}")
+    if ref_logits.shape != policy_logits.shape:
+        raise ValueError(f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}")
+    if mask.shape != policy_logits.shape[:2]:
+        raise ValueError(f"mask must be (B x T) = {tuple(policy_logits.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask must be boolean (or 0/1)")
+        mask = mask.bool()
+    positions = mask.nonzero()  # (n × 2) batch, time
+    if len(positions) == 0:
+        raise ValueError("mask selects no positions: the divergence mean over zero tokens is undefined")
+    return policy_logits, ref_logits.detach(), positions
+
+
+def token_divergence(
+    cfg_or_name: DivergenceConfig | DivergenceName,
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    mask: Tensor,
+    *,
+    output_embeddings: Tensor | None = None,
+    cfg: DivergenceConfig | None = None,
+) -> Tensor:
+    """L_div = mean over masked positions of D(π_θ(·|ctx_t) || π_ref(·|ctx_t)) -> scalar.
+
+    `cfg_or_name` is a DivergenceConfig, or a name whose parameters come from `cfg`
+    (defaults otherwise). Positions are processed `chunk_positions` at a time; the value
+    does not depend on the chunk size. Gradient flows to `policy_logits` only.
+    `output_embeddings` (V × d, the LM head rows) is required for wasserstein.
+    """
+    cfg = _resolve_cfg(cfg_or_name, cfg)
+    if cfg.name == "none":
+        return torch.zeros((), dtype=_compute_dtype(policy_logits), device=policy_logits.device)
+    policy, ref, positions = _flatten_inputs(policy_logits, ref_logits, mask)
+    if cfg.name == "wasserstein":
+        if output_embeddings is None:
+            raise ValueError("the wasserstein divergence needs output_embeddings (V x d) for its ground cost")
+        _check_ot_args(cfg.ot_top_k, cfg.ot_epsilon, cfg.ot_iterations)
+
+        def evaluate(pol: Tensor, rf: Tensor, pos: Tensor, grad: Tensor | None) -> Tensor:
+            return _wasserstein_value_and_grad(cfg, output_embeddings, pol, rf, pos, grad)
+    else:
+        _pointwise(cfg, cfg.name)  # unknown names fail here, before any work
+
+        def evaluate(pol: Tensor, rf: Tensor, pos: Tensor, grad: Tensor | None) -> Tensor:
+            return _pointwise_value_and_grad(cfg, pol, rf, pos, grad)
+
+    if torch.is_grad_enabled() and policy.requires_grad:
+        return _ChunkedTokenDivergence.apply(policy, ref, positions, evaluate)
+    with torch.no_grad():
+        return evaluate(policy, ref, positions, None) / len(positions)
+
+
+@torch.no_grad()
+def all_token_divergences(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    mask: Tensor,
+    cfg: DivergenceConfig,
+    output_embeddings: Tensor | None,
+) -> dict[str, float]:
+    """All seven divergences (div_kl, ..., div_fdiv) for eval logging, whichever one regularises."""
+    if output_embeddings is None:
+        raise ValueError("all_token_divergences needs output_embeddings (V x d) for div_wasserstein")
+    policy, ref, positions = _flatten_inputs(policy_logits, ref_logits, mask)
+    dtype = _compute_dtype(policy)
+    names = [name for name in ALL_DIVERGENCES if name != "wasserstein"]
+    fns = {name: _pointwise(cfg, name) for name in names}
+    totals = {name: 0.0 for name in names}
+    for pos in _chunks(positions, cfg.chunk_positions):
+        logp = torch.log_softmax(_rows(policy, pos).to(dtype), dim=-1)
+        logq = torch.log_softmax(_rows(ref, pos).to(dtype), dim=-1)
+        for name in names:
+            totals[name] += float(fns[name](logp, logq).sum())
+    count = len(positions)
+    out = {f"div_{name}": totals[name] / count for name in names}
+    out["div_wasserstein"] = float(_wasserstein_value_and_grad(cfg, output_embeddings, policy, ref, positions, None)) / count
+    return {f"div_{name}": out[f"div_{name}"] for name in ALL_DIVERGENCES}
