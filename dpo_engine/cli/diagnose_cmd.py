@@ -1,0 +1,196 @@
+"""`dpo-kernels diagnose`: the eight selection metrics and the recommended kernel-divergence pair.
+
+By default the work is a "diagnose" job run by a worker (the command waits and shows progress);
+``--foreground`` runs it in this process instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from dpo_engine.cli.common import WorkspaceOption, fail, workspace as resolve_workspace
+
+WORKER_AGE_S = 15.0
+
+
+def parse_threshold_options(options: list[str]) -> dict[str, float]:
+    """NAME=VALUE strings -> validated overrides (ValueError with a one-line message otherwise)."""
+    from dpo_engine.selection.rules import Thresholds
+
+    values: dict[str, str] = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"--threshold expects NAME=VALUE, got {option!r}")
+        values[name.strip()] = value.strip()
+    thresholds = Thresholds.from_assignments(values)
+    return {name: getattr(thresholds, name) for name in values}
+
+
+def _summary_lines(data: dict[str, Any]) -> list[str]:
+    rec = data["recommendation"]
+    conf = rec["confidence"]
+    dataset = data.get("dataset", {})
+    lines = [
+        f"diagnosed {data['n_pairs']} pairs of {dataset.get('label', '?')} "
+        f"(embedder {data['embedder']}, {data['distance']} distance)"
+    ]
+    dropped = dataset.get("dropped_at_ingest") or {}
+    if dropped:
+        detail = ", ".join(f"{k}: {v}" for k, v in dropped.items())
+        lines.append(f"dropped {sum(dropped.values())} flagged rows at ingest ({detail})")
+    for kind in ("kernel", "divergence"):
+        name = rec[kind]
+        lines.append(
+            f"{kind:<10} {name:<14} confidence {conf[kind].get(name, 0.0):.0%}   runner-up "
+            f"{rec.get(f'{kind}_runner_up') or '-'}"
+        )
+        lines.append(f"           because {rec[f'{kind}_rule']}")
+    km, dm = data["kernel_metrics"], data["divergence_metrics"]
+    lines.append("metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in km.items()))
+    lines.append(
+        "           " + "  ".join(f"{k}={'n/a' if v is None else format(v, '.4g')}" for k, v in dm.items())
+    )
+    return lines
+
+
+def _run_foreground(params, ws) -> tuple[dict[str, Any], Any]:
+    from tqdm import tqdm
+
+    from dpo_engine.selection.job import run_diagnosis
+
+    bar = tqdm(total=100, unit="%", desc="diagnose", bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
+    try:
+        def progress(fraction: float, message: str) -> None:
+            bar.n = round(100 * fraction, 1)
+            bar.set_postfix_str(message, refresh=False)
+            bar.refresh()
+
+        diagnosis, embeddings, _, summary = run_diagnosis(params, ws, run_dir=None, progress=progress)
+    finally:
+        bar.close()
+    data = diagnosis.to_json_dict()
+    data["dataset"] = summary["dataset"]
+    return data, embeddings
+
+
+def _run_as_job(params, ws, timeout: float | None) -> tuple[dict[str, Any], Path]:
+    from tqdm import tqdm
+
+    from dpo_engine.jobs import SUCCEEDED, JobStore, wait_for_job
+    from dpo_engine.selection.diagnosis import DIAGNOSIS_JSON
+
+    store = JobStore.for_workspace(ws)
+    job = store.submit("diagnose", params.model_dump(), title=f"diagnose {Path(params.dataset).name}")
+    typer.echo(f"submitted job {job.id} (run {job.run_id})", err=True)
+    if not store.alive_workers(max_age_s=WORKER_AGE_S):
+        typer.echo(
+            "no worker is running in this workspace: start one with `dpo-kernels worker` "
+            "(or rerun with --foreground); waiting for the job...",
+            err=True,
+        )
+    bar = tqdm(total=100, unit="%", desc=f"job {job.id}", bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
+    try:
+        def on_change(snapshot) -> None:
+            bar.n = round(100 * snapshot.progress, 1)
+            bar.set_postfix_str(f"{snapshot.status} {snapshot.message}", refresh=False)
+            bar.refresh()
+
+        try:
+            final = wait_for_job(store, job.id, timeout=timeout, progress_callback=on_change)
+        except TimeoutError as exc:
+            fail(f"{exc}; the job stays queued/running (see `dpo-kernels jobs show {job.id}`)", code=1)
+    finally:
+        bar.close()
+    if final.status != SUCCEEDED:
+        fail(f"job {job.id} {final.status}: {final.error or final.message}", code=1)
+    run_dir = Path(final.run_dir)
+    return json.loads((run_dir / DIAGNOSIS_JSON).read_text()), run_dir
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("diagnose")
+    def diagnose_command(
+        source: str = typer.Argument(..., metavar="FILE_OR_DATASET_ID", help="A preference file or a stored dataset id/name."),
+        embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder", help="sentence-transformers name or local path."),
+        distance: str = typer.Option("cosine", "--distance", help="cosine or euclidean."),
+        max_pairs: int | None = typer.Option(None, "--max-pairs", help="Use only the first N pairs."),
+        threshold: list[str] = typer.Option([], "--threshold", help="Override a rule threshold: NAME=VALUE (repeatable)."),
+        json_out: Path | None = typer.Option(None, "--json", help="Write the diagnosis JSON here."),
+        save_embeddings: Path | None = typer.Option(None, "--save-embeddings", help="Write prompt/chosen/rejected embeddings (.npz)."),
+        precision: str = typer.Option("auto", "--precision", help="Encoder precision: auto (bfloat16 on CPUs with native bf16), float32 or bfloat16."),
+        foreground: bool = typer.Option(False, "--foreground", help="Run in this process instead of as a job."),
+        n_bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for the confidence."),
+        seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+        timeout: float | None = typer.Option(None, "--timeout", help="Give up waiting for the job after S seconds."),
+        workspace: str | None = WorkspaceOption,
+    ) -> None:
+        """Diagnose preference data: eight metrics, recommended kernel and divergence, confidence."""
+        from pydantic import ValidationError
+
+        from dpo_engine.selection.job import DiagnoseParams
+        from dpo_engine.selection.metrics import DISTANCES
+
+        if distance not in DISTANCES:
+            fail(f"--distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        if max_pairs is not None and max_pairs < 2:
+            fail(f"--max-pairs must be at least 2, got {max_pairs}")
+        if precision not in ("auto", "float32", "bfloat16"):
+            fail(f"--precision must be auto, float32 or bfloat16, got {precision!r}")
+        if n_bootstrap < 0:
+            fail(f"--bootstrap must be >= 0, got {n_bootstrap}")
+        try:
+            overrides = parse_threshold_options(threshold)
+        except ValueError as exc:
+            fail(str(exc))
+        ws = resolve_workspace(workspace)
+        path = Path(source).expanduser()
+        if path.is_file():
+            dataset = str(path.resolve())
+        else:
+            from dpo_engine.data import DatasetNotFound, DatasetStore
+
+            try:
+                dataset = DatasetStore(ws).get(source).id
+            except DatasetNotFound as exc:
+                fail(f"{source!r} is neither a file nor a stored dataset ({exc})")
+        try:
+            params = DiagnoseParams(
+                dataset=dataset, embedder=embedder, distance=distance, max_pairs=max_pairs,
+                thresholds=overrides, n_bootstrap=n_bootstrap, seed=seed, precision=precision,
+            )
+        except ValidationError as exc:
+            fail(f"invalid option: {exc.errors()[0]['msg']}")
+
+        if foreground:
+            from dpo_engine.data import DataFormatError
+            from dpo_engine.embed import EmbedderNotAvailable
+
+            try:
+                data, embeddings = _run_foreground(params, ws)
+            except (DataFormatError, EmbedderNotAvailable, ValueError) as exc:
+                fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            if save_embeddings is not None:
+                embeddings.save_npz(save_embeddings)
+        else:
+            data, run_dir = _run_as_job(params, ws, timeout)
+            if save_embeddings is not None:
+                from dpo_engine.selection.job import EMBEDDINGS_NPZ
+
+                save_embeddings.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run_dir / EMBEDDINGS_NPZ, save_embeddings)
+            typer.echo(f"run directory: {run_dir}")
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(data, indent=2))
+        for line in _summary_lines(data):
+            typer.echo(line)
+        if json_out is not None:
+            typer.echo(f"wrote {json_out}")
+        if save_embeddings is not None:
+            typer.echo(f"wrote {save_embeddings}")

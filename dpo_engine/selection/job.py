@@ -1,0 +1,170 @@
+"""The "diagnose" job: load a dataset, embed it (cached), diagnose it, write the run directory.
+
+`run_diagnosis` does the work with plain callbacks, so the worker's executor (`run_diagnose_job`)
+and the CLI's in-process ``--foreground`` path share one implementation. Run directory outputs:
+``diagnosis.json`` (the `Diagnosis.to_json_dict` contract plus a ``dataset`` entry),
+``diagnosis_pairs.npz`` (per-pair arrays, bootstrap table) and ``embeddings.npz`` (float32
+prompt, chosen, rejected in dataset order).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dpo_engine.embed import DEFAULT_EMBEDDER, PairEmbeddings, embed_pairs
+from dpo_engine.embed.encoder import Precision, resolve_precision
+from dpo_engine.embed.pairs import canonical_embedder_name
+from dpo_engine.selection.diagnosis import DIAGNOSIS_JSON, Diagnosis, diagnose
+from dpo_engine.selection.metrics import Distance
+from dpo_engine.selection.rules import Thresholds
+from dpo_engine.workspace import Workspace
+
+EMBEDDINGS_NPZ = "embeddings.npz"
+ProgressFn = Callable[[float, str], None]
+
+
+class DiagnoseParams(BaseModel):
+    """Parameters of a diagnose job (every default written out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(..., description="stored dataset id or name, or a path to a preference file")
+    embedder: str = DEFAULT_EMBEDDER
+    distance: Distance = "cosine"
+    max_pairs: int | None = Field(None, ge=2, description="use only the first N pairs (file order)")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="overrides of Thresholds defaults")
+    n_bootstrap: int = Field(200, ge=0)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    max_seq_length: int | None = Field(None, ge=1)
+    precision: Precision = Field("auto", description="auto: bfloat16 on CPUs with native bf16, else float32")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        Thresholds.from_assignments(value)  # raises a one-line error for unknown names or bad values
+        return value
+
+    def resolved_thresholds(self) -> Thresholds:
+        return Thresholds.from_assignments(self.thresholds)
+
+
+@dataclass
+class LoadedDataset:
+    """A preference table and where it came from (dropped: rows removed at ingest, by reason)."""
+
+    table: pd.DataFrame
+    label: str
+    source: str
+    dataset_id: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def load_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
+    """A stored dataset by id/name, else a file ingested with flagged rows dropped."""
+    from dpo_engine.data import DatasetNotFound, DatasetStore, load_preferences
+
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        table, dropped = load_preferences(path).finalize(drop_flagged=True)
+        return LoadedDataset(table=table, label=path.name, source=str(path.resolve()), dropped=dropped)
+    store = DatasetStore(workspace)
+    try:
+        info = store.get(dataset)
+    except DatasetNotFound as exc:
+        raise DatasetNotFound(f"{dataset!r} is neither a file nor a stored dataset ({exc})") from None
+    return LoadedDataset(table=store.load(info.id), label=info.name, source=f"dataset:{info.id}", dataset_id=info.id)
+
+
+def run_diagnosis(
+    params: DiagnoseParams,
+    workspace: Workspace,
+    run_dir: str | Path | None,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    loaded: LoadedDataset | None = None,
+) -> tuple[Diagnosis, PairEmbeddings, LoadedDataset, dict[str, Any]]:
+    """Embed and diagnose; write the run directory when ``run_dir`` is given. Returns the summary too."""
+    report = progress or (lambda fraction, message: None)
+    started = time.perf_counter()
+    thresholds = params.resolved_thresholds()
+    report(0.0, f"loading {params.dataset}")
+    loaded = loaded or load_dataset(workspace, params.dataset)
+    table = loaded.table
+    if params.max_pairs is not None:
+        table = table.head(params.max_pairs).reset_index(drop=True)
+    if len(table) < 2:
+        raise ValueError(f"diagnosis needs at least 2 pairs; {loaded.label} has {len(table)}")
+
+    def embedded(done: int, total: int) -> None:
+        report(0.02 + 0.9 * done / max(total, 1), f"embedded {done}/{total} texts")
+
+    embeddings = embed_pairs(
+        table, embedder=params.embedder, device=device, batch_size=params.batch_size,
+        max_seq_length=params.max_seq_length, progress=embedded, cache_dir=workspace.embeddings_dir,
+        should_stop=should_stop, precision=params.precision,
+    )
+    report(0.93, f"computing metrics and {params.n_bootstrap} bootstrap resamples")
+    diagnosis = diagnose(
+        embeddings.prompt, embeddings.chosen, embeddings.rejected, distance=params.distance,
+        thresholds=thresholds, n_bootstrap=params.n_bootstrap, seed=params.seed,
+        embedder=canonical_embedder_name(params.embedder),
+    )
+    dataset_entry = {
+        "label": loaded.label,
+        "source": loaded.source,
+        "dataset_id": loaded.dataset_id,
+        "dropped_at_ingest": loaded.dropped,
+        "max_pairs": params.max_pairs,
+        "embedding_precision": resolve_precision(params.precision, device),
+    }
+    summary = {
+        "n_pairs": diagnosis.n_pairs,
+        "kernel": diagnosis.recommendation.kernel,
+        "divergence": diagnosis.recommendation.divergence,
+        "kernel_confidence": diagnosis.recommendation.confidence.kernel[diagnosis.recommendation.kernel],
+        "divergence_confidence": diagnosis.recommendation.confidence.divergence[diagnosis.recommendation.divergence],
+        "wall_s": round(time.perf_counter() - started, 3),
+        "dataset": dataset_entry,
+    }
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        diagnosis.save(run_dir)
+        json_path = run_dir / DIAGNOSIS_JSON
+        data = json.loads(json_path.read_text())
+        data["dataset"] = dataset_entry
+        json_path.write_text(json.dumps(data, indent=2))
+        embeddings.save_npz(run_dir / EMBEDDINGS_NPZ)
+        if "pair_id" in table.columns:
+            table[["pair_id"]].to_parquet(run_dir / "diagnosis_pair_ids.parquet", index=False)
+        summary["diagnosis_json"] = str(json_path)
+    report(1.0, f"recommended {summary['kernel']} + {summary['divergence']}")
+    return diagnosis, embeddings, loaded, summary
+
+
+def _stop_as_cancel(exc: InterruptedError) -> BaseException:
+    from dpo_engine.jobs.context import JobCancelled
+
+    return JobCancelled(str(exc))
+
+
+def run_diagnose_job(ctx) -> dict:
+    """Executor of the "diagnose" job kind."""
+    params = DiagnoseParams(**ctx.params)
+    try:
+        _, _, _, summary = run_diagnosis(
+            params, ctx.workspace, ctx.run_dir, device=ctx.device, progress=ctx.progress,
+            should_stop=ctx.should_stop,
+        )
+    except InterruptedError as exc:
+        raise _stop_as_cancel(exc) from exc
+    return summary

@@ -1,0 +1,1 @@
+"""Plotly figures for the app and the report (no Streamlit here, so the report can reuse them)."""

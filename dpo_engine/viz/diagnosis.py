@@ -1,0 +1,212 @@
+"""Plotly figures of a dataset diagnosis: distances, margins, overlap, smoothness, confidence, 2-D map.
+
+Colours are the product's: chosen green, rejected red, prompt blue. Each figure takes a
+`Diagnosis` (and, for the map, the embeddings and the table), so the page and the report draw the
+same pictures.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from dpo_engine.selection.diagnosis import Diagnosis
+from dpo_engine.selection.rules import DIVERGENCES, KERNELS
+
+CHOSEN_COLOR = "#2ca02c"
+REJECTED_COLOR = "#d62728"
+PROMPT_COLOR = "#1f77b4"
+OVERLAP_COLOR = "rgba(120, 120, 120, 0.55)"
+TEMPLATE = "plotly_white"
+HOVER_CHARS = 160
+MAP_MAX_PAIRS = 600
+
+
+def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, height: int = 380) -> go.Figure:
+    fig.update_layout(
+        title=title, xaxis_title=x_title, yaxis_title=y_title, template=TEMPLATE, height=height,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        margin=dict(l=60, r=20, t=70, b=50),
+    )
+    return fig
+
+
+def _distance_label(diagnosis: Diagnosis) -> str:
+    return "cosine distance 1 − cos (unitless)" if diagnosis.distance == "cosine" else "Euclidean distance (embedding units)"
+
+
+def distance_histograms(diagnosis: Diagnosis, bins: int = 50) -> go.Figure:
+    """Prompt–chosen (dp) and prompt–rejected (dn) distance histograms, overlaid."""
+    p = diagnosis.pairs
+    lo, hi = float(min(p.dp.min(), p.dn.min())), float(max(p.dp.max(), p.dn.max()))
+    size = (hi - lo) / bins if hi > lo else 1.0
+    xbins = dict(start=lo, end=hi + size, size=size)
+    fig = go.Figure()
+    fig.add_histogram(x=p.dp, name="prompt–chosen", marker_color=CHOSEN_COLOR, opacity=0.6, xbins=xbins)
+    fig.add_histogram(x=p.dn, name="prompt–rejected", marker_color=REJECTED_COLOR, opacity=0.6, xbins=xbins)
+    fig.update_layout(barmode="overlay")
+    return _layout(fig, "Distance of each response to its prompt", _distance_label(diagnosis), "pairs (count)")
+
+
+def margin_histogram(diagnosis: Diagnosis, bins: int = 50) -> go.Figure:
+    """Scale-normalised margins s = dn~ − dp~; right of 0 the chosen response is nearer the prompt."""
+    s = diagnosis.pairs.margins
+    fig = go.Figure()
+    fig.add_histogram(x=s, nbinsx=bins, name="margin", marker_color=PROMPT_COLOR, showlegend=False)
+    fig.add_vline(x=0.0, line_dash="dash", line_color="black", annotation_text="balanced")
+    m = diagnosis.metrics
+    title = f"Margins s = dn~ − dp~ (drift {m.drift_magnitude:.3g}, Pearson kurtosis {m.kurtosis:.3g})"
+    return _layout(fig, title, "scale-normalised margin s (unitless; >0: chosen nearer the prompt)", "pairs (count)")
+
+
+def tat_histogram(diagnosis: Diagnosis, bins: int = 40) -> go.Figure:
+    """Per-pair triangle ratio ||y+ − y−|| / (||y+ − x|| + ||y− − x||)."""
+    fig = go.Figure()
+    fig.add_histogram(
+        x=diagnosis.pairs.tat, name="TAT", marker_color=PROMPT_COLOR, showlegend=False,
+        xbins=dict(start=0.0, end=1.0, size=1.0 / bins),
+    )
+    fig.add_vline(x=diagnosis.metrics.tat, line_dash="dash", line_color="black", annotation_text="mean")
+    return _layout(fig, f"Triangle alignment per pair (TAT = {diagnosis.metrics.tat:.3g})",
+                   "TAT ratio (unitless, 0..1)", "pairs (count)")
+
+
+def overlap_figure(diagnosis: Diagnosis) -> go.Figure:
+    """The two similarity distributions on the shared 50 bins, with their overlap min(p, q) shaded."""
+    p = diagnosis.pairs
+    edges = p.hist_edges
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = float(edges[1] - edges[0])
+    hp = p.hist_chosen / max(p.hist_chosen.sum(), 1.0)
+    hq = p.hist_rejected / max(p.hist_rejected.sum(), 1.0)
+    fig = go.Figure()
+    fig.add_bar(x=centres, y=hp, width=width, name="P: 1 − dp (chosen)", marker_color=CHOSEN_COLOR, opacity=0.45)
+    fig.add_bar(x=centres, y=hq, width=width, name="Q: 1 − dn (rejected)", marker_color=REJECTED_COLOR, opacity=0.45)
+    fig.add_trace(
+        go.Scatter(
+            x=centres, y=np.minimum(hp, hq), mode="lines", line_shape="hvh", fill="tozeroy",
+            fillcolor=OVERLAP_COLOR, line=dict(color="rgba(80,80,80,0.9)", width=1), name="overlap min(p, q)",
+        )
+    )
+    fig.update_layout(barmode="overlay", bargap=0)
+    title = f"Support overlap of the similarity distributions (weighted Jaccard = {diagnosis.metrics.support_overlap:.3g})"
+    return _layout(fig, title, "similarity 1 − d (unitless)", "share of pairs per bin")
+
+
+def chunk_smoothness_figure(diagnosis: Diagnosis) -> go.Figure:
+    """W1 between consecutive file-order chunks of margins; their mean is the smoothness."""
+    p = diagnosis.pairs
+    fig = go.Figure()
+    if p.chunk_w1.size == 0:
+        fig.add_annotation(text="smoothness needs at least 40 pairs (two chunks of 20)", showarrow=False,
+                           x=0.5, y=0.5, xref="paper", yref="paper")
+        return _layout(fig, "Chunk-to-chunk Wasserstein distance (not available)", "chunk pair", "W1 (margin units)")
+    labels = [f"{t + 1}→{t + 2}" for t in range(p.chunk_w1.size)]
+    fig.add_bar(x=labels, y=p.chunk_w1, name="W1(S_t, S_t+1)", marker_color=PROMPT_COLOR)
+    fig.add_hline(y=float(p.chunk_w1.mean()), line_dash="dash", line_color="black",
+                  annotation_text=f"smoothness {p.chunk_w1.mean():.3g}")
+    fig.add_hline(y=diagnosis.thresholds.smooth_lo, line_dash="dot", line_color="grey",
+                  annotation_text=f"smooth_lo {diagnosis.thresholds.smooth_lo:.3g}", annotation_position="bottom right")
+    sizes = np.diff(p.chunk_bounds, axis=1).ravel()
+    return _layout(fig, f"Chunk-to-chunk drift of margins ({len(sizes)} chunks of ~{int(sizes.mean())} pairs, file order)",
+                   "consecutive chunks t→t+1", "Wasserstein-1 distance (margin units)")
+
+
+def confidence_figure(diagnosis: Diagnosis) -> go.Figure:
+    """Share of bootstrap resamples recommending each kernel and each divergence."""
+    conf = diagnosis.recommendation.confidence
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("kernel", "divergence"), horizontal_spacing=0.18)
+    for col, names, shares, chosen in (
+        (1, KERNELS, conf.kernel, diagnosis.recommendation.kernel),
+        (2, DIVERGENCES, conf.divergence, diagnosis.recommendation.divergence),
+    ):
+        colors = [PROMPT_COLOR if n == chosen else "#aec7e8" for n in names]
+        fig.add_bar(x=[100 * shares.get(n, 0.0) for n in names], y=list(names), orientation="h",
+                    marker_color=colors, showlegend=False, row=1, col=col,
+                    text=[f"{100 * shares.get(n, 0.0):.0f}%" for n in names], textposition="auto")
+        fig.update_xaxes(title_text="resamples recommending (%)", range=[0, 100], row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    fig.update_layout(title=f"Bootstrap confidence ({diagnosis.n_bootstrap} resamples)", template=TEMPLATE,
+                      height=360, margin=dict(l=100, r=20, t=80, b=50))
+    return fig
+
+
+def _truncate(text: str, n: int = HOVER_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def project_2d(points: np.ndarray, method: Literal["umap", "tsne"] = "umap", seed: int = 0) -> np.ndarray:
+    """2-D coordinates of ``points`` with UMAP (cosine metric) or t-SNE, seeded for repeatability."""
+    n = points.shape[0]
+    if n < 3:
+        raise ValueError(f"a 2-D map needs at least 3 points, got {n}")
+    if method == "umap":
+        import umap
+
+        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed, n_jobs=1)
+        return np.asarray(reducer.fit_transform(points))
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+        from threadpoolctl import threadpool_limits
+
+        tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), random_state=seed, init="pca", max_iter=500)
+        # one OpenMP thread: in a process that also runs torch, two OpenMP runtimes otherwise fight
+        # over a small CPU and the fit slows down by an order of magnitude
+        with threadpool_limits(limits=1, user_api="openmp"):
+            return tsne.fit_transform(points)
+    raise ValueError(f"unknown projection {method!r}; use umap or tsne")
+
+
+def embedding_map(
+    prompt: np.ndarray,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    table: pd.DataFrame | None = None,
+    method: Literal["umap", "tsne"] = "umap",
+    seed: int = 0,
+    max_pairs: int = MAP_MAX_PAIRS,
+) -> go.Figure:
+    """Prompt, chosen and rejected embeddings on one 2-D map; hover shows the pair's (truncated) texts.
+
+    Above ``max_pairs`` pairs an evenly spaced subset is drawn (the projection cost grows fast).
+    """
+    n = prompt.shape[0]
+    rows = np.linspace(0, n - 1, max_pairs).round().astype(int) if n > max_pairs else np.arange(n)
+    xy = project_2d(np.concatenate([prompt[rows], chosen[rows], rejected[rows]]), method=method, seed=seed)
+    k = rows.size
+    fig = go.Figure()
+    for i, (role, color, column) in enumerate(
+        (("prompt", PROMPT_COLOR, "prompt"), ("chosen", CHOSEN_COLOR, "chosen"), ("rejected", REJECTED_COLOR, "rejected"))
+    ):
+        if table is not None:
+            hover = [
+                f"pair {r}<br><b>{role}</b>: {_truncate(table[column].iloc[r])}<br>prompt: {_truncate(table['prompt'].iloc[r], 80)}"
+                for r in rows
+            ]
+        else:
+            hover = [f"pair {r} ({role})" for r in rows]
+        fig.add_trace(
+            go.Scattergl(x=xy[i * k : (i + 1) * k, 0], y=xy[i * k : (i + 1) * k, 1], mode="markers", name=role,
+                         marker=dict(color=color, size=6, opacity=0.7), hovertext=hover, hoverinfo="text")
+        )
+    label = "UMAP" if method == "umap" else "t-SNE"
+    subset = f", {k} of {n} pairs" if k < n else ""
+    return _layout(fig, f"Sentence embeddings, {label} projection (seed {seed}{subset})",
+                   f"{label} 1 (arbitrary units)", f"{label} 2 (arbitrary units)", height=520)
+
+
+def diagnosis_figures(diagnosis: Diagnosis) -> dict[str, go.Figure]:
+    """Every figure that needs only the diagnosis, by a stable key."""
+    return {
+        "distances": distance_histograms(diagnosis),
+        "margins": margin_histogram(diagnosis),
+        "tat": tat_histogram(diagnosis),
+        "overlap": overlap_figure(diagnosis),
+        "smoothness": chunk_smoothness_figure(diagnosis),
+        "confidence": confidence_figure(diagnosis),
+    }

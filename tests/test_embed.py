@@ -1,0 +1,145 @@
+"""Sentence embeddings: bundled model offline, dedup and order, normalisation, the on-disk cache."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpo_engine.embed import (
+    DEFAULT_EMBEDDER,
+    EmbedderNotAvailable,
+    PairEmbeddings,
+    bundled_model_dir,
+    cache_path,
+    embed_pairs,
+    embed_texts,
+    load_embedder,
+    resolve_embedder,
+    resolve_precision,
+    table_content_hash,
+)
+from dpo_engine.embed.encoder import cpu_has_native_bf16
+
+TEXTS = [
+    "How do I bake bread at home?",
+    "You need flour, water, salt and yeast; knead, let it rise, then bake at 230 C.",
+    "I won't help with that.",
+    "How do I bake bread at home?",
+    "",
+    "Bread",
+]
+
+
+def test_default_embedder_resolves_to_the_bundled_directory():
+    path = bundled_model_dir()
+    assert (path / "modules.json").is_file()
+    assert resolve_embedder(DEFAULT_EMBEDDER) == str(path)
+    assert resolve_embedder("sentence-transformers/all-MiniLM-L6-v2") == str(path)
+    assert resolve_embedder(None) == str(path)
+
+
+def test_unknown_embedder_fails_clearly_offline():
+    with pytest.raises(EmbedderNotAvailable, match="not available offline"):
+        load_embedder("nobody/no-such-embedder-model")
+
+
+def test_embed_texts_matches_sentence_transformers_and_keeps_order():
+    vectors = embed_texts(TEXTS, batch_size=2, precision="float32")
+    assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(vectors[0], vectors[3])  # duplicate embedded once, copied back
+    reference = load_embedder(DEFAULT_EMBEDDER, precision="float32").encode(TEXTS, batch_size=1, normalize_embeddings=True)
+    cosine = np.sum(vectors * reference, axis=1)
+    assert cosine.min() > 0.9999
+    assert np.sum(vectors[0] * vectors[1]) > np.sum(vectors[0] * vectors[2])  # the answer is nearer its question
+
+
+def test_bfloat16_precision_stays_within_cosine_0_99_of_float32(tmp_path):
+    full = embed_texts(TEXTS, precision="float32")
+    fast = embed_texts(TEXTS, precision="bfloat16")
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    assert np.sum(full * fast, axis=1).min() > 0.99
+    table = _table()
+    path32 = cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "float32")
+    assert cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "bfloat16") != path32
+    with pytest.raises(ValueError, match="unknown precision"):
+        embed_texts(TEXTS, precision="float16")  # type: ignore[arg-type]
+    expected = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert resolve_precision("auto", "cpu") == expected and resolve_precision("auto", "cuda:0") == "float32"
+
+
+def test_progress_counts_every_input_text_and_stop_is_honoured():
+    seen: list[tuple[int, int]] = []
+    embed_texts(TEXTS, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(TEXTS), len(TEXTS))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    with pytest.raises(InterruptedError):
+        embed_texts(TEXTS, should_stop=lambda: True)
+
+
+def test_embed_texts_rejects_bad_input():
+    with pytest.raises(TypeError, match="text 1"):
+        embed_texts(["ok", None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="batch_size"):
+        embed_texts(["ok"], batch_size=0)
+    assert embed_texts([]).shape == (0, 384)
+
+
+def _table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "pair_id": ["p1", "p2", "p3"],
+            "prompt": ["How do I bake bread?", "How do I bake bread?", "Tell me a joke."],
+            "chosen": ["Knead flour and water, let it rise, bake.", "Use yeast.", "Why did the chicken cross the road?"],
+            "rejected": ["No.", "Buy it.", "I don't know any jokes."],
+        }
+    )
+
+
+def test_embed_pairs_embeds_each_part_separately(tmp_path):
+    table = _table()
+    pairs = embed_pairs(table)
+    np.testing.assert_allclose(pairs.prompt, embed_texts(list(table["prompt"])), atol=1e-6)
+    np.testing.assert_allclose(pairs.chosen, embed_texts(list(table["chosen"])), atol=1e-6)
+    np.testing.assert_allclose(pairs.rejected, embed_texts(list(table["rejected"])), atol=1e-6)
+
+
+def test_cache_returns_identical_arrays_and_keys_on_content_and_settings(tmp_path):
+    table = _table()
+    first = embed_pairs(table, cache_dir=tmp_path)
+    path = cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None)
+    assert path.is_file()
+    stamp = path.stat().st_mtime_ns
+    calls: list[tuple[int, int]] = []
+    second = embed_pairs(table, cache_dir=tmp_path, progress=lambda d, t: calls.append((d, t)))
+    assert path.stat().st_mtime_ns == stamp  # loaded, not rewritten
+    assert calls == [(9, 9)]  # no batch progress: nothing was embedded
+    for a, b in ((first.prompt, second.prompt), (first.chosen, second.chosen), (first.rejected, second.rejected)):
+        np.testing.assert_array_equal(a, b)
+    assert cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, 32) != path
+    changed = table.assign(rejected=["No!", "Buy it.", "I don't know any jokes."])
+    assert table_content_hash(changed) != table_content_hash(table)
+    truncated = embed_pairs(table, cache_dir=tmp_path, max_seq_length=4)
+    assert not np.allclose(truncated.chosen[0], first.chosen[0], atol=1e-3)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_pair_embeddings_npz_round_trip_and_validation(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((4, 8)).astype(np.float32) for _ in range(3)]
+    pairs = PairEmbeddings(*arrays)
+    back = PairEmbeddings.load_npz(pairs.save_npz(tmp_path / "e.npz"))
+    for a, b in zip(arrays, (back.prompt, back.chosen, back.rejected)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="one shape"):
+        PairEmbeddings(arrays[0], arrays[1], arrays[2][:3])
+    with pytest.raises(FileNotFoundError):
+        PairEmbeddings.load_npz(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="lacks column"):
+        embed_pairs(pd.DataFrame({"prompt": ["a"], "chosen": ["b"]}))
