@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
+
+from dpo_engine.viz.export import figure_html, figure_png
 
 STATUS_ICONS = {
     "queued": "⏳",
@@ -46,27 +50,27 @@ def job_status_panel(job, *, show_cancel: bool = True, key: str = "") -> None:
 
 
 def figure_with_export(fig, *, key: str) -> None:
-    """Show a plotly figure; offer it as a PNG (when the static renderer works) and as HTML."""
+    """Show a plotly figure with HTML and PNG downloads; both are built only when clicked."""
     st.plotly_chart(fig, width="stretch", key=f"chart-{key}")
     cols = st.columns(2)
-    html = fig.to_html(include_plotlyjs=True, full_html=True)
-    cols[1].download_button("Figure as HTML", html, file_name=f"{key}.html", mime="text/html", key=f"html-{key}")
-    try:
-        png = _figure_png(fig.to_json())
-    except Exception:  # static export needs a headless Chromium; HTML export always works
-        png = None
-    if png:
-        cols[0].download_button("Figure as PNG", png, file_name=f"{key}.png", mime="image/png", key=f"png-{key}")
+    fig_json = fig.to_json()
+    cols[0].download_button("Figure as PNG", lambda: _figure_png(fig_json), file_name=f"{key}.png",
+                            mime="image/png", key=f"png-{key}",
+                            help="Static image (rendered with the machine's headless Chromium).")
+    cols[1].download_button("Figure as HTML", lambda: _figure_html(fig_json), file_name=f"{key}.html",
+                            mime="text/html", key=f"html-{key}", help="Interactive, self-contained file.")
+
+
+def _figure_html(fig_json: str) -> str:
+    return figure_html(fig_json)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _figure_png(fig_json: str) -> bytes:
-    import plotly.io as pio
-
-    return pio.to_image(pio.from_json(fig_json), format="png", scale=2)
+    return figure_png(fig_json)
 
 
-PAGES_DIR = __import__("pathlib").Path(__file__).resolve().parent.parent / "pages"
+PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
 
 
 def page_link(file: str, label: str, icon: str | None = None) -> None:
