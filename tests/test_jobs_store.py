@@ -300,3 +300,9 @@ def test_processes_opening_a_fresh_database_at_once_all_succeed(tmp_path):
     outs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
     assert sorted(int(out) for out, _ in outs) == [1, 2, 3]
+
+
+def test_get_by_run_id(store):
+    job = store.submit("selftest", {}, run_id="my-run-1")
+    assert store.get_by_run_id("my-run-1").id == job.id
+    assert store.get_by_run_id("no-such-run") is None

@@ -207,6 +207,12 @@ class JobStore:
         with self._read() as s:
             return Job.from_row(self._row(s, job_id))
 
+    def get_by_run_id(self, run_id: str) -> Job | None:
+        """The job that owns run directory `run_id` (None for runs written outside the queue)."""
+        with self._read() as s:
+            row = s.scalar(select(JobRow).where(JobRow.run_id == run_id))
+            return None if row is None else Job.from_row(row)
+
     def list(
         self, status: str | Iterable[str] | None = None, kind: str | None = None, limit: int = 200
     ) -> list[Job]:

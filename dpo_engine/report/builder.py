@@ -1,0 +1,283 @@
+"""The stakeholder report: one self-contained HTML file with the diagnosis, configuration and every plot.
+
+It must open offline and by e-mail attachment, so plotly.js is embedded inline exactly once (in
+the head) and every figure is a bare div + inline script; there are no external scripts,
+stylesheets, fonts or images. Figures come from dpo_engine.viz.runs, the same ones the app shows.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
+from dpo_engine.report.rundata import RunData, load_dataset_texts, load_run
+from dpo_engine.viz import runs as viz
+
+SECTION_TITLES = {
+    "diagnosis": "Dataset diagnosis",
+    "configuration": "Configuration",
+    "curves": "Training curves",
+    "kernel_weights": "Kernel weights",
+    "divergences": "Divergences",
+    "clusters": "Clusters and Davies–Bouldin score",
+    "htsr": "Generalisation (HT-SR)",
+    "compare": "Comparison of runs",
+}
+
+_CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1200px;
+       color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { border-bottom: 3px solid #2ca02c; padding-bottom: .3rem; }
+h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
+th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; }
+th { background: #f4f4f4; }
+.note { color: #555; font-size: .9rem; }
+.warn { color: #a94442; }
+.pass { color: #2ca02c; font-weight: 600; } .fail { color: #d62728; }
+.toc a { margin-right: 1rem; }
+pre { background: #f7f7f7; padding: .6rem; overflow-x: auto; font-size: .8rem; }
+"""
+
+
+class ReportError(ValueError):
+    """A report cannot be built from what was asked (unknown run, no run ids)."""
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _table(frame: pd.DataFrame, *, index: bool = False, float_format: str = "{:.4g}") -> str:
+    if frame is None or frame.empty:
+        return "<p class='note'>No data.</p>"
+    formatted = frame.copy()
+    for column in formatted.columns:
+        if pd.api.types.is_float_dtype(formatted[column]):
+            formatted[column] = formatted[column].map(lambda v: "–" if pd.isna(v) else float_format.format(v))
+    return formatted.to_html(index=index, escape=True, border=0, na_rep="–")
+
+
+class _Figures:
+    """Turns figures into inline divs; plotly.js itself is written once into the page head."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, fig: go.Figure | None) -> str:
+        if fig is None:
+            return ""
+        self.count += 1
+        return fig.to_html(include_plotlyjs=False, full_html=False, auto_play=False,
+                           div_id=f"figure-{self.count}", config={"displaylogo": False})
+
+
+def resolve_run_dir(workspace, run_or_job_id: str) -> tuple[str, Path]:
+    """A run id (directory name under runs/) or a numeric job id -> (run_id, run_dir)."""
+    key = str(run_or_job_id).strip()
+    direct = workspace.run_dir(key)
+    if direct.is_dir():
+        return key, direct
+    if key.isdigit():
+        from dpo_engine.jobs import JobStore
+
+        try:
+            job = JobStore.for_workspace(workspace).get(int(key))
+        except LookupError as exc:
+            raise ReportError(f"no run directory and no job with id {key}") from exc
+        return job.run_id, Path(job.run_dir)
+    known = sorted(p.name for p in workspace.runs_dir.iterdir() if p.is_dir()) if workspace.runs_dir.is_dir() else []
+    hint = f"; known runs: {', '.join(known[-10:])}" if known else "; the workspace has no runs"
+    raise ReportError(f"unknown run {key!r} in {workspace.runs_dir}{hint}")
+
+
+def find_diagnosis(workspace, runs: list[RunData]) -> dict | None:
+    """The newest finished diagnosis of the first run's dataset, if the job table knows one."""
+    dataset = ((runs[0].config or {}).get("data") or {}).get("dataset") if runs else None
+    if not dataset:
+        return None
+    try:
+        from dpo_engine.jobs import JobStore
+
+        jobs = JobStore.for_workspace(workspace).list(kind="diagnose", status="succeeded")
+    except Exception:  # no job database yet: the report simply has no diagnosis section content
+        return None
+    for job in sorted(jobs, key=lambda j: j.created_at, reverse=True):
+        if str((job.params or {}).get("dataset")) == str(dataset):
+            path = Path(job.run_dir) / "diagnosis.json"
+            if path.is_file():
+                return json.loads(path.read_text()) | {"_source": job.run_id}
+    return None
+
+
+def load_diagnosis_json(workspace, run_or_job_id: str) -> dict:
+    run_id, run_dir = resolve_run_dir(workspace, run_or_job_id)
+    path = run_dir / "diagnosis.json"
+    if not path.is_file():
+        raise ReportError(f"{run_id} has no diagnosis.json (is it a finished diagnose job?)")
+    return json.loads(path.read_text()) | {"_source": run_id}
+
+
+# ---------------------------------------------------------------- sections
+
+def _diagnosis_section(diagnosis: dict | None) -> str:
+    if not diagnosis:
+        return ("<p class='note'>No dataset diagnosis was found for these runs. Run a diagnosis on the dataset "
+                "(Diagnose page or <code>dpo-kernels diagnose</code>) and pass it with <code>--diagnosis</code>.</p>")
+    rec = diagnosis.get("recommendation") or {}
+    parts = [f"<p>Source: <code>{_esc(diagnosis.get('_source', ''))}</code> · {_esc(diagnosis.get('n_pairs'))} pairs · "
+             f"embedder {_esc(diagnosis.get('embedder'))} · distance {_esc(diagnosis.get('distance'))}</p>",
+             f"<p><b>Recommended kernel:</b> {_esc(rec.get('kernel'))} — {_esc(rec.get('kernel_rule'))}<br>"
+             f"<b>Recommended divergence:</b> {_esc(rec.get('divergence'))} — {_esc(rec.get('divergence_rule'))}</p>"]
+    metrics = [{"group": group, "metric": name, "value": value}
+               for group in ("kernel_metrics", "divergence_metrics")
+               for name, value in (diagnosis.get(group) or {}).items()]
+    parts.append("<h3>Selection metrics</h3>" + _table(pd.DataFrame(metrics)))
+    confidence = rec.get("confidence") or {}
+    conf_rows = [{"family": family, "choice": name, "share of bootstrap resamples": share}
+                 for family in ("kernel", "divergence") for name, share in (confidence.get(family) or {}).items()]
+    if conf_rows:
+        parts.append("<h3>Bootstrap confidence</h3>" + _table(pd.DataFrame(conf_rows)))
+    rows = []
+    rules = diagnosis.get("rules") or {}
+    for family in ("kernel", "divergence"):
+        for rule in rules.get(family, []) if isinstance(rules, dict) else []:
+            for cond in rule.get("conditions") or [{}]:
+                rows.append({"family": family, "rule": rule.get("name"), "fired": rule.get("fired"),
+                             "metric": ("|" + cond.get("metric", "") + "|") if cond.get("absolute") else cond.get("metric"),
+                             "value": cond.get("value"), "test": cond.get("comparison"),
+                             "threshold": cond.get("threshold"), "passed": cond.get("passed")})
+    if rows:
+        parts.append("<h3>Rules (first match wins)</h3>" + _table(pd.DataFrame(rows)))
+    return "\n".join(parts)
+
+
+def _config_section(run: RunData) -> str:
+    if not run.config:
+        return f"<p class='note'>{_esc(run.run_id)}: no config.json yet.</p>"
+    flat = pd.json_normalize(run.config, sep=".").T.reset_index()
+    flat.columns = ["setting", "value"]
+    flat["value"] = flat["value"].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).astype(str)
+    summary = run.summary or {}
+    facts = {k: summary.get(k) for k in ("status", "wall_time_s", "tokens_per_s", "peak_memory_mb", "error") if k in summary}
+    return (f"<h3>{_esc(run.run_id)}</h3>"
+            + (_table(pd.DataFrame([facts])) if facts else "")
+            + "<details><summary>All settings</summary>" + _table(flat) + "</details>")
+
+
+def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> dict[str, str]:
+    label = f"<h3>{_esc(run.run_id)}</h3>"
+    if run.is_empty:
+        empty = label + "<p class='note'>This run has not written any results yet.</p>"
+        return {key: empty for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr")}
+    out = {}
+    out["curves"] = label + "".join(fig(f) for f in (
+        viz.loss_figure(run.metrics, run.eval), viz.reward_accuracy_figure(run.metrics, run.eval),
+        viz.reward_margin_figure(run.metrics, run.eval), viz.learning_rate_figure(run.metrics),
+        viz.throughput_figure(run.metrics)))
+    kw = viz.kernel_weight_figure(run.metrics)
+    beta = viz.beta_figure(run.metrics) if run.epsilon_dpo > 0 else None
+    collapsed = viz.collapsed_weights(run.metrics)
+    out["kernel_weights"] = label + (fig(kw) if kw else f"<p class='note'>Kernel {_esc(run.kernel_name)} has no mixture weights.</p>") \
+        + (f"<p class='warn'>Collapsed below {viz.COLLAPSE_THRESHOLD}: {_esc(', '.join(collapsed))}</p>" if collapsed else "") \
+        + fig(beta)
+    div = viz.divergence_figure(run.eval, run.divergence_name)
+    out["divergences"] = label + (fig(div) if div else "<p class='note'>No evaluation yet.</p>")
+    dbs = viz.dbs_table(run)
+    clusters = ""
+    if run.snapshot_steps:
+        try:
+            projection, _ = cached_projection(run, ProjectionConfig())
+            clusters = fig(viz.cluster_figure(projection, texts, dbs_by_step=dict(zip(dbs.step, dbs.dbs))))
+        except ValueError as exc:
+            clusters = f"<p class='warn'>Projection unavailable: {_esc(exc)}</p>"
+    out["clusters"] = label + (clusters or "<p class='note'>No snapshots yet.</p>") + fig(viz.dbs_figure(dbs)) \
+        + "<p class='note'>Davies–Bouldin scores on the full-dimensional representations (lower = better separated).</p>" \
+        + _table(dbs)
+    before, after = run.weighted_alpha()
+    if run.htsr_before is not None or run.htsr_after is not None:
+        out["htsr"] = (label + f"<p>{_esc(viz.ALPHA_EXPLANATION)}</p>"
+                       + fig(viz.htsr_alpha_figure(run.htsr_before, run.htsr_after))
+                       + fig(viz.weighted_alpha_figure([(run.run_id, before, after)]))
+                       + "<h4>Layers outside [2, 6] after training</h4>"
+                       + _table(viz.htsr_flag_table(run.htsr_after if run.htsr_after is not None else run.htsr_before)))
+    else:
+        out["htsr"] = label + "<p class='note'>No WeightWatcher analysis in this run (monitoring.htsr off or not finished).</p>"
+    return out
+
+
+def _compare_section(runs: list[RunData], fig: _Figures) -> str:
+    grid_fig, _ = viz.kernel_divergence_grid(runs)
+    return "".join([
+        fig(viz.overlay_figure(runs, "loss", title="Training loss", y_title="loss (nats)")),
+        fig(viz.overlay_figure(runs, "reward_acc", source="eval", title="Held-out reward accuracy",
+                               y_title="accuracy (fraction)")),
+        "<h3>Final metrics</h3>", _table(viz.final_accuracy_table(runs)),
+        "<h3>Davies–Bouldin score per snapshot (rows = steps, columns = runs)</h3>",
+        _table(viz.dbs_comparison_table(runs), index=True),
+        fig(viz.weighted_alpha_figure([(r.run_id, *r.weighted_alpha()) for r in runs])),
+        fig(grid_fig),
+    ])
+
+
+def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str | dict | None = None) -> str:
+    """Self-contained HTML for the given runs (ids or job ids); `diagnosis` = run/job id or its JSON dict.
+
+    Without `diagnosis`, the newest finished diagnosis of the first run's dataset is used if any.
+    """
+    if not run_ids:
+        raise ReportError("name at least one run")
+    runs = []
+    for key in run_ids:
+        run_id, run_dir = resolve_run_dir(workspace, key)
+        runs.append(load_run(run_dir, run_id))
+    if isinstance(diagnosis, (str, int)):
+        diagnosis = load_diagnosis_json(workspace, str(diagnosis))
+    elif diagnosis is None:
+        diagnosis = find_diagnosis(workspace, runs)
+
+    fig = _Figures()
+    per_run = []
+    for run in runs:
+        dataset = ((run.config or {}).get("data") or {}).get("dataset")
+        per_run.append(_run_sections(run, fig, load_dataset_texts(workspace, dataset)))
+    sections = {
+        "diagnosis": _diagnosis_section(diagnosis),
+        "configuration": "".join(_config_section(r) for r in runs),
+    }
+    for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr"):
+        sections[key] = "".join(parts[key] for parts in per_run)
+    if len(runs) > 1:
+        sections["compare"] = _compare_section(runs, fig)
+    warnings = [f"{r.run_id}: {w}" for r in runs for w in r.warnings]
+
+    title = "DPO-Kernels report: " + ", ".join(r.run_id for r in runs)
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    toc = "".join(f"<a href='#{key}'>{_esc(SECTION_TITLES[key])}</a>" for key in sections)
+    body = "".join(f"<section id='{key}'><h2>{_esc(SECTION_TITLES[key])}</h2>{content}</section>"
+                   for key, content in sections.items())
+    warn_html = ("<div class='warn'><b>Warnings while reading the runs:</b><ul>"
+                 + "".join(f"<li>{_esc(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_esc(title)}</title><style>{_CSS}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+        f"<h1>{_esc(title)}</h1><p class='note'>Generated {created} by DPO-Kernels Studio. "
+        "Interactive figures: hover for values, drag to zoom, use the slider under the cluster maps.</p>"
+        f"<nav class='toc'>{toc}</nav>{warn_html}{body}</body></html>"
+    )
+
+
+def write_report(workspace, run_ids, out: str | Path, diagnosis: str | dict | None = None) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(build_report(workspace, run_ids, diagnosis), encoding="utf-8")
+    return out

@@ -1,0 +1,252 @@
+"""Everything a page or a report shows about one run, read from its run directory in one go.
+
+Run directories are read while a worker is still writing them, so every piece is optional: a
+missing file gives an empty table or None, a half-written last JSONL line is skipped, and
+anything else that cannot be read is recorded in `warnings` (shown to the user, never dropped
+silently). The file formats are fixed by the run-directory contract in ARCHITECTURE.md; the
+trainer's readers in `dpo_engine.train.rundir` are used when they are installed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+KERNEL_WEIGHT_COLUMNS = (
+    "lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global",
+)
+DIVERGENCE_COLUMNS = (
+    "div_kl", "div_js", "div_hellinger", "div_renyi", "div_bhattacharyya", "div_wasserstein", "div_fdiv",
+)
+
+
+@dataclass
+class Snapshot:
+    """Probe-set representations at one step (full dimension, as stored)."""
+
+    step: int
+    chosen: np.ndarray
+    rejected: np.ndarray
+    pair_ids: np.ndarray
+
+
+@dataclass
+class RunData:
+    run_id: str
+    run_dir: Path
+    config: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
+    eval: pd.DataFrame = field(default_factory=pd.DataFrame)
+    snapshot_steps: list[int] = field(default_factory=list)
+    htsr_before: pd.DataFrame | None = None
+    htsr_after: pd.DataFrame | None = None
+    htsr: pd.DataFrame | None = None  # an "htsr" job's single table
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.metrics.empty and self.eval.empty and not self.snapshot_steps and self.summary is None
+
+    @property
+    def kernel_name(self) -> str | None:
+        return _dig(self.config, "method", "kernel", "name")
+
+    @property
+    def divergence_name(self) -> str | None:
+        return _dig(self.config, "method", "divergence", "name")
+
+    @property
+    def epsilon_dpo(self) -> float:
+        return float(_dig(self.config, "method", "loss", "epsilon_dpo") or 0.0)
+
+    @property
+    def max_steps(self) -> int | None:
+        value = _dig(self.config, "optimisation", "max_steps")
+        return int(value) if value else None
+
+    def snapshot_path(self, step: int) -> Path:
+        return self.run_dir / "snapshots" / f"step_{step}.npz"
+
+    def load_snapshot(self, step: int) -> Snapshot:
+        with np.load(self.snapshot_path(step), allow_pickle=False) as npz:
+            return Snapshot(step, np.asarray(npz["chosen"], dtype=np.float32),
+                            np.asarray(npz["rejected"], dtype=np.float32), np.asarray(npz["pair_ids"]))
+
+    def log_tail(self, n_lines: int = 80) -> str:
+        return read_log_tail(self.run_dir / "log.txt", n_lines)
+
+    def final(self, column: str, source: str = "eval") -> float | None:
+        """Last finite value of a metric (eval table by default)."""
+        table = self.eval if source == "eval" else self.metrics
+        if column not in table:
+            return None
+        values = pd.to_numeric(table[column], errors="coerce").dropna()
+        return float(values.iloc[-1]) if len(values) else None
+
+    def weighted_alpha(self) -> tuple[float | None, float | None]:
+        summary = self.summary or {}
+        before = summary.get("weighted_alpha_before")
+        after = summary.get("weighted_alpha_after")
+        if before is None and self.htsr_before is not None and "alpha_weighted" in self.htsr_before:
+            before = float(self.htsr_before["alpha_weighted"].mean())
+        if after is None and self.htsr_after is not None and "alpha_weighted" in self.htsr_after:
+            after = float(self.htsr_after["alpha_weighted"].mean())
+        return before, after
+
+
+def _dig(mapping: dict | None, *keys: str) -> Any:
+    node: Any = mapping
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def read_jsonl(path: Path, warnings: list[str] | None = None) -> pd.DataFrame:
+    """Rows of a JSONL file that may be growing: a broken *last* line is a write in progress."""
+    if not path.exists():
+        return pd.DataFrame()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number != len(lines) and warnings is not None:
+                warnings.append(f"{path.name}: line {number} is not valid JSON and was skipped")
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        elif warnings is not None:
+            warnings.append(f"{path.name}: line {number} is not a JSON object and was skipped")
+    table = pd.DataFrame(rows)
+    if "step" in table:
+        table = table.sort_values("step", kind="stable").reset_index(drop=True)
+    return table
+
+
+def read_json(path: Path, warnings: list[str] | None = None) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if warnings is not None:
+            warnings.append(f"{path.name} could not be read ({exc}); it may still be being written")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_csv(path: Path, warnings: list[str] | None = None) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        if warnings is not None:
+            warnings.append(f"{path.name} could not be read ({exc})")
+        return None
+
+
+def read_log_tail(path: Path, n_lines: int = 80) -> str:
+    """The last lines of a log without reading a huge file whole."""
+    if not path.exists():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - 256 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-n_lines:])
+
+
+def list_snapshot_steps(run_dir: Path) -> list[int]:
+    steps = []
+    for path in (run_dir / "snapshots").glob("step_*.npz"):
+        try:
+            steps.append(int(path.stem.removeprefix("step_")))
+        except ValueError:
+            continue
+    return sorted(steps)
+
+
+def load_run(run_dir: str | Path, run_id: str | None = None) -> RunData:
+    """Read a run directory (complete or still being written)."""
+    run_dir = Path(run_dir)
+    data = RunData(run_id=run_id or run_dir.name, run_dir=run_dir)
+    if not run_dir.is_dir():
+        data.warnings.append(f"run directory {run_dir} does not exist yet")
+        return data
+    w = data.warnings
+    data.config = read_json(run_dir / "config.json", w)
+    data.summary = read_json(run_dir / "summary.json", w)
+    data.metrics = read_jsonl(run_dir / "metrics.jsonl", w)
+    data.eval = read_jsonl(run_dir / "eval.jsonl", w)
+    data.snapshot_steps = list_snapshot_steps(run_dir)
+    data.htsr_before = read_csv(run_dir / "htsr_before.csv", w)
+    data.htsr_after = read_csv(run_dir / "htsr_after.csv", w)
+    data.htsr = read_csv(run_dir / "htsr.csv", w)
+    return data
+
+
+def load_dataset_texts(workspace, dataset: str | None) -> pd.DataFrame | None:
+    """pair_id -> prompt / chosen / rejected for hover texts; None when the dataset is unavailable."""
+    if not dataset:
+        return None
+    try:
+        from dpo_engine.data import DatasetStore
+
+        table = DatasetStore(workspace).load(dataset)
+    except Exception:  # the dataset may have been deleted or be a file path elsewhere; hovers then show ids
+        return None
+    columns = [c for c in ("pair_id", "prompt", "chosen", "rejected") if c in table]
+    if "pair_id" not in columns:
+        return None
+    return table[columns].set_index("pair_id")
+
+
+@dataclass
+class RunEntry:
+    """One run the pages can show: its directory and, when it came from the queue, its job."""
+
+    run_id: str
+    run_dir: Path
+    job: Any | None = None
+
+    @property
+    def status(self) -> str:
+        if self.job is not None:
+            return self.job.status
+        summary = read_json(self.run_dir / "summary.json") or {}
+        return str(summary.get("status", "unknown"))
+
+    @property
+    def label(self) -> str:
+        title = f" · {self.job.title}" if self.job is not None and self.job.title and self.job.title != self.job.kind else ""
+        return f"{self.run_id} [{self.status}]{title}"
+
+
+def list_runs(workspace, jobs: list | None = None, kind: str = "train") -> list[RunEntry]:
+    """Runs of one kind, newest first: every job of that kind plus run directories written without
+    the queue (e.g. `dpo-kernels train --foreground`), recognised by their config.json."""
+    entries: dict[str, RunEntry] = {}
+    for job in jobs or []:
+        if job.kind == kind:
+            entries[job.run_id] = RunEntry(job.run_id, Path(job.run_dir), job)
+    if kind == "train" and workspace.runs_dir.is_dir():
+        loose = [p for p in workspace.runs_dir.iterdir() if p.is_dir() and p.name not in entries
+                 and (p / "config.json").is_file()]
+        for path in sorted(loose, key=lambda p: p.stat().st_mtime, reverse=True):
+            entries[path.name] = RunEntry(path.name, path)
+    job_entries = [e for e in entries.values() if e.job is not None]
+    job_entries.sort(key=lambda e: e.job.created_at, reverse=True)
+    return job_entries + [e for e in entries.values() if e.job is None]

@@ -1,0 +1,431 @@
+"""Plotly figures of training runs: curves, kernel weights, divergences, clusters, HT-SR, comparisons.
+
+Shared by the run and compare pages and the HTML report, so the app and the report always agree.
+One colour scheme everywhere: chosen = green, rejected = red. Long curves are thinned for display
+(min/max per bucket, so spikes survive) because a 20,000-point line per trace makes the browser
+sluggish; the stored metrics are untouched.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+CHOSEN_COLOR = "#2ca02c"
+REJECTED_COLOR = "#d62728"
+COLLAPSE_THRESHOLD = 0.05
+ALPHA_SAFE_RANGE = (2.0, 6.0)
+MAX_POINTS_PER_TRACE = 2000
+TEMPLATE = "plotly_white"
+PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+
+ALPHA_EXPLANATION = (
+    "WeightWatcher's alpha is the power-law exponent fitted to the tail of a layer's eigenvalue "
+    "spectrum: well-trained layers typically have alpha between 2 and 6, smaller values hint at "
+    "over-fitting and larger ones at under-trained, noisy weights. The weighted alpha averages "
+    "alpha times log of the largest eigenvalue over layers; lower values usually go with better "
+    "generalisation."
+)
+
+KERNEL_WEIGHT_LABELS = {
+    "lambda_rbf": "λ1 RBF", "lambda_poly": "λ2 polynomial", "lambda_spectral": "λ3 spectral",
+    "lambda_mahalanobis": "λ4 Mahalanobis", "tau_local": "τ1 local", "tau_global": "τ2 global",
+}
+DIVERGENCE_LABELS = {
+    "div_kl": "KL", "div_js": "Jensen-Shannon", "div_hellinger": "Hellinger", "div_renyi": "Rényi",
+    "div_bhattacharyya": "Bhattacharyya", "div_wasserstein": "Wasserstein", "div_fdiv": "f-divergence",
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+def downsample_indices(y: np.ndarray, max_points: int = MAX_POINTS_PER_TRACE) -> np.ndarray:
+    """Indices keeping the first, last, minimum and maximum of each bucket (peaks stay visible)."""
+    n = len(y)
+    if n <= max_points:
+        return np.arange(n)
+    n_buckets = max(1, max_points // 4)
+    edges = np.linspace(0, n, n_buckets + 1).astype(int)
+    values = np.nan_to_num(np.asarray(y, dtype=float), nan=0.0)
+    keep = [0, n - 1]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi <= lo:
+            continue
+        chunk = values[lo:hi]
+        keep.extend((lo, hi - 1, lo + int(np.argmin(chunk)), lo + int(np.argmax(chunk))))
+    return np.unique(np.asarray(keep))
+
+
+def _line(table: pd.DataFrame, column: str, name: str, *, x: str = "step", color: str | None = None,
+          dash: str | None = None, width: float = 2.0, max_points: int = MAX_POINTS_PER_TRACE, **kwargs) -> go.Scatter:
+    sub = table[[x, column]].apply(pd.to_numeric, errors="coerce").dropna()
+    idx = downsample_indices(sub[column].to_numpy(), max_points)
+    sub = sub.iloc[idx]
+    mode = kwargs.pop("mode", "lines")
+    mode = mode if len(sub) > 1 else "markers"
+    return go.Scatter(x=sub[x], y=sub[column], name=name, mode=mode,
+                      line=dict(color=color, dash=dash, width=width), **kwargs)
+
+
+def _has(table: pd.DataFrame | None, column: str) -> bool:
+    return table is not None and column in table and pd.to_numeric(table[column], errors="coerce").notna().any()
+
+
+def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, *, height: int = 380) -> go.Figure:
+    fig.update_layout(title=title, template=TEMPLATE, height=height, showlegend=True,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+                      margin=dict(l=60, r=20, t=70, b=50))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def empty_figure(title: str, message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(title=title, template=TEMPLATE, height=260)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+# ---------------------------------------------------------------- single-run curves
+
+def loss_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -> go.Figure:
+    """Total loss, preference loss and divergence loss (train) plus held-out preference loss."""
+    fig = go.Figure()
+    for column, name, color in (("loss", "loss (train)", "#1f77b4"), ("loss_pref", "preference loss (train)", "#ff7f0e"),
+                                ("loss_div", "divergence loss (train)", "#9467bd"),
+                                ("loss_entropy", "entropy term (train)", "#7f7f7f")):
+        if _has(metrics, column):
+            fig.add_trace(_line(metrics, column, name, color=color))
+    if _has(eval_table, "loss_pref"):
+        fig.add_trace(_line(eval_table, "loss_pref", "preference loss (eval)", color="#ff7f0e", dash="dot",
+                            mode="lines+markers"))
+    return _layout(fig, "Training losses", "optimiser step", "loss (nats)")
+
+
+def reward_accuracy_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -> go.Figure:
+    fig = go.Figure()
+    if _has(metrics, "reward_acc"):
+        fig.add_trace(_line(metrics, "reward_acc", "reward accuracy (train batch)", color="#1f77b4", width=1.2))
+    if _has(eval_table, "reward_acc"):
+        fig.add_trace(_line(eval_table, "reward_acc", "reward accuracy (eval)", color=CHOSEN_COLOR, mode="lines+markers"))
+    if _has(eval_table, "hybrid_acc"):
+        fig.add_trace(_line(eval_table, "hybrid_acc", "hybrid-margin accuracy (eval)", color="#ff7f0e", dash="dash",
+                            mode="lines+markers"))
+    fig = _layout(fig, "Reward accuracy (share of pairs with chosen reward > rejected)", "optimiser step", "accuracy (fraction)")
+    fig.update_yaxes(range=[-0.02, 1.02])
+    return fig
+
+
+def reward_margin_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -> go.Figure:
+    """Held-out rewards of chosen vs rejected, and the training margin."""
+    fig = go.Figure()
+    if _has(eval_table, "reward_chosen"):
+        fig.add_trace(_line(eval_table, "reward_chosen", "reward chosen (eval)", color=CHOSEN_COLOR, mode="lines+markers"))
+    if _has(eval_table, "reward_rejected"):
+        fig.add_trace(_line(eval_table, "reward_rejected", "reward rejected (eval)", color=REJECTED_COLOR, mode="lines+markers"))
+    if _has(metrics, "margin"):
+        fig.add_trace(_line(metrics, "margin", "margin (train batch)", color="#7f7f7f", width=1.2))
+    return _layout(fig, "Rewards and margins", "optimiser step", "β · log-ratio (nats)")
+
+
+def learning_rate_figure(metrics: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    if _has(metrics, "lr"):
+        fig.add_trace(_line(metrics, "lr", "learning rate", color="#1f77b4"))
+    return _layout(fig, "Learning-rate schedule", "optimiser step", "learning rate", height=300)
+
+
+def throughput_figure(metrics: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    if _has(metrics, "tokens_per_s"):
+        fig.add_trace(_line(metrics, "tokens_per_s", "throughput", color="#17becf"))
+    return _layout(fig, "Throughput", "optimiser step", "tokens per second", height=300)
+
+
+def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
+    """λ1..λ4 and τ1, τ2 over steps with the collapse threshold; None for single-kernel runs."""
+    columns = [c for c in KERNEL_WEIGHT_LABELS if _has(metrics, c)]
+    if not columns:
+        return None
+    fig = go.Figure()
+    for i, column in enumerate(columns):
+        dash = "dash" if column.startswith("tau") else None
+        fig.add_trace(_line(metrics, column, KERNEL_WEIGHT_LABELS[column], color=PALETTE[i % len(PALETTE)], dash=dash))
+    fig.add_hline(y=COLLAPSE_THRESHOLD, line=dict(color="black", dash="dot", width=1))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"collapse threshold ({COLLAPSE_THRESHOLD})",
+                             line=dict(color="black", dash="dot", width=1)))
+    fig = _layout(fig, "Kernel-weight evolution", "optimiser step", "mixture weight (fraction)")
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def collapsed_weights(metrics: pd.DataFrame) -> list[str]:
+    """Kernel weights whose last value is under the collapse threshold."""
+    out = []
+    for column in KERNEL_WEIGHT_LABELS:
+        if _has(metrics, column):
+            last = pd.to_numeric(metrics[column], errors="coerce").dropna().iloc[-1]
+            if last < COLLAPSE_THRESHOLD:
+                out.append(KERNEL_WEIGHT_LABELS[column])
+    return out
+
+
+def beta_figure(metrics: pd.DataFrame) -> go.Figure | None:
+    """β over steps (ε-DPO adapts it); None when beta is absent."""
+    if not _has(metrics, "beta"):
+        return None
+    fig = go.Figure([_line(metrics, "beta", "β", color="#8c564b")])
+    return _layout(fig, "β over training (ε-DPO)", "optimiser step", "β (dimensionless)", height=300)
+
+
+def divergence_figure(eval_table: pd.DataFrame, regulariser: str | None = None) -> go.Figure | None:
+    """All seven token-level divergences over eval steps; the one used as regulariser is bold."""
+    columns = [c for c in DIVERGENCE_LABELS if _has(eval_table, c)]
+    if not columns:
+        return None
+    fig = go.Figure()
+    for i, column in enumerate(columns):
+        is_reg = regulariser is not None and column == f"div_{regulariser}"
+        name = DIVERGENCE_LABELS[column] + (" (regulariser)" if is_reg else "")
+        fig.add_trace(_line(eval_table, column, name, color=PALETTE[i % len(PALETTE)], width=4.0 if is_reg else 1.5,
+                            mode="lines+markers", opacity=1.0 if is_reg or regulariser in (None, "none") else 0.55))
+    return _layout(fig, "Divergence from the reference (held-out, per token)", "optimiser step", "divergence (nats)")
+
+
+# ---------------------------------------------------------------- clusters and DBS
+
+def _hover_texts(frame: pd.DataFrame, texts: pd.DataFrame | None, width: int = 80) -> list[str]:
+    out = []
+    for pair_id, label in zip(frame["pair_id"], frame["label"]):
+        head = f"pair {pair_id} · {label}"
+        if texts is not None and str(pair_id) in texts.index:
+            row = texts.loc[str(pair_id)]
+            prompt = textwrap.shorten(str(row.get("prompt", "")), width=width)
+            response = textwrap.shorten(str(row.get(label, "")), width=2 * width)
+            head += f"<br><b>prompt:</b> {prompt}<br><b>{label}:</b> {'<br>'.join(textwrap.wrap(response, width))}"
+        out.append(head)
+    return out
+
+
+def cluster_figure(projection: pd.DataFrame, texts: pd.DataFrame | None = None, *, method: str = "t-SNE",
+                   dbs_by_step: dict[int, float] | None = None) -> go.Figure:
+    """Probe chosen (green) vs rejected (red) per snapshot, with a slider and play button over steps."""
+    if projection.empty:
+        return empty_figure("Representation clusters", "no snapshots yet")
+    three_d = "z" in projection
+    if texts is not None:
+        texts = texts.copy()
+        texts.index = texts.index.astype(str)
+    steps = sorted(int(s) for s in projection["step"].unique())
+    scatter = go.Scatter3d if three_d else go.Scatter
+    marker_size = 3 if three_d else 6
+
+    def traces(step: int) -> list:
+        frame = projection[projection["step"] == step]
+        out = []
+        for label, color in (("chosen", CHOSEN_COLOR), ("rejected", REJECTED_COLOR)):
+            part = frame[frame["label"] == label]
+            coords = dict(x=part["x"], y=part["y"]) | (dict(z=part["z"]) if three_d else {})
+            out.append(scatter(**coords, mode="markers", name=label, marker=dict(color=color, size=marker_size, opacity=0.75),
+                               text=_hover_texts(part, texts), hovertemplate="%{text}<extra></extra>"))
+        return out
+
+    def title(step: int) -> str:
+        dbs = (dbs_by_step or {}).get(step)
+        suffix = f" · DBS {dbs:.3f} (full-dimensional)" if dbs is not None and np.isfinite(dbs) else ""
+        return f"Chosen vs rejected representations ({method}, aligned) · step {step}{suffix}"
+
+    last = steps[-1]
+    fig = go.Figure(data=traces(last),
+                    frames=[go.Frame(data=traces(s), name=str(s), layout=go.Layout(title_text=title(s))) for s in steps])
+    slider = dict(active=len(steps) - 1, currentvalue=dict(prefix="snapshot step: "), pad=dict(t=40),
+                  steps=[dict(label=str(s), method="animate",
+                              args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=three_d),
+                                                   transition=dict(duration=0))]) for s in steps])
+    buttons = dict(type="buttons", showactive=False, x=0.0, y=-0.08, xanchor="left", yanchor="top",
+                   buttons=[dict(label="▶ play", method="animate",
+                                 args=[None, dict(frame=dict(duration=700, redraw=three_d), fromcurrent=False,
+                                                  transition=dict(duration=300))]),
+                            dict(label="❚❚ pause", method="animate",
+                                 args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])
+    fig = _layout(fig, title(last), f"{method} 1 (arbitrary units)", f"{method} 2 (arbitrary units)", height=560)
+    fig.update_layout(sliders=[slider], updatemenus=[buttons])
+    if three_d:
+        fig.update_layout(scene=dict(xaxis_title=f"{method} 1", yaxis_title=f"{method} 2", zaxis_title=f"{method} 3"))
+    else:
+        # fixed ranges so frames are comparable while animating
+        pad_x = 0.05 * float(projection["x"].max() - projection["x"].min() or 1)
+        pad_y = 0.05 * float(projection["y"].max() - projection["y"].min() or 1)
+        fig.update_xaxes(range=[projection["x"].min() - pad_x, projection["x"].max() + pad_x])
+        fig.update_yaxes(range=[projection["y"].min() - pad_y, projection["y"].max() + pad_y])
+    return fig
+
+
+def dbs_table(run) -> pd.DataFrame:
+    """Davies–Bouldin score of chosen vs rejected per snapshot, on the stored full-dimensional vectors.
+
+    Uses the eval row's `dbs` when the trainer logged one and computes it with sklearn for other
+    snapshots (e.g. the final one), so every snapshot has a score. Lower = better separated.
+    """
+    from sklearn.metrics import davies_bouldin_score
+
+    logged: dict[int, float] = {}
+    if _has(run.eval, "dbs"):
+        for step, value in zip(run.eval["step"], pd.to_numeric(run.eval["dbs"], errors="coerce")):
+            if pd.notna(value):
+                logged[int(step)] = float(value)
+    rows = []
+    for step in run.snapshot_steps:
+        if step in logged:
+            rows.append({"step": step, "dbs": logged[step], "source": "eval.jsonl"})
+            continue
+        try:
+            snap = run.load_snapshot(step)
+            points = np.vstack([snap.chosen, snap.rejected])
+            labels = np.r_[np.zeros(len(snap.chosen)), np.ones(len(snap.rejected))]
+            value = float(davies_bouldin_score(points, labels))
+        except Exception:  # a snapshot being written or degenerate (all points equal)
+            value = float("nan")
+        rows.append({"step": step, "dbs": value, "source": "computed from snapshot"})
+    for step, value in logged.items():
+        if step not in run.snapshot_steps:
+            rows.append({"step": step, "dbs": value, "source": "eval.jsonl"})
+    return pd.DataFrame(rows, columns=["step", "dbs", "source"]).sort_values("step").reset_index(drop=True)
+
+
+def dbs_figure(table: pd.DataFrame, name: str = "DBS") -> go.Figure:
+    fig = go.Figure()
+    if not table.empty:
+        fig.add_trace(go.Scatter(x=table["step"], y=table["dbs"], mode="lines+markers", name=name, line=dict(color="#1f77b4")))
+    return _layout(fig, "Davies–Bouldin score of chosen vs rejected (lower = better separated)", "optimiser step",
+                   "Davies–Bouldin score (dimensionless)", height=320)
+
+
+# ---------------------------------------------------------------- HT-SR
+
+def _layer_labels(table: pd.DataFrame) -> pd.Series:
+    if "name" in table and "layer_id" in table:
+        return table["layer_id"].astype(str) + " " + table["name"].astype(str)
+    if "layer_id" in table:
+        return table["layer_id"].astype(str)
+    return pd.Series([str(i) for i in range(len(table))])
+
+
+def htsr_alpha_figure(before: pd.DataFrame | None, after: pd.DataFrame | None = None, *,
+                      title: str = "WeightWatcher alpha per layer") -> go.Figure:
+    """Alpha per layer (before vs after), the [2, 6] band shaded, layers outside it marked."""
+    fig = go.Figure()
+    lo, hi = ALPHA_SAFE_RANGE
+    for table, name, color in ((before, "before training", "#1f77b4"), (after, "after training", "#ff7f0e")):
+        if table is None or "alpha" not in table:
+            continue
+        labels = _layer_labels(table)
+        alpha = pd.to_numeric(table["alpha"], errors="coerce")
+        outside = (alpha < lo) | (alpha > hi)
+        fig.add_trace(go.Scatter(x=labels, y=alpha, mode="markers+lines", name=name, line=dict(color=color, width=1),
+                                 marker=dict(size=7, color=color)))
+        if outside.any():
+            fig.add_trace(go.Scatter(x=labels[outside], y=alpha[outside], mode="markers", name=f"outside [2, 6] ({name})",
+                                     marker=dict(size=13, symbol="x-open", color="black")))
+    fig.add_hrect(y0=lo, y1=hi, fillcolor="#2ca02c", opacity=0.08, line_width=0)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="typical range 2 ≤ α ≤ 6",
+                             line=dict(color="#2ca02c", width=8), opacity=0.3))
+    fig = _layout(fig, title, "layer (id and name)", "alpha (power-law exponent)", height=420)
+    fig.update_xaxes(tickangle=-45)
+    return fig
+
+
+def weighted_alpha_figure(rows: Sequence[tuple[str, float | None, float | None]]) -> go.Figure:
+    """Bars of weighted alpha before/after for one or more runs: rows = (run label, before, after)."""
+    labels = [r[0] for r in rows]
+    fig = go.Figure([
+        go.Bar(x=labels, y=[r[1] for r in rows], name="before training", marker_color="#1f77b4"),
+        go.Bar(x=labels, y=[r[2] for r in rows], name="after training", marker_color="#ff7f0e"),
+    ])
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Weighted alpha (mean over layers of α · log λmax)", "run", "weighted alpha (dimensionless)", height=340)
+
+
+def htsr_flag_table(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Layers whose alpha lies outside [2, 6]."""
+    if table is None or "alpha" not in table:
+        return pd.DataFrame()
+    alpha = pd.to_numeric(table["alpha"], errors="coerce")
+    lo, hi = ALPHA_SAFE_RANGE
+    flagged = table[(alpha < lo) | (alpha > hi)].copy()
+    flagged["flag"] = np.where(pd.to_numeric(flagged["alpha"]) < lo, "alpha < 2 (over-fit?)", "alpha > 6 (under-trained?)")
+    keep = [c for c in ("layer_id", "name", "alpha", "alpha_weighted", "lambda_max", "flag") if c in flagged]
+    return flagged[keep].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- comparison
+
+def overlay_figure(runs: Sequence, column: str, *, source: str = "metrics", title: str, y_title: str) -> go.Figure:
+    """One metric of several runs on shared axes (runs = RunData)."""
+    fig = go.Figure()
+    for i, run in enumerate(runs):
+        table = run.metrics if source == "metrics" else run.eval
+        if _has(table, column):
+            fig.add_trace(_line(table, column, run_label(run), color=PALETTE[i % len(PALETTE)],
+                                mode="lines+markers" if source == "eval" else "lines"))
+    return _layout(fig, title, "optimiser step", y_title)
+
+
+def run_label(run) -> str:
+    kernel, div = run.kernel_name, run.divergence_name
+    return f"{run.run_id} ({kernel}/{div})" if kernel or div else run.run_id
+
+
+def final_accuracy_table(runs: Sequence) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        before, after = run.weighted_alpha()
+        rows.append({
+            "run": run.run_id, "kernel": run.kernel_name, "divergence": run.divergence_name,
+            "status": (run.summary or {}).get("status"),
+            "steps": int(run.metrics["step"].max()) if _has(run.metrics, "step") else None,
+            "final reward accuracy (eval)": run.final("reward_acc"),
+            "final hybrid accuracy (eval)": run.final("hybrid_acc"),
+            "final preference loss (eval)": run.final("loss_pref"),
+            "weighted alpha before": before, "weighted alpha after": after,
+        })
+    return pd.DataFrame(rows)
+
+
+def dbs_comparison_table(runs: Sequence) -> pd.DataFrame:
+    """Rows = snapshot steps, columns = runs (the paper's Table 13 layout)."""
+    columns = {}
+    for run in runs:
+        table = dbs_table(run)
+        columns[run.run_id] = table.set_index("step")["dbs"] if not table.empty else pd.Series(dtype=float)
+    if not columns:
+        return pd.DataFrame()
+    out = pd.DataFrame(columns)
+    out.index.name = "step"
+    return out.sort_index()
+
+
+def kernel_divergence_grid(runs: Sequence, value: str = "reward_acc") -> tuple[go.Figure, pd.DataFrame]:
+    """Heatmap kernel × divergence of the final eval metric (mean over runs sharing a cell)."""
+    rows = [{"kernel": run.kernel_name or "?", "divergence": run.divergence_name or "?", "value": run.final(value)}
+            for run in runs]
+    table = pd.DataFrame(rows).dropna(subset=["value"])
+    if table.empty:
+        return empty_figure("Final reward accuracy by kernel × divergence", "no finished evaluations yet"), pd.DataFrame()
+    grid = table.pivot_table(index="kernel", columns="divergence", values="value", aggfunc="mean")
+    counts = table.pivot_table(index="kernel", columns="divergence", values="value", aggfunc="count")
+    text = [[("" if pd.isna(v) else f"{v:.3f} (n={int(c)})") for v, c in zip(vr, cr)]
+            for vr, cr in zip(grid.to_numpy(), counts.reindex_like(grid).to_numpy())]
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=list(grid.columns), y=list(grid.index), text=text,
+                               texttemplate="%{text}", colorscale="Greens", zmin=0, zmax=1,
+                               colorbar=dict(title="accuracy")))
+    fig = _layout(fig, "Final reward accuracy by kernel × divergence", "divergence", "kernel", height=360)
+    fig.update_layout(showlegend=False)
+    return fig, grid

@@ -1,0 +1,59 @@
+"""Compare runs: overlaid curves, final accuracy, DBS per snapshot (Table 13 layout), weighted alpha, kernel × divergence grid."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.state import job_store, workspace
+from app.ui import figure_with_export, page_header
+from dpo_engine.report import build_report
+from dpo_engine.report.rundata import list_runs, load_run
+from dpo_engine.viz import runs as viz
+
+page_header("Compare runs", "Put several runs side by side: curves, final accuracy, cluster separation and HT-SR.")
+
+ws = workspace()
+entries = list_runs(ws, job_store().list(kind="train"))
+if not entries:
+    st.info("No training runs yet. Start some on the **Train** page.")
+    st.stop()
+by_id = {e.run_id: e for e in entries}
+default = [e.run_id for e in entries if e.status == "succeeded"][:3] or [entries[0].run_id]
+selected = st.multiselect("Runs", list(by_id), default=default, format_func=lambda r: by_id[r].label, key="compare-runs")
+if not selected:
+    st.info("Pick at least one run.")
+    st.stop()
+
+runs = [load_run(by_id[r].run_dir, r) for r in selected]
+empty = [r.run_id for r in runs if r.is_empty]
+if empty:
+    st.caption("No results yet for: " + ", ".join(empty))
+
+st.subheader("Final metrics")
+st.dataframe(viz.final_accuracy_table(runs), hide_index=True)
+
+st.subheader("Curves")
+left, right = st.columns(2)
+with left:
+    figure_with_export(viz.overlay_figure(runs, "loss", title="Training loss", y_title="loss (nats)"), key="cmp-loss")
+    figure_with_export(viz.overlay_figure(runs, "loss_pref", source="eval", title="Held-out preference loss",
+                                          y_title="loss (nats)"), key="cmp-eval-loss")
+with right:
+    figure_with_export(viz.overlay_figure(runs, "reward_acc", source="eval", title="Held-out reward accuracy",
+                                          y_title="accuracy (fraction)"), key="cmp-acc")
+    figure_with_export(viz.overlay_figure(runs, "dbs", source="eval", title="Davies–Bouldin score (full-dimensional)",
+                                          y_title="Davies–Bouldin score (dimensionless)"), key="cmp-dbs")
+
+st.subheader("Davies–Bouldin score per snapshot")
+st.caption("Rows = steps, columns = runs; lower = chosen and rejected better separated.")
+st.dataframe(viz.dbs_comparison_table(runs))
+
+st.subheader("Weighted alpha")
+figure_with_export(viz.weighted_alpha_figure([(r.run_id, *r.weighted_alpha()) for r in runs]), key="cmp-alpha")
+
+st.subheader("Kernel × divergence")
+grid_fig, _ = viz.kernel_divergence_grid(runs)
+figure_with_export(grid_fig, key="cmp-grid")
+
+st.download_button("Download report (.html)", lambda: build_report(ws, selected),
+                   file_name="dpo-kernels-comparison.html", mime="text/html", key="report-compare")

@@ -1,0 +1,226 @@
+"""Run monitor: status, curves, kernel weights, divergences, clusters, HT-SR, logs and downloads of one run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from app.state import job_store, workspace
+from app.ui import figure_with_export, format_seconds, job_status_panel, page_header
+from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
+from dpo_engine.report import build_report
+from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
+from dpo_engine.report.rundata import load_dataset_texts, load_run, list_runs
+from dpo_engine.viz import runs as viz
+
+LIVE_STATUSES = ("queued", "running")
+# Above this many points (all snapshots, chosen + rejected) a first projection takes minutes on a
+# CPU, so it runs on request instead of blocking the page; afterwards it is read from the cache.
+AUTO_PROJECT_MAX_POINTS = 4000
+
+page_header("Runs", "Watch a training run live and inspect what it learned.")
+
+ws = workspace()
+store = job_store()
+entries = list_runs(ws, store.list(kind="train"))
+if not entries:
+    st.info("No training runs yet. Start one on the **Train** page (or `dpo-kernels train`).")
+    st.stop()
+
+by_id = {e.run_id: e for e in entries}
+wanted = st.query_params.get("run_id") or st.session_state.get("run_id")
+ids = list(by_id)
+if wanted and wanted not in by_id:
+    st.warning(f"Run `{wanted}` was not found in this workspace; showing the newest run instead.")
+index = ids.index(wanted) if wanted in by_id else 0
+run_id = st.selectbox("Run", ids, index=index, format_func=lambda r: by_id[r].label, key="runs-select")
+if run_id != st.query_params.get("run_id"):
+    st.query_params["run_id"] = run_id
+st.session_state["run_id"] = run_id
+entry = by_id[run_id]
+
+
+def _status_block(job, run) -> None:
+    summary = run.summary or {}
+    status = job.status if job is not None else summary.get("status", "unknown")
+    if job is not None:
+        job_status_panel(job, key="run")
+    last = run.metrics.iloc[-1] if not run.metrics.empty else None
+    step = int(last["step"]) if last is not None and "step" in last else 0
+    max_steps = run.max_steps
+    progress = float(job.progress) if job is not None and job.progress else (step / max_steps if max_steps else 0.0)
+    elapsed = job.elapsed_s if job is not None else summary.get("wall_time_s")
+    eta = None
+    if status == "running" and elapsed and 0 < progress < 1:
+        eta = elapsed / progress * (1 - progress)
+    cols = st.columns(5)
+    cols[0].metric("Status", status)
+    cols[1].metric("Step", f"{step} / {max_steps}" if max_steps else str(step))
+    cols[2].metric("ETA", format_seconds(eta) if eta is not None else "–")
+    tps = last.get("tokens_per_s") if last is not None else summary.get("tokens_per_s")
+    cols[3].metric("Tokens/s", f"{float(tps):,.0f}" if tps is not None and pd.notna(tps) else "–")
+    acc = run.final("reward_acc")
+    cols[4].metric("Reward accuracy (eval)", f"{acc:.3f}" if acc is not None else "–")
+    error = summary.get("error") or (job.error if job is not None else None)
+    if status == "failed":
+        st.error(f"This run failed: {error or 'no error message was recorded'}")
+        tail = run.log_tail(60)
+        st.caption("Last lines of log.txt")
+        st.code(tail or "(log.txt is empty)", language=None)
+    elif status == "cancelled":
+        st.warning(f"This run was cancelled at step {step}." + (f" {error}" if error else ""))
+    elif status == "queued":
+        st.info("Queued: waiting for a worker to pick the job up. Nothing has been written yet.")
+    for warning in run.warnings:
+        st.warning(warning)
+
+
+def _curves(run) -> None:
+    if run.metrics.empty and run.eval.empty:
+        st.info("No training steps logged yet.")
+        return
+    left, right = st.columns(2)
+    with left:
+        figure_with_export(viz.loss_figure(run.metrics, run.eval), key="run-loss")
+        figure_with_export(viz.reward_margin_figure(run.metrics, run.eval), key="run-margins")
+        figure_with_export(viz.throughput_figure(run.metrics), key="run-throughput")
+    with right:
+        figure_with_export(viz.reward_accuracy_figure(run.metrics, run.eval), key="run-acc")
+        figure_with_export(viz.learning_rate_figure(run.metrics), key="run-lr")
+
+
+def _kernel_weights(run) -> None:
+    fig = viz.kernel_weight_figure(run.metrics)
+    if fig is None:
+        st.info(f"Kernel `{run.kernel_name}` has no mixture weights: weight evolution is shown for `mixture` and `hmk` runs.")
+    else:
+        figure_with_export(fig, key="run-kernel-weights")
+        collapsed = viz.collapsed_weights(run.metrics)
+        if collapsed:
+            st.warning(f"Collapsed below {viz.COLLAPSE_THRESHOLD}: {', '.join(collapsed)}")
+    if run.epsilon_dpo > 0:
+        beta = viz.beta_figure(run.metrics)
+        if beta is not None:
+            figure_with_export(beta, key="run-beta")
+
+
+def _divergences(run) -> None:
+    fig = viz.divergence_figure(run.eval, run.divergence_name)
+    if fig is None:
+        st.info("No evaluation logged yet: divergences appear after the first eval.")
+        return
+    figure_with_export(fig, key="run-divergences")
+    st.caption(f"Regulariser: **{run.divergence_name}** (bold). All seven are measured on the held-out pairs.")
+
+
+def _clusters(run) -> None:
+    dbs = viz.dbs_table(run)
+    if not run.snapshot_steps:
+        st.info("No snapshots yet: the probe set is snapshotted at step 0, every snapshot_every steps and at the end.")
+        return
+    c1, c2 = st.columns(2)
+    method = c1.radio("Projection", ["tsne", "umap"], horizontal=True, key="clusters-method",
+                      format_func=lambda m: {"tsne": "t-SNE", "umap": "UMAP"}[m])
+    dim = c2.radio("Dimensions", [2, 3], horizontal=True, key="clusters-dim", format_func=lambda d: f"{d}-D")
+    config = ProjectionConfig(method=method, dim=dim)
+    try:
+        n_points = 2 * len(run.snapshot_steps) * len(run.load_snapshot(run.snapshot_steps[-1]).pair_ids)
+    except (OSError, ValueError, KeyError):  # a snapshot being written: estimate from the settings
+        n_points = 2 * len(run.snapshot_steps) * int(((run.config or {}).get("monitoring") or {}).get("probe_pairs") or 0)
+    if (n_points > AUTO_PROJECT_MAX_POINTS and not projection_cache_file(run, config).exists()
+            and not st.button(f"Compute the {dim}-D projection of {len(run.snapshot_steps)} snapshots", key="project-now")):
+        st.info(f"The projection of about {n_points:,} points is not cached yet; computing it takes a while on a CPU.")
+    else:
+        _cluster_map(run, config, method, dbs)
+    figure_with_export(viz.dbs_figure(dbs), key="run-dbs")
+    st.caption("Davies–Bouldin score of chosen vs rejected on the full-dimensional representations (lower = better separated).")
+    st.dataframe(dbs, hide_index=True)
+
+
+def _cluster_map(run, config, method, dbs) -> None:
+    try:
+        with st.spinner("Projecting snapshots (cached after the first time)…"):
+            projection, _ = cached_projection(run, config)
+        texts = load_dataset_texts(ws, ((run.config or {}).get("data") or {}).get("dataset"))
+        label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
+        figure_with_export(viz.cluster_figure(projection, texts, method=label,
+                                              dbs_by_step=dict(zip(dbs.step, dbs.dbs))), key="run-clusters")
+    except ValueError as exc:
+        st.warning(f"Projection unavailable: {exc}")
+
+
+def _htsr(run) -> None:
+    if run.htsr_before is None and run.htsr_after is None:
+        st.info("No WeightWatcher analysis in this run yet (it runs before and after training when monitoring.htsr is on).")
+        return
+    st.markdown(viz.ALPHA_EXPLANATION)
+    before, after = run.weighted_alpha()
+    c1, c2 = st.columns(2)
+    c1.metric("Weighted alpha before", f"{before:.3f}" if before is not None else "–")
+    c2.metric("Weighted alpha after", f"{after:.3f}" if after is not None else "–",
+              delta=f"{after - before:+.3f}" if before is not None and after is not None else None, delta_color="off")
+    figure_with_export(viz.htsr_alpha_figure(run.htsr_before, run.htsr_after), key="run-htsr")
+    flagged = viz.htsr_flag_table(run.htsr_after if run.htsr_after is not None else run.htsr_before)
+    st.markdown(f"**Layers outside [2, 6]:** {len(flagged)}")
+    if not flagged.empty:
+        st.dataframe(flagged, hide_index=True)
+
+
+def _files(job, run) -> None:
+    if job is not None and job.status in LIVE_STATUSES and not job.cancel_requested:
+        if st.button("Cancel run", key="cancel-run", type="secondary"):
+            store.request_cancel(job.id)
+            st.rerun()
+    cols = st.columns(3)
+    if run.run_dir.is_dir():
+        cols[0].download_button("Run directory (.zip)", lambda: zip_directory(run.run_dir, exclude=DEFAULT_EXCLUDES),
+                                file_name=f"{run.run_id}.zip", mime="application/zip", key="zip-run")
+    if (run.run_dir / "model").is_dir():
+        cols[1].download_button("Model / adapter (.zip)", lambda: zip_directory(run.run_dir / "model",
+                                                                                root_name=f"{run.run_id}-model"),
+                                file_name=f"{run.run_id}-model.zip", mime="application/zip", key="zip-model")
+    else:
+        cols[1].caption("The trained model appears here when the run finishes.")
+    cols[2].download_button("Download report (.html)", lambda: build_report(ws, [run.run_id]),
+                            file_name=f"{run.run_id}-report.html", mime="text/html", key="report-run")
+    st.caption("Log (last 200 lines)")
+    st.code(run.log_tail(200) or "(log.txt is empty)", language=None)
+    if run.config:
+        with st.expander("Resolved configuration (config.json)"):
+            st.code(json.dumps(run.config, indent=2), language="json")
+
+
+def _body(run_id: str) -> None:
+    current = next((e for e in list_runs(ws, store.list(kind="train")) if e.run_id == run_id), entry)
+    job = store.get(current.job.id) if current.job is not None else None
+    run = load_run(current.run_dir, run_id)
+    _status_block(job, run)
+    if job is not None and job.status not in LIVE_STATUSES and st.session_state.get("run-was-live") == run_id:
+        st.session_state.pop("run-was-live")
+        st.rerun()  # finished while watched: redraw once without auto-refresh
+    tabs = st.tabs(["Curves", "Kernel weights", "Divergences", "Clusters", "Generalisation (HT-SR)", "Logs & files"])
+    if run.is_empty:
+        with tabs[0]:
+            st.info("Nothing to plot yet.")
+    else:
+        with tabs[0]:
+            _curves(run)
+        with tabs[1]:
+            _kernel_weights(run)
+        with tabs[2]:
+            _divergences(run)
+        with tabs[3]:
+            _clusters(run)
+        with tabs[4]:
+            _htsr(run)
+    with tabs[5]:
+        _files(job, run)
+
+
+live = entry.job is not None and entry.job.status in LIVE_STATUSES
+if live:
+    st.session_state["run-was-live"] = run_id
+    st.caption("🔄 Live: this view refreshes every 2 seconds while the run is active.")
+st.fragment(_body, run_every=2 if live else None)(run_id)

@@ -1,0 +1,38 @@
+"""Compare page under AppTest: several runs (succeeded, cancelled, empty) side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from tests.test_ui_fixtures import run_workspace  # noqa: F401
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "compare.py")
+
+
+def test_compare_tables_and_figures(run_workspace):
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert not at.exception, at.exception
+    picked = ["ok-hmk", "cancelled", "empty"]
+    at.multiselect[0].set_value(picked).run()
+    assert not at.exception, at.exception
+    final = at.dataframe[0].value
+    assert list(final["run"]) == picked
+    summary = json.loads((run_workspace.root / "runs" / "ok-hmk" / "summary.json").read_text())
+    got = final.set_index("run").loc["ok-hmk", "final reward accuracy (eval)"]
+    assert got == summary["final_eval"]["reward_acc"]
+    dbs = at.dataframe[1].value  # Table 13 layout: rows = steps, columns = runs
+    assert list(dbs.columns) == picked
+    assert 0 in dbs.index and dbs.loc[0, "ok-hmk"] > 0
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert "Held-out reward accuracy" in titles and "Final reward accuracy by kernel × divergence" in titles
+    assert any("No results yet for: empty" in c.value for c in at.caption)
+    assert any(b.label == "Download report (.html)" for b in at.get("download_button"))
+
+
+def test_no_runs_is_explained(workspace):
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    assert any("No training runs yet" in i.value for i in at.info)
