@@ -46,8 +46,8 @@ $(DEV_STAMP): $(STAMP)
 
 # Debian's Chromium for the end-to-end browser tests (Playwright drives /usr/bin/chromium).
 browser:
-	@if [ ! -x /usr/bin/chromium ]; then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core; \
+	@if [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/fonts/truetype/noto ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core fonts-noto-color-emoji; \
 	fi
 
 bench: $(STAMP)

@@ -24,7 +24,7 @@ if not infos:
     st.info("No datasets yet: add one on the Datasets page first.")
     st.stop()
 
-ids = [i.id for i in infos]
+ids = [i.id for i in sorted(infos, key=lambda i: i.created_at, reverse=True)]  # newest first
 default = st.session_state.get("diagnose_dataset")
 dataset_id = st.selectbox("Dataset", ids, index=ids.index(default) if default in ids else 0,
                           format_func=lambda d: f"{store.get(d).name} ({store.get(d).n_pairs} pairs)")

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from app.config_form import FormOptions, attach_errors, render_model_form, validation_errors
 from app.state import dataset_store, job_store
-from app.ui import page_header
+from app.ui import page_header, switch_page
 from dpo_engine.train.config import TrainConfig
 
 ERRORS_KEY = "train-form-errors"
@@ -92,7 +92,5 @@ if submitted:
     st.session_state["run_id"] = job.run_id
     st.query_params["run_id"] = job.run_id
     st.success(f"Queued job #{job.id} · run `{job.run_id}`. Opening the run…")
-    try:
-        st.switch_page("pages/runs.py")
-    except st.errors.StreamlitAPIException:  # opened outside the app's navigation (e.g. a test harness)
-        st.info(f"Open the **Runs** page to follow run `{job.run_id}`.")
+    st.info(f"Open the **Runs** page to follow run `{job.run_id}`.")
+    switch_page("runs.py")

@@ -54,3 +54,91 @@ def test_upload_validate_save_and_list(tmp_path, hh_sample_path):
         shot = tmp_path / "datasets_listed.png"
         page.screenshot(path=str(shot), full_page=True)
         _keep(shot)
+
+
+def _shot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    _keep(path)
+
+
+def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
+    """The whole product path a new user takes, on tiny-random for a few steps."""
+    ws = tmp_path / "ws"
+    upload = tmp_path / "flow_pairs.jsonl.gz"
+    shutil.copy(hh_sample_path, upload)
+    with running_app(ws, tmp_path / "app.log") as url, chromium_page() as page:
+        # 1. Upload the sample.
+        page.goto(f"{url}/datasets")
+        page.locator('input[type="file"]').set_input_files(str(upload))
+        page.get_by_text("Validation report").wait_for()
+        name = page.get_by_label("Dataset name")
+        name.fill("flow")
+        name.press("Enter")
+        page.get_by_role("button", name="Save dataset").click()
+        page.get_by_text("Saved dataset").wait_for()
+
+        # 2. Diagnose it (first 60 pairs keep the embedding short) on the app's own worker.
+        page.goto(f"{url}/diagnose")
+        assert "flow (399 pairs)" in page.locator('[data-testid="stSelectbox"]').first.inner_text()
+        page.get_by_text("Embedding options").click()
+        max_pairs = page.get_by_label("Max pairs (0 = all)")
+        max_pairs.fill("60")
+        max_pairs.press("Enter")
+        page.get_by_role("button", name="Run diagnosis").click()
+        page.get_by_text("Kernel rules").wait_for(timeout=400_000)
+        page.get_by_text("Divergence rules").wait_for()
+        body = page.inner_text("body")
+        assert "Kernel rule:" in body and "Divergence rule:" in body
+        kernel = page.locator('[data-testid="stMetric"]').filter(has_text="Kernel").first.inner_text()
+        recommended_kernel = kernel.split()[-1]
+        assert recommended_kernel in {"rbf", "polynomial", "spectral", "mahalanobis", "hmk"}
+        _shot(page, tmp_path, "flow_1_diagnosis")
+
+        # 3. Train with the recommendation: the form is prefilled; shrink the run to seconds.
+        page.get_by_role("button", name="Train with this recommendation").click()
+        page.get_by_text("Prefilled from diagnosis").wait_for()
+        assert f"kernel {recommended_kernel}" in page.inner_text("body")
+        assert "flow (399 pairs)" in page.locator('[data-testid="stSelectbox"]').first.inner_text()
+        page.locator('input[aria-label="name"][type="text"]').first.fill("tiny-random")
+        for label, value in (("max steps", "4"), ("batch size", "2"), ("max length", "48"),
+                             ("max prompt length", "24"), ("max pairs", "40"), ("eval every", "2"),
+                             ("snapshot every", "2"), ("probe pairs", "16"), ("calibration pairs", "16"),
+                             ("min eval pairs", "8")):
+            field = page.get_by_label(label, exact=True)
+            field.fill(value)
+        _shot(page, tmp_path, "flow_2_train_form")
+        page.get_by_role("button", name="Start training").click()
+
+        # 4. The run page follows the job live until it finishes.
+        page.wait_for_url("**/runs**", timeout=60_000)
+        page.get_by_text("succeeded", exact=True).first.wait_for(timeout=400_000)
+        page.get_by_role("tab", name="Kernel weights").click()
+        tab = page.get_by_role("tabpanel").filter(visible=True)
+        if recommended_kernel == "hmk":
+            tab.locator(".js-plotly-plot").first.wait_for()
+            assert "Kernel weights" in tab.inner_text() or tab.locator(".js-plotly-plot").count() >= 1
+        else:
+            tab.get_by_text("has no mixture weights").wait_for()
+        _shot(page, tmp_path, "flow_3_kernel_weights")
+        page.get_by_role("tab", name="Clusters").click()
+        clusters = page.get_by_role("tabpanel").filter(visible=True)
+        clusters.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
+        assert "Davies" in clusters.inner_text()
+        _shot(page, tmp_path, "flow_4_clusters")
+
+        # 5. Export the stakeholder report and check what it holds.
+        page.get_by_role("tab", name="Logs & files").click()
+        with page.expect_download(timeout=180_000) as download:
+            page.get_by_role("button", name="Download report (.html)").click()
+        report = tmp_path / "report.html"
+        download.value.save_as(str(report))
+        _keep(report)
+        html = report.read_text()
+        for section in ("Dataset diagnosis", "Configuration", "Training curves", "Kernel weights",
+                        "Divergence", "Clusters", "HT-SR"):
+            assert section.lower() in html.lower(), section
+        assert "tiny-random" in html
+        import re
+
+        assert re.search(r"<script[^>]*\bsrc=", html) is None  # opens offline
