@@ -137,7 +137,12 @@ def _build_tiny_random(workspace: Workspace):
     def build(out: Path) -> None:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(str(_cached_dir(workspace, DEFAULT_MODEL, _build_smollm2)))
+        converted = workspace.models_dir / DEFAULT_MODEL
+        if (converted / _COMPLETE_MARKER).is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(converted))
+        else:  # reading only the tokenizer from the GGUF is much faster than converting the whole model
+            gguf = smollm2_gguf_path()
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=64,

@@ -1,0 +1,60 @@
+"""Heavy-tailed self-regularisation (HT-SR) layer analysis with WeightWatcher (METHOD.md 3).
+
+WeightWatcher fits a power law to the eigenvalue spectrum of W^T W for every dense layer. Its
+conventions, which the tests check independently: `lambda_max` is the largest eigenvalue of W^T W
+(the squared largest singular value of W, no 1/N normalisation), and
+`alpha_weighted = alpha * log10(lambda_max)`. The paper's weighted alpha is the mean of
+alpha_weighted over layers. Layers whose alpha leaves [2, 6] are flagged: below 2 suggests
+over-fitting, above 6 an under-trained layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+
+ALPHA_RANGE = (2.0, 6.0)
+COLUMNS = ("layer_id", "name", "longname", "layer_type", "alpha", "alpha_weighted", "lambda_max", "log_spectral_norm",
+           "stable_rank", "num_evals", "N", "M", "warning")
+
+
+def analyze_model(model) -> pd.DataFrame:
+    """Per-layer WeightWatcher table (COLUMNS first, then whatever else it reports) plus an `out_of_range` flag."""
+    import weightwatcher
+
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        details = weightwatcher.WeightWatcher(model=model).analyze()
+    if details is None or len(details) == 0:
+        raise ValueError("WeightWatcher found no analysable layers in this model")
+    details = details.reset_index(drop=True)
+    first = [c for c in COLUMNS if c in details.columns]
+    table = details[first + [c for c in details.columns if c not in first]].copy()
+    lo, hi = ALPHA_RANGE
+    table["out_of_range"] = ~table["alpha"].between(lo, hi)
+    return table
+
+
+def weighted_alpha(table: pd.DataFrame) -> float:
+    """(1/L) sum_l alpha_l log10(lambda_max_l): the mean of WeightWatcher's alpha_weighted over layers."""
+    values = pd.to_numeric(table["alpha_weighted"], errors="coerce").to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("no layer has a finite alpha_weighted")
+    return float(values.mean())
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float | int]:
+    alpha = pd.to_numeric(table["alpha"], errors="coerce")
+    return {
+        "layers": int(len(table)),
+        "weighted_alpha": weighted_alpha(table),
+        "mean_alpha": float(alpha.mean()),
+        "layers_out_of_range": int(table["out_of_range"].sum()),
+    }

@@ -1,0 +1,41 @@
+"""The "train" job: TrainConfig JSON in ctx.params -> a run directory, resuming a killed run's checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpo_engine.train import rundir
+
+
+def run_train_job(ctx) -> dict[str, Any]:
+    """Entry point the worker calls in the job's child process (stdout goes to log.txt)."""
+    from dpo_engine.train.config import TrainConfig
+    from dpo_engine.train.trainer import train
+
+    config = TrainConfig.model_validate(ctx.params)
+    resume = rundir.latest_checkpoint(ctx.run_dir)
+    if resume is not None:
+        print(f"resuming from {resume}", flush=True)
+    try:
+        summary = train(config, ctx.run_dir, workspace=ctx.workspace, device=ctx.device, progress=ctx.progress,
+                        should_stop=ctx.should_stop, log=lambda line: print(line, flush=True))
+    except BaseException as exc:
+        if type(exc).__name__ == "JobCancelled":  # stopped by a signal mid-step: record it as such
+            _mark(ctx.run_dir, "cancelled", str(exc))
+        raise
+    status = summary.get("status")
+    if status == "failed":
+        raise RuntimeError(summary.get("error") or "training failed")
+    if status == "cancelled":
+        from dpo_engine.jobs.context import JobCancelled
+
+        raise JobCancelled("training cancelled on request")
+    ctx.progress(1.0, "done")
+    return {k: summary.get(k) for k in ("status", "steps_completed", "final_eval", "wall_time_s", "tokens_per_s",
+                                        "weighted_alpha_before", "weighted_alpha_after")}
+
+
+def _mark(run_dir, status: str, error: str) -> None:
+    summary = rundir.read_summary(run_dir) or {}
+    summary.update(status=status, error=error)
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)

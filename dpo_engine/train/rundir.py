@@ -1,0 +1,171 @@
+"""Writers and readers of the run directory (the contract between worker, pages, CLI and tests).
+
+Readers tolerate a run that is still being written: a partial last JSONL line is skipped, a missing
+file reads as empty, so pages can poll a live run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+EVAL = "eval.jsonl"
+SUMMARY = "summary.json"
+LOG = "log.txt"
+SNAPSHOTS = "snapshots"
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+CALIBRATION = "calibration.pt"
+HTSR_BEFORE = "htsr_before.csv"
+HTSR_AFTER = "htsr_after.csv"
+
+METRIC_KEYS = ("step", "epoch", "loss", "loss_pref", "loss_div", "loss_entropy", "reward_acc", "margin", "beta",
+               "lr", "grad_norm", "tokens_per_s")
+MIXTURE_KEYS = ("lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global")
+EVAL_KEYS = ("step", "loss_pref", "reward_acc", "hybrid_acc", "reward_chosen", "reward_rejected", "div_kl", "div_js",
+             "div_hellinger", "div_renyi", "div_bhattacharyya", "div_wasserstein", "div_fdiv")
+_SNAPSHOT_RE = re.compile(r"^step_(\d+)\.npz$")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every reader can parse every line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic write (tmp + rename) so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(_clean(row), default=str) + "\n")
+        fh.flush()
+
+
+def truncate_jsonl_after_step(path: Path, step: int) -> None:
+    """Drop rows with step > `step` (written after the checkpoint a resumed run restarts from)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    rows = [r for r in read_jsonl(path) if int(r.get("step", -1)) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+    return rows
+
+
+def read_metrics(run_dir: Path) -> pd.DataFrame:
+    return pd.DataFrame(read_jsonl(Path(run_dir) / METRICS))
+
+
+def read_eval(run_dir: Path) -> pd.DataFrame:
+    return pd.DataFrame(read_jsonl(Path(run_dir) / EVAL))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    return _read_json(Path(run_dir) / SUMMARY)
+
+
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    return _read_json(Path(run_dir) / CONFIG)
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SNAPSHOTS / f"step_{step}.npz"
+
+
+def write_snapshot(run_dir: Path, step: int, chosen: np.ndarray, rejected: np.ndarray, pair_ids: list[str]) -> Path:
+    path = snapshot_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".step_{step}.tmp.npz")
+    np.savez(tmp, chosen=chosen.astype(np.float16), rejected=rejected.astype(np.float16),
+             pair_ids=np.asarray(pair_ids, dtype=str))
+    os.replace(tmp, path)
+    return path
+
+
+def list_snapshots(run_dir: Path) -> list[int]:
+    """Steps that have a snapshot, ascending."""
+    folder = Path(run_dir) / SNAPSHOTS
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _SNAPSHOT_RE.match(p.name)))
+
+
+def load_snapshot(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """{"chosen": n×k, "rejected": n×k (float32 views of the stored float16), "pair_ids": n}."""
+    path = snapshot_path(run_dir, step)
+    if not path.is_file():
+        raise FileNotFoundError(f"no snapshot for step {step} in {run_dir} (have: {list_snapshots(run_dir)})")
+    with np.load(path) as z:
+        return {"chosen": z["chosen"].astype(np.float32), "rejected": z["rejected"].astype(np.float32),
+                "pair_ids": z["pair_ids"].astype(str)}
+
+
+def read_htsr(run_dir: Path, which: str = "before") -> pd.DataFrame | None:
+    name = {"before": HTSR_BEFORE, "after": HTSR_AFTER, "single": "htsr.csv"}[which]
+    path = Path(run_dir) / name
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def append_log(run_dir: Path, line: str) -> None:
+    with open(Path(run_dir) / LOG, "a") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The completed checkpoint with the highest step (a checkpoint is complete once its state.pt exists)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = [(int(p.name.split("_")[1]), p) for p in folder.iterdir()
+            if re.match(r"^step_\d+$", p.name) and (p / "state.pt").is_file()]
+    return max(done)[1] if done else None

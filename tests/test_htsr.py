@@ -1,0 +1,55 @@
+"""HT-SR: WeightWatcher's per-layer numbers against an independent eigenvalue computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_engine.analysis.htsr import ALPHA_RANGE, analyze_model, summarize, weighted_alpha
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48))
+
+
+def test_lambda_max_matches_numpy_eigenvalues(small_model):
+    table = analyze_model(small_model)
+    assert len(table) == 2
+    for _, row in table.iterrows():
+        layer = small_model.get_submodule(str(row["longname"]))
+        w = layer.weight.detach().double().numpy()
+        # WeightWatcher: lambda_max = largest eigenvalue of W^T W (squared top singular value, no 1/N factor).
+        expected = np.linalg.eigvalsh(w.T @ w).max()
+        assert row["lambda_max"] == pytest.approx(expected, rel=1e-4)
+        assert row["alpha_weighted"] == pytest.approx(row["alpha"] * np.log10(expected), rel=1e-4)
+
+
+def test_weighted_alpha_is_mean_and_flags_follow_range(small_model):
+    table = analyze_model(small_model)
+    assert weighted_alpha(table) == pytest.approx(float(np.mean(table["alpha"] * np.log10(table["lambda_max"]))), rel=1e-4)
+    lo, hi = ALPHA_RANGE
+    assert list(table["out_of_range"]) == [not (lo <= a <= hi) for a in table["alpha"]]
+    s = summarize(table)
+    assert s["layers"] == 2 and s["layers_out_of_range"] == int(table["out_of_range"].sum())
+
+
+def test_htsr_job_on_tiny_model(workspace, tmp_path):
+    from dpo_engine.analysis.htsr_job import analyze_into
+    from dpo_engine.train import rundir
+
+    summary = analyze_into("tiny-random", tmp_path / "run", workspace=workspace)
+    table = rundir.read_htsr(tmp_path / "run", "single")
+    assert summary["status"] == "succeeded" and len(table) == summary["layers"] > 0
+    assert summary["weighted_alpha"] == pytest.approx(table["alpha_weighted"].mean())
+    assert rundir.read_summary(tmp_path / "run")["weighted_alpha"] == pytest.approx(summary["weighted_alpha"])
+
+
+def test_htsr_job_unknown_model(workspace, tmp_path):
+    from dpo_engine.analysis.htsr_job import analyze_into
+    from dpo_engine.models import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match="unknown model"):
+        analyze_into("no-such-model", tmp_path / "run", workspace=workspace)

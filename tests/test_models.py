@@ -1,0 +1,58 @@
+"""Model registry and loading: deterministic tiny model, the converted SmolLM2 cache, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_engine.models import UnknownModelError, load_policy, resolve_dtype
+
+
+def test_tiny_random_is_deterministic_and_shaped(workspace):
+    model, tok = load_policy("tiny-random", workspace=workspace, dtype="float32")
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (2, 64, 4, 128)
+    assert len(tok) == 49152 and cfg.vocab_size == 49152
+    assert tok.pad_token_id is not None and tok.chat_template
+    again, _ = load_policy("tiny-random", workspace=workspace, dtype="float32")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    # a fresh build with the same seed gives the same weights (the cache is not what makes it deterministic)
+    cache = workspace.models_dir / "tiny-random"
+    import shutil
+
+    shutil.rmtree(cache)
+    rebuilt, _ = load_policy("tiny-random", workspace=workspace, dtype="float32")
+    assert torch.equal(rebuilt.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_unknown_model_and_bad_dtype(workspace, tmp_path):
+    with pytest.raises(UnknownModelError, match="unknown model 'nope'"):
+        load_policy("nope", workspace=workspace)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnknownModelError, match="no config.json"):
+        load_policy(str(tmp_path / "empty"), workspace=workspace)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3")
+    assert resolve_dtype("auto", "cpu") == torch.float32
+
+
+def test_local_directory_loads(workspace, tmp_path):
+    model, tok = load_policy("tiny-random", workspace=workspace, dtype="float32")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    again, _ = load_policy(str(tmp_path / "m"), workspace=workspace, dtype="float32")
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.real_model
+def test_smollm2_converted_once_without_quantization_flags(workspace):
+    model, tok = load_policy("smollm2-135m-instruct", workspace=workspace, dtype="float32")
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.config.hidden_size == 576 and len(tok) == 49152
+    cache = workspace.models_dir / "smollm2-135m-instruct"
+    assert (cache / "model.safetensors").is_file() and (cache / ".complete").is_file()
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+    assert "Paris" in tok.decode(logits.argmax())
