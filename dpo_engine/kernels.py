@@ -42,14 +42,13 @@ class KernelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: KernelName = "hmk"
-    sigma: float = Field(1.0, gt=0.0)
-    poly_c: float = Field(1.0, ge=0.0)
-    poly_degree: int = Field(2, ge=1)
-    spectral_components: int = Field(16, ge=1)
-    entropy_eta: float = Field(0.01, ge=0.0)
-    weight_lr: float = Field(1e-2, gt=0.0)
-    projection_dim: int = Field(256, ge=1)
+    name: KernelName = Field("hmk", description="Kernel on representations: none, rbf, polynomial, spectral, mahalanobis, mixture (flat) or hmk (hierarchical mixture).")
+    sigma: float = Field(1.0, gt=0.0, description="RBF bandwidth: log K = -||u - v||^2 / (2 sigma^2).")
+    poly_c: float = Field(1.0, ge=0.0, description="Polynomial offset c in ((u.v + c) / (1 + c))^d.")
+    poly_degree: int = Field(2, ge=1, description="Polynomial degree d.")
+    spectral_components: int = Field(16, ge=1, description="Principal directions of the calibration set used by the spectral kernel.")
+    entropy_eta: float = Field(0.01, ge=0.0, description="Weight of the entropy anti-collapse term on mixture weights (0 = off).")
+    weight_lr: float = Field(1e-2, gt=0.0, description="Learning rate of the mixture weights (lambda, tau).")
 
 
 def _as_float_matrix(reps: Tensor | np.ndarray, what: str) -> np.ndarray:

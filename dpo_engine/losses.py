@@ -21,10 +21,10 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    beta: float = Field(0.1, gt=0.0)
-    gamma: float = Field(0.5, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    epsilon_dpo: float = Field(0.0, ge=0.0, lt=1.0)  # 0 = fixed beta
+    beta: float = Field(0.1, gt=0.0, description="DPO temperature beta on the log-ratio margin.")
+    gamma: float = Field(0.5, ge=0.0, description="Weight of the kernel (embedding) margin; 0 = probability term only.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: -(1-ls) log s(m) - ls log s(-m).")
+    epsilon_dpo: float = Field(0.0, ge=0.0, lt=1.0, description="epsilon-DPO perturbation size for adaptive beta (0 = fixed beta).")
 
 
 @dataclass

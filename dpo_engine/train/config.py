@@ -89,8 +89,6 @@ class MethodConfig(_Strict):
     def _consistent(self) -> "MethodConfig":
         if self.loss.gamma > 0 and self.kernel.name == "none":
             raise ValueError("loss.gamma > 0 needs a kernel: choose a kernel or set gamma to 0")
-        if self.kernel.projection_dim != self.projection_dim:
-            self.kernel = self.kernel.model_copy(update={"projection_dim": self.projection_dim})
         return self
 
 

@@ -239,7 +239,7 @@ class DPOTrainer:
             dim_in = self.hidden_size
         self.k = min(dim_in, mcfg.projection_dim)
         self.projection = random_orthogonal_projection(dim_in, self.k, self.config.optimisation.seed).float().to(self.device)
-        kcfg = mcfg.kernel.model_copy(update={"projection_dim": self.k})
+        kcfg = mcfg.kernel
         self.calibration = None
         if kcfg.name in CALIBRATED_KERNELS:
             cal_path = self.run_dir / rundir.CALIBRATION
