@@ -80,7 +80,6 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
 
         # 2. Diagnose it (first 60 pairs keep the embedding short) on the app's own worker.
         page.goto(f"{url}/diagnose")
-        assert "flow (399 pairs)" in page.locator('[data-testid="stSelectbox"]').first.inner_text()
         page.get_by_text("Embedding options").click()
         max_pairs = page.get_by_label("Max pairs (0 = all)")
         max_pairs.fill("60")
@@ -94,12 +93,17 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         recommended_kernel = kernel.split()[-1]
         assert recommended_kernel in {"rbf", "polynomial", "spectral", "mahalanobis", "hmk"}
         _shot(page, tmp_path, "flow_1_diagnosis")
+        from dpo_engine.jobs import JobStore
+        from dpo_engine.workspace import Workspace
+
+        store = JobStore.for_workspace(Workspace.resolve(ws))
+        # The newest dataset (the upload, not the bundled sample) was preselected and diagnosed.
+        assert store.list(kind="diagnose")[0].params["dataset"].startswith("flow-")
 
         # 3. Train with the recommendation: the form is prefilled; shrink the run to seconds.
         page.get_by_role("button", name="Train with this recommendation").click()
         page.get_by_text("Prefilled from diagnosis").wait_for()
         assert f"kernel {recommended_kernel}" in page.inner_text("body")
-        assert "flow (399 pairs)" in page.locator('[data-testid="stSelectbox"]').first.inner_text()
         page.locator('input[aria-label="name"][type="text"]').first.fill("tiny-random")
         for label, value in (("max steps", "4"), ("batch size", "2"), ("max length", "48"),
                              ("max prompt length", "24"), ("max pairs", "40"), ("eval every", "2"),
@@ -112,6 +116,10 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
 
         # 4. The run page follows the job live until it finishes.
         page.wait_for_url("**/runs**", timeout=60_000)
+        train_job = store.list(kind="train")[0]
+        assert train_job.params["data"]["dataset"].startswith("flow-")
+        assert train_job.params["method"]["kernel"]["name"] == recommended_kernel
+        assert train_job.params["model"]["name"] == "tiny-random"
         page.get_by_text("succeeded", exact=True).first.wait_for(timeout=400_000)
         page.get_by_role("tab", name="Kernel weights").click()
         tab = page.get_by_role("tabpanel").filter(visible=True)
