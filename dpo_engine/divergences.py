@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 DivergenceName = Literal["none", "kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv"]
@@ -46,20 +46,13 @@ class DivergenceConfig(BaseModel):
 
     name: DivergenceName = Field("kl", description="Token-level regulariser between policy and reference: none, kl, js, hellinger, renyi, bhattacharyya, wasserstein or fdiv.")
     alpha: float = Field(0.1, ge=0.0, description="Weight of the divergence in the loss (0 = off).")
-    renyi_order: float = Field(2.0, gt=0.0, description="Order a of the Renyi divergence (a != 1).")
+    renyi_order: float = Field(2.0, gt=0.0, description="Order a of the Renyi divergence (a = 1 is the KL limit).")
     f: FDivergenceName = Field("jeffreys", description="f of the f-divergence: jeffreys, chi2, total_variation or alpha.")
     f_alpha: float = Field(0.5, description="Order of the alpha f-divergence (when f = alpha).")
     ot_epsilon: float = Field(0.05, gt=0.0, description="Entropic regularisation of the Wasserstein (Sinkhorn) term.")
     ot_iterations: int = Field(50, ge=1, description="Log-domain Sinkhorn iterations.")
     ot_top_k: int = Field(32, ge=1, description="Wasserstein support: top-k tokens of each distribution plus one bucket for the rest.")
     chunk_positions: int = Field(256, ge=1, description="Token positions per chunk when computing divergences (bounds peak memory).")
-
-    @field_validator("renyi_order")
-    @classmethod
-    def _renyi_order_not_one(cls, value: float) -> float:
-        if abs(value - 1.0) < 1e-9:
-            raise ValueError("renyi_order must differ from 1 (order 1 is KL: choose the kl divergence instead)")
-        return value
 
 
 # ----------------------------------------------------------------------------------------

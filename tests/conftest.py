@@ -19,6 +19,17 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("DPO_KERNELS_MODEL_CACHE", str(REPO_ROOT / ".cache" / "models"))
 
 
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """For modules of tiny tensors: thread hand-offs would cost more than the arithmetic."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hh_sample_path() -> Path:
     """The real HH-RLHF sample (shared data when present, else the bundled copy)."""
@@ -34,3 +45,19 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_KERNELS_WORKSPACE", str(root))
     monkeypatch.delenv("DPO_KERNELS_DB_URL", raising=False)
     return Workspace.resolve(root)
+
+
+@pytest.fixture
+def ws(workspace):
+    """Short alias used by the job tests."""
+    return workspace
+
+
+@pytest.fixture
+def store(workspace):
+    """A job store on the test workspace's SQLite database."""
+    from dpo_engine.jobs import JobStore
+
+    s = JobStore.for_workspace(workspace)
+    yield s
+    s.close()

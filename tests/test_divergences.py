@@ -24,13 +24,7 @@ from dpo_engine.divergences import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: thread hand-offs would cost more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def random_dists(rows: int, vocab: int, seed: int, spread: float = 1.5) -> tuple[np.ndarray, np.ndarray]:

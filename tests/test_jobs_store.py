@@ -28,18 +28,6 @@ from dpo_engine.jobs import store as store_module
 from dpo_engine.workspace import Workspace
 
 
-@pytest.fixture
-def ws(tmp_path, monkeypatch) -> Workspace:
-    monkeypatch.delenv("DPO_KERNELS_DB_URL", raising=False)
-    return Workspace.resolve(tmp_path / "ws")
-
-
-@pytest.fixture
-def store(ws) -> JobStore:
-    s = JobStore.for_workspace(ws)
-    yield s
-    s.close()
-
 
 def test_submit_creates_row_and_run_dir(store, ws):
     job = store.submit("selftest", {"seconds": 0.1}, title="quick")

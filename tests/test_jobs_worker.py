@@ -23,19 +23,6 @@ from dpo_engine.workspace import Workspace
 CLI = [sys.executable, "-c", "from dpo_engine.cli import main; main()"]
 
 
-@pytest.fixture
-def ws(tmp_path, monkeypatch) -> Workspace:
-    monkeypatch.delenv("DPO_KERNELS_DB_URL", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return Workspace.resolve(tmp_path / "ws")
-
-
-@pytest.fixture
-def store(ws) -> JobStore:
-    s = JobStore.for_workspace(ws)
-    yield s
-    s.close()
-
 
 def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + timeout

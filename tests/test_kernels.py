@@ -23,13 +23,7 @@ from dpo_engine.losses import embedding_margin, hybrid_dpo_loss
 DIM = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: thread hand-offs would cost more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def unit_vectors(n: int, seed: int, dim: int = DIM, scales: torch.Tensor | None = None) -> torch.Tensor:

@@ -228,23 +228,23 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _split_flat(values: dict[str, Any], row: int, mapping: dict[str, str]) -> tuple[str, str, str] | list[Issue]:
-    problems = [
-        _issue(row, "wrong_type", mapping[f], f"{f} is a {_type_name(v)}, expected a string")
+def _non_strings(values: dict[str, Any], row: int, mapping: dict[str, str], expected: str) -> list[Issue]:
+    return [
+        _issue(row, "wrong_type", mapping[f], f"{f} is a {_type_name(v)}, expected {expected}")
         for f, v in values.items()
         if not isinstance(v, str)
     ]
+
+
+def _split_flat(values: dict[str, Any], row: int, mapping: dict[str, str]) -> tuple[str, str, str] | list[Issue]:
+    problems = _non_strings(values, row, mapping, "a string")
     if problems:
         return problems
     return values["prompt"], values["chosen"], values["rejected"]
 
 
 def _split_hh(values: dict[str, Any], row: int, mapping: dict[str, str]) -> tuple[str, str, str] | list[Issue]:
-    problems = [
-        _issue(row, "wrong_type", mapping[f], f"{f} is a {_type_name(v)}, expected an HH dialogue string")
-        for f, v in values.items()
-        if not isinstance(v, str)
-    ]
+    problems = _non_strings(values, row, mapping, "an HH dialogue string")
     if problems:
         return problems
     chosen, rejected = values["chosen"], values["rejected"]
