@@ -121,7 +121,11 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         assert train_job.params["method"]["kernel"]["name"] == recommended_kernel
         assert train_job.params["model"]["name"] == "tiny-random"
         page.get_by_text("succeeded", exact=True).first.wait_for(timeout=400_000)
-        page.get_by_role("tab", name="Kernel weights").click()
+        # The page redraws once when the run ends; wait until a single set of tabs is on screen.
+        page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 6", timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 6", timeout=60_000)
+        page.get_by_role("tab", name="Kernel weights").first.click()
         tab = page.get_by_role("tabpanel").filter(visible=True)
         if recommended_kernel == "hmk":
             tab.locator(".js-plotly-plot").first.wait_for()
@@ -129,14 +133,14 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         else:
             tab.get_by_text("has no mixture weights").wait_for()
         _shot(page, tmp_path, "flow_3_kernel_weights")
-        page.get_by_role("tab", name="Clusters").click()
+        page.get_by_role("tab", name="Clusters").first.click()
         clusters = page.get_by_role("tabpanel").filter(visible=True)
         clusters.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
         assert "Davies" in clusters.inner_text()
         _shot(page, tmp_path, "flow_4_clusters")
 
         # 5. Export the stakeholder report and check what it holds.
-        page.get_by_role("tab", name="Logs & files").click()
+        page.get_by_role("tab", name="Logs & files").first.click()
         with page.expect_download(timeout=180_000) as download:
             page.get_by_role("button", name="Download report (.html)").click()
         report = tmp_path / "report.html"
