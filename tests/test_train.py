@@ -11,6 +11,7 @@ import pytest
 from dpo_engine.train import rundir
 from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.trainer import train
+from tests.helpers import deep_merge
 
 
 def toy_pairs(n: int = 40) -> pd.DataFrame:
@@ -34,15 +35,8 @@ def make_config(**groups) -> TrainConfig:
                        "eval_divergences": False},
     }
     for group, values in groups.items():
-        base[group] = _merge(base.get(group, {}), values)
+        base[group] = deep_merge(base.get(group, {}), values)
     return TrainConfig.model_validate(base)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def test_loss_decreases_on_separable_pairs(workspace, tmp_path):

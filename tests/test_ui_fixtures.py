@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.helpers import deep_merge
 
 TINY = {
     "data": {"max_pairs": 24, "min_eval_pairs": 8, "max_length": 40, "max_prompt_length": 20},
@@ -41,15 +42,8 @@ def _config(dataset: str, **groups):
     base = {k: dict(v) for k, v in TINY.items()}
     base["data"]["dataset"] = dataset
     for group, values in groups.items():
-        base[group] = _merge(base[group], values)
+        base[group] = deep_merge(base[group], values)
     return TrainConfig.model_validate(base)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def _train_job(store, ws, run_id, config, *, should_stop=None, title=""):
