@@ -124,6 +124,8 @@ def learning(args) -> None:
                                    "loss": {"gamma": 0.5}},
     }
     for name, method in methods.items():
+        if args.methods and name.split("+")[0] not in args.methods:
+            continue
         raw = base_config(args, method, str(HH_SAMPLE))
         raw["optimisation"].update(max_steps=args.steps)
         raw["monitoring"].update(eval_every=args.steps, snapshot_every=args.steps, probe_pairs=32,
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="benchmark only these variants (e.g. dpo kernel:hmk div:kl)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--learning", action="store_true")
+    p.add_argument("--methods", nargs="*", default=None, help="learning mode: run only these (dpo, hmk)")
     p.add_argument("--divergence", default="kl")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_runs"))
     args = p.parse_args()
