@@ -8,24 +8,13 @@ import streamlit as st
 from app.state import job_store
 from app.ui import STATUS_ICONS, format_seconds, job_status_panel, page_header
 from dpo_engine.jobs import STATUSES
+from dpo_engine.train.rundir import read_log_tail
 
 page_header("Jobs", "Embedding, diagnosis, training and HT-SR jobs run on workers; this page follows them live.")
 
 store = job_store()
 status_filter = st.multiselect("Status", list(STATUSES), default=[])
 kind_filter = st.selectbox("Kind", ["all", "embed", "diagnose", "train", "htsr", "selftest"])
-
-
-def _log_tail(path, n: int = 80) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - 64_000))
-            text = fh.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return "(no output yet)"
-    return "\n".join(text.splitlines()[-n:]) or "(no output yet)"
 
 
 @st.fragment(run_every=2)
@@ -51,7 +40,7 @@ def live_jobs() -> None:
     job = store.get(job_id)
     job_status_panel(job, key="jobs-page")
     st.markdown("**Log (last lines)**")
-    st.code(_log_tail(job.log_path), language="text")
+    st.code(read_log_tail(job.log_path) or "(no output yet)", language="text")
 
 
 st.selectbox("Job", [j.id for j in store.list(limit=300)] or [None], key="jobs_selected",

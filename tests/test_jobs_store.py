@@ -25,7 +25,6 @@ from dpo_engine.jobs import (
     wait_for_job,
 )
 from dpo_engine.jobs import store as store_module
-from dpo_engine.workspace import Workspace
 
 
 

@@ -64,7 +64,7 @@ def test_map_is_seeded_and_subsamples_large_sets():
     assert "t-SNE" in fig.layout.title.text and "30 of 50" in fig.layout.title.text
     again = embedding_map(p, c, r, method="tsne", seed=0, max_pairs=30)
     np.testing.assert_allclose(fig.data[2].y, again.data[2].y)
-    with pytest.raises(ValueError, match="unknown projection"):
+    with pytest.raises(ValueError, match="'tsne' or 'umap'"):
         project_2d(p, method="pca")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="at least 3 points"):
+    with pytest.raises(ValueError, match="at least 4 points"):
         project_2d(p[:2])

@@ -7,7 +7,6 @@ import io
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from dpo_engine.data import DatasetStore

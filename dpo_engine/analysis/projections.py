@@ -53,9 +53,14 @@ def embed_points(points: np.ndarray, config: ProjectionConfig) -> np.ndarray:
         from sklearn.manifold import TSNE
 
         perplexity = min(config.perplexity, (n - 1) / 3.0)
+        from threadpoolctl import threadpool_limits
+
         tsne = TSNE(n_components=config.dim, perplexity=perplexity, init="pca", random_state=config.seed,
                     max_iter=config.max_iter)
-        return tsne.fit_transform(points)
+        # One OpenMP thread: in a process that also runs torch, two OpenMP runtimes otherwise fight
+        # over a small CPU and the fit slows down by an order of magnitude.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            return tsne.fit_transform(points)
     import umap
 
     reducer = umap.UMAP(n_components=config.dim, n_neighbors=min(config.n_neighbors, n - 1),

@@ -28,7 +28,9 @@ from dpo_engine.data.store import (
     SAMPLE_DATASET_NAME,
     DatasetInfo,
     DatasetStore,
+    LoadedDataset,
     ensure_sample_dataset,
+    open_dataset,
     sample_path,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "DatasetStore",
     "IngestOptions",
     "IngestResult",
+    "LoadedDataset",
     "Issue",
     "MissingColumnsError",
     "NoUsableRowsError",
@@ -53,6 +56,7 @@ __all__ = [
     "content_hash",
     "ensure_sample_dataset",
     "load_preferences",
+    "open_dataset",
     "render_messages",
     "sample_path",
     "suggest_mapping",

@@ -14,6 +14,7 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -180,3 +181,28 @@ def ensure_sample_dataset(workspace: Workspace) -> DatasetInfo:
         return store.add(result, SAMPLE_DATASET_NAME, source=SAMPLE_SOURCE, drop_flagged=True)
     except DatasetExists:  # registered concurrently by another process
         return store.get(SAMPLE_DATASET_NAME)
+
+
+@dataclass
+class LoadedDataset:
+    """A preference table and where it came from (dropped: rows removed at ingest, by reason)."""
+
+    table: pd.DataFrame
+    label: str
+    source: str
+    dataset_id: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def open_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
+    """A stored dataset by id/name, else a file ingested with flagged rows dropped (what jobs accept)."""
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        table, dropped = load_preferences(path).finalize(drop_flagged=True)
+        return LoadedDataset(table=table, label=path.name, source=str(path.resolve()), dropped=dropped)
+    store = DatasetStore(workspace)
+    try:
+        info = store.get(dataset)
+    except DatasetNotFound as exc:
+        raise DatasetNotFound(f"{dataset!r} is neither a file nor a stored dataset ({exc})") from None
+    return LoadedDataset(table=store.load(info.id), label=info.name, source=f"dataset:{info.id}", dataset_id=info.id)

@@ -3,19 +3,20 @@
 Run directories are read while a worker is still writing them, so every piece is optional: a
 missing file gives an empty table or None, a half-written last JSONL line is skipped, and
 anything else that cannot be read is recorded in `warnings` (shown to the user, never dropped
-silently). The file formats are fixed by the run-directory contract in ARCHITECTURE.md; the
-trainer's readers in `dpo_engine.train.rundir` are used when they are installed.
+silently). The files are read with `dpo_engine.train.rundir`, the one reader and writer of the
+run-directory contract.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from dpo_engine.train import rundir
 
 KERNEL_WEIGHT_COLUMNS = (
     "lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global",
@@ -71,7 +72,7 @@ class RunData:
         return int(value) if value else None
 
     def snapshot_path(self, step: int) -> Path:
-        return self.run_dir / "snapshots" / f"step_{step}.npz"
+        return rundir.snapshot_path(self.run_dir, step)
 
     def load_snapshot(self, step: int) -> Snapshot:
         with np.load(self.snapshot_path(step), allow_pickle=False) as npz:
@@ -79,7 +80,7 @@ class RunData:
                             np.asarray(npz["rejected"], dtype=np.float32), np.asarray(npz["pair_ids"]))
 
     def log_tail(self, n_lines: int = 80) -> str:
-        return read_log_tail(self.run_dir / "log.txt", n_lines)
+        return rundir.read_log_tail(self.run_dir / rundir.LOG, n_lines)
 
     def final(self, column: str, source: str = "eval") -> float | None:
         """Last finite value of a metric (eval table by default)."""
@@ -109,74 +110,11 @@ def _dig(mapping: dict | None, *keys: str) -> Any:
     return node
 
 
-def read_jsonl(path: Path, warnings: list[str] | None = None) -> pd.DataFrame:
-    """Rows of a JSONL file that may be growing: a broken *last* line is a write in progress."""
-    if not path.exists():
-        return pd.DataFrame()
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number != len(lines) and warnings is not None:
-                warnings.append(f"{path.name}: line {number} is not valid JSON and was skipped")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        elif warnings is not None:
-            warnings.append(f"{path.name}: line {number} is not a JSON object and was skipped")
+def _table(rows: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if "step" in table:
         table = table.sort_values("step", kind="stable").reset_index(drop=True)
     return table
-
-
-def read_json(path: Path, warnings: list[str] | None = None) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        if warnings is not None:
-            warnings.append(f"{path.name} could not be read ({exc}); it may still be being written")
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def read_csv(path: Path, warnings: list[str] | None = None) -> pd.DataFrame | None:
-    if not path.exists():
-        return None
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        if warnings is not None:
-            warnings.append(f"{path.name} could not be read ({exc})")
-        return None
-
-
-def read_log_tail(path: Path, n_lines: int = 80) -> str:
-    """The last lines of a log without reading a huge file whole."""
-    if not path.exists():
-        return ""
-    with path.open("rb") as handle:
-        handle.seek(0, 2)
-        size = handle.tell()
-        handle.seek(max(0, size - 256 * 1024))
-        text = handle.read().decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-n_lines:])
-
-
-def list_snapshot_steps(run_dir: Path) -> list[int]:
-    steps = []
-    for path in (run_dir / "snapshots").glob("step_*.npz"):
-        try:
-            steps.append(int(path.stem.removeprefix("step_")))
-        except ValueError:
-            continue
-    return sorted(steps)
 
 
 def load_run(run_dir: str | Path, run_id: str | None = None) -> RunData:
@@ -187,14 +125,14 @@ def load_run(run_dir: str | Path, run_id: str | None = None) -> RunData:
         data.warnings.append(f"run directory {run_dir} does not exist yet")
         return data
     w = data.warnings
-    data.config = read_json(run_dir / "config.json", w)
-    data.summary = read_json(run_dir / "summary.json", w)
-    data.metrics = read_jsonl(run_dir / "metrics.jsonl", w)
-    data.eval = read_jsonl(run_dir / "eval.jsonl", w)
-    data.snapshot_steps = list_snapshot_steps(run_dir)
-    data.htsr_before = read_csv(run_dir / "htsr_before.csv", w)
-    data.htsr_after = read_csv(run_dir / "htsr_after.csv", w)
-    data.htsr = read_csv(run_dir / "htsr.csv", w)
+    data.config = rundir.read_json(run_dir / rundir.CONFIG, w)
+    data.summary = rundir.read_json(run_dir / rundir.SUMMARY, w)
+    data.metrics = _table(rundir.read_jsonl(run_dir / rundir.METRICS, w))
+    data.eval = _table(rundir.read_jsonl(run_dir / rundir.EVAL, w))
+    data.snapshot_steps = rundir.list_snapshots(run_dir)
+    data.htsr_before = rundir.read_csv(run_dir / rundir.HTSR_BEFORE, w)
+    data.htsr_after = rundir.read_csv(run_dir / rundir.HTSR_AFTER, w)
+    data.htsr = rundir.read_csv(run_dir / "htsr.csv", w)
     return data
 
 
@@ -226,7 +164,7 @@ class RunEntry:
     def status(self) -> str:
         if self.job is not None:
             return self.job.status
-        summary = read_json(self.run_dir / "summary.json") or {}
+        summary = rundir.read_json(self.run_dir / rundir.SUMMARY) or {}
         return str(summary.get("status", "unknown"))
 
     @property

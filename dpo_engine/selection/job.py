@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dpo_engine.data import LoadedDataset, open_dataset
 from dpo_engine.embed import DEFAULT_EMBEDDER, PairEmbeddings, embed_pairs
 from dpo_engine.embed.encoder import Precision, resolve_precision
 from dpo_engine.embed.pairs import canonical_embedder_name
@@ -57,33 +56,6 @@ class DiagnoseParams(BaseModel):
         return Thresholds.from_assignments(self.thresholds)
 
 
-@dataclass
-class LoadedDataset:
-    """A preference table and where it came from (dropped: rows removed at ingest, by reason)."""
-
-    table: pd.DataFrame
-    label: str
-    source: str
-    dataset_id: str | None = None
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
-def load_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
-    """A stored dataset by id/name, else a file ingested with flagged rows dropped."""
-    from dpo_engine.data import DatasetNotFound, DatasetStore, load_preferences
-
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        table, dropped = load_preferences(path).finalize(drop_flagged=True)
-        return LoadedDataset(table=table, label=path.name, source=str(path.resolve()), dropped=dropped)
-    store = DatasetStore(workspace)
-    try:
-        info = store.get(dataset)
-    except DatasetNotFound as exc:
-        raise DatasetNotFound(f"{dataset!r} is neither a file nor a stored dataset ({exc})") from None
-    return LoadedDataset(table=store.load(info.id), label=info.name, source=f"dataset:{info.id}", dataset_id=info.id)
-
-
 def run_diagnosis(
     params: DiagnoseParams,
     workspace: Workspace,
@@ -98,7 +70,7 @@ def run_diagnosis(
     started = time.perf_counter()
     thresholds = params.resolved_thresholds()
     report(0.0, f"loading {params.dataset}")
-    loaded = loaded or load_dataset(workspace, params.dataset)
+    loaded = loaded or open_dataset(workspace, params.dataset)
     table = loaded.table
     if params.max_pairs is not None:
         table = table.head(params.max_pairs).reset_index(drop=True)

@@ -8,7 +8,6 @@ way it was instruction-tuned. Stacking chosen over rejected lets one forward pas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,22 +25,14 @@ class TokenizedPair:
 
 
 def load_pairs(dataset: str, workspace, log=print) -> pd.DataFrame:
-    """A dataset id/name from the workspace store, or a preference file on disk, as the canonical table.
+    """The canonical table of a stored dataset or a preference file (flagged rows dropped and logged)."""
+    from dpo_engine.data import open_dataset
 
-    A file is validated on the way in; rows the validator flags are dropped and counted in the log.
-    """
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        from dpo_engine.data import load_preferences
-
-        table, dropped = load_preferences(path).finalize()
-        if dropped:
-            log(f"{path.name}: dropped {sum(dropped.values())} row(s) the validator flagged: "
-                + ", ".join(f"{k} {v}" for k, v in dropped.items()))
-        return table
-    from dpo_engine.data import DatasetStore
-
-    return DatasetStore(workspace).load(dataset)
+    loaded = open_dataset(workspace, dataset)
+    if loaded.dropped:
+        log(f"{loaded.label}: dropped {sum(loaded.dropped.values())} row(s) the validator flagged: "
+            + ", ".join(f"{k} {v}" for k, v in loaded.dropped.items()))
+    return loaded.table
 
 
 def check_pairs(df: pd.DataFrame) -> pd.DataFrame:

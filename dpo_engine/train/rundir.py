@@ -74,20 +74,27 @@ def truncate_jsonl_after_step(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL file that may be growing: a broken *last* line is a write in progress and is
+    skipped quietly; any other unreadable line is skipped and reported in `warnings`."""
     path = Path(path)
     if not path.is_file():
         return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     rows = []
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written right now
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number != len(lines) and warnings is not None:
+                warnings.append(f"{path.name}: line {number} is not valid JSON and was skipped")
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        elif warnings is not None:
+            warnings.append(f"{path.name}: line {number} is not a JSON object and was skipped")
     return rows
 
 
@@ -99,19 +106,51 @@ def read_eval(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(read_jsonl(Path(run_dir) / EVAL))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path, warnings: list[str] | None = None) -> dict[str, Any] | None:
+    """A JSON object, or None when the file is missing or unreadable (reported in `warnings`)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if warnings is not None:
+            warnings.append(f"{path.name} could not be read ({exc})")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_csv(path: Path, warnings: list[str] | None = None) -> pd.DataFrame | None:
+    """A CSV table, or None when the file is missing or unreadable (reported in `warnings`)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        if warnings is not None:
+            warnings.append(f"{path.name} could not be read ({exc})")
         return None
 
 
+def read_log_tail(path: Path, n_lines: int = 80) -> str:
+    """The last lines of a log without reading a huge file whole."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        handle.seek(max(0, handle.tell() - 256 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-n_lines:])
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    return _read_json(Path(run_dir) / SUMMARY)
+    return read_json(Path(run_dir) / SUMMARY)
 
 
 def read_config(run_dir: Path) -> dict[str, Any] | None:
-    return _read_json(Path(run_dir) / CONFIG)
+    return read_json(Path(run_dir) / CONFIG)
 
 
 def snapshot_path(run_dir: Path, step: int) -> Path:
@@ -148,8 +187,7 @@ def load_snapshot(run_dir: Path, step: int) -> dict[str, np.ndarray]:
 
 def read_htsr(run_dir: Path, which: str = "before") -> pd.DataFrame | None:
     name = {"before": HTSR_BEFORE, "after": HTSR_AFTER, "single": "htsr.csv"}[which]
-    path = Path(run_dir) / name
-    return pd.read_csv(path) if path.is_file() else None
+    return read_csv(Path(run_dir) / name)
 
 
 def append_log(run_dir: Path, line: str) -> None:

@@ -16,10 +16,8 @@ from plotly.subplots import make_subplots
 
 from dpo_engine.selection.diagnosis import Diagnosis
 from dpo_engine.selection.rules import DIVERGENCES, KERNELS
+from dpo_engine.viz.style import CHOSEN_COLOR, PROMPT_COLOR, REJECTED_COLOR  # noqa: F401 - re-exported
 
-CHOSEN_COLOR = "#2ca02c"
-REJECTED_COLOR = "#d62728"
-PROMPT_COLOR = "#1f77b4"
 OVERLAP_COLOR = "rgba(120, 120, 120, 0.55)"
 TEMPLATE = "plotly_white"
 HOVER_CHARS = 160
@@ -141,25 +139,10 @@ def _truncate(text: str, n: int = HOVER_CHARS) -> str:
 
 
 def project_2d(points: np.ndarray, method: Literal["umap", "tsne"] = "umap", seed: int = 0) -> np.ndarray:
-    """2-D coordinates of ``points`` with UMAP (cosine metric) or t-SNE, seeded for repeatability."""
-    n = points.shape[0]
-    if n < 3:
-        raise ValueError(f"a 2-D map needs at least 3 points, got {n}")
-    if method == "umap":
-        import umap
+    """2-D coordinates of ``points``, by the same seeded projection the run page uses."""
+    from dpo_engine.analysis.projections import ProjectionConfig, embed_points
 
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), metric="cosine", random_state=seed, n_jobs=1)
-        return np.asarray(reducer.fit_transform(points))
-    if method == "tsne":
-        from sklearn.manifold import TSNE
-        from threadpoolctl import threadpool_limits
-
-        tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), random_state=seed, init="pca", max_iter=500)
-        # one OpenMP thread: in a process that also runs torch, two OpenMP runtimes otherwise fight
-        # over a small CPU and the fit slows down by an order of magnitude
-        with threadpool_limits(limits=1, user_api="openmp"):
-            return tsne.fit_transform(points)
-    raise ValueError(f"unknown projection {method!r}; use umap or tsne")
+    return embed_points(points, ProjectionConfig(method=method, dim=2, seed=seed))
 
 
 def embedding_map(

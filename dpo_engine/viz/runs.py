@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from dpo_engine.viz.style import CHOSEN_COLOR, REJECTED_COLOR
 
-CHOSEN_COLOR = "#2ca02c"
-REJECTED_COLOR = "#d62728"
 COLLAPSE_THRESHOLD = 0.05
 ALPHA_SAFE_RANGE = (2.0, 6.0)
 MAX_POINTS_PER_TRACE = 2000
@@ -274,7 +273,7 @@ def dbs_table(run) -> pd.DataFrame:
     Uses the eval row's `dbs` when the trainer logged one and computes it with sklearn for other
     snapshots (e.g. the final one), so every snapshot has a score. Lower = better separated.
     """
-    from sklearn.metrics import davies_bouldin_score
+    from dpo_engine.analysis.dbs import davies_bouldin
 
     logged: dict[int, float] = {}
     if _has(run.eval, "dbs"):
@@ -288,9 +287,7 @@ def dbs_table(run) -> pd.DataFrame:
             continue
         try:
             snap = run.load_snapshot(step)
-            points = np.vstack([snap.chosen, snap.rejected])
-            labels = np.r_[np.zeros(len(snap.chosen)), np.ones(len(snap.rejected))]
-            value = float(davies_bouldin_score(points, labels))
+            value = davies_bouldin(snap.chosen, snap.rejected)
         except Exception:  # a snapshot being written or degenerate (all points equal)
             value = float("nan")
         rows.append({"step": step, "dbs": value, "source": "computed from snapshot"})
