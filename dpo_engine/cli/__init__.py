@@ -22,6 +22,7 @@ app = typer.Typer(
 _COMMAND_MODULES = (
     "dpo_engine.cli.data_cmd",
     "dpo_engine.cli.jobs_cmd",
+    "dpo_engine.cli.worker_cmd",
     "dpo_engine.cli.diagnose_cmd",
     "dpo_engine.cli.train_cmd",
     "dpo_engine.cli.report_cmd",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any
@@ -50,25 +49,6 @@ def wait_with_bar(store: JobStore, job_id: int, timeout: float | None = None) ->
             return wait_for_job(store, job_id, timeout=timeout, progress_callback=update)
         except TimeoutError as exc:
             fail(str(exc), code=1)
-
-
-def worker(
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    once: bool = typer.Option(False, "--once", help="Run at most one queued job, then exit."),
-    poll_s: float = typer.Option(1.0, "--poll-s", help="Seconds between looks at the queue."),
-    heartbeat_s: float = typer.Option(2.0, "--heartbeat-s", help="Seconds between heartbeats."),
-    lost_timeout_s: float = typer.Option(30.0, "--lost-timeout", help="Heartbeat age after which a job is lost."),
-    ws: str | None = WorkspaceOption,
-) -> None:
-    """Run queued jobs on one device until interrupted (Ctrl-C stops it cleanly)."""
-    from dpo_engine.jobs.worker import Worker
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [worker] %(message)s", stream=sys.stderr)
-    try:
-        w = Worker(workspace(ws), device=device, poll_s=poll_s, heartbeat_s=heartbeat_s, lost_timeout_s=lost_timeout_s)
-    except ValueError as exc:
-        fail(str(exc))
-    w.run(once=once)
 
 
 @jobs_app.command("list")
@@ -199,5 +179,4 @@ def selftest(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("worker")(worker)
     app.add_typer(jobs_app, name="jobs")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from dpo_engine.jobs.context import JobContext
-
-Executor = Callable[["JobContext"], "dict[str, Any] | None"]
+# An executor takes a `dpo_engine.jobs.context.JobContext`; it is not imported here so that the
+# store (which checks kinds against this registry) and the context (which holds a store) do not
+# import each other.
+Executor = Callable[..., "dict[str, Any] | None"]
 
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
