@@ -1,0 +1,232 @@
+"""The training step (METHOD.md 2): which batch comes next, the forward passes, the objective, the update.
+
+Read top to bottom: `_micro_batch` picks the pairs (a pure function of seed and index, so a resumed
+run sees the same batches), `_forward` runs the model, `_compute` turns one batch into the loss terms
+(preference, kernel margin, divergence, entropy, ε-DPO steps), and `_train_step` accumulates, clips,
+steps the optimiser and returns the metrics.jsonl row. The trainer mixes this class in; the objects
+it uses (model, kernel, optimiser, state) are built by `setup.TrainingSetup`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dpo_engine.train.data import Batch, collate
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term or the gradient became NaN/inf; the message says where and what to try."""
+
+
+@dataclass
+class StepTerms:
+    """Per-batch quantities shared by the training step and evaluation."""
+
+    out: Any  # losses.LossOutput
+    n_tokens: int
+    policy_logits: torch.Tensor | None = None
+    ref_logits: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a checkpoint must restore."""
+
+    step: int = 0
+    micro_index: int = 0
+    beta: float = 0.1
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+
+class TrainingStep:
+    """Forward, objective and backward; mixed into DPOTrainer."""
+
+    # ------------------------------------------------------------------ data order
+    def _micro_batch(self, micro_index: int) -> Batch:
+        """Micro-batch number `micro_index` of this process: a pure function of seed and index (exact resume)."""
+        opt = self.config.optimisation
+        epoch, pos = divmod(micro_index, self.batches_per_epoch)
+        perm = np.random.default_rng([opt.seed, epoch]).permutation(len(self.train_pairs))
+        nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        start = (pos * nproc + rank) * opt.batch_size
+        chosen = [self.train_pairs[i] for i in perm[start : start + opt.batch_size]]
+        return collate(chosen, self.tokenizer.pad_token_id).to(self.device)
+
+    # ------------------------------------------------------------------ models
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _reference_model(self):
+        return self.ref_model if self.ref_model is not None else self._unwrapped()
+
+    def _reference_context(self):
+        """The reference is the base model with LoRA adapters off, or a frozen copy for full fine-tuning."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext()
+        return self._unwrapped().disable_adapter()
+
+    def _output_embeddings(self) -> torch.Tensor:
+        return self._unwrapped().get_output_embeddings().weight
+
+    # ------------------------------------------------------------------ representations
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        h = F.normalize(h.float(), dim=-1)
+        return F.normalize(h @ self.projection, dim=-1)
+
+    def _pool(self, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from dpo_engine.losses import masked_mean_pool
+
+        b = batch.n_pairs
+        h_x = masked_mean_pool(hidden[:b], batch.prompt_mask[:b])
+        h_c = masked_mean_pool(hidden[:b], batch.response_mask[:b])
+        h_r = masked_mean_pool(hidden[b:], batch.response_mask[b:])
+        return self._project(h_x), self._project(h_c), self._project(h_r)
+
+    def _encoder_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [self.encoder_reps[p] for p in batch.pair_ids]
+        stack = [torch.stack([r[j] for r in rows]).to(self.device) for j in range(3)]
+        return self._project(stack[0]), self._project(stack[1]), self._project(stack[2])
+
+    # ------------------------------------------------------------------ forward and objective
+    def _forward(self, model, batch: Batch, *, hidden: bool):
+        with self.accelerator.autocast():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                        output_hidden_states=hidden, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        return logits, (out.hidden_states[-1] if hidden else None)
+
+    def _compute(self, batch: Batch, *, beta: float, train: bool, keep_logits: bool = False) -> StepTerms:
+        """Loss terms for one batch (METHOD.md 2.1-2.7)."""
+        from dpo_engine.divergences import token_divergence
+        from dpo_engine.losses import (embedding_margin, epsilon_dpo_beta_per_pair, epsilon_dpo_steps,
+                                       hybrid_dpo_loss, sequence_logps)
+
+        mcfg = self.config.method
+        lcfg = mcfg.loss
+        b = batch.n_pairs
+        labels = batch.input_ids[:, 1:]
+        lmask = batch.response_mask[:, 1:]
+        use_kernel = self.kernel is not None and lcfg.gamma > 0
+        need_hidden = use_kernel and self.encoder_reps is None
+
+        logits, hidden = self._forward(self.model, batch, hidden=need_hidden)
+        with torch.no_grad(), self._reference_context():
+            ref_logits, _ = self._forward(self._reference_model(), batch, hidden=False)
+        logps = sequence_logps(logits, labels, lmask)
+        ref_logps = sequence_logps(ref_logits, labels, lmask)
+        self._check_finite(logps, "policy log-probabilities")
+
+        m_emb = None
+        if use_kernel:
+            h = self._encoder_batch(batch) if self.encoder_reps is not None else self._pool(hidden, batch)
+            m_emb = embedding_margin(self.kernel, *h)
+            self._check_finite(m_emb, "embedding margin (kernel term)")
+
+        dcfg = mcfg.divergence
+        loss_div = None
+        if train and dcfg.name != "none" and dcfg.alpha > 0:
+            loss_div = token_divergence(dcfg, logits, ref_logits, lmask,
+                                        output_embeddings=self._output_embeddings(), cfg=dcfg)
+            self._check_finite(loss_div, f"divergence regulariser ({dcfg.name})")
+
+        loss_entropy = self.kernel.entropy_penalty() if (train and use_kernel) else None
+
+        steps = None
+        beta_arg: float | torch.Tensor = beta
+        if train and lcfg.epsilon_dpo > 0:
+            with torch.no_grad():
+                steps = epsilon_dpo_steps(logits[:b], ref_logits[:b], labels[:b], lmask[:b],
+                                          logits[b:], ref_logits[b:], labels[b:], lmask[b:], lcfg.epsilon_dpo)
+            beta_arg = epsilon_dpo_beta_per_pair(beta, steps, lcfg.epsilon_dpo)
+
+        out = hybrid_dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta=beta_arg, m_emb=m_emb,
+                              gamma=lcfg.gamma, label_smoothing=lcfg.label_smoothing, loss_div=loss_div,
+                              alpha=dcfg.alpha if loss_div is not None else 0.0, loss_entropy=loss_entropy)
+        for name in ("loss_pref", "loss_div", "loss_entropy", "loss"):
+            value = getattr(out, name, None)
+            if isinstance(value, torch.Tensor):
+                self._check_finite(value, name)
+        terms = StepTerms(out=out, n_tokens=int(batch.attention_mask.sum()), steps=steps)
+        if keep_logits:
+            terms.policy_logits, terms.ref_logits, terms.loss_mask = logits, ref_logits, lmask
+        return terms
+
+    def _check_finite(self, value: torch.Tensor, term: str) -> None:
+        if not bool(torch.isfinite(value.detach()).all()):
+            opt = self.config.optimisation
+            raise TrainingDiverged(
+                f"training diverged at step {self.state.step + 1}: {term} is not finite (NaN or inf). "
+                f"Try a lower learning rate (now {opt.lr:g}), model.dtype float32 (now {self.config.model.dtype}), "
+                f"or a smaller beta (now {self.state.beta:g})"
+                + (f", or a smaller divergence alpha (now {self.config.method.divergence.alpha:g})"
+                   if "divergence" in term else "")
+            )
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _train_step(self) -> dict[str, Any]:
+        opt = self.config.optimisation
+        self.model.train()
+        t0 = time.perf_counter()
+        totals = {"loss": 0.0, "loss_pref": 0.0, "loss_div": 0.0, "loss_entropy": 0.0, "reward_acc": 0.0, "margin": 0.0}
+        step_sum, step_count, tokens = 0.0, 0, 0
+        beta_now = self.state.beta
+        for a in range(opt.grad_accum):
+            batch = self._micro_batch(self.state.micro_index)
+            self.state.micro_index += 1
+            sync = a == opt.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+            with ctx:
+                terms = self._compute(batch, beta=beta_now, train=True)
+                out = terms.out
+                self.accelerator.backward(out.loss / opt.grad_accum)
+            totals["loss"] += float(out.loss.detach()) / opt.grad_accum
+            totals["loss_pref"] += float(out.loss_pref) / opt.grad_accum
+            totals["loss_div"] += (float(out.loss_div) if out.loss_div is not None else 0.0) / opt.grad_accum
+            totals["loss_entropy"] += (float(out.loss_entropy) if out.loss_entropy is not None else 0.0) / opt.grad_accum
+            totals["reward_acc"] += float((out.rho > 0).float().mean()) / opt.grad_accum
+            totals["margin"] += float(out.margins.mean()) / opt.grad_accum
+            if terms.steps is not None:
+                step_sum += float(terms.steps.float().sum())
+                step_count += int(terms.steps.numel())
+            tokens += terms.n_tokens
+        if self.accelerator.num_processes > 1:
+            for p in self.kernel_params:  # kernel weights live outside DDP: average their gradients by hand
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = self.accelerator.clip_grad_norm_(params, opt.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(grad_norm):
+            self._check_finite(torch.tensor(grad_norm), "gradient norm")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        eps = self.config.method.loss.epsilon_dpo
+        if eps > 0 and step_count:
+            from dpo_engine.losses import update_beta
+
+            stats = torch.tensor([step_sum, float(step_count)], device=self.device)
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            self.state.beta = update_beta(self.state.beta, float(stats[0] / stats[1]), eps)
+        self.state.step += 1
+        elapsed = time.perf_counter() - t0
+        self.state.train_seconds += elapsed
+        self.state.tokens_seen += tokens
+        row = {"step": self.state.step, "epoch": self.state.micro_index / self.batches_per_epoch, **totals,
+               "beta": beta_now, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        if self.kernel is not None:
+            row.update({k: float(v) for k, v in self.kernel.weights().items()})
+        return row
