@@ -16,13 +16,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test install install-dev browser bench clean
+.PHONY: run test install install-dev browser postgres bench clean
 
 run: $(STAMP)
 	$(VENV)/bin/dpo-kernels app
 
 # pytest exit codes: 0 all passed, 1 failures, 5 nothing collected (treated as a failure here).
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) postgres
 	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -48,6 +48,12 @@ $(DEV_STAMP): $(STAMP)
 browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/fonts/truetype/noto ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core fonts-noto-color-emoji; \
+	fi
+
+# PostgreSQL server binaries for the job-store tests (they start a throwaway server themselves).
+postgres:
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq postgresql; \
 	fi
 
 bench: $(STAMP)

@@ -1,4 +1,5 @@
-"""JobStore against a real SQLite file: submit, claim (also under concurrency), cancel, lost jobs."""
+"""JobStore against a real SQLite file and a real PostgreSQL server: submit, claim (also under
+concurrency), cancel, lost jobs, schema creation and upgrade."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from dpo_engine.jobs import (
     JobStore,
     wait_for_job,
 )
+from dpo_engine.jobs import schema
 from dpo_engine.jobs import store as store_module
-
+from tests.jobs_db import backend, fresh_db_url, postgres_server, store, ws  # noqa: F401 - fixtures
 
 
 def test_submit_creates_row_and_run_dir(store, ws):
@@ -40,7 +42,9 @@ def test_submit_creates_row_and_run_dir(store, ws):
     assert store.get(job.id) == job
 
 
-def test_sqlite_uses_wal_and_busy_timeout(store):
+def test_sqlite_uses_wal_and_busy_timeout(store, backend):
+    if backend != "sqlite":
+        pytest.skip("SQLite settings")
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar().lower() == "wal"
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == int(store_module.SQLITE_BUSY_TIMEOUT_S * 1000)
@@ -276,8 +280,8 @@ print(store.submit("selftest", {}).id)
 """
 
 
-def test_processes_opening_a_fresh_database_at_once_all_succeed(tmp_path):
-    url = f"sqlite:///{tmp_path / 'fresh' / 'jobs.db'}"
+def test_processes_opening_a_fresh_database_at_once_all_succeed(tmp_path, fresh_db_url):
+    url = fresh_db_url
     start = time.time() + 1.5
     procs = [
         subprocess.Popen([sys.executable, "-c", OPENER, url, str(tmp_path / "runs"), str(start)],
@@ -293,3 +297,35 @@ def test_get_by_run_id(store):
     job = store.submit("selftest", {}, run_id="my-run-1")
     assert store.get_by_run_id("my-run-1").id == job.id
     assert store.get_by_run_id("no-such-run") is None
+
+
+def test_store_runs_on_the_chosen_backend(store, backend):
+    assert store.engine.dialect.name == backend
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT version FROM schema_version")).scalar() == schema.LATEST_VERSION
+
+
+def test_a_version_1_database_is_upgraded_in_place(fresh_db_url, tmp_path):
+    old = JobStore(fresh_db_url, runs_dir=tmp_path / "runs")
+    first = old.submit("selftest", {"steps": 2}, run_id="before-upgrade")
+    with old.engine.begin() as conn:  # back to the schema of version 1
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN submitted_by"))
+        conn.execute(text("DROP TABLE schema_version"))
+    old.close()
+    store = JobStore(fresh_db_url, runs_dir=tmp_path / "runs")
+    kept = store.get(first.id)
+    assert (kept.run_id, kept.params, kept.submitted_by) == ("before-upgrade", {"steps": 2}, None)
+    new = store.submit("selftest", {}, submitted_by="alice@example.org")
+    assert store.get(new.id).submitted_by == "alice@example.org"
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT version FROM schema_version")).scalar() == 2
+    store.close()
+
+
+def test_a_database_from_a_newer_program_is_refused(fresh_db_url, tmp_path):
+    store = JobStore(fresh_db_url, runs_dir=tmp_path / "runs")
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE schema_version SET version = 99"))
+    store.close()
+    with pytest.raises(schema.SchemaTooNew, match="schema version 99, newer than this program's 2"):
+        JobStore(fresh_db_url, runs_dir=tmp_path / "runs")

@@ -19,6 +19,7 @@ from dpo_engine.jobs.context import JobContext
 from dpo_engine.jobs import executors
 from dpo_engine.jobs.worker import Worker
 from dpo_engine.workspace import Workspace
+from tests.jobs_db import backend, fresh_db_url, postgres_server, store, ws  # noqa: F401 - fixtures
 
 CLI = [sys.executable, "-c", "from dpo_engine.cli import main; main()"]
 

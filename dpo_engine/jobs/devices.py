@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda:\d+)$")
+# What a cluster dispatcher (the Ray backend) shows as its device: its jobs run on the cluster's nodes.
+CLUSTER_DEVICE = "ray"
 
 
 def normalize_device(device: str) -> str:

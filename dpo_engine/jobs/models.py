@@ -82,6 +82,7 @@ class JobRow(Base):
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     resumable: Mapped[bool] = mapped_column(Boolean, default=False)
+    submitted_by: Mapped[str | None] = mapped_column(String(256), nullable=True)  # schema version 2
 
 
 class WorkerRow(Base):
@@ -127,6 +128,7 @@ class Job(BaseModel):
     result: dict[str, Any] | None = None
     attempts: int = 0
     resumable: bool = False
+    submitted_by: str | None = None
 
     @classmethod
     def from_row(cls, row: JobRow) -> "Job":
@@ -147,6 +149,15 @@ class Job(BaseModel):
     @property
     def log_path(self) -> Path:
         return Path(self.run_dir) / "log.txt"
+
+
+class SchemaVersionRow(Base):
+    """One row holding the schema version this database was last upgraded to (see `schema.py`)."""
+
+    __tablename__ = "schema_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
 
 
 class WorkerInfo(BaseModel):

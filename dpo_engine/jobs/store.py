@@ -22,10 +22,9 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from dpo_engine.jobs.devices import normalize_device
+from dpo_engine.jobs.devices import CLUSTER_DEVICE, normalize_device
 from dpo_engine.jobs.executors import known_kinds
 from dpo_engine.jobs.models import (
     CANCELLED,
@@ -42,6 +41,7 @@ from dpo_engine.jobs.models import (
     WorkerRow,
     utcnow,
 )
+from dpo_engine.jobs.schema import upgrade_schema
 from dpo_engine.workspace import Workspace
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -118,15 +118,9 @@ class JobStore:
         return cls(ws.db_url, runs_dir=ws.runs_dir)
 
     def _create_tables(self) -> None:
-        # Check-then-create must hold the write lock from the start: on SQLite a deferred
-        # transaction that upgrades to writing fails at once ("database is locked") when another
-        # process is doing the same, instead of waiting for it.
-        try:
-            Base.metadata.create_all(self._write_engine)
-        except OperationalError as exc:  # another backend's race: the tables appeared meanwhile
-            if "already exists" not in str(exc):
-                raise
-            Base.metadata.create_all(self._write_engine)
+        # The write engine starts SQLite transactions with BEGIN IMMEDIATE, so the check-then-create
+        # holds the write lock from the start instead of failing when another process does the same.
+        upgrade_schema(self._write_engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -159,8 +153,11 @@ class JobStore:
         run_id: str | None = None,
         requested_device: str | None = None,
         priority: int = 0,
+        submitted_by: str | None = None,
     ) -> Job:
-        """Queue a job and create its run directory. Lower `priority` values run first."""
+        """Queue a job and create its run directory. Lower `priority` values run first.
+
+        `submitted_by` names who queued it (the signed-in user in a team deployment)."""
         if self.runs_dir is None:
             raise ValueError("this JobStore has no runs directory; create it with JobStore.for_workspace(ws)")
         executors = known_kinds()
@@ -198,6 +195,7 @@ class JobStore:
                 cancel_requested=False,
                 attempts=0,
                 resumable=False,
+                submitted_by=submitted_by or None,
             )
             s.add(row)
             s.flush()
@@ -234,10 +232,31 @@ class JobStore:
     def claim(self, worker_id: str, device: str) -> Job | None:
         """Atomically take the next queued job this device may run, or None when there is none."""
         device = normalize_device(device)
+        return self._claim(
+            or_(JobRow.requested_device.is_(None), JobRow.requested_device == device),
+            worker_id=worker_id,
+            device=device,
+            message=f"started on {device} by {worker_id}",
+        )
+
+    def claim_for_cluster(self, dispatcher_id: str, gpus: bool) -> Job | None:
+        """Take the next queued job for a cluster scheduler (any CPU job; GPU jobs only when `gpus`).
+
+        The job is RUNNING from here on, with no device yet: the cluster places it, and the task
+        that runs it takes it over with `hand_over` once it has started on a node.
+        """
+        accepted = JobRow.requested_device.is_(None) | (JobRow.requested_device == "cpu")
+        if gpus:
+            accepted = accepted | JobRow.requested_device.like("cuda:%")
+        return self._claim(
+            accepted, worker_id=dispatcher_id, device=None, message=f"waiting for cluster resources ({dispatcher_id})"
+        )
+
+    def _claim(self, accepted, *, worker_id: str, device: str | None, message: str) -> Job | None:
         candidates = (
             select(JobRow.id)
             .where(JobRow.status == QUEUED)
-            .where(or_(JobRow.requested_device.is_(None), JobRow.requested_device == device))
+            .where(accepted)
             .order_by(JobRow.priority, JobRow.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -259,13 +278,31 @@ class JobStore:
                         heartbeat_at=now,
                         finished_at=None,
                         attempts=JobRow.attempts + 1,
-                        message=f"started on {device} by {worker_id}",
+                        message=message,
                     )
                     .execution_options(synchronize_session=False)
                 ).rowcount
                 if won == 1:
                     return Job.from_row(self._row(s, job_id))
         return None
+
+    def hand_over(self, job_id: int, from_worker: str, to_worker: str, device: str) -> Job | None:
+        """Pass a running job from the process that claimed it to the one that runs it.
+
+        Atomic: returns None (and changes nothing) when the job is no longer running under
+        `from_worker`, e.g. it was cancelled or reaped while it waited for cluster resources.
+        """
+        device = normalize_device(device)
+        with self._write() as s:
+            moved = s.execute(
+                update(JobRow)
+                .where(JobRow.id == int(job_id), JobRow.status == RUNNING, JobRow.worker_id == from_worker)
+                .where(JobRow.cancel_requested.is_(False))
+                .values(worker_id=to_worker, device=device, heartbeat_at=utcnow(),
+                        message=f"started on {device} by {to_worker}")
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            return Job.from_row(self._row(s, job_id)) if moved == 1 else None
 
     def set_progress(self, job_id: int, fraction: float, message: str = "") -> None:
         """Record progress (0..1) and, when given, a status message; also counts as a heartbeat."""
@@ -402,7 +439,8 @@ class JobStore:
             if row is None:
                 row = WorkerRow(id=worker_id, started_at=now)
                 s.add(row)
-            row.hostname, row.pid, row.device = hostname, int(pid), normalize_device(device)
+            row.hostname, row.pid = hostname, int(pid)
+            row.device = device if device == CLUSTER_DEVICE else normalize_device(device)
             row.last_seen, row.stopped_at, row.current_job_id = now, None, None
             s.flush()
             return WorkerInfo.from_row(row)

@@ -88,6 +88,8 @@ class Worker:
         lost_timeout_s: float = 30.0,
         cancel_grace_s: float = 5.0,
         store: JobStore | None = None,
+        worker_id: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         for name, value in (("poll_s", poll_s), ("heartbeat_s", heartbeat_s), ("cancel_grace_s", cancel_grace_s)):
             if not value > 0:
@@ -103,7 +105,8 @@ class Worker:
         self.lost_timeout_s, self.cancel_grace_s = float(lost_timeout_s), float(cancel_grace_s)
         self.store = store or JobStore.for_workspace(workspace)
         self.hostname = socket.gethostname()
-        self.worker_id = f"{self.hostname}-{os.getpid()}-{os.urandom(2).hex()}"
+        self.worker_id = worker_id or f"{self.hostname}-{os.getpid()}-{os.urandom(2).hex()}"
+        self.extra_env = dict(extra_env or {})
         self._stop_signal: int | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -166,7 +169,7 @@ class Worker:
     # ---- one job ---------------------------------------------------------------------------
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = dict(os.environ, **self.extra_env)
         # the child runs with the run directory as cwd; keep this package importable from a checkout
         package_root = str(Path(dpo_engine.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
