@@ -32,7 +32,7 @@ def test_train_submits_a_job(workspace, tmp_path):
 
 
 def test_train_foreground_writes_run_dir(workspace, tmp_path):
-    run = tmp_path / "run"
+    run = workspace.runs_dir / "cli-run"
     res = CliRunner().invoke(app, [
         "train", str(_toy_file(tmp_path)), "--model", "tiny-random", "--kernel", "none", "--gamma", "0",
         "--divergence", "none", "--max-steps", "2", "--batch-size", "4", "--no-htsr", "--foreground",

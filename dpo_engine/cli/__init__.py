@@ -1,7 +1,8 @@
 """`dpo-kernels`: a thin command-line shell over the engine.
 
 Each concern adds its commands from its own module through `register(app)`, so the CLI stays a
-list of thin wrappers and no module here holds engine logic.
+list of thin wrappers and no module here holds engine logic. Errors are handled centrally: every
+command is wrapped once (`install_error_handling`), so bad input gives one line and exit 2.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import importlib
 
 import typer
 
+from dpo_engine.cli.common import document_defaults, install_error_handling, run_cli
+
 app = typer.Typer(
     name="dpo-kernels",
     help="DPO-Kernels Studio: diagnose preference data, train kernelized DPO, present the results.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: every default and allowed value printed in full, never cut
 )
 
 # Modules that contribute commands; each exposes register(app: typer.Typer).
@@ -38,6 +42,10 @@ for _name in _COMMAND_MODULES:
         continue
     _module.register(app)
 
+# One place maps the engine's input errors to one-line messages for every command (see common.py).
+document_defaults(app)
+install_error_handling(app)
+
 
 def main() -> None:
-    app()
+    run_cli(app)

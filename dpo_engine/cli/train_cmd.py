@@ -1,101 +1,239 @@
-"""`dpo-kernels train` and `dpo-kernels htsr`: submit a job, or run it here with --foreground."""
+"""`dpo-kernels train` and `dpo-kernels htsr`: submit a job, or run it here with --foreground.
+
+`train`'s flags are generated from `TrainConfig`: one flag per setting, its help text the field's
+description (the same text the Train form shows), its allowed values and its default. A setting
+added to the config therefore appears here by itself. Flags left unset do not override `--config`.
+
+Every input is checked before anything is written: a rejected `train` leaves no run directory and
+no job behind (the config is validated, the dataset opened and checked, a local model directory
+inspected, and only then is a job submitted or a run directory created).
+"""
 
 from __future__ import annotations
 
+import inspect
 import time
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
+from pydantic import BaseModel
 
-from dpo_engine.cli.common import WorkspaceOption, fail, print_json, workspace
+from dpo_engine.cli.common import WorkspaceOption, fail, path_inside, print_json, workspace
+
+# Settings whose own field name would be ambiguous ("name") keep the short flags users know.
+FLAG_NAMES = {"model.name": "model", "method.kernel.name": "kernel", "method.divergence.name": "divergence"}
+POSITIONAL = {"data.dataset"}  # the DATASET argument
 
 
-def _overrides(**flags: Any) -> dict[str, Any]:
-    """CLI flags -> dotted TrainConfig keys (flags left unset do not override the config file)."""
-    mapping = {
-        "model": "model.name", "kernel": "method.kernel.name", "divergence": "method.divergence.name",
-        "beta": "method.loss.beta", "gamma": "method.loss.gamma", "alpha": "method.divergence.alpha",
-        "epsilon_dpo": "method.loss.epsilon_dpo", "embedding_source": "method.embedding_source",
-        "max_steps": "optimisation.max_steps", "epochs": "optimisation.epochs",
-        "batch_size": "optimisation.batch_size", "grad_accum": "optimisation.grad_accum", "lr": "optimisation.lr",
-        "max_length": "data.max_length", "lora": "model.lora", "eval_every": "monitoring.eval_every",
-        "snapshot_every": "monitoring.snapshot_every", "seed": "optimisation.seed", "htsr": "monitoring.htsr",
-    }
-    out = {mapping[k]: v for k, v in flags.items() if v is not None}
-    if flags.get("epochs") is not None and flags.get("max_steps") is None:
-        out["optimisation.max_steps"] = None
+@dataclass(frozen=True)
+class ConfigFlag:
+    """One `train` flag bound to a dotted TrainConfig path."""
+
+    path: str
+    param: str  # python identifier of the callback parameter
+    flag: str  # --like-this
+    annotation: Any
+    is_bool: bool
+    is_list: bool
+    help: str
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, Any, Any]]:
+    """(dotted path, field name, annotation, FieldInfo) of every non-group field, depth first."""
+    out = []
+    for name, info in model.model_fields.items():
+        annotation = _unwrap_optional(info.annotation)
+        if _is_model(annotation):
+            out.extend(_leaves(annotation, f"{prefix}{name}."))
+        else:
+            out.append((f"{prefix}{name}", name, annotation, info))
     return out
 
 
-def build_config(dataset: str, config_file: Optional[Path], **flags: Any):
-    from pydantic import ValidationError
+def _value_text(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "empty"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
+
+def _bounds_text(info: Any) -> str:
+    import annotated_types as at
+
+    parts = []
+    for meta in info.metadata:
+        for cls, symbol, attr in ((at.Ge, "≥", "ge"), (at.Gt, ">", "gt"), (at.Le, "≤", "le"), (at.Lt, "<", "lt")):
+            if isinstance(meta, cls):
+                parts.append(f"{symbol} {getattr(meta, attr):g}")
+    return " and ".join(parts)
+
+
+def _help_text(annotation: Any, info: Any) -> str:
+    text = (info.description or "").rstrip(".")
+    allowed = ""
+    if typing.get_origin(annotation) is Literal:
+        allowed = ", ".join(map(str, typing.get_args(annotation)))
+    elif annotation in (int, float):
+        allowed = _bounds_text(info)
+        allowed = f"{'integer' if annotation is int else 'number'}{' ' + allowed if allowed else ''}"
+    elif typing.get_origin(annotation) is list:
+        allowed = "comma-separated list"
+    default = info.get_default(call_default_factory=True) if not info.is_required() else None
+    parts = [text + "."]
+    if allowed:
+        parts.append(f"Allowed: {allowed}.")
+    parts.append(f"Default: {_value_text(default)}.")
+    return " ".join(parts)
+
+
+def config_flags() -> list[ConfigFlag]:
+    """One flag per TrainConfig setting (names disambiguated by their group when they clash)."""
+    from dpo_engine.train.config import TrainConfig
+
+    leaves = [leaf for leaf in _leaves(TrainConfig) if leaf[0] not in POSITIONAL]
+    counts: dict[str, int] = {}
+    for _, name, _, _ in leaves:
+        counts[name] = counts.get(name, 0) + 1
+    flags = []
+    for path, name, annotation, info in leaves:
+        if path in FLAG_NAMES:
+            flag = FLAG_NAMES[path]
+        elif counts[name] > 1 or len(name) < 3:
+            flag = f"{path.split('.')[-2]}_{name}"
+        else:
+            flag = name
+        flags.append(ConfigFlag(path=path, param=flag, flag="--" + flag.replace("_", "-"), annotation=annotation,
+                                is_bool=annotation is bool, is_list=typing.get_origin(annotation) is list,
+                                help=_help_text(annotation, info)))
+    return flags
+
+
+# ---------------------------------------------------------------- config from flags
+
+def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[str, Any]):
+    """TrainConfig from an optional JSON/YAML file, the dataset argument and the flags given.
+
+    Raises pydantic's ValidationError, ValueError or a YAML error; the CLI turns them into one line.
+    """
     from dpo_engine.train.config import TrainConfig, set_dotted
 
     raw: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            raw = TrainConfig.from_file(config_file).model_dump(mode="json")
-        except (FileNotFoundError, ValueError) as exc:
-            fail(str(exc))
-    overrides = _overrides(**flags)
+        raw = TrainConfig.from_file(config_file, **{"data.dataset": dataset}).model_dump(mode="json")
     set_dotted(raw, "data.dataset", dataset)
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-        fail(f"invalid training config: {problems}")
+    by_param = {f.param: f for f in config_flags()}
+    for param, value in flag_values.items():
+        if value is None:
+            continue
+        spec = by_param[param]
+        if spec.is_list:
+            value = [item.strip() for item in str(value).split(",") if item.strip()]
+        set_dotted(raw, spec.path, value)
+    if flag_values.get("epochs") is not None and flag_values.get("max_steps") is None:
+        set_dotted(raw, "optimisation.max_steps", None)
+    return TrainConfig.model_validate(raw)
 
 
-def train(
-    dataset: str = typer.Argument(..., help="Dataset id/name in the workspace, or a preference file."),
-    model: Optional[str] = typer.Option(None, "--model", help="smollm2-135m-instruct, tiny-random, a local dir or cached id."),
-    kernel: Optional[str] = typer.Option(None, "--kernel", help="none, rbf, polynomial, spectral, mahalanobis, mixture, hmk."),
-    divergence: Optional[str] = typer.Option(None, "--divergence", help="none, kl, js, hellinger, renyi, bhattacharyya, wasserstein, fdiv."),
-    beta: Optional[float] = typer.Option(None, "--beta"),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="Weight of the kernel margin."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the divergence regulariser."),
-    epsilon_dpo: Optional[float] = typer.Option(None, "--epsilon-dpo", help="epsilon-DPO adaptive beta (0 = fixed)."),
-    embedding_source: Optional[str] = typer.Option(None, "--embedding-source", help="policy or encoder."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    epochs: Optional[float] = typer.Option(None, "--epochs"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    max_length: Optional[int] = typer.Option(None, "--max-length"),
-    lora: Optional[bool] = typer.Option(None, "--lora/--no-lora"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
-    snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON or YAML TrainConfig; flags override it."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (foreground only; default runs/<run_id>)."),
-    foreground: bool = typer.Option(False, "--foreground", help="Train in this process with a progress bar."),
-    no_htsr: bool = typer.Option(False, "--no-htsr", help="Skip the WeightWatcher analysis."),
-    workspace_path: Optional[str] = WorkspaceOption,
-) -> None:
-    """Train DPO-Kernels on a dataset: submit a job (default) or run it here (--foreground)."""
-    if max_steps is not None and epochs is not None:
+def check_inputs(cfg, ws) -> None:
+    """Refuse a run whose dataset or local model cannot be used, before anything is written."""
+    from dpo_engine.data import open_dataset
+    from dpo_engine.models.loading import model_directory
+    from dpo_engine.train.data import check_pairs
+
+    check_pairs(open_dataset(ws, cfg.data.dataset).table)
+    if Path(cfg.model.name).expanduser().is_dir():
+        model_directory(cfg.model.name, workspace=ws)  # raises UnknownModelError without config.json
+
+
+# ---------------------------------------------------------------- commands
+
+def _train(dataset: str, config: Optional[Path], run_dir: Optional[Path], foreground: bool,
+           workspace_path: Optional[str], **flag_values: Any) -> None:
+    """Train DPO-Kernels on a dataset: submit a job (default) or run it here (--foreground).
+
+    Every setting of the training config has a flag below; --config FILE reads a JSON or YAML
+    TrainConfig and the flags given override it.
+    """
+    if flag_values.get("max_steps") is not None and flag_values.get("epochs") is not None:
         fail("give --max-steps or --epochs, not both")
-    cfg = build_config(
-        dataset, config, model=model, kernel=kernel, divergence=divergence, beta=beta, gamma=gamma, alpha=alpha,
-        epsilon_dpo=epsilon_dpo, embedding_source=embedding_source, max_steps=max_steps, epochs=epochs,
-        batch_size=batch_size, grad_accum=grad_accum, lr=lr, max_length=max_length, lora=lora,
-        eval_every=eval_every, snapshot_every=snapshot_every, seed=seed, htsr=False if no_htsr else None,
-    )
+    if run_dir is not None and not foreground:
+        fail("--run-dir needs --foreground (submitted jobs get runs/<run_id>)")
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        dataset = str(path.resolve())  # a worker may run elsewhere: hand it an absolute path
+    cfg = build_config(dataset, config, flag_values)
     ws = workspace(workspace_path)
+    if run_dir is not None:
+        run_dir = path_inside(run_dir, ws.runs_dir, "--run-dir")
+    check_inputs(cfg, ws)
     title = f"train {cfg.model.name} {cfg.method.kernel.name}+{cfg.method.divergence.name} on {Path(dataset).name}"
     if not foreground:
-        if run_dir is not None:
-            fail("--run-dir needs --foreground (submitted jobs get runs/<run_id>)")
         from dpo_engine.jobs import JobStore
 
         job = JobStore.for_workspace(ws).submit("train", cfg.resolved(), title=title)
         typer.echo(job.run_id)
         return
     _train_foreground(cfg, ws, run_dir)
+
+
+def _train_signature() -> tuple[inspect.Signature, dict[str, Any]]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("dataset", kw, annotation=str, default=typer.Argument(
+            ..., help="Dataset id/name in the workspace, or a preference file (JSONL, JSON, CSV, Parquet, .gz).")),
+    ]
+    for spec in config_flags():
+        decl = f"{spec.flag}/--no-{spec.flag[2:]}" if spec.is_bool else spec.flag
+        annotation = Optional[bool] if spec.is_bool else Optional[str] if spec.is_list else Optional[spec.annotation]
+        if typing.get_origin(spec.annotation) is Literal:
+            annotation = Optional[str]
+        params.append(inspect.Parameter(spec.param, kw, annotation=annotation,
+                                        default=typer.Option(None, decl, help=spec.help, show_default=False)))
+    params += [
+        inspect.Parameter("config", kw, annotation=Optional[Path], default=typer.Option(
+            None, "--config", help="JSON or YAML TrainConfig; the flags given override it. Default: none.",
+            show_default=False)),
+        inspect.Parameter("run_dir", kw, annotation=Optional[Path], default=typer.Option(
+            None, "--run-dir", help="Run directory inside the workspace (foreground only). Default: runs/<date>-train.",
+            show_default=False)),
+        inspect.Parameter("foreground", kw, annotation=bool, default=typer.Option(
+            False, "--foreground", help="Train in this process with a progress bar instead of submitting a job.")),
+        inspect.Parameter("workspace_path", kw, annotation=Optional[str], default=WorkspaceOption),
+    ]
+    return inspect.Signature(params), {p.name: p.annotation for p in params}
+
+
+def make_train_command():
+    """The `train` callback with one keyword parameter per flag (typer reads the signature)."""
+
+    def train(**kwargs: Any) -> None:
+        fixed = {k: kwargs.pop(k) for k in ("dataset", "config", "run_dir", "foreground", "workspace_path")}
+        _train(**fixed, **kwargs)
+
+    signature, annotations = _train_signature()
+    train.__signature__ = signature  # type: ignore[attr-defined]
+    train.__annotations__ = annotations
+    train.__doc__ = _train.__doc__
+    return train
 
 
 def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
@@ -121,14 +259,34 @@ def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
         fail(summary.get("error") or f"training {summary.get('status')}", code=1)
 
 
+def _check_analysable(model: str) -> None:
+    """A registry name, a cached id, or a directory holding a model or a LoRA adapter."""
+    from dpo_engine.models import UnknownModelError, is_known_model
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise UnknownModelError(f"{path} is a directory but holds no Hugging Face model (no config.json) "
+                                    "and no LoRA adapter (no adapter_config.json)")
+    elif not is_known_model(model):
+        raise UnknownModelError(f"unknown model {model!r}: give smollm2-135m-instruct, tiny-random, a local model "
+                                "directory or a run's model/ directory")
+
+
 def htsr(
-    model: str = typer.Argument(..., help="Model name, local directory, or a run's model/ directory."),
+    model: str = typer.Argument(..., help="Model name (smollm2-135m-instruct, tiny-random), a local directory, or a run's model/ directory."),
     foreground: bool = typer.Option(False, "--foreground", help="Analyse in this process instead of submitting a job."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where to write htsr.csv (foreground only)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", show_default=False,
+                                           help="Where to write htsr.csv, inside the workspace (foreground only). Default: runs/<date>-htsr."),
     workspace_path: Optional[str] = WorkspaceOption,
 ) -> None:
     """WeightWatcher HT-SR analysis of a model: per-layer alpha and the weighted alpha."""
     ws = workspace(workspace_path)
+    _check_analysable(model)
+    if run_dir is not None:
+        if not foreground:
+            fail("--run-dir needs --foreground (submitted jobs get runs/<run_id>)")
+        run_dir = path_inside(run_dir, ws.runs_dir, "--run-dir")
     if not foreground:
         from dpo_engine.jobs import JobStore
 
@@ -136,16 +294,12 @@ def htsr(
         typer.echo(job.run_id)
         return
     from dpo_engine.analysis.htsr_job import analyze_into
-    from dpo_engine.models import UnknownModelError
 
     run_dir = run_dir or ws.run_dir(time.strftime("%Y%m%d-%H%M%S") + "-htsr")
-    try:
-        summary = analyze_into(model, run_dir, workspace=ws)
-    except (UnknownModelError, ValueError) as exc:
-        fail(str(exc))
+    summary = analyze_into(model, run_dir, workspace=ws)
     print_json({**summary, "run_dir": str(run_dir)})
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    app.command("train")(make_train_command())
     app.command("htsr")(htsr)

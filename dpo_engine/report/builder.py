@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,17 @@ class _Figures:
                            div_id=f"figure-{self.count}", config={"displaylogo": False})
 
 
+_PLAIN_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 def resolve_run_dir(workspace, run_or_job_id: str) -> tuple[str, Path]:
-    """A run id (directory name under runs/) or a numeric job id -> (run_id, run_dir)."""
+    """A run id (directory name under runs/) or a numeric job id -> (run_id, run_dir).
+
+    Only plain names are accepted, so an id can never point outside the workspace's runs/.
+    """
     key = str(run_or_job_id).strip()
+    if not _PLAIN_RUN_ID.match(key) or ".." in key:
+        raise ReportError(f"{key!r} is not a run id (a plain name under {workspace.runs_dir}, or a job number)")
     direct = workspace.run_dir(key)
     if direct.is_dir():
         return key, direct
