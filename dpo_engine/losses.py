@@ -74,6 +74,28 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
     return (token_logp * mask).sum(-1)
 
 
+def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """log π(label_n | context_n) for N scored positions: logits (N × V), labels (N,) -> (N,).
+
+    The flat counterpart of `sequence_logps` for batches that index their response tokens
+    (packed pairs, logits computed at response positions only): gather minus logsumexp, in at
+    least float32, with no log-softmax of the whole vocabulary kept.
+    """
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (N x V) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    vocab = logits.shape[-1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+        raise ValueError(f"labels must lie in [0, {vocab}), got range [{int(labels.min())}, {int(labels.max())}]")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sum_by_sequence(values: Tensor, sequence: Tensor, n_sequences: int) -> Tensor:
+    """Per-sequence sums of per-token values: out[s] = sum of values[n] with sequence[n] == s -> (n_sequences,)."""
+    out = torch.zeros(n_sequences, dtype=values.dtype, device=values.device)
+    return out.index_add(0, sequence, values)
+
+
 def masked_mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """Mean of hidden states over the masked tokens, L2-normalised -> (B × H)."""
     if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
@@ -195,6 +217,33 @@ def epsilon_dpo_steps(
         chosen = _log_ratio(policy_logits_chosen, ref_logits_chosen, labels_chosen, mask_chosen, t)
         rejected = _log_ratio(policy_logits_rejected, ref_logits_rejected, labels_rejected, mask_rejected, t)
         ratios.append(chosen - rejected)
+    minus, mid, plus = ratios
+    up = (plus > mid) & (mid > minus)
+    down = (minus > mid) & (mid > plus)
+    return up.to(torch.int64) - down.to(torch.int64)
+
+
+@torch.no_grad()
+def epsilon_dpo_steps_tokens(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    sequence: Tensor,
+    n_pairs: int,
+    epsilon: float,
+) -> Tensor:
+    """`epsilon_dpo_steps` on flat response tokens: logits (N × V) at scored positions, labels (N,),
+    sequence (N,) in [0, 2B) (chosen 0..B-1, rejected B..2B-1) -> steps (B,) in {-1, 0, +1}."""
+    if not 0.0 < epsilon < 1.0:
+        raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}")
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
+    z, z_ref = policy_logits.to(dtype), ref_logits.to(dtype)
+    ratios = []
+    for t in (-epsilon, 0.0, epsilon):
+        seq = sum_by_sequence(token_logps((1.0 + t) * z - t * z_ref, labels), sequence, 2 * n_pairs)
+        ratios.append(seq[:n_pairs] - seq[n_pairs:])
     minus, mid, plus = ratios
     up = (plus > mid) & (mid > minus)
     down = (minus > mid) & (mid > plus)

@@ -31,10 +31,14 @@ class DataConfig(_Strict):
     min_eval_pairs: int = Field(32, ge=1, description="Hold out at least this many pairs, whatever the fraction.")
     max_pairs: int | None = Field(None, ge=2, description="Use only the first N pairs of the dataset (empty = all).")
     max_length: int = Field(256, ge=8, description="Maximum tokens of prompt + response; longer responses are cut.")
-    max_prompt_length: int = Field(128, ge=4, description="Maximum prompt tokens; longer prompts keep their end.")
+    max_prompt_length: int | None = Field(
+        None, ge=4, description="Maximum prompt tokens; longer prompts keep their end. Empty = half of max_length."
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> "DataConfig":
+        if self.max_prompt_length is None:
+            self.max_prompt_length = max(4, self.max_length // 2)
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
@@ -106,6 +110,14 @@ class OptimConfig(_Strict):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
     seed: int = Field(0, description="Seed of the split, data order, LoRA init, dropout and the representation projection.")
+    reference_cache: bool = Field(
+        True, description="Keep the reference model's log-probs per pair in the workspace and skip its forward pass "
+        "when they are known (objectives that need the reference's token distributions still run it)."
+    )
+    pack_pairs: bool = Field(
+        True, description="Put prompt, chosen and rejected in one sequence with a block attention mask, so the shared "
+        "prompt is computed once per pair instead of twice."
+    )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "OptimConfig":
@@ -125,6 +137,12 @@ class MonitoringConfig(_Strict):
     htsr: bool = Field(True, description="WeightWatcher layer analysis before and after training.")
     eval_divergences: bool = Field(
         True, description="Log all seven token divergences at every eval (the Wasserstein one costs most); off writes them as empty."
+    )
+    divergence_pairs: int = Field(
+        8, ge=1, description="Held-out pairs (a fixed subset) on which the seven divergence traces are computed at each eval."
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list, description="Also send metrics.jsonl and eval.jsonl rows to these trackers (empty = none)."
     )
 
 

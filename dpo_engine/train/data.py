@@ -2,7 +2,8 @@
 
 Prompts are rendered through the tokenizer's chat template when it has one (a user turn plus the
 generation prompt) and responses are appended as assistant text + EOS, so the policy sees pairs the
-way it was instruction-tuned. Stacking chosen over rejected lets one forward pass serve both.
+way it was instruction-tuned. Two batch layouts: chosen and rejected as separate rows, or packed into
+one row per pair with a block attention mask so the shared prompt is computed once.
 """
 
 from __future__ import annotations
@@ -91,37 +92,116 @@ def split_train_eval(n: int, *, eval_fraction: float, min_eval_pairs: int, seed:
 
 @dataclass
 class Batch:
-    """2B sequences: rows [0, B) are chosen, rows [B, 2B) rejected, right-padded."""
+    """The model inputs for B pairs plus where each scored response token sits in them.
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_mask: torch.Tensor
-    response_mask: torch.Tensor
-    pair_ids: list[str]
+    Two layouts share this shape (see `collate` and `collate_packed`): every consumer reads the
+    model inputs, the response-token index (`token_rows`, `token_cols`: the position whose output
+    predicts the token; `token_labels`; `token_seq`: 0..B-1 for chosen, B..2B-1 for rejected) and the
+    pooling masks, never the layout itself.
+    """
+
+    input_ids: torch.Tensor  # (R × L)
+    attention_mask: torch.Tensor  # (R × L) padding mask, or (R × 1 × L × L) block mask when packed
+    position_ids: torch.Tensor | None
+    token_rows: torch.Tensor  # (N,)
+    token_cols: torch.Tensor  # (N,)
+    token_labels: torch.Tensor  # (N,)
+    token_seq: torch.Tensor  # (N,)
+    pool_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows holding prompt, chosen, rejected (B each)
+    pool_masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B × L) token masks for the same
+    pairs: list[TokenizedPair]
+    n_tokens: int  # tokens of the pairs as the plain layout reads them (prompt once per response)
+
+    @property
+    def pair_ids(self) -> list[str]:
+        return [p.pair_id for p in self.pairs]
 
     @property
     def n_pairs(self) -> int:
-        return len(self.pair_ids)
+        return len(self.pairs)
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_mask.to(device),
-                     self.response_mask.to(device), self.pair_ids)
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.position_ids), mv(self.token_rows),
+                     mv(self.token_cols), mv(self.token_labels), mv(self.token_seq),
+                     tuple(mv(t) for t in self.pool_rows), tuple(mv(t) for t in self.pool_masks),
+                     self.pairs, self.n_tokens)
+
+
+def _token_index(items: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, ...]:
+    if not items:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty, empty
+    rows, cols, labels, seq = torch.tensor(items, dtype=torch.long).unbind(-1)
+    return rows, cols, labels, seq
 
 
 def collate(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
+    """2B rows, chosen over rejected, right-padded to the batch's longest: the plain layout.
+
+    The response token at position t is predicted by position t - 1 of the same row; a response
+    with an empty prompt has no prediction for its first token.
+    """
     seqs, prompt_lens = [], []
     for half in ("chosen_ids", "rejected_ids"):
         for p in pairs:
             seqs.append(p.prompt_ids + getattr(p, half))
             prompt_lens.append(len(p.prompt_ids))
     width = max(len(s) for s in seqs)
-    n = len(seqs)
+    n, b = len(seqs), len(pairs)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.bool)
     prompt_mask = torch.zeros((n, width), dtype=torch.bool)
+    items = []
     for i, (s, lp) in enumerate(zip(seqs, prompt_lens)):
         input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         attention[i, : len(s)] = True
         prompt_mask[i, :lp] = True
+        items.extend((i, t - 1, s[t], i) for t in range(max(lp, 1), len(s)))
     response_mask = attention & ~prompt_mask
-    return Batch(input_ids, attention, prompt_mask, response_mask, [p.pair_id for p in pairs])
+    rows, cols, labels, seq = _token_index(items)
+    first, second = torch.arange(b), torch.arange(b, 2 * b)
+    return Batch(input_ids, attention, None, rows, cols, labels, seq, (first, first, second),
+                 (prompt_mask[:b], response_mask[:b], response_mask[b:]), list(pairs), int(attention.sum()))
+
+
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
+    """B rows, each prompt + chosen + rejected, so the shared prompt is computed once.
+
+    A block attention mask lets the prompt see itself (causally), the chosen response the prompt
+    and itself, and the rejected response the prompt and itself but not the chosen one; position ids
+    restart after the prompt for the rejected response. Each response token thus sees exactly the
+    context it has in the plain layout, and its log-probability is the same up to float rounding.
+    """
+    b = len(pairs)
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    width = max(lengths)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    segment = torch.full((b, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    items = []
+    for i, p in enumerate(pairs):
+        lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        input_ids[i, : lengths[i]] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        position_ids[i, : lp + lc] = torch.arange(lp + lc)
+        position_ids[i, lp + lc : lengths[i]] = torch.arange(lp, lp + lr)
+        position_ids[i, lengths[i] :] = torch.arange(width - lengths[i])
+        segment[i, :lp], segment[i, lp : lp + lc], segment[i, lp + lc : lengths[i]] = 0, 1, 2
+        for k, tok in enumerate(p.chosen_ids):
+            if lp + k >= 1:
+                items.append((i, lp + k - 1, tok, i))
+        for k, tok in enumerate(p.rejected_ids):
+            source = lp - 1 if k == 0 else lp + lc + k - 1
+            if source >= 0:
+                items.append((i, source, tok, b + i))
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    allowed = causal & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves, so no row is empty
+    rows, cols, labels, seq = _token_index(items)
+    all_rows = torch.arange(b)
+    return Batch(input_ids, allowed.unsqueeze(1), position_ids, rows, cols, labels, seq, (all_rows, all_rows, all_rows),
+                 (segment == 0, segment == 1, segment == 2), list(pairs),
+                 sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))

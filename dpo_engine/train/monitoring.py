@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from dpo_engine.train import rundir
-from dpo_engine.train.data import collate
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -44,30 +43,46 @@ class Monitoring:
         if final and rundir.read_jsonl(self.run_dir / rundir.EVAL)[-1:] and \
                 rundir.read_jsonl(self.run_dir / rundir.EVAL)[-1].get("step") == step:
             return  # the last step already coincided with an eval
+        t0 = time.perf_counter()
         row: dict[str, Any] = {"step": step}
-        row.update(self.evaluate())
-        if do_snap:
-            row["dbs"] = self.snapshot()
+        row.update(self.evaluate(snapshot=do_snap))
         if self.accelerator.is_main_process:
             rundir.append_jsonl(self.run_dir / rundir.EVAL, row)
+            self._track(row, step, "eval")
+        self._save_reference_cache()
+        cache = self.reference_cache
         self.log(f"eval step {step}: loss_pref {row['loss_pref']:.4f} reward_acc {row['reward_acc']:.3f}"
-                 + (f" dbs {row['dbs']:.3f}" if "dbs" in row else ""))
+                 + (f" dbs {row['dbs']:.3f}" if "dbs" in row else "")
+                 + (f" ({time.perf_counter() - t0:.1f}s; reference cache {cache.count()} pairs)" if cache is not None else ""))
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ evaluation and snapshots
+    def _eval_chunks(self) -> list[list]:
+        """Held-out pairs in batches that never straddle the divergence subset or the probe set,
+        so those prefixes get their extra outputs from the same passes."""
+        mon, bs, pairs = self.config.monitoring, self.config.optimisation.batch_size, self.eval_pairs
+        cuts = sorted({0, len(pairs), min(mon.divergence_pairs, len(pairs)), len(self.probe_pairs)})
+        return [pairs[i : min(i + bs, hi)] for lo, hi in zip(cuts, cuts[1:]) for i in range(lo, hi, bs)]
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, snapshot: bool = False) -> dict[str, Any]:
+        """Held-out preference metrics on every eval pair; the seven divergence traces on the first
+        `monitoring.divergence_pairs` of them; with `snapshot`, the probe set's representations
+        (written to snapshots/) and their Davies-Bouldin score as `dbs`."""
         from dpo_engine.divergences import all_token_divergences
 
         self.model.eval()
-        bs = self.config.optimisation.batch_size
+        mon = self.config.monitoring
         n = 0
         sums: dict[str, float] = {"loss_pref": 0.0, "reward_acc": 0.0, "hybrid_acc": 0.0,
                                   "reward_chosen": 0.0, "reward_rejected": 0.0}
-        div_sums: dict[str, float] = {}
+        div_sums: dict[str, float] = {key: 0.0 for key in rundir.EVAL_KEYS if key.startswith("div_")}
         positions = 0
-        for i in range(0, len(self.eval_pairs), bs):
-            batch = collate(self.eval_pairs[i : i + bs], self.tokenizer.pad_token_id).to(self.device)
-            terms = self._compute(batch, beta=self.state.beta, train=False, keep_logits=True)
+        chosen, rejected = [], []
+        for chunk in self._eval_chunks():
+            in_div = mon.eval_divergences and n < mon.divergence_pairs
+            in_probe = snapshot and n < len(self.probe_pairs)
+            batch = self._collate(chunk)
+            terms = self._compute(batch, beta=self.state.beta, train=False, keep_logits=in_div, want_reps=in_probe)
             out, b = terms.out, batch.n_pairs
             sums["loss_pref"] += float(out.loss_pref) * b
             sums["reward_acc"] += float((out.rho > 0).float().sum())
@@ -75,38 +90,53 @@ class Monitoring:
             sums["reward_chosen"] += float(out.reward_chosen.sum())
             sums["reward_rejected"] += float(out.reward_rejected.sum())
             n += b
-            n_pos = int(terms.loss_mask.sum())
-            if self.config.monitoring.eval_divergences:
-                divs = all_token_divergences(terms.policy_logits, terms.ref_logits, terms.loss_mask,
+            if in_div:
+                n_pos = terms.policy_logits.shape[0]
+                every = torch.ones((1, n_pos), dtype=torch.bool, device=terms.policy_logits.device)
+                divs = all_token_divergences(terms.policy_logits[None], terms.ref_logits[None], every,
                                              self.config.method.divergence, self._output_embeddings())
-            else:
-                divs = {key: float("nan") for key in rundir.EVAL_KEYS if key.startswith("div_")}
-            for key, value in divs.items():
-                div_sums[key] = div_sums.get(key, 0.0) + float(value) * n_pos
-            positions += n_pos
-        row = {k: v / n for k, v in sums.items()}
-        row.update({k: v / max(positions, 1) for k, v in div_sums.items()})
+                for key, value in divs.items():
+                    div_sums[key] += float(value) * n_pos
+                positions += n_pos
+            if in_probe:
+                chosen.append(terms.reps[1].cpu().numpy())
+                rejected.append(terms.reps[2].cpu().numpy())
+        row: dict[str, Any] = {k: v / n for k, v in sums.items()}
+        row.update({k: (v / positions if positions else float("nan")) for k, v in div_sums.items()})
+        if snapshot:
+            row["dbs"] = self._write_snapshot(np.concatenate(chosen), np.concatenate(rejected))
         return row
 
-    @torch.no_grad()
-    def snapshot(self) -> float:
+    def _write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:
         """Store probe-set h(y+), h(y-) under the current policy; return their Davies-Bouldin score."""
         from dpo_engine.analysis.dbs import davies_bouldin
 
-        self.model.eval()
-        chosen, rejected = [], []
-        bs = self.config.optimisation.batch_size
-        for i in range(0, len(self.probe_pairs), bs):
-            batch = collate(self.probe_pairs[i : i + bs], self.tokenizer.pad_token_id).to(self.device)
-            _, hidden = self._forward(self.model, batch, hidden=True)
-            _, h_c, h_r = self._pool(hidden, batch)
-            chosen.append(h_c.cpu().numpy())
-            rejected.append(h_r.cpu().numpy())
-        c = np.concatenate(chosen).astype(np.float16)
-        r = np.concatenate(rejected).astype(np.float16)
+        c, r = chosen.astype(np.float16), rejected.astype(np.float16)
         if self.accelerator.is_main_process:
             rundir.write_snapshot(self.run_dir, self.state.step, c, r, [p.pair_id for p in self.probe_pairs])
         return davies_bouldin(c, r)
+
+    def _save_reference_cache(self) -> None:
+        if getattr(self, "reference_cache", None) is not None and self.accelerator.is_main_process:
+            self.reference_cache.save()
+
+    # ------------------------------------------------------------------ trackers
+    def _track(self, row: dict[str, Any], step: int, split: str) -> None:
+        """Forward a metrics/eval row to the trackers named in monitoring.report_to (none by default)."""
+        report_to = self.config.monitoring.report_to
+        if not report_to:
+            return
+        if getattr(self, "_trackers", None) is None:
+            from dpo_engine.tracking import open_trackers
+
+            self._trackers = open_trackers(list(report_to), self.run_dir, self.run_dir.name, self.config.resolved())
+        self._trackers.log(row, step=step, split=split)
+
+    def _close_trackers(self) -> None:
+        trackers = getattr(self, "_trackers", None)
+        if trackers is not None:
+            trackers.close()
+            self._trackers = None
 
     # ------------------------------------------------------------------ HT-SR
     def _htsr(self, model, filename: str, label: str):
@@ -133,6 +163,7 @@ class Monitoring:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(self._trainable_state(), tmp / "weights.pt")
+        self._save_reference_cache()
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         if self.kernel is not None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import numpy as np
 import torch
 
 from dpo_engine.train import rundir
-from dpo_engine.train.data import check_pairs, collate, load_pairs, split_train_eval, tokenize_pairs
+from dpo_engine.train.data import check_pairs, load_pairs, split_train_eval, tokenize_pairs
+from dpo_engine.train.reference import ReferenceCache, model_key
 
 CALIBRATED_KERNELS = ("spectral", "mahalanobis", "mixture", "hmk")
 
@@ -69,6 +71,10 @@ class TrainingSetup:
         self.htsr_before = None
         if self.config.monitoring.htsr and not self._resuming:
             self.htsr_before = self._htsr(model, rundir.HTSR_BEFORE, "before")
+        self.reference_cache = None
+        if self.config.optimisation.reference_cache:  # keyed on the weights before any adapter is attached
+            self.reference_cache = ReferenceCache(self.workspace.root, model_key(model, self.compute_dtype, self.device))
+            self.log(f"reference cache: {self.reference_cache.count()} pair(s) known for this model")
         if mcfg.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -159,19 +165,29 @@ class TrainingSetup:
 
     @torch.no_grad()
     def _calibration_reps(self) -> torch.Tensor:
+        """Projected reference representations of the first calibration_pairs training pairs (3 per pair).
+
+        The pooled reference hidden states are cached with the log-probs, so a later run on the same
+        data skips this pass; computing them also fills the log-probs of these pairs."""
         pairs = self.train_pairs[: self.config.method.calibration_pairs]
-        chunks = []
         bs = self.config.optimisation.batch_size
-        for i in range(0, len(pairs), bs):
-            batch = collate(pairs[i : i + bs], self.tokenizer.pad_token_id).to(self.device)
-            if self.encoder_reps is not None:
-                h_x, h_c, h_r = self._encoder_batch(batch)
-            else:
-                with self._reference_context():
-                    _, hidden = self._forward(self._reference_model(), batch, hidden=True)
-                h_x, h_c, h_r = self._pool(hidden, batch)
-            chunks.append(torch.cat([h_x, h_c, h_r]).cpu())
-        return torch.cat(chunks)
+        if self.encoder_reps is not None:
+            chunks = [torch.cat(self._encoder_batch(self._collate(pairs[i : i + bs]))).cpu() for i in range(0, len(pairs), bs)]
+            return torch.cat(chunks)
+        cache = self.reference_cache if self.reference_cache is not None else ReferenceCache(None, "run")
+        todo = cache.missing("reps", pairs)
+        t0, done = time.perf_counter(), 0
+        for i in range(0, len(todo), bs):
+            chunk = todo[i : i + bs]
+            ref = self._reference_pass(self._collate(chunk), pool=True)
+            cache.put("reps", chunk, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
+            cache.store_logps(chunk, ref.logps)
+            done += len(chunk)
+            if done == len(todo) or (i // bs) % 10 == 9:
+                self.log(f"reference pass for calibration: {done}/{len(todo)} pairs ({time.perf_counter() - t0:.0f}s)")
+        cache.save()
+        pooled = torch.from_numpy(cache.get("reps", pairs)).to(self.device)  # B × 3 × H
+        return torch.cat([self._project(pooled[:, j]) for j in range(3)]).cpu()
 
     # ------------------------------------------------------------------ optimiser
     def _build_optimiser(self) -> None:

@@ -3,7 +3,10 @@
 Read top to bottom: `_micro_batch` picks the pairs (a pure function of seed and index, so a resumed
 run sees the same batches), `_forward` runs the model, `_compute` turns one batch into the loss terms
 (preference, kernel margin, divergence, entropy, ε-DPO steps), and `_train_step` accumulates, clips,
-steps the optimiser and returns the metrics.jsonl row. The trainer mixes this class in; the objects
+steps the optimiser and returns the metrics.jsonl row. Three things keep the step lean: pairs are
+packed so the shared prompt is computed once (data.collate_packed), the LM head runs on response
+tokens only, and the reference's log-probs come from the workspace cache (reference.py) whenever
+the objective needs nothing else from the reference. The trainer mixes this class in; the objects
 it uses (model, kernel, optimiser, state) are built by `setup.TrainingSetup`.
 """
 
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpo_engine.train.data import Batch, collate
+from dpo_engine.train.data import Batch, TokenizedPair, collate, collate_packed
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,10 +35,19 @@ class StepTerms:
 
     out: Any  # losses.LossOutput
     n_tokens: int
-    policy_logits: torch.Tensor | None = None
+    policy_logits: torch.Tensor | None = None  # (N × V) at the batch's response tokens
     ref_logits: torch.Tensor | None = None
-    loss_mask: torch.Tensor | None = None
     steps: torch.Tensor | None = None
+    reps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # projected h(x), h(y+), h(y-)
+
+
+@dataclass
+class ForwardOut:
+    """One model pass over a batch: response-token logits, sequence log-probs, pooled hidden states."""
+
+    logits: torch.Tensor  # (N × V), float32 or wider
+    logps: torch.Tensor  # (2B,) chosen then rejected
+    pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # masked means of the last hidden state (B × H)
 
 
 @dataclass
@@ -53,6 +65,11 @@ class TrainingStep:
     """Forward, objective and backward; mixed into DPOTrainer."""
 
     # ------------------------------------------------------------------ data order
+    def _collate(self, pairs: list[TokenizedPair]) -> Batch:
+        """The batch layout the config asks for: packed pairs (prompt once) or separate rows."""
+        build = collate_packed if self.config.optimisation.pack_pairs else collate
+        return build(pairs, self.tokenizer.pad_token_id).to(self.device)
+
     def _micro_batch(self, micro_index: int) -> Batch:
         """Micro-batch number `micro_index` of this process: a pure function of seed and index (exact resume)."""
         opt = self.config.optimisation
@@ -60,8 +77,7 @@ class TrainingStep:
         perm = np.random.default_rng([opt.seed, epoch]).permutation(len(self.train_pairs))
         nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
         start = (pos * nproc + rank) * opt.batch_size
-        chosen = [self.train_pairs[i] for i in perm[start : start + opt.batch_size]]
-        return collate(chosen, self.tokenizer.pad_token_id).to(self.device)
+        return self._collate([self.train_pairs[i] for i in perm[start : start + opt.batch_size]])
 
     # ------------------------------------------------------------------ models
     def _unwrapped(self):
@@ -84,59 +100,82 @@ class TrainingStep:
         h = F.normalize(h.float(), dim=-1)
         return F.normalize(h @ self.projection, dim=-1)
 
-    def _pool(self, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from dpo_engine.losses import masked_mean_pool
-
-        b = batch.n_pairs
-        h_x = masked_mean_pool(hidden[:b], batch.prompt_mask[:b])
-        h_c = masked_mean_pool(hidden[:b], batch.response_mask[:b])
-        h_r = masked_mean_pool(hidden[b:], batch.response_mask[b:])
-        return self._project(h_x), self._project(h_c), self._project(h_r)
-
     def _encoder_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = [self.encoder_reps[p] for p in batch.pair_ids]
         stack = [torch.stack([r[j] for r in rows]).to(self.device) for j in range(3)]
         return self._project(stack[0]), self._project(stack[1]), self._project(stack[2])
 
     # ------------------------------------------------------------------ forward and objective
-    def _forward(self, model, batch: Batch, *, hidden: bool):
-        with self.accelerator.autocast():
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
-                        output_hidden_states=hidden, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        return logits, (out.hidden_states[-1] if hidden else None)
+    def _forward(self, model, batch: Batch, *, pool: bool) -> ForwardOut:
+        """One pass; the LM head runs on the response tokens only (prompt and padding logits are never
+        formed), and log-probs come from a gather and a logsumexp, not a full log-softmax."""
+        from dpo_engine.losses import masked_mean_pool, sum_by_sequence, token_logps
 
-    def _compute(self, batch: Batch, *, beta: float, train: bool, keep_logits: bool = False) -> StepTerms:
-        """Loss terms for one batch (METHOD.md 2.1-2.7)."""
+        inner = self.accelerator.unwrap_model(model)
+        mask = batch.attention_mask
+        if mask.ndim == 2:
+            mask = mask.long()
+        elif getattr(inner.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        with self.accelerator.autocast():
+            out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                        output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            hidden = out.hidden_states[-1]
+            logits = inner.get_output_embeddings()(hidden[batch.token_rows, batch.token_cols])
+        logits = logits.float()
+        logps = sum_by_sequence(token_logps(logits, batch.token_labels), batch.token_seq, 2 * batch.n_pairs)
+        pooled = None
+        if pool:
+            pooled = tuple(masked_mean_pool(hidden[rows], m) for rows, m in zip(batch.pool_rows, batch.pool_masks))
+        return ForwardOut(logits, logps, pooled)
+
+    def _reference_pass(self, batch: Batch, *, pool: bool = False) -> ForwardOut:
+        """The reference model on a batch (no gradient); its log-probs go into the cache."""
+        with torch.no_grad(), self._reference_context():
+            ref = self._forward(self._reference_model(), batch, pool=pool)
+        if self.reference_cache is not None:
+            self.reference_cache.store_logps(batch.pairs, ref.logps)
+        return ref
+
+    def _compute(self, batch: Batch, *, beta: float, train: bool, keep_logits: bool = False,
+                 want_reps: bool = False) -> StepTerms:
+        """Loss terms for one batch (METHOD.md 2.1-2.7).
+
+        The reference runs live only when the objective needs its token distributions (a divergence
+        regulariser, ε-DPO's perturbed logits, `keep_logits` for the divergence traces) or its
+        log-probs are not cached yet; otherwise the cached log-probs stand in for it.
+        """
         from dpo_engine.divergences import token_divergence
-        from dpo_engine.losses import (embedding_margin, epsilon_dpo_beta_per_pair, epsilon_dpo_steps,
-                                       hybrid_dpo_loss, sequence_logps)
+        from dpo_engine.losses import embedding_margin, epsilon_dpo_beta_per_pair, epsilon_dpo_steps_tokens, hybrid_dpo_loss
 
         mcfg = self.config.method
-        lcfg = mcfg.loss
+        lcfg, dcfg = mcfg.loss, mcfg.divergence
         b = batch.n_pairs
-        labels = batch.input_ids[:, 1:]
-        lmask = batch.response_mask[:, 1:]
         use_kernel = self.kernel is not None and lcfg.gamma > 0
-        need_hidden = use_kernel and self.encoder_reps is None
+        use_div = train and dcfg.name != "none" and dcfg.alpha > 0
+        use_eps = train and lcfg.epsilon_dpo > 0
+        pool = want_reps or (use_kernel and self.encoder_reps is None)
 
-        logits, hidden = self._forward(self.model, batch, hidden=need_hidden)
-        with torch.no_grad(), self._reference_context():
-            ref_logits, _ = self._forward(self._reference_model(), batch, hidden=False)
-        logps = sequence_logps(logits, labels, lmask)
-        ref_logps = sequence_logps(ref_logits, labels, lmask)
-        self._check_finite(logps, "policy log-probabilities")
+        pol = self._forward(self.model, batch, pool=pool)
+        self._check_finite(pol.logps, "policy log-probabilities")
+        ref_logits, ref_logps = None, None
+        if not (use_div or use_eps or keep_logits) and self.reference_cache is not None:
+            ref_logps = self.reference_cache.lookup_logps(batch.pairs)
+        if ref_logps is None:
+            ref = self._reference_pass(batch)
+            ref_logits, ref_logps = ref.logits, ref.logps
+        ref_logps = ref_logps.to(device=pol.logps.device, dtype=pol.logps.dtype)
 
+        reps = tuple(self._project(h) for h in pol.pooled) if pol.pooled is not None else None
         m_emb = None
         if use_kernel:
-            h = self._encoder_batch(batch) if self.encoder_reps is not None else self._pool(hidden, batch)
-            m_emb = embedding_margin(self.kernel, *h)
+            m_emb = embedding_margin(self.kernel, *(self._encoder_batch(batch) if self.encoder_reps is not None else reps))
             self._check_finite(m_emb, "embedding margin (kernel term)")
 
-        dcfg = mcfg.divergence
         loss_div = None
-        if train and dcfg.name != "none" and dcfg.alpha > 0:
-            loss_div = token_divergence(dcfg, logits, ref_logits, lmask,
+        if use_div:
+            every = torch.ones((1, pol.logits.shape[0]), dtype=torch.bool, device=pol.logits.device)
+            loss_div = token_divergence(dcfg, pol.logits[None], ref_logits[None], every,
                                         output_embeddings=self._output_embeddings(), cfg=dcfg)
             self._check_finite(loss_div, f"divergence regulariser ({dcfg.name})")
 
@@ -144,12 +183,12 @@ class TrainingStep:
 
         steps = None
         beta_arg: float | torch.Tensor = beta
-        if train and lcfg.epsilon_dpo > 0:
-            with torch.no_grad():
-                steps = epsilon_dpo_steps(logits[:b], ref_logits[:b], labels[:b], lmask[:b],
-                                          logits[b:], ref_logits[b:], labels[b:], lmask[b:], lcfg.epsilon_dpo)
+        if use_eps:
+            steps = epsilon_dpo_steps_tokens(pol.logits, ref_logits, batch.token_labels, batch.token_seq, b,
+                                             lcfg.epsilon_dpo)
             beta_arg = epsilon_dpo_beta_per_pair(beta, steps, lcfg.epsilon_dpo)
 
+        logps = pol.logps
         out = hybrid_dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta=beta_arg, m_emb=m_emb,
                               gamma=lcfg.gamma, label_smoothing=lcfg.label_smoothing, loss_div=loss_div,
                               alpha=dcfg.alpha if loss_div is not None else 0.0, loss_entropy=loss_entropy)
@@ -157,9 +196,9 @@ class TrainingStep:
             value = getattr(out, name, None)
             if isinstance(value, torch.Tensor):
                 self._check_finite(value, name)
-        terms = StepTerms(out=out, n_tokens=int(batch.attention_mask.sum()), steps=steps)
+        terms = StepTerms(out=out, n_tokens=batch.n_tokens, steps=steps, reps=reps)
         if keep_logits:
-            terms.policy_logits, terms.ref_logits, terms.loss_mask = logits, ref_logits, lmask
+            terms.policy_logits, terms.ref_logits = pol.logits, ref_logits
         return terms
 
     def _check_finite(self, value: torch.Tensor, term: str) -> None:

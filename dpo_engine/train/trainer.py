@@ -116,6 +116,10 @@ class DPOTrainer(TrainingSetup, TrainingStep, Monitoring):
                 summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
                 self._write_summary(summary, t_start)
                 raise
+        finally:
+            if hasattr(self, "accelerator"):
+                self._save_reference_cache()
+            self._close_trackers()
         self._write_summary(summary, t_start)
         return summary
 
@@ -135,6 +139,7 @@ class DPOTrainer(TrainingSetup, TrainingStep, Monitoring):
                 step = self.state.step
                 if self.accelerator.is_main_process and (step % mon.log_every == 0 or step == self.total_steps):
                     rundir.append_jsonl(self.run_dir / rundir.METRICS, row)
+                    self._track(row, step, "train")
                 message = f"step {step}/{self.total_steps} loss {row['loss']:.4f} acc {row['reward_acc']:.2f}"
                 self._progress(step / self.total_steps, message)
                 if bar is not None:

@@ -1,0 +1,179 @@
+"""Every faster path of the training step equals the plain path it replaces.
+
+- packed pairs (prompt computed once, block attention mask) vs separate chosen/rejected rows, and
+  both vs an independent per-sequence forward with full logits and `sequence_logps`;
+- flat response-token log-probs and ε-DPO steps vs the padded (B × T × V) functions;
+- the workspace reference cache vs the live reference pass, and a whole run with every speed path
+  on vs every one off (losses, gradient norms, eval rows, ε-DPO beta).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpo_engine.losses import (epsilon_dpo_steps, epsilon_dpo_steps_tokens, sequence_logps, sum_by_sequence,
+                               token_logps)
+from dpo_engine.train import rundir
+from dpo_engine.train.config import TrainConfig
+from dpo_engine.train.data import TokenizedPair, collate, collate_packed
+from dpo_engine.train.reference import ReferenceCache, model_key, pair_key
+from dpo_engine.train.trainer import DPOTrainer, train
+from tests.test_train import make_config, toy_pairs
+
+
+def varied_pairs(n: int = 24) -> pd.DataFrame:
+    """Prompts and responses of different lengths, so padding and packing offsets differ per row."""
+    rng = np.random.default_rng(0)
+    words = "the sky is blue green red why how when what cat dog bird sun rain cloud".split()
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(words, size=k))
+
+    return pd.DataFrame({
+        "pair_id": [f"v{i}" for i in range(n)],
+        "prompt": [text(int(rng.integers(1, 12))) for _ in range(n)],
+        "chosen": [text(int(rng.integers(1, 15))) for _ in range(n)],
+        "rejected": [text(int(rng.integers(1, 15))) for _ in range(n)],
+    })
+
+
+@pytest.fixture
+def lora_trainer(workspace, tmp_path):
+    cfg = make_config(model={"lora": True, "lora_dropout": 0.0}, data={"max_length": 96, "max_prompt_length": 64})
+    trainer = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(), log=lambda m: None)
+    trainer.setup()
+    with torch.no_grad():  # move the adapters off zero so policy and reference differ
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return trainer
+
+
+def independent_logps(model, pairs: list[TokenizedPair]) -> torch.Tensor:
+    """Each sequence alone (no padding, no packing), full logits, the padded-tensor sequence_logps."""
+    out = []
+    for half in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            ids = torch.tensor([p.prompt_ids + getattr(p, half)])
+            logits = model(input_ids=ids).logits[:, :-1]
+            mask = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
+            mask[:, max(len(p.prompt_ids), 1) - 1 :] = True
+            out.append(sequence_logps(logits, ids[:, 1:], mask))
+    return torch.cat(out)
+
+
+def test_packed_and_plain_layouts_give_the_same_logps_and_states(lora_trainer):
+    tr = lora_trainer
+    pairs = tr.train_pairs[:6]
+    assert len({len(p.prompt_ids) for p in pairs}) > 1 and len({len(p.chosen_ids) for p in pairs}) > 1
+    plain_batch = collate(pairs, tr.tokenizer.pad_token_id)
+    packed_batch = collate_packed(pairs, tr.tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = tr._forward(tr.model, plain_batch, pool=True)
+        packed = tr._forward(tr.model, packed_batch, pool=True)
+        alone = independent_logps(tr.model, pairs)
+    np.testing.assert_allclose(packed.logps.numpy(), alone.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(plain.logps.numpy(), alone.numpy(), rtol=0, atol=1e-4)
+    assert packed_batch.input_ids.numel() < plain_batch.input_ids.numel()  # the prompt is read once
+    # Same response tokens in both (grouped by sequence, in order), same next-token logits.
+    by_seq = [torch.argsort(b.token_seq, stable=True) for b in (plain_batch, packed_batch)]
+    assert torch.equal(plain_batch.token_labels[by_seq[0]], packed_batch.token_labels[by_seq[1]])
+    np.testing.assert_allclose(packed.logits[by_seq[1]].numpy(), plain.logits[by_seq[0]].numpy(), rtol=0, atol=1e-4)
+    for a, b in zip(packed.pooled, plain.pooled):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
+
+
+def test_packed_gradients_equal_plain_gradients(lora_trainer):
+    tr = lora_trainer
+    pairs = tr.train_pairs[:4]
+    grads = []
+    for build in (collate, collate_packed):
+        tr.model.zero_grad(set_to_none=True)
+        out = tr._forward(tr.model, build(pairs, tr.tokenizer.pad_token_id), pool=False)
+        (out.logps[:4] - out.logps[4:]).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.requires_grad]))
+    np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_flat_token_logps_and_epsilon_steps_equal_the_padded_functions():
+    gen = torch.Generator().manual_seed(0)
+    b, t, v, eps = 3, 7, 11, 0.3
+    logits = torch.randn(2 * b, t, v, generator=gen) * 3
+    ref = logits + torch.randn(2 * b, t, v, generator=gen)
+    labels = torch.randint(0, v, (2 * b, t), generator=gen)
+    mask = torch.rand(2 * b, t, generator=gen) > 0.3
+    rows, cols = mask.nonzero().unbind(-1)
+    flat = sum_by_sequence(token_logps(logits[rows, cols], labels[rows, cols]), rows, 2 * b)
+    np.testing.assert_allclose(flat.numpy(), sequence_logps(logits, labels, mask).numpy(), rtol=1e-6, atol=1e-5)
+    padded = epsilon_dpo_steps(logits[:b], ref[:b], labels[:b], mask[:b], logits[b:], ref[b:], labels[b:], mask[b:], eps)
+    tokens = epsilon_dpo_steps_tokens(logits[rows, cols], ref[rows, cols], labels[rows, cols], rows, b, eps)
+    assert torch.equal(tokens, padded) and padded.abs().sum() > 0
+
+
+def test_reference_cache_equals_live_reference_and_survives_a_reload(lora_trainer, workspace):
+    tr = lora_trainer
+    pairs = tr.train_pairs[:4]
+    batch = tr._collate(pairs)
+    live = tr._reference_pass(batch).logps  # stores into the run's cache
+    cached = tr.reference_cache.lookup_logps(pairs)
+    np.testing.assert_array_equal(cached.float().numpy(), live.numpy())
+    tr.reference_cache.save()
+    reread = ReferenceCache(workspace.root, tr.reference_cache.path.stem)
+    np.testing.assert_array_equal(reread.lookup_logps(pairs).numpy(), cached.numpy())
+    assert reread.lookup_logps(tr.train_pairs[4:8]) is None  # never seen: a miss, not a guess
+    # The reference is the base model: its log-probs differ from the (moved) policy's.
+    with torch.no_grad():
+        policy = tr._forward(tr.model, batch, pool=False).logps
+    assert (policy - live).abs().max() > 1e-3
+
+
+def test_cache_keys_change_with_weights_precision_and_tokens():
+    model = torch.nn.Linear(4, 3)
+    key = model_key(model, torch.float32, torch.device("cpu"))
+    assert key == model_key(model, torch.float32, torch.device("cpu"))
+    assert key != model_key(model, torch.bfloat16, torch.device("cpu"))
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-6
+    assert key != model_key(model, torch.float32, torch.device("cpu"))
+    a = TokenizedPair("a", [1, 2], [3], [4, 5])
+    assert pair_key(a) == pair_key(TokenizedPair("other id", [1, 2], [3], [4, 5]))
+    assert pair_key(a) != pair_key(TokenizedPair("a", [1], [2, 3], [4, 5]))  # same tokens, other boundary
+    assert pair_key(a) != pair_key(TokenizedPair("a", [1, 2], [3], [4, 5, 6]))
+
+
+@pytest.mark.parametrize("method", [
+    {"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0}},
+    {"kernel": {"name": "hmk"}, "divergence": {"name": "js"}, "loss": {"gamma": 0.5, "epsilon_dpo": 0.05}},
+], ids=["plain-dpo", "hmk-js-epsilon"])
+def test_run_with_speed_paths_equals_run_without(workspace, tmp_path, method):
+    """Same config, every speed path on vs off: the same metrics, evals and ε-DPO beta; a second run
+    on the same workspace reads the reference cache and still matches."""
+    def run(name: str, fast: bool):
+        cfg = make_config(model={"lora": True, "lora_dropout": 0.0}, method=method,
+                          optimisation={"max_steps": 4, "pack_pairs": fast, "reference_cache": fast},
+                          monitoring={"eval_every": 2, "snapshot_every": 2, "eval_divergences": True,
+                                      "divergence_pairs": 4})
+        summary = train(cfg, tmp_path / name, workspace=workspace, pairs=varied_pairs(40))
+        assert summary["status"] == "succeeded", summary["error"]
+        return rundir.read_metrics(tmp_path / name), rundir.read_eval(tmp_path / name)
+
+    slow_m, slow_e = run("slow", False)
+    fast_m, fast_e = run("fast", True)
+    again_m, again_e = run("again", True)  # cache warm now
+    cols = [c for c in slow_m.columns if c not in ("tokens_per_s",)]
+    for m, e in ((fast_m, fast_e), (again_m, again_e)):
+        np.testing.assert_allclose(m[cols].to_numpy(float), slow_m[cols].to_numpy(float), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(e.to_numpy(float), slow_e.to_numpy(float), rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert not slow_e["div_kl"].isna().any()
+    cache_files = list((workspace.root / "reference_cache").glob("*.npz"))
+    assert len(cache_files) == 1
+
+
+def test_max_prompt_length_defaults_to_half_of_max_length():
+    cfg = TrainConfig.model_validate({"data": {"dataset": "d", "max_length": 128}})
+    assert cfg.data.max_prompt_length == 64
+    assert cfg.resolved()["data"]["max_prompt_length"] == 64
+    assert TrainConfig.model_validate({"data": {"dataset": "d"}}).data.max_prompt_length == 128
