@@ -1,0 +1,297 @@
+"""Run queued jobs on a Ray cluster, with the job table still the record of every job.
+
+`RayDispatcher` (what `dpo-kernels worker --backend ray` runs) claims queued jobs from the job
+table and submits each as a Ray task that asks for what the job needs (`job_resources`): one
+GPU for a training job when the cluster has GPUs, CPUs for diagnosis. Ray places the tasks, so
+several jobs run at once across the cluster's nodes.
+
+Each task is a one-job worker on the node Ray chose: it takes the job over (`hand_over`), then
+runs it exactly as a local worker does, through `Worker.run_job`: the job's own child process
+in its own process group, stdout/stderr appended to the run's log.txt on the shared workspace,
+heartbeats and progress in the job row, and cancel requests read from the row and answered by
+SIGTERM (then SIGKILL) to the child's process group. So status, progress, logs and cancel work
+the same from the UI and the CLI whichever backend ran the job.
+
+The dispatcher keeps jobs that wait for cluster resources alive (heartbeats), cancels them in
+Ray when a cancel is requested before they start, and turns a task that Ray lost (node died,
+worker crashed) into a requeue (checkpoint) or a failure, just like a lost local worker. Ray
+tasks share their driver's fate: when the dispatcher stops, Ray ends its tasks, the kernel's
+parent-death signal stops their job processes, and the jobs are requeued or failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from dpo_engine.jobs.devices import CLUSTER_DEVICE
+from dpo_engine.jobs.models import CANCELLED, RUNNING, Job
+from dpo_engine.jobs.store import JobStore
+from dpo_engine.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+# CPUs each kind asks Ray for; training also asks for one GPU when the cluster has any.
+KIND_CPUS: dict[str, float] = {"train": 1.0, "diagnose": 2.0, "embed": 2.0, "htsr": 1.0, "selftest": 1.0}
+DEFAULT_CPUS = 1.0
+# Environment a job process needs from the machine that queued it (Ray workers inherit the
+# environment of `ray start`, not the dispatcher's).
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DPO_KERNELS_MODEL_CACHE")
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed or the cluster cannot be reached."""
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RayUnavailable("the Ray backend needs the 'ray' package: pip install 'ray==2.60.0'") from None
+    return ray
+
+
+def job_resources(job: Job, cluster_gpus: float, cpus_per_kind: dict[str, float] | None = None) -> dict[str, float]:
+    """Ray resources for one job: its kind's CPUs, and one GPU when it asked for CUDA, or when it
+    is a training job that asked for no particular device on a cluster that has GPUs."""
+    table = KIND_CPUS if cpus_per_kind is None else cpus_per_kind
+    requested = job.requested_device or ""
+    wants_gpu = requested.startswith("cuda") or (not requested and job.kind == "train" and cluster_gpus >= 1)
+    return {"num_cpus": float(table.get(job.kind, DEFAULT_CPUS)), "num_gpus": 1.0 if wants_gpu else 0.0}
+
+
+def run_job_on_node(ws_root: str, db_url: str, job_id: int, dispatcher_id: str, settings: dict[str, Any]) -> dict:
+    """Body of the Ray task: take the job over and run it like a local worker would."""
+    import ray
+
+    from dpo_engine.jobs.worker import Worker
+
+    ws = Workspace(Path(ws_root))
+    store = JobStore(db_url, runs_dir=ws.runs_dir)
+    device = "cuda:0" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
+    host = socket.gethostname()
+    worker_id = f"ray-{host}-{os.getpid()}-{os.urandom(2).hex()}"
+    try:
+        job = store.hand_over(job_id, from_worker=dispatcher_id, to_worker=worker_id, device=device)
+        if job is None:
+            return {"ran": False}
+        worker = Worker(ws, device=device, store=store, worker_id=worker_id, extra_env=settings.get("env"),
+                        heartbeat_s=settings["heartbeat_s"], lost_timeout_s=settings["lost_timeout_s"],
+                        cancel_grace_s=settings["cancel_grace_s"])
+        store.register_worker(worker_id, host, os.getpid(), device)
+        try:
+            done = worker.run_job(job)
+        finally:
+            store.unregister_worker(worker_id)
+        return {"ran": True, "status": done.status, "worker_id": worker_id}
+    finally:
+        store.close()
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    ref: Any
+    cancelled_in_ray: bool = False
+
+
+class RayDispatcher:
+    """Feed queued jobs from a workspace's job table to a Ray cluster until stopped."""
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        address: str | None = None,
+        poll_s: float = 1.0,
+        heartbeat_s: float = 2.0,
+        lost_timeout_s: float = 30.0,
+        cancel_grace_s: float = 5.0,
+        max_jobs: int | None = None,
+        store: JobStore | None = None,
+    ) -> None:
+        for name, value in (("poll_s", poll_s), ("heartbeat_s", heartbeat_s), ("cancel_grace_s", cancel_grace_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if not lost_timeout_s > heartbeat_s:
+            raise ValueError(f"lost_timeout_s ({lost_timeout_s}) must exceed heartbeat_s ({heartbeat_s})")
+        if max_jobs is not None and max_jobs < 1:
+            raise ValueError(f"max_jobs must be at least 1, got {max_jobs!r}")
+        self.workspace = workspace
+        self.address = address
+        self.poll_s, self.heartbeat_s = float(poll_s), float(heartbeat_s)
+        self.lost_timeout_s, self.cancel_grace_s = float(lost_timeout_s), float(cancel_grace_s)
+        self.max_jobs = max_jobs
+        self.store = store or JobStore.for_workspace(workspace)
+        self.hostname = socket.gethostname()
+        self.dispatcher_id = f"ray-dispatch-{self.hostname}-{os.getpid()}-{os.urandom(2).hex()}"
+        self._stop_signal: int | None = None
+        self._inflight: dict[int, _InFlight] = {}
+        self._ray = None
+        self._remote = None
+
+    # ---- cluster ---------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        ray = _import_ray()
+        try:
+            ray.init(address=self.address or "auto", include_dashboard=False, log_to_driver=False,
+                     ignore_reinit_error=True, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "auto (RAY_ADDRESS or a cluster started here with `ray start`)"
+            raise RayUnavailable(f"cannot connect to the Ray cluster at {where}: {str(exc).splitlines()[0]}") from None
+        self._ray = ray
+        # max_retries=0: a lost task is the job table's business (requeue from checkpoint or fail).
+        self._remote = ray.remote(max_retries=0)(run_job_on_node)
+
+    def cluster_resources(self) -> dict[str, float]:
+        return dict(self._ray.cluster_resources())
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        self._stop_signal = signum
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_signal is not None
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.info("dispatcher %s received %s; stopping", self.dispatcher_id, signal.Signals(signum).name)
+        self.request_stop(signum)
+
+    def run(self, once: bool = False) -> int:
+        """Dispatch jobs until stopped (with `once`: one job, waiting for it). Returns how many were sent."""
+        if self._ray is None:
+            self.connect()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        self.store.register_worker(self.dispatcher_id, self.hostname, os.getpid(), CLUSTER_DEVICE)
+        resources = self.cluster_resources()
+        limit = self.max_jobs or max(1, int(resources.get("CPU", 1)))
+        log.info("dispatcher %s: Ray cluster with %s; up to %d jobs at once", self.dispatcher_id,
+                 {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}, limit)
+        sent = 0
+        next_beat = 0.0
+        try:
+            while not self.stopping:
+                try:
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        self._beat()
+                        next_beat = now + self.heartbeat_s
+                    self._collect()
+                    job = None
+                    if len(self._inflight) < limit and not (once and sent):
+                        job = self.store.claim_for_cluster(self.dispatcher_id, gpus=resources.get("GPU", 0) >= 1)
+                except SQLAlchemyError as exc:  # database briefly unavailable: retry after a pause
+                    log.error("job database error: %s", exc)
+                    job = None
+                if job is not None:
+                    self._submit(job, resources)
+                    sent += 1
+                    continue
+                if once and not self._inflight:
+                    break
+                self._wait(self.poll_s)
+        finally:
+            try:
+                self._shutdown()
+            finally:
+                self.store.unregister_worker(self.dispatcher_id)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        return sent
+
+    # ---- jobs ----------------------------------------------------------------------------------
+
+    def _submit(self, job: Job, cluster: dict[str, float]) -> None:
+        needs = job_resources(job, cluster.get("GPU", 0.0))
+        settings = {
+            "heartbeat_s": self.heartbeat_s,
+            "lost_timeout_s": self.lost_timeout_s,
+            "cancel_grace_s": self.cancel_grace_s,
+            "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+        }
+        ref = self._remote.options(name=f"dpo-job-{job.id}-{job.kind}", **needs).remote(
+            str(self.workspace.root), self.store.url, job.id, self.dispatcher_id, settings)
+        self._inflight[job.id] = _InFlight(job=job, ref=ref)
+        log.info("job %s (%s) sent to Ray asking for %s", job.id, job.kind, needs)
+
+    def _beat(self) -> None:
+        """Heartbeat jobs still waiting for resources; cancel in Ray the ones cancelled meanwhile."""
+        self.store.worker_heartbeat(self.dispatcher_id)
+        for job_id, item in self._inflight.items():
+            current = self.store.get(job_id)
+            if current.status != RUNNING or current.worker_id != self.dispatcher_id:
+                continue  # started on a node: its task keeps it alive
+            if current.cancel_requested and not item.cancelled_in_ray:
+                self._ray.cancel(item.ref, force=True)
+                item.cancelled_in_ray = True
+            else:
+                self.store.heartbeat(job_id)
+
+    def _wait(self, seconds: float) -> None:
+        refs = [item.ref for item in self._inflight.values()]
+        if refs:
+            self._ray.wait(refs, num_returns=1, timeout=seconds)
+        else:
+            end = time.monotonic() + seconds
+            while not self.stopping and time.monotonic() < end:
+                time.sleep(0.1)
+
+    def _collect(self) -> None:
+        """Settle every task that has ended; the task itself set the final status when it could."""
+        if not self._inflight:
+            return
+        refs = {item.ref: job_id for job_id, item in self._inflight.items()}
+        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in ready:
+            job_id = refs[ref]
+            item = self._inflight.pop(job_id)
+            try:
+                outcome = self._ray.get(ref)
+                problem = None if outcome.get("ran") else "it was no longer waiting when its task started"
+            except Exception as exc:  # task cancelled, worker crashed, node died
+                outcome, problem = {}, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            self._settle(item, outcome, problem)
+
+    def _settle(self, item: _InFlight, outcome: dict, problem: str | None) -> None:
+        if outcome.get("ran"):
+            return  # the task ran the job to its end and recorded the outcome itself
+        current = self.store.get(item.job.id)
+        if current.status != RUNNING or current.attempts != item.job.attempts:
+            return  # finished, cancelled, or reaped and claimed again meanwhile
+        if item.cancelled_in_ray or current.cancel_requested:
+            self.store.finish(item.job.id, CANCELLED, message="cancelled by request before it started on the cluster")
+        else:
+            self.store.requeue_or_fail(item.job.id, f"lost on the Ray cluster: {problem or 'the task ended early'}")
+        log.info("job %s settled by the dispatcher: %s", item.job.id, self.store.get(item.job.id).status)
+
+    def _shutdown(self) -> None:
+        """Stop every task of ours; their jobs are requeued (checkpoint) or failed, as on a local worker."""
+        if not self._inflight:
+            return
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "request"
+        for item in self._inflight.values():
+            self._ray.cancel(item.ref, force=True)
+        deadline = time.monotonic() + 30
+        for job_id, item in list(self._inflight.items()):
+            try:
+                self._ray.get(item.ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:  # cancelled, as asked
+                pass
+            current = self.store.get(job_id)
+            if current.status == RUNNING:
+                self.store.requeue_or_fail(job_id, f"interrupted: dispatcher {self.dispatcher_id} was stopped ({name})")
+        self._inflight.clear()
