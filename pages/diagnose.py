@@ -95,9 +95,15 @@ rec = diagnosis.recommendation
 st.subheader("Recommendation")
 rc = st.columns(4)
 rc[0].metric("Kernel", rec.kernel, help=diagnosis.kernel_evaluation.rule)
-rc[1].metric("Kernel confidence", f"{100 * rec.confidence.kernel.get(rec.kernel, 0):.0f}%")
+rc[1].metric("Kernel confidence", f"{100 * rec.confidence.kernel.get(rec.kernel, 0):.0f}%",
+             delta="uncertain" if rec.kernel_uncertain else None, delta_color="inverse")
 rc[2].metric("Divergence", rec.divergence, help=diagnosis.divergence_evaluation.rule)
-rc[3].metric("Divergence confidence", f"{100 * rec.confidence.divergence.get(rec.divergence, 0):.0f}%")
+rc[3].metric("Divergence confidence", f"{100 * rec.confidence.divergence.get(rec.divergence, 0):.0f}%",
+             delta="uncertain" if rec.divergence_uncertain else None, delta_color="inverse")
+for kind in ("kernel", "divergence"):
+    if getattr(rec, f"{kind}_uncertain"):
+        st.warning(f"**{kind.capitalize()}: {getattr(rec, f'{kind}_verdict')}.** Fewer than half of the bootstrap "
+                   "resamples back the point estimate's choice; treat it as a tie and consider training both.")
 st.markdown(f"**Kernel rule:** {diagnosis.kernel_evaluation.rule}  \n"
             f"**Divergence rule:** {diagnosis.divergence_evaluation.rule}")
 if rec.kernel_runner_up or rec.divergence_runner_up:

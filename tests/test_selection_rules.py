@@ -53,9 +53,9 @@ def test_each_kernel_branch_fires(changes, kernel):
 @pytest.mark.parametrize(
     ("changes", "divergence"),
     [
-        (dict(support_overlap=0.7), "bhattacharyya"),
+        (dict(support_overlap=0.97), "bhattacharyya"),
         (dict(drift_magnitude=0.4), "wasserstein"),
-        (dict(kurtosis=3.5), "renyi"),
+        (dict(kurtosis=4.5), "renyi"),
         (dict(support_overlap=0.2), "js"),
         (dict(smoothness=0.01), "hellinger"),
         (dict(), "kl"),
@@ -71,7 +71,7 @@ def test_first_match_wins_and_shadowed_rule_is_runner_up():
     assert result.recommended == "rbf"
     assert result.runner_up == "polynomial" and result.runner_up_distance == 0.0
     assert [r.matched for r in result.rules][:2] == [True, True]
-    d = recommend_divergence(metrics(support_overlap=0.7, drift_magnitude=0.5))
+    d = recommend_divergence(metrics(support_overlap=0.97, drift_magnitude=0.5))
     assert d.recommended == "bhattacharyya" and d.runner_up == "wasserstein"
 
 
@@ -83,7 +83,7 @@ def test_runner_up_is_the_closest_failing_rule():
     assert result.runner_up_distance == pytest.approx(0.01)
     assert result.gap_unit == "metric_units"
     # rbf misses by 0.01 in pnav, polynomial by 0.03 in pnd: rbf is closer in metric units...
-    close = metrics(pnav=0.49, tat=0.2, nag=0.01, pnd=0.08)
+    close = metrics(pnav=0.49, tat=0.2, nag=0.01, pnd=0.18)
     assert recommend_kernel(close).runner_up == "rbf"
     # ...but pnav is known to 0.001 and pnd only to 0.1: in standard errors polynomial is closer
     se = {"pnav": 0.001, "pnd": 0.1, "nag": 0.1, "tat": 0.01}
@@ -99,9 +99,9 @@ def test_thresholds_change_the_outcome_as_documented():
     assert recommend_kernel(metrics(tat=0.65, pnd=0.05)).recommended == "hmk"
     assert recommend_kernel(metrics(tat=0.65, pnd=0.05), Thresholds(eps4=0.6)).recommended == "spectral"
     # raising kurt silences Renyi; JS then fires for low overlap
-    low = metrics(kurtosis=3.5, support_overlap=0.2)
+    low = metrics(kurtosis=4.5, support_overlap=0.2)
     assert recommend_divergence(low).recommended == "renyi"
-    assert recommend_divergence(low, Thresholds(kurt=4.0)).recommended == "js"
+    assert recommend_divergence(low, Thresholds(kurt=5.0)).recommended == "js"
     # Hellinger is reachable only between overlap_lo and overlap_hi ... or by moving them
     smooth = metrics(smoothness=0.01, support_overlap=0.25)
     assert recommend_divergence(smooth).recommended == "js"
@@ -210,3 +210,36 @@ def test_save_and_load_diagnosis_round_trip(tmp_path):
     np.testing.assert_array_equal(back.pairs.margins, d.pairs.margins)
     with pytest.raises(FileNotFoundError, match="diagnosis.json"):
         load_diagnosis(tmp_path / "nothing")
+
+
+def test_a_verdict_most_resamples_disagree_with_is_marked_uncertain():
+    d = _synthetic_diagnosis(n_bootstrap=100)
+    point = d.metrics.support_overlap
+    thresholds = Thresholds(overlap_hi=point - 0.001)  # the point estimate just passes: bhattacharyya
+    pairs = d.pairs.model_copy(deep=True)
+    column = list(type(d.metrics).model_fields).index("support_overlap")
+    pairs.bootstrap[:70, column] = point - 0.01  # 70% of resamples fall below the threshold
+    pairs.bootstrap[70:, column] = point
+    again = recommend_again(d.model_copy(update={"pairs": pairs}), thresholds)
+    rec = again.recommendation
+    assert rec.divergence == "bhattacharyya" and rec.confidence.divergence["bhattacharyya"] == pytest.approx(0.3)
+    assert rec.divergence_uncertain
+    others = {k: v for k, v in rec.confidence.divergence.items() if k != "bhattacharyya"}
+    assert rec.divergence_runner_up == max(others, key=others.get)
+    assert rec.divergence_runner_up_share == pytest.approx(max(others.values()))
+    assert rec.divergence_verdict.startswith("uncertain between")
+    assert "bhattacharyya (30%)" in rec.divergence_verdict
+    assert f"{rec.divergence_runner_up} ({rec.divergence_runner_up_share:.0%})" in rec.divergence_verdict
+    assert any(item.metric == "support_overlap" and item.threshold_name == "overlap_hi" for item in rec.divergence_near_thresholds)
+    data = again.to_json_dict()["recommendation"]
+    assert data["divergence_uncertain"] is True and isinstance(data["kernel_uncertain"], bool)
+    assert "support_overlap" in data["divergence_verdict"]
+
+
+def test_a_verdict_most_resamples_back_is_not_uncertain():
+    rec = _synthetic_diagnosis().recommendation
+    for kind in ("kernel", "divergence"):
+        share = getattr(rec.confidence, kind)[getattr(rec, kind)]
+        assert getattr(rec, f"{kind}_uncertain") == (share < 0.5)
+        if share >= 0.5:
+            assert getattr(rec, f"{kind}_verdict") == f"{getattr(rec, kind)} ({share:.0%} of resamples)"

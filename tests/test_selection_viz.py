@@ -39,7 +39,7 @@ def test_histograms_plot_the_per_pair_values():
 def test_smoothness_figure_bars_and_small_data_notice():
     d = diagnose(*_embeddings(100), n_bootstrap=0)
     fig = chunk_smoothness_figure(d)
-    np.testing.assert_allclose(fig.data[0].y, d.pairs.chunk_w1)
+    np.testing.assert_allclose(fig.data[0].y, d.pairs.chunk_energy)
     assert len(fig.data[0].y) == 4  # 5 chunks of 20
     assert np.mean(fig.data[0].y) == pytest.approx(d.metrics.smoothness)
     small = chunk_smoothness_figure(diagnose(*_embeddings(30), n_bootstrap=0))

@@ -46,10 +46,13 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"dropped {sum(dropped.values())} flagged rows at ingest ({detail})")
     for kind in ("kernel", "divergence"):
         name = rec[kind]
+        label = "UNCERTAIN" if rec.get(f"{kind}_uncertain") else "confidence"
         lines.append(
-            f"{kind:<10} {name:<14} confidence {conf[kind].get(name, 0.0):.0%}   runner-up "
+            f"{kind:<10} {name:<14} {label} {conf[kind].get(name, 0.0):.0%}   runner-up "
             f"{rec.get(f'{kind}_runner_up') or '-'}"
         )
+        if rec.get(f"{kind}_uncertain"):
+            lines.append(f"           {rec[f'{kind}_verdict']}")
         lines.append(f"           because {rec[f'{kind}_rule']}")
     km, dm = data["kernel_metrics"], data["divergence_metrics"]
     lines.append("metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in km.items()))

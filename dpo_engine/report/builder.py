@@ -146,6 +146,9 @@ def _diagnosis_section(diagnosis: dict | None) -> str:
              f"embedder {_esc(diagnosis.get('embedder'))} · distance {_esc(diagnosis.get('distance'))}</p>",
              f"<p><b>Recommended kernel:</b> {_esc(rec.get('kernel'))} — {_esc(rec.get('kernel_rule'))}<br>"
              f"<b>Recommended divergence:</b> {_esc(rec.get('divergence'))} — {_esc(rec.get('divergence_rule'))}</p>"]
+    for family in ("kernel", "divergence"):
+        if rec.get(f"{family}_uncertain"):
+            parts.append(f"<p class='note'><b>{family.capitalize()} uncertain:</b> {_esc(rec.get(f'{family}_verdict'))}</p>")
     metrics = [{"group": group, "metric": name, "value": value}
                for group in ("kernel_metrics", "divergence_metrics")
                for name, value in (diagnosis.get(group) or {}).items()]

@@ -23,6 +23,7 @@ from dpo_engine.selection.metrics import (
     SelectionMetrics,
     bootstrap_metrics,
     chunk_bounds,
+    chunk_energy,
     chunk_wasserstein,
     compute_metrics,
     overlap_histograms,
@@ -31,11 +32,15 @@ from dpo_engine.selection.metrics import (
 from dpo_engine.selection.rules import (
     DIVERGENCE_RULES,
     KERNEL_RULES,
+    NearThreshold,
     RuleEvaluation,
     Thresholds,
     evaluate_rules,
+    near_thresholds,
     recommendation_shares,
 )
+
+UNCERTAIN_BELOW = 0.5
 
 DIAGNOSIS_JSON = "diagnosis.json"
 DIAGNOSIS_PAIRS = "diagnosis_pairs.npz"
@@ -53,7 +58,8 @@ class PairData(BaseModel):
     tat: np.ndarray
     nag: np.ndarray
     chunk_bounds: np.ndarray  # (T x 2) start, end
-    chunk_w1: np.ndarray  # (T - 1) W1 between consecutive chunks' margins
+    chunk_w1: np.ndarray  # (T - 1) plug-in W1 between consecutive chunks' margins (descriptive)
+    chunk_energy: np.ndarray  # (T - 1) unbiased energy distance between consecutive chunks (smoothness terms)
     hist_edges: np.ndarray  # 51 edges over the pooled similarity range
     hist_chosen: np.ndarray  # counts of 1 - dp per bin
     hist_rejected: np.ndarray  # counts of 1 - dn per bin
@@ -69,6 +75,15 @@ class Confidence(BaseModel):
 
 
 class Recommendation(BaseModel):
+    """The verdict of the point estimate, and how far the bootstrap backs it.
+
+    ``confidence`` maps every choice to the share of resamples whose rules give it; the shown
+    choice is the point estimate's. When its share is below one half the verdict is *uncertain*:
+    ``*_verdict`` then reads "uncertain between X (a%) and Y (b%)" and names the conditions that sit
+    near their thresholds (``*_near_thresholds``). The runner-up is the most frequent other choice
+    among the resamples (the rules' closest non-firing rule when no resample picked another).
+    """
+
     kernel: str
     divergence: str
     kernel_rule: str
@@ -76,6 +91,14 @@ class Recommendation(BaseModel):
     kernel_runner_up: str | None
     divergence_runner_up: str | None
     confidence: Confidence
+    kernel_uncertain: bool = False
+    divergence_uncertain: bool = False
+    kernel_runner_up_share: float | None = None
+    divergence_runner_up_share: float | None = None
+    kernel_verdict: str = ""
+    divergence_verdict: str = ""
+    kernel_near_thresholds: list[NearThreshold] = Field(default_factory=list)
+    divergence_near_thresholds: list[NearThreshold] = Field(default_factory=list)
 
 
 class Diagnosis(BaseModel):
@@ -141,19 +164,61 @@ def _standard_errors(table: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _verdict(
+    shown: str, shares: dict[str, float], evaluation: RuleEvaluation, se: dict[str, float], n_resamples: int
+) -> tuple[bool, str | None, float | None, str, list[NearThreshold]]:
+    """(uncertain, runner-up, its share, verdict text, conditions near their thresholds) of one family."""
+    ranked = sorted(((share, name) for name, share in shares.items() if share > 0), reverse=True)
+    others = [(share, name) for share, name in ranked if name != shown]
+    if others:
+        runner_up, runner_share = others[0][1], others[0][0]
+    else:
+        runner_up, runner_share = evaluation.runner_up, (shares.get(evaluation.runner_up) if evaluation.runner_up else None)
+    if n_resamples == 0:
+        return False, runner_up, runner_share, f"{shown} (no bootstrap: confidence unknown)", []
+    share = shares.get(shown, 0.0)
+    uncertain = share < UNCERTAIN_BELOW
+    leaders = [name for _, name in ranked[:2]]
+    if uncertain and shown not in leaders[:2] and leaders:
+        leaders = [leaders[0], shown]
+    if len(leaders) < 2 and runner_up is not None:
+        leaders = [*leaders, runner_up] if shown in leaders else [shown, runner_up]
+    near = near_thresholds(evaluation, se, rules=tuple(dict.fromkeys([shown, *leaders])))
+    if not uncertain:
+        text = f"{shown} ({share:.0%} of resamples)"
+    else:
+        pair = " and ".join(f"{name} ({shares.get(name, 0.0):.0%})" for name in leaders[:2])
+        text = f"uncertain between {pair}; the point estimate gives {shown}"
+        if near:
+            text += ": " + "; ".join(item.describe() for item in near[:3])
+    return uncertain, runner_up, runner_share, text, near
+
+
 def _recommend(metrics: SelectionMetrics, thresholds: Thresholds, table: np.ndarray) -> tuple[RuleEvaluation, RuleEvaluation, Recommendation]:
     se = _standard_errors(table)
     kernel = evaluate_rules(KERNEL_RULES, metrics, thresholds, se)
     divergence = evaluate_rules(DIVERGENCE_RULES, metrics, thresholds, se)
     kernel_share, divergence_share = recommendation_shares(table, thresholds)
+    k_unc, k_run, k_run_share, k_text, k_near = _verdict(kernel.recommended, kernel_share, kernel, se, table.shape[0])
+    d_unc, d_run, d_run_share, d_text, d_near = _verdict(
+        divergence.recommended, divergence_share, divergence, se, table.shape[0]
+    )
     recommendation = Recommendation(
         kernel=kernel.recommended,
         divergence=divergence.recommended,
         kernel_rule=kernel.rule,
         divergence_rule=divergence.rule,
-        kernel_runner_up=kernel.runner_up,
-        divergence_runner_up=divergence.runner_up,
+        kernel_runner_up=k_run,
+        divergence_runner_up=d_run,
         confidence=Confidence(kernel=kernel_share, divergence=divergence_share),
+        kernel_uncertain=k_unc,
+        divergence_uncertain=d_unc,
+        kernel_runner_up_share=k_run_share,
+        divergence_runner_up_share=d_run_share,
+        kernel_verdict=k_text,
+        divergence_verdict=d_text,
+        kernel_near_thresholds=k_near,
+        divergence_near_thresholds=d_near,
     )
     return kernel, divergence, recommendation
 
@@ -177,6 +242,7 @@ def diagnose_quantities(
         dp=q.dp, dn=q.dn, margins=margins, log_ratio=q.log_ratio, tat=q.tat, nag=q.nag,
         chunk_bounds=np.array(bounds, dtype=np.int64).reshape(-1, 2),
         chunk_w1=chunk_wasserstein(margins, bounds),
+        chunk_energy=chunk_energy(margins, bounds),
         hist_edges=edges, hist_chosen=hist_p, hist_rejected=hist_q, bootstrap=table,
     )
     kernel, divergence, recommendation = _recommend(metrics, thresholds, table)
@@ -248,7 +314,10 @@ def load_diagnosis(directory: str | Path) -> Diagnosis:
             raise FileNotFoundError(f"no {path.name} in {directory}")
     data = json.loads(json_path.read_text())
     with np.load(npz_path) as npz:
-        pairs = PairData(**{name: npz[name] for name in PairData.model_fields})
+        arrays = {name: npz[name] for name in PairData.model_fields if name in npz.files}
+    if "chunk_energy" not in arrays:  # written before smoothness became the energy statistic
+        arrays["chunk_energy"] = np.full_like(arrays["chunk_w1"], np.nan)
+    pairs = PairData(**arrays)
     metrics = SelectionMetrics(**data["kernel_metrics"], **data["divergence_metrics"])
     thresholds = Thresholds(**data["thresholds"])
     kernel, divergence, recommendation = _recommend(metrics, thresholds, pairs.bootstrap)

@@ -36,12 +36,18 @@ class Thresholds(BaseModel):
     eps3: float = Field(0.2, description="Mahalanobis: PNAV below this")
     eps4: float = Field(0.7, description="Spectral: TAT above this")
     eps5: float = Field(0.1, description="Spectral: PND below this")
-    tol: float = Field(0.05, description="Polynomial: |NAG| and |PND| below this")
-    overlap_hi: float = Field(0.6, description="Bhattacharyya: support overlap above this")
+    tol: float = Field(0.15, description="Polynomial: |NAG| and |PND| below this (distances within ~15% of each other)")
+    overlap_hi: float = Field(
+        0.95, description="Bhattacharyya: support overlap above this (two normals less than 0.07 SD apart)"
+    )
     drift: float = Field(0.3, description="Wasserstein: drift magnitude above this")
-    kurt: float = Field(3.0, description="Renyi: kurtosis above this; JS and Hellinger need kurtosis at most this")
-    overlap_lo: float = Field(0.3, description="Jensen-Shannon: support overlap below this")
-    smooth_lo: float = Field(0.05, description="Hellinger: smoothness below this")
+    kurt: float = Field(
+        4.0, description="Renyi: kurtosis above this (excess 1, a Student t with 10 dof); JS and Hellinger need at most this"
+    )
+    overlap_lo: float = Field(0.3, description="Jensen-Shannon: support overlap below this (normals ~1.5 SD apart)")
+    smooth_lo: float = Field(
+        0.03, description="Hellinger: smoothness below this (neighbouring tenths of the file < ~0.45 margin SD apart)"
+    )
 
     @classmethod
     def from_assignments(cls, assignments: Mapping[str, object]) -> "Thresholds":
@@ -243,3 +249,53 @@ def recommendation_shares(table: np.ndarray, thresholds: Thresholds) -> tuple[di
         for k, spec in enumerate(specs):
             shares[spec.name] = float(np.mean(picks == k))
     return kernel_share, divergence_share
+
+
+class NearThreshold(BaseModel):
+    """A condition whose metric sits within ``NEAR_SE`` bootstrap standard errors of its threshold."""
+
+    rule: str
+    metric: str
+    value: float
+    comparison: Comparison
+    threshold_name: str | None
+    threshold: float
+    distance_se: float  # |value - threshold| / standard error
+
+    def describe(self) -> str:
+        name = self.threshold_name or "0"
+        side = "above" if self.value > self.threshold else "below"
+        return (
+            f"{self.metric} {self.value:.3g} is {self.distance_se:.1f} SE {side} {name} {self.threshold:.3g} "
+            f"({self.rule} needs {self.comparison} {self.threshold:.3g})"
+        )
+
+
+NEAR_SE = 2.0
+
+
+def near_thresholds(
+    evaluation: RuleEvaluation, standard_errors: Mapping[str, float], rules: tuple[str, ...] | None = None
+) -> list[NearThreshold]:
+    """Conditions (of the named rules, or all) whose value is within NEAR_SE standard errors of the threshold.
+
+    These are the conditions a bootstrap resample can flip, i.e. the reason a verdict is uncertain.
+    Sorted nearest first; each (metric, threshold) appears once.
+    """
+    found: dict[tuple[str, str | None], NearThreshold] = {}
+    for rule in evaluation.rules:
+        if rules is not None and rule.name not in rules:
+            continue
+        for c in rule.conditions:
+            se = standard_errors.get(c.metric, 0.0)
+            if c.value is None or se <= 0:
+                continue
+            distance = abs(c.value - c.threshold) / se
+            key = (c.metric, c.threshold_name)
+            if distance < NEAR_SE and key not in found:
+                found[key] = NearThreshold(
+                    rule=rule.name, metric=f"|{c.metric}|" if c.absolute else c.metric, value=c.value,
+                    comparison=c.comparison, threshold_name=c.threshold_name, threshold=c.threshold,
+                    distance_se=distance,
+                )
+    return sorted(found.values(), key=lambda item: item.distance_se)
