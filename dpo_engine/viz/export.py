@@ -1,14 +1,22 @@
-"""Static export of figures: PNG through plotly's kaleido (which drives a headless Chromium)."""
+"""Static export of figures: PNG through plotly's kaleido (which drives a headless Chromium).
+
+PNGs are rendered at slide size (16:9, larger text; see `dpo_engine.viz.style.for_slides`) unless
+the figure fixes its own width and height, so a downloaded figure drops into a deck legibly.
+"""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from dpo_engine.viz.style import SLIDE_SCALE, for_slides
 
-def figure_png(fig: go.Figure | str, *, scale: float = 2.0) -> bytes:
+
+def figure_png(fig: go.Figure | str, *, scale: float = SLIDE_SCALE) -> bytes:
     """The figure as PNG bytes; `fig` may be a Figure or its JSON (what the UI caches)."""
     figure = pio.from_json(fig) if isinstance(fig, str) else fig
+    if figure.layout.width is None or figure.layout.height is None:
+        figure = for_slides(figure)
     return pio.to_image(figure, format="png", scale=scale)
 
 

@@ -1,7 +1,10 @@
 """Plotly figures of training runs: curves, kernel weights, divergences, clusters, HT-SR, comparisons.
 
 Shared by the run and compare pages and the HTML report, so the app and the report always agree.
-One colour scheme everywhere: chosen = green, rejected = red. Long curves are thinned for display
+One look everywhere (dpo_engine.viz.style): the Okabe–Ito colour-blind-safe palette with chosen =
+bluish green and rejected = vermillion, legends below the plot area, units on every axis. At step 0
+the policy equals the reference, every reward margin is exactly 0 and TRL's strict accuracy
+(chosen > rejected) reads 0: those points are drawn as "ties" and labelled, never as a bare 0. Long curves are thinned for display
 (min/max per bucket, so spikes survive) because a 20,000-point line per trace makes the browser
 sluggish; the stored metrics are untouched.
 """
@@ -14,13 +17,26 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dpo_engine.viz.style import CHOSEN_COLOR, REJECTED_COLOR
+from dpo_engine.viz.style import (
+    CHOSEN_COLOR,
+    NEUTRAL_COLOR,
+    PROMPT_COLOR,
+    REJECTED_COLOR,
+    SERIES_PALETTE,
+    apply_style,
+)
 
 COLLAPSE_THRESHOLD = 0.05
 ALPHA_SAFE_RANGE = (2.0, 6.0)
 MAX_POINTS_PER_TRACE = 2000
-TEMPLATE = "plotly_white"
-PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+PALETTE = SERIES_PALETTE
+KERNEL_WEIGHT_HEIGHT = 460
+# mixture-weight units between two line-end labels: ~16 px of the plot area (the y axis spans 0-1)
+END_LABEL_GAP = 16 / (KERNEL_WEIGHT_HEIGHT - 220)
+TIE_LABEL = "step 0: policy = reference, every pair ties"
+TIE_EXPLANATION = ("At step 0 the policy equals the reference, so every reward margin is exactly 0. Reward accuracy "
+                   "counts a pair as correct only when chosen > rejected (TRL's definition), so ties read 0 here: "
+                   "this is the starting point, not a failure.")
 
 ALPHA_EXPLANATION = (
     "WeightWatcher's alpha is the power-law exponent fitted to the tail of a layer's eigenvalue "
@@ -75,9 +91,7 @@ def _has(table: pd.DataFrame | None, column: str) -> bool:
 
 
 def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, *, height: int = 380) -> go.Figure:
-    fig.update_layout(title=title, template=TEMPLATE, height=height, showlegend=True,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-                      margin=dict(l=60, r=20, t=70, b=50))
+    apply_style(fig, title=title, height=height)
     fig.update_xaxes(title_text=x_title)
     fig.update_yaxes(title_text=y_title)
     return fig
@@ -86,10 +100,40 @@ def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, *, height: i
 def empty_figure(title: str, message: str) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(title=title, template=TEMPLATE, height=260)
+    apply_style(fig, title=title, height=260, legend=False)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
+
+
+# ---------------------------------------------------------------- step 0: policy = reference
+
+def tie_rows(table: pd.DataFrame | None) -> pd.Series:
+    """Rows logged while the policy still equals the reference: step 0, or every reward exactly 0."""
+    if table is None or table.empty or "step" not in table:
+        return pd.Series(False, index=getattr(table, "index", None), dtype=bool)
+    mask = pd.to_numeric(table["step"], errors="coerce") == 0
+    if "margin" in table:
+        mask |= pd.to_numeric(table["margin"], errors="coerce").abs() == 0
+    if "reward_chosen" in table and "reward_rejected" in table:
+        mask |= ((pd.to_numeric(table["reward_chosen"], errors="coerce").abs() == 0)
+                 & (pd.to_numeric(table["reward_rejected"], errors="coerce").abs() == 0))
+    return mask.fillna(False).astype(bool)
+
+
+def accuracy_text(run, column: str = "reward_acc", digits: int = 3) -> str:
+    """The last eval accuracy for display: a number, 'ties (step 0)' while policy = reference, or '–'."""
+    table = run.eval
+    if table is None or table.empty or column not in table:
+        return "–"
+    values = pd.to_numeric(table[column], errors="coerce")
+    valid = values.notna()
+    if not valid.any():
+        return "–"
+    last = values[valid].index[-1]
+    if bool(tie_rows(table).loc[last]):
+        return "ties (step 0)"
+    return f"{float(values.loc[last]):.{digits}f}"
 
 
 # ---------------------------------------------------------------- single-run curves
@@ -97,28 +141,44 @@ def empty_figure(title: str, message: str) -> go.Figure:
 def loss_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -> go.Figure:
     """Total loss, preference loss and divergence loss (train) plus held-out preference loss."""
     fig = go.Figure()
-    for column, name, color in (("loss", "loss (train)", "#1f77b4"), ("loss_pref", "preference loss (train)", "#ff7f0e"),
-                                ("loss_div", "divergence loss (train)", "#9467bd"),
-                                ("loss_entropy", "entropy term (train)", "#7f7f7f")):
+    for column, name, color in (("loss", "loss (train)", PALETTE[0]), ("loss_pref", "preference loss (train)", PALETTE[1]),
+                                ("loss_div", "divergence loss (train)", PALETTE[3]),
+                                ("loss_entropy", "entropy term (train)", NEUTRAL_COLOR)):
         if _has(metrics, column):
             fig.add_trace(_line(metrics, column, name, color=color))
     if _has(eval_table, "loss_pref"):
-        fig.add_trace(_line(eval_table, "loss_pref", "preference loss (eval)", color="#ff7f0e", dash="dot",
+        fig.add_trace(_line(eval_table, "loss_pref", "preference loss (eval)", color=PALETTE[1], dash="dot",
                             mode="lines+markers"))
     return _layout(fig, "Training losses", "optimiser step", "loss (nats)")
 
 
+def _without_ties(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    return None if table is None else table[~tie_rows(table)]
+
+
 def reward_accuracy_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -> go.Figure:
+    """Strict reward accuracy (chosen > rejected); points where policy = reference are drawn as ties."""
     fig = go.Figure()
-    if _has(metrics, "reward_acc"):
-        fig.add_trace(_line(metrics, "reward_acc", "reward accuracy (train batch)", color="#1f77b4", width=1.2))
-    if _has(eval_table, "reward_acc"):
-        fig.add_trace(_line(eval_table, "reward_acc", "reward accuracy (eval)", color=CHOSEN_COLOR, mode="lines+markers"))
-    if _has(eval_table, "hybrid_acc"):
-        fig.add_trace(_line(eval_table, "hybrid_acc", "hybrid-margin accuracy (eval)", color="#ff7f0e", dash="dash",
+    train, held_out = _without_ties(metrics), _without_ties(eval_table)
+    if _has(train, "reward_acc"):
+        fig.add_trace(_line(train, "reward_acc", "reward accuracy (train batch)", color=PALETTE[0], width=1.2))
+    if _has(held_out, "reward_acc"):
+        fig.add_trace(_line(held_out, "reward_acc", "reward accuracy (eval)", color=CHOSEN_COLOR, mode="lines+markers"))
+    if _has(held_out, "hybrid_acc"):
+        fig.add_trace(_line(held_out, "hybrid_acc", "hybrid-margin accuracy (eval)", color=PALETTE[1], dash="dash",
                             mode="lines+markers"))
-    fig = _layout(fig, "Reward accuracy (share of pairs with chosen reward > rejected)", "optimiser step", "accuracy (fraction)")
-    fig.update_yaxes(range=[-0.02, 1.02])
+    ties = pd.concat([t[tie_rows(t)] for t in (metrics, eval_table) if t is not None and "reward_acc" in t])
+    if not ties.empty:
+        steps = sorted({int(s) for s in pd.to_numeric(ties["step"], errors="coerce").dropna()})
+        fig.add_trace(go.Scatter(x=steps, y=[0.0] * len(steps), mode="markers", name=TIE_LABEL,
+                                 marker=dict(symbol="diamond-open", size=12, color=NEUTRAL_COLOR, line=dict(width=2)),
+                                 hovertemplate="step %{x}: policy = reference, every margin is 0 (ties count as not "
+                                               "correct)<extra></extra>"))
+        fig.add_annotation(x=steps[0], y=0.0, text="ties (policy = reference)", showarrow=True, arrowhead=0, ax=40,
+                           ay=-30, font=dict(color=NEUTRAL_COLOR, size=11), xanchor="left")
+    fig = _layout(fig, "Reward accuracy (share of pairs with chosen reward > rejected)", "optimiser step",
+                  "accuracy (fraction of pairs)")
+    fig.update_yaxes(range=[-0.04, 1.04])
     return fig
 
 
@@ -130,21 +190,21 @@ def reward_margin_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None 
     if _has(eval_table, "reward_rejected"):
         fig.add_trace(_line(eval_table, "reward_rejected", "reward rejected (eval)", color=REJECTED_COLOR, mode="lines+markers"))
     if _has(metrics, "margin"):
-        fig.add_trace(_line(metrics, "margin", "margin (train batch)", color="#7f7f7f", width=1.2))
+        fig.add_trace(_line(metrics, "margin", "margin (train batch)", color=NEUTRAL_COLOR, width=1.2))
     return _layout(fig, "Rewards and margins", "optimiser step", "β · log-ratio (nats)")
 
 
 def learning_rate_figure(metrics: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     if _has(metrics, "lr"):
-        fig.add_trace(_line(metrics, "lr", "learning rate", color="#1f77b4"))
-    return _layout(fig, "Learning-rate schedule", "optimiser step", "learning rate", height=300)
+        fig.add_trace(_line(metrics, "lr", "learning rate", color=PALETTE[0]))
+    return _layout(fig, "Learning-rate schedule", "optimiser step", "learning rate (per step)", height=300)
 
 
 def throughput_figure(metrics: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     if _has(metrics, "tokens_per_s"):
-        fig.add_trace(_line(metrics, "tokens_per_s", "throughput", color="#17becf"))
+        fig.add_trace(_line(metrics, "tokens_per_s", "throughput", color=PALETTE[4]))
     return _layout(fig, "Throughput", "optimiser step", "tokens per second", height=300)
 
 
@@ -154,13 +214,27 @@ def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
     if not columns:
         return None
     fig = go.Figure()
+    ends = []
     for i, column in enumerate(columns):
         dash = "dash" if column.startswith("tau") else None
-        fig.add_trace(_line(metrics, column, KERNEL_WEIGHT_LABELS[column], color=PALETTE[i % len(PALETTE)], dash=dash))
-    fig.add_hline(y=COLLAPSE_THRESHOLD, line=dict(color="black", dash="dot", width=1))
+        color = PALETTE[i % len(PALETTE)]
+        trace = _line(metrics, column, KERNEL_WEIGHT_LABELS[column], color=color, dash=dash)
+        fig.add_trace(trace)
+        if len(trace.x):
+            ends.append([float(list(trace.x)[-1]), float(list(trace.y)[-1]), KERNEL_WEIGHT_LABELS[column], color])
+    # name each kernel at the end of its line (not only in the legend), labels pushed apart when lines meet
+    ends.sort(key=lambda e: e[1])
+    for lower, upper in zip(ends, ends[1:]):
+        upper.append(max(upper[1], (lower[4] if len(lower) > 4 else lower[1]) + END_LABEL_GAP))
+    for end in ends:
+        fig.add_annotation(x=end[0], y=end[4] if len(end) > 4 else end[1], text=end[2], showarrow=False,
+                           xanchor="left", xshift=6, font=dict(color=end[3], size=12))
+    fig.add_hline(y=COLLAPSE_THRESHOLD, line=dict(color=NEUTRAL_COLOR, dash="dot", width=1))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"collapse threshold ({COLLAPSE_THRESHOLD})",
-                             line=dict(color="black", dash="dot", width=1)))
-    fig = _layout(fig, "Kernel-weight evolution", "optimiser step", "mixture weight (fraction)")
+                             line=dict(color=NEUTRAL_COLOR, dash="dot", width=1)))
+    fig = _layout(fig, "Kernel-weight evolution (λ within the kernel group, τ between groups)", "optimiser step",
+                  "mixture weight (fraction)", height=KERNEL_WEIGHT_HEIGHT)
+    fig.update_layout(margin_r=130)  # room for the kernel names at the line ends
     fig.update_yaxes(range=[0, 1.02])
     return fig
 
@@ -180,7 +254,7 @@ def beta_figure(metrics: pd.DataFrame) -> go.Figure | None:
     """β over steps (ε-DPO adapts it); None when beta is absent."""
     if not _has(metrics, "beta"):
         return None
-    fig = go.Figure([_line(metrics, "beta", "β", color="#8c564b")])
+    fig = go.Figure([_line(metrics, "beta", "β", color=PALETTE[3])])
     return _layout(fig, "β over training (ε-DPO)", "optimiser step", "β (dimensionless)", height=300)
 
 
@@ -255,7 +329,9 @@ def cluster_figure(projection: pd.DataFrame, texts: pd.DataFrame | None = None, 
                             dict(label="❚❚ pause", method="animate",
                                  args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])
     fig = _layout(fig, title(last), f"{method} 1 (arbitrary units)", f"{method} 2 (arbitrary units)", height=560)
-    fig.update_layout(sliders=[slider], updatemenus=[buttons])
+    # the slider and play buttons live below this plot: the legend goes to the right of it
+    fig.update_layout(sliders=[slider], updatemenus=[buttons],
+                      legend=dict(orientation="v", x=1.02, xanchor="left", y=1.0, yanchor="top"))
     if three_d:
         fig.update_layout(scene=dict(xaxis_title=f"{method} 1", yaxis_title=f"{method} 2", zaxis_title=f"{method} 3"))
     else:
@@ -300,7 +376,8 @@ def dbs_table(run) -> pd.DataFrame:
 def dbs_figure(table: pd.DataFrame, name: str = "DBS") -> go.Figure:
     fig = go.Figure()
     if not table.empty:
-        fig.add_trace(go.Scatter(x=table["step"], y=table["dbs"], mode="lines+markers", name=name, line=dict(color="#1f77b4")))
+        fig.add_trace(go.Scatter(x=table["step"], y=table["dbs"], mode="lines+markers", name=name,
+                                 line=dict(color=PROMPT_COLOR)))
     return _layout(fig, "Davies–Bouldin score of chosen vs rejected (lower = better separated)", "optimiser step",
                    "Davies–Bouldin score (dimensionless)", height=320)
 
@@ -320,7 +397,7 @@ def htsr_alpha_figure(before: pd.DataFrame | None, after: pd.DataFrame | None = 
     """Alpha per layer (before vs after), the [2, 6] band shaded, layers outside it marked."""
     fig = go.Figure()
     lo, hi = ALPHA_SAFE_RANGE
-    for table, name, color in ((before, "before training", "#1f77b4"), (after, "after training", "#ff7f0e")):
+    for table, name, color in ((before, "before training", PALETTE[0]), (after, "after training", PALETTE[1])):
         if table is None or "alpha" not in table:
             continue
         labels = _layer_labels(table)
@@ -331,9 +408,9 @@ def htsr_alpha_figure(before: pd.DataFrame | None, after: pd.DataFrame | None = 
         if outside.any():
             fig.add_trace(go.Scatter(x=labels[outside], y=alpha[outside], mode="markers", name=f"outside [2, 6] ({name})",
                                      marker=dict(size=13, symbol="x-open", color="black")))
-    fig.add_hrect(y0=lo, y1=hi, fillcolor="#2ca02c", opacity=0.08, line_width=0)
+    fig.add_hrect(y0=lo, y1=hi, fillcolor=CHOSEN_COLOR, opacity=0.08, line_width=0)
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="typical range 2 ≤ α ≤ 6",
-                             line=dict(color="#2ca02c", width=8), opacity=0.3))
+                             line=dict(color=CHOSEN_COLOR, width=8), opacity=0.3))
     fig = _layout(fig, title, "layer (id and name)", "alpha (power-law exponent)", height=420)
     fig.update_xaxes(tickangle=-45)
     return fig
@@ -343,8 +420,8 @@ def weighted_alpha_figure(rows: Sequence[tuple[str, float | None, float | None]]
     """Bars of weighted alpha before/after for one or more runs: rows = (run label, before, after)."""
     labels = [r[0] for r in rows]
     fig = go.Figure([
-        go.Bar(x=labels, y=[r[1] for r in rows], name="before training", marker_color="#1f77b4"),
-        go.Bar(x=labels, y=[r[2] for r in rows], name="after training", marker_color="#ff7f0e"),
+        go.Bar(x=labels, y=[r[1] for r in rows], name="before training", marker_color=PALETTE[0]),
+        go.Bar(x=labels, y=[r[2] for r in rows], name="after training", marker_color=PALETTE[1]),
     ])
     fig.update_layout(barmode="group")
     return _layout(fig, "Weighted alpha (mean over layers of α · log λmax)", "run", "weighted alpha (dimensionless)", height=340)
@@ -367,12 +444,25 @@ def htsr_flag_table(table: pd.DataFrame | None) -> pd.DataFrame:
 def overlay_figure(runs: Sequence, column: str, *, source: str = "metrics", title: str, y_title: str) -> go.Figure:
     """One metric of several runs on shared axes (runs = RunData)."""
     fig = go.Figure()
+    accuracy = column in ("reward_acc", "hybrid_acc")
+    tie_steps: set[int] = set()
     for i, run in enumerate(runs):
         table = run.metrics if source == "metrics" else run.eval
+        if accuracy and table is not None and not table.empty:
+            ties = tie_rows(table)
+            tie_steps |= {int(s) for s in pd.to_numeric(table.loc[ties, "step"], errors="coerce").dropna()}
+            table = table[~ties]
         if _has(table, column):
             fig.add_trace(_line(table, column, run_label(run), color=PALETTE[i % len(PALETTE)],
                                 mode="lines+markers" if source == "eval" else "lines"))
-    return _layout(fig, title, "optimiser step", y_title)
+    if tie_steps:
+        fig.add_trace(go.Scatter(x=sorted(tie_steps), y=[0.0] * len(tie_steps), mode="markers", name=TIE_LABEL,
+                                 marker=dict(symbol="diamond-open", size=12, color=NEUTRAL_COLOR, line=dict(width=2)),
+                                 hovertemplate="step %{x}: policy = reference, every margin is 0<extra></extra>"))
+    fig = _layout(fig, title, "optimiser step", y_title)
+    if accuracy:
+        fig.update_yaxes(range=[-0.04, 1.04])
+    return fig
 
 
 def run_label(run) -> str:
@@ -388,8 +478,8 @@ def final_accuracy_table(runs: Sequence) -> pd.DataFrame:
             "run": run.run_id, "kernel": run.kernel_name, "divergence": run.divergence_name,
             "status": (run.summary or {}).get("status"),
             "steps": int(run.metrics["step"].max()) if _has(run.metrics, "step") else None,
-            "final reward accuracy (eval)": run.final("reward_acc"),
-            "final hybrid accuracy (eval)": run.final("hybrid_acc"),
+            "final reward accuracy (eval)": accuracy_text(run, "reward_acc"),
+            "final hybrid accuracy (eval)": accuracy_text(run, "hybrid_acc"),
             "final preference loss (eval)": run.final("loss_pref"),
             "weighted alpha before": before, "weighted alpha after": after,
         })
@@ -411,8 +501,9 @@ def dbs_comparison_table(runs: Sequence) -> pd.DataFrame:
 
 def kernel_divergence_grid(runs: Sequence, value: str = "reward_acc") -> tuple[go.Figure, pd.DataFrame]:
     """Heatmap kernel × divergence of the final eval metric (mean over runs sharing a cell)."""
-    rows = [{"kernel": run.kernel_name or "?", "divergence": run.divergence_name or "?", "value": run.final(value)}
-            for run in runs]
+    rows = [{"kernel": run.kernel_name or "?", "divergence": run.divergence_name or "?",
+             "value": None if accuracy_text(run, value).startswith("ties") else run.final(value)}
+            for run in runs]  # a run evaluated only at step 0 (policy = reference) has no accuracy yet
     table = pd.DataFrame(rows).dropna(subset=["value"])
     if table.empty:
         return empty_figure("Final reward accuracy by kernel × divergence", "no finished evaluations yet"), pd.DataFrame()
