@@ -11,7 +11,9 @@ import streamlit as st
 
 from app.state import dataset_store, job_store
 from app.ui import figure_with_export, job_status_panel, page_header, switch_page
+from dpo_engine.data.preflight import SIDES, TokenPreflight
 from dpo_engine.embed import DEFAULT_EMBEDDER
+from dpo_engine.models import KNOWN_MODELS
 from dpo_engine.selection import Thresholds, load_diagnosis, recommend_again, suspicious_pairs
 from dpo_engine.viz import diagnosis as dviz
 
@@ -38,10 +40,19 @@ with st.expander("Embedding options"):
     max_pairs = oc[2].number_input("Max pairs (0 = all)", min_value=0, value=0, step=100)
     n_bootstrap = oc[3].number_input("Bootstrap resamples", min_value=0, max_value=2000, value=200, step=50)
 
+with st.expander("Token pre-flight options (the tokenizer and limits training will use)"):
+    pc = st.columns(3)
+    preflight_model = pc[0].selectbox("Model", list(KNOWN_MODELS), help="The model chosen on the Train form.")
+    max_length = pc[1].number_input("max_length", min_value=8, value=256, step=16,
+                                    help="Maximum tokens of prompt + response in training.")
+    max_prompt_length = pc[2].number_input("max_prompt_length (0 = half of max_length)", min_value=0, value=0, step=16)
+
 jobs = [j for j in job_store().list(kind="diagnose", limit=200) if j.params.get("dataset") == dataset_id]
 if st.button("Run diagnosis", type="primary"):
     params = {"dataset": dataset_id, "embedder": embedder, "distance": distance,
-              "max_pairs": int(max_pairs) or None, "n_bootstrap": int(n_bootstrap)}
+              "max_pairs": int(max_pairs) or None, "n_bootstrap": int(n_bootstrap),
+              "preflight_model": preflight_model, "max_length": int(max_length),
+              "max_prompt_length": int(max_prompt_length) or None}
     job = job_store().submit("diagnose", params, title=f"diagnose {store.get(dataset_id).name}")
     st.toast(f"Diagnosis job #{job.id} queued")
     jobs.insert(0, job)
@@ -157,6 +168,27 @@ for k, key in enumerate(("distances", "margins", "tat", "overlap")):
     with gc[k % 2]:
         figure_with_export(figs[key], key=key)
 figure_with_export(figs["smoothness"], key="smoothness")
+
+
+st.subheader("Token pre-flight: what training will cut")
+if info_preflight := json.loads((run_dir / "diagnosis.json").read_text()).get("token_preflight"):
+    pf = TokenPreflight(**info_preflight)
+    st.caption(f"Tokenizer of {pf.model}{' with its chat template' if pf.chat_template else ''}; "
+               f"max_length {pf.max_length}, max_prompt_length {pf.max_prompt_length}.")
+    st.dataframe(pd.DataFrame([
+        {"side": side, "mean tokens": round(pf.lengths[side].mean, 1),
+         **{k: v for k, v in pf.lengths[side].quantiles.items()}, "max": pf.lengths[side].max,
+         "pairs cut": pf.cut[side].pairs_cut, "share cut": f"{pf.cut[side].share_cut:.0%}",
+         "mean tokens lost": round(pf.cut[side].mean_tokens_lost, 1)} for side in SIDES]),
+        hide_index=True, width="stretch")
+    (st.warning if pf.pairs_cut else st.success)(
+        f"{pf.pairs_cut} of {pf.n_pairs} pairs lose tokens with these limits. Suggested: max_length "
+        f"{pf.suggestion.max_length}, max_prompt_length {pf.suggestion.max_prompt_length} "
+        f"({pf.suggestion.pairs_cut} pairs cut then; {pf.suggestion.reason}).")
+    st.markdown("**A few pairs as the model will see them** (after truncation)")
+    st.dataframe(pf.examples_frame(), hide_index=True, width="stretch")
+else:
+    st.info("This diagnosis ran without a token pre-flight: run it again to see token lengths and truncation.")
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

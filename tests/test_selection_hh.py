@@ -81,9 +81,11 @@ def test_cli_foreground_end_to_end(hh, tmp_path):
     result = CliRunner().invoke(
         app,
         ["diagnose", HH_SAMPLE, "--max-pairs", str(N_PAIRS), "--foreground", "--threshold", "kurt=2.5",
-         "--json", str(out_json), "--save-embeddings", str(out_npz), "--bootstrap", "50", "-w", str(ws.root)],
+         "--json", str(out_json), "--save-embeddings", str(out_npz), "--bootstrap", "50", "-w", str(ws.root),
+         "--model", "tiny-random", "--max-length", "128"],
     )
     assert result.exit_code == 0, result.output
+    assert "pairs cut now; suggested max_length" in result.stdout
     assert "kernel" in result.stdout and "divergence" in result.stdout
     assert "dropped" in result.stdout  # the sample has flagged rows, and the user is told
     data = json.loads(out_json.read_text())
@@ -92,6 +94,12 @@ def test_cli_foreground_end_to_end(hh, tmp_path):
     assert data["n_pairs"] == N_PAIRS and data["embedder"] == "all-MiniLM-L6-v2"
     assert data["thresholds"]["kurt"] == 2.5
     assert set(data["recommendation"]["confidence"]) == {"kernel", "divergence"}
+    for kind in ("kernel", "divergence"):
+        assert isinstance(data["recommendation"][f"{kind}_uncertain"], bool)
+        assert f"{kind}_runner_up" in data["recommendation"]
+    preflight = data["token_preflight"]
+    assert preflight["model"] == "tiny-random" and preflight["max_length"] == 128 and preflight["n_pairs"] == N_PAIRS
+    assert set(preflight["lengths"]) == {"prompt", "chosen", "rejected"}
     saved = PairEmbeddings.load_npz(out_npz)
     assert saved.prompt.dtype == np.float32 and saved.prompt.shape == (N_PAIRS, 384)
     np.testing.assert_allclose(np.linalg.norm(saved.chosen, axis=1), 1.0, atol=1e-5)

@@ -58,6 +58,12 @@ def test_diagnose_page_end_to_end(workspace, small_dataset):
     assert set(kernel_rules["rule"]) == {"rbf", "polynomial", "mahalanobis", "spectral", "hmk"}
     assert kernel_rules.groupby("rule")["fired"].first().sum() == 1
     assert divergence_rules.groupby("rule")["fired"].first().sum() == 1
+    # The token pre-flight shows per-side lengths and cuts, and pairs as the model sees them.
+    frames = [d.value for d in at.dataframe]
+    sides = next(f for f in frames if "pairs cut" in f.columns)
+    assert list(sides["side"]) == ["prompt", "chosen", "rejected"]
+    examples = next(f for f in frames if "as the model sees it" in f.columns)
+    assert examples["as the model sees it"].str.contains("<|im_start|>", regex=False).any()
     assert len(at.get("plotly_chart")) >= 6
 
     # Thresholds change the recommendation without recomputing: PNAV >= 0 > -1 and TAT <= 1 < 2 make RBF fire;

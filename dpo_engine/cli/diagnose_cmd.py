@@ -54,6 +54,11 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
         if rec.get(f"{kind}_uncertain"):
             lines.append(f"           {rec[f'{kind}_verdict']}")
         lines.append(f"           because {rec[f'{kind}_rule']}")
+    preflight = data.get("token_preflight")
+    if preflight:
+        from dpo_engine.data.preflight import TokenPreflight
+
+        lines.extend(TokenPreflight(**preflight).summary_lines())
     km, dm = data["kernel_metrics"], data["divergence_metrics"]
     lines.append("metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in km.items()))
     lines.append(
@@ -79,6 +84,7 @@ def _run_foreground(params, ws) -> tuple[dict[str, Any], Any]:
         bar.close()
     data = diagnosis.to_json_dict()
     data["dataset"] = summary["dataset"]
+    data["token_preflight"] = summary["token_preflight"]
     return data, embeddings
 
 
@@ -131,6 +137,10 @@ def register(app: typer.Typer) -> None:
         n_bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for the confidence."),
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
         timeout: float | None = typer.Option(None, "--timeout", help="Give up waiting for the job after S seconds."),
+        model: str = typer.Option("smollm2-135m-instruct", "--model", help="Model whose tokenizer the token pre-flight uses."),
+        max_length: int = typer.Option(256, "--max-length", help="Training max_length the pre-flight checks."),
+        max_prompt_length: int | None = typer.Option(None, "--max-prompt-length", help="Training max_prompt_length (default half of max_length)."),
+        preflight: bool = typer.Option(True, "--preflight/--no-preflight", help="Token pre-flight: lengths and truncation."),
         workspace: str | None = WorkspaceOption,
     ) -> None:
         """Diagnose preference data: eight metrics, recommended kernel and divergence, confidence."""
@@ -147,6 +157,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--precision must be auto, float32 or bfloat16, got {precision!r}")
         if n_bootstrap < 0:
             fail(f"--bootstrap must be >= 0, got {n_bootstrap}")
+        if preflight and max_prompt_length is not None and max_prompt_length >= max_length:
+            fail(f"--max-prompt-length ({max_prompt_length}) must be smaller than --max-length ({max_length})")
         try:
             overrides = parse_threshold_options(threshold)
         except ValueError as exc:
@@ -166,6 +178,8 @@ def register(app: typer.Typer) -> None:
             params = DiagnoseParams(
                 dataset=dataset, embedder=embedder, distance=distance, max_pairs=max_pairs,
                 thresholds=overrides, n_bootstrap=n_bootstrap, seed=seed, precision=precision,
+                preflight_model=model if preflight else None, max_length=max_length,
+                max_prompt_length=max_prompt_length,
             )
         except ValidationError as exc:
             fail(f"invalid option: {exc.errors()[0]['msg']}")

@@ -45,6 +45,11 @@ class DiagnoseParams(BaseModel):
     batch_size: int = Field(64, ge=1)
     max_seq_length: int | None = Field(None, ge=1)
     precision: Precision = Field("auto", description="auto: bfloat16 on CPUs with native bf16, else float32")
+    preflight_model: str | None = Field(
+        "smollm2-135m-instruct", description="model whose tokenizer the token pre-flight uses; None skips it"
+    )
+    max_length: int = Field(256, ge=8, description="training max_length the pre-flight checks (TrainConfig default)")
+    max_prompt_length: int | None = Field(None, ge=4, description="training max_prompt_length; None = half of max_length")
 
     @field_validator("thresholds")
     @classmethod
@@ -76,6 +81,15 @@ def run_diagnosis(
         table = table.head(params.max_pairs).reset_index(drop=True)
     if len(table) < 2:
         raise ValueError(f"diagnosis needs at least 2 pairs; {loaded.label} has {len(table)}")
+    preflight = None
+    if params.preflight_model:
+        from dpo_engine.data.preflight import load_tokenizer, token_preflight
+
+        report(0.01, f"token pre-flight with the {params.preflight_model} tokenizer")
+        preflight = token_preflight(
+            table, load_tokenizer(params.preflight_model, workspace), model=params.preflight_model,
+            max_length=params.max_length, max_prompt_length=params.max_prompt_length,
+        )
 
     def embedded(done: int, total: int) -> None:
         report(0.02 + 0.9 * done / max(total, 1), f"embedded {done}/{total} texts")
@@ -107,6 +121,7 @@ def run_diagnosis(
         "divergence_confidence": diagnosis.recommendation.confidence.divergence[diagnosis.recommendation.divergence],
         "wall_s": round(time.perf_counter() - started, 3),
         "dataset": dataset_entry,
+        "token_preflight": preflight.model_dump() if preflight is not None else None,
     }
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -114,6 +129,7 @@ def run_diagnosis(
         json_path = run_dir / DIAGNOSIS_JSON
         data = json.loads(json_path.read_text())
         data["dataset"] = dataset_entry
+        data["token_preflight"] = summary["token_preflight"]
         json_path.write_text(json.dumps(data, indent=2))
         embeddings.save_npz(run_dir / EMBEDDINGS_NPZ)
         if "pair_id" in table.columns:
