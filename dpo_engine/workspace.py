@@ -8,13 +8,30 @@ tests agree on where things live. Location: `--workspace`, else `$DPO_KERNELS_WO
 
 from __future__ import annotations
 
+import getpass
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV_WORKSPACE = "DPO_KERNELS_WORKSPACE"
 ENV_DB_URL = "DPO_KERNELS_DB_URL"
 ENV_MODEL_CACHE = "DPO_KERNELS_MODEL_CACHE"
+
+# Who is acting: the signed-in user of the web session that is running (set per script run by the
+# app's login gate; each Streamlit run has its own thread, hence its own context), else nobody.
+acting_user: ContextVar[str | None] = ContextVar("acting_user", default=None)
+
+
+def current_user() -> str:
+    """The signed-in web user when there is one, else the operating-system user (CLI, local app)."""
+    user = acting_user.get()
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return f"uid-{os.getuid()}"
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ with tab_list:
     else:
         table = pd.DataFrame(
             [{"name": i.name, "id": i.id, "pairs": i.n_pairs, "source": i.source,
-              "created": i.created_at.strftime("%Y-%m-%d %H:%M"),
+              "created": i.created_at.strftime("%Y-%m-%d %H:%M"), "added by": i.submitted_by or "",
               "dropped": sum(i.dropped.values())} for i in infos]
         )
         st.dataframe(table, hide_index=True, width="stretch")

@@ -30,7 +30,8 @@ def live_jobs() -> None:
     st.dataframe(
         pd.DataFrame([{"id": j.id, "": STATUS_ICONS.get(j.status, ""), "kind": j.kind, "title": j.title,
                        "status": j.status, "progress": round(100 * (j.progress or 0)), "elapsed": format_seconds(j.elapsed_s),
-                       "device": j.device or j.requested_device or "", "run": j.run_id} for j in jobs]),
+                       "device": j.device or j.requested_device or "", "by": j.submitted_by or "",
+                       "run": j.run_id} for j in jobs]),
         hide_index=True, width="stretch",
         column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=100, format="%d%%")},
     )

@@ -178,3 +178,15 @@ def test_unknown_backend_is_a_one_line_error(tmp_path):
     out = subprocess.run([*CLI, "worker", "--backend", "raay", "--workspace", str(tmp_path / "w")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == "error: unknown backend 'raay'; expected one of: local, ray"
+
+
+def test_app_starts_the_chosen_backend(tmp_path):
+    from dpo_engine.serve import DeploymentError, worker_command
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    ray_cmd = worker_command(ws, "ray", address="10.0.0.5:6379")
+    assert ray_cmd[ray_cmd.index("--backend") + 1] == "ray" and ray_cmd[-2:] == ["--address", "10.0.0.5:6379"]
+    local = worker_command(ws, "local", device="cpu")
+    assert local[local.index("--backend") + 1] == "local" and local[-2:] == ["--device", "cpu"]
+    with pytest.raises(DeploymentError, match="unknown backend 'slurm'"):
+        worker_command(ws, "slurm")

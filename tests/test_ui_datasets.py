@@ -94,10 +94,10 @@ def test_flagged_rows_listed_with_row_numbers(workspace):
 def test_list_and_delete(workspace, hh_sample_path):
     from dpo_engine.data import load_preferences
 
-    DatasetStore(workspace).add(load_preferences(hh_sample_path), name="first", source="hh")
+    DatasetStore(workspace).add(load_preferences(hh_sample_path), name="first", source="hh", submitted_by="bob")
     at = _app().run()
     listing = at.dataframe[0].value
-    assert list(listing["name"]) == ["first"]
+    assert list(listing["name"]) == ["first"] and list(listing["added by"]) == ["bob"]
     at.checkbox[0].check().run()
     _button(at, "Delete").click().run()
     assert not at.exception

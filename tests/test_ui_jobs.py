@@ -37,9 +37,10 @@ def test_finished_job_shows_status_and_log(workspace):
 
 def test_cancel_queued_job_from_page(workspace):
     store = JobStore.for_workspace(workspace)
-    job = store.submit("selftest", {"seconds": 5}, title="to cancel")
+    job = store.submit("selftest", {"seconds": 5}, title="to cancel", submitted_by="alice@example.org")
     at = AppTest.from_file(PAGE, default_timeout=60).run()
     assert any("to cancel" in str(v) for v in at.dataframe[0].value["title"])
+    assert list(at.dataframe[0].value["by"]) == ["alice@example.org"]  # who queued it
     next(b for b in at.button if b.label == "Cancel job").click().run()
     assert not at.exception
     assert store.get(job.id).status == "cancelled"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from dpo_engine.data.errors import DataFormatError, DatasetExists, DatasetNotFound
 from dpo_engine.data.ingest import IngestResult, content_hash, load_preferences
-from dpo_engine.workspace import Workspace
+from dpo_engine.workspace import Workspace, current_user
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class DatasetInfo(BaseModel):
     detected_layout: str
     mapping: dict[str, str] = Field(default_factory=dict)
     has_category: bool = False
+    submitted_by: str | None = None  # who added it (signed-in user, else the OS user); None before it was recorded
 
 
 def slugify(name: str) -> str:
@@ -78,9 +79,16 @@ class DatasetStore:
         return self.root / dataset_id
 
     def add(
-        self, result: IngestResult, name: str, source: str, drop_flagged: bool | list[str] = True
+        self,
+        result: IngestResult,
+        name: str,
+        source: str,
+        drop_flagged: bool | list[str] = True,
+        submitted_by: str | None = None,
     ) -> DatasetInfo:
-        """Apply the drop choice and store the kept rows; names must be unique."""
+        """Apply the drop choice and store the kept rows; names must be unique.
+
+        `submitted_by` defaults to `current_user()` (the signed-in user in a team deployment)."""
         name = name.strip()
         if not name:
             raise ValueError("a dataset needs a non-empty name")
@@ -109,6 +117,7 @@ class DatasetStore:
             detected_layout=result.report.detected_layout,
             mapping=result.report.mapping,
             has_category="category" in kept.columns,
+            submitted_by=submitted_by or current_user(),
         )
         tmp = Path(tempfile.mkdtemp(prefix=f".{dataset_id}.", dir=self.root))
         try:

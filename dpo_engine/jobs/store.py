@@ -42,7 +42,7 @@ from dpo_engine.jobs.models import (
     utcnow,
 )
 from dpo_engine.jobs.schema import upgrade_schema
-from dpo_engine.workspace import Workspace
+from dpo_engine.workspace import Workspace, current_user
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 3
@@ -157,7 +157,8 @@ class JobStore:
     ) -> Job:
         """Queue a job and create its run directory. Lower `priority` values run first.
 
-        `submitted_by` names who queued it (the signed-in user in a team deployment)."""
+        `submitted_by` names who queued it; by default `current_user()`: the signed-in user of
+        the web session in a team deployment, else the operating-system user."""
         if self.runs_dir is None:
             raise ValueError("this JobStore has no runs directory; create it with JobStore.for_workspace(ws)")
         executors = known_kinds()
@@ -195,7 +196,7 @@ class JobStore:
                 cancel_requested=False,
                 attempts=0,
                 resumable=False,
-                submitted_by=submitted_by or None,
+                submitted_by=submitted_by or current_user(),
             )
             s.add(row)
             s.flush()
