@@ -6,14 +6,15 @@ import streamlit as st
 
 from app.state import job_store, workspace
 from app.ui import figure_with_export, page_header
+from dpo_engine.analysis.health import alerts_table, health_of
 from dpo_engine.report import build_report
-from dpo_engine.report.rundata import list_runs, load_run
+from dpo_engine.report.rundata import load_run, workspace_runs
 from dpo_engine.viz import runs as viz
 
 page_header("Compare runs", "Put several runs side by side: curves, final accuracy, cluster separation and HT-SR.")
 
 ws = workspace()
-entries = list_runs(ws, job_store().list(kind="train"))
+entries = workspace_runs(ws, job_store())
 if not entries:
     st.info("No training runs yet. Start some on the **Train** page.")
     st.stop()
@@ -31,6 +32,19 @@ if empty:
 
 st.subheader("Final metrics")
 st.dataframe(viz.final_accuracy_table(runs), hide_index=True)
+st.caption("“ties (step 0)”: the run has only been evaluated while policy = reference. " + viz.TIE_EXPLANATION)
+
+st.subheader("Run health")
+health = [(run.run_id, alerts_table(health_of(run))) for run in runs]
+health_rows = [table.assign(run=run_id) for run_id, table in health if not table.empty]
+if health_rows:
+    import pandas as pd
+
+    table = pd.concat(health_rows, ignore_index=True)
+    st.dataframe(table[["run", *[c for c in table.columns if c != "run"]]], hide_index=True)
+    st.caption("Each alert names the step where the pattern starts; open the run on the Runs page for what it means.")
+else:
+    st.caption("✅ No health alerts in the selected runs.")
 
 st.subheader("Curves")
 left, right = st.columns(2)

@@ -6,6 +6,7 @@ import streamlit as st
 
 from app.state import dataset_store, job_store, workspace
 from app.ui import page_header, page_link
+from dpo_engine.report.rundata import workspace_runs
 
 page_header(
     "DPO-Kernels Studio",
@@ -16,10 +17,12 @@ ws = workspace()
 datasets = dataset_store().list()
 jobs = job_store().list(limit=500)
 workers = job_store().alive_workers(max_age_s=30)
+# the same list the Runs and Compare pages show: queued/worker runs and runs written from the command line
+training_runs = workspace_runs(ws, job_store())
 
 c = st.columns(4)
 c[0].metric("Datasets", len(datasets))
-c[1].metric("Training runs", sum(1 for j in jobs if j.kind == "train"))
+c[1].metric("Training runs", len(training_runs))
 c[2].metric("Jobs running", sum(1 for j in jobs if j.status == "running"))
 c[3].metric("Workers alive", len(workers))
 if not workers:

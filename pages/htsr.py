@@ -8,7 +8,7 @@ import streamlit as st
 
 from app.state import job_store, workspace
 from app.ui import figure_with_export, job_status_panel, page_header
-from dpo_engine.report.rundata import list_runs, load_run
+from dpo_engine.report.rundata import load_run, workspace_runs
 from dpo_engine.viz import runs as viz
 
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random")
@@ -21,7 +21,7 @@ st.markdown(viz.ALPHA_EXPLANATION)
 ws = workspace()
 store = job_store()
 
-trained = [e for e in list_runs(ws, store.list(kind="train")) if (e.run_dir / "model").is_dir()]
+trained = [e for e in workspace_runs(ws, store) if (e.run_dir / "model").is_dir()]
 choices = list(BUILTIN_MODELS) + [f"run:{e.run_id}" for e in trained] + [LOCAL_PATH]
 with st.form("htsr-form"):
     choice = st.selectbox("Model", choices, key="htsr-model",
@@ -44,7 +44,7 @@ if submitted:
     st.session_state["htsr_run_id"] = job.run_id
     st.success(f"Queued HT-SR job #{job.id}.")
 
-entries = list_runs(ws, store.list(kind="htsr"), kind="htsr")
+entries = workspace_runs(ws, store, kind="htsr")
 if not entries:
     st.info("No HT-SR analyses yet: pick a model above and press **Analyse**.")
     st.stop()

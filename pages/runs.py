@@ -8,11 +8,12 @@ import pandas as pd
 import streamlit as st
 
 from app.state import job_store, workspace
-from app.ui import figure_with_export, format_seconds, job_status_panel, page_header
+from app.ui import figure_with_export, format_seconds, health_alerts, job_status_panel, page_header
+from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
 from dpo_engine.report import build_report
 from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
-from dpo_engine.report.rundata import load_dataset_texts, load_run, list_runs
+from dpo_engine.report.rundata import load_dataset_texts, load_run, workspace_runs
 from dpo_engine.viz import runs as viz
 
 LIVE_STATUSES = ("queued", "running")
@@ -24,7 +25,7 @@ page_header("Runs", "Watch a training run live and inspect what it learned.")
 
 ws = workspace()
 store = job_store()
-entries = list_runs(ws, store.list(kind="train"))
+entries = workspace_runs(ws, store)
 if not entries:
     st.info("No training runs yet. Start one on the **Train** page (or `dpo-kernels train`).")
     st.stop()
@@ -61,8 +62,9 @@ def _status_block(job, run) -> None:
     cols[2].metric("ETA", format_seconds(eta) if eta is not None else "–")
     tps = last.get("tokens_per_s") if last is not None else summary.get("tokens_per_s")
     cols[3].metric("Tokens/s", f"{float(tps):,.0f}" if tps is not None and pd.notna(tps) else "–")
-    acc = run.final("reward_acc")
-    cols[4].metric("Reward accuracy (eval)", f"{acc:.3f}" if acc is not None else "–")
+    acc = viz.accuracy_text(run)
+    cols[4].metric("Reward accuracy (eval)", acc,
+                   help=viz.TIE_EXPLANATION if acc.startswith("ties") else "Share of held-out pairs with chosen reward > rejected.")
     error = summary.get("error") or (job.error if job is not None else None)
     if status == "failed":
         st.error(f"This run failed: {error or 'no error message was recorded'}")
@@ -88,6 +90,7 @@ def _curves(run) -> None:
         figure_with_export(viz.throughput_figure(run.metrics), key="run-throughput")
     with right:
         figure_with_export(viz.reward_accuracy_figure(run.metrics, run.eval), key="run-acc")
+        st.caption(viz.TIE_EXPLANATION)
         figure_with_export(viz.learning_rate_figure(run.metrics), key="run-lr")
 
 
@@ -193,10 +196,11 @@ def _files(job, run) -> None:
 
 
 def _body(run_id: str) -> None:
-    current = next((e for e in list_runs(ws, store.list(kind="train")) if e.run_id == run_id), entry)
+    current = next((e for e in workspace_runs(ws, store) if e.run_id == run_id), entry)
     job = store.get(current.job.id) if current.job is not None else None
     run = load_run(current.run_dir, run_id)
     _status_block(job, run)
+    health_alerts(health_of(run))
     if job is not None and job.status not in LIVE_STATUSES and st.session_state.get("run-was-live") == run_id:
         st.session_state.pop("run-was-live")
         st.rerun()  # finished while watched: redraw once without auto-refresh

@@ -22,8 +22,9 @@ def test_compare_tables_and_figures(run_workspace):
     assert list(final["run"]) == picked
     summary = json.loads((run_workspace.root / "runs" / "ok-hmk" / "summary.json").read_text())
     got = final.set_index("run").loc["ok-hmk", "final reward accuracy (eval)"]
-    assert got == summary["final_eval"]["reward_acc"]
-    dbs = at.dataframe[1].value  # Table 13 layout: rows = steps, columns = runs
+    assert got == f"{summary['final_eval']['reward_acc']:.3f}"  # shown as text so a tie never reads 0.000
+    assert final.set_index("run").loc["empty", "final reward accuracy (eval)"] == "–"
+    dbs = next(d.value for d in at.dataframe if list(d.value.columns) == picked)  # Table 13: rows = steps
     assert list(dbs.columns) == picked
     assert 0 in dbs.index and dbs.loc[0, "ok-hmk"] > 0
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]

@@ -18,13 +18,16 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
 from dpo_engine.report.rundata import RunData, load_dataset_texts, load_run
 from dpo_engine.viz import runs as viz
+from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, REJECTED_COLOR
 
 SECTION_TITLES = {
     "diagnosis": "Dataset diagnosis",
     "configuration": "Configuration",
+    "health": "Run health",
     "curves": "Training curves",
     "kernel_weights": "Kernel weights",
     "divergences": "Divergences",
@@ -33,19 +36,23 @@ SECTION_TITLES = {
     "compare": "Comparison of runs",
 }
 
-_CSS = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1200px;
-       color: #222; line-height: 1.45; padding: 0 1rem; }
-h1 { border-bottom: 3px solid #2ca02c; padding-bottom: .3rem; }
-h2 { margin-top: 2.5rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
-table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
-th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; }
-th { background: #f4f4f4; }
-.note { color: #555; font-size: .9rem; }
-.warn { color: #a94442; }
-.pass { color: #2ca02c; font-weight: 600; } .fail { color: #d62728; }
-.toc a { margin-right: 1rem; }
-pre { background: #f7f7f7; padding: .6rem; overflow-x: auto; font-size: .8rem; }
+_CSS = f"""
+body {{ font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1200px;
+       color: #222; line-height: 1.45; padding: 0 1rem; }}
+h1 {{ border-bottom: 3px solid {CHOSEN_COLOR}; padding-bottom: .3rem; }}
+h2 {{ margin-top: 2.5rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }}
+table {{ border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }}
+th, td {{ border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; }}
+th {{ background: #f4f4f4; }}
+.note {{ color: {NEUTRAL_COLOR}; font-size: .9rem; }}
+.warn {{ color: {REJECTED_COLOR}; }}
+.pass {{ color: {CHOSEN_COLOR}; font-weight: 600; }} .fail {{ color: {REJECTED_COLOR}; }}
+.toc a {{ margin-right: 1rem; }}
+pre {{ background: #f7f7f7; padding: .6rem; overflow-x: auto; font-size: .8rem; }}
+.alert {{ border-left: 5px solid; padding: .4rem .8rem; margin: .6rem 0; background: #fafafa; }}
+.alert.error {{ border-color: {REJECTED_COLOR}; }} .alert.warning {{ border-color: #E69F00; }}
+.alert.info {{ border-color: #56B4E9; }}
+.alert .what {{ color: #333; }}
 """
 
 
@@ -185,16 +192,31 @@ def _config_section(run: RunData) -> str:
             + "<details><summary>All settings</summary>" + _table(flat) + "</details>")
 
 
+def _health_section(run: RunData) -> str:
+    """Every health alert of the run: what it is, from which step, what it means, what to try."""
+    alerts = health_of(run)
+    label = f"<h3>{_esc(run.run_id)}</h3>"
+    if not alerts:
+        return label + ("<p class='note'>No health alerts: likelihood displacement, memorising, NaN/inf values, "
+                        "kernel-weight collapse, the ε-DPO β range and HT-SR alpha were checked.</p>")
+    items = "".join(
+        f"<div class='alert {_esc(a.severity)}'><b>{_esc(a.headline)}</b> · {_esc(a.evidence)}"
+        f"<p class='what'>{_esc(a.meaning)}</p><p><b>What to try:</b> {_esc(a.advice)}</p></div>"
+        for a in alerts)
+    return label + items
+
+
 def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> dict[str, str]:
     label = f"<h3>{_esc(run.run_id)}</h3>"
     if run.is_empty:
         empty = label + "<p class='note'>This run has not written any results yet.</p>"
         return {key: empty for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr")}
     out = {}
-    out["curves"] = label + "".join(fig(f) for f in (
-        viz.loss_figure(run.metrics, run.eval), viz.reward_accuracy_figure(run.metrics, run.eval),
-        viz.reward_margin_figure(run.metrics, run.eval), viz.learning_rate_figure(run.metrics),
-        viz.throughput_figure(run.metrics)))
+    out["curves"] = label + fig(viz.loss_figure(run.metrics, run.eval)) \
+        + fig(viz.reward_accuracy_figure(run.metrics, run.eval)) \
+        + f"<p class='note'>Final held-out reward accuracy: {_esc(viz.accuracy_text(run))}. {_esc(viz.TIE_EXPLANATION)}</p>" \
+        + "".join(fig(f) for f in (viz.reward_margin_figure(run.metrics, run.eval), viz.learning_rate_figure(run.metrics),
+                                   viz.throughput_figure(run.metrics)))
     kw = viz.kernel_weight_figure(run.metrics)
     beta = viz.beta_figure(run.metrics) if run.epsilon_dpo > 0 else None
     collapsed = viz.collapsed_weights(run.metrics)
@@ -233,6 +255,7 @@ def _compare_section(runs: list[RunData], fig: _Figures) -> str:
         fig(viz.overlay_figure(runs, "reward_acc", source="eval", title="Held-out reward accuracy",
                                y_title="accuracy (fraction)")),
         "<h3>Final metrics</h3>", _table(viz.final_accuracy_table(runs)),
+        f"<p class='note'>“ties (step 0)”: evaluated only while policy = reference. {_esc(viz.TIE_EXPLANATION)}</p>",
         "<h3>Davies–Bouldin score per snapshot (rows = steps, columns = runs)</h3>",
         _table(viz.dbs_comparison_table(runs), index=True),
         fig(viz.weighted_alpha_figure([(r.run_id, *r.weighted_alpha()) for r in runs])),
@@ -264,6 +287,7 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
     sections = {
         "diagnosis": _diagnosis_section(diagnosis),
         "configuration": "".join(_config_section(r) for r in runs),
+        "health": "".join(_health_section(r) for r in runs),
     }
     for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr"):
         sections[key] = "".join(parts[key] for parts in per_run)

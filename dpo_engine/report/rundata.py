@@ -188,3 +188,12 @@ def list_runs(workspace, jobs: list | None = None, kind: str = "train") -> list[
     job_entries = [e for e in entries.values() if e.job is not None]
     job_entries.sort(key=lambda e: e.job.created_at, reverse=True)
     return job_entries + [e for e in entries.values() if e.job is None]
+
+
+RUN_LIST_LIMIT = 1000  # newest jobs considered; the same bound for every page, so counts and lists agree
+
+
+def workspace_runs(workspace, store, kind: str = "train") -> list[RunEntry]:
+    """The one list of runs every page shows (Overview counts it, Runs and Compare list it): jobs of
+    `kind` from the queue plus run directories written without it, e.g. `dpo-kernels train --foreground`."""
+    return list_runs(workspace, store.list(kind=kind, limit=RUN_LIST_LIMIT), kind=kind)
