@@ -67,7 +67,8 @@ def health_alerts(alerts, *, healthy_note: bool = True) -> None:
 
 def figure_with_export(fig, *, key: str) -> None:
     """Show a plotly figure with HTML and PNG downloads; both are built only when clicked."""
-    st.plotly_chart(fig, width="stretch", key=f"chart-{key}")
+    # theme=None: the figure keeps dpo_engine.viz.style's look, identical to the report and the PNG
+    st.plotly_chart(fig, width="stretch", key=f"chart-{key}", theme=None)
     cols = st.columns(2)
     fig_json = fig.to_json()
     cols[0].download_button("Figure as PNG", lambda: _figure_png(fig_json), file_name=f"{key}.png",

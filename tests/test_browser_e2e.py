@@ -154,3 +154,92 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         import re
 
         assert re.search(r"<script[^>]*\bsrc=", html) is None  # opens offline
+
+
+# ---------------------------------------------------------------- figures and health, as a stakeholder sees them
+
+_FIGURE_GEOMETRY = """
+() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot => {
+  const box = el => { if (!el) return null; const r = el.getBoundingClientRect();
+                      return r.width > 0 && r.height > 0 ? {l: r.left, r: r.right, t: r.top, b: r.bottom} : null; };
+  const title = plot.querySelector('.g-gtitle text.gtitle');
+  const legend = plot.querySelector('g.legend');
+  return {title: title ? title.textContent : '', titleBox: box(title), legendBox: box(legend ? legend.querySelector('.bg') || legend : null),
+          areas: Array.from(plot.querySelectorAll('.nsewdrag')).map(box).filter(b => b),
+          axisTitles: Array.from(plot.querySelectorAll('.g-xtitle text, .g-ytitle text')).map(box).filter(b => b)};
+})
+"""
+
+
+def _overlaps(a, b, pad=0.0) -> bool:
+    return a["l"] < b["r"] - pad and b["l"] < a["r"] - pad and a["t"] < b["b"] - pad and b["t"] < a["b"] - pad
+
+
+def _assert_legends_clear(page) -> int:
+    """No legend over a figure title or over a plot area; returns how many drawn figures were checked."""
+    checked = 0
+    for fig in page.evaluate(_FIGURE_GEOMETRY):
+        legend = fig["legendBox"]
+        if legend is None:
+            continue
+        checked += 1
+        if fig["titleBox"] is not None:
+            assert not _overlaps(legend, fig["titleBox"]), f"legend over the title of {fig['title']!r}"
+        for area in fig["areas"]:
+            assert not _overlaps(legend, area, pad=1.0), f"legend over the data of {fig['title']!r}"
+        for axis_title in fig["axisTitles"]:
+            assert not _overlaps(legend, axis_title), f"legend over an axis title of {fig['title']!r}"
+    return checked
+
+
+def _health_run_workspace(root: Path) -> Path:
+    """A workspace with one run written from the command line (no job) that displaces the chosen
+    likelihood and starts, like every run, with policy = reference at step 0."""
+    from dpo_engine.workspace import Workspace
+    from tests.test_health import STEPS, _healthy_rows, _write
+
+    ws = Workspace.resolve(root)
+    metrics, evals = _healthy_rows()
+    metrics[0].update(margin=0.0, reward_acc=0.0)
+    for row in evals:
+        t = row["step"] / STEPS
+        row["reward_chosen"] = 0.02 if row["step"] < 20 else -0.3 * t
+        row["reward_rejected"] = -0.05 * t if row["step"] < 20 else -1.0 * t
+    _write(ws.run_dir("displaced-run"), metrics, evals, summary={"status": "succeeded", "error": None})
+    return root
+
+
+def test_run_page_and_report_figures_are_legible_and_show_the_alert(tmp_path):
+    ws = _health_run_workspace(tmp_path / "ws")
+    with running_app(ws, tmp_path / "app.log", with_worker=False) as url, chromium_page((1400, 1100)) as page:
+        page.goto(f"{url}/runs?run_id=displaced-run")
+        page.get_by_text("Likelihood displacement from step 20").wait_for(timeout=60_000)
+        page.locator(".js-plotly-plot").nth(3).wait_for()
+        page.wait_for_timeout(1500)
+        body = page.inner_text("body")
+        assert "What to try" in body
+        assert "ties (policy = reference)" in body  # the step-0 point is labelled on the accuracy figure
+        assert _assert_legends_clear(page) >= 3
+        _shot(page, tmp_path, "health_1_run_page")
+        page.get_by_role("tab", name="Kernel weights").first.click()
+        tab = page.get_by_role("tabpanel").filter(visible=True)
+        tab.locator(".js-plotly-plot").first.wait_for()
+        page.wait_for_timeout(1000)
+        labels = tab.locator(".js-plotly-plot .annotation-text").all_text_contents()
+        for kernel in ("λ1 RBF", "λ2 polynomial", "λ3 spectral", "λ4 Mahalanobis", "τ1 local", "τ2 global"):
+            assert kernel in labels, labels  # each kernel named on the plot itself
+        assert _assert_legends_clear(page) >= 1
+        tab.locator(".js-plotly-plot").first.screenshot(path=str(tmp_path / "health_2_kernel_weights.png"))
+        _keep(tmp_path / "health_2_kernel_weights.png")
+
+        from dpo_engine.report import write_report
+        from dpo_engine.workspace import Workspace
+
+        report = write_report(Workspace.resolve(ws), ["displaced-run"], tmp_path / "health_report.html")
+        page.goto(report.as_uri())
+        page.locator(".js-plotly-plot").nth(4).wait_for()
+        page.wait_for_timeout(1500)
+        assert "Likelihood displacement from step 20" in page.inner_text("#health")
+        assert _assert_legends_clear(page) >= 4
+        page.locator("#health").scroll_into_view_if_needed()
+        _shot(page, tmp_path, "health_3_report")

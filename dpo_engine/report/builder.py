@@ -53,6 +53,7 @@ pre {{ background: #f7f7f7; padding: .6rem; overflow-x: auto; font-size: .8rem; 
 .alert.error {{ border-color: {REJECTED_COLOR}; }} .alert.warning {{ border-color: #E69F00; }}
 .alert.info {{ border-color: #56B4E9; }}
 .alert .what {{ color: #333; }}
+.figure {{ margin: 0 0 2.2rem 0; }}
 """
 
 
@@ -84,8 +85,9 @@ class _Figures:
         if fig is None:
             return ""
         self.count += 1
-        return fig.to_html(include_plotlyjs=False, full_html=False, auto_play=False,
-                           div_id=f"figure-{self.count}", config={"displaylogo": False})
+        return "<div class='figure'>" + fig.to_html(include_plotlyjs=False, full_html=False, auto_play=False,
+                                                    div_id=f"figure-{self.count}",
+                                                    config={"displaylogo": False}) + "</div>"
 
 
 _PLAIN_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -30,9 +30,8 @@ COLLAPSE_THRESHOLD = 0.05
 ALPHA_SAFE_RANGE = (2.0, 6.0)
 MAX_POINTS_PER_TRACE = 2000
 PALETTE = SERIES_PALETTE
-KERNEL_WEIGHT_HEIGHT = 460
-# mixture-weight units between two line-end labels: ~16 px of the plot area (the y axis spans 0-1)
-END_LABEL_GAP = 16 / (KERNEL_WEIGHT_HEIGHT - 220)
+KERNEL_WEIGHT_HEIGHT = 500
+END_LABEL_PX = 16  # vertical distance between two line-end labels of the kernel-weight figure
 TIE_LABEL = "step 0: policy = reference, every pair ties"
 TIE_EXPLANATION = ("At step 0 the policy equals the reference, so every reward margin is exactly 0. Reward accuracy "
                    "counts a pair as correct only when chosen > rejected (TRL's definition), so ties read 0 here: "
@@ -176,8 +175,7 @@ def reward_accuracy_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | Non
                                                "correct)<extra></extra>"))
         fig.add_annotation(x=steps[0], y=0.0, text="ties (policy = reference)", showarrow=True, arrowhead=0, ax=40,
                            ay=-30, font=dict(color=NEUTRAL_COLOR, size=11), xanchor="left")
-    fig = _layout(fig, "Reward accuracy (share of pairs with chosen reward > rejected)", "optimiser step",
-                  "accuracy (fraction of pairs)")
+    fig = _layout(fig, "Reward accuracy (chosen reward > rejected)", "optimiser step", "accuracy (fraction of pairs)")
     fig.update_yaxes(range=[-0.04, 1.04])
     return fig
 
@@ -198,7 +196,11 @@ def learning_rate_figure(metrics: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     if _has(metrics, "lr"):
         fig.add_trace(_line(metrics, "lr", "learning rate", color=PALETTE[0]))
-    return _layout(fig, "Learning-rate schedule", "optimiser step", "learning rate (per step)", height=300)
+    fig = _layout(fig, "Learning-rate schedule", "optimiser step", "learning rate (per step)", height=300)
+    if _has(metrics, "lr"):  # learning rates are ~1e-4: start the axis at 0 and write ticks as 1e-4, not 0.0001
+        top = float(pd.to_numeric(metrics["lr"], errors="coerce").max())
+        fig.update_yaxes(range=[0, 1.1 * top if top > 0 else 1], exponentformat="e", tickformat=".1e")
+    return fig
 
 
 def throughput_figure(metrics: pd.DataFrame) -> go.Figure:
@@ -222,19 +224,22 @@ def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
         fig.add_trace(trace)
         if len(trace.x):
             ends.append([float(list(trace.x)[-1]), float(list(trace.y)[-1]), KERNEL_WEIGHT_LABELS[column], color])
-    # name each kernel at the end of its line (not only in the legend), labels pushed apart when lines meet
-    ends.sort(key=lambda e: e[1])
-    for lower, upper in zip(ends, ends[1:]):
-        upper.append(max(upper[1], (lower[4] if len(lower) > 4 else lower[1]) + END_LABEL_GAP))
-    for end in ends:
-        fig.add_annotation(x=end[0], y=end[4] if len(end) > 4 else end[1], text=end[2], showarrow=False,
-                           xanchor="left", xshift=6, font=dict(color=end[3], size=12))
     fig.add_hline(y=COLLAPSE_THRESHOLD, line=dict(color=NEUTRAL_COLOR, dash="dot", width=1))
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"collapse threshold ({COLLAPSE_THRESHOLD})",
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"collapse threshold {COLLAPSE_THRESHOLD}",
                              line=dict(color=NEUTRAL_COLOR, dash="dot", width=1)))
     fig = _layout(fig, "Kernel-weight evolution (λ within the kernel group, τ between groups)", "optimiser step",
                   "mixture weight (fraction)", height=KERNEL_WEIGHT_HEIGHT)
     fig.update_layout(margin_r=130)  # room for the kernel names at the line ends
+    # name each kernel at the end of its line (not only in the legend), labels pushed apart when lines meet:
+    # ~16 px apart, in mixture-weight units of this figure's plot area (the y axis spans 0-1)
+    plot_px = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    gap = END_LABEL_PX / max(plot_px, 100)
+    ends.sort(key=lambda e: e[1])
+    for lower, upper in zip(ends, ends[1:]):
+        upper.append(max(upper[1], (lower[4] if len(lower) > 4 else lower[1]) + gap))
+    for end in ends:
+        fig.add_annotation(x=end[0], y=end[4] if len(end) > 4 else end[1], text=end[2], showarrow=False,
+                           xanchor="left", xshift=6, font=dict(color=end[3], size=12))
     fig.update_yaxes(range=[0, 1.02])
     return fig
 
