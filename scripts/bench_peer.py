@@ -1,0 +1,280 @@
+"""Per-step time and peak memory of our training step against TRL's DPOTrainer, side by side.
+
+Same model (SmolLM2-135M-Instruct, the bundled policy, loaded from the converted cache), same pairs
+(the first pairs of the shared HH sample, rendered through the same chat template), LoRA r=8 on the
+seven projections, `--batch-size` pairs per step, `--max-length` tokens, fp32 on CPU. Runs:
+
+- trl-default        TRL DPOTrainer with its defaults (reference forward every step, gradient
+                     checkpointing on as TRL ships it; precision set to fp32 like ours on CPU);
+- trl-precompute     the same with precompute_ref_log_probs=True;
+- ours-<method>-cold our trainer, fresh reference cache (the first run on this data);
+- ours-<method>-warm our trainer again on the same workspace (the cache from the cold run).
+Methods: dpo (plain), hmk, hmk+js (divergence regulariser), eps (ε-DPO).
+
+Every run is its own process (so peak RSS is its own), `--warmup` steps are untimed, the rest are
+timed one by one. Runs alternate (TRL, ours, TRL, ours, ...) within each repeat, and ratios are
+formed between runs of the same repeat, so slow drift on a shared machine cancels out; the summary
+prints the median, min and max of those ratios over repeats. Results are appended per run to
+`--out` (JSON lines); finished runs are skipped when the script is started again.
+
+    .venv/bin/pip install -e '.[peer]'
+    .venv/bin/python scripts/bench_peer.py                       # 2 repeats, 1 warm-up + 3 timed steps
+    .venv/bin/python scripts/bench_peer.py --repeats 3 --steps 5 --methods dpo hmk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+HH_SAMPLE = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
+if not HH_SAMPLE.exists():
+    HH_SAMPLE = REPO / "assets" / "sample_hh.jsonl.gz"
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {
+    "dpo": {"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0}},
+    "hmk": {"kernel": {"name": "hmk"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.5}},
+    "hmk+js": {"kernel": {"name": "hmk"}, "divergence": {"name": "js", "alpha": 0.1}, "loss": {"gamma": 0.5}},
+    "eps": {"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0, "epsilon_dpo": 0.01}},
+}
+
+
+def load_rows(n: int) -> list[dict]:
+    from dpo_engine.data import open_dataset
+    from dpo_engine.workspace import Workspace
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = open_dataset(Workspace.resolve(tmp), str(HH_SAMPLE)).table
+    return table.iloc[:n][["pair_id", "prompt", "chosen", "rejected"]].to_dict("records")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------- child: ours
+def run_ours(args, method: str, workspace: str) -> dict:
+    import pandas as pd
+    import torch
+
+    from dpo_engine.train.config import TrainConfig
+    from dpo_engine.train.trainer import DPOTrainer
+    from dpo_engine.workspace import Workspace
+
+    torch.set_num_threads(args.threads)
+    n_steps = args.warmup + args.steps
+    rows = load_rows(n_steps * args.batch_size + 1)
+    cfg = TrainConfig.model_validate({
+        "data": {"dataset": "bench", "max_length": args.max_length, "eval_fraction": 0.01, "min_eval_pairs": 1},
+        "model": {"name": "smollm2-135m-instruct", "lora": True, "lora_r": 8, "lora_target_modules": LORA_TARGETS},
+        "method": {**METHODS[method], "calibration_pairs": args.calibration_pairs},
+        "optimisation": {"max_steps": n_steps, "batch_size": args.batch_size, "seed": 0},
+        "monitoring": {"htsr": False},
+    })
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = DPOTrainer(cfg, run_dir, workspace=Workspace.resolve(workspace), pairs=pd.DataFrame(rows),
+                             log=lambda m: None)
+        trainer.setup()
+        setup_s = time.perf_counter() - t0
+        times, tokens = [], []
+        for _ in range(n_steps):
+            t = time.perf_counter()
+            row = trainer._train_step()
+            times.append(time.perf_counter() - t)
+            tokens.append(row["tokens_per_s"] * times[-1])
+        trainer._save_reference_cache()
+    return {"setup_s": setup_s, "step_s": times[args.warmup :], "tokens": tokens[args.warmup :]}
+
+
+# ----------------------------------------------------------------------------------- child: TRL
+def run_trl(args, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_engine.models import load_policy
+    from dpo_engine.workspace import Workspace
+
+    torch.set_num_threads(args.threads)
+    n_steps = args.warmup + args.steps
+    rows = load_rows(n_steps * args.batch_size)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = load_policy("smollm2-135m-instruct", workspace=Workspace.resolve(Path(tmp) / "ws"),
+                                       dtype="float32")
+        model.train()
+
+        class StepTimer(TrainerCallback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+                self.t = 0.0
+
+            def on_step_begin(self, *a, **k):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                self.times.append(time.perf_counter() - self.t)
+
+        timer = StepTimer()
+        config = DPOConfig(output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=args.batch_size,
+                           max_length=args.max_length, max_steps=n_steps, precompute_ref_log_probs=precompute,
+                           use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+                           logging_steps=1000, dataloader_num_workers=0, seed=0,
+                           gradient_checkpointing=not args.trl_no_gradient_checkpointing)
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             peft_config=lora, callbacks=[timer])
+        setup_s = time.perf_counter() - t0
+        trainer.train()
+        cap = args.max_length
+        lengths = [min(len(r["prompt_ids"]) + len(r["chosen_ids"]), cap) + min(len(r["prompt_ids"]) + len(r["rejected_ids"]), cap)
+                   if "prompt_ids" in r else None for r in trainer.train_dataset]
+    per_step = None
+    if all(x is not None for x in lengths):
+        per_step = [sum(lengths[i : i + args.batch_size]) for i in range(0, len(lengths), args.batch_size)]
+    return {"setup_s": setup_s, "step_s": timer.times[args.warmup :],
+            "tokens": [statistics.mean(per_step)] * args.steps if per_step else None}
+
+
+def child(args) -> None:
+    kind = args.run
+    if kind.startswith("trl-"):
+        result = run_trl(args, precompute=kind == "trl-precompute")
+    else:
+        _, method, _ = kind.split(":")
+        result = run_ours(args, method, args.workspace)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------- parent
+def plan(args) -> list[tuple[int, str]]:
+    """Run order per repeat: TRL default, half of ours, TRL precompute, the other half; odd repeats reversed."""
+    out = []
+    for rep in range(args.repeats):
+        ours = [f"ours:{m}:{temp}" for m in args.methods for temp in ("cold", "warm")]
+        half = len(ours) // 2 + len(ours) % 2
+        order = ([] if args.no_trl else ["trl-default"]) + ours[:half] + \
+            ([] if args.no_trl else ["trl-precompute"]) + ours[half:]
+        if rep % 2:  # reverse, but a warm run must still follow its cold run
+            pairs = [order[i : i + 1] for i in range(len(order))]
+            order = [run for chunk in reversed(pairs) for run in chunk]
+            for i, run in enumerate(order):
+                if run.endswith(":warm"):
+                    j = order.index(run.replace(":warm", ":cold"))
+                    if j > i:
+                        order[i], order[j] = order[j], order[i]
+        out += [(rep, run) for run in order]
+    return out
+
+
+def summarise(results: list[dict], args) -> None:
+    import numpy as np
+
+    def median_step(r):
+        return float(np.median(r["step_s"])) if r.get("step_s") else float("nan")
+
+    by = {(r["repeat"], r["run"]): r for r in results if "error" not in r}
+    print(f"\nper-step time (median over the {args.steps} timed steps of a run), ratios within each repeat; "
+          f"{args.threads} threads, batch {args.batch_size} pairs, max_length {args.max_length}")
+    print(f"{'run':<22}{'step s':>8}{'/TRL dflt (med min max)':>26}{'/TRL precomp (med min max)':>30}"
+          f"{'/ours dpo':>10}{'peak RSS MB':>12}{'RSS /TRL':>9}")
+    runs = sorted({r for _, r in by}, key=lambda x: (not x.startswith("trl"), x))
+    for run in runs:
+        reps = [rep for rep in range(args.repeats) if (rep, run) in by]
+        steps = [median_step(by[(rep, run)]) for rep in reps]
+        rss = [by[(rep, run)]["peak_rss_mb"] for rep in reps]
+
+        def ratios(other: str):
+            vals = [median_step(by[(rep, run)]) / median_step(by[(rep, other)]) for rep in reps if (rep, other) in by]
+            return f"{np.median(vals):.2f} {min(vals):.2f} {max(vals):.2f}" if vals else "-"
+
+        temp = run.split(":")[-1] if run.startswith("ours") else ""
+        own_dpo = f"ours:dpo:{temp}"
+        rss_trl = [by[(rep, "trl-default")]["peak_rss_mb"] for rep in reps if (rep, "trl-default") in by]
+        print(f"{run:<22}{np.median(steps):>8.2f}{ratios('trl-default'):>26}{ratios('trl-precompute'):>30}"
+              f"{(ratios(own_dpo).split()[0] if run.startswith('ours') else '-'):>10}{np.median(rss):>12.0f}"
+              f"{(np.median(rss) / np.median(rss_trl) if rss_trl else float('nan')):>9.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
+    p.add_argument("--repeats", type=int, default=2, help="alternating repeats (ratios are taken within one)")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibration-pairs", type=int, default=32, help="kernel calibration pairs in our runs")
+    p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
+                   help="turn off TRL's default gradient checkpointing (ours has it off by default)")
+    p.add_argument("--no-trl", action="store_true", help="only our runs")
+    p.add_argument("--out", default=str(REPO / "workspace" / "bench_peer.jsonl"))
+    p.add_argument("--run", help=argparse.SUPPRESS)
+    p.add_argument("--workspace", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run:
+        child(args)
+        return
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
+    finished = {(r["repeat"], r["run"]) for r in done}
+    todo = plan(args)
+    print(f"{len(todo)} runs planned, {sum(1 for k in todo if k in finished)} already in {out}", flush=True)
+    cache_root = out.parent / "bench_peer_workspaces"
+    for i, (rep, run) in enumerate(todo):
+        if (rep, run) in finished:
+            continue
+        ws = cache_root / f"repeat{rep}_{run.split(':')[1] if run.startswith('ours') else 'trl'}"
+        if run.endswith(":cold"):
+            import shutil
+
+            shutil.rmtree(ws / "reference_cache", ignore_errors=True)  # cold means no cached reference
+        cmd = [sys.executable, __file__, "--run", run, "--workspace", str(ws), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--threads", str(args.threads), "--calibration-pairs", str(args.calibration_pairs)]
+        if args.trl_no_gradient_checkpointing:
+            cmd.append("--trl-no-gradient-checkpointing")
+        env = {**os.environ, "DPO_KERNELS_MODEL_CACHE": os.environ.get("DPO_KERNELS_MODEL_CACHE", str(REPO / ".cache" / "models"))}
+        t0 = time.perf_counter()
+        print(f"[{i + 1}/{len(todo)}] repeat {rep} {run} ...", end=" ", flush=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+        if res.returncode != 0 or not line:
+            record = {"repeat": rep, "run": run, "error": res.stderr[-3000:]}
+            print(f"failed ({time.perf_counter() - t0:.0f}s)\n{res.stderr[-1500:]}", flush=True)
+        else:
+            record = {"repeat": rep, "run": run, **json.loads(line[-1][len("RESULT "):])}
+            print(f"{statistics.median(record['step_s']):.2f} s/step, peak RSS {record['peak_rss_mb']:.0f} MB "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        with open(out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        done.append(record)
+    summarise([r for r in done if r["repeat"] < args.repeats], args)
+
+
+if __name__ == "__main__":
+    main()
