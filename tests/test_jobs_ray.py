@@ -128,7 +128,7 @@ def test_cancel_running_and_waiting_jobs(rstore):
     running = [rstore.submit("selftest", params) for _ in range(2)]  # both CPUs of the cluster
     waiting = rstore.submit("selftest", {"seconds": 1, "steps": 2})
     pids = read_pids(rstore, running[0].id)
-    wait_until(lambda: rstore.get(running[1].id).worker_id.startswith("ray-") and
+    wait_until(lambda: not rstore.get(running[1].id).worker_id.startswith("ray-dispatch-") and
                rstore.get(running[1].id).progress > 0, 120, "the second job to start")
     w = rstore.get(waiting.id)
     assert w.status == "running" and w.message.startswith("waiting for cluster resources")
@@ -174,10 +174,18 @@ def test_gpu_job_stays_queued_on_a_cpu_cluster(rstore):
     rstore.request_cancel(queued.id)
 
 
-def test_unknown_backend_is_a_one_line_error(tmp_path):
+def test_bad_backend_or_address_is_a_one_line_error(tmp_path):
     out = subprocess.run([*CLI, "worker", "--backend", "raay", "--workspace", str(tmp_path / "w")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip() == "error: unknown backend 'raay'; expected one of: local, ray"
+    from dpo_engine.jobs.ray_backend import RayDispatcher, RayUnavailable
+
+    ws = Workspace.resolve(tmp_path / "w")
+    port = _free_port()  # nothing listens there
+    with pytest.raises(RayUnavailable, match=rf"^cannot reach the Ray cluster at 127.0.0.1:{port}: "):
+        RayDispatcher(ws, address=f"127.0.0.1:{port}").connect()
+    with pytest.raises(RayUnavailable, match="invalid Ray address 'head-node'"):
+        RayDispatcher(ws, address="head-node").connect()
 
 
 def test_app_starts_the_chosen_backend(tmp_path):
@@ -190,3 +198,31 @@ def test_app_starts_the_chosen_backend(tmp_path):
     assert local[local.index("--backend") + 1] == "local" and local[-2:] == ["--device", "cpu"]
     with pytest.raises(DeploymentError, match="unknown backend 'slurm'"):
         worker_command(ws, "slurm")
+
+
+def test_killed_dispatcher_takes_its_jobs_along_and_they_resume(ray_address, tmp_path):
+    ws = Workspace.resolve(tmp_path / "ws")
+    store = JobStore.for_workspace(ws)
+    job = store.submit("selftest", {"seconds": 60, "steps": 60, "spawn_grandchild": True, "write_checkpoint": True})
+    cmd = [*CLI, "worker", "--backend", "ray", "--address", ray_address, "--workspace", str(ws.root),
+           "--poll-s", "0.2", "--heartbeat-s", "0.5", "--lost-timeout", "2"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        pids = read_pids(store, job.id)
+        wait_until(lambda: store.get(job.id).progress > 0, 60, "the first step")
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        _stop_group(first)
+    # Ray ends the tasks of a driver that died; the parent-death signal stops the job's processes
+    wait_until(lambda: pid_gone(pids["child"]) and pid_gone(pids["grandchild"]), 30, "the orphaned job to end")
+    assert store.get(job.id).status == "running"  # nobody has noticed yet
+    (Path(job.run_dir) / "checkpoints" / "step_58.json").write_text('{"step": 58}')  # resume near the end
+    time.sleep(2.5)
+    second = subprocess.run([*cmd, "--once"], capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stdout[-2000:]
+    done = store.get(job.id)
+    assert done.status == SUCCEEDED and done.attempts == 2, done.error
+    assert done.result == {"steps_done": 60, "stopped_early": False, "resumed_from": 58}
+    assert done.log_path.read_text().count("=== job") == 2
+    store.close()

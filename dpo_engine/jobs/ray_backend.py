@@ -5,8 +5,9 @@ table and submits each as a Ray task that asks for what the job needs (`job_reso
 GPU for a training job when the cluster has GPUs, CPUs for diagnosis. Ray places the tasks, so
 several jobs run at once across the cluster's nodes.
 
-Each task is a one-job worker on the node Ray chose: it takes the job over (`hand_over`), then
-runs it exactly as a local worker does, through `Worker.run_job`: the job's own child process
+Each task starts a one-job worker on the node Ray chose (`node_runner`, a process of its own so
+that Ray ending the task does not SIGKILL the job's process outright): it takes the job over
+(`hand_over`), then runs it exactly as a local worker does, through `Worker.run_job`: the job's own child process
 in its own process group, stdout/stderr appended to the run's log.txt on the shared workspace,
 heartbeats and progress in the job row, and cancel requests read from the row and answered by
 SIGTERM (then SIGKILL) to the child's process group. So status, progress, logs and cancel work
@@ -21,20 +22,23 @@ parent-death signal stops their job processes, and the jobs are requeued or fail
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from dpo_engine.jobs.devices import CLUSTER_DEVICE
 from dpo_engine.jobs.models import CANCELLED, RUNNING, Job
+from dpo_engine.jobs.node_runner import EXIT_NOT_WAITING
 from dpo_engine.jobs.store import JobStore
 from dpo_engine.workspace import Workspace
 
@@ -60,6 +64,17 @@ def _import_ray():
     return ray
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a wrong `host:port` (Ray itself would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayUnavailable(f"invalid Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
 def job_resources(job: Job, cluster_gpus: float, cpus_per_kind: dict[str, float] | None = None) -> dict[str, float]:
     """Ray resources for one job: its kind's CPUs, and one GPU when it asked for CUDA, or when it
     is a training job that asked for no particular device on a cluster that has GPUs."""
@@ -70,31 +85,27 @@ def job_resources(job: Job, cluster_gpus: float, cpus_per_kind: dict[str, float]
 
 
 def run_job_on_node(ws_root: str, db_url: str, job_id: int, dispatcher_id: str, settings: dict[str, Any]) -> dict:
-    """Body of the Ray task: take the job over and run it like a local worker would."""
+    """Body of the Ray task: run the job through `node_runner` in a process of its own, and wait."""
     import ray
 
-    from dpo_engine.jobs.worker import Worker
+    from dpo_engine.jobs.worker import _die_with_parent
 
-    ws = Workspace(Path(ws_root))
-    store = JobStore(db_url, runs_dir=ws.runs_dir)
-    device = "cuda:0" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
-    host = socket.gethostname()
-    worker_id = f"ray-{host}-{os.getpid()}-{os.urandom(2).hex()}"
-    try:
-        job = store.hand_over(job_id, from_worker=dispatcher_id, to_worker=worker_id, device=device)
-        if job is None:
-            return {"ran": False}
-        worker = Worker(ws, device=device, store=store, worker_id=worker_id, extra_env=settings.get("env"),
-                        heartbeat_s=settings["heartbeat_s"], lost_timeout_s=settings["lost_timeout_s"],
-                        cancel_grace_s=settings["cancel_grace_s"])
-        store.register_worker(worker_id, host, os.getpid(), device)
-        try:
-            done = worker.run_job(job)
-        finally:
-            store.unregister_worker(worker_id)
-        return {"ran": True, "status": done.status, "worker_id": worker_id}
-    finally:
-        store.close()
+    spec = {
+        "workspace": ws_root,
+        "db_url": db_url,
+        "job_id": job_id,
+        "dispatcher_id": dispatcher_id,
+        "device": "cuda:0" if ray.get_gpu_ids() else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
+        **{k: settings[k] for k in ("heartbeat_s", "lost_timeout_s", "cancel_grace_s")},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpo_engine.jobs.node_runner", json.dumps(spec)],
+        env=dict(os.environ, **settings.get("env", {})), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+    )
+    rc = proc.wait()
+    if rc not in (0, EXIT_NOT_WAITING):
+        raise RuntimeError(f"the node runner for job {job_id} exited with code {rc}")
+    return {"ran": rc == 0}
 
 
 @dataclass
@@ -142,6 +153,8 @@ class RayDispatcher:
 
     def connect(self) -> None:
         ray = _import_ray()
+        if self.address and "://" not in self.address:
+            _check_reachable(self.address)
         try:
             ray.init(address=self.address or "auto", include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True, configure_logging=False)
@@ -189,6 +202,8 @@ class RayDispatcher:
                     now = time.monotonic()
                     if now >= next_beat:
                         self._beat()
+                        for lost in self.store.reap_lost(self.lost_timeout_s):
+                            log.warning("job %s lost -> %s: %s", lost.id, lost.status, lost.message)
                         next_beat = now + self.heartbeat_s
                     self._collect()
                     job = None
