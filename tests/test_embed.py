@@ -143,3 +143,24 @@ def test_pair_embeddings_npz_round_trip_and_validation(tmp_path):
         PairEmbeddings.load_npz(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="lacks column"):
         embed_pairs(pd.DataFrame({"prompt": ["a"], "chosen": ["b"]}))
+
+
+@pytest.mark.parametrize(("backend", "floor"), [("onnx", 0.9999), ("onnx-int8", 0.97)])
+def test_onnx_backends_agree_with_torch_float32(backend, floor):
+    """The locally exported model gives the torch embeddings (float32 exactly, int8 closely), order kept."""
+    texts = [t for t in TEXTS if t] + ["A much longer text that spans several clauses, so that padding and the "
+                                       "attention mask matter when it shares a batch with short ones."] * 2
+    reference = embed_texts(texts, precision="float32")
+    got = embed_texts(texts, backend=backend, batch_size=3)
+    assert got.shape == reference.shape and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert np.sum(got * reference, axis=1).min() >= floor
+
+
+def test_backend_is_part_of_the_cache_key_and_onnx_needs_the_cpu(tmp_path):
+    keys = {cache_path(tmp_path, "h", DEFAULT_EMBEDDER, None, "float32", backend=b) for b in ("torch", "onnx", "onnx-int8")}
+    assert len(keys) == 3
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        load_embedder(device="cuda", backend="onnx")
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_embedder(backend="tensorrt")

@@ -16,6 +16,7 @@ import typer
 from dpo_engine.cli.common import WorkspaceOption, fail, workspace as resolve_workspace
 
 WORKER_AGE_S = 15.0
+DEFAULT_BACKEND_NAME = "torch"  # keep in step with dpo_engine.embed.encoder.DEFAULT_BACKEND (no heavy import here)
 
 
 def parse_threshold_options(options: list[str]) -> dict[str, float]:
@@ -133,6 +134,7 @@ def register(app: typer.Typer) -> None:
         json_out: Path | None = typer.Option(None, "--json", help="Write the diagnosis JSON here."),
         save_embeddings: Path | None = typer.Option(None, "--save-embeddings", help="Write prompt/chosen/rejected embeddings (.npz)."),
         precision: str = typer.Option("auto", "--precision", help="Encoder precision: auto (bfloat16 on CPUs with native bf16), float32 or bfloat16."),
+        backend: str = typer.Option(DEFAULT_BACKEND_NAME, "--backend", help="Encoder runtime: torch, onnx or onnx-int8 (exported locally, CPU)."),
         foreground: bool = typer.Option(False, "--foreground", help="Run in this process instead of as a job."),
         n_bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for the confidence."),
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
@@ -155,6 +157,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--max-pairs must be at least 2, got {max_pairs}")
         if precision not in ("auto", "float32", "bfloat16"):
             fail(f"--precision must be auto, float32 or bfloat16, got {precision!r}")
+        if backend not in ("torch", "onnx", "onnx-int8"):
+            fail(f"--backend must be torch, onnx or onnx-int8, got {backend!r}")
         if n_bootstrap < 0:
             fail(f"--bootstrap must be >= 0, got {n_bootstrap}")
         if preflight and max_prompt_length is not None and max_prompt_length >= max_length:
@@ -178,7 +182,7 @@ def register(app: typer.Typer) -> None:
             params = DiagnoseParams(
                 dataset=dataset, embedder=embedder, distance=distance, max_pairs=max_pairs,
                 thresholds=overrides, n_bootstrap=n_bootstrap, seed=seed, precision=precision,
-                preflight_model=model if preflight else None, max_length=max_length,
+                backend=backend, preflight_model=model if preflight else None, max_length=max_length,
                 max_prompt_length=max_prompt_length,
             )
         except ValidationError as exc:

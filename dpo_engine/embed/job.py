@@ -6,7 +6,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpo_engine.embed.encoder import DEFAULT_EMBEDDER, Precision, resolve_precision
+from dpo_engine.embed.encoder import DEFAULT_BACKEND, DEFAULT_EMBEDDER, Backend, Precision, resolve_precision
 from dpo_engine.embed.pairs import cache_path, canonical_embedder_name, embed_pairs, table_content_hash
 
 EMBEDDINGS_NPZ = "embeddings.npz"
@@ -22,6 +22,7 @@ class EmbedParams(BaseModel):
     max_seq_length: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     precision: Precision = "auto"
+    backend: Backend = DEFAULT_BACKEND
 
 
 def run_embed_job(ctx) -> dict:
@@ -38,11 +39,12 @@ def run_embed_job(ctx) -> dict:
     def embedded(done: int, total: int) -> None:
         ctx.progress(min(0.99, done / max(total, 1)), f"embedded {done}/{total} texts")
 
+    backend = params.backend if ctx.device == "cpu" else "torch"  # the ONNX backends are CPU runtimes
     try:
         embeddings = embed_pairs(
             table, embedder=params.embedder, device=ctx.device, batch_size=params.batch_size,
             max_seq_length=params.max_seq_length, progress=embedded, cache_dir=ctx.workspace.embeddings_dir,
-            should_stop=ctx.should_stop, precision=params.precision,
+            should_stop=ctx.should_stop, precision=params.precision, backend=backend,
         )
     except InterruptedError as exc:
         from dpo_engine.jobs.context import JobCancelled
@@ -52,14 +54,15 @@ def run_embed_job(ctx) -> dict:
     ctx.progress(1.0, f"embedded {embeddings.n_pairs} pairs")
     cached = cache_path(
         ctx.workspace.embeddings_dir, table_content_hash(table), params.embedder, params.max_seq_length, params.precision,
-        ctx.device,
+        ctx.device, backend=backend,
     )
     return {
         "dataset_id": info.id,
         "n_pairs": embeddings.n_pairs,
         "dim": embeddings.dim,
         "embedder": canonical_embedder_name(params.embedder),
-        "precision": resolve_precision(params.precision, ctx.device),
+        "precision": "float32/int8" if backend != "torch" else resolve_precision(params.precision, ctx.device),
+        "backend": backend,
         "cache_file": str(cached),
         "wall_s": round(time.perf_counter() - started, 3),
     }

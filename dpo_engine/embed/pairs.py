@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 
 from dpo_engine.embed.encoder import (
+    DEFAULT_BACKEND,
     DEFAULT_EMBEDDER,
+    Backend,
     Precision,
     ProgressFn,
     embed_texts,
@@ -117,11 +119,13 @@ def cache_path(
     max_seq_length: int | None,
     precision: Precision = "auto",
     device: str = "cpu",
+    backend: Backend = DEFAULT_BACKEND,
 ) -> Path:
-    """Cache file of (content, embedder, max_seq_length[, precision]); float32 keys omit the precision."""
-    precision = resolve_precision(precision, device)
+    """Cache file of (content, embedder, max_seq_length[, precision][, backend]); float32 torch keys omit both."""
+    precision = "float32" if backend != "torch" else resolve_precision(precision, device)
     name = canonical_embedder_name(embedder)
     suffix = "" if precision == "float32" else f"|{precision}"
+    suffix += "" if backend == "torch" else f"|{backend}"
     key = hashlib.sha256(f"{content_hash}|{name}|{max_seq_length}{suffix}".encode()).hexdigest()[:20]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or name)[:60]
     return Path(cache_dir) / f"{slug}-{key}.npz"
@@ -148,6 +152,7 @@ def embed_pairs(
     content_hash: str | None = None,
     should_stop: Callable[[], bool] | None = None,
     precision: Precision = "auto",
+    backend: Backend = DEFAULT_BACKEND,
 ) -> PairEmbeddings:
     """Embed every prompt, chosen and rejected text of ``table``; with ``cache_dir``, load or fill the cache.
 
@@ -155,12 +160,12 @@ def embed_pairs(
     it covers exactly these rows.
     """
     _check_table(table)
-    precision = resolve_precision(precision, device)
+    precision = "float32" if backend != "torch" else resolve_precision(precision, device)
     n = len(table)
     path = None
     if cache_dir is not None:
         content_hash = content_hash or table_content_hash(table)
-        path = cache_path(cache_dir, content_hash, embedder, max_seq_length, precision)
+        path = cache_path(cache_dir, content_hash, embedder, max_seq_length, precision, backend=backend)
         if path.is_file():
             cached = PairEmbeddings.load_npz(path)
             if cached.n_pairs == n:
@@ -170,12 +175,12 @@ def embed_pairs(
     texts = [*table["prompt"], *table["chosen"], *table["rejected"]]
     vectors = embed_texts(
         texts, embedder=embedder, device=device, batch_size=batch_size, max_seq_length=max_seq_length,
-        progress=progress, should_stop=should_stop, precision=precision,
+        progress=progress, should_stop=should_stop, precision=precision, backend=backend,
     )
     result = PairEmbeddings(vectors[:n], vectors[n : 2 * n], vectors[2 * n :])
     if path is not None:
         result.save_npz(
             path, content_hash=content_hash or "", embedder=canonical_embedder_name(embedder),
-            max_seq_length=str(max_seq_length), precision=precision,
+            max_seq_length=str(max_seq_length), precision=precision, backend=backend,
         )
     return result

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dpo_engine.data import LoadedDataset, open_dataset
 from dpo_engine.embed import DEFAULT_EMBEDDER, PairEmbeddings, embed_pairs
-from dpo_engine.embed.encoder import Precision, resolve_precision
+from dpo_engine.embed.encoder import DEFAULT_BACKEND, Backend, Precision, resolve_precision
 from dpo_engine.embed.pairs import canonical_embedder_name
 from dpo_engine.selection.diagnosis import DIAGNOSIS_JSON, Diagnosis, diagnose
 from dpo_engine.selection.metrics import Distance
@@ -45,6 +45,7 @@ class DiagnoseParams(BaseModel):
     batch_size: int = Field(64, ge=1)
     max_seq_length: int | None = Field(None, ge=1)
     precision: Precision = Field("auto", description="auto: bfloat16 on CPUs with native bf16, else float32")
+    backend: Backend = Field(DEFAULT_BACKEND, description="encoder runtime: torch, onnx or onnx-int8 (CPU)")
     preflight_model: str | None = Field(
         "smollm2-135m-instruct", description="model whose tokenizer the token pre-flight uses; None skips it"
     )
@@ -94,10 +95,12 @@ def run_diagnosis(
     def embedded(done: int, total: int) -> None:
         report(0.02 + 0.9 * done / max(total, 1), f"embedded {done}/{total} texts")
 
+    backend = params.backend if device == "cpu" else "torch"  # the ONNX backends are CPU runtimes
+
     embeddings = embed_pairs(
         table, embedder=params.embedder, device=device, batch_size=params.batch_size,
         max_seq_length=params.max_seq_length, progress=embedded, cache_dir=workspace.embeddings_dir,
-        should_stop=should_stop, precision=params.precision,
+        should_stop=should_stop, precision=params.precision, backend=backend,
     )
     report(0.93, f"computing metrics and {params.n_bootstrap} bootstrap resamples")
     diagnosis = diagnose(
@@ -111,7 +114,8 @@ def run_diagnosis(
         "dataset_id": loaded.dataset_id,
         "dropped_at_ingest": loaded.dropped,
         "max_pairs": params.max_pairs,
-        "embedding_precision": resolve_precision(params.precision, device),
+        "embedding_precision": "float32/int8" if backend != "torch" else resolve_precision(params.precision, device),
+        "embedding_backend": backend,
     }
     summary = {
         "n_pairs": diagnosis.n_pairs,
