@@ -174,3 +174,28 @@ def test_hh_metrics_and_verdicts_do_not_depend_on_the_sample_size(hh_embeddings)
             getattr(r.recommendation, kind) for r in runs.values() if not getattr(r.recommendation, f"{kind}_uncertain")
         }
         assert len(confident) <= 1, (kind, {n: getattr(r.recommendation, kind) for n, r in runs.items()})
+
+
+def test_kernel_metrics_agree_between_300_and_10000_pairs():
+    """PND, PNAV, TAT and NAG are means of per-pair quantities: no bias that moves with n.
+
+    The mean of 20 independent 300-pair estimates must match the 10,000-pair estimate within two
+    standard errors of their difference (a test of bias, not of one lucky draw).
+    """
+    names = ("pnd", "pnav", "tat", "nag")
+
+    def sample(n: int, rng: np.random.Generator) -> PairQuantities:
+        dp = rng.lognormal(np.log(0.45), 0.3, n)
+        dn = rng.lognormal(np.log(0.5), 0.3, n)
+        return PairQuantities(
+            dp=dp, dn=dn, log_ratio=np.log((dp + EPS) / (dn + EPS)), tat=rng.beta(5, 4, n),
+            nag=(dn - dp) / (dn + dp + EPS),
+        )
+
+    rng = np.random.default_rng(7)
+    small = np.array([[getattr(compute_metrics(sample(300, rng)), k) for k in names] for _ in range(20)])
+    big_q = sample(10_000, rng)
+    big = np.array([getattr(compute_metrics(big_q), k) for k in names])
+    big_se = np.nanstd(bootstrap_metrics(big_q, n_bootstrap=100, seed=0), axis=0, ddof=1)[:4]
+    se_diff = np.hypot(small.std(axis=0, ddof=1) / np.sqrt(len(small)), big_se)
+    assert np.all(np.abs(small.mean(axis=0) - big) < 2 * se_diff), (small.mean(axis=0), big, se_diff)
