@@ -2,7 +2,8 @@
 
 Same model (SmolLM2-135M-Instruct, the bundled policy, loaded from the converted cache), same pairs
 (the first pairs of the shared HH sample, rendered through the same chat template), LoRA r=8 on the
-seven projections, `--batch-size` pairs per step, `--max-length` tokens, fp32 on CPU. Runs:
+seven projections, `--batch-size` pairs per step, `--max-length` tokens, fp32 on CPU (bf16 mixed
+precision with `--device cuda`). Runs:
 
 - trl-default        TRL DPOTrainer with its defaults (reference forward every step, gradient
                      checkpointing on as TRL ships it; precision set to fp32 like ours on CPU);
@@ -66,6 +67,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 # ----------------------------------------------------------------------------------- child: ours
 def run_ours(args, method: str, workspace: str) -> dict:
     import pandas as pd
@@ -80,7 +87,8 @@ def run_ours(args, method: str, workspace: str) -> dict:
     rows = load_rows(n_steps * args.batch_size + 1)
     cfg = TrainConfig.model_validate({
         "data": {"dataset": "bench", "max_length": args.max_length, "eval_fraction": 0.01, "min_eval_pairs": 1},
-        "model": {"name": "smollm2-135m-instruct", "lora": True, "lora_r": 8, "lora_target_modules": LORA_TARGETS},
+        "model": {"name": args.model, "lora": True, "lora_r": 8, "lora_target_modules": LORA_TARGETS,
+                  "dtype": "bfloat16" if args.device.startswith("cuda") else "float32"},
         "method": {**METHODS[method], "calibration_pairs": args.calibration_pairs},
         "optimisation": {"max_steps": n_steps, "batch_size": args.batch_size, "seed": 0},
         "monitoring": {"htsr": False},
@@ -88,7 +96,7 @@ def run_ours(args, method: str, workspace: str) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = DPOTrainer(cfg, run_dir, workspace=Workspace.resolve(workspace), pairs=pd.DataFrame(rows),
-                             log=lambda m: None)
+                             device=args.device, log=lambda m: None)
         trainer.setup()
         setup_s = time.perf_counter() - t0
         times, tokens = [], []
@@ -120,8 +128,7 @@ def run_trl(args, precompute: bool) -> dict:
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_policy("smollm2-135m-instruct", workspace=Workspace.resolve(Path(tmp) / "ws"),
-                                       dtype="float32")
+        model, tokenizer = load_policy(args.model, workspace=Workspace.resolve(Path(tmp) / "ws"), dtype="float32")
         model.train()
 
         class StepTimer(TrainerCallback):
@@ -138,7 +145,8 @@ def run_trl(args, precompute: bool) -> dict:
         timer = StepTimer()
         config = DPOConfig(output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=args.batch_size,
                            max_length=args.max_length, max_steps=n_steps, precompute_ref_log_probs=precompute,
-                           use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+                           use_cpu=not args.device.startswith("cuda"), bf16=args.device.startswith("cuda"), fp16=False,
+                           report_to="none", save_strategy="no",
                            logging_steps=1000, dataloader_num_workers=0, seed=0,
                            gradient_checkpointing=not args.trl_no_gradient_checkpointing)
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
@@ -164,6 +172,7 @@ def child(args) -> None:
         _, method, _ = kind.split(":")
         result = run_ours(args, method, args.workspace)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_gpu_mb"] = peak_gpu_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -226,6 +235,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda / cuda:N (bf16 mixed precision for both sides)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="policy for both sides (tiny-random for a smoke run)")
     p.add_argument("--calibration-pairs", type=int, default=32, help="kernel calibration pairs in our runs")
     p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
                    help="turn off TRL's default gradient checkpointing (ours has it off by default)")
@@ -255,7 +266,8 @@ def main() -> None:
             shutil.rmtree(ws / "reference_cache", ignore_errors=True)  # cold means no cached reference
         cmd = [sys.executable, __file__, "--run", run, "--workspace", str(ws), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--threads", str(args.threads), "--calibration-pairs", str(args.calibration_pairs)]
+               "--threads", str(args.threads), "--calibration-pairs", str(args.calibration_pairs),
+               "--device", args.device, "--model", args.model]
         if args.trl_no_gradient_checkpointing:
             cmd.append("--trl-no-gradient-checkpointing")
         env = {**os.environ, "DPO_KERNELS_MODEL_CACHE": os.environ.get("DPO_KERNELS_MODEL_CACHE", str(REPO / ".cache" / "models"))}

@@ -8,6 +8,7 @@ steps and seed; held-out reward accuracy and Davies-Bouldin score at the start a
 
     .venv/bin/python scripts/bench_train.py --steps 3 --max-length 256
     .venv/bin/python scripts/bench_train.py --learning --steps 20
+    .venv/bin/python scripts/bench_train.py --wall-split --steps 20 --batch-size 4   # time outside the step
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ def variants() -> dict[str, dict]:
 
 def base_config(args, method: dict, dataset: str) -> dict:
     return {
-        "data": {"dataset": dataset, "max_length": args.max_length, "max_prompt_length": min(128, args.max_length // 2),
-                 "max_pairs": args.pairs, "min_eval_pairs": 8},
+        "data": {"dataset": dataset, "max_length": args.max_length, "max_pairs": args.pairs, "min_eval_pairs": 8},
         "model": {"name": args.model, "lora": True},
         "method": {**method, "calibration_pairs": 32},
         "optimisation": {"max_steps": args.steps + args.warmup, "batch_size": args.batch_size, "seed": 0},
@@ -143,6 +143,36 @@ def learning(args) -> None:
                           "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
 
 
+def wall_split(args) -> None:
+    """A default-cadence run (eval, snapshots, HT-SR, checkpoints as configured by default) on the HH
+    sample, twice on one workspace (reference cache cold, then warm): where the wall time goes."""
+    import torch
+
+    from dpo_engine.train.config import TrainConfig
+    from dpo_engine.train.trainer import train
+    from dpo_engine.workspace import Workspace
+
+    torch.set_num_threads(args.threads)
+    ws = Workspace.resolve(Path(args.out) / "wall_split_ws")
+    cfg = TrainConfig.model_validate({"data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length},
+                                      "model": {"name": args.model},
+                                      "optimisation": {"max_steps": args.steps, "batch_size": args.batch_size}})
+    for label in ("cache cold", "cache warm"):
+        run = Path(args.out) / f"wall_split_{label.split()[-1]}"
+        import shutil
+
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        summary = train(cfg, run, workspace=ws, log=lambda m: print("   ", m, flush=True))
+        wall = time.perf_counter() - t0
+        split = summary.get("time_split_s") or {}
+        other = wall - sum(split.values())
+        parts = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
+        print(f"{label}: {summary['status']}, {args.steps} steps, wall {wall:.1f}s: {parts}, other {other:.1f}s "
+              f"({other / wall:.0%}); training share {split.get('train', 0) / wall:.0%} (goal >= 75%); "
+              f"peak RSS {summary.get('peak_memory_mb', 0):.0f} MB", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -156,6 +186,8 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="benchmark only these variants (e.g. dpo kernel:hmk div:kl)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--learning", action="store_true")
+    p.add_argument("--wall-split", action="store_true",
+                   help="one default-cadence run of --steps steps (use 20), cache cold then warm: the wall-time split")
     p.add_argument("--methods", nargs="*", default=None, help="learning mode: run only these (dpo, hmk)")
     p.add_argument("--divergence", default="kl")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_runs"))
@@ -164,6 +196,8 @@ def main() -> None:
         one_variant(args)
     elif args.learning:
         learning(args)
+    elif args.wall_split:
+        wall_split(args)
     else:
         speed(args)
 

@@ -45,7 +45,8 @@ class Monitoring:
             return  # the last step already coincided with an eval
         t0 = time.perf_counter()
         row: dict[str, Any] = {"step": step}
-        row.update(self.evaluate(snapshot=do_snap))
+        with self.timed("eval"):
+            row.update(self.evaluate(snapshot=do_snap))
         if self.accelerator.is_main_process:
             rundir.append_jsonl(self.run_dir / rundir.EVAL, row)
             self._track(row, step, "eval")
@@ -145,7 +146,8 @@ class Monitoring:
         from dpo_engine.analysis.htsr import analyze_model, weighted_alpha
 
         t0 = time.perf_counter()
-        table = analyze_model(model)
+        with self.timed("htsr"):
+            table = analyze_model(model)
         table.to_csv(self.run_dir / filename, index=False)
         wa = weighted_alpha(table)
         self.log(f"HT-SR {label}: {len(table)} layers, weighted alpha {wa:.4f} ({time.perf_counter() - t0:.1f}s)")
@@ -158,6 +160,10 @@ class Monitoring:
     def _save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
+        with self.timed("checkpoint"):
+            self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
         final = rundir.checkpoint_dir(self.run_dir, self.state.step)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,6 +219,10 @@ class Monitoring:
     def _finish(self) -> None:
         if not self.accelerator.is_main_process:
             return
+        with self.timed("save_model"):
+            self._save_model()
+
+    def _save_model(self) -> None:
         model = self._unwrapped()
         out_dir = self.run_dir / rundir.MODEL
         model.save_pretrained(out_dir)
@@ -249,6 +259,7 @@ class Monitoring:
             weighted_alpha_before=before,
             weighted_alpha_after=getattr(self, "htsr_after", None),
             final_beta=self.state.beta,
+            time_split_s={**{k: round(v, 3) for k, v in self.time_split.items()}, "train": self.state.train_seconds},
         )
         if summary.get("error"):
             self.log(f"error: {summary['error']}")

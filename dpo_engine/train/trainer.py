@@ -13,6 +13,7 @@ checkpointed; the run directory grows live so pages can follow it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -81,6 +82,22 @@ class DPOTrainer(TrainingSetup, TrainingStep, Monitoring):
         self._log_fn = log
         self._progress_bar = progress_bar
         self.state = TrainState(beta=config.method.loss.beta)
+        self.time_split: dict[str, float] = {}  # seconds outside the step, by activity (summary.json)
+
+    @contextlib.contextmanager
+    def timed(self, activity: str):
+        """Add the wall time of the block to time_split[activity] (nested blocks count once, in the inner one)."""
+        t0 = time.perf_counter()
+        outer = getattr(self, "_timing_outer", None)
+        self._timing_outer = activity
+        try:
+            yield
+        finally:
+            self._timing_outer = outer
+            elapsed = time.perf_counter() - t0
+            self.time_split[activity] = self.time_split.get(activity, 0.0) + elapsed
+            if outer is not None:
+                self.time_split[outer] = self.time_split.get(outer, 0.0) - elapsed
 
     def log(self, message: str) -> None:
         if self._log_fn is not None:
@@ -93,7 +110,8 @@ class DPOTrainer(TrainingSetup, TrainingStep, Monitoring):
         summary: dict[str, Any] = {"status": "running", "error": None}
         self.htsr_before = None
         try:
-            self.setup()
+            with self.timed("setup"):
+                self.setup()
             ckpt = rundir.latest_checkpoint(self.run_dir)
             if ckpt is not None:
                 self._load_checkpoint(ckpt)
