@@ -8,20 +8,9 @@ from typing import Optional
 import typer
 
 from dpo_engine.cli.common import WorkspaceOption, fail, print_json, workspace
-from dpo_engine.data import (
-    DataFormatError,
-    DatasetExists,
-    DatasetNotFound,
-    DatasetStore,
-    IngestOptions,
-    load_preferences,
-)
+from dpo_engine.data import DatasetStore, IngestOptions, load_preferences
 
 data_app = typer.Typer(help="Add, inspect and export preference datasets.", no_args_is_help=True)
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split("\n"))
 
 
 def _parse_mapping(items: list[str]) -> dict[str, str]:
@@ -38,8 +27,8 @@ def _parse_mapping(items: list[str]) -> dict[str, str]:
 def add(
     file: Path = typer.Argument(..., help="JSONL / JSON / CSV / Parquet file, optionally .gz."),
     name: Optional[str] = typer.Option(None, "--name", help="Dataset name (default: file name without extensions)."),
-    fmt: str = typer.Option("auto", "--format", help="auto|jsonl|json|csv|parquet"),
-    layout: str = typer.Option("auto", "--layout", help="auto|flat|conversational|hh"),
+    fmt: str = typer.Option("auto", "--format", help="File format. Allowed: auto, jsonl, json, csv, parquet."),
+    layout: str = typer.Option("auto", "--layout", help="Column layout. Allowed: auto, flat, conversational, hh."),
     map_: list[str] = typer.Option([], "--map", help="FIELD=COLUMN, repeatable (fields: prompt, chosen, rejected, category)."),
     keep_flagged: bool = typer.Option(False, "--keep-flagged", help="Keep flagged rows (duplicates, empty, too long...)."),
     max_chars: int = typer.Option(20_000, "--max-chars", help="Texts longer than this are flagged too_long."),
@@ -49,16 +38,12 @@ def add(
     if max_chars <= 0:
         fail("--max-chars must be positive")
     mapping = _parse_mapping(map_)
-    try:
-        result = load_preferences(
-            file, fmt=fmt, layout=layout, mapping=mapping or None, options=IngestOptions(max_chars=max_chars)
-        )
-        dataset_name = name or file.name.split(".")[0] or "dataset"
-        info = DatasetStore(workspace(ws)).add(
-            result, dataset_name, source=str(file), drop_flagged=not keep_flagged
-        )
-    except (DataFormatError, DatasetExists, ValueError) as exc:
-        fail(_one_line(exc))
+    # unusable files, existing names, bad options -> one line, exit 2 (dpo_engine.cli.common)
+    result = load_preferences(
+        file, fmt=fmt, layout=layout, mapping=mapping or None, options=IngestOptions(max_chars=max_chars)
+    )
+    dataset_name = name or file.name.split(".")[0] or "dataset"
+    info = DatasetStore(workspace(ws)).add(result, dataset_name, source=str(file), drop_flagged=not keep_flagged)
     print_json(
         {
             "dataset_id": info.id,
@@ -103,10 +88,7 @@ def show(
     ws: Optional[str] = WorkspaceOption,
 ) -> None:
     """Print a dataset's metadata as JSON."""
-    try:
-        info = DatasetStore(workspace(ws)).get(dataset)
-    except DatasetNotFound as exc:
-        fail(_one_line(exc))
+    info = DatasetStore(workspace(ws)).get(dataset)
     print_json(info.model_dump(mode="json"))
 
 
@@ -116,10 +98,7 @@ def delete(
     ws: Optional[str] = WorkspaceOption,
 ) -> None:
     """Delete a stored dataset."""
-    try:
-        info = DatasetStore(workspace(ws)).delete(dataset)
-    except DatasetNotFound as exc:
-        fail(_one_line(exc))
+    info = DatasetStore(workspace(ws)).delete(dataset)
     typer.echo(f"deleted {info.id}")
 
 
@@ -127,21 +106,15 @@ def delete(
 def export(
     dataset: str = typer.Argument(..., help="Dataset id or name."),
     out: Path = typer.Option(..., "--out", help="File to write."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="jsonl|csv|parquet (default: from --out's extension, else jsonl)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Allowed: jsonl, csv, parquet. Default: from --out's extension, else jsonl."),
     ws: Optional[str] = WorkspaceOption,
 ) -> None:
     """Write a dataset's canonical table to a file."""
     chosen = fmt or {".csv": "csv", ".parquet": "parquet"}.get(out.suffix.lower(), "jsonl")
     if chosen not in ("jsonl", "csv", "parquet"):
         fail(f"unknown export format {chosen!r}; use jsonl, csv or parquet")
-    try:
-        payload = DatasetStore(workspace(ws)).export(dataset, chosen)  # type: ignore[arg-type]
-    except DatasetNotFound as exc:
-        fail(_one_line(exc))
-    try:
-        out.write_bytes(payload)
-    except OSError as exc:
-        fail(f"cannot write {out}: {exc.strerror or exc}")
+    payload = DatasetStore(workspace(ws)).export(dataset, chosen)  # type: ignore[arg-type]
+    out.write_bytes(payload)  # an unwritable --out -> "cannot use PATH: reason", exit 2
     typer.echo(f"wrote {out} ({chosen}, {len(payload)} bytes)")
 
 

@@ -10,7 +10,7 @@ import typer
 
 from dpo_engine.cli.common import WorkspaceOption, fail, print_json, stderr_is_tty, workspace
 from dpo_engine.jobs.models import SUCCEEDED, Job
-from dpo_engine.jobs.store import JobNotFound, JobStateError, JobStore
+from dpo_engine.jobs.store import JobStore
 from dpo_engine.jobs.wait import wait_for_job
 
 jobs_app = typer.Typer(help="List, inspect, follow and cancel jobs.", no_args_is_help=True)
@@ -28,10 +28,7 @@ def _job_dict(job: Job) -> dict[str, Any]:
 
 
 def _get(store: JobStore, job_id: int) -> Job:
-    try:
-        return store.get(job_id)
-    except JobNotFound as exc:
-        fail(str(exc))
+    return store.get(job_id)  # JobNotFound -> one line, exit 2 (dpo_engine.cli.common)
 
 
 def wait_with_bar(store: JobStore, job_id: int, timeout: float | None = None) -> Job:
@@ -60,10 +57,7 @@ def list_jobs(
     ws: str | None = WorkspaceOption,
 ) -> None:
     """List jobs, newest first."""
-    try:
-        jobs = _store(ws).list(status=status, kind=kind, limit=limit)
-    except ValueError as exc:
-        fail(str(exc))
+    jobs = _store(ws).list(status=status, kind=kind, limit=limit)
     if as_json:
         print_json([_job_dict(j) for j in jobs])
         return
@@ -128,10 +122,7 @@ def cancel(job_id: int = typer.Argument(..., help="Job id."), ws: str | None = W
     """Cancel a job: queued ones at once, running ones are stopped by their worker."""
     store = _store(ws)
     _get(store, job_id)
-    try:
-        job = store.request_cancel(job_id)
-    except JobStateError as exc:
-        fail(str(exc), code=1)
+    job = store.request_cancel(job_id)  # JobStateError (already finished) -> one line, exit 1
     typer.echo(f"job {job.id}: {'cancel requested' if job.cancel_requested else job.status}")
 
 
@@ -166,10 +157,7 @@ def selftest(
     """Submit a self-test job and print its id."""
     store = _store(ws)
     params = {"seconds": seconds, "steps": steps, "fail": fail_job}
-    try:
-        job = store.submit("selftest", params, title=f"selftest {seconds:g}s", requested_device=device)
-    except ValueError as exc:
-        fail(str(exc))
+    job = store.submit("selftest", params, title=f"selftest {seconds:g}s", requested_device=device)
     typer.echo(job.id)
     if wait:
         done = wait_with_bar(store, job.id, timeout)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dpo_engine.cli.common import WorkspaceOption, fail, workspace
+from dpo_engine.cli.common import WorkspaceOption, workspace
 
 
 def register(app: typer.Typer) -> None:
@@ -20,11 +20,8 @@ def register(app: typer.Typer) -> None:
         workspace_path: str | None = WorkspaceOption,
     ) -> None:
         """Write one HTML file (opens offline) with the diagnosis, configuration and every plot of the runs."""
-        from dpo_engine.report import ReportError, write_report
+        from dpo_engine.report import write_report
 
         ws = workspace(workspace_path)
-        try:
-            path = write_report(ws, run_ids, out, diagnosis=diagnosis)
-        except (ReportError, FileNotFoundError) as exc:
-            fail(str(exc))
+        path = write_report(ws, run_ids, out, diagnosis=diagnosis)  # unknown ids -> one line, exit 2
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

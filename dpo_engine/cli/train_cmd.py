@@ -129,11 +129,13 @@ def config_flags() -> list[ConfigFlag]:
 
 # ---------------------------------------------------------------- config from flags
 
-def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[str, Any]):
-    """TrainConfig from an optional JSON/YAML file, the dataset argument and the flags given.
+def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[str, Any] | None = None, **flags: Any):
+    """TrainConfig from an optional JSON/YAML file, the dataset argument and the flags given
+    (`flag_values` or keywords, named like the flags: kernel=..., lora_r=...).
 
     Raises pydantic's ValidationError, ValueError or a YAML error; the CLI turns them into one line.
     """
+    flag_values = {**(flag_values or {}), **flags}
     from dpo_engine.train.config import TrainConfig, set_dotted
 
     raw: dict[str, Any] = {}
