@@ -39,6 +39,7 @@ def test_train_foreground_writes_run_dir(workspace, tmp_path):
         "--run-dir", str(run), "--workspace", str(workspace.root)])
     assert res.exit_code == 0, res.output
     assert rundir.read_summary(run)["status"] == "succeeded"
+    assert '"health_alerts": [' in res.output  # the run's health is reported with its summary
     assert "eval step 2" in (run / rundir.LOG).read_text()
     assert rundir.read_config(run)["monitoring"]["htsr"] is False
 

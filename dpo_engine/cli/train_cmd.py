@@ -255,8 +255,13 @@ def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
 
     log(f"run directory: {run_dir}")
     summary = run_training(cfg, run_dir, workspace=ws, log=log, progress_bar=True)
+    from dpo_engine.analysis.health import health_of
+    from dpo_engine.report.rundata import load_run
+
+    alerts = health_of(load_run(run_dir))
     print_json({k: summary.get(k) for k in ("status", "steps_completed", "final_eval", "wall_time_s", "tokens_per_s",
-                                            "peak_memory_mb", "weighted_alpha_before", "weighted_alpha_after", "error")})
+                                            "peak_memory_mb", "weighted_alpha_before", "weighted_alpha_after", "error")}
+               | {"run_dir": str(run_dir), "health_alerts": [f"{a.headline}: {a.evidence}" for a in alerts]})
     if summary.get("status") != "succeeded":
         fail(summary.get("error") or f"training {summary.get('status')}", code=1)
 
