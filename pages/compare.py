@@ -41,7 +41,7 @@ if health_rows:
     import pandas as pd
 
     table = pd.concat(health_rows, ignore_index=True)
-    st.dataframe(table[["run", *[c for c in table.columns if c != "run"]]], hide_index=True)
+    st.table(table[["run", *[c for c in table.columns if c != "run"]]].set_index("run"))  # full text, wrapped
     st.caption("Each alert names the step where the pattern starts; open the run on the Runs page for what it means.")
 else:
     st.caption("✅ No health alerts in the selected runs.")

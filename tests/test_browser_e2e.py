@@ -235,6 +235,14 @@ def test_run_page_and_report_figures_are_legible_and_show_the_alert(tmp_path):
         from dpo_engine.report import write_report
         from dpo_engine.workspace import Workspace
 
+        page.goto(f"{url}/compare")
+        page.get_by_text("Run health").wait_for()
+        page.locator(".js-plotly-plot").nth(2).wait_for()
+        page.wait_for_timeout(1500)
+        assert "Likelihood displacement" in page.inner_text("body")
+        assert _assert_legends_clear(page) >= 2
+        _shot(page, tmp_path, "health_4_compare")
+
         report = write_report(Workspace.resolve(ws), ["displaced-run"], tmp_path / "health_report.html")
         page.goto(report.as_uri())
         page.locator(".js-plotly-plot").nth(4).wait_for()

@@ -69,8 +69,8 @@ def test_compare_page_lists_alerts_and_ties(health_workspace):
     assert not at.exception, at.exception
     final = at.dataframe[0].value.set_index("run")
     assert final.loc["fresh", "final reward accuracy (eval)"] == "ties (step 0)"
-    health = next(d.value for d in at.dataframe if "alert" in d.value.columns)
-    row = health[health["run"] == "displaced"].iloc[0]
+    health = at.table[0].value
+    row = health.loc["displaced"]
     assert row["alert"] == "Likelihood displacement" and row["from step"] == "20"
 
 

@@ -79,6 +79,10 @@ def test_failed_run_shows_error_and_log_tail(run_workspace):
     assert "diverged at step" in errors and "not finite" in errors
     assert any("Last lines of log.txt" in c.value for c in at.caption)
     assert at.code[0].value.strip()
+    # the real trainer's NaN guard becomes a health alert with the step it tripped at
+    summary = json.loads((run_workspace.root / "runs" / "failed" / "summary.json").read_text())
+    step = summary["error"].split("at step ")[1].split(":")[0]
+    assert any(f"NaN/inf guard tripped from step {step}" in e.value and "What to try" in e.value for e in at.error)
 
 
 def test_cancelled_run_says_so_and_still_plots(run_workspace):
