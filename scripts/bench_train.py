@@ -154,10 +154,12 @@ def wall_split(args) -> None:
 
     torch.set_num_threads(args.threads)
     ws = Workspace.resolve(Path(args.out) / "wall_split_ws")
-    cfg = TrainConfig.model_validate({"data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length},
-                                      "model": {"name": args.model},
-                                      "optimisation": {"max_steps": args.steps, "batch_size": args.batch_size}})
-    for label in ("cache cold", "cache warm"):
+    raw = {"data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length}, "model": {"name": args.model},
+           "optimisation": {"max_steps": args.steps, "batch_size": args.batch_size}}
+    if args.wall_method == "dpo":
+        raw["method"] = variants()["dpo"]
+    cfg = TrainConfig.model_validate(raw)
+    for label in ("cache cold", "cache warm")[: 1 if args.cold_only else 2]:
         run = Path(args.out) / f"wall_split_{label.split()[-1]}"
         import shutil
 
@@ -188,6 +190,9 @@ def main() -> None:
     p.add_argument("--learning", action="store_true")
     p.add_argument("--wall-split", action="store_true",
                    help="one default-cadence run of --steps steps (use 20), cache cold then warm: the wall-time split")
+    p.add_argument("--wall-method", choices=("default", "dpo"), default="default",
+                   help="wall split: the default method (HMK + KL) or plain DPO")
+    p.add_argument("--cold-only", action="store_true", help="wall split: only the first (cache cold) run")
     p.add_argument("--methods", nargs="*", default=None, help="learning mode: run only these (dpo, hmk)")
     p.add_argument("--divergence", default="kl")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_runs"))
