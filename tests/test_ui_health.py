@@ -90,3 +90,21 @@ def test_report_has_the_health_section_and_no_bare_zero_at_step_zero(health_work
     assert "id='health'" in html and "Likelihood displacement from step 20" in html
     assert "Final held-out reward accuracy: ties (step 0)" in html
     assert ">0.000<" not in html
+
+
+def test_tie_rows_are_the_points_computed_with_policy_equal_to_reference():
+    import pandas as pd
+
+    from dpo_engine.viz import runs as viz
+
+    # as the trainer logs them: step 1's forward pass precedes the first update (rho = 0, accuracy 0),
+    # though an hmk run's hybrid margin is already non-zero there
+    metrics = pd.DataFrame({"step": [1, 2, 3], "margin": [0.0013, 0.02, 0.05], "reward_acc": [0.0, 0.5, 0.75]})
+    evals = pd.DataFrame({"step": [0, 2], "reward_acc": [0.0, 0.375], "reward_chosen": [0.0, -2e-4],
+                          "reward_rejected": [0.0, -7e-4]})
+    assert viz.tie_rows(metrics, train=True).tolist() == [True, False, False]
+    assert viz.tie_rows(evals).tolist() == [True, False]
+    fig = viz.reward_accuracy_figure(metrics, evals)
+    lines = {t.name: list(t.x) for t in fig.data}
+    assert lines["reward accuracy (train batch)"] == [2, 3] and lines["reward accuracy (eval)"] == [2]
+    assert lines[viz.TIE_LABEL] == [0, 1]

@@ -107,11 +107,14 @@ def empty_figure(title: str, message: str) -> go.Figure:
 
 # ---------------------------------------------------------------- step 0: policy = reference
 
-def tie_rows(table: pd.DataFrame | None) -> pd.Series:
-    """Rows logged while the policy still equals the reference: step 0, or every reward exactly 0."""
+def tie_rows(table: pd.DataFrame | None, *, train: bool = False) -> pd.Series:
+    """Rows logged while the policy still equals the reference: evaluations at step 0 (or with every
+    reward exactly 0) and, for training rows (`train`), step 1, whose forward pass runs before the
+    first update (LoRA starts at zero, full fine-tuning from a copy of the reference)."""
     if table is None or table.empty or "step" not in table:
         return pd.Series(False, index=getattr(table, "index", None), dtype=bool)
-    mask = pd.to_numeric(table["step"], errors="coerce") == 0
+    step = pd.to_numeric(table["step"], errors="coerce")
+    mask = step <= 1 if train else step == 0
     if "margin" in table:
         mask |= pd.to_numeric(table["margin"], errors="coerce").abs() == 0
     if "reward_chosen" in table and "reward_rejected" in table:
@@ -151,14 +154,14 @@ def loss_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -
     return _layout(fig, "Training losses", "optimiser step", "loss (nats)")
 
 
-def _without_ties(table: pd.DataFrame | None) -> pd.DataFrame | None:
-    return None if table is None else table[~tie_rows(table)]
+def _without_ties(table: pd.DataFrame | None, *, train: bool = False) -> pd.DataFrame | None:
+    return None if table is None else table[~tie_rows(table, train=train)]
 
 
 def reward_accuracy_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -> go.Figure:
     """Strict reward accuracy (chosen > rejected); points where policy = reference are drawn as ties."""
     fig = go.Figure()
-    train, held_out = _without_ties(metrics), _without_ties(eval_table)
+    train, held_out = _without_ties(metrics, train=True), _without_ties(eval_table)
     if _has(train, "reward_acc"):
         fig.add_trace(_line(train, "reward_acc", "reward accuracy (train batch)", color=PALETTE[0], width=1.2))
     if _has(held_out, "reward_acc"):
@@ -166,7 +169,8 @@ def reward_accuracy_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | Non
     if _has(held_out, "hybrid_acc"):
         fig.add_trace(_line(held_out, "hybrid_acc", "hybrid-margin accuracy (eval)", color=PALETTE[1], dash="dash",
                             mode="lines+markers"))
-    ties = pd.concat([t[tie_rows(t)] for t in (metrics, eval_table) if t is not None and "reward_acc" in t])
+    ties = pd.concat([t[tie_rows(t, train=is_train)] for t, is_train in ((metrics, True), (eval_table, False))
+                      if t is not None and "reward_acc" in t])
     if not ties.empty:
         steps = sorted({int(s) for s in pd.to_numeric(ties["step"], errors="coerce").dropna()})
         fig.add_trace(go.Scatter(x=steps, y=[0.0] * len(steps), mode="markers", name=TIE_LABEL,
@@ -454,7 +458,7 @@ def overlay_figure(runs: Sequence, column: str, *, source: str = "metrics", titl
     for i, run in enumerate(runs):
         table = run.metrics if source == "metrics" else run.eval
         if accuracy and table is not None and not table.empty:
-            ties = tie_rows(table)
+            ties = tie_rows(table, train=source == "metrics")
             tie_steps |= {int(s) for s in pd.to_numeric(table.loc[ties, "step"], errors="coerce").dropna()}
             table = table[~ties]
         if _has(table, column):
