@@ -32,7 +32,7 @@ MAX_POINTS_PER_TRACE = 2000
 PALETTE = SERIES_PALETTE
 KERNEL_WEIGHT_HEIGHT = 500
 END_LABEL_PX = 16  # vertical distance between two line-end labels of the kernel-weight figure
-TIE_LABEL = "step 0: policy = reference, every pair ties"
+TIE_LABEL = "ties: policy = reference (before the first update)"
 TIE_EXPLANATION = ("At step 0 the policy equals the reference, so every reward margin is exactly 0. Reward accuracy "
                    "counts a pair as correct only when chosen > rejected (TRL's definition), so ties read 0 here: "
                    "this is the starting point, not a failure.")
