@@ -207,7 +207,7 @@ def summarise(results: list[dict], args) -> None:
     print(f"\nper-step time (median over the {args.steps} timed steps of a run), ratios within each repeat; "
           f"{args.threads} threads, batch {args.batch_size} pairs, max_length {args.max_length}")
     print(f"{'run':<22}{'step s':>8}{'/TRL dflt (med min max)':>26}{'/TRL precomp (med min max)':>30}"
-          f"{'/ours dpo':>10}{'peak RSS MB':>12}{'RSS /TRL':>9}")
+          f"{'/ours dpo':>10}{'peak RSS MB':>12}{'RSS /TRL':>9}{'tok/step':>9}")
     runs = sorted({r for _, r in by}, key=lambda x: (not x.startswith("trl"), x))
     for run in runs:
         reps = [rep for rep in range(args.repeats) if (rep, run) in by]
@@ -223,7 +223,9 @@ def summarise(results: list[dict], args) -> None:
         rss_trl = [by[(rep, "trl-default")]["peak_rss_mb"] for rep in reps if (rep, "trl-default") in by]
         print(f"{run:<22}{np.median(steps):>8.2f}{ratios('trl-default'):>26}{ratios('trl-precompute'):>30}"
               f"{(ratios(own_dpo).split()[0] if run.startswith('ours') else '-'):>10}{np.median(rss):>12.0f}"
-              f"{(np.median(rss) / np.median(rss_trl) if rss_trl else float('nan')):>9.2f}")
+              f"{(np.median(rss) / np.median(rss_trl) if rss_trl else float('nan')):>9.2f}"
+              f"{np.median([t for rep in reps for t in (by[(rep, run)].get('tokens') or [float('nan')])]):>9.0f}")
+    print("tok/step: tokens of the step's pairs with the prompt counted once per response (TRL: after its truncation)")
 
 
 def main() -> None:
