@@ -36,7 +36,8 @@ ids = list(by_id)
 if wanted and wanted not in by_id:
     st.warning(f"Run `{wanted}` was not found in this workspace; showing the newest run instead.")
 index = ids.index(wanted) if wanted in by_id else 0
-run_id = st.selectbox("Run", ids, index=index, format_func=lambda r: by_id[r].label, key="runs-select")
+# the status is shown (live) under the picker, so the picker's own labels never go stale
+run_id = st.selectbox("Run", ids, index=index, format_func=lambda r: by_id[r].live_label, key="runs-select")
 if run_id != st.query_params.get("run_id"):
     st.query_params["run_id"] = run_id
 st.session_state["run_id"] = run_id

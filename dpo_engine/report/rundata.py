@@ -168,9 +168,18 @@ class RunEntry:
         return str(summary.get("status", "unknown"))
 
     @property
+    def title(self) -> str:
+        job = self.job
+        return f" · {job.title}" if job is not None and job.title and job.title != job.kind else ""
+
+    @property
     def label(self) -> str:
-        title = f" · {self.job.title}" if self.job is not None and self.job.title and self.job.title != self.job.kind else ""
-        return f"{self.run_id} [{self.status}]{title}"
+        return f"{self.run_id} [{self.status}]{self.title}"
+
+    @property
+    def live_label(self) -> str:
+        """Label for a picker that stays on screen while the run changes state (no status to go stale)."""
+        return f"{self.run_id}{self.title}"
 
 
 def list_runs(workspace, jobs: list | None = None, kind: str = "train") -> list[RunEntry]:
