@@ -33,8 +33,13 @@ with st.form("htsr-form"):
 if submitted:
     if choice == LOCAL_PATH:
         model = local.strip()
-        if not model or not Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+        if not model or not folder.is_dir():
             st.error(f"'{model}' is not a directory on this machine. Enter the path of a saved Hugging Face model.")
+            st.stop()
+        if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
+            st.error(f"'{model}' holds no Hugging Face model (no config.json) and no LoRA adapter "
+                     "(no adapter_config.json). Enter the directory a model was saved to.")
             st.stop()
     elif choice.startswith("run:"):
         model = str(next(e for e in trained if e.run_id == choice.removeprefix("run:")).run_dir / "model")

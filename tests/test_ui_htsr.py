@@ -46,3 +46,18 @@ def test_missing_local_directory_is_refused(workspace):
     assert not at.exception
     assert any("is not a directory" in e.value for e in at.error)
     assert JobStore.for_workspace(workspace).list(kind="htsr") == []
+
+
+def test_a_directory_that_is_not_a_model_is_refused_and_nothing_is_queued(workspace, tmp_path):
+    from dpo_engine.jobs import JobStore
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no weights")
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    at.selectbox[0].set_value("a local model directory…")
+    at.text_input[0].set_value(str(folder))
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("holds no Hugging Face model" in e.value for e in at.error)
+    assert JobStore.for_workspace(workspace).list(kind="htsr") == []
