@@ -53,9 +53,12 @@ OPTIONS: dict[str, dict] = {
     "torch-float32": dict(backend="torch", precision="float32", batch_size=64),
     "onnx": dict(backend="onnx", batch_size=64),
     "onnx-int8": dict(backend="onnx-int8", batch_size=64),
+    "onnx-int8-b8": dict(backend="onnx-int8", batch_size=8),
     "onnx-int8-b16": dict(backend="onnx-int8", batch_size=16),
+    "onnx-int8-b32": dict(backend="onnx-int8", batch_size=32),
     "onnx-int8-b128": dict(backend="onnx-int8", batch_size=128),
     "onnx-int8-len128": dict(backend="onnx-int8", batch_size=64, max_seq_length=128),
+    "onnx-int8-len128-b16": dict(backend="onnx-int8", batch_size=16, max_seq_length=128),
     "torch-auto-1thread": dict(backend="torch", precision="auto", batch_size=64, threads=1),
 }
 REFERENCE = "torch-float32"

@@ -197,7 +197,11 @@ def embed_texts(
     inverse = np.fromiter((unique_index.setdefault(t, len(unique_index)) for t in texts), dtype=np.int64, count=total)
     unique = list(unique_index)
     multiplicity = np.bincount(inverse, minlength=len(unique))
-    order = sorted(range(len(unique)), key=lambda i: len(unique[i]), reverse=True)
+    if backend != "torch":  # batches of equal token counts: int8 kernels gain most from unpadded batches
+        lengths = model.token_lengths(unique)
+        order = sorted(range(len(unique)), key=lambda i: lengths[i], reverse=True)
+    else:
+        order = sorted(range(len(unique)), key=lambda i: len(unique[i]), reverse=True)
 
     out = np.empty((len(unique), dim), dtype=np.float32)
     done = 0

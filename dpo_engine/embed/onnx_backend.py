@@ -129,9 +129,17 @@ class OnnxSentenceEncoder:
         options = ort.SessionOptions()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         options.intra_op_num_threads = threads or cores
+        # Idle worker threads sleep instead of spinning: on a busy or shared CPU spinning burns a third
+        # of the CPU time for nothing (measured in scripts/bench_diagnose.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text will occupy (after truncation): batching in this order pads least."""
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
+        return [len(x) for x in ids]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         batch = self.tokenizer(
