@@ -177,3 +177,17 @@ def test_max_prompt_length_defaults_to_half_of_max_length():
     assert cfg.data.max_prompt_length == 64
     assert cfg.resolved()["data"]["max_prompt_length"] == 64
     assert TrainConfig.model_validate({"data": {"dataset": "d"}}).data.max_prompt_length == 128
+
+
+def test_htsr_before_is_reused_for_the_same_model(workspace, tmp_path):
+    """The untrained model's HT-SR table depends on its weights only: a second run copies it."""
+    logs: list[str] = []
+    cfg = make_config(optimisation={"max_steps": 1}, monitoring={"htsr": True})
+    for name in ("first", "second"):
+        summary = train(cfg, tmp_path / name, workspace=workspace, pairs=toy_pairs(24), log=logs.append)
+        assert summary["status"] == "succeeded", summary["error"]
+    first, second = (rundir.read_htsr(tmp_path / n, "before") for n in ("first", "second"))
+    pd.testing.assert_frame_equal(first, second)
+    assert sum("analysed before" in line for line in logs) == 1
+    assert rundir.read_summary(tmp_path / "second")["weighted_alpha_before"] == pytest.approx(
+        rundir.read_summary(tmp_path / "first")["weighted_alpha_before"])

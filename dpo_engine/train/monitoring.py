@@ -9,6 +9,7 @@ checkpoint pair saves and restores everything an exact resume needs, and `_finis
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import shutil
@@ -151,6 +152,26 @@ class Monitoring:
         table.to_csv(self.run_dir / filename, index=False)
         wa = weighted_alpha(table)
         self.log(f"HT-SR {label}: {len(table)} layers, weighted alpha {wa:.4f} ({time.perf_counter() - t0:.1f}s)")
+        return wa
+
+    def _htsr_before(self, model, key: str):
+        """HT-SR of the untrained model, reused from the workspace when this exact model was analysed before."""
+        from dpo_engine.train.reference import CACHE_DIR
+
+        cached = self.workspace.root / CACHE_DIR / f"{key}.{rundir.HTSR_BEFORE}"
+        if cached.is_file() and self.accelerator.is_main_process:
+            from dpo_engine.analysis.htsr import weighted_alpha
+
+            shutil.copyfile(cached, self.run_dir / rundir.HTSR_BEFORE)
+            wa = weighted_alpha(rundir.read_htsr(self.run_dir, "before"))
+            self.log(f"HT-SR before: weighted alpha {wa:.4f} (same model analysed before)")
+            return wa
+        wa = self._htsr(model, rundir.HTSR_BEFORE, "before")
+        if self.accelerator.is_main_process:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+            shutil.copyfile(self.run_dir / rundir.HTSR_BEFORE, tmp)
+            os.replace(tmp, cached)
         return wa
 
     # ------------------------------------------------------------------ checkpoints

@@ -68,12 +68,14 @@ class TrainingSetup:
         self.tokenizer = tokenizer
         self.hidden_size = int(model.config.hidden_size)
         self.base_model = model
+        # Keyed on the weights before any adapter is attached: the reference model, and the "before" model.
+        key = model_key(model, self.compute_dtype, self.device)
         self.htsr_before = None
         if self.config.monitoring.htsr and not self._resuming:
-            self.htsr_before = self._htsr(model, rundir.HTSR_BEFORE, "before")
+            self.htsr_before = self._htsr_before(model, key)
         self.reference_cache = None
-        if self.config.optimisation.reference_cache:  # keyed on the weights before any adapter is attached
-            self.reference_cache = ReferenceCache(self.workspace.root, model_key(model, self.compute_dtype, self.device))
+        if self.config.optimisation.reference_cache:
+            self.reference_cache = ReferenceCache(self.workspace.root, key)
             self.log(f"reference cache: {self.reference_cache.count()} pair(s) known for this model")
         if mcfg.lora:
             from peft import LoraConfig, get_peft_model
