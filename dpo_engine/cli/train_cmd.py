@@ -96,7 +96,9 @@ def _help_text(annotation: Any, info: Any) -> str:
         allowed = _bounds_text(info)
         allowed = f"{'integer' if annotation is int else 'number'}{' ' + allowed if allowed else ''}"
     elif typing.get_origin(annotation) is list:
-        allowed = "comma-separated list"
+        (item,) = typing.get_args(annotation) or (str,)
+        choices = typing.get_args(item) if typing.get_origin(item) is Literal else ()
+        allowed = f"comma-separated list of {', '.join(map(str, choices))}" if choices else "comma-separated list"
     default = info.get_default(call_default_factory=True) if not info.is_required() else None
     parts = [text + "."]
     if allowed:
