@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app.state import job_store
+from app.state import job_store, workspace
 from app.ui import STATUS_ICONS, format_seconds, job_status_panel, page_header
 from dpo_engine.jobs import STATUSES
+from dpo_engine.report.rundata import workspace_runs
 from dpo_engine.train.rundir import read_log_tail
 
 page_header("Jobs", "Embedding, diagnosis, training and HT-SR jobs run on workers; this page follows them live.")
@@ -47,3 +48,17 @@ def live_jobs() -> None:
 st.selectbox("Job", [j.id for j in store.list(limit=300)] or [None], key="jobs_selected",
              format_func=lambda i: "—" if i is None else f"#{i}")
 live_jobs()
+
+
+@st.fragment(run_every=5)
+def runs_outside_queue() -> None:
+    """Runs started with `dpo-kernels train --foreground` have no job row; list them so this page and
+    the Runs page agree on what exists."""
+    loose = [e for e in workspace_runs(workspace(), store) if e.job is None]
+    if loose:
+        st.markdown("**Runs started outside the queue** (`train --foreground`; open them on the Runs page)")
+        st.dataframe(pd.DataFrame([{"run": e.run_id, "status": e.status} for e in loose]),
+                     hide_index=True, width="stretch")
+
+
+runs_outside_queue()

@@ -20,6 +20,18 @@ def test_empty_workspace_says_so(workspace):
     assert any("none" in c.value for c in at.caption)  # no worker alive
 
 
+def test_run_started_outside_the_queue_is_listed(workspace):
+    """A `train --foreground` run has no job row; the Jobs page still lists it, as the Runs page does."""
+    run = workspace.runs_dir / "20260101-000000-train"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "summary.json").write_text('{"status": "succeeded"}')
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert table.to_dict("records") == [{"run": run.name, "status": "succeeded"}]
+
+
 def test_finished_job_shows_status_and_log(workspace):
     store = JobStore.for_workspace(workspace)
     job = store.submit("selftest", {"seconds": 0.2, "steps": 3}, title="smoke")
