@@ -49,27 +49,27 @@ def test_unknown_embedder_fails_clearly_offline():
 
 
 def test_embed_texts_matches_sentence_transformers_and_keeps_order():
-    vectors = embed_texts(TEXTS, batch_size=2, precision="float32")
+    vectors = embed_texts(TEXTS, batch_size=2, precision="float32", backend="torch")
     assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(vectors[0], vectors[3])  # duplicate embedded once, copied back
-    reference = load_embedder(DEFAULT_EMBEDDER, precision="float32").encode(TEXTS, batch_size=1, normalize_embeddings=True)
+    reference = load_embedder(DEFAULT_EMBEDDER, precision="float32", backend="torch").encode(TEXTS, batch_size=1, normalize_embeddings=True)
     cosine = np.sum(vectors * reference, axis=1)
     assert cosine.min() > 0.9999
     assert np.sum(vectors[0] * vectors[1]) > np.sum(vectors[0] * vectors[2])  # the answer is nearer its question
 
 
 def test_bfloat16_precision_stays_within_cosine_0_99_of_float32(tmp_path):
-    full = embed_texts(TEXTS, precision="float32")
-    fast = embed_texts(TEXTS, precision="bfloat16")
+    full = embed_texts(TEXTS, precision="float32", backend="torch")
+    fast = embed_texts(TEXTS, precision="bfloat16", backend="torch")
     assert fast.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
     assert np.sum(full * fast, axis=1).min() > 0.99
     table = _table()
-    path32 = cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "float32")
-    assert cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "bfloat16") != path32
+    path32 = cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "float32", backend="torch")
+    assert cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "bfloat16", backend="torch") != path32
     with pytest.raises(ValueError, match="unknown precision"):
-        embed_texts(TEXTS, precision="float16")  # type: ignore[arg-type]
+        embed_texts(TEXTS, precision="float16", backend="torch")  # type: ignore[arg-type]
     expected = "bfloat16" if cpu_has_native_bf16() else "float32"
     assert resolve_precision("auto", "cpu") == expected and resolve_precision("auto", "cuda:0") == "float32"
 
@@ -104,10 +104,15 @@ def _table() -> pd.DataFrame:
 
 def test_embed_pairs_embeds_each_part_separately(tmp_path):
     table = _table()
-    pairs = embed_pairs(table)
-    np.testing.assert_allclose(pairs.prompt, embed_texts(list(table["prompt"])), atol=1e-6)
-    np.testing.assert_allclose(pairs.chosen, embed_texts(list(table["chosen"])), atol=1e-6)
-    np.testing.assert_allclose(pairs.rejected, embed_texts(list(table["rejected"])), atol=1e-6)
+    pairs = embed_pairs(table, backend="torch")
+    np.testing.assert_allclose(pairs.prompt, embed_texts(list(table["prompt"]), backend="torch"), atol=1e-6)
+    np.testing.assert_allclose(pairs.chosen, embed_texts(list(table["chosen"]), backend="torch"), atol=1e-6)
+    np.testing.assert_allclose(pairs.rejected, embed_texts(list(table["rejected"]), backend="torch"), atol=1e-6)
+    # the default int8 backend quantises activations per batch, so a text's vector depends slightly on
+    # its batch-mates: close to, not equal to, the vector embedded alone
+    default = embed_pairs(table)
+    alone = embed_texts(list(table["chosen"]))
+    assert np.sum(default.chosen * alone, axis=1).min() > 0.98
 
 
 def test_cache_returns_identical_arrays_and_keys_on_content_and_settings(tmp_path):
@@ -150,7 +155,7 @@ def test_onnx_backends_agree_with_torch_float32(backend, floor):
     """The locally exported model gives the torch embeddings (float32 exactly, int8 closely), order kept."""
     texts = [t for t in TEXTS if t] + ["A much longer text that spans several clauses, so that padding and the "
                                        "attention mask matter when it shares a batch with short ones."] * 2
-    reference = embed_texts(texts, precision="float32")
+    reference = embed_texts(texts, precision="float32", backend="torch")
     got = embed_texts(texts, backend=backend, batch_size=3)
     assert got.shape == reference.shape and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)

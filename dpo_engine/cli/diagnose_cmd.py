@@ -16,7 +16,7 @@ import typer
 from dpo_engine.cli.common import WorkspaceOption, fail, workspace as resolve_workspace
 
 WORKER_AGE_S = 15.0
-DEFAULT_BACKEND_NAME = "torch"  # keep in step with dpo_engine.embed.encoder.DEFAULT_BACKEND (no heavy import here)
+DEFAULT_BACKEND_NAME = "onnx-int8"  # keep in step with dpo_engine.embed.encoder.DEFAULT_BACKEND (no heavy import here)
 
 
 def parse_threshold_options(options: list[str]) -> dict[str, float]:

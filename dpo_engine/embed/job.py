@@ -20,7 +20,7 @@ class EmbedParams(BaseModel):
     dataset_id: str = Field(..., description="stored dataset id or name")
     embedder: str = DEFAULT_EMBEDDER
     max_seq_length: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="texts per batch; None = the backend's default")
     precision: Precision = "auto"
     backend: Backend = DEFAULT_BACKEND
 

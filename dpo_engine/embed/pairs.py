@@ -145,7 +145,7 @@ def embed_pairs(
     table: pd.DataFrame,
     embedder: str | None = DEFAULT_EMBEDDER,
     device: str = "cpu",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_seq_length: int | None = None,
     progress: ProgressFn | None = None,
     cache_dir: str | Path | None = None,

@@ -42,7 +42,7 @@ class DiagnoseParams(BaseModel):
     thresholds: dict[str, float] = Field(default_factory=dict, description="overrides of Thresholds defaults")
     n_bootstrap: int = Field(200, ge=0)
     seed: int = 0
-    batch_size: int = Field(64, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="texts per batch; None = the backend's default")
     max_seq_length: int | None = Field(None, ge=1)
     precision: Precision = Field("auto", description="auto: bfloat16 on CPUs with native bf16, else float32")
     backend: Backend = Field(DEFAULT_BACKEND, description="encoder runtime: torch, onnx or onnx-int8 (CPU)")
