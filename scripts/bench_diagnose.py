@@ -187,6 +187,16 @@ def main() -> None:
         verdicts = " | ".join("+".join(d["verdict"]) for d in ds.values())
         print(f"{name:<20} {cpu:>7.1f} {wall:>7.1f} {base_cpu / cpu:>11.2f}x {base_wall / wall:>12.2f}x "
               f"{n_texts / cpu:>11.1f} {n_texts / wall:>8.1f} {r['load_s']:>7.1f} {worst:>10.2f}  {verdicts}")
+    print()
+    print("metric values per option (HH / PandaLM); the reference's bootstrap SE in the last row")
+    short = {"support_overlap": "overlap", "drift_magnitude": "drift", "smoothness": "smooth"}
+    print(f"{'option':<20} " + " ".join(f"{short.get(k, k):>15}" for k in METRIC_NAMES))
+    for name in names:
+        ds = best[name]["datasets"]
+        print(f"{name:<20} " + " ".join(f"{ds['hh']['metrics'][k]:>7.3f}/{ds['pandalm']['metrics'][k]:<7.3f}"
+                                        for k in METRIC_NAMES))
+    print(f"{'SE (' + REFERENCE + ')':<20} " + " ".join(f"{ref['hh']['se'][k]:>7.3f}/{ref['pandalm']['se'][k]:<7.3f}"
+                                                     for k in METRIC_NAMES))
     d_hh, d_pl = base["hh"], base["pandalm"]
     print()
     print(f"deduplication: HH {d_hh['n_unique']} unique of {d_hh['n_texts']} texts, PandaLM {d_pl['n_unique']} of "
