@@ -202,8 +202,12 @@ def test_diagnosis_figures_are_labelled(hh):
         if key != "confidence":
             assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text, key
     overlap = overlap_figure(d)
-    chosen, rejected, shaded = overlap.data
-    np.testing.assert_allclose(shaded.y, np.minimum(chosen.y, rejected.y))
+    chosen, rejected, kde_chosen, kde_rejected, shaded = overlap.data
+    np.testing.assert_allclose(shaded.y, np.minimum(kde_chosen.y, kde_rejected.y))
+    width = chosen.width
+    # each KDE is a density scaled to share per bin: it integrates to ~1 over the grid, like the bars sum to 1
+    assert np.trapezoid(kde_chosen.y, kde_chosen.x) / width == pytest.approx(1.0, abs=0.01)
+    assert np.sum(chosen.y) == pytest.approx(1.0)
     assert chosen.marker.color == CHOSEN_COLOR and rejected.marker.color == REJECTED_COLOR
     fig = embedding_map(emb.prompt, emb.chosen, emb.rejected, table, method="tsne", seed=0)
     assert [t.name for t in fig.data] == ["prompt", "chosen", "rejected"]

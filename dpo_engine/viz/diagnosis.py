@@ -74,24 +74,33 @@ def tat_histogram(diagnosis: Diagnosis, bins: int = 40) -> go.Figure:
 
 
 def overlap_figure(diagnosis: Diagnosis) -> go.Figure:
-    """The two similarity distributions on the shared 50 bins, with their overlap min(p, q) shaded."""
+    """The two similarity distributions: 50-bin histograms for context, and the kernel density
+    estimates the metric integrates, with their overlap min(f, g) shaded (scaled to share per bin)."""
+    from dpo_engine.selection.metrics import OverlapEstimator
+
     p = diagnosis.pairs
     edges = p.hist_edges
     centres = (edges[:-1] + edges[1:]) / 2
     width = float(edges[1] - edges[0])
     hp = p.hist_chosen / max(p.hist_chosen.sum(), 1.0)
     hq = p.hist_rejected / max(p.hist_rejected.sum(), 1.0)
+    estimator = OverlapEstimator.of(1.0 - p.dp, 1.0 - p.dn)
+    f, g = (d[0] * width for d in estimator.densities(np.full((1, p.dp.shape[0]), 1.0 / p.dp.shape[0])))
+    x = estimator.grid
     fig = go.Figure()
-    fig.add_bar(x=centres, y=hp, width=width, name="P: 1 − dp (chosen)", marker_color=CHOSEN_COLOR, opacity=0.45)
-    fig.add_bar(x=centres, y=hq, width=width, name="Q: 1 − dn (rejected)", marker_color=REJECTED_COLOR, opacity=0.45)
+    fig.add_bar(x=centres, y=hp, width=width, name="P: 1 − dp (chosen)", marker_color=CHOSEN_COLOR, opacity=0.35)
+    fig.add_bar(x=centres, y=hq, width=width, name="Q: 1 − dn (rejected)", marker_color=REJECTED_COLOR, opacity=0.35)
+    fig.add_scatter(x=x, y=f, mode="lines", line=dict(color=CHOSEN_COLOR, width=2), name="KDE of P")
+    fig.add_scatter(x=x, y=g, mode="lines", line=dict(color=REJECTED_COLOR, width=2), name="KDE of Q")
     fig.add_trace(
         go.Scatter(
-            x=centres, y=np.minimum(hp, hq), mode="lines", line_shape="hvh", fill="tozeroy",
-            fillcolor=OVERLAP_COLOR, line=dict(color="rgba(80,80,80,0.9)", width=1), name="overlap min(p, q)",
+            x=x, y=np.minimum(f, g), mode="lines", fill="tozeroy", fillcolor=OVERLAP_COLOR,
+            line=dict(color="rgba(80,80,80,0.9)", width=1), name="overlap min(f, g)",
         )
     )
     fig.update_layout(barmode="overlay", bargap=0)
-    title = f"Support overlap of the similarity distributions (weighted Jaccard = {diagnosis.metrics.support_overlap:.3g})"
+    title = (f"Support overlap of the similarity distributions (∫min / ∫max of the KDEs, bias-corrected = "
+             f"{diagnosis.metrics.support_overlap:.3g})")
     return _layout(fig, title, "similarity 1 − d (unitless)", "share of pairs per bin")
 
 
