@@ -6,9 +6,11 @@ import streamlit as st
 from pydantic import ValidationError
 
 from app.config_form import FormOptions, attach_errors, render_model_form, validation_errors
-from app.state import dataset_store, job_store
+from app.state import dataset_store, job_store, workspace
 from app.ui import page_header, switch_page
 from dpo_engine.train.config import TrainConfig
+from dpo_engine.train.inputs import check_inputs
+from dpo_engine.train.presets import PRESET_LABELS, preset_overrides
 
 ERRORS_KEY = "train-form-errors"
 WORKER_MAX_AGE_S = 30.0
@@ -21,8 +23,19 @@ if not datasets:
     st.stop()
 by_id = {d.id: d for d in datasets}
 
+START_CHOICES = {None: "Defaults (every setting as TrainConfig writes it)"} | PRESET_LABELS
+preset = st.radio("Start from", list(START_CHOICES), index=0, key="train-preset", horizontal=True,
+                  format_func=START_CHOICES.get,
+                  help="A preset fills the form with named settings of the same config (you can still edit "
+                       "every field); Quick run = the bundled SmolLM2-135M-Instruct, HMK, short sequences and "
+                       "60 steps, measured at about 5 minutes on 2 CPU cores on the 400-pair HH sample.")
+values: dict = preset_overrides(preset) if preset else {}
+notes: dict = {}
+if preset:
+    st.caption(f"**{PRESET_LABELS[preset]}**: {len(values)} settings filled in from preset `{preset}`; "
+               "they are written to the run's config.json like any other.")
+
 recommendation = st.session_state.get("recommendation") or {}
-values, notes = {}, {}
 if recommendation:
     source = recommendation.get("source", "the diagnosis")
     for path, key in (("method.kernel.name", "kernel"), ("method.divergence.name", "divergence")):
@@ -60,7 +73,8 @@ options = FormOptions(values=values, notes=notes, widgets={"data.dataset": _data
                                     "method.loss": "Loss (β, γ, label smoothing, ε-DPO)"})
 
 with st.form("train-form"):
-    raw = render_model_form(TrainConfig, options, key="train")
+    # one widget key set per starting point, so choosing a preset refills the widgets
+    raw = render_model_form(TrainConfig, options, key=f"train-{preset}" if preset else "train")
     st.subheader("Where it runs")
     c1, c2 = st.columns([2, 3])
     worker = c1.selectbox("Worker", worker_options, key="train-worker",
@@ -81,6 +95,11 @@ if submitted:
         st.session_state[ERRORS_KEY] = attach_errors(validation_errors(exc), TrainConfig)
         st.rerun()
     st.session_state.pop(ERRORS_KEY, None)
+    try:
+        check_inputs(config, workspace())
+    except Exception as exc:  # the data and model layers' errors carry a one-line message
+        st.error(f"Not queued: {exc}")
+        st.stop()
     method = config.method
     default_title = f"{config.model.name} · {method.kernel.name}/{method.divergence.name} · {config.data.dataset}"
     device = worker_by_id[worker].device if worker else None

@@ -95,3 +95,39 @@ def test_submit_queues_a_train_job_with_the_form_values(workspace):
     assert config.data.dataset == info.id and config.model.name == "tiny-random"
     assert config.optimisation.batch_size == 2 and jobs[0].title == "from the form"
     assert at.session_state["run_id"] == jobs[0].run_id
+
+
+def test_quick_preset_fills_the_form_and_is_queued_as_shown(workspace):
+    from dpo_engine.data.store import ensure_sample_dataset
+    from dpo_engine.train.presets import PRESETS
+
+    ensure_sample_dataset(workspace)
+    at = _page()
+    at.radio(key="train-preset").set_value("quick").run()
+    assert not at.exception
+    lora_r = next(w for w in at.number_input if w.key == "train-quick.model.lora_r")
+    assert lora_r.value == PRESETS["quick"]["model.lora_r"]
+    assert next(w for w in at.text_input if w.key == "train-quick.model.name").value == "smollm2-135m-instruct"
+    lora_r.set_value(4)  # still editable: the edit wins over the preset
+    at.button[0].click().run()
+    assert not at.exception
+    (job,) = JobStore.for_workspace(workspace).list(kind="train")
+    config = TrainConfig.model_validate(job.params)
+    assert config.model.lora_r == 4 and config.model.name == "smollm2-135m-instruct"
+    assert config.data.max_length == PRESETS["quick"]["data.max_length"]
+    assert config.optimisation.max_steps == PRESETS["quick"]["optimisation.max_steps"]
+
+
+def test_a_model_directory_without_a_model_is_refused_before_queueing(workspace, tmp_path):
+    from dpo_engine.data.store import ensure_sample_dataset
+
+    ensure_sample_dataset(workspace)
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    at = _page()
+    next(w for w in at.text_input if w.key == "train.model.name").set_value(str(empty))
+    at.button[0].click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert any(e.startswith("Not queued:") and "config.json" in e and "\n" not in e for e in errors), errors
+    assert JobStore.for_workspace(workspace).list(kind="train") == []

@@ -131,9 +131,10 @@ def config_flags() -> list[ConfigFlag]:
 
 # ---------------------------------------------------------------- config from flags
 
-def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[str, Any] | None = None, **flags: Any):
-    """TrainConfig from an optional JSON/YAML file, the dataset argument and the flags given
-    (`flag_values` or keywords, named like the flags: kernel=..., lora_r=...).
+def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[str, Any] | None = None,
+                 preset: str | None = None, **flags: Any):
+    """TrainConfig from an optional JSON/YAML file, a preset on top of it, the dataset argument and
+    the flags given (`flag_values` or keywords, named like the flags: kernel=..., lora_r=...).
 
     Raises pydantic's ValidationError, ValueError or a YAML error; the CLI turns them into one line.
     """
@@ -143,6 +144,9 @@ def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[st
     raw: dict[str, Any] = {}
     if config_file is not None:
         raw = TrainConfig.from_file(config_file, **{"data.dataset": dataset}).model_dump(mode="json")
+    from dpo_engine.train.presets import apply_preset
+
+    raw = apply_preset(raw, preset)
     set_dotted(raw, "data.dataset", dataset)
     by_param = {f.param: f for f in config_flags()}
     for param, value in flag_values.items():
@@ -157,25 +161,15 @@ def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[st
     return TrainConfig.model_validate(raw)
 
 
-def check_inputs(cfg, ws) -> None:
-    """Refuse a run whose dataset or local model cannot be used, before anything is written."""
-    from dpo_engine.data import open_dataset
-    from dpo_engine.models.loading import model_directory
-    from dpo_engine.train.data import check_pairs
-
-    check_pairs(open_dataset(ws, cfg.data.dataset).table)
-    if Path(cfg.model.name).expanduser().is_dir():
-        model_directory(cfg.model.name, workspace=ws)  # raises UnknownModelError without config.json
-
-
 # ---------------------------------------------------------------- commands
 
-def _train(dataset: str, config: Optional[Path], run_dir: Optional[Path], foreground: bool,
+def _train(dataset: str, config: Optional[Path], preset: Optional[str], run_dir: Optional[Path], foreground: bool,
            workspace_path: Optional[str], **flag_values: Any) -> None:
     """Train DPO-Kernels on a dataset: submit a job (default) or run it here (--foreground).
 
     Every setting of the training config has a flag below; --config FILE reads a JSON or YAML
-    TrainConfig and the flags given override it.
+    TrainConfig, --preset NAME (e.g. quick) fills in named settings on top of it, and the flags
+    given override both.
     """
     if flag_values.get("max_steps") is not None and flag_values.get("epochs") is not None:
         fail("give --max-steps or --epochs, not both")
@@ -184,10 +178,12 @@ def _train(dataset: str, config: Optional[Path], run_dir: Optional[Path], foregr
     path = Path(dataset).expanduser()
     if path.is_file():
         dataset = str(path.resolve())  # a worker may run elsewhere: hand it an absolute path
-    cfg = build_config(dataset, config, flag_values)
+    cfg = build_config(dataset, config, flag_values, preset=preset)
     ws = workspace(workspace_path)
     if run_dir is not None:
         run_dir = path_inside(run_dir, ws.runs_dir, "--run-dir")
+    from dpo_engine.train.inputs import check_inputs
+
     check_inputs(cfg, ws)
     title = f"train {cfg.model.name} {cfg.method.kernel.name}+{cfg.method.divergence.name} on {Path(dataset).name}"
     if not foreground:
@@ -216,6 +212,10 @@ def _train_signature() -> tuple[inspect.Signature, dict[str, Any]]:
         inspect.Parameter("config", kw, annotation=Optional[Path], default=typer.Option(
             None, "--config", help="JSON or YAML TrainConfig; the flags given override it. Default: none.",
             show_default=False)),
+        inspect.Parameter("preset", kw, annotation=Optional[str], default=typer.Option(
+            None, "--preset", help="Named settings applied on top of --config and under the flags given: "
+            "quick = the bundled SmolLM2-135M-Instruct, about 5 minutes on 2 CPU cores on 400 pairs. Default: none.",
+            show_default=False)),
         inspect.Parameter("run_dir", kw, annotation=Optional[Path], default=typer.Option(
             None, "--run-dir", help="Run directory inside the workspace (foreground only). Default: runs/<date>-train.",
             show_default=False)),
@@ -230,7 +230,7 @@ def make_train_command():
     """The `train` callback with one keyword parameter per flag (typer reads the signature)."""
 
     def train(**kwargs: Any) -> None:
-        fixed = {k: kwargs.pop(k) for k in ("dataset", "config", "run_dir", "foreground", "workspace_path")}
+        fixed = {k: kwargs.pop(k) for k in ("dataset", "config", "preset", "run_dir", "foreground", "workspace_path")}
         _train(**fixed, **kwargs)
 
     signature, annotations = _train_signature()

@@ -1,0 +1,90 @@
+"""Presets: named settings of the one TrainConfig, not a second code path.
+
+A preset is a mapping of dotted TrainConfig paths to values. It is applied to the raw settings
+before validation, and anything the user gives explicitly (a form field, a CLI flag) is applied
+after it, so a preset only fills in; the resolved config.json shows every value it set.
+
+`quick` was chosen by measurement on the bundled HH sample (assets/sample_hh.jsonl.gz, 399 valid
+pairs) with the bundled SmolLM2-135M-Instruct on 2 CPU cores (README, "Quick run"):
+- lengths from the token pre-flight: prompts have a median of 119 tokens and responses a 90th
+  percentile of 83 (chosen) and 110 (rejected) tokens; 192 tokens with 96 for the prompt keeps 94 %
+  of chosen and 88 % of rejected responses whole and the end of every prompt (its last turn),
+  at about a third of the cost of the pre-flight's full-length suggestion (528);
+- LoRA rank 16 and learning rate 1e-3 with a constant schedule after a short warm-up, so that the
+  preference loss on the training batches falls clearly below log 2 within the step budget;
+- the mixture weights (λ, τ) get weight_lr 0.05 so a short run lets them move as far as the
+  gradient asks (METHOD.md 2.4);
+- evaluation, divergence traces and snapshots every 15 steps (step 0, 15, 30, 45, 60: five
+  projection snapshots with their Davies-Bouldin score), 48 held-out pairs, no intermediate
+  checkpoint, HT-SR before and after.
+The method is HMK with the Hellinger divergence, which the diagnosis recommends for the HH sample
+(METHOD.md 1.4); the Train form replaces it with the user's own diagnosis when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+QUICK_LABEL = "Quick run (CPU, about 5 min)"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "model.name": "smollm2-135m-instruct",
+        "model.lora": True,
+        "model.lora_r": 16,
+        "model.lora_alpha": 32,
+        "model.lora_dropout": 0.0,
+        "data.max_pairs": None,
+        "data.eval_fraction": 0.12,
+        "data.min_eval_pairs": 48,
+        "data.max_length": 192,
+        "data.max_prompt_length": 96,
+        "method.kernel.name": "hmk",
+        "method.kernel.weight_lr": 0.05,
+        "method.divergence.name": "hellinger",
+        "method.calibration_pairs": 128,
+        "optimisation.max_steps": 60,
+        "optimisation.epochs": None,
+        "optimisation.batch_size": 4,
+        "optimisation.grad_accum": 1,
+        "optimisation.lr": 1e-3,
+        "optimisation.warmup_ratio": 0.05,
+        "optimisation.scheduler": "constant",
+        "optimisation.seed": 0,
+        "monitoring.eval_every": 15,
+        "monitoring.snapshot_every": 15,
+        "monitoring.probe_pairs": 48,
+        "monitoring.divergence_pairs": 8,
+        "monitoring.checkpoint_every": 1000,
+        "monitoring.htsr": True,
+        "monitoring.eval_divergences": True,
+    },
+}
+
+PRESET_LABELS = {"quick": QUICK_LABEL}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """The dotted settings of preset `name` (a copy); a one-line error for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    return json.loads(json.dumps(PRESETS[name]))
+
+
+def apply_preset(raw: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """`raw` (nested TrainConfig settings, not yet validated) with preset `name` written into it.
+
+    Settings the caller sets afterwards win; `raw` itself is not modified.
+    """
+    from dpo_engine.train.config import set_dotted
+
+    out = json.loads(json.dumps(raw))
+    if name:
+        for dotted, value in preset_overrides(name).items():
+            set_dotted(out, dotted, value)
+    return out
