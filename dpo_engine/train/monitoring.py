@@ -79,7 +79,7 @@ class Monitoring:
                                   "reward_chosen": 0.0, "reward_rejected": 0.0}
         div_sums: dict[str, float] = {key: 0.0 for key in rundir.EVAL_KEYS if key.startswith("div_")}
         positions = 0
-        chosen, rejected = [], []
+        chosen, rejected, margins = [], [], []
         for chunk in self._eval_chunks():
             in_div = mon.eval_divergences and n < mon.divergence_pairs
             in_probe = snapshot and n < len(self.probe_pairs)
@@ -91,6 +91,7 @@ class Monitoring:
             sums["hybrid_acc"] += float((out.margins > 0).float().sum())
             sums["reward_chosen"] += float(out.reward_chosen.sum())
             sums["reward_rejected"] += float(out.reward_rejected.sum())
+            margins.append(out.rho.detach().float().cpu().numpy())
             n += b
             if in_div:
                 n_pos = terms.policy_logits.shape[0]
@@ -107,6 +108,9 @@ class Monitoring:
         row.update({k: (v / positions if positions else float("nan")) for k, v in div_sums.items()})
         if snapshot:
             row["dbs"] = self._write_snapshot(np.concatenate(chosen), np.concatenate(rejected))
+        if self.accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
+            rundir.append_eval_margins(self.run_dir, self.state.step, [p.pair_id for p in self.eval_pairs[:n]],
+                                       np.concatenate(margins))
         return row
 
     def _write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:

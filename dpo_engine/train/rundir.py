@@ -27,6 +27,7 @@ MODEL = "model"
 CALIBRATION = "calibration.pt"
 HTSR_BEFORE = "htsr_before.csv"
 HTSR_AFTER = "htsr_after.csv"
+EVAL_MARGINS = "eval_margins.jsonl"  # per held-out pair reward margins at each evaluation (intervals over pairs)
 
 METRIC_KEYS = ("step", "epoch", "loss", "loss_pref", "loss_div", "loss_entropy", "reward_acc", "margin", "beta",
                "lr", "grad_norm", "tokens_per_s")
@@ -104,6 +105,25 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
 
 def read_eval(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(read_jsonl(Path(run_dir) / EVAL))
+
+
+def append_eval_margins(run_dir: Path, step: int, pair_ids: list[str], margins: np.ndarray) -> None:
+    """One row per evaluation: the held-out pairs' ids and reward margins, so accuracies can carry
+    intervals over pairs and two runs on the same split can be compared pair by pair."""
+    append_jsonl(Path(run_dir) / EVAL_MARGINS, {"step": int(step), "pair_ids": [str(p) for p in pair_ids],
+                                                "margin": [float(m) for m in np.asarray(margins).ravel()]})
+
+
+def read_eval_margins(run_dir: Path) -> dict[int, pd.Series]:
+    """step -> reward margin per held-out pair (indexed by pair id); the last row of a step wins
+    (a resumed run evaluates the same step again)."""
+    out: dict[int, pd.Series] = {}
+    for row in read_jsonl(Path(run_dir) / EVAL_MARGINS):
+        ids, margins = row.get("pair_ids") or [], row.get("margin") or []
+        if len(ids) == len(margins) and ids:
+            out[int(row["step"])] = pd.Series([np.nan if m is None else float(m) for m in margins],
+                                              index=[str(i) for i in ids], dtype=float)
+    return dict(sorted(out.items()))
 
 
 def read_json(path: Path, warnings: list[str] | None = None) -> dict[str, Any] | None:
