@@ -8,7 +8,8 @@ from app.state import job_store, workspace
 from app.ui import figure_with_export, page_header
 from dpo_engine.analysis.health import alerts_table, health_of
 from dpo_engine.report import build_report
-from dpo_engine.report.rundata import load_run, workspace_runs
+from dpo_engine.report.rundata import EXAMPLE_MARK, load_run, workspace_runs
+from dpo_engine.train.sweep import list_sweeps, sweep_outcome
 from dpo_engine.viz import runs as viz
 
 page_header("Compare runs", "Put several runs side by side: curves, final accuracy, cluster separation and HT-SR.")
@@ -18,7 +19,26 @@ entries = workspace_runs(ws, job_store())
 if not entries:
     st.info("No training runs yet. Start some on the **Train** page.")
     st.stop()
+if all(e.example for e in entries):
+    st.info(f"{EXAMPLE_MARK} Comparing the **example runs** shipped with DPO-Kernels Studio (plain DPO vs HMK on the "
+            "bundled HH sample, quick preset); they are shown until this workspace has a training run of its own.")
 by_id = {e.run_id: e for e in entries}
+
+sweeps = list_sweeps(ws)
+if sweeps:
+    st.subheader("Sweep: did the recommended pair come out ahead?")
+    sweep_ids = [r["sweep_id"] for r in sweeps]
+    wanted_sweep = st.session_state.get("sweep_id")
+    sweep_id = st.selectbox("Sweep", sweep_ids, key="compare-sweep",
+                            index=sweep_ids.index(wanted_sweep) if wanted_sweep in sweep_ids else 0,
+                            format_func=lambda i: f"{i} · dataset {next(r for r in sweeps if r['sweep_id'] == i)['dataset']}")
+    record = next(r for r in sweeps if r["sweep_id"] == sweep_id)
+    outcome, sweep_verdict = sweep_outcome(record, {e.run_id: e.run_dir for e in entries})
+    (st.success if "ahead" in sweep_verdict else st.warning if "behind" in sweep_verdict else st.info)(sweep_verdict)
+    st.dataframe(outcome, hide_index=True)
+    st.caption("Held-out reward accuracy at each run's last evaluation with a bootstrap 95 % interval over the "
+               "held-out pairs; recommended_minus_this = the recommended pair's accuracy minus this run's on the same "
+               "pairs, with a paired bootstrap 95 % interval. Same preset, seed and split for every run.")
 default = [e.run_id for e in entries if e.status == "succeeded"][:3] or [entries[0].run_id]
 selected = st.multiselect("Runs", list(by_id), default=default, format_func=lambda r: by_id[r].label, key="compare-runs")
 if not selected:

@@ -9,12 +9,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app.state import dataset_store, job_store
+from app.state import dataset_store, job_store, workspace
 from app.ui import figure_with_export, job_status_panel, page_header, switch_page
 from dpo_engine.data.preflight import SIDES, TokenPreflight
 from dpo_engine.embed import DEFAULT_EMBEDDER
 from dpo_engine.models import KNOWN_MODELS
 from dpo_engine.selection import Thresholds, load_diagnosis, recommend_again, suspicious_pairs
+from dpo_engine.train.presets import preset_overrides
+from dpo_engine.train.sweep import DEFAULT_PRESET, submit_sweep, sweep_pairs
 from dpo_engine.viz import diagnosis as dviz
 
 page_header("Diagnose", "Embed a dataset, compute the DPO-Kernels selection metrics and get a kernel–divergence "
@@ -127,6 +129,29 @@ if st.button("Train with this recommendation", type="primary"):
                                           "dataset_id": dataset_id, "source": done.run_id}
     st.success(f"{rec.kernel} + {rec.divergence} handed to the Train page, where the form is prefilled.")
     switch_page("train.py")
+
+st.markdown("**Check the recommendation on this dataset.** One click queues a short sweep: "
+            + ", ".join(f"**{p.label}** ({p.role})" for p in sweep_pairs(rec.model_dump()))
+            + f", each a train job with the `{DEFAULT_PRESET}` preset and the same seed and split. "
+            "The **Compare** page then shows whether the recommended pair came out ahead, with 95 % intervals.")
+with st.expander("Sweep settings (on top of the preset)"):
+    sweep_cols = st.columns(2)
+    sweep_model = sweep_cols[0].text_input("Model", value=preset_overrides(DEFAULT_PRESET)["model.name"],
+                                           key="sweep-model", help="Policy model of every run in the sweep.")
+    sweep_steps = sweep_cols[1].number_input("Steps per run", min_value=1, key="sweep-steps",
+                                             value=int(preset_overrides(DEFAULT_PRESET)["optimisation.max_steps"]),
+                                             help="Optimiser steps of each run (more steps, narrower intervals).")
+if st.button("Queue a sweep: recommended pair vs runners-up", key="sweep-launch"):
+    try:
+        record = submit_sweep({"recommendation": rec.model_dump()}, dataset_id, job_store(), workspace(),
+                              overrides={"model.name": sweep_model.strip(), "optimisation.max_steps": int(sweep_steps)},
+                              source=done.run_id)
+    except Exception as exc:  # config, dataset and model errors carry a one-line message
+        st.error(f"Sweep not queued: {str(exc).splitlines()[0]}")
+    else:
+        st.session_state["sweep_id"] = record["sweep_id"]
+        st.success(f"Queued sweep `{record['sweep_id']}`: {len(record['runs'])} train jobs. "
+                   "Open the **Compare** page to follow it.")
 
 st.subheader("Selection metrics")
 se = diagnosis.standard_errors()

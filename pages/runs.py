@@ -13,7 +13,7 @@ from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
 from dpo_engine.report import build_report
 from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
-from dpo_engine.report.rundata import load_dataset_texts, load_run, workspace_runs
+from dpo_engine.report.rundata import EXAMPLE_MARK, load_dataset_texts, load_run, workspace_runs
 from dpo_engine.viz import runs as viz
 
 LIVE_STATUSES = ("queued", "running")
@@ -29,6 +29,10 @@ entries = workspace_runs(ws, store)
 if not entries:
     st.info("No training runs yet. Start one on the **Train** page (or `dpo-kernels train`).")
     st.stop()
+if all(e.example for e in entries):
+    st.info(f"{EXAMPLE_MARK} These are **example runs** shipped with DPO-Kernels Studio: plain DPO and HMK on the "
+            "bundled HH sample, quick preset, trained on a CPU by `scripts/make_example_run.py`. They are shown until "
+            "this workspace has a training run of its own (**Train** page).")
 
 by_id = {e.run_id: e for e in entries}
 wanted = st.query_params.get("run_id") or st.session_state.get("run_id")

@@ -33,7 +33,37 @@ def test_compare_tables_and_figures(run_workspace):
     assert any(b.label == "Download report (.html)" for b in at.get("download_button"))
 
 
-def test_no_runs_is_explained(workspace):
+def test_no_runs_is_explained(workspace, tmp_path, monkeypatch):
+    import dpo_engine.report.rundata as rundata
+
+    monkeypatch.setattr(rundata, "shipped_examples_dir", lambda: tmp_path / "no-examples")
     at = AppTest.from_file(PAGE, default_timeout=60).run()
     assert not at.exception
     assert any("No training runs yet" in i.value for i in at.info)
+
+
+def test_sweep_outcome_is_shown_with_intervals(workspace):
+    import numpy as np
+
+    from dpo_engine.jobs import JobStore
+    from dpo_engine.train import rundir
+    from dpo_engine.train.sweep import submit_sweep
+
+    store = JobStore.for_workspace(workspace)
+    from tests.conftest import BUNDLED_SAMPLE
+
+    record = submit_sweep({"recommendation": {"kernel": "polynomial", "divergence": "hellinger"}}, str(BUNDLED_SAMPLE),
+                          store, workspace, overrides={"model.name": "tiny-random"})
+    rng = np.random.default_rng(0)
+    for run, p in zip(record["runs"], (0.9, 0.5, 0.5)):  # the recommended run is far ahead on 200 pairs
+        run_dir = workspace.run_dir(run["run_id"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        correct = rng.random(200) < p
+        rundir.append_eval_margins(run_dir, 30, [f"p{i}" for i in range(200)], np.where(correct, 1.0, -1.0))
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert any("came out ahead of every runner-up" in s.value for s in at.success)
+    table = at.dataframe[0].value
+    assert list(table["role"]) == ["recommended", "kernel runner-up", "divergence runner-up"]
+    assert (table["ci_low"] < table["reward_acc"]).all() and (table["reward_acc"] < table["ci_high"]).all()
+    assert table["diff_ci_low"].iloc[1] > 0

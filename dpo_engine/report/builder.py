@@ -20,7 +20,7 @@ from plotly.offline import get_plotlyjs
 
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
-from dpo_engine.report.rundata import RunData, load_dataset_texts, load_run
+from dpo_engine.report.rundata import EXAMPLE_MARK, EXAMPLES_DIR_NAME, RunData, example_run_dir, load_dataset_texts, load_run
 from dpo_engine.viz import runs as viz
 from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, REJECTED_COLOR
 
@@ -104,6 +104,9 @@ def resolve_run_dir(workspace, run_or_job_id: str) -> tuple[str, Path]:
     direct = workspace.run_dir(key)
     if direct.is_dir():
         return key, direct
+    example = example_run_dir(workspace, key)
+    if example is not None:
+        return key, example  # a shipped example run (shown until the workspace has runs of its own)
     if key.isdigit():
         from dpo_engine.jobs import JobStore
 
@@ -272,10 +275,12 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
     """
     if not run_ids:
         raise ReportError("name at least one run")
-    runs = []
+    runs, examples = [], []
     for key in run_ids:
         run_id, run_dir = resolve_run_dir(workspace, key)
         runs.append(load_run(run_dir, run_id))
+        if run_dir.parent.name == EXAMPLES_DIR_NAME and run_dir.parent.parent == Path(workspace.root):
+            examples.append(run_id)
     if isinstance(diagnosis, (str, int)):
         diagnosis = load_diagnosis_json(workspace, str(diagnosis))
     elif diagnosis is None:
@@ -297,13 +302,19 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
         sections["compare"] = _compare_section(runs, fig)
     warnings = [f"{r.run_id}: {w}" for r in runs for w in r.warnings]
 
-    title = "DPO-Kernels report: " + ", ".join(r.run_id for r in runs)
+    title = "DPO-Kernels report: " + ", ".join(r.run_id + (f" {EXAMPLE_MARK}" if r.run_id in examples else "")
+                                               for r in runs)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     toc = "".join(f"<a href='#{key}'>{_esc(SECTION_TITLES[key])}</a>" for key in sections)
     body = "".join(f"<section id='{key}'><h2>{_esc(SECTION_TITLES[key])}</h2>{content}</section>"
                    for key, content in sections.items())
     warn_html = ("<div class='warn'><b>Warnings while reading the runs:</b><ul>"
                  + "".join(f"<li>{_esc(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""
+    if examples:
+        warn_html = (f"<div class='warn'><b>Example {'runs' if len(examples) > 1 else 'run'}</b> "
+                     f"{_esc(', '.join(examples))}: shipped with DPO-Kernels Studio (trained by "
+                     "scripts/make_example_run.py on the bundled HH sample), not runs of this workspace.</div>"
+                     + warn_html)
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{_esc(title)}</title><style>{_CSS}</style>"

@@ -159,6 +159,7 @@ class RunEntry:
     run_id: str
     run_dir: Path
     job: Any | None = None
+    example: bool = False  # a finished run shipped with the product (assets/example_runs), not the user's
 
     @property
     def status(self) -> str:
@@ -173,13 +174,17 @@ class RunEntry:
         return f" · {job.title}" if job is not None and job.title and job.title != job.kind else ""
 
     @property
+    def example_mark(self) -> str:
+        return f" {EXAMPLE_MARK}" if self.example else ""
+
+    @property
     def label(self) -> str:
-        return f"{self.run_id} [{self.status}]{self.title}"
+        return f"{self.run_id} [{self.status}]{self.title}{self.example_mark}"
 
     @property
     def live_label(self) -> str:
         """Label for a picker that stays on screen while the run changes state (no status to go stale)."""
-        return f"{self.run_id}{self.title}"
+        return f"{self.run_id}{self.title}{self.example_mark}"
 
 
 def list_runs(workspace, jobs: list | None = None, kind: str = "train") -> list[RunEntry]:
@@ -202,7 +207,55 @@ def list_runs(workspace, jobs: list | None = None, kind: str = "train") -> list[
 RUN_LIST_LIMIT = 1000  # newest jobs considered; the same bound for every page, so counts and lists agree
 
 
-def workspace_runs(workspace, store, kind: str = "train") -> list[RunEntry]:
+def workspace_runs(workspace, store, kind: str = "train", *, examples: bool = True) -> list[RunEntry]:
     """The one list of runs every page shows (Overview counts it, Runs and Compare list it): jobs of
-    `kind` from the queue plus run directories written without it, e.g. `dpo-kernels train --foreground`."""
-    return list_runs(workspace, store.list(kind=kind, limit=RUN_LIST_LIMIT), kind=kind)
+    `kind` from the queue plus run directories written without it, e.g. `dpo-kernels train --foreground`.
+
+    A workspace without training runs of its own gets the shipped example runs instead (marked
+    `example`), so a fresh installation opens on a finished run; they disappear once a run exists.
+    """
+    entries = list_runs(workspace, store.list(kind=kind, limit=RUN_LIST_LIMIT), kind=kind)
+    if not entries and kind == "train" and examples:
+        return example_runs(workspace)
+    return entries
+
+
+# ---------------------------------------------------------------- shipped example runs
+
+EXAMPLE_MARK = "[example]"
+EXAMPLES_DIR_NAME = "example_runs"  # in the repository's assets/ and, copied on first use, in the workspace
+
+
+def shipped_examples_dir() -> Path:
+    """assets/example_runs in the repository (written by scripts/make_example_run.py)."""
+    return Path(__file__).resolve().parents[2] / "assets" / EXAMPLES_DIR_NAME
+
+
+def example_runs(workspace, source: Path | None = None) -> list[RunEntry]:
+    """The shipped example runs as entries, copied into <workspace>/example_runs on first use.
+
+    The pages and the report read the copy, so caches they write (projections) land in the
+    workspace, never in the repository.
+    """
+    import shutil
+
+    source = shipped_examples_dir() if source is None else Path(source)
+    if not source.is_dir():
+        return []
+    target_root = Path(workspace.root) / EXAMPLES_DIR_NAME
+    entries = []
+    for run in sorted(p for p in source.iterdir() if (p / rundir.CONFIG).is_file()):
+        target = target_root / run.name
+        if not (target / rundir.CONFIG).is_file():
+            tmp = target_root / f".{run.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(run, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        entries.append(RunEntry(run.name, target, example=True))
+    return entries
+
+
+def example_run_dir(workspace, run_id: str) -> Path | None:
+    """The workspace copy of shipped example `run_id`, if it is one."""
+    return next((e.run_dir for e in example_runs(workspace) if e.run_id == run_id), None)
