@@ -86,6 +86,22 @@ def test_diagnose_page_end_to_end(workspace, small_dataset):
     assert list(sus["margin"]) == sorted(sus["margin"])
     assert any(b.label == "Export suspicious pairs (CSV)" for b in at.get("download_button"))
 
+    # One button queues the sweep: the recommended pair and its runners-up, same seed, on this dataset.
+    next(t for t in at.text_input if t.key == "sweep-model").set_value("tiny-random")
+    next(n for n in at.number_input if n.key == "sweep-steps").set_value(2)
+    next(b for b in at.button if b.key == "sweep-launch").click().run()
+    assert not at.exception
+    from dpo_engine.train.sweep import list_sweeps
+
+    train_jobs = JobStore.for_workspace(workspace).list(kind="train")
+    assert len(train_jobs) == 3
+    assert {(j.params["method"]["kernel"]["name"], j.params["method"]["divergence"]["name"]) for j in train_jobs} >= {
+        ("rbf", "wasserstein")}
+    assert {j.params["model"]["name"] for j in train_jobs} == {"tiny-random"}
+    assert {j.params["data"]["dataset"] for j in train_jobs} == {small_dataset.id}
+    (sweep,) = list_sweeps(workspace)
+    assert [r["role"] for r in sweep["runs"]][0] == "recommended" and at.session_state["sweep_id"] == sweep["sweep_id"]
+
     next(b for b in at.button if b.label == "Train with this recommendation").click().run()
     assert at.session_state["recommendation"]["kernel"] == "rbf"
     assert at.session_state["recommendation"]["divergence"] == "wasserstein"

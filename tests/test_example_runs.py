@@ -1,0 +1,61 @@
+"""Shipped example runs: listed (marked example) until the workspace has runs of its own, read from a
+workspace copy, resolvable by the report; the committed examples hold no weights and stay small."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import dpo_engine.report.rundata as rundata
+from dpo_engine.jobs import JobStore
+from dpo_engine.report import build_report
+from dpo_engine.train.trainer import train
+from tests.test_train import make_config, toy_pairs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def examples_dir(tmp_path, workspace, monkeypatch):
+    """One finished tiny run stored as a shipped example."""
+    scratch = tmp_path / "scratch"
+    cfg = make_config(optimisation={"max_steps": 2}, monitoring={"eval_every": 1, "snapshot_every": 1})
+    assert train(cfg, scratch, workspace=workspace, pairs=toy_pairs())["status"] == "succeeded"
+    shipped = tmp_path / "shipped"
+    shutil.copytree(scratch, shipped / "example-dpo", ignore=shutil.ignore_patterns("model", "checkpoints"))
+    monkeypatch.setattr(rundata, "shipped_examples_dir", lambda: shipped)
+    return shipped
+
+
+def test_examples_are_listed_until_the_workspace_has_its_own_run(workspace, examples_dir):
+    store = JobStore.for_workspace(workspace)
+    (entry,) = rundata.workspace_runs(workspace, store)
+    assert entry.example and entry.run_id == "example-dpo" and "[example]" in entry.label
+    assert entry.run_dir == workspace.root / "example_runs" / "example-dpo"  # a copy: caches never touch the repo
+    assert rundata.load_run(entry.run_dir).summary["status"] == "succeeded"
+    html = build_report(workspace, ["example-dpo"])
+    assert "example-dpo [example]" in html and "not runs of this workspace" in html
+    store.submit("train", make_config().model_dump(mode="json"), title="mine")
+    entries = rundata.workspace_runs(workspace, store)
+    assert len(entries) == 1 and not entries[0].example
+
+
+def test_runs_page_labels_the_examples(workspace, examples_dir):
+    at = AppTest.from_file(str(REPO / "pages" / "runs.py"), default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert any("example runs" in i.value for i in at.info)
+    assert "[example]" in at.selectbox(key="runs-select").format_func("example-dpo")
+
+
+def test_committed_examples_hold_no_weights_and_stay_small():
+    shipped = REPO / "assets" / "example_runs"
+    if not shipped.is_dir():
+        pytest.skip("no example runs generated yet (scripts/make_example_run.py)")
+    files = [p for p in shipped.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"} or "checkpoints" in p.parts]
+    assert sum(p.stat().st_size for p in files) < 5_000_000
+    for run in (p for p in shipped.iterdir() if p.is_dir()):
+        assert (run / "config.json").is_file() and (run / "eval.jsonl").is_file() and (run / "summary.json").is_file()
