@@ -136,7 +136,7 @@ st.markdown("**Check the recommendation on this dataset.** One click queues a sh
             "The **Compare** page then shows whether the recommended pair came out ahead, with 95 % intervals.")
 with st.expander("Sweep settings (on top of the preset)"):
     sweep_cols = st.columns(2)
-    sweep_model = sweep_cols[0].text_input("Model", value=preset_overrides(DEFAULT_PRESET)["model.name"],
+    sweep_model = sweep_cols[0].text_input("Model of every run", value=preset_overrides(DEFAULT_PRESET)["model.name"],
                                            key="sweep-model", help="Policy model of every run in the sweep.")
     sweep_steps = sweep_cols[1].number_input("Steps per run", min_value=1, key="sweep-steps",
                                              value=int(preset_overrides(DEFAULT_PRESET)["optimisation.max_steps"]),

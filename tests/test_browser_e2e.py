@@ -100,6 +100,20 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         # The newest dataset (the upload, not the bundled sample) was preselected and diagnosed.
         assert store.list(kind="diagnose")[0].params["dataset"].startswith("flow-")
 
+        # 2b. One button queues a sweep (recommended pair and runners-up, quick preset, tiny model, 2 steps).
+        page.get_by_text("Sweep settings (on top of the preset)").click()
+        sweep_model = page.get_by_label("Model of every run")
+        sweep_model.fill("tiny-random")
+        sweep_model.press("Enter")
+        sweep_steps = page.get_by_label("Steps per run")
+        sweep_steps.fill("2")
+        sweep_steps.press("Enter")
+        page.get_by_role("button", name="Queue a sweep: recommended pair vs runners-up").click()
+        page.get_by_text("Queued sweep").wait_for(timeout=60_000)
+        sweep_jobs = store.list(kind="train")
+        assert len(sweep_jobs) == 3 and {j.params["model"]["name"] for j in sweep_jobs} == {"tiny-random"}
+        assert {j.params["optimisation"]["max_steps"] for j in sweep_jobs} == {2}
+
         # 3. Train with the recommendation: the form is prefilled; shrink the run to seconds.
         page.get_by_role("button", name="Train with this recommendation").click()
         page.get_by_text("Prefilled from diagnosis").wait_for()
@@ -116,7 +130,7 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
 
         # 4. The run page follows the job live until it finishes.
         page.wait_for_url("**/runs**", timeout=60_000)
-        train_job = store.list(kind="train")[0]
+        train_job = next(j for j in store.list(kind="train") if not j.title.startswith("sweep "))
         assert train_job.params["data"]["dataset"].startswith("flow-")
         assert train_job.params["method"]["kernel"]["name"] == recommended_kernel
         assert train_job.params["model"]["name"] == "tiny-random"
@@ -154,6 +168,16 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         import re
 
         assert re.search(r"<script[^>]*\bsrc=", html) is None  # opens offline
+
+        # 6. The Compare page says whether the recommended pair came out ahead, with intervals.
+        for job in store.list(kind="train"):
+            assert store.get(job.id).status == "succeeded", (job.title, store.get(job.id).status)
+        page.goto(f"{url}/compare")
+        page.get_by_text("Sweep: did the recommended pair come out ahead?").wait_for(timeout=120_000)
+        body = page.inner_text("body")
+        assert any(v in body for v in ("came out ahead", "came out behind", "No clear winner")), body[:2000]
+        assert "waiting for results" not in body and "95 % interval" in body
+        _shot(page, tmp_path, "flow_5_sweep_outcome")
 
 
 # ---------------------------------------------------------------- figures and health, as a stakeholder sees them
