@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SAMPLE = "assets/sample_hh.jsonl.gz"  # relative to the repository root, as the examples' config.json records it
-KEEP_FILES = ("config.json", "summary.json", "metrics.jsonl", "eval.jsonl", "log.txt", "htsr_before.csv",
+KEEP_FILES = ("config.json", "summary.json", "metrics.jsonl", "eval.jsonl", "eval_margins.jsonl", "log.txt", "htsr_before.csv",
               "htsr_after.csv")
 KEEP_DIRS = ("snapshots",)
 

@@ -24,7 +24,7 @@ def test_quick_preset_sets_every_named_setting_and_validates(hh_sample_path):
     for dotted, value in PRESETS["quick"].items():
         assert _get(config, dotted) == value, dotted
     assert config.model.name == "smollm2-135m-instruct"  # the real bundled policy, not the test model
-    assert config.method.kernel.name == "hmk" and config.optimisation.max_steps == 60
+    assert config.method.kernel.name == "hmk" and config.optimisation.max_steps == PRESETS["quick"]["optimisation.max_steps"]
 
 
 def test_flags_override_the_preset_and_the_preset_overrides_the_file(tmp_path, hh_sample_path):
@@ -50,7 +50,7 @@ def test_cli_preset_writes_the_preset_into_the_queued_config(workspace, hh_sampl
                                       "--workspace", str(workspace.root)])
     assert result.exit_code == 0, result.output
     (job,) = JobStore.for_workspace(workspace).list(kind="train")
-    assert job.params["model"]["lora_r"] == 16 and job.params["data"]["max_length"] == 192
+    assert job.params["model"]["lora_r"] == 16 and job.params["data"]["max_length"] == PRESETS["quick"]["data.max_length"]
     assert job.params["model"]["name"] == "tiny-random"
     bad = CliRunner().invoke(app, ["train", str(hh_sample_path), "--preset", "fast", "--workspace", str(workspace.root)])
     assert bad.exit_code == 2 and "unknown preset 'fast'" in bad.output and "Traceback" not in bad.output

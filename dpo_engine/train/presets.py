@@ -5,18 +5,19 @@ before validation, and anything the user gives explicitly (a form field, a CLI f
 after it, so a preset only fills in; the resolved config.json shows every value it set.
 
 `quick` was chosen by measurement on the bundled HH sample (assets/sample_hh.jsonl.gz, 399 valid
-pairs) with the bundled SmolLM2-135M-Instruct on 2 CPU cores (README, "Quick run"):
-- lengths from the token pre-flight: prompts have a median of 119 tokens and responses a 90th
-  percentile of 83 (chosen) and 110 (rejected) tokens; 192 tokens with 96 for the prompt keeps 94 %
-  of chosen and 88 % of rejected responses whole and the end of every prompt (its last turn),
-  at about a third of the cost of the pre-flight's full-length suggestion (528);
-- LoRA rank 16 and learning rate 1e-3 with a constant schedule after a short warm-up, so that the
-  preference loss on the training batches falls clearly below log 2 within the step budget;
+pairs) with the bundled SmolLM2-135M-Instruct on 2 CPU cores (numbers in README, "Quick run"):
+- lengths from the token pre-flight: prompts have a median of 119 tokens, responses a median of
+  29 (chosen) and 37 (rejected); 128 tokens with 64 for the prompt keeps the end of every prompt
+  (its last turn) and most responses whole (the pre-flight's full-length suggestion, 528 tokens,
+  costs about four times as much per step, too much for five minutes on a CPU);
+- LoRA rank 16 (alpha 32, no dropout), learning rate 1e-3 after a 10 % warm-up, constant: 2e-3
+  made the training loss jump above 1 in the first steps and the held-out loss rise;
 - the mixture weights (λ, τ) get weight_lr 0.05 so a short run lets them move as far as the
   gradient asks (METHOD.md 2.4);
-- evaluation, divergence traces and snapshots every 15 steps (step 0, 15, 30, 45, 60: five
-  projection snapshots with their Davies-Bouldin score), 48 held-out pairs, no intermediate
-  checkpoint, HT-SR before and after.
+- 30 steps of 4 pairs; evaluation, divergence traces (4 pairs) and snapshots at steps 0, 15 and
+  30 (three projection snapshots with their Davies-Bouldin score) on 24 held-out pairs; 16
+  calibration pairs; no intermediate checkpoint; HT-SR before and after. On a loaded machine the
+  evaluation passes dominate, so their size is what keeps the run short.
 The method is HMK with the Hellinger divergence, which the diagnosis recommends for the HH sample
 (METHOD.md 1.4); the Train form replaces it with the user's own diagnosis when there is one.
 """
@@ -48,8 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimisation.epochs": None,
         "optimisation.batch_size": 4,
         "optimisation.grad_accum": 1,
-        "optimisation.lr": 2e-3,
-        "optimisation.warmup_ratio": 0.05,
+        "optimisation.lr": 1e-3,
+        "optimisation.warmup_ratio": 0.1,
         "optimisation.scheduler": "constant",
         "optimisation.seed": 0,
         "monitoring.eval_every": 15,
