@@ -16,6 +16,8 @@ and a missing one is a one-line `TrackerUnavailable` error.
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import time
@@ -70,12 +72,17 @@ def tracker_name(key: str) -> str:
 
 
 def to_tracker_metrics(row: dict[str, Any], split: str) -> dict[str, float]:
-    """Numeric values of a metrics/eval row under tracker names (`eval/` prefix for eval rows)."""
+    """Numeric values of a metrics/eval row under tracker names (`eval/` prefix for eval rows).
+
+    Non-finite values are left out, as the run directory writes them as null: a trace that was not
+    computed (e.g. divergences switched off) must not reach a dashboard as a curve of NaN."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     out: dict[str, float] = {}
     for key, value in row.items():
         if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
             continue
         name = tracker_name(key)
         out[f"eval/{name}" if split == "eval" else name] = float(value)

@@ -55,6 +55,7 @@ def test_names_follow_trl():
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "loss", "learning_rate", "kernel/lambda_rbf", "kernel/tau_local", "beta"} <= set(got)
     assert "step" not in got and "note" not in got and "flag" not in got
+    assert "divergence/kl" not in to_tracker_metrics({"div_kl": float("nan"), "loss": 0.5}, "train")  # not computed
     assert set(to_tracker_metrics(EVAL_ROWS[0], "eval")) == {
         "eval/loss/preference", "eval/rewards/accuracies", "eval/rewards/hybrid_accuracies",
         "eval/divergence/kl", "eval/divergence/js"}

@@ -70,3 +70,42 @@ def test_no_trackers_by_default(workspace, tmp_path, fake_tracking):
 def test_unknown_tracker_is_refused():
     with pytest.raises(ValueError, match="report_to"):
         TrainConfig.model_validate({"data": {"dataset": "d"}, "monitoring": {"report_to": ["neptune"]}})
+
+
+def test_a_real_run_in_tensorboard_and_mlflow_equals_its_metrics_files(workspace, tmp_path):
+    """No stand-in: a tiny run writes TensorBoard events and an MLflow store that hold exactly the numbers of
+    metrics.jsonl and eval.jsonl under the tracker names."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpo_engine.tracking import to_tracker_metrics
+
+    run_dir = tmp_path / "run"
+    cfg = make_config(optimisation={"max_steps": 3},
+                      monitoring={"report_to": ["tensorboard", "mlflow"], "eval_every": 2,
+                                  "eval_divergences": True})
+    summary = train(cfg, run_dir, workspace=workspace, pairs=toy_pairs(24))
+    assert summary["status"] == "succeeded", summary["error"]
+
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for split, name in (("train", rundir.METRICS), ("eval", rundir.EVAL)):
+        for row in rundir.read_jsonl(run_dir / name):
+            for key, value in to_tracker_metrics(row, split).items():
+                expected.setdefault(key, []).append((row["step"], value))
+    assert {"loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "eval/divergence/kl"} <= set(expected)
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for name, points in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(name)]
+        assert [s for s, _ in got] == [s for s, _ in points]
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6)  # float32 events
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dpo-kernels").experiment_id])
+    assert run.info.status == "FINISHED" and set(run.data.metrics) == set(expected)
+    for name, points in expected.items():
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        assert [s for s, _ in history] == [s for s, _ in points]
+        assert [v for _, v in history] == pytest.approx([v for _, v in points], rel=1e-12)
