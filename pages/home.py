@@ -22,7 +22,9 @@ training_runs = workspace_runs(ws, job_store())
 
 c = st.columns(4)
 c[0].metric("Datasets", len(datasets))
-c[1].metric("Training runs", len(training_runs))
+own_runs = [e for e in training_runs if not e.example]
+c[1].metric("Training runs", len(own_runs),
+            help=None if own_runs else f"{len(training_runs)} shipped example runs are shown until you train")
 c[2].metric("Jobs running", sum(1 for j in jobs if j.status == "running"))
 c[3].metric("Workers alive", len(workers))
 if not workers:

@@ -54,7 +54,7 @@ live_jobs()
 def runs_outside_queue() -> None:
     """Runs started with `dpo-kernels train --foreground` have no job row; list them so this page and
     the Runs page agree on what exists."""
-    loose = [e for e in workspace_runs(workspace(), store) if e.job is None]
+    loose = [e for e in workspace_runs(workspace(), store, examples=False) if e.job is None]
     if loose:
         st.markdown("**Runs started outside the queue** (`train --foreground`; open them on the Runs page)")
         st.dataframe(pd.DataFrame([{"run": e.run_id, "status": e.status} for e in loose]),
