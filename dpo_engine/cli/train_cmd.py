@@ -256,7 +256,15 @@ def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
         rundir.append_log(run_dir, line)
 
     log(f"run directory: {run_dir}")
-    summary = run_training(cfg, run_dir, workspace=ws, log=log, progress_bar=True)
+    if cfg.optimisation.processes > 1:
+        from dpo_engine.train.launch import launch_training
+
+        try:
+            summary = launch_training(cfg, run_dir, workspace=ws, log=log)
+        except ValueError as exc:
+            fail(str(exc))
+    else:
+        summary = run_training(cfg, run_dir, workspace=ws, log=log, progress_bar=True)
     from dpo_engine.analysis.health import health_of
     from dpo_engine.report.rundata import load_run
 

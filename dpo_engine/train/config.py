@@ -110,6 +110,10 @@ class OptimConfig(_Strict):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
     seed: int = Field(0, description="Seed of the split, data order, LoRA init, dropout and the representation projection.")
+    processes: int = Field(
+        1, ge=1, le=64, description="Training processes on this machine (gloo on CPU, NCCL on GPUs, one GPU each); each "
+        "takes its own batch_size pairs per micro-batch and the logged metrics are means over all processes."
+    )
     reference_cache: bool = Field(
         True, description="Keep the reference model's log-probs per pair in the workspace and skip its forward pass "
         "when they are known (objectives that need the reference's token distributions still run it)."

@@ -17,8 +17,15 @@ def run_train_job(ctx) -> dict[str, Any]:
     if resume is not None:
         print(f"resuming from {resume}", flush=True)
     try:
-        summary = train(config, ctx.run_dir, workspace=ctx.workspace, device=ctx.device, progress=ctx.progress,
-                        should_stop=ctx.should_stop, log=lambda line: print(line, flush=True))
+        if config.optimisation.processes > 1:  # the same trainer on N processes (launch.py); this one waits
+            from dpo_engine.train.launch import launch_training
+
+            device = ctx.device if str(ctx.device).startswith("cpu") else None  # GPUs: one process per visible GPU
+            summary = launch_training(config, ctx.run_dir, workspace=ctx.workspace, device=device,
+                                      should_stop=ctx.should_stop, progress=ctx.progress)
+        else:
+            summary = train(config, ctx.run_dir, workspace=ctx.workspace, device=ctx.device, progress=ctx.progress,
+                            should_stop=ctx.should_stop, log=lambda line: print(line, flush=True))
     except BaseException as exc:
         if type(exc).__name__ == "JobCancelled":  # stopped by a signal mid-step: record it as such
             _mark(ctx.run_dir, "cancelled", str(exc))

@@ -183,10 +183,10 @@ class Monitoring:
         return {n: p.detach().cpu().clone() for n, p in self._unwrapped().named_parameters() if p.requires_grad}
 
     def _save_checkpoint(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with self.timed("checkpoint"):
-            self._write_checkpoint()
+        if self.accelerator.is_main_process:
+            with self.timed("checkpoint"):
+                self._write_checkpoint()
+        self.accelerator.wait_for_everyone()  # no process runs ahead of a checkpoint it might resume from
 
     def _write_checkpoint(self) -> None:
         final = rundir.checkpoint_dir(self.run_dir, self.state.step)
@@ -233,11 +233,12 @@ class Monitoring:
         if st["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["rng"]["cuda"])
         step = self.state.step
-        rundir.truncate_jsonl_after_step(self.run_dir / rundir.METRICS, step)
-        rundir.truncate_jsonl_after_step(self.run_dir / rundir.EVAL, step)
-        for s in rundir.list_snapshots(self.run_dir):
-            if s > step:
-                rundir.snapshot_path(self.run_dir, s).unlink(missing_ok=True)
+        if self.accelerator.is_main_process:
+            rundir.truncate_jsonl_after_step(self.run_dir / rundir.METRICS, step)
+            rundir.truncate_jsonl_after_step(self.run_dir / rundir.EVAL, step)
+            for s in rundir.list_snapshots(self.run_dir):
+                if s > step:
+                    rundir.snapshot_path(self.run_dir, s).unlink(missing_ok=True)
         self.log(f"resumed from {path.relative_to(self.run_dir)} (step {step}, beta {self.state.beta:g})")
 
     # ------------------------------------------------------------------ end of run

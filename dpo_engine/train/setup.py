@@ -33,8 +33,9 @@ class TrainingSetup:
         if self.accelerator.is_main_process:
             rundir.write_json(self.run_dir / rundir.CONFIG, self.config.resolved())
         torch.manual_seed(self.config.optimisation.seed)
-        self._load_model()
-        self._load_data()
+        with self.accelerator.main_process_first():  # rank 0 fills the workspace's model and data caches first
+            self._load_model()
+            self._load_data()
         self.model.to(self.device)
         if self.ref_model is not None:
             self.ref_model.to(self.device)
@@ -144,6 +145,7 @@ class TrainingSetup:
         self.calibration = None
         if kcfg.name in CALIBRATED_KERNELS:
             cal_path = self.run_dir / rundir.CALIBRATION
+            self.accelerator.wait_for_everyone()  # every process sees the same file state (rank 0 writes it below)
             if cal_path.is_file():
                 self.calibration = KernelCalibration.load(cal_path)
             else:

@@ -213,6 +213,14 @@ class TrainingStep:
             )
 
     # ------------------------------------------------------------------ one optimiser step
+    def _mean_over_processes(self, totals: dict[str, float]) -> dict[str, float]:
+        """Each process's step means, averaged over processes: every process has the same number of
+        pairs, so this is the mean over the global batch (not rank 0's share alone)."""
+        keys = list(totals)
+        local = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.device)
+        mean = self.accelerator.reduce(local, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, mean.tolist())}
+
     def _train_step(self) -> dict[str, Any]:
         opt = self.config.optimisation
         self.model.train()
@@ -240,6 +248,8 @@ class TrainingStep:
                 step_count += int(terms.steps.numel())
             tokens += terms.n_tokens
         if self.accelerator.num_processes > 1:
+            totals = self._mean_over_processes(totals)
+            tokens = int(self.accelerator.reduce(torch.tensor([tokens], device=self.device), reduction="sum").item())
             for p in self.kernel_params:  # kernel weights live outside DDP: average their gradients by hand
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, reduction="mean")

@@ -116,8 +116,9 @@ class DPOTrainer(TrainingSetup, TrainingStep, Monitoring):
             if ckpt is not None:
                 self._load_checkpoint(ckpt)
             else:
-                for stale in (rundir.METRICS, rundir.EVAL):
-                    (self.run_dir / stale).unlink(missing_ok=True)
+                if self.accelerator.is_main_process:
+                    for stale in (rundir.METRICS, rundir.EVAL):
+                        (self.run_dir / stale).unlink(missing_ok=True)
                 torch.manual_seed(self.config.optimisation.seed)
                 self._monitor()
             status = self._loop()
