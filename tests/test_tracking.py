@@ -63,13 +63,11 @@ def test_names_follow_trl():
         to_tracker_metrics({}, "test")
 
 
-def test_tensorboard_and_mlflow_hold_the_rows(tmp_path):
+def assert_trackers_hold(run_dir, expected: dict[str, list[tuple[int, float]]]):
+    """TensorBoard events and the MLflow store under run_dir hold exactly `expected` (name -> [(step, value)]).
+    Returns the MLflow run for further checks."""
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = tmp_path / "run"
-    _write_run(run_dir, ["tensorboard", "mlflow"])
-    expected = _expected(run_dir)
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
@@ -81,12 +79,19 @@ def test_tensorboard_and_mlflow_hold_the_rows(tmp_path):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("dpo-kernels").experiment_id])
-    assert run.info.run_name == "tiny-run" and run.info.status == "FINISHED"
-    assert run.data.params["method.kernel.name"] == "rbf" and run.data.params["method.loss.beta"] == "0.1"
-    assert set(run.data.metrics) == set(expected)
+    assert run.info.status == "FINISHED" and set(run.data.metrics) == set(expected)
     for name, points in expected.items():
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
         assert history == points
+    return run
+
+
+def test_tensorboard_and_mlflow_hold_the_rows(tmp_path):
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, ["tensorboard", "mlflow"])
+    run = assert_trackers_hold(run_dir, _expected(run_dir))
+    assert run.info.run_name == "tiny-run"
+    assert run.data.params["method.kernel.name"] == "rbf" and run.data.params["method.loss.beta"] == "0.1"
 
 
 def test_none_opens_nothing_and_bad_names_are_one_line_errors(tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dpo_engine.train.rundir import config_value
+
 # Likelihood displacement: held-out chosen reward below -DISPLACEMENT_TOL while the held-out
 # margin has grown by more than DISPLACEMENT_TOL since the first evaluation, from some eval on.
 DISPLACEMENT_TOL = 0.05
@@ -72,15 +74,6 @@ def _numeric(table: pd.DataFrame | None, column: str) -> pd.DataFrame:
     out = pd.DataFrame({"step": pd.to_numeric(table["step"], errors="coerce"),
                         column: pd.to_numeric(table[column], errors="coerce")})
     return out.dropna(subset=["step"]).sort_values("step", kind="stable").reset_index(drop=True)
-
-
-def _dig(mapping: dict | None, *keys: str) -> Any:
-    node: Any = mapping
-    for key in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
 
 
 # ---------------------------------------------------------------- the checks
@@ -211,7 +204,7 @@ def kernel_weight_collapse(metrics: pd.DataFrame | None) -> Alert | None:
 
 def beta_out_of_range(metrics: pd.DataFrame | None, config: dict | None) -> Alert | None:
     beta = _numeric(metrics, "beta").dropna()
-    epsilon = float(_dig(config, "method", "loss", "epsilon_dpo") or 0.0)
+    epsilon = float(config_value(config, "method", "loss", "epsilon_dpo") or 0.0)
     if beta.empty or (epsilon <= 0 and beta["beta"].nunique() <= 1):
         return None
     lo, hi = BETA_SANE_RANGE

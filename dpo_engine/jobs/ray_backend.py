@@ -25,11 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dpo_engine.jobs.devices import CLUSTER_DEVICE
 from dpo_engine.jobs.models import CANCELLED, RUNNING, Job
 from dpo_engine.jobs.node_runner import EXIT_NOT_WAITING
+from dpo_engine.jobs.stopping import StopOnSignal
 from dpo_engine.jobs.store import JobStore
 from dpo_engine.workspace import Workspace
 
@@ -115,7 +114,7 @@ class _InFlight:
     cancelled_in_ray: bool = False
 
 
-class RayDispatcher:
+class RayDispatcher(StopOnSignal):
     """Feed queued jobs from a workspace's job table to a Ray cluster until stopped."""
 
     def __init__(
@@ -144,7 +143,7 @@ class RayDispatcher:
         self.store = store or JobStore.for_workspace(workspace)
         self.hostname = socket.gethostname()
         self.dispatcher_id = f"ray-dispatch-{self.hostname}-{os.getpid()}-{os.urandom(2).hex()}"
-        self._stop_signal: int | None = None
+        self._stop_signal = None
         self._inflight: dict[int, _InFlight] = {}
         self._ray = None
         self._remote = None
@@ -170,25 +169,18 @@ class RayDispatcher:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        self._stop_signal = signum
-
     @property
-    def stopping(self) -> bool:
-        return self._stop_signal is not None
-
-    def _on_signal(self, signum, _frame) -> None:
-        log.info("dispatcher %s received %s; stopping", self.dispatcher_id, signal.Signals(signum).name)
-        self.request_stop(signum)
+    def loop_name(self) -> str:
+        return f"dispatcher {self.dispatcher_id}"
 
     def run(self, once: bool = False) -> int:
         """Dispatch jobs until stopped (with `once`: one job, waiting for it). Returns how many were sent."""
         if self._ray is None:
             self.connect()
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._on_signal)
+        with self.stop_signals_handled():
+            return self._run(once)
+
+    def _run(self, once: bool) -> int:
         self.store.register_worker(self.dispatcher_id, self.hostname, os.getpid(), CLUSTER_DEVICE)
         resources = self.cluster_resources()
         limit = self.max_jobs or max(1, int(resources.get("CPU", 1)))
@@ -224,8 +216,6 @@ class RayDispatcher:
                 self._shutdown()
             finally:
                 self.store.unregister_worker(self.dispatcher_id)
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
         return sent
 
     # ---- jobs ----------------------------------------------------------------------------------
@@ -297,7 +287,7 @@ class RayDispatcher:
         """Stop every task of ours; their jobs are requeued (checkpoint) or failed, as on a local worker."""
         if not self._inflight:
             return
-        name = signal.Signals(self._stop_signal).name if self._stop_signal else "request"
+        name = self.stop_reason
         for item in self._inflight.values():
             self._ray.cancel(item.ref, force=True)
         deadline = time.monotonic() + 30

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import dpo_engine
 from dpo_engine.jobs.child import ENV_DEVICE, ENV_WORKER_PID
 from dpo_engine.jobs.devices import resolve_device
 from dpo_engine.jobs.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
+from dpo_engine.jobs.stopping import StopOnSignal
 from dpo_engine.jobs.store import JobStore
 from dpo_engine.workspace import ENV_DB_URL, ENV_WORKSPACE, Workspace
 
@@ -76,7 +76,7 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-class Worker:
+class Worker(StopOnSignal):
     """Run queued jobs from a workspace on one device."""
 
     def __init__(
@@ -107,33 +107,25 @@ class Worker:
         self.hostname = socket.gethostname()
         self.worker_id = worker_id or f"{self.hostname}-{os.getpid()}-{os.urandom(2).hex()}"
         self.extra_env = dict(extra_env or {})
-        self._stop_signal: int | None = None
+        self._stop_signal = None
 
     # ---- lifecycle ------------------------------------------------------------------------
-
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        """Stop claiming; a running job is stopped and requeued (checkpoint) or failed."""
-        self._stop_signal = signum
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop_signal is not None
-
-    def _on_signal(self, signum, _frame) -> None:
-        log.info("worker %s received %s; stopping", self.worker_id, signal.Signals(signum).name)
-        self.request_stop(signum)
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while not self.stopping and time.monotonic() < end:
             time.sleep(min(WATCH_INTERVAL_S, max(0.0, end - time.monotonic())))
 
+    @property
+    def loop_name(self) -> str:
+        return f"worker {self.worker_id}"
+
     def run(self, once: bool = False) -> int:
         """Process jobs until stopped (or, with `once`, at most one). Returns how many ran."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._on_signal)
+        with self.stop_signals_handled():
+            return self._run(once)
+
+    def _run(self, once: bool) -> int:
         self.store.register_worker(self.worker_id, self.hostname, os.getpid(), self.device)
         log.info("worker %s on %s watching %s", self.worker_id, self.device, self.workspace.root)
         processed = 0
@@ -159,11 +151,7 @@ class Worker:
                 if once:
                     break
         finally:
-            try:
-                self.store.unregister_worker(self.worker_id)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+            self.store.unregister_worker(self.worker_id)
         return processed
 
     # ---- one job ---------------------------------------------------------------------------
@@ -254,8 +242,7 @@ class Worker:
         if reason == "cancel":
             done = self.store.finish(job.id, CANCELLED, message=f"cancelled by request; process {describe_exit(rc, killed)}")
         elif reason == "shutdown":
-            name = signal.Signals(self._stop_signal).name if self._stop_signal else "request"
-            done = self.store.requeue_or_fail(job.id, f"interrupted: worker {self.worker_id} was stopped ({name})")
+            done = self.store.requeue_or_fail(job.id, f"interrupted: worker {self.worker_id} was stopped ({self.stop_reason})")
         elif rc == 0:
             done = self.store.finish(job.id, SUCCEEDED, message="succeeded")
         else:

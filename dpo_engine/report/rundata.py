@@ -56,19 +56,19 @@ class RunData:
 
     @property
     def kernel_name(self) -> str | None:
-        return _dig(self.config, "method", "kernel", "name")
+        return rundir.config_value(self.config, "method", "kernel", "name")
 
     @property
     def divergence_name(self) -> str | None:
-        return _dig(self.config, "method", "divergence", "name")
+        return rundir.config_value(self.config, "method", "divergence", "name")
 
     @property
     def epsilon_dpo(self) -> float:
-        return float(_dig(self.config, "method", "loss", "epsilon_dpo") or 0.0)
+        return float(rundir.config_value(self.config, "method", "loss", "epsilon_dpo") or 0.0)
 
     @property
     def max_steps(self) -> int | None:
-        value = _dig(self.config, "optimisation", "max_steps")
+        value = rundir.config_value(self.config, "optimisation", "max_steps")
         return int(value) if value else None
 
     def snapshot_path(self, step: int) -> Path:
@@ -99,15 +99,6 @@ class RunData:
         if after is None and self.htsr_after is not None and "alpha_weighted" in self.htsr_after:
             after = float(self.htsr_after["alpha_weighted"].mean())
         return before, after
-
-
-def _dig(mapping: dict | None, *keys: str) -> Any:
-    node: Any = mapping
-    for key in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
-    return node
 
 
 def _table(rows: list[dict]) -> pd.DataFrame:

@@ -165,6 +165,17 @@ def read_log_tail(path: Path, n_lines: int = 80) -> str:
     return "\n".join(text.splitlines()[-n_lines:])
 
 
+def config_value(config: dict | None, *keys: str) -> Any:
+    """A nested setting of a resolved config.json (e.g. "method", "kernel", "name"); None when absent,
+    so readers of old or partial run directories need no guards."""
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return read_json(Path(run_dir) / SUMMARY)
 
