@@ -124,7 +124,7 @@ def test_selftests_run_at_once_on_the_cluster(rstore):
 
 
 def test_cancel_running_and_waiting_jobs(rstore):
-    params = {"seconds": 120, "steps": 1200, "spawn_grandchild": True}
+    params = {"seconds": 600, "steps": 6000, "spawn_grandchild": True}  # long enough to outlast a loaded machine
     running = [rstore.submit("selftest", params) for _ in range(2)]  # both CPUs of the cluster
     waiting = rstore.submit("selftest", {"seconds": 1, "steps": 2})
     pids = read_pids(rstore, running[0].id)

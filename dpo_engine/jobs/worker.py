@@ -239,6 +239,8 @@ class Worker(StopOnSignal):
         if current.status != RUNNING or current.worker_id != self.worker_id:
             log.warning("job %s was taken over meanwhile (now %s); leaving it", job.id, current.status)
             return current
+        if reason is None and current.cancel_requested:
+            reason = "cancel"  # the job saw the request first and stopped cleanly before the watcher's next poll
         if reason == "cancel":
             done = self.store.finish(job.id, CANCELLED, message=f"cancelled by request; process {describe_exit(rc, killed)}")
         elif reason == "shutdown":
