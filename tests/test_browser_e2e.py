@@ -102,10 +102,10 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
 
         # 2b. One button queues a sweep (recommended pair and runners-up, quick preset, tiny model, 2 steps).
         page.get_by_text("Sweep settings (on top of the preset)").click()
-        sweep_model = page.get_by_label("Model of every run")
+        sweep_model = page.get_by_label("Model of every run", exact=True)
         sweep_model.fill("tiny-random")
         sweep_model.press("Enter")
-        sweep_steps = page.get_by_label("Steps per run")
+        sweep_steps = page.get_by_label("Steps per run", exact=True)
         sweep_steps.fill("2")
         sweep_steps.press("Enter")
         page.get_by_role("button", name="Queue a sweep: recommended pair vs runners-up").click()
