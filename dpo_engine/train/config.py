@@ -29,6 +29,9 @@ class DataConfig(_Strict):
     dataset: str = Field(..., description="Dataset id or name in the workspace, or a path to a preference file.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of pairs held out for evaluation (seeded split).")
     min_eval_pairs: int = Field(32, ge=1, description="Hold out at least this many pairs, whatever the fraction.")
+    split_seed: int | None = Field(
+        None, description="Seed of the train/eval split; empty = optimisation.seed. Fix it to compare seeds on the same held-out pairs."
+    )
     max_pairs: int | None = Field(None, ge=2, description="Use only the first N pairs of the dataset (empty = all).")
     max_length: int = Field(256, ge=8, description="Maximum tokens of prompt + response; longer responses are cut.")
     max_prompt_length: int | None = Field(

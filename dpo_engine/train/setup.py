@@ -108,7 +108,8 @@ class TrainingSetup:
             df = df.iloc[: cfg.max_pairs].reset_index(drop=True)
         self.pairs = df
         train_idx, eval_idx = split_train_eval(len(df), eval_fraction=cfg.eval_fraction,
-                                               min_eval_pairs=cfg.min_eval_pairs, seed=self.config.optimisation.seed)
+                                               min_eval_pairs=cfg.min_eval_pairs,
+                                               seed=self.config.optimisation.seed if cfg.split_seed is None else cfg.split_seed)
         tokenized = tokenize_pairs(self.tokenizer, df, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         self.train_pairs = [tokenized[i] for i in train_idx]
         self.eval_pairs = [tokenized[i] for i in eval_idx]

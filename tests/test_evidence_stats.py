@@ -1,0 +1,71 @@
+"""The evidence study's intervals (dpo_engine.analysis.evidence) against scipy and by simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import bootstrap
+
+from dpo_engine.analysis.evidence import dbs_interval, paired_difference, seeds_pairs_interval
+from dpo_engine.train import rundir
+from dpo_engine.train.trainer import train
+from tests.test_train import make_config, toy_pairs
+
+
+def test_one_seed_matches_scipys_percentile_bootstrap():
+    values = np.random.default_rng(3).normal(0.2, 1.0, 80)
+    ours = seeds_pairs_interval(values[None, :], n_resamples=20000)
+    ref = bootstrap((values,), np.mean, n_resamples=20000, method="percentile", random_state=np.random.default_rng(1))
+    assert ours.mean == pytest.approx(values.mean())
+    assert ours.low == pytest.approx(ref.confidence_interval.low, abs=0.02)
+    assert ours.high == pytest.approx(ref.confidence_interval.high, abs=0.02)
+
+
+def test_interval_covers_the_true_accuracy_about_95_percent_of_the_time():
+    """Seeds differ (each run has its own true accuracy around 0.6) and pairs are a sample: the
+    two-level interval should cover the population mean close to its nominal rate."""
+    rng = np.random.default_rng(0)
+    hits, reps = 0, 200
+    for _ in range(reps):
+        pair_p = np.clip(rng.normal(0.6, 0.25, 64), 0, 1)  # per-pair chance of a correct margin
+        seed_shift = rng.normal(0, 0.03, (3, 1))
+        table = (rng.random((3, 64)) < np.clip(pair_p + seed_shift, 0, 1)).astype(float)
+        ci = seeds_pairs_interval(table, n_resamples=600, seed=int(rng.integers(1 << 30)))
+        hits += ci.low <= 0.6 <= ci.high
+    assert 0.88 <= hits / reps <= 0.995
+
+
+def test_paired_difference_is_narrower_than_unpaired_for_correlated_runs():
+    rng = np.random.default_rng(5)
+    base = rng.normal(0, 1, (3, 64))
+    a, b = base + 0.1 + rng.normal(0, 0.1, base.shape), base + rng.normal(0, 0.1, base.shape)
+    paired = paired_difference(a, b)
+    unpaired_width = (seeds_pairs_interval(a).high - seeds_pairs_interval(a).low)
+    assert paired.mean == pytest.approx((a - b).mean())
+    assert paired.low > 0, "a shift of 0.1 with small pair noise is detectable when paired"
+    assert paired.high - paired.low < 0.3 * unpaired_width
+    with pytest.raises(ValueError, match="differ in shape"):
+        paired_difference(a, b[:, :10])
+
+
+def test_dbs_interval_brackets_its_point_estimate_and_shrinks_with_separation():
+    rng = np.random.default_rng(2)
+    chosen = [rng.normal(0, 1, (40, 8)) for _ in range(2)]
+    near = [c + rng.normal(0, 1, c.shape) for c in chosen]
+    far = [c + 4.0 for c in chosen]
+    ci_near, ci_far = dbs_interval(chosen, near, n_resamples=100), dbs_interval(chosen, far, n_resamples=100)
+    assert ci_near.low <= ci_near.mean <= ci_near.high
+    assert ci_far.high < ci_near.low  # separated clusters: a lower Davies-Bouldin score
+
+
+def test_split_seed_fixes_the_held_out_pairs_across_training_seeds(workspace, tmp_path):
+    ids = {}
+    for seed in (0, 1):
+        cfg = make_config(data={"split_seed": 7}, optimisation={"max_steps": 1, "seed": seed},
+                          monitoring={"snapshot_every": 100})
+        assert train(cfg, tmp_path / f"s{seed}", workspace=workspace, pairs=toy_pairs())["status"] == "succeeded"
+        ids[seed] = sorted(rundir.read_eval_margins(tmp_path / f"s{seed}")[0].index)
+    assert ids[0] == ids[1]
+    cfg = make_config(optimisation={"max_steps": 1, "seed": 1}, monitoring={"snapshot_every": 100})
+    assert train(cfg, tmp_path / "own", workspace=workspace, pairs=toy_pairs())["status"] == "succeeded"
+    assert sorted(rundir.read_eval_margins(tmp_path / "own")[0].index) != ids[0]  # default: the training seed splits
