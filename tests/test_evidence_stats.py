@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import bootstrap
 
-from dpo_engine.analysis.evidence import dbs_interval, paired_difference, seeds_pairs_interval
+from dpo_engine.analysis.dbs import davies_bouldin
+from dpo_engine.analysis.evidence import dbs_change, paired_difference, seeds_pairs_interval
 from dpo_engine.train import rundir
 from dpo_engine.train.trainer import train
 from tests.test_train import make_config, toy_pairs
@@ -48,14 +49,21 @@ def test_paired_difference_is_narrower_than_unpaired_for_correlated_runs():
         paired_difference(a, b[:, :10])
 
 
-def test_dbs_interval_brackets_its_point_estimate_and_shrinks_with_separation():
+def test_dbs_change_detects_separation_and_reads_zero_when_nothing_changes():
     rng = np.random.default_rng(2)
     chosen = [rng.normal(0, 1, (40, 8)) for _ in range(2)]
-    near = [c + rng.normal(0, 1, c.shape) for c in chosen]
-    far = [c + 4.0 for c in chosen]
-    ci_near, ci_far = dbs_interval(chosen, near, n_resamples=100), dbs_interval(chosen, far, n_resamples=100)
-    assert ci_near.low <= ci_near.mean <= ci_near.high
-    assert ci_far.high < ci_near.low  # separated clusters: a lower Davies-Bouldin score
+    rejected = [c + rng.normal(0, 1, c.shape) for c in chosen]
+    first = list(zip(chosen, rejected))
+    separated = [(c, r + 3.0) for c, r in first]
+    moved = dbs_change(first, separated, n_resamples=150)
+    expected = np.mean([davies_bouldin(c, r) - davies_bouldin(c0, r0) for (c, r), (c0, r0) in zip(separated, first)])
+    assert moved.mean == pytest.approx(expected)
+    assert moved.high < 0  # separated clusters: the score falls, and the interval says so
+    still = dbs_change(first, first, n_resamples=50)
+    assert still.mean == still.low == still.high == 0.0
+    noise = [(c + rng.normal(0, 0.05, c.shape), r + rng.normal(0, 0.05, r.shape)) for c, r in first]
+    unchanged = dbs_change(first, noise, n_resamples=150)
+    assert unchanged.low <= 0 <= unchanged.high  # a small perturbation is not reported as a change
 
 
 def test_split_seed_fixes_the_held_out_pairs_across_training_seeds(workspace, tmp_path):
