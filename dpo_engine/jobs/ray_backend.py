@@ -3,7 +3,9 @@
 `RayDispatcher` (what `dpo-kernels worker --backend ray` runs) claims queued jobs from the job
 table and submits each as a Ray task that asks for what the job needs (`job_resources`): one
 GPU for a training job when the cluster has GPUs, CPUs for diagnosis. Ray places the tasks, so
-several jobs run at once across the cluster's nodes.
+several jobs run at once across the cluster's nodes. A training job with several processes
+trains through Ray Train (`dpo_engine/train/ray_train.py`): its task asks for nothing and its
+N workers ask for their own CPU or GPU each.
 
 Each task starts a one-job worker on the node Ray chose (`node_runner`, a process of its own so
 that Ray ending the task does not SIGKILL the job's process outright): it takes the job over
@@ -49,6 +51,8 @@ DEFAULT_CPUS = 1.0
 # Environment a job process needs from the machine that queued it (Ray workers inherit the
 # environment of `ray start`, not the dispatcher's).
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DPO_KERNELS_MODEL_CACHE")
+# Set for the job's process: the cluster it runs on (a multi-process train job trains there with Ray Train).
+ENV_RAY_ADDRESS = "DPO_KERNELS_RAY_ADDRESS"
 
 
 class RayUnavailable(RuntimeError):
@@ -63,7 +67,7 @@ def _import_ray():
     return ray
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on a wrong `host:port` (Ray itself would retry for minutes)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -74,9 +78,19 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
+def train_processes(job: Job) -> int:
+    """optimisation.processes of a train job (1 for any other job)."""
+    optimisation = (job.params or {}).get("optimisation") if job.kind == "train" else None
+    return int((optimisation or {}).get("processes") or 1)
+
+
 def job_resources(job: Job, cluster_gpus: float, cpus_per_kind: dict[str, float] | None = None) -> dict[str, float]:
     """Ray resources for one job: its kind's CPUs, and one GPU when it asked for CUDA, or when it
-    is a training job that asked for no particular device on a cluster that has GPUs."""
+    is a training job that asked for no particular device on a cluster that has GPUs. A train job
+    with several processes asks for nothing: its task only waits for the Ray Train workers, which
+    ask for their own CPUs or GPUs (holding them here as well could leave the workers unplaced)."""
+    if train_processes(job) > 1:
+        return {"num_cpus": 0.0, "num_gpus": 0.0}
     table = KIND_CPUS if cpus_per_kind is None else cpus_per_kind
     requested = job.requested_device or ""
     wants_gpu = requested.startswith("cuda") or (not requested and job.kind == "train" and cluster_gpus >= 1)
@@ -97,9 +111,10 @@ def run_job_on_node(ws_root: str, db_url: str, job_id: int, dispatcher_id: str, 
         "device": "cuda:0" if ray.get_gpu_ids() else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
         **{k: settings[k] for k in ("heartbeat_s", "lost_timeout_s", "cancel_grace_s")},
     }
+    env = dict(os.environ, **settings.get("env", {}), **{ENV_RAY_ADDRESS: ray.get_runtime_context().gcs_address})
     proc = subprocess.Popen(
         [sys.executable, "-m", "dpo_engine.jobs.node_runner", json.dumps(spec)],
-        env=dict(os.environ, **settings.get("env", {})), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )
     rc = proc.wait()
     if rc not in (0, EXIT_NOT_WAITING):
@@ -153,7 +168,7 @@ class RayDispatcher(StopOnSignal):
     def connect(self) -> None:
         ray = _import_ray()
         if self.address and "://" not in self.address:
-            _check_reachable(self.address)
+            check_reachable(self.address)
         try:
             ray.init(address=self.address or "auto", include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True, configure_logging=False)

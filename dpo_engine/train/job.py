@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from dpo_engine.train import rundir
@@ -9,6 +10,7 @@ from dpo_engine.train import rundir
 
 def run_train_job(ctx) -> dict[str, Any]:
     """Entry point the worker calls in the job's child process (stdout goes to log.txt)."""
+    from dpo_engine.jobs.ray_backend import ENV_RAY_ADDRESS
     from dpo_engine.train.config import TrainConfig
     from dpo_engine.train.trainer import train
 
@@ -16,8 +18,16 @@ def run_train_job(ctx) -> dict[str, Any]:
     resume = rundir.latest_checkpoint(ctx.run_dir)
     if resume is not None:
         print(f"resuming from {resume}", flush=True)
+    ray_address = os.environ.get(ENV_RAY_ADDRESS)  # set when the Ray backend runs this job
     try:
-        if config.optimisation.processes > 1:  # the same trainer on N processes (launch.py); this one waits
+        if config.optimisation.processes > 1 and ray_address:  # N Ray Train workers on the cluster (ray_train.py)
+            from dpo_engine.train.ray_train import launch_training_on_ray
+
+            requested = ctx.job.requested_device or ""  # none: GPUs when the cluster has any
+            summary = launch_training_on_ray(config, ctx.run_dir, workspace=ctx.workspace, address=ray_address,
+                                             use_gpu=requested.startswith("cuda") if requested else None,
+                                             should_stop=ctx.should_stop, progress=ctx.progress)
+        elif config.optimisation.processes > 1:  # the same trainer on N processes (launch.py); this one waits
             from dpo_engine.train.launch import launch_training
 
             device = ctx.device if str(ctx.device).startswith("cpu") else None  # GPUs: one process per visible GPU
