@@ -88,7 +88,8 @@ def run_ours(args, method: str, workspace: str) -> dict:
     cfg = TrainConfig.model_validate({
         "data": {"dataset": "bench", "max_length": args.max_length, "eval_fraction": 0.01, "min_eval_pairs": 1},
         "model": {"name": args.model, "lora": True, "lora_r": 8, "lora_target_modules": LORA_TARGETS,
-                  "dtype": "bfloat16" if args.device.startswith("cuda") else "float32"},
+                  "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+                  "gradient_checkpointing": args.gradient_checkpointing},
         "method": {**METHODS[method], "calibration_pairs": args.calibration_pairs},
         "optimisation": {"max_steps": n_steps, "batch_size": args.batch_size, "seed": 0},
         "monitoring": {"htsr": False},
@@ -242,6 +243,8 @@ def main() -> None:
     p.add_argument("--calibration-pairs", type=int, default=32, help="kernel calibration pairs in our runs")
     p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
                    help="turn off TRL's default gradient checkpointing (ours has it off by default)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="turn on gradient checkpointing in our runs too (TRL has it on by default): same settings on both sides")
     p.add_argument("--no-trl", action="store_true", help="only our runs")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_peer.jsonl"))
     p.add_argument("--run", help=argparse.SUPPRESS)
@@ -272,6 +275,8 @@ def main() -> None:
                "--device", args.device, "--model", args.model]
         if args.trl_no_gradient_checkpointing:
             cmd.append("--trl-no-gradient-checkpointing")
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
         env = {**os.environ, "DPO_KERNELS_MODEL_CACHE": os.environ.get("DPO_KERNELS_MODEL_CACHE", str(REPO / ".cache" / "models"))}
         t0 = time.perf_counter()
         print(f"[{i + 1}/{len(todo)}] repeat {rep} {run} ...", end=" ", flush=True)
