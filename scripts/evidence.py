@@ -98,7 +98,14 @@ def train_run(name: str, seed: int, overrides: dict, steps: int, workspace, extr
         set_dotted(raw, dotted, value)
     config = TrainConfig.model_validate(raw)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    summary = train(config, run_dir, workspace=workspace, log=lambda line: print(f"[{run_dir.name}] {line}", flush=True))
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:  # the console, and the run's log.txt as a job's run would have it
+        print(f"[{run_dir.name}] {line}", flush=True)
+        with open(run_dir / "log.txt", "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    summary = train(config, run_dir, workspace=workspace, log=log)
     cost_path = run_dir / "evidence_cost.json"
     prev = json.loads(cost_path.read_text()) if cost_path.is_file() else {"cpu_s": 0.0, "wall_s": 0.0}
     cost_path.write_text(json.dumps({"cpu_s": prev["cpu_s"] + time.process_time() - cpu0,

@@ -59,3 +59,21 @@ def test_committed_examples_hold_no_weights_and_stay_small():
     assert sum(p.stat().st_size for p in files) < 5_000_000
     for run in (p for p in shipped.iterdir() if p.is_dir()):
         assert (run / "config.json").is_file() and (run / "eval.jsonl").is_file() and (run / "summary.json").is_file()
+
+
+def test_a_fresh_workspace_opens_on_the_committed_examples(workspace):
+    """What `make run` shows on a fresh clone: both shipped runs on Runs, Compare and in the report."""
+    shipped = REPO / "assets" / "example_runs"
+    if not shipped.is_dir():
+        pytest.skip("no example runs generated yet (scripts/make_example_run.py)")
+    entries = rundata.workspace_runs(workspace, JobStore.for_workspace(workspace))
+    ids = sorted(e.run_id for e in entries)
+    assert len(ids) >= 2 and all(e.example for e in entries)
+    assert any(i.startswith("example-dpo") for i in ids) and any(i.startswith("example-hmk") for i in ids)
+    html = build_report(workspace, ids)
+    assert all(f"{i} [example]" in html for i in ids)
+    for page in ("runs.py", "compare.py"):
+        at = AppTest.from_file(str(REPO / "pages" / page), default_timeout=180).run()
+        assert not at.exception, (page, at.exception)
+        assert any("example runs" in i.value for i in at.info), page
+    assert sorted(at.multiselect(key="compare-runs").value) == ids  # Compare opens on both examples
