@@ -90,13 +90,17 @@ def train_run(name: str, seed: int, overrides: dict, steps: int, workspace, extr
     from dpo_engine.train.trainer import train
 
     run_dir = Path(workspace.runs_dir) / f"evidence-{name}-seed{seed}"
-    if finished(run_dir):
-        print(f"[{run_dir.name}] finished before, skipped", flush=True)
-        return run_dir
     raw = apply_preset({"data": {"dataset": str(ROOT / SAMPLE)}}, "quick")
     for dotted, value in {**evidence_settings(steps), **overrides, **(extra or {}), "optimisation.seed": seed}.items():
         set_dotted(raw, dotted, value)
     config = TrainConfig.model_validate(raw)
+    stored = run_dir / "config.json"
+    if stored.is_file() and json.loads(stored.read_text()) != config.resolved():
+        raise SystemExit(f"{run_dir} was trained with other settings than this command asks for; "
+                         "use another --workspace, or delete that run directory to train it again")
+    if finished(run_dir):
+        print(f"[{run_dir.name}] finished before, skipped", flush=True)
+        return run_dir
     cpu0, wall0 = time.process_time(), time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -117,44 +121,58 @@ def train_run(name: str, seed: int, overrides: dict, steps: int, workspace, extr
 
 # ---------------------------------------------------------------- report
 
-def _final_margins(run_dir: Path):
+def _final(run_dir: Path) -> tuple[int, "object", dict, dict]:
+    """(final step, per-pair margins, first snapshot, last snapshot) of a finished run, read at the
+    step its summary says it completed (files of an earlier, abandoned attempt are ignored)."""
     from dpo_engine.train import rundir
 
+    step = rundir.read_summary(run_dir)["steps_completed"]
     margins = rundir.read_eval_margins(run_dir)
-    return margins[max(margins)]
+    if step not in margins or not rundir.snapshot_path(run_dir, step).is_file():
+        raise SystemExit(f"{run_dir}: no evaluation or snapshot at its final step {step}")
+    return step, margins[step], rundir.load_snapshot(run_dir, 0), rundir.load_snapshot(run_dir, step)
 
 
-def method_results(name: str, run_dirs: list[Path], dpo_tables: dict | None) -> dict:
+def method_results(name: str, run_dirs: list[Path], dpo: dict | None) -> dict:
+    """One method's held-out results over its seeds; `dpo` (plain DPO's results) for the paired
+    differences. Every table is indexed by plain DPO's held-out pair ids, in the same order."""
     import numpy as np
 
     from dpo_engine.analysis.dbs import davies_bouldin
     from dpo_engine.analysis.evidence import dbs_change, paired_difference, seeds_pairs_interval
     from dpo_engine.train import rundir
 
-    margins = [_final_margins(d) for d in run_dirs]
-    ids = sorted(set.intersection(*(set(m.index) for m in margins)))
-    table = np.stack([m[ids].to_numpy() for m in margins])
+    finals = [_final(d) for d in run_dirs]
+    ids = dpo["pair_ids"] if dpo is not None else sorted(finals[0][1].index)
+    for (_, margins, first, last), d in zip(finals, run_dirs):
+        if sorted(margins.index) != sorted(ids):
+            raise SystemExit(f"{d}: its held-out pairs differ from plain DPO's (another split?)")
+        for snap in (first, last):
+            if list(snap["pair_ids"]) != list(finals[0][2]["pair_ids"]):
+                raise SystemExit(f"{d}: its snapshot pairs differ from the other seeds'")
+    table = np.stack([m[ids].to_numpy() for _, m, _, _ in finals])
     correct = (table > 0).astype(float)
-    out = {"method": name, "seeds": len(run_dirs), "eval_pairs": len(ids), "pair_ids": ids,
-           "reward_acc": seeds_pairs_interval(correct).__dict__, "margin": seeds_pairs_interval(table).__dict__}
-    if dpo_tables is not None and name != "dpo":
-        out["acc_minus_dpo"] = paired_difference(correct, dpo_tables["correct"]).__dict__
-        out["margin_minus_dpo"] = paired_difference(table, dpo_tables["table"]).__dict__
-    snaps = {"first": [], "last": []}
-    for d in run_dirs:
-        steps = rundir.list_snapshots(d)
-        for when, step in (("first", steps[0]), ("last", steps[-1])):
-            z = rundir.load_snapshot(d, step)
-            snaps[when].append((z["chosen"], z["rejected"]))
+    snaps = {"first": [(f["chosen"], f["rejected"]) for _, _, f, _ in finals],
+             "last": [(last["chosen"], last["rejected"]) for _, _, _, last in finals]}
+    if dpo is not None and list(finals[0][2]["pair_ids"]) != dpo["_snapshot_ids"]:
+        raise SystemExit(f"{name}: its snapshot pairs differ from plain DPO's")
+    out = {"method": name, "seeds": len(run_dirs), "eval_pairs": len(ids), "pair_ids": list(ids),
+           "steps": [step for step, _, _, _ in finals],
+           "reward_acc": seeds_pairs_interval(correct).as_dict(), "margin": seeds_pairs_interval(table).as_dict()}
     for when in snaps:
         out[f"dbs_{when}"] = float(np.mean([davies_bouldin(c, r) for c, r in snaps[when]]))
-    out["dbs_change"] = dbs_change(snaps["first"], snaps["last"]).__dict__
+    out["dbs_change"] = dbs_change(snaps["first"], snaps["last"]).as_dict()
+    if dpo is not None and name != "dpo":
+        out["acc_minus_dpo"] = paired_difference(correct, dpo["_tables"]["correct"]).as_dict()
+        out["margin_minus_dpo"] = paired_difference(table, dpo["_tables"]["table"]).as_dict()
+        out["dbs_change_minus_dpo"] = dbs_change(snaps["first"], snaps["last"],
+                                                 baseline=(dpo["_snaps"]["first"], dpo["_snaps"]["last"])).as_dict()
     summaries = [rundir.read_summary(d) for d in run_dirs]
     metrics = [rundir.read_jsonl(d / rundir.METRICS) for d in run_dirs]
     costs = [json.loads((d / "evidence_cost.json").read_text()) for d in run_dirs if (d / "evidence_cost.json").is_file()]
     out["alpha_before"] = [s.get("weighted_alpha_before") for s in summaries]
     out["alpha_after"] = [s.get("weighted_alpha_after") for s in summaries]
-    out["train_s_per_step"] = [s["train_time_s"] / s["steps_completed"] for s in summaries]
+    out["train_s_per_step_with_cache"] = [s["train_time_s"] / s["steps_completed"] for s in summaries]
     out["wall_s"] = [s["wall_time_s"] for s in summaries]
     out["cpu_s"] = sum(c["cpu_s"] for c in costs)
     out["loss_first10"] = float(np.mean([np.mean([r["loss_pref"] for r in m[:10]]) for m in metrics]))
@@ -162,6 +180,8 @@ def method_results(name: str, run_dirs: list[Path], dpo_tables: dict | None) -> 
     out["loss_curve"] = np.mean([[r["loss_pref"] for r in m] for m in metrics], axis=0).tolist()
     out["layers_alpha_2_6"] = [_alpha_share(d) for d in run_dirs]
     out["_tables"] = {"correct": correct, "table": table}
+    out["_snaps"] = snaps
+    out["_snapshot_ids"] = list(finals[0][2]["pair_ids"])
     return out
 
 
@@ -191,41 +211,55 @@ def verdict(ci: dict, claim_direction: int = 1) -> str:
     return "not detected at this scale (the 95 % interval includes 0)"
 
 
-def claims(results: list[dict]) -> str:
-    """The paper's claims next to what this run measured."""
+def claims(results: list[dict], cost: dict | None, planned: list[str]) -> str:
+    """The paper's claims next to what this run measured; a claim whose runs are missing says so."""
     import numpy as np
 
     from dpo_engine.analysis.evidence import paired_difference
 
     by = {r["method"]: r for r in results}
     fmt = lambda i, d=3: f"{i['mean']:+.{d}f} [{i['low']:+.{d}f}, {i['high']:+.{d}f}]"  # noqa: E731
+    seeds = lambda i, d=3: ", ".join(f"{v:+.{d}f}" for v in i.get("per_seed", []))  # noqa: E731
     rec = next((r for r in results if r.get("recommended")), None)
     hmk = next((r for r in results if r["method"].startswith("hmk+")), None)
     rows = ["| claim (source) | what we measured | verdict |", "|---|---|---|"]
     if hmk is not None:
+        base = by["dpo"]["reward_acc"]["mean"]
+        rel = hmk["acc_minus_dpo"]["mean"] / base if base else float("nan")
         rows.append(f"| HMK + divergence aligns better than DPO; the hybrid loss gains 9.2 % on average (Das et al. 2025, "
-                    f"arXiv 2501.03271) | {hmk['method']} − DPO held-out reward accuracy {fmt(hmk['acc_minus_dpo'])}, "
-                    f"margin {fmt(hmk['margin_minus_dpo'])} | {verdict(hmk['acc_minus_dpo'])} |")
-    if rec is not None:
-        others = [r for r in results if r["method"] not in ("dpo", "epsilon-dpo", rec["method"])]
-        diffs = {o["method"]: paired_difference(rec["_tables"]["correct"], o["_tables"]["correct"]).__dict__ for o in others}
+                    f"arXiv 2501.03271) | {hmk['method']} − DPO held-out reward accuracy {fmt(hmk['acc_minus_dpo'])} "
+                    f"(per seed {seeds(hmk['acc_minus_dpo'])}; {rel:+.1%} relative), margin {fmt(hmk['margin_minus_dpo'])} "
+                    f"| direction: {verdict(hmk['acc_minus_dpo'])}; size: {rel:+.1%} against the paper's +9.2 % |")
+    else:
+        rows.append("| HMK + divergence aligns better than DPO (Das et al. 2025) | — | not tested (its runs are missing) |")
+    others = [r for r in results if rec is not None and r["method"] not in ("dpo", "epsilon-dpo", rec["method"])]
+    planned_others = [m for m in planned if m not in ("dpo", "epsilon-dpo") and (rec is None or m != rec["method"])]
+    if rec is not None and others and len(others) == len(planned_others):
+        diffs = {o["method"]: paired_difference(rec["_tables"]["correct"], o["_tables"]["correct"]).as_dict() for o in others}
         text = "; ".join(f"− {m}: {fmt(d)}" for m, d in diffs.items())
-        if all(verdict(d).startswith("supported") for d in diffs.values()):
-            v = "supported"
+        if all(verdict(d) == "supported" for d in diffs.values()):
+            v = f"supported against the {len(diffs)} pairs tested"
         elif any(verdict(d).startswith("not supported") for d in diffs.values()):
-            v = "not supported (a pair beat the recommended one)"
+            v = "not supported (a tested pair beat the recommended one)"
         else:
-            v = "not detected at this scale (every interval includes 0)"
+            v = f"not detected at this scale (every interval includes 0; {len(diffs)} other pairs tested)"
         rows.append(f"| The selection rules pick the best kernel–divergence pair (ibid., Sec. 5) | recommended "
-                    f"{rec['method']} held-out accuracy {text} | {v} |")
+                    f"{rec['method']}, held-out accuracy {text} | {v} |")
+    else:
+        rows.append("| The selection rules pick the best kernel–divergence pair (ibid.) | — | not tested (the recommended "
+                    "pair's or the other pairs' runs are missing) |")
     kernel_rows = [r for r in results if r["method"] not in ("dpo", "epsilon-dpo")]
-    falls = [r for r in kernel_rows if r["dbs_change"]["high"] < 0]
-    dbs_text = "; ".join(f"{r['method']} {r['dbs_first']:.2f} → {r['dbs_last']:.2f} (change {fmt(r['dbs_change'], 2)})"
-                         for r in results)
-    v = ("supported" if len(falls) == len(kernel_rows) else
-         f"supported for {len(falls)} of {len(kernel_rows)} kernel methods" if falls else
-         "not detected at this scale (no kernel method's change has a 95 % interval below 0)")
-    rows.append(f"| Chosen and rejected representations separate with training: the Davies–Bouldin score falls "
+    dbs_text = "; ".join(f"{r['method']} {r['dbs_first']:.2f} → {r['dbs_last']:.2f} (change {fmt(r['dbs_change'], 2)}"
+                         + (f", minus DPO's change {fmt(r['dbs_change_minus_dpo'], 2)}" if "dbs_change_minus_dpo" in r else "")
+                         + ")" for r in results)
+    if not kernel_rows:
+        v = "not tested (no kernel method finished)"
+    else:
+        falls = [r for r in kernel_rows if r["dbs_change"]["high"] < 0 and r["dbs_change_minus_dpo"]["high"] < 0]
+        v = (f"supported for {len(falls)} of {len(kernel_rows)} kernel methods (falls, and by more than under plain DPO)"
+             if falls else "not detected at this scale (no kernel method's fall has a 95 % interval below 0 and below "
+             "plain DPO's)")
+    rows.append(f"| Kernels separate chosen from rejected representations: the Davies–Bouldin score falls "
                 f"(ibid., t-SNE/DBS figures) | {dbs_text} | {v} |")
     alpha_after = [a for r in results for a in r["alpha_after"] if a is not None]
     alpha_before = [a for r in results for a in r["alpha_before"] if a is not None]
@@ -243,16 +277,18 @@ def claims(results: list[dict]) -> str:
                     f"{min(layer['median_after']):.2f}–{max(layer['median_after']):.2f} after; layers with α in [2, 6]: "
                     f"{share_b:.0%} before, {min(layer['after']):.0%}–{max(layer['after']):.0%} after; weighted α "
                     f"(mean of α·log10 λmax) {min(alpha_before):.2f} before, {min(alpha_after):.2f}–{max(alpha_after):.2f} after | {v} |")
-    dpo_s = np.median(by["dpo"]["train_s_per_step"])
-    if hmk is not None:
-        ratio = np.median(hmk["train_s_per_step"]) / dpo_s
-        rows.append(f"| HMK costs about 3–4× the compute of DPO (ibid.) | {hmk['method']} training time per step "
-                    f"{ratio:.2f}× plain DPO's (median over seeds, same machine and script) | "
+    if hmk is not None and cost and hmk["method"] in cost and "dpo" in cost:
+        ratios = [h / d for h, d in zip(cost[hmk["method"]], cost["dpo"])]
+        ratio = float(np.median(ratios))
+        rows.append(f"| HMK costs about 3–4× the compute of DPO (ibid.) | {hmk['method']} time per training step "
+                    f"{ratio:.2f}× plain DPO's (median of {len(ratios)} alternating rounds, range {min(ratios):.2f}–"
+                    f"{max(ratios):.2f}; reference computed live for both, same settings) | "
                     f"{'consistent' if 3 <= ratio <= 4 else 'lower than claimed' if ratio < 3 else 'higher than claimed'} |")
     if "epsilon-dpo" in by:
         e = by["epsilon-dpo"]
         rows.append(f"| ε-DPO's instance-adaptive β improves on DPO's fixed β (Lee et al. 2025) | ε-DPO − DPO held-out "
-                    f"accuracy {fmt(e['acc_minus_dpo'])}, margin {fmt(e['margin_minus_dpo'])} | {verdict(e['acc_minus_dpo'])} |")
+                    f"accuracy {fmt(e['acc_minus_dpo'])} (per seed {seeds(e['acc_minus_dpo'])}), margin "
+                    f"{fmt(e['margin_minus_dpo'])} | {verdict(e['acc_minus_dpo'])} |")
     return "\n".join(rows)
 
 
@@ -276,7 +312,7 @@ def figures(results: list[dict], out_dir: Path) -> list[str]:
     for r in results:
         loss.add_trace(go.Scatter(y=r["loss_curve"], x=np.arange(1, len(r["loss_curve"]) + 1), name=r["method"], mode="lines"))
     loss.add_hline(y=float(np.log(2)), line_dash="dot")
-    loss.update_layout(title="Preference loss on each step's own batch (mean over seeds)", xaxis_title="step",
+    loss.update_layout(title="Each method's own preference loss on its step's batch (mean over seeds)", xaxis_title="step",
                        yaxis_title="loss_pref (nats)")
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,34 +325,85 @@ def figures(results: list[dict], out_dir: Path) -> list[str]:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
+    import numpy as np
+
     def alpha(r, key):
         vals = [v for v in r[key] if v is not None]
         return f"{min(vals):.2f}–{max(vals):.2f}" if vals else "n/a"
 
-    dpo_step = next(r for r in results if r["method"] == "dpo")["train_s_per_step"]
-    import numpy as np
-
-    lines = [f"Command: `{meta['command']}` · {meta['steps']} steps per run · seeds {meta['seeds']} · "
+    fmt = lambda i, d=3: f"{i['mean']:.{d}f} [{i['low']:.{d}f}, {i['high']:.{d}f}]"  # noqa: E731
+    cost = meta.get("cost_s_per_step") or {}
+    dpo_cost = cost.get("dpo")
+    missing = meta.get("methods_missing") or []
+    lines = [f"Command: `{meta['command']}` · {'/'.join(map(str, meta['steps']))} steps per run · seeds {meta['seeds']} · "
              f"{meta['eval_pairs']} held-out pairs (split seed {SPLIT_SEED}) · {meta['runs']} runs · "
-             f"total process CPU time {meta['cpu_h']:.2f} h · machine: {meta['machine']}", "",
+             f"process CPU time of the training runs {meta['cpu_h']:.2f} h · machine: {meta['machine']}"
+             + (f" · **not finished, left out: {', '.join(missing)}**" if missing else ""), "",
              "| method | held-out reward acc. [95 % CI] | acc. − DPO [95 % CI] | margin [95 % CI] | margin − DPO [95 % CI] "
              "| DBS step 0 → end (change [95 % CI]) | weighted α before → after | loss_pref first 10 → last 10 steps "
-             "| train s/step (× DPO) |",
+             "| s per training step (× DPO) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        ia, im = r["reward_acc"], r["margin"]
-        d_acc = r.get("acc_minus_dpo")
-        d_m = r.get("margin_minus_dpo")
-        fmt = lambda i, d=3: f"{i['mean']:.{d}f} [{i['low']:.{d}f}, {i['high']:.{d}f}]"  # noqa: E731
-        ratio = np.median(r["train_s_per_step"]) / np.median(dpo_step)
+        d_acc, d_m = r.get("acc_minus_dpo"), r.get("margin_minus_dpo")
+        step = (f"{np.median(cost[r['method']]):.2f} ({np.median([a / b for a, b in zip(cost[r['method']], dpo_cost)]):.2f}×)"
+                if r["method"] in cost and dpo_cost else "—")
         lines.append(
-            f"| {r['method']} | {fmt(ia)} | {fmt(d_acc) if d_acc else '—'} | {fmt(im)} | {fmt(d_m) if d_m else '—'} "
-            f"| {r['dbs_first']:.2f} → {r['dbs_last']:.2f} ({fmt(r['dbs_change'], 2)}) | {alpha(r, 'alpha_before')} → {alpha(r, 'alpha_after')} "
-            f"| {r['loss_first10']:.3f} → {r['loss_last10']:.3f} | {np.median(r['train_s_per_step']):.2f} ({ratio:.2f}×) |")
-    lines += ["", "![held-out accuracy](results/heldout_accuracy.png)", "",
+            f"| {r['method']} | {fmt(r['reward_acc'])} | {fmt(d_acc) if d_acc else '—'} | {fmt(r['margin'])} "
+            f"| {fmt(d_m) if d_m else '—'} | {r['dbs_first']:.2f} → {r['dbs_last']:.2f} ({fmt(r['dbs_change'], 2)}) "
+            f"| {alpha(r, 'alpha_before')} → {alpha(r, 'alpha_after')} | {r['loss_first10']:.3f} → {r['loss_last10']:.3f} "
+            f"| {step} |")
+    lines += ["", "Per seed (held-out reward accuracy − plain DPO's): "
+              + "; ".join(f"{r['method']} " + ", ".join(f"{v:+.3f}" for v in r["acc_minus_dpo"]["per_seed"])
+                          for r in results if "acc_minus_dpo" in r) + ".",
+              "", "Seconds per training step: the step alone (forward, objective, backward, optimiser), measured "
+              "after the runs in alternating rounds with every method computing its reference pass live (no cache), "
+              "so plain DPO is not credited with the cache the other runs filled. `loss_pref` is each method's own "
+              "preference loss (with the kernel term for kernel methods and the adaptive β for ε-DPO), so its levels "
+              "are comparable within a method, not across.",
+              "", "![held-out accuracy](results/heldout_accuracy.png)", "",
               "![training loss](results/training_loss.png)", "", "### The paper's claims at this scale", "",
-              claims(results)]
+              claims(results, cost, meta.get("methods_planned") or [r["method"] for r in results])]
     return "\n".join(lines)
+
+
+def measure_cost(plan: dict, workspace, steps: int, extra: dict, *, rounds: int = 2, timed: int = 3) -> dict:
+    """Seconds per training step of each method (seed 0's settings, reference live for all, no HT-SR,
+    no evaluation): `rounds` rounds alternating over methods, one untimed warm-up step each; the
+    medians per round are kept in <workspace>/evidence_cost_per_step.json (finished rounds are skipped)."""
+    import gc
+    import tempfile
+
+    import numpy as np
+
+    from dpo_engine.train.config import TrainConfig, set_dotted
+    from dpo_engine.train.presets import apply_preset
+    from dpo_engine.train.trainer import DPOTrainer
+
+    path = Path(workspace.root) / "evidence_cost_per_step.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    for rnd in range(rounds):
+        for name, overrides in (plan.items() if rnd % 2 == 0 else reversed(plan.items())):
+            if len(done.get(name, [])) > rnd:
+                continue
+            raw = apply_preset({"data": {"dataset": str(ROOT / SAMPLE)}}, "quick")
+            for dotted, value in {**evidence_settings(steps), **overrides, **extra, "optimisation.seed": 0,
+                                  "optimisation.reference_cache": False, "monitoring.htsr": False}.items():
+                set_dotted(raw, dotted, value)
+            with tempfile.TemporaryDirectory() as run_dir:
+                trainer = DPOTrainer(TrainConfig.model_validate(raw), run_dir, workspace=workspace, log=lambda m: None)
+                trainer.setup()
+                times = []
+                for i in range(timed + 1):
+                    t0 = time.perf_counter()
+                    trainer._train_step()
+                    if i:
+                        times.append(time.perf_counter() - t0)
+                del trainer
+                gc.collect()
+            done.setdefault(name, []).append(float(np.median(times)))
+            path.write_text(json.dumps(done, indent=1))
+            print(f"[cost] round {rnd} {name}: {np.median(times):.2f} s/step", flush=True)
+    return {name: values[:rounds] for name, values in done.items() if name in plan}
 
 
 def write_report(results: list[dict], meta: dict, results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> None:
@@ -343,6 +430,7 @@ def main() -> None:
     parser.add_argument("--recommend", metavar="KERNEL+DIVERGENCE", help="skip the diagnosis and use this pair")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="extra dotted TrainConfig setting for every run (JSON value), e.g. model.name=\"tiny-random\"")
+    parser.add_argument("--no-cost", action="store_true", help="skip the per-step cost measurement")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = parser.parse_args()
@@ -376,20 +464,22 @@ def main() -> None:
     complete = {n: ds for n, ds in run_dirs.items() if all(finished(d) for d in ds)}
     if "dpo" not in complete:
         raise SystemExit("plain DPO has not finished for every seed yet: nothing to compare against")
-    results, dpo_tables = [], None
+    cost = measure_cost(plan, workspace, steps, extra) if not args.no_cost else {}
+    results, dpo_results = [], None
     for name in plan:
         if name in complete:
-            r = method_results(name, complete[name], dpo_tables)
+            r = method_results(name, complete[name], dpo_results)
             r["recommended"] = name == f"{rec['kernel']}+{rec['divergence']}"
             if name == "dpo":
-                dpo_tables = r["_tables"]
+                dpo_results = r
             results.append(r)
     import platform
 
     meta = {"command": " ".join(["python scripts/evidence.py", *sys.argv[1:]]),
-            "steps": steps, "seeds": args.seeds, "eval_pairs": results[0]["eval_pairs"], "runs": sum(len(complete[n]) for n in complete),
+            "steps": sorted({st for r in results for st in r["steps"]}), "seeds": args.seeds, "eval_pairs": results[0]["eval_pairs"], "runs": sum(len(complete[n]) for n in complete),
             "cpu_h": sum(r["cpu_s"] for r in results) / 3600, "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
-            "recommendation": rec, "methods_missing": sorted(set(plan) - set(complete)),
+            "recommendation": rec, "methods_missing": sorted(set(plan) - set(complete)), "methods_planned": list(plan),
+            "cost_s_per_step": cost,
             "held_out_pair_ids": results[0]["pair_ids"]}
     write_report(results, meta, args.results_dir, args.results_md)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import bootstrap
+from scipy import stats
 
 from dpo_engine.analysis.dbs import davies_bouldin
 from dpo_engine.analysis.evidence import dbs_change, paired_difference, seeds_pairs_interval
@@ -13,27 +13,28 @@ from dpo_engine.train.trainer import train
 from tests.test_train import make_config, toy_pairs
 
 
-def test_one_seed_matches_scipys_percentile_bootstrap():
+def test_one_seed_matches_the_t_interval_of_a_mean():
     values = np.random.default_rng(3).normal(0.2, 1.0, 80)
     ours = seeds_pairs_interval(values[None, :], n_resamples=20000)
-    ref = bootstrap((values,), np.mean, n_resamples=20000, method="percentile", random_state=np.random.default_rng(1))
+    ref = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
     assert ours.mean == pytest.approx(values.mean())
-    assert ours.low == pytest.approx(ref.confidence_interval.low, abs=0.02)
-    assert ours.high == pytest.approx(ref.confidence_interval.high, abs=0.02)
+    assert ours.low == pytest.approx(ref.low, abs=0.02) and ours.high == pytest.approx(ref.high, abs=0.02)
 
 
-def test_interval_covers_the_true_accuracy_about_95_percent_of_the_time():
-    """Seeds differ (each run has its own true accuracy around 0.6) and pairs are a sample: the
-    two-level interval should cover the population mean close to its nominal rate."""
+@pytest.mark.parametrize("seed_sd", [0.03, 0.15])
+def test_interval_covers_the_true_accuracy_at_its_nominal_rate(seed_sd):
+    """Pairs are a sample and every seed's run has its own accuracy (slightly, or mostly: seed_sd
+    0.15 makes seed-to-seed spread dominate, where a bootstrap over three seeds covers far too
+    rarely); the interval must cover the population mean at least about 95 % of the time."""
     rng = np.random.default_rng(0)
     hits, reps = 0, 200
     for _ in range(reps):
         pair_p = np.clip(rng.normal(0.6, 0.25, 64), 0, 1)  # per-pair chance of a correct margin
-        seed_shift = rng.normal(0, 0.03, (3, 1))
+        seed_shift = rng.normal(0, seed_sd, (3, 1))
         table = (rng.random((3, 64)) < np.clip(pair_p + seed_shift, 0, 1)).astype(float)
-        ci = seeds_pairs_interval(table, n_resamples=600, seed=int(rng.integers(1 << 30)))
+        ci = seeds_pairs_interval(table, n_resamples=300, seed=int(rng.integers(1 << 30)))
         hits += ci.low <= 0.6 <= ci.high
-    assert 0.88 <= hits / reps <= 0.995
+    assert hits / reps >= 0.9
 
 
 def test_paired_difference_is_narrower_than_unpaired_for_correlated_runs():
@@ -51,7 +52,7 @@ def test_paired_difference_is_narrower_than_unpaired_for_correlated_runs():
 
 def test_dbs_change_detects_separation_and_reads_zero_when_nothing_changes():
     rng = np.random.default_rng(2)
-    chosen = [rng.normal(0, 1, (40, 8)) for _ in range(2)]
+    chosen = [rng.normal(0, 1, (40, 8)) for _ in range(3)]
     rejected = [c + rng.normal(0, 1, c.shape) for c in chosen]
     first = list(zip(chosen, rejected))
     separated = [(c, r + 3.0) for c, r in first]
@@ -64,6 +65,8 @@ def test_dbs_change_detects_separation_and_reads_zero_when_nothing_changes():
     noise = [(c + rng.normal(0, 0.05, c.shape), r + rng.normal(0, 0.05, r.shape)) for c, r in first]
     unchanged = dbs_change(first, noise, n_resamples=150)
     assert unchanged.low <= 0 <= unchanged.high  # a small perturbation is not reported as a change
+    same_as_baseline = dbs_change(first, separated, baseline=(first, separated), n_resamples=50)
+    assert same_as_baseline.mean == same_as_baseline.low == same_as_baseline.high == 0.0  # no change beyond the baseline's
 
 
 def test_split_seed_fixes_the_held_out_pairs_across_training_seeds(workspace, tmp_path):
