@@ -27,8 +27,10 @@ Measured end to end on 2 idle cores (`dpo-kernels train assets/sample_hh.jsonl.g
 0.50 -> 0.39. The 24 held-out pairs did not improve (reward accuracy 0.38, margin +0.04): a quick
 run shows the method at work, not a better model; scripts/evidence.py measures that
 (docs/RESULTS.md).
-The method is HMK with the Hellinger divergence, which the diagnosis recommends for the HH sample
-(METHOD.md 1.4); the Train form replaces it with the user's own diagnosis when there is one.
+The method is HMK with the Hellinger divergence: Hellinger is the divergence the diagnosis
+recommends for the HH sample (its recommended kernel is polynomial; the preset keeps HMK, the
+mixture that lets training weigh the kernels, so the λ/τ view has something to show). The Train
+form replaces both with the user's own diagnosis when there is one.
 """
 
 from __future__ import annotations
