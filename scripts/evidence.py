@@ -479,7 +479,7 @@ def main() -> None:
             results.append(r)
     import platform
 
-    meta = {"command": " ".join(["python scripts/evidence.py", *sys.argv[1:]]),
+    meta = {"command": " ".join(["python scripts/evidence.py", *(a for a in sys.argv[1:] if a != "--report-only")]),
             "steps": sorted({st for r in results for st in r["steps"]}), "seeds": args.seeds, "eval_pairs": results[0]["eval_pairs"], "runs": sum(len(complete[n]) for n in complete),
             "cpu_h": sum(r["cpu_s"] for r in results) / 3600, "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
             "recommendation": rec, "methods_missing": sorted(set(plan) - set(complete)), "methods_planned": list(plan),

@@ -6,13 +6,14 @@ which seed trained the run, and which pairs happened to be held out. With a hand
 bootstrap over seeds is far too narrow (three seeds give ten distinct resamples, and never reach
 beyond the observed seeds), so the interval is built from the two variances separately:
 
-    statistic ± t(0.975, n_seeds - 1) · sqrt(var_seeds / n_seeds + var_pairs)
+    statistic ± t(0.975, df) · sqrt(var_seeds / n_seeds + var_pairs)
 
 `var_seeds` is the sample variance of the per-seed statistics; `var_pairs` is the bootstrap
 variance of the seed-averaged statistic when only the held-out pairs are resampled (the same draw
-for every seed, since the pairs are shared). The t quantile with n_seeds - 1 degrees of freedom
-makes the interval wide when seeds are few, as it should be (with one seed: n_pairs - 1, and the
-seed term is absent). Two methods are compared on the same pairs and seeds (paired).
+for every seed, since the pairs are shared). df is Welch-Satterthwaite's for that sum: close to
+n_seeds - 1 when the seed-to-seed spread dominates (a wide interval when seeds are few, as it
+should be), close to n_pairs - 1 when pair sampling dominates (with one seed the seed term is
+absent). Two methods are compared on the same pairs and seeds (paired).
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ def two_level_interval(statistic: Callable[[int, np.ndarray], float], n_seeds: i
     resampled = np.array([np.mean([statistic(s, rows) for s in range(n_seeds)]) for rows in draws])
     var_pairs = float(resampled.var(ddof=1))
     var_seeds = float(per_seed.var(ddof=1)) / n_seeds if n_seeds > 1 else 0.0
-    df = n_seeds - 1 if n_seeds > 1 else n_pairs - 1
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * np.sqrt(var_seeds + var_pairs)
+    total = var_seeds + var_pairs
+    # Welch-Satterthwaite: the degrees of freedom of the sum follow whichever variance dominates
+    denom = (var_seeds**2 / (n_seeds - 1) if n_seeds > 1 else 0.0) + var_pairs**2 / (n_pairs - 1)
+    df = total**2 / denom if denom > 0 else n_pairs - 1
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * np.sqrt(total)
     return Interval(point, point - half, point + half, tuple(per_seed.tolist()))
 
 
