@@ -12,12 +12,14 @@ run is skipped and an interrupted one resumes from its checkpoint, so the script
 and started again.
 
 The report (docs/results/evidence.json, docs/results/*.png and the generated part of
-docs/RESULTS.md) gives, per method: held-out reward accuracy and mean reward margin with
-two-level bootstrap 95 % intervals (seeds and pairs, dpo_engine.analysis.evidence), the paired
-difference to plain DPO, the Davies-Bouldin score of chosen vs rejected held-out representations
-at step 0 and at the end, WeightWatcher's weighted alpha before and after, the training loss on
-the run's own batches, and the training time per step relative to plain DPO (same machine, same
-script, runs interleaved by seed). Every run's process CPU time is summed and reported.
+docs/RESULTS.md) gives, per method: held-out reward accuracy and mean reward margin with 95 %
+intervals over seeds and pairs (dpo_engine.analysis.evidence), the paired difference to plain DPO
+(also per seed), the Davies-Bouldin score of chosen vs rejected held-out representations at step
+0 and at the end with an interval of its change and of its change minus plain DPO's, WeightWatcher's
+layer alpha and weighted alpha before and after, each method's own training loss, the seconds
+per training step (measured after the runs in alternating rounds, reference computed live for
+every method: `measure_cost`), a verdict on each of the paper's claims, and the process CPU time
+of the training runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path

@@ -35,9 +35,6 @@ class Interval:
     high: float
     per_seed: tuple[float, ...] = ()
 
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
     def as_dict(self) -> dict:
         return {"mean": self.mean, "low": self.low, "high": self.high, "per_seed": list(self.per_seed)}
 

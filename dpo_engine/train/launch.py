@@ -31,6 +31,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def report_step_progress(run_dir: Path, total: int | None, progress: Callable[[float, str], None] | None,
+                         workers: str) -> None:
+    """Pass the last step the workers logged to metrics.jsonl on to `progress` (nothing without a step count)."""
+    if progress is None or not total:
+        return
+    rows = rundir.read_jsonl(run_dir / rundir.METRICS)
+    if rows:
+        progress(min(rows[-1]["step"] / total, 0.99), f"step {rows[-1]['step']}/{total} ({workers})")
+
+
 def launch_command(run_dir: Path, workspace_root: Path, processes: int, device: str | None) -> list[str]:
     """The launcher command line (one node, `processes` workers on this machine)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
@@ -85,10 +95,7 @@ def launch_training(config, run_dir: str | Path, *, workspace, device: str | Non
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                 break
-            if progress is not None and total:
-                rows = rundir.read_jsonl(run_dir / rundir.METRICS)
-                if rows:
-                    progress(min(rows[-1]["step"] / total, 0.99), f"step {rows[-1]['step']}/{total} ({processes} processes)")
+            report_step_progress(run_dir, total, progress, f"{processes} processes")
             time.sleep(0.5)
         proc.wait()
         reader.join(timeout=5)

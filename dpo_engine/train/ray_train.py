@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dpo_engine.train import rundir
-from dpo_engine.train.launch import LAUNCH_CONFIG
+from dpo_engine.train.launch import LAUNCH_CONFIG, report_step_progress
 
 STAGE = "ray_train"  # Ray Train's storage, rank 0's log and the stop request, inside the run directory
 RANK0_LOG = "rank0.log"
@@ -168,11 +168,7 @@ def _follow(runner: threading.Thread, config, run_dir: Path, should_stop, progre
         if not cancelled and should_stop is not None and should_stop():
             cancelled = True
             (stage / STOP).touch()
-        if progress is not None and total:
-            rows = rundir.read_jsonl(run_dir / rundir.METRICS)
-            if rows:
-                progress(min(rows[-1]["step"] / total, 0.99),
-                         f"step {rows[-1]['step']}/{total} ({config.optimisation.processes} Ray Train workers)")
+        report_step_progress(run_dir, total, progress, f"{config.optimisation.processes} Ray Train workers")
 
 
 def _pass_on(path: Path, pos: int, log: Callable[[str], None]) -> int:
