@@ -191,3 +191,69 @@ def test_htsr_before_is_reused_for_the_same_model(workspace, tmp_path):
     assert sum("analysed before" in line for line in logs) == 1
     assert rundir.read_summary(tmp_path / "second")["weighted_alpha_before"] == pytest.approx(
         rundir.read_summary(tmp_path / "first")["weighted_alpha_before"])
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-finetune"])
+def test_step0_evaluation_from_the_reference_equals_a_live_policy_pass(tmp_path, monkeypatch, lora):
+    """Before the first update the policy's outputs are the reference's: the step-0 eval row and
+    snapshot taken from the reference (one pass on a cold cache, only the divergence subset on a
+    warm one) equal those of the plain path, which runs the policy and the reference separately."""
+    from dpo_engine.workspace import Workspace
+
+    method = {"kernel": {"name": "hmk"}, "divergence": {"name": "js"}, "loss": {"gamma": 0.5}}
+    cfg = make_config(model={"lora": lora, "lora_dropout": 0.0}, method=method, optimisation={"max_steps": 2},
+                      monitoring={"eval_divergences": True, "divergence_pairs": 4, "probe_pairs": 8})
+
+    def step0(run: str, ws: str, live: bool):
+        tr = DPOTrainer(cfg, tmp_path / run, workspace=Workspace.resolve(tmp_path / ws), pairs=varied_pairs(40),
+                        log=lambda m: None)
+        tr.setup()
+        assert tr._policy_is_reference()
+        if live:
+            monkeypatch.setattr(tr, "_policy_is_reference", lambda: False)
+        forwarded: list[int] = []
+        forward = tr._forward
+        monkeypatch.setattr(tr, "_forward", lambda model, batch, **kw: forwarded.append(batch.n_pairs) or forward(model, batch, **kw))
+        row = tr.evaluate(snapshot=True)
+        tr._save_reference_cache()
+        return tr, row, rundir.load_snapshot(tmp_path / run, 0), sum(forwarded)
+
+    _, plain, plain_snap, plain_n = step0("plain", "ws_plain", live=True)
+    tr, cold, cold_snap, cold_n = step0("cold", "ws_fast", live=False)
+    _, warm, warm_snap, warm_n = step0("warm", "ws_fast", live=False)  # same workspace: the cache is warm
+    n_eval = len(tr.eval_pairs)
+    assert plain_n == 2 * n_eval  # the policy and the reference on every eval pair
+    assert cold_n == n_eval  # the reference once per eval pair, nothing else
+    assert warm_n == 4  # only the divergence subset, whose logits the cache does not hold
+    assert plain["div_js"] == pytest.approx(0.0, abs=1e-6)  # a live policy pass agrees the two are equal
+    for fast, snap in ((cold, cold_snap), (warm, warm_snap)):
+        assert fast.keys() == plain.keys()
+        for key, value in plain.items():
+            assert fast[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        for side in ("chosen", "rejected"):
+            np.testing.assert_allclose(snap[side].astype(float), plain_snap[side].astype(float), atol=2e-3)
+    # One update later the policy has moved, and evaluation runs it live again.
+    tr._train_step()
+    assert not tr._policy_is_reference()
+
+
+def test_divergence_subset_reference_is_computed_once_per_run(workspace, tmp_path, monkeypatch):
+    """The reference's logits on the fixed divergence subset never change: later evaluations reuse
+    them and give the divergence traces a fresh reference pass would give."""
+    cfg = make_config(model={"lora": True, "lora_dropout": 0.0}, optimisation={"max_steps": 2},
+                      monitoring={"eval_divergences": True, "divergence_pairs": 4})
+    tr = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(40), log=lambda m: None)
+    tr.setup()
+    tr.evaluate()
+    tr._train_step()
+    passes: list[int] = []
+    reference_pass = tr._reference_pass
+    monkeypatch.setattr(tr, "_reference_pass", lambda batch, **kw: passes.append(batch.n_pairs) or reference_pass(batch, **kw))
+    reused = tr.evaluate()
+    assert passes == []
+    tr._divergence_reference.clear()
+    fresh = tr.evaluate()
+    assert sum(passes) == 4
+    for key in (k for k in reused if k.startswith("div_")):
+        assert reused[key] == pytest.approx(fresh[key], rel=1e-6, abs=1e-9), key
+    assert reused["div_kl"] > 0

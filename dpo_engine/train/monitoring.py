@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -21,13 +20,10 @@ import numpy as np
 import torch
 
 from dpo_engine.train import rundir
+from dpo_engine.train.memory import peak_memory_mb, release_free_memory
+from dpo_engine.train.step import ForwardOut
 
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+DIVERGENCE_REFERENCE_BYTES = 256 * 2**20  # reference logits kept for the divergence subset; beyond, recomputed
 
 
 class Monitoring:
@@ -69,22 +65,33 @@ class Monitoring:
     def evaluate(self, snapshot: bool = False) -> dict[str, Any]:
         """Held-out preference metrics on every eval pair; the seven divergence traces on the first
         `monitoring.divergence_pairs` of them; with `snapshot`, the probe set's representations
-        (written to snapshots/) and their Davies-Bouldin score as `dbs`."""
+        (written to snapshots/) and their Davies-Bouldin score as `dbs`.
+
+        Two things make it cheap without changing a value: before the first update the policy's
+        outputs are the reference's (cached log-probs and pooled states, no pass at all on a warm
+        cache), and the reference's logits on the fixed divergence subset are computed once per run
+        and kept (about divergence_pairs × response tokens × vocabulary floats)."""
         from dpo_engine.divergences import all_token_divergences
 
         self.model.eval()
         mon = self.config.monitoring
+        at_reference = self._policy_is_reference()
+        memo = self.__dict__.setdefault("_divergence_reference", {})  # eval chunk index -> reference ForwardOut
         n = 0
         sums: dict[str, float] = {"loss_pref": 0.0, "reward_acc": 0.0, "hybrid_acc": 0.0,
                                   "reward_chosen": 0.0, "reward_rejected": 0.0}
         div_sums: dict[str, float] = {key: 0.0 for key in rundir.EVAL_KEYS if key.startswith("div_")}
         positions = 0
         chosen, rejected, margins = [], [], []
-        for chunk in self._eval_chunks():
+        for index, chunk in enumerate(self._eval_chunks()):
             in_div = mon.eval_divergences and n < mon.divergence_pairs
             in_probe = snapshot and n < len(self.probe_pairs)
             batch = self._collate(chunk)
-            terms = self._compute(batch, beta=self.state.beta, train=False, keep_logits=in_div, want_reps=in_probe)
+            terms = self._compute(batch, beta=self.state.beta, train=False, keep_logits=in_div, want_reps=in_probe,
+                                  policy_is_reference=at_reference, reference=memo.get(index) if in_div else None)
+            if in_div and index not in memo and \
+                    sum(r.logits.nbytes for r in memo.values()) + terms.ref_logits.nbytes <= DIVERGENCE_REFERENCE_BYTES:
+                memo[index] = ForwardOut(terms.ref_logits, terms.ref_logps, None)
             out, b = terms.out, batch.n_pairs
             sums["loss_pref"] += float(out.loss_pref) * b
             sums["reward_acc"] += float((out.rho > 0).float().sum())
@@ -111,6 +118,7 @@ class Monitoring:
         if self.accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
             rundir.append_eval_margins(self.run_dir, self.state.step, [p.pair_id for p in self.eval_pairs[:n]],
                                        np.concatenate(margins))
+        release_free_memory()
         return row
 
     def _write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:

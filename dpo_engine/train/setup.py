@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dpo_engine.train import rundir
+from dpo_engine.train.memory import release_free_memory
 from dpo_engine.train.data import check_pairs, load_pairs, split_train_eval, tokenize_pairs
 from dpo_engine.train.reference import ReferenceCache, model_key
 
@@ -41,6 +42,7 @@ class TrainingSetup:
             self.ref_model.to(self.device)
         self._setup_method()
         self._build_optimiser()
+        release_free_memory()  # model conversion, tokenisation and calibration leave freed heap behind
 
     # ------------------------------------------------------------------ device
     def _make_accelerator(self) -> None:
@@ -185,8 +187,8 @@ class TrainingSetup:
         for i in range(0, len(todo), bs):
             chunk = todo[i : i + bs]
             ref = self._reference_pass(self._collate(chunk), pool=True)
-            cache.put("reps", chunk, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
-            cache.store_logps(chunk, ref.logps)
+            if cache is not self.reference_cache:  # no workspace cache: keep this run's values in memory
+                cache.put("reps", chunk, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
             done += len(chunk)
             if done == len(todo) or (i // bs) % 10 == 9:
                 self.log(f"reference pass for calibration: {done}/{len(todo)} pairs ({time.perf_counter() - t0:.0f}s)")

@@ -6,7 +6,9 @@ run sees the same batches), `_forward` runs the model, `_compute` turns one batc
 steps the optimiser and returns the metrics.jsonl row. Three things keep the step lean: pairs are
 packed so the shared prompt is computed once (data.collate_packed), the LM head runs on response
 tokens only, and the reference's log-probs come from the workspace cache (reference.py) whenever
-the objective needs nothing else from the reference. The trainer mixes this class in; the objects
+the objective needs nothing else from the reference. Before the first update the policy computes
+exactly what the reference computes, so an evaluation at step 0 takes the reference's outputs (from
+the cache when it has them) instead of running both. The trainer mixes this class in; the objects
 it uses (model, kernel, optimiser, state) are built by `setup.TrainingSetup`.
 """
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_engine.train.data import Batch, TokenizedPair, collate, collate_packed
+from dpo_engine.train.memory import release_free_memory
 
 
 class TrainingDiverged(RuntimeError):
@@ -37,6 +40,7 @@ class StepTerms:
     n_tokens: int
     policy_logits: torch.Tensor | None = None  # (N × V) at the batch's response tokens
     ref_logits: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
     steps: torch.Tensor | None = None
     reps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # projected h(x), h(y+), h(y-)
 
@@ -45,7 +49,7 @@ class StepTerms:
 class ForwardOut:
     """One model pass over a batch: response-token logits, sequence log-probs, pooled hidden states."""
 
-    logits: torch.Tensor  # (N × V), float32 or wider
+    logits: torch.Tensor | None  # (N × V), float32 or wider; None when served from the reference cache
     logps: torch.Tensor  # (2B,) chosen then rejected
     pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # masked means of the last hidden state (B × H)
 
@@ -130,20 +134,47 @@ class TrainingStep:
         return ForwardOut(logits, logps, pooled)
 
     def _reference_pass(self, batch: Batch, *, pool: bool = False) -> ForwardOut:
-        """The reference model on a batch (no gradient); its log-probs go into the cache."""
+        """The reference model on a batch (no gradient); its log-probs (and pooled states) go into the cache."""
         with torch.no_grad(), self._reference_context():
             ref = self._forward(self._reference_model(), batch, pool=pool)
         if self.reference_cache is not None:
             self.reference_cache.store_logps(batch.pairs, ref.logps)
+            if pool:
+                self.reference_cache.put("reps", batch.pairs, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
         return ref
 
+    def _reference_outputs(self, batch: Batch, *, pool: bool, logits: bool) -> ForwardOut:
+        """The reference's outputs on a batch: from the cache (log-probs, pooled states) when it holds them
+        and no logits are needed, else one live pass (which fills the cache)."""
+        cache = self.reference_cache
+        if not logits and cache is not None:
+            logps = cache.lookup_logps(batch.pairs)
+            reps = cache.get("reps", batch.pairs) if pool else None
+            if logps is not None and (not pool or reps is not None):
+                pooled = tuple(torch.from_numpy(reps[:, j]).to(self.device) for j in range(3)) if pool else None
+                return ForwardOut(None, logps.to(device=self.device, dtype=torch.float32), pooled)
+        return self._reference_pass(batch, pool=pool)
+
+    def _policy_is_reference(self) -> bool:
+        """True before the first update: LoRA's B matrices start at zero (checked, not assumed) and a full
+        fine-tune starts from a copy of the reference, so the policy's outputs equal the reference's."""
+        if self.state.step != 0:
+            return False
+        if self.ref_model is not None:
+            return True
+        lora_b = [p for n, p in self._unwrapped().named_parameters() if "lora_B" in n]
+        return bool(lora_b) and all(not bool(p.detach().any()) for p in lora_b)
+
     def _compute(self, batch: Batch, *, beta: float, train: bool, keep_logits: bool = False,
-                 want_reps: bool = False) -> StepTerms:
+                 want_reps: bool = False, policy_is_reference: bool = False,
+                 reference: ForwardOut | None = None) -> StepTerms:
         """Loss terms for one batch (METHOD.md 2.1-2.7).
 
         The reference runs live only when the objective needs its token distributions (a divergence
         regulariser, ε-DPO's perturbed logits, `keep_logits` for the divergence traces) or its
-        log-probs are not cached yet; otherwise the cached log-probs stand in for it.
+        log-probs are not cached yet; otherwise the cached log-probs stand in for it. `reference`
+        gives its outputs (logits and log-probs) already computed; `policy_is_reference` (evaluation
+        before the first update) takes the policy's outputs from the reference instead of a second pass.
         """
         from dpo_engine.divergences import token_divergence
         from dpo_engine.losses import embedding_margin, epsilon_dpo_beta_per_pair, epsilon_dpo_steps_tokens, hybrid_dpo_loss
@@ -156,10 +187,18 @@ class TrainingStep:
         use_eps = train and lcfg.epsilon_dpo > 0
         pool = want_reps or (use_kernel and self.encoder_reps is None)
 
-        pol = self._forward(self.model, batch, pool=pool)
+        need_ref_logits = use_div or use_eps or keep_logits
+        if policy_is_reference and not train:
+            pol = reference if reference is not None and not (pool and reference.pooled is None) else \
+                self._reference_outputs(batch, pool=pool, logits=keep_logits)
+            reference = pol
+        else:
+            pol = self._forward(self.model, batch, pool=pool)
         self._check_finite(pol.logps, "policy log-probabilities")
         ref_logits, ref_logps = None, None
-        if not (use_div or use_eps or keep_logits) and self.reference_cache is not None:
+        if reference is not None and (reference.logits is not None or not need_ref_logits):
+            ref_logits, ref_logps = reference.logits, reference.logps
+        elif not need_ref_logits and self.reference_cache is not None:
             ref_logps = self.reference_cache.lookup_logps(batch.pairs)
         if ref_logps is None:
             ref = self._reference_pass(batch)
@@ -198,7 +237,7 @@ class TrainingStep:
                 self._check_finite(value, name)
         terms = StepTerms(out=out, n_tokens=batch.n_tokens, steps=steps, reps=reps)
         if keep_logits:
-            terms.policy_logits, terms.ref_logits = pol.logits, ref_logits
+            terms.policy_logits, terms.ref_logits, terms.ref_logps = pol.logits, ref_logits, ref_logps
         return terms
 
     def _check_finite(self, value: torch.Tensor, term: str) -> None:
@@ -271,6 +310,7 @@ class TrainingStep:
                 stats = self.accelerator.reduce(stats, reduction="sum")
             self.state.beta = update_beta(self.state.beta, float(stats[0] / stats[1]), eps)
         self.state.step += 1
+        release_free_memory()  # the next step starts from the live set, not this step's freed chunks
         elapsed = time.perf_counter() - t0
         self.state.train_seconds += elapsed
         self.state.tokens_seen += tokens
