@@ -24,8 +24,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.covariance import LedoitWolf
-from sklearn.decomposition import PCA
 from torch import Tensor, nn
 
 KernelName = Literal["none", "rbf", "polynomial", "spectral", "mahalanobis", "mixture", "hmk"]
@@ -87,6 +85,9 @@ class KernelCalibration:
     @classmethod
     def fit(cls, reps: Tensor | np.ndarray, spectral_components: int = 16) -> KernelCalibration:
         """Fit PCA directions (spectral kernel) and the Ledoit-Wolf precision (Mahalanobis)."""
+        from sklearn.covariance import LedoitWolf  # here, not at import: runs without a calibrated kernel skip sklearn
+        from sklearn.decomposition import PCA
+
         x = _as_float_matrix(reps, "calibration representations")
         n, k = x.shape
         if n < 2:

@@ -16,7 +16,8 @@ Every run is its own process (so peak RSS is its own), `--warmup` steps are unti
 timed one by one. Runs alternate (TRL, ours, TRL, ours, ...) within each repeat, and ratios are
 formed between runs of the same repeat, so slow drift on a shared machine cancels out; the summary
 prints the median, min and max of those ratios over repeats. Results are appended per run to
-`--out` (JSON lines); finished runs are skipped when the script is started again.
+`--out` (JSON lines) with the settings they were taken under; finished runs with the same settings
+are skipped when the script is started again.
 
     .venv/bin/pip install -e '.[peer]'
     .venv/bin/python scripts/bench_peer.py                       # 2 repeats, 1 warm-up + 3 timed steps
@@ -256,8 +257,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("steps", "warmup", "batch_size", "max_length", "threads", "device", "model",
+                                             "calibration_pairs", "trl_no_gradient_checkpointing", "gradient_checkpointing")}
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-    finished = {(r["repeat"], r["run"]) for r in done}
+    done = [r for r in done if r.get("settings") == settings]  # runs taken with other settings are not reused
+    finished = {(r["repeat"], r["run"]) for r in done if "error" not in r}  # failed runs are tried again
     todo = plan(args)
     print(f"{len(todo)} runs planned, {sum(1 for k in todo if k in finished)} already in {out}", flush=True)
     cache_root = out.parent / "bench_peer_workspaces"
@@ -283,10 +287,10 @@ def main() -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if res.returncode != 0 or not line:
-            record = {"repeat": rep, "run": run, "error": res.stderr[-3000:]}
+            record = {"repeat": rep, "run": run, "settings": settings, "error": res.stderr[-3000:]}
             print(f"failed ({time.perf_counter() - t0:.0f}s)\n{res.stderr[-1500:]}", flush=True)
         else:
-            record = {"repeat": rep, "run": run, **json.loads(line[-1][len("RESULT "):])}
+            record = {"repeat": rep, "run": run, "settings": settings, **json.loads(line[-1][len("RESULT "):])}
             print(f"{statistics.median(record['step_s']):.2f} s/step, peak RSS {record['peak_rss_mb']:.0f} MB "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
         with open(out, "a") as fh:

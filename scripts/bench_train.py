@@ -145,7 +145,34 @@ def learning(args) -> None:
 
 def wall_split(args) -> None:
     """A default-cadence run (eval, snapshots, HT-SR, checkpoints as configured by default) on the HH
-    sample, twice on one workspace (reference cache cold, then warm): where the wall time goes."""
+    sample, twice on one workspace (reference cache cold, then warm), each in its own process so its
+    peak RSS is its own: where the wall time goes."""
+    import shutil
+
+    from dpo_engine.train.reference import CACHE_DIR
+
+    # The first run must find no cached reference (nor HT-SR "before"); a converted model stays converted.
+    shutil.rmtree(Path(args.out) / "wall_split_ws" / CACHE_DIR, ignore_errors=True)
+    for label in ("cold", "warm")[: 1 if args.cold_only else 2]:
+        cmd = [sys.executable, __file__, "--wall-split", "--wall-run", label, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads),
+               "--model", args.model, "--wall-method", args.wall_method, "--out", args.out]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+        if res.returncode != 0 or not lines:
+            print(f"cache {label}: failed\n{res.stderr[-2000:]}", flush=True)
+            continue
+        r = json.loads(lines[-1])
+        wall, split = r["wall_s"], r["split"]
+        other = wall - sum(split.values())
+        parts = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
+        print(f"cache {label}: {r['status']}, {args.steps} steps, wall {wall:.1f}s: {parts}, other {other:.1f}s "
+              f"({other / wall:.0%}); training share {split.get('train', 0) / wall:.0%} (goal >= 75%); "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+
+
+def wall_split_run(args) -> None:
+    """Child of --wall-split: one run on the shared workspace; prints one JSON line."""
     import torch
 
     from dpo_engine.train.config import TrainConfig
@@ -153,26 +180,19 @@ def wall_split(args) -> None:
     from dpo_engine.workspace import Workspace
 
     torch.set_num_threads(args.threads)
-    ws = Workspace.resolve(Path(args.out) / "wall_split_ws")
     raw = {"data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length}, "model": {"name": args.model},
            "optimisation": {"max_steps": args.steps, "batch_size": args.batch_size}}
     if args.wall_method == "dpo":
         raw["method"] = variants()["dpo"]
-    cfg = TrainConfig.model_validate(raw)
-    for label in ("cache cold", "cache warm")[: 1 if args.cold_only else 2]:
-        run = Path(args.out) / f"wall_split_{label.split()[-1]}"
-        import shutil
+    run = Path(args.out) / f"wall_split_{args.wall_run}"
+    import shutil
 
-        shutil.rmtree(run, ignore_errors=True)
-        t0 = time.perf_counter()
-        summary = train(cfg, run, workspace=ws, log=lambda m: print("   ", m, flush=True))
-        wall = time.perf_counter() - t0
-        split = summary.get("time_split_s") or {}
-        other = wall - sum(split.values())
-        parts = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
-        print(f"{label}: {summary['status']}, {args.steps} steps, wall {wall:.1f}s: {parts}, other {other:.1f}s "
-              f"({other / wall:.0%}); training share {split.get('train', 0) / wall:.0%} (goal >= 75%); "
-              f"peak RSS {summary.get('peak_memory_mb', 0):.0f} MB", flush=True)
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = train(TrainConfig.model_validate(raw), run, workspace=Workspace.resolve(Path(args.out) / "wall_split_ws"),
+                    log=lambda m: print("   ", m, file=sys.stderr, flush=True))
+    print(json.dumps({"status": summary["status"], "wall_s": time.perf_counter() - t0,
+                      "split": summary.get("time_split_s") or {}, "peak_rss_mb": summary.get("peak_memory_mb")}), flush=True)
 
 
 def main() -> None:
@@ -193,6 +213,7 @@ def main() -> None:
     p.add_argument("--wall-method", choices=("default", "dpo"), default="default",
                    help="wall split: the default method (HMK + KL) or plain DPO")
     p.add_argument("--cold-only", action="store_true", help="wall split: only the first (cache cold) run")
+    p.add_argument("--wall-run", choices=("cold", "warm"), help=argparse.SUPPRESS)
     p.add_argument("--methods", nargs="*", default=None, help="learning mode: run only these (dpo, hmk)")
     p.add_argument("--divergence", default="kl")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_runs"))
@@ -201,6 +222,8 @@ def main() -> None:
         one_variant(args)
     elif args.learning:
         learning(args)
+    elif args.wall_split and args.wall_run:
+        wall_split_run(args)
     elif args.wall_split:
         wall_split(args)
     else:
