@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -20,10 +21,16 @@ import numpy as np
 import torch
 
 from dpo_engine.train import rundir
-from dpo_engine.train.memory import peak_memory_mb, release_free_memory
 from dpo_engine.train.step import ForwardOut
 
 DIVERGENCE_REFERENCE_BYTES = 256 * 2**20  # reference logits kept for the divergence subset; beyond, recomputed
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class Monitoring:
@@ -118,7 +125,6 @@ class Monitoring:
         if self.accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
             rundir.append_eval_margins(self.run_dir, self.state.step, [p.pair_id for p in self.eval_pairs[:n]],
                                        np.concatenate(margins))
-        release_free_memory()
         return row
 
     def _write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:

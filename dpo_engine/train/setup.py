@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from dpo_engine.train import rundir
-from dpo_engine.train.memory import release_free_memory
 from dpo_engine.train.data import check_pairs, load_pairs, split_train_eval, tokenize_pairs
 from dpo_engine.train.reference import ReferenceCache, model_key
 
@@ -42,7 +41,6 @@ class TrainingSetup:
             self.ref_model.to(self.device)
         self._setup_method()
         self._build_optimiser()
-        release_free_memory()  # model conversion, tokenisation and calibration leave freed heap behind
 
     # ------------------------------------------------------------------ device
     def _make_accelerator(self) -> None:

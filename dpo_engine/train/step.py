@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from dpo_engine.train.data import Batch, TokenizedPair, collate, collate_packed
-from dpo_engine.train.memory import release_free_memory
 
 
 class TrainingDiverged(RuntimeError):
@@ -310,7 +309,6 @@ class TrainingStep:
                 stats = self.accelerator.reduce(stats, reduction="sum")
             self.state.beta = update_beta(self.state.beta, float(stats[0] / stats[1]), eps)
         self.state.step += 1
-        release_free_memory()  # the next step starts from the live set, not this step's freed chunks
         elapsed = time.perf_counter() - t0
         self.state.train_seconds += elapsed
         self.state.tokens_seen += tokens

@@ -24,8 +24,7 @@ import torch
 
 from dpo_engine.train import rundir
 from dpo_engine.train.config import TrainConfig
-from dpo_engine.train.memory import peak_memory_mb
-from dpo_engine.train.monitoring import Monitoring
+from dpo_engine.train.monitoring import Monitoring, peak_memory_mb
 from dpo_engine.train.setup import CALIBRATED_KERNELS, TrainingSetup
 from dpo_engine.train.step import StepTerms, TrainingDiverged, TrainingStep, TrainState
 from dpo_engine.workspace import Workspace
