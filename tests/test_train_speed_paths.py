@@ -251,7 +251,7 @@ def test_divergence_subset_reference_is_computed_once_per_run(workspace, tmp_pat
     monkeypatch.setattr(tr, "_reference_pass", lambda batch, **kw: passes.append(batch.n_pairs) or reference_pass(batch, **kw))
     reused = tr.evaluate()
     assert passes == []
-    tr._divergence_reference.clear()
+    tr.divergence_reference.clear()
     fresh = tr.evaluate()
     assert sum(passes) == 4
     for key in (k for k in reused if k.startswith("div_")):

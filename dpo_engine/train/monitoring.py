@@ -83,7 +83,7 @@ class Monitoring:
         self.model.eval()
         mon = self.config.monitoring
         at_reference = self._policy_is_reference()
-        memo = self.__dict__.setdefault("_divergence_reference", {})  # eval chunk index -> reference ForwardOut
+        memo = self.divergence_reference
         n = 0
         sums: dict[str, float] = {"loss_pref": 0.0, "reward_acc": 0.0, "hybrid_acc": 0.0,
                                   "reward_chosen": 0.0, "reward_rejected": 0.0}

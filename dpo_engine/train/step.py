@@ -188,9 +188,7 @@ class TrainingStep:
 
         need_ref_logits = use_div or use_eps or keep_logits
         if policy_is_reference and not train:
-            pol = reference if reference is not None and not (pool and reference.pooled is None) else \
-                self._reference_outputs(batch, pool=pool, logits=keep_logits)
-            reference = pol
+            pol = reference = self._reference_outputs(batch, pool=pool, logits=keep_logits)
         else:
             pol = self._forward(self.model, batch, pool=pool)
         self._check_finite(pol.logps, "policy log-probabilities")
