@@ -393,43 +393,72 @@ def _chunks(positions: Tensor, size: int) -> list[Tensor]:
     return list(positions.split(size))
 
 
-def _rows(logits: Tensor, pos: Tensor) -> Tensor:
-    """The (n × V) next-token logits at (batch, time) positions pos (n × 2); copies only those rows."""
-    return logits[pos[:, 0], pos[:, 1]]
+class _Logits:
+    """Next-token logits by (batch, time) position: a stored (B × T × V) tensor, or formed on demand
+    from hidden states (B × T × H) and the LM head weight (V × H), so that only a chunk of rows ever
+    exists. With `with_grad`, `put_grad` turns d(value)/d(logits) of a chunk into the gradient with
+    respect to what is stored (logits; or hidden states and, when it trains, the head weight)."""
+
+    def __init__(self, logits: Tensor | None = None, *, hidden: Tensor | None = None, weight: Tensor | None = None,
+                 with_grad: bool = False):
+        self.logits, self.hidden, self.weight = logits, hidden, weight
+        base = logits if logits is not None else hidden
+        self.vocab = logits.shape[-1] if logits is not None else weight.shape[0]
+        self.dtype = _compute_dtype(logits) if logits is not None else \
+            torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        self.device = base.device
+        self.grad = self.grad_weight = None
+        if with_grad:
+            self.grad = torch.zeros_like(base)
+            if logits is None and weight.requires_grad:
+                self.grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+
+    def rows(self, pos: Tensor) -> Tensor:
+        """The (n × V) logits at positions pos (n × 2), in the compute dtype; copies only those rows."""
+        if self.logits is not None:
+            return self.logits[pos[:, 0], pos[:, 1]].to(self.dtype)
+        return (self.hidden[pos[:, 0], pos[:, 1]] @ self.weight.T).to(self.dtype)
+
+    def put_grad(self, pos: Tensor, grad: Tensor) -> None:
+        if self.logits is not None:
+            self.grad[pos[:, 0], pos[:, 1]] = grad.to(self.grad.dtype)
+            return
+        h = self.hidden[pos[:, 0], pos[:, 1]]
+        self.grad[pos[:, 0], pos[:, 1]] = (grad.to(self.weight.dtype) @ self.weight).to(self.grad.dtype)
+        if self.grad_weight is not None:
+            self.grad_weight += grad.T @ h.to(grad.dtype)
 
 
-def _pointwise_value_and_grad(
-    cfg: DivergenceConfig, policy: Tensor, ref: Tensor, positions: Tensor, grad_out: Tensor | None
-) -> Tensor:
-    """Sum of the divergence over the given positions; when grad_out is given, write d(sum)/d(policy logits) into it."""
-    dtype = _compute_dtype(policy)
-    total = torch.zeros((), dtype=dtype, device=policy.device)
+def _pointwise_value_and_grad(cfg: DivergenceConfig, policy: _Logits, ref: _Logits, positions: Tensor) -> Tensor:
+    """Sum of the divergence over the given positions; when the policy carries a gradient buffer,
+    d(sum)/d(policy logits) goes into it."""
+    total = torch.zeros((), dtype=policy.dtype, device=policy.device)
     fn = _pointwise(cfg, cfg.name)
     value_and_grad = _closed_form(cfg, cfg.name)
     for pos in _chunks(positions, cfg.chunk_positions):
-        logp = torch.log_softmax(_rows(policy, pos).to(dtype), dim=-1)
-        logq = torch.log_softmax(_rows(ref, pos).to(dtype), dim=-1)
-        if grad_out is None:
+        logp = torch.log_softmax(policy.rows(pos), dim=-1)
+        logq = torch.log_softmax(ref.rows(pos), dim=-1)
+        if policy.grad is None:
             total += fn(logp, logq).sum()
             continue
         values, grad = value_and_grad(logp, logq)
         total += values.sum()
-        grad_out[pos[:, 0], pos[:, 1]] = grad.to(grad_out.dtype)
+        policy.put_grad(pos, grad)
     return total
 
 
 def _wasserstein_value_and_grad(
-    cfg: DivergenceConfig, embeddings: Tensor, policy: Tensor, ref: Tensor, positions: Tensor, grad_out: Tensor | None
+    cfg: DivergenceConfig, embeddings: Tensor, policy: _Logits, ref: _Logits, positions: Tensor
 ) -> Tensor:
     """Sum of the Sinkhorn divergence over rows: supports per chunk, one Sinkhorn for all rows,
-    then the envelope gradient p ⊙ (ψ - <p, ψ>) per chunk."""
-    dtype = _compute_dtype(policy)
-    unit = _unit_embeddings(embeddings, policy.shape[-1], dtype)
+    then the envelope gradient p ⊙ (ψ - <p, ψ>) per chunk (when the policy carries a gradient buffer)."""
+    dtype = policy.dtype
+    unit = _unit_embeddings(embeddings, policy.vocab, dtype)
     chunks = _chunks(positions, cfg.chunk_positions)
     parts = []  # per chunk: support indices, which count, their log-probs under p and q
     for pos in chunks:
-        logp = torch.log_softmax(_rows(policy, pos).to(dtype), dim=-1)
-        logq = torch.log_softmax(_rows(ref, pos).to(dtype), dim=-1)
+        logp = torch.log_softmax(policy.rows(pos), dim=-1)
+        logq = torch.log_softmax(ref.rows(pos), dim=-1)
         idx, keep = _support(logp, logq, cfg.ot_top_k)
         parts.append((idx, keep, logp.gather(-1, idx), logq.gather(-1, idx)))
     idx, keep, lp_s, lq_s = (torch.cat(column) for column in zip(*parts))
@@ -440,36 +469,42 @@ def _wasserstein_value_and_grad(
     value, phi_a, _ = _sinkhorn_divergence(
         _log_masses(lp_s, keep), _log_masses(lq_s, keep), costs, cfg.ot_epsilon, cfg.ot_iterations
     )
-    if grad_out is not None:
+    if policy.grad is not None:
         # <a, phi> = phi_bucket + sum_v p_v psi_v with psi_v = phi_s - phi_bucket at support token v.
         start = 0
         for pos, idx, keep in zip(chunks, idxs, keeps):
             phi = phi_a[start : start + len(pos)]
             start += len(pos)
-            p = torch.softmax(_rows(policy, pos).to(dtype), dim=-1)
+            p = torch.softmax(policy.rows(pos), dim=-1)
             shifted = (phi[:, :-1] - phi[:, -1:]) * keep
             psi = torch.zeros_like(p).scatter_add_(-1, idx, shifted)
             mean_psi = (p.gather(-1, idx) * shifted).sum(-1, keepdim=True)
-            grad_out[pos[:, 0], pos[:, 1]] = (p * (psi - mean_psi)).to(grad_out.dtype)
+            policy.put_grad(pos, p * (psi - mean_psi))
     return value.sum()
 
 
 class _ChunkedTokenDivergence(torch.autograd.Function):
-    """Mean divergence over the (batch, time) `positions` of (B × T × V) logits; gradient to the policy only."""
+    """Mean divergence over the (batch, time) `positions`; gradient to the policy only. The policy is
+    given as logits (B × T × V), or as hidden states (B × T × H) and the head weight (V × H)."""
 
     @staticmethod
-    def forward(ctx, policy: Tensor, ref: Tensor, positions: Tensor, evaluate):  # type: ignore[override]
-        grad = torch.zeros_like(policy)
-        total = evaluate(policy, ref, positions, grad)
-        ctx.save_for_backward(grad)
+    def forward(ctx, policy: Tensor, weight: Tensor | None, positions: Tensor, evaluate):  # type: ignore[override]
+        if weight is None:
+            source = _Logits(policy, with_grad=True)
+        else:
+            source = _Logits(hidden=policy, weight=weight, with_grad=True)
+        total = evaluate(source, positions)
+        ctx.save_for_backward(source.grad, source.grad_weight)
         ctx.count = len(positions)
         return total / len(positions)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_output.to(grad.dtype) / ctx.count), None, None, None
+        grad, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.count
+        grad_weight = None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype)
+        return grad * scale.to(grad.dtype), grad_weight, None, None
 
 
 def _resolve_cfg(cfg_or_name: DivergenceConfig | str, cfg: DivergenceConfig | None) -> DivergenceConfig:
@@ -498,6 +533,28 @@ def _flatten_inputs(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor) -> 
     return policy_logits, ref_logits.detach(), positions
 
 
+def _evaluator(cfg: DivergenceConfig, output_embeddings: Tensor | None) -> Callable[[_Logits, _Logits, Tensor], Tensor]:
+    """The chunked sum over positions for cfg.name (value, and gradient when the policy carries a buffer)."""
+    if cfg.name == "wasserstein":
+        if output_embeddings is None:
+            raise ValueError("the wasserstein divergence needs output_embeddings (V x d) for its ground cost")
+        _check_ot_args(cfg.ot_top_k, cfg.ot_epsilon, cfg.ot_iterations)
+        return lambda pol, rf, pos: _wasserstein_value_and_grad(cfg, output_embeddings, pol, rf, pos)
+    _pointwise(cfg, cfg.name)  # unknown names fail here, before any work
+    return lambda pol, rf, pos: _pointwise_value_and_grad(cfg, pol, rf, pos)
+
+
+def _mean_divergence(cfg: DivergenceConfig, policy: Tensor, weight: Tensor | None, ref: _Logits, positions: Tensor,
+                     output_embeddings: Tensor | None) -> Tensor:
+    evaluate = _evaluator(cfg, output_embeddings)
+    grad_wanted = policy.requires_grad or (weight is not None and weight.requires_grad)
+    if torch.is_grad_enabled() and grad_wanted:
+        return _ChunkedTokenDivergence.apply(policy, weight, positions, lambda pol, pos: evaluate(pol, ref, pos))
+    source = _Logits(policy) if weight is None else _Logits(hidden=policy, weight=weight)
+    with torch.no_grad():
+        return evaluate(source, ref, positions) / len(positions)
+
+
 def token_divergence(
     cfg_or_name: DivergenceConfig | DivergenceName,
     policy_logits: Tensor,
@@ -518,26 +575,62 @@ def token_divergence(
     if cfg.name == "none":
         return torch.zeros((), dtype=_compute_dtype(policy_logits), device=policy_logits.device)
     policy, ref, positions = _flatten_inputs(policy_logits, ref_logits, mask)
-    if cfg.name == "wasserstein":
-        if output_embeddings is None:
-            raise ValueError("the wasserstein divergence needs output_embeddings (V x d) for its ground cost")
-        _check_ot_args(cfg.ot_top_k, cfg.ot_epsilon, cfg.ot_iterations)
+    return _mean_divergence(cfg, policy, None, _Logits(ref), positions, output_embeddings)
 
-        def evaluate(pol: Tensor, rf: Tensor, pos: Tensor, grad: Tensor | None) -> Tensor:
-            return _wasserstein_value_and_grad(cfg, output_embeddings, pol, rf, pos, grad)
-    else:
-        _pointwise(cfg, cfg.name)  # unknown names fail here, before any work
 
-        def evaluate(pol: Tensor, rf: Tensor, pos: Tensor, grad: Tensor | None) -> Tensor:
-            return _pointwise_value_and_grad(cfg, pol, rf, pos, grad)
+def _flatten_hidden(policy_hidden: Tensor, ref_hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(N × H) rows as one (1 × N × H) sequence, and every position of it."""
+    if policy_hidden.ndim != 2 or head_weight.ndim != 2 or policy_hidden.shape[1] != head_weight.shape[1]:
+        raise ValueError(f"expected hidden states (N x H) and a head weight (V x H), got {tuple(policy_hidden.shape)} "
+                         f"and {tuple(head_weight.shape)}")
+    if ref_hidden.shape != policy_hidden.shape:
+        raise ValueError(f"policy and reference hidden states differ in shape: {tuple(policy_hidden.shape)} vs {tuple(ref_hidden.shape)}")
+    n = policy_hidden.shape[0]
+    if n == 0:
+        raise ValueError("no positions: the divergence mean over zero tokens is undefined")
+    positions = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], dim=1).to(policy_hidden.device)
+    return policy_hidden[None], ref_hidden.detach()[None], positions
 
-    if torch.is_grad_enabled() and policy.requires_grad:
-        return _ChunkedTokenDivergence.apply(policy, ref, positions, evaluate)
-    with torch.no_grad():
-        return evaluate(policy, ref, positions, None) / len(positions)
+
+def token_divergence_from_hidden(
+    cfg_or_name: DivergenceConfig | DivergenceName,
+    policy_hidden: Tensor,
+    ref_hidden: Tensor,
+    head_weight: Tensor,
+    *,
+    output_embeddings: Tensor | None = None,
+    cfg: DivergenceConfig | None = None,
+) -> Tensor:
+    """`token_divergence` over every row, with logits z = W h formed a chunk at a time from the final
+    hidden states (N × H) of policy and reference and the head weight W (V × H): the same value and
+    gradient (to the policy's hidden states, and to W when it trains) without any N × V tensor."""
+    cfg = _resolve_cfg(cfg_or_name, cfg)
+    if cfg.name == "none":
+        return torch.zeros((), dtype=_compute_dtype(policy_hidden), device=policy_hidden.device)
+    policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight)
+    return _mean_divergence(cfg, policy, head_weight, _Logits(hidden=ref, weight=head_weight.detach()), positions,
+                            output_embeddings)
 
 
 @torch.no_grad()
+def _all_divergences(policy: _Logits, ref: _Logits, positions: Tensor, cfg: DivergenceConfig,
+                     output_embeddings: Tensor | None) -> dict[str, float]:
+    if output_embeddings is None:
+        raise ValueError("all_token_divergences needs output_embeddings (V x d) for div_wasserstein")
+    names = [name for name in ALL_DIVERGENCES if name != "wasserstein"]
+    fns = {name: _pointwise(cfg, name) for name in names}
+    totals = {name: 0.0 for name in names}
+    for pos in _chunks(positions, cfg.chunk_positions):
+        logp = torch.log_softmax(policy.rows(pos), dim=-1)
+        logq = torch.log_softmax(ref.rows(pos), dim=-1)
+        for name in names:
+            totals[name] += float(fns[name](logp, logq).sum())
+    count = len(positions)
+    out = {f"div_{name}": totals[name] / count for name in names}
+    out["div_wasserstein"] = float(_wasserstein_value_and_grad(cfg, output_embeddings, policy, ref, positions)) / count
+    return {f"div_{name}": out[f"div_{name}"] for name in ALL_DIVERGENCES}
+
+
 def all_token_divergences(
     policy_logits: Tensor,
     ref_logits: Tensor,
@@ -546,19 +639,19 @@ def all_token_divergences(
     output_embeddings: Tensor | None,
 ) -> dict[str, float]:
     """All seven divergences (div_kl, ..., div_fdiv) for eval logging, whichever one regularises."""
-    if output_embeddings is None:
-        raise ValueError("all_token_divergences needs output_embeddings (V x d) for div_wasserstein")
     policy, ref, positions = _flatten_inputs(policy_logits, ref_logits, mask)
-    dtype = _compute_dtype(policy)
-    names = [name for name in ALL_DIVERGENCES if name != "wasserstein"]
-    fns = {name: _pointwise(cfg, name) for name in names}
-    totals = {name: 0.0 for name in names}
-    for pos in _chunks(positions, cfg.chunk_positions):
-        logp = torch.log_softmax(_rows(policy, pos).to(dtype), dim=-1)
-        logq = torch.log_softmax(_rows(ref, pos).to(dtype), dim=-1)
-        for name in names:
-            totals[name] += float(fns[name](logp, logq).sum())
-    count = len(positions)
-    out = {f"div_{name}": totals[name] / count for name in names}
-    out["div_wasserstein"] = float(_wasserstein_value_and_grad(cfg, output_embeddings, policy, ref, positions, None)) / count
-    return {f"div_{name}": out[f"div_{name}"] for name in ALL_DIVERGENCES}
+    return _all_divergences(_Logits(policy), _Logits(ref), positions, cfg, output_embeddings)
+
+
+def all_token_divergences_from_hidden(
+    policy_hidden: Tensor,
+    ref_hidden: Tensor,
+    head_weight: Tensor,
+    cfg: DivergenceConfig,
+    output_embeddings: Tensor | None,
+) -> dict[str, float]:
+    """`all_token_divergences` over every row of (N × H) final hidden states, logits formed a chunk at a time."""
+    policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight)
+    weight = head_weight.detach()
+    return _all_divergences(_Logits(hidden=policy, weight=weight), _Logits(hidden=ref, weight=weight), positions, cfg,
+                            output_embeddings)

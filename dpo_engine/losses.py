@@ -240,9 +240,21 @@ def epsilon_dpo_steps_tokens(
         raise ValueError(f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}")
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
     z, z_ref = policy_logits.to(dtype), ref_logits.to(dtype)
+    perturbed = [token_logps((1.0 + t) * z - t * z_ref, labels) for t in epsilon_grid(epsilon)]
+    return epsilon_dpo_steps_from_token_logps(perturbed, sequence, n_pairs)
+
+
+def epsilon_grid(epsilon: float) -> tuple[float, float, float]:
+    """The three perturbations t of ε-DPO's policies (1 + t) z - t z_ref: -ε, 0, +ε."""
+    return (-epsilon, 0.0, epsilon)
+
+
+def epsilon_dpo_steps_from_token_logps(perturbed: list[Tensor], sequence: Tensor, n_pairs: int) -> Tensor:
+    """Steps (B,) from the response tokens' log-probs (N,) under the perturbed policies at t = -ε, 0, +ε
+    (`epsilon_grid`): +1 where the log-ratio margin rises monotonically with t, -1 where it falls."""
     ratios = []
-    for t in (-epsilon, 0.0, epsilon):
-        seq = sum_by_sequence(token_logps((1.0 + t) * z - t * z_ref, labels), sequence, 2 * n_pairs)
+    for token_values in perturbed:
+        seq = sum_by_sequence(token_values, sequence, 2 * n_pairs)
         ratios.append(seq[:n_pairs] - seq[n_pairs:])
     minus, mid, plus = ratios
     up = (plus > mid) & (mid > minus)

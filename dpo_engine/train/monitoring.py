@@ -23,7 +23,7 @@ import torch
 from dpo_engine.train import rundir
 from dpo_engine.train.step import ForwardOut
 
-DIVERGENCE_REFERENCE_BYTES = 256 * 2**20  # reference logits kept for the divergence subset; beyond, recomputed
+DIVERGENCE_REFERENCE_BYTES = 64 * 2**20  # reference hidden states kept for the divergence subset; beyond, recomputed
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -76,9 +76,9 @@ class Monitoring:
 
         Two things make it cheap without changing a value: before the first update the policy's
         outputs are the reference's (cached log-probs and pooled states, no pass at all on a warm
-        cache), and the reference's logits on the fixed divergence subset are computed once per run
-        and kept (about divergence_pairs × response tokens × vocabulary floats)."""
-        from dpo_engine.divergences import all_token_divergences
+        cache), and the reference's final hidden states on the fixed divergence subset are computed
+        once per run and kept (divergence_pairs × response tokens × hidden size floats)."""
+        from dpo_engine.divergences import all_token_divergences_from_hidden
 
         self.model.eval()
         mon = self.config.monitoring
@@ -94,11 +94,11 @@ class Monitoring:
             in_div = mon.eval_divergences and n < mon.divergence_pairs
             in_probe = snapshot and n < len(self.probe_pairs)
             batch = self._collate(chunk)
-            terms = self._compute(batch, beta=self.state.beta, train=False, keep_logits=in_div, want_reps=in_probe,
+            terms = self._compute(batch, beta=self.state.beta, train=False, keep_hidden=in_div, want_reps=in_probe,
                                   policy_is_reference=at_reference, reference=memo.get(index) if in_div else None)
             if in_div and index not in memo and \
-                    sum(r.logits.nbytes for r in memo.values()) + terms.ref_logits.nbytes <= DIVERGENCE_REFERENCE_BYTES:
-                memo[index] = ForwardOut(terms.ref_logits, terms.ref_logps, None)
+                    sum(r.hidden.nbytes for r in memo.values()) + terms.ref_hidden.nbytes <= DIVERGENCE_REFERENCE_BYTES:
+                memo[index] = ForwardOut(terms.ref_logps, None, terms.ref_hidden)
             out, b = terms.out, batch.n_pairs
             sums["loss_pref"] += float(out.loss_pref) * b
             sums["reward_acc"] += float((out.rho > 0).float().sum())
@@ -108,10 +108,10 @@ class Monitoring:
             margins.append(out.rho.detach().float().cpu().numpy())
             n += b
             if in_div:
-                n_pos = terms.policy_logits.shape[0]
-                every = torch.ones((1, n_pos), dtype=torch.bool, device=terms.policy_logits.device)
-                divs = all_token_divergences(terms.policy_logits[None], terms.ref_logits[None], every,
-                                             self.config.method.divergence, self._output_embeddings())
+                n_pos = terms.policy_hidden.shape[0]
+                head = self._output_embeddings()
+                divs = all_token_divergences_from_hidden(terms.policy_hidden, terms.ref_hidden, head,
+                                                         self.config.method.divergence, head)
                 for key, value in divs.items():
                     div_sums[key] += float(value) * n_pos
                 positions += n_pos

@@ -8,7 +8,9 @@ packed so the shared prompt is computed once (data.collate_packed), the LM head 
 tokens only, and the reference's log-probs come from the workspace cache (reference.py) whenever
 the objective needs nothing else from the reference. Before the first update the policy computes
 exactly what the reference computes, so an evaluation at step 0 takes the reference's outputs (from
-the cache when it has them) instead of running both. The trainer mixes this class in; the objects
+the cache when it has them) instead of running both. No (tokens × vocabulary) tensor outlives a chunk:
+passes keep the final hidden states at the response tokens, and log-probs, divergences and ε-DPO's
+perturbed policies form logits from them a few rows at a time (lm_head.py). The trainer mixes this class in; the objects
 it uses (model, kernel, optimiser, state) are built by `setup.TrainingSetup`.
 """
 
@@ -37,8 +39,8 @@ class StepTerms:
 
     out: Any  # losses.LossOutput
     n_tokens: int
-    policy_logits: torch.Tensor | None = None  # (N × V) at the batch's response tokens
-    ref_logits: torch.Tensor | None = None
+    policy_hidden: torch.Tensor | None = None  # (N × H) final hidden states at the batch's response tokens
+    ref_hidden: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
     steps: torch.Tensor | None = None
     reps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # projected h(x), h(y+), h(y-)
@@ -46,11 +48,11 @@ class StepTerms:
 
 @dataclass
 class ForwardOut:
-    """One model pass over a batch: response-token logits, sequence log-probs, pooled hidden states."""
+    """One model pass over a batch: sequence log-probs, pooled and response-token hidden states."""
 
-    logits: torch.Tensor | None  # (N × V), float32 or wider; None when served from the reference cache
     logps: torch.Tensor  # (2B,) chosen then rejected
     pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # masked means of the last hidden state (B × H)
+    hidden: torch.Tensor | None = None  # (N × H) final hidden states at the response tokens; None from the cache
 
 
 @dataclass
@@ -96,7 +98,11 @@ class TrainingStep:
         return self._unwrapped().disable_adapter()
 
     def _output_embeddings(self) -> torch.Tensor:
-        return self._unwrapped().get_output_embeddings().weight
+        """The LM head's weight (V × H): logits are W h. A head with a bias is not supported."""
+        head = self._unwrapped().get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(f"{type(head).__name__} LM heads with a bias are not supported: logits must be W h")
+        return head.weight
 
     # ------------------------------------------------------------------ representations
     def _project(self, h: torch.Tensor) -> torch.Tensor:
@@ -111,8 +117,9 @@ class TrainingStep:
     # ------------------------------------------------------------------ forward and objective
     def _forward(self, model, batch: Batch, *, pool: bool) -> ForwardOut:
         """One pass; the LM head runs on the response tokens only (prompt and padding logits are never
-        formed), and log-probs come from a gather and a logsumexp, not a full log-softmax."""
-        from dpo_engine.losses import masked_mean_pool, sum_by_sequence, token_logps
+        formed), a chunk of rows at a time, and log-probs come from a gather and a logsumexp."""
+        from dpo_engine.lm_head import head_token_logps
+        from dpo_engine.losses import masked_mean_pool, sum_by_sequence
 
         inner = self.accelerator.unwrap_model(model)
         mask = batch.attention_mask
@@ -124,13 +131,13 @@ class TrainingStep:
             out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
                         output_hidden_states=True, use_cache=False, logits_to_keep=1)
             hidden = out.hidden_states[-1]
-            logits = inner.get_output_embeddings()(hidden[batch.token_rows, batch.token_cols])
-        logits = logits.float()
-        logps = sum_by_sequence(token_logps(logits, batch.token_labels), batch.token_seq, 2 * batch.n_pairs)
+            tokens = hidden[batch.token_rows, batch.token_cols]
+            token_values = head_token_logps(tokens, self._output_embeddings(), batch.token_labels)
+        logps = sum_by_sequence(token_values, batch.token_seq, 2 * batch.n_pairs)
         pooled = None
         if pool:
             pooled = tuple(masked_mean_pool(hidden[rows], m) for rows, m in zip(batch.pool_rows, batch.pool_masks))
-        return ForwardOut(logits, logps, pooled)
+        return ForwardOut(logps, pooled, tokens)
 
     def _reference_pass(self, batch: Batch, *, pool: bool = False) -> ForwardOut:
         """The reference model on a batch (no gradient); its log-probs (and pooled states) go into the cache."""
@@ -142,16 +149,16 @@ class TrainingStep:
                 self.reference_cache.put("reps", batch.pairs, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
         return ref
 
-    def _reference_outputs(self, batch: Batch, *, pool: bool, logits: bool) -> ForwardOut:
+    def _reference_outputs(self, batch: Batch, *, pool: bool, hidden: bool) -> ForwardOut:
         """The reference's outputs on a batch: from the cache (log-probs, pooled states) when it holds them
-        and no logits are needed, else one live pass (which fills the cache)."""
+        and its token hidden states are not needed, else one live pass (which fills the cache)."""
         cache = self.reference_cache
-        if not logits and cache is not None:
+        if not hidden and cache is not None:
             logps = cache.lookup_logps(batch.pairs)
             reps = cache.get("reps", batch.pairs) if pool else None
             if logps is not None and (not pool or reps is not None):
                 pooled = tuple(torch.from_numpy(reps[:, j]).to(self.device) for j in range(3)) if pool else None
-                return ForwardOut(None, logps.to(device=self.device, dtype=torch.float32), pooled)
+                return ForwardOut(logps.to(device=self.device, dtype=torch.float32), pooled)
         return self._reference_pass(batch, pool=pool)
 
     def _policy_is_reference(self) -> bool:
@@ -164,19 +171,22 @@ class TrainingStep:
         lora_b = [p for n, p in self._unwrapped().named_parameters() if "lora_B" in n]
         return bool(lora_b) and all(not bool(p.detach().any()) for p in lora_b)
 
-    def _compute(self, batch: Batch, *, beta: float, train: bool, keep_logits: bool = False,
+    def _compute(self, batch: Batch, *, beta: float, train: bool, keep_hidden: bool = False,
                  want_reps: bool = False, policy_is_reference: bool = False,
                  reference: ForwardOut | None = None) -> StepTerms:
         """Loss terms for one batch (METHOD.md 2.1-2.7).
 
         The reference runs live only when the objective needs its token distributions (a divergence
-        regulariser, ε-DPO's perturbed logits, `keep_logits` for the divergence traces) or its
+        regulariser, ε-DPO's perturbed logits, `keep_hidden` for the divergence traces) or its
         log-probs are not cached yet; otherwise the cached log-probs stand in for it. `reference`
-        gives its outputs (logits and log-probs) already computed; `policy_is_reference` (evaluation
-        before the first update) takes the policy's outputs from the reference instead of a second pass.
+        gives its outputs (token hidden states and log-probs) already computed; `policy_is_reference`
+        (evaluation before the first update) takes the policy's outputs from the reference instead of a
+        second pass.
         """
-        from dpo_engine.divergences import token_divergence
-        from dpo_engine.losses import embedding_margin, epsilon_dpo_beta_per_pair, epsilon_dpo_steps_tokens, hybrid_dpo_loss
+        from dpo_engine.divergences import token_divergence_from_hidden
+        from dpo_engine.lm_head import perturbed_token_logps
+        from dpo_engine.losses import (embedding_margin, epsilon_dpo_beta_per_pair, epsilon_dpo_steps_from_token_logps,
+                                       epsilon_grid, hybrid_dpo_loss)
 
         mcfg = self.config.method
         lcfg, dcfg = mcfg.loss, mcfg.divergence
@@ -186,20 +196,20 @@ class TrainingStep:
         use_eps = train and lcfg.epsilon_dpo > 0
         pool = want_reps or (use_kernel and self.encoder_reps is None)
 
-        need_ref_logits = use_div or use_eps or keep_logits
+        need_ref_hidden = use_div or use_eps or keep_hidden
         if policy_is_reference and not train:
-            pol = reference = self._reference_outputs(batch, pool=pool, logits=keep_logits)
+            pol = reference = self._reference_outputs(batch, pool=pool, hidden=keep_hidden)
         else:
             pol = self._forward(self.model, batch, pool=pool)
         self._check_finite(pol.logps, "policy log-probabilities")
-        ref_logits, ref_logps = None, None
-        if reference is not None and (reference.logits is not None or not need_ref_logits):
-            ref_logits, ref_logps = reference.logits, reference.logps
-        elif not need_ref_logits and self.reference_cache is not None:
+        ref_hidden, ref_logps = None, None
+        if reference is not None and (reference.hidden is not None or not need_ref_hidden):
+            ref_hidden, ref_logps = reference.hidden, reference.logps
+        elif not need_ref_hidden and self.reference_cache is not None:
             ref_logps = self.reference_cache.lookup_logps(batch.pairs)
         if ref_logps is None:
             ref = self._reference_pass(batch)
-            ref_logits, ref_logps = ref.logits, ref.logps
+            ref_hidden, ref_logps = ref.hidden, ref.logps
         ref_logps = ref_logps.to(device=pol.logps.device, dtype=pol.logps.dtype)
 
         reps = tuple(self._project(h) for h in pol.pooled) if pol.pooled is not None else None
@@ -208,11 +218,10 @@ class TrainingStep:
             m_emb = embedding_margin(self.kernel, *(self._encoder_batch(batch) if self.encoder_reps is not None else reps))
             self._check_finite(m_emb, "embedding margin (kernel term)")
 
+        head = self._output_embeddings() if (use_div or use_eps) else None
         loss_div = None
         if use_div:
-            every = torch.ones((1, pol.logits.shape[0]), dtype=torch.bool, device=pol.logits.device)
-            loss_div = token_divergence(dcfg, pol.logits[None], ref_logits[None], every,
-                                        output_embeddings=self._output_embeddings(), cfg=dcfg)
+            loss_div = token_divergence_from_hidden(dcfg, pol.hidden, ref_hidden, head, output_embeddings=head, cfg=dcfg)
             self._check_finite(loss_div, f"divergence regulariser ({dcfg.name})")
 
         loss_entropy = self.kernel.entropy_penalty() if (train and use_kernel) else None
@@ -220,8 +229,9 @@ class TrainingStep:
         steps = None
         beta_arg: float | torch.Tensor = beta
         if use_eps:
-            steps = epsilon_dpo_steps_tokens(pol.logits, ref_logits, batch.token_labels, batch.token_seq, b,
-                                             lcfg.epsilon_dpo)
+            perturbed = perturbed_token_logps(pol.hidden.detach(), ref_hidden, head, batch.token_labels,
+                                              epsilon_grid(lcfg.epsilon_dpo))
+            steps = epsilon_dpo_steps_from_token_logps(perturbed, batch.token_seq, b)
             beta_arg = epsilon_dpo_beta_per_pair(beta, steps, lcfg.epsilon_dpo)
 
         logps = pol.logps
@@ -233,8 +243,8 @@ class TrainingStep:
             if isinstance(value, torch.Tensor):
                 self._check_finite(value, name)
         terms = StepTerms(out=out, n_tokens=batch.n_tokens, steps=steps, reps=reps)
-        if keep_logits:
-            terms.policy_logits, terms.ref_logits, terms.ref_logps = pol.logits, ref_logits, ref_logps
+        if keep_hidden:
+            terms.policy_hidden, terms.ref_hidden, terms.ref_logps = pol.hidden, ref_hidden, ref_logps
         return terms
 
     def _check_finite(self, value: torch.Tensor, term: str) -> None:

@@ -83,7 +83,7 @@ class DPOTrainer(TrainingSetup, TrainingStep, Monitoring):
         self._progress_bar = progress_bar
         self.state = TrainState(beta=config.method.loss.beta)
         self.time_split: dict[str, float] = {}  # seconds outside the step, by activity (summary.json)
-        self.divergence_reference: dict = {}  # eval chunk index -> the reference's logits there (monitoring)
+        self.divergence_reference: dict = {}  # eval chunk index -> the reference's token hidden states there (monitoring)
 
     @contextlib.contextmanager
     def timed(self, activity: str):
