@@ -578,11 +578,14 @@ def token_divergence(
     return _mean_divergence(cfg, policy, None, _Logits(ref), positions, output_embeddings)
 
 
-def _flatten_hidden(policy_hidden: Tensor, ref_hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _flatten_hidden(policy_hidden: Tensor, ref_hidden: Tensor, head_weight: Tensor,
+                    ref_head_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(N × H) rows as one (1 × N × H) sequence, and every position of it."""
     if policy_hidden.ndim != 2 or head_weight.ndim != 2 or policy_hidden.shape[1] != head_weight.shape[1]:
         raise ValueError(f"expected hidden states (N x H) and a head weight (V x H), got {tuple(policy_hidden.shape)} "
                          f"and {tuple(head_weight.shape)}")
+    if ref_head_weight.shape != head_weight.shape:
+        raise ValueError(f"policy and reference head weights differ in shape: {tuple(head_weight.shape)} vs {tuple(ref_head_weight.shape)}")
     if ref_hidden.shape != policy_hidden.shape:
         raise ValueError(f"policy and reference hidden states differ in shape: {tuple(policy_hidden.shape)} vs {tuple(ref_hidden.shape)}")
     n = policy_hidden.shape[0]
@@ -598,17 +601,20 @@ def token_divergence_from_hidden(
     ref_hidden: Tensor,
     head_weight: Tensor,
     *,
+    ref_head_weight: Tensor | None = None,
     output_embeddings: Tensor | None = None,
     cfg: DivergenceConfig | None = None,
 ) -> Tensor:
     """`token_divergence` over every row, with logits z = W h formed a chunk at a time from the final
-    hidden states (N × H) of policy and reference and the head weight W (V × H): the same value and
+    hidden states (N × H) of policy and reference and the head weight W (V × H; the reference's own
+    `ref_head_weight` when it differs, as after full fine-tuning of a tied head): the same value and
     gradient (to the policy's hidden states, and to W when it trains) without any N × V tensor."""
     cfg = _resolve_cfg(cfg_or_name, cfg)
     if cfg.name == "none":
         return torch.zeros((), dtype=_compute_dtype(policy_hidden), device=policy_hidden.device)
-    policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight)
-    return _mean_divergence(cfg, policy, head_weight, _Logits(hidden=ref, weight=head_weight.detach()), positions,
+    ref_head_weight = head_weight if ref_head_weight is None else ref_head_weight
+    policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight, ref_head_weight)
+    return _mean_divergence(cfg, policy, head_weight, _Logits(hidden=ref, weight=ref_head_weight.detach()), positions,
                             output_embeddings)
 
 
@@ -649,9 +655,11 @@ def all_token_divergences_from_hidden(
     head_weight: Tensor,
     cfg: DivergenceConfig,
     output_embeddings: Tensor | None,
+    *,
+    ref_head_weight: Tensor | None = None,
 ) -> dict[str, float]:
     """`all_token_divergences` over every row of (N × H) final hidden states, logits formed a chunk at a time."""
-    policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight)
-    weight = head_weight.detach()
-    return _all_divergences(_Logits(hidden=policy, weight=weight), _Logits(hidden=ref, weight=weight), positions, cfg,
-                            output_embeddings)
+    ref_head_weight = head_weight if ref_head_weight is None else ref_head_weight
+    policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight, ref_head_weight)
+    return _all_divergences(_Logits(hidden=policy, weight=head_weight.detach()),
+                            _Logits(hidden=ref, weight=ref_head_weight.detach()), positions, cfg, output_embeddings)

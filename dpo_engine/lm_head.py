@@ -104,10 +104,15 @@ def head_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_ro
 
 @torch.no_grad()
 def perturbed_token_logps(hidden: Tensor, ref_hidden: Tensor, weight: Tensor, labels: Tensor,
-                          ts: tuple[float, ...], *, chunk_rows: int = HEAD_CHUNK_ROWS) -> list[Tensor]:
+                          ts: tuple[float, ...], *, ref_weight: Tensor | None = None,
+                          chunk_rows: int = HEAD_CHUNK_ROWS) -> list[Tensor]:
     """For each t in ts, log-softmax((1 + t) z - t z_ref) at the labels (N,), with z = W h and
-    z_ref = W h_ref: ε-DPO's perturbed policies (METHOD.md 2.6), a chunk of rows at a time."""
+    z_ref = W_ref h_ref (W_ref = W unless given): ε-DPO's perturbed policies (METHOD.md 2.6), a
+    chunk of rows at a time."""
     _check(hidden, weight, labels)
+    ref_weight = weight if ref_weight is None else ref_weight
+    if ref_weight.shape != weight.shape:
+        raise ValueError(f"policy and reference head weights differ in shape: {tuple(weight.shape)} vs {tuple(ref_weight.shape)}")
     if ref_hidden.shape != hidden.shape:
         raise ValueError(f"policy and reference hidden states differ in shape: {tuple(hidden.shape)} vs {tuple(ref_hidden.shape)}")
     from dpo_engine.losses import token_logps
@@ -117,7 +122,7 @@ def perturbed_token_logps(hidden: Tensor, ref_hidden: Tensor, weight: Tensor, la
             for _ in ts]
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        z, z_ref = head_logits(hidden[rows], weight), head_logits(ref_hidden[rows], weight)
+        z, z_ref = head_logits(hidden[rows], weight), head_logits(ref_hidden[rows], ref_weight)
         for out, t in zip(outs, ts):
             out[rows] = token_logps((1.0 + t) * z - t * z_ref, labels[rows])
     return outs

@@ -10,6 +10,8 @@ precision with `--device cuda`). Runs:
 - trl-precompute     the same with precompute_ref_log_probs=True;
 - ours-<method>-cold our trainer, fresh reference cache (the first run on this data);
 - ours-<method>-warm our trainer again on the same workspace (the cache from the cold run).
+`--allocator jemalloc` runs every process on jemalloc, as our job processes run
+(dpo_engine/jobs/allocator.py); `--ours-allocator jemalloc` only ours, against TRL as shipped.
 Methods: dpo (plain), hmk, hmk+js (divergence regulariser), eps (ε-DPO).
 
 Every run is its own process (so peak RSS is its own), `--warmup` steps are untimed, the rest are
@@ -246,6 +248,10 @@ def main() -> None:
                    help="turn off TRL's default gradient checkpointing (ours has it off by default)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="turn on gradient checkpointing in our runs too (TRL has it on by default): same settings on both sides")
+    p.add_argument("--allocator", choices=["system", "jemalloc"], default="system",
+                   help="malloc of every run (jemalloc: preloaded as our job processes do, dpo_engine/jobs/allocator.py)")
+    p.add_argument("--ours-allocator", choices=["system", "jemalloc"],
+                   help="malloc of our runs only (default: --allocator); e.g. jemalloc, as our jobs run, against TRL as shipped")
     p.add_argument("--no-trl", action="store_true", help="only our runs")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_peer.jsonl"))
     p.add_argument("--run", help=argparse.SUPPRESS)
@@ -255,10 +261,13 @@ def main() -> None:
         child(args)
         return
 
+    from dpo_engine.jobs.allocator import jemalloc_library, with_allocator  # the parent only: children stay lean
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("steps", "warmup", "batch_size", "max_length", "threads", "device", "model",
-                                             "calibration_pairs", "trl_no_gradient_checkpointing", "gradient_checkpointing")}
+                                             "calibration_pairs", "trl_no_gradient_checkpointing", "gradient_checkpointing",
+                                             "allocator", "ours_allocator")}
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     done = [r for r in done if r.get("settings") == settings]  # runs taken with other settings are not reused
     finished = {(r["repeat"], r["run"]) for r in done if "error" not in r}  # failed runs are tried again
@@ -282,6 +291,10 @@ def main() -> None:
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
         env = {**os.environ, "DPO_KERNELS_MODEL_CACHE": os.environ.get("DPO_KERNELS_MODEL_CACHE", str(REPO / ".cache" / "models"))}
+        allocator = (args.ours_allocator or args.allocator) if run.startswith("ours") else args.allocator
+        if allocator == "jemalloc" and jemalloc_library() is None:
+            raise SystemExit("--allocator jemalloc: no libjemalloc on this machine (Debian: apt-get install libjemalloc2)")
+        env = with_allocator(env, allocator)
         t0 = time.perf_counter()
         print(f"[{i + 1}/{len(todo)}] repeat {rep} {run} ...", end=" ", flush=True)
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -296,6 +309,7 @@ def main() -> None:
         with open(out, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         done.append(record)
+    print(f"allocator: TRL {args.allocator}, ours {args.ours_allocator or args.allocator}")
     summarise([r for r in done if r["repeat"] < args.repeats], args)
 
 

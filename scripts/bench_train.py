@@ -149,15 +149,18 @@ def wall_split(args) -> None:
     peak RSS is its own: where the wall time goes."""
     import shutil
 
+    from dpo_engine.jobs.allocator import with_allocator
     from dpo_engine.train.reference import CACHE_DIR
 
     # The first run must find no cached reference (nor HT-SR "before"); a converted model stays converted.
     shutil.rmtree(Path(args.out) / "wall_split_ws" / CACHE_DIR, ignore_errors=True)
+    env = with_allocator(dict(os.environ), args.allocator)  # the runs allocate like job processes
+    print(f"allocator: {'jemalloc' if 'jemalloc' in env.get('LD_PRELOAD', '') else 'system'}", flush=True)
     for label in ("cold", "warm")[: 1 if args.cold_only else 2]:
         cmd = [sys.executable, __file__, "--wall-split", "--wall-run", label, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads),
                "--model", args.model, "--wall-method", args.wall_method, "--out", args.out]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not lines:
             print(f"cache {label}: failed\n{res.stderr[-2000:]}", flush=True)
@@ -213,6 +216,8 @@ def main() -> None:
     p.add_argument("--wall-method", choices=("default", "dpo"), default="default",
                    help="wall split: the default method (HMK + KL) or plain DPO")
     p.add_argument("--cold-only", action="store_true", help="wall split: only the first (cache cold) run")
+    p.add_argument("--allocator", choices=("jemalloc", "system"), default=None,
+                   help="wall split: malloc of the runs (default: as job processes, jemalloc when the machine has it)")
     p.add_argument("--wall-run", choices=("cold", "warm"), help=argparse.SUPPRESS)
     p.add_argument("--methods", nargs="*", default=None, help="learning mode: run only these (dpo, hmk)")
     p.add_argument("--divergence", default="kl")

@@ -117,3 +117,25 @@ def test_all_divergences_from_hidden_equal_the_logit_path():
     for key in want:
         assert want[key] > 0
         np.testing.assert_allclose(got[key], want[key], rtol=1e-10)
+
+
+def test_a_reference_with_its_own_head_gets_its_own_logits():
+    """After full fine-tuning of a tied head the reference's head differs from the policy's."""
+    hidden, ref_hidden, weight, labels, _ = _inputs(seed=4, weight_grad=True)
+    ref_weight = weight.detach() + 0.2 * torch.randn(V, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cfg = DivergenceConfig(name="js", chunk_positions=9)
+    every = torch.ones((1, N), dtype=torch.bool)
+    plain = token_divergence(cfg, (hidden @ weight.T)[None], (ref_hidden @ ref_weight.T)[None], every)
+    chunked = token_divergence_from_hidden(cfg, hidden, ref_hidden, weight, ref_head_weight=ref_weight)
+    np.testing.assert_allclose(float(chunked.detach()), float(plain.detach()), rtol=1e-10)
+    for got, want in zip(torch.autograd.grad(chunked, [hidden, weight]), torch.autograd.grad(plain, [hidden, weight])):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-12)
+    h, w = hidden.detach(), weight.detach()
+    z, z_ref = h @ w.T, ref_hidden @ ref_weight.T
+    (got,) = perturbed_token_logps(h, ref_hidden, w, labels, (0.1,), ref_weight=ref_weight)
+    np.testing.assert_allclose(got.numpy(), token_logps(1.1 * z - 0.1 * z_ref, labels).numpy(), atol=1e-12)
+    assert not np.allclose(got.numpy(), perturbed_token_logps(h, ref_hidden, w, labels, (0.1,))[0].numpy())
+    every_got = all_token_divergences_from_hidden(h, ref_hidden, w, cfg, w, ref_head_weight=ref_weight)
+    every_want = all_token_divergences(z[None], z_ref[None], every, cfg, w)
+    for key in every_want:
+        np.testing.assert_allclose(every_got[key], every_want[key], rtol=1e-10)

@@ -212,6 +212,31 @@ def test_htsr_before_is_reused_for_the_same_model(workspace, tmp_path):
         rundir.read_summary(tmp_path / "first")["weighted_alpha_before"])
 
 
+def test_htsr_after_reuses_frozen_layers_and_equals_a_full_analysis(workspace, tmp_path):
+    """With LoRA the embedding and LM head keep the base weights: the "after" table reuses their
+    "before" rows and equals a full WeightWatcher analysis of the saved, merged model."""
+    from peft import PeftModel
+
+    from dpo_engine.analysis.htsr import analyze_model
+    from dpo_engine.models.loading import load_policy
+
+    cfg = make_config(model={"lora": True, "lora_dropout": 0.0}, optimisation={"max_steps": 2},
+                      monitoring={"htsr": True})
+    summary = train(cfg, tmp_path / "run", workspace=workspace, pairs=toy_pairs(24), log=lambda m: None)
+    assert summary["status"] == "succeeded", summary["error"]
+    after = rundir.read_htsr(tmp_path / "run", "after")
+    before = rundir.read_htsr(tmp_path / "run", "before")
+    base, _ = load_policy("tiny-random", workspace=workspace)
+    merged = PeftModel.from_pretrained(base, tmp_path / "run" / rundir.MODEL).merge_and_unload()
+    full = analyze_model(merged)
+    full.to_csv(tmp_path / "full.csv", index=False)  # the same round trip as the run's table
+    pd.testing.assert_frame_equal(after, pd.read_csv(tmp_path / "full.csv"))
+    reused = after["longname"].isin(["model.embed_tokens", "lm_head"])
+    assert reused.sum() >= 1
+    changed = after["longname"].str.contains("proj")
+    assert changed.any() and not np.allclose(after.loc[changed, "lambda_max"], before.loc[changed, "lambda_max"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-finetune"])
 def test_step0_evaluation_from_the_reference_equals_a_live_policy_pass(tmp_path, monkeypatch, lora):
     """Before the first update the policy's outputs are the reference's: the step-0 eval row and

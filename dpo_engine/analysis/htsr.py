@@ -23,14 +23,26 @@ COLUMNS = ("layer_id", "name", "longname", "layer_type", "alpha", "alpha_weighte
            "stable_rank", "num_evals", "N", "M", "warning")
 
 
-def analyze_model(model) -> pd.DataFrame:
-    """Per-layer WeightWatcher table (COLUMNS first, then whatever else it reports) plus an `out_of_range` flag."""
+def analyze_model(model, *, known: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per-layer WeightWatcher table (COLUMNS first, then whatever else it reports) plus an `out_of_range` flag.
+
+    `known`: rows of an earlier table for layers whose weights have not changed since (same model
+    structure, so the same `layer_id`s; e.g. the embedding and LM head that LoRA leaves alone).
+    WeightWatcher skips those layers and their rows are reused: the table is the one a full
+    analysis gives, without the largest SVDs (the 49k × 576 embedding of SmolLM2)."""
     import weightwatcher
 
+    known = known if known is not None and len(known) else None
+    skip = [] if known is None else [-int(i) for i in known["layer_id"]]
+    if any(i >= 0 for i in skip):
+        raise ValueError("layers to reuse need positive WeightWatcher layer ids")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        details = weightwatcher.WeightWatcher(model=model).analyze()
+        details = weightwatcher.WeightWatcher(model=model).analyze(layers=skip)
+    if known is not None:
+        details = pd.concat([details, known.drop(columns=["out_of_range"], errors="ignore")], ignore_index=True)
+        details = details.sort_values("layer_id", kind="stable")
     if details is None or len(details) == 0:
         raise ValueError("WeightWatcher found no analysable layers in this model")
     details = details.reset_index(drop=True)

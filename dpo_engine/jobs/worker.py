@@ -21,6 +21,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 import dpo_engine
+from dpo_engine.jobs.allocator import with_allocator
 from dpo_engine.jobs.child import ENV_DEVICE, ENV_WORKER_PID
 from dpo_engine.jobs.devices import resolve_device
 from dpo_engine.jobs.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
@@ -170,7 +171,7 @@ class Worker(StopOnSignal):
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        return env
+        return with_allocator(env)
 
     def run_job(self, job: Job) -> Job:
         """Run a job this worker has claimed, to its final status (or back to the queue)."""

@@ -98,7 +98,7 @@ class Monitoring:
                                   policy_is_reference=at_reference, reference=memo.get(index) if in_div else None)
             if in_div and index not in memo and \
                     sum(r.hidden.nbytes for r in memo.values()) + terms.ref_hidden.nbytes <= DIVERGENCE_REFERENCE_BYTES:
-                memo[index] = ForwardOut(terms.ref_logps, None, terms.ref_hidden)
+                memo[index] = ForwardOut(terms.ref_logps, None, terms.ref_hidden, terms.ref_head)
             out, b = terms.out, batch.n_pairs
             sums["loss_pref"] += float(out.loss_pref) * b
             sums["reward_acc"] += float((out.rho > 0).float().sum())
@@ -109,9 +109,9 @@ class Monitoring:
             n += b
             if in_div:
                 n_pos = terms.policy_hidden.shape[0]
-                head = self._output_embeddings()
-                divs = all_token_divergences_from_hidden(terms.policy_hidden, terms.ref_hidden, head,
-                                                         self.config.method.divergence, head)
+                divs = all_token_divergences_from_hidden(terms.policy_hidden, terms.ref_hidden, terms.policy_head,
+                                                         self.config.method.divergence, self._output_embeddings(),
+                                                         ref_head_weight=terms.ref_head)
                 for key, value in divs.items():
                     div_sums[key] += float(value) * n_pos
                 positions += n_pos
@@ -159,14 +159,14 @@ class Monitoring:
             self._trackers = None
 
     # ------------------------------------------------------------------ HT-SR
-    def _htsr(self, model, filename: str, label: str):
+    def _htsr(self, model, filename: str, label: str, known=None):
         if not self.accelerator.is_main_process:
             return None
         from dpo_engine.analysis.htsr import analyze_model, weighted_alpha
 
         t0 = time.perf_counter()
         with self.timed("htsr"):
-            table = analyze_model(model)
+            table = analyze_model(model, known=known)
         table.to_csv(self.run_dir / filename, index=False)
         wa = weighted_alpha(table)
         self.log(f"HT-SR {label}: {len(table)} layers, weighted alpha {wa:.4f} ({time.perf_counter() - t0:.1f}s)")
@@ -270,8 +270,23 @@ class Monitoring:
         self.log(f"model saved: {out_dir.relative_to(self.run_dir)} ({'LoRA adapter' if self.config.model.lora else 'full model'})")
         self.htsr_after = None
         if self.config.monitoring.htsr:
+            known = self._htsr_unchanged_layers(model) if self.config.model.lora else None
             merged = model.merge_and_unload() if self.config.model.lora else model
-            self.htsr_after = self._htsr(merged, rundir.HTSR_AFTER, "after")
+            self.htsr_after = self._htsr(merged, rundir.HTSR_AFTER, "after", known=known)
+
+    def _htsr_unchanged_layers(self, model):
+        """Rows of the "before" table for layers with no trainable parameter in the LoRA model (neither
+        adapters nor saved copies: their weights are the base model's); the HT-SR "after" reuses them
+        instead of repeating their SVDs."""
+        before = rundir.read_htsr(self.run_dir, "before") if self.accelerator.is_main_process else None
+        if before is None or "longname" not in before or "layer_id" not in before:
+            return None
+        modules = {name.removeprefix("base_model.model."): module for name, module in model.named_modules()}
+        trained = [m for m in modules.values() if any(p.requires_grad for p in m.parameters())]
+        touched = {p.data_ptr() for m in trained for p in m.parameters()}  # a merge writes these (tied weights too)
+        frozen = {name for name, module in modules.items()
+                  if not any(p.requires_grad or p.data_ptr() in touched for p in module.parameters())}
+        return before[before["longname"].isin(frozen) & (before["layer_id"] > 0)]
 
     def _write_summary(self, summary: dict[str, Any], t_start: float) -> None:
         if hasattr(self, "accelerator") and not self.accelerator.is_main_process:

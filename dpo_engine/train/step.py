@@ -41,6 +41,8 @@ class StepTerms:
     n_tokens: int
     policy_hidden: torch.Tensor | None = None  # (N × H) final hidden states at the batch's response tokens
     ref_hidden: torch.Tensor | None = None
+    policy_head: torch.Tensor | None = None  # (V × H) the LM head weights that turn them into logits
+    ref_head: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
     steps: torch.Tensor | None = None
     reps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # projected h(x), h(y+), h(y-)
@@ -53,6 +55,7 @@ class ForwardOut:
     logps: torch.Tensor  # (2B,) chosen then rejected
     pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # masked means of the last hidden state (B × H)
     hidden: torch.Tensor | None = None  # (N × H) final hidden states at the response tokens; None from the cache
+    head: torch.Tensor | None = None  # (V × H) the model's LM head weight: logits = head @ hidden
 
 
 @dataclass
@@ -97,12 +100,16 @@ class TrainingStep:
             return contextlib.nullcontext()
         return self._unwrapped().disable_adapter()
 
-    def _output_embeddings(self) -> torch.Tensor:
-        """The LM head's weight (V × H): logits are W h. A head with a bias is not supported."""
-        head = self._unwrapped().get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            raise ValueError(f"{type(head).__name__} LM heads with a bias are not supported: logits must be W h")
+    def _head_weight(self, model) -> torch.Tensor:
+        """The model's LM head weight W (V × H): logits are W h, formed a chunk of rows at a time."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+            raise ValueError(f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias; "
+                             "leave it out of model.lora_target_modules")
         return head.weight
+
+    def _output_embeddings(self) -> torch.Tensor:
+        return self._head_weight(self.model)
 
     # ------------------------------------------------------------------ representations
     def _project(self, h: torch.Tensor) -> torch.Tensor:
@@ -132,12 +139,13 @@ class TrainingStep:
                         output_hidden_states=True, use_cache=False, logits_to_keep=1)
             hidden = out.hidden_states[-1]
             tokens = hidden[batch.token_rows, batch.token_cols]
-            token_values = head_token_logps(tokens, self._output_embeddings(), batch.token_labels)
+            head = self._head_weight(inner)
+            token_values = head_token_logps(tokens, head, batch.token_labels)
         logps = sum_by_sequence(token_values, batch.token_seq, 2 * batch.n_pairs)
         pooled = None
         if pool:
             pooled = tuple(masked_mean_pool(hidden[rows], m) for rows, m in zip(batch.pool_rows, batch.pool_masks))
-        return ForwardOut(logps, pooled, tokens)
+        return ForwardOut(logps, pooled, tokens, head)
 
     def _reference_pass(self, batch: Batch, *, pool: bool = False) -> ForwardOut:
         """The reference model on a batch (no gradient); its log-probs (and pooled states) go into the cache."""
@@ -202,15 +210,15 @@ class TrainingStep:
         else:
             pol = self._forward(self.model, batch, pool=pool)
         self._check_finite(pol.logps, "policy log-probabilities")
-        ref_hidden, ref_logps = None, None
+        ref = None
         if reference is not None and (reference.hidden is not None or not need_ref_hidden):
-            ref_hidden, ref_logps = reference.hidden, reference.logps
+            ref = reference
         elif not need_ref_hidden and self.reference_cache is not None:
-            ref_logps = self.reference_cache.lookup_logps(batch.pairs)
-        if ref_logps is None:
+            cached = self.reference_cache.lookup_logps(batch.pairs)
+            ref = ForwardOut(cached, None) if cached is not None else None
+        if ref is None:
             ref = self._reference_pass(batch)
-            ref_hidden, ref_logps = ref.hidden, ref.logps
-        ref_logps = ref_logps.to(device=pol.logps.device, dtype=pol.logps.dtype)
+        ref_logps = ref.logps.to(device=pol.logps.device, dtype=pol.logps.dtype)
 
         reps = tuple(self._project(h) for h in pol.pooled) if pol.pooled is not None else None
         m_emb = None
@@ -218,10 +226,10 @@ class TrainingStep:
             m_emb = embedding_margin(self.kernel, *(self._encoder_batch(batch) if self.encoder_reps is not None else reps))
             self._check_finite(m_emb, "embedding margin (kernel term)")
 
-        head = self._output_embeddings() if (use_div or use_eps) else None
         loss_div = None
         if use_div:
-            loss_div = token_divergence_from_hidden(dcfg, pol.hidden, ref_hidden, head, output_embeddings=head, cfg=dcfg)
+            loss_div = token_divergence_from_hidden(dcfg, pol.hidden, ref.hidden, pol.head, ref_head_weight=ref.head,
+                                                    output_embeddings=self._output_embeddings(), cfg=dcfg)
             self._check_finite(loss_div, f"divergence regulariser ({dcfg.name})")
 
         loss_entropy = self.kernel.entropy_penalty() if (train and use_kernel) else None
@@ -229,8 +237,8 @@ class TrainingStep:
         steps = None
         beta_arg: float | torch.Tensor = beta
         if use_eps:
-            perturbed = perturbed_token_logps(pol.hidden.detach(), ref_hidden, head, batch.token_labels,
-                                              epsilon_grid(lcfg.epsilon_dpo))
+            perturbed = perturbed_token_logps(pol.hidden.detach(), ref.hidden, pol.head.detach(), batch.token_labels,
+                                              epsilon_grid(lcfg.epsilon_dpo), ref_weight=ref.head)
             steps = epsilon_dpo_steps_from_token_logps(perturbed, batch.token_seq, b)
             beta_arg = epsilon_dpo_beta_per_pair(beta, steps, lcfg.epsilon_dpo)
 
@@ -244,7 +252,8 @@ class TrainingStep:
                 self._check_finite(value, name)
         terms = StepTerms(out=out, n_tokens=batch.n_tokens, steps=steps, reps=reps)
         if keep_hidden:
-            terms.policy_hidden, terms.ref_hidden, terms.ref_logps = pol.hidden, ref_hidden, ref_logps
+            terms.policy_hidden, terms.ref_hidden, terms.ref_logps = pol.hidden, ref.hidden, ref_logps
+            terms.policy_head, terms.ref_head = pol.head, ref.head
         return terms
 
     def _check_finite(self, value: torch.Tensor, term: str) -> None:
