@@ -1,13 +1,14 @@
 """Job processes allocate through jemalloc when the machine has it.
 
-Why: a training step allocates and frees hundreds of MB of activations and gradients. glibc's
-malloc keeps much of that freed memory in its arenas, so a process's peak RSS sits about 1 GB
-above what its tensors need; jemalloc packs the same allocations far more tightly. Measured on
-the peer benchmark's step (SmolLM2-135M, LoRA, 4 pairs, 256 tokens, 2 CPU threads, four steps):
-peak RSS 2.35 GB under glibc, 1.45 GB under jemalloc with page purging off, at 5 % less time per
-step; with jemalloc's default purging the peak was 1.33 GB but steps took 10 % longer (pages are
-returned and faulted back in), hence `dirty_decay_ms:-1,muzzy_decay_ms:-1`: a job process keeps
-its high-water mark, and gives it all back when it exits.
+Why: a training step allocates and frees hundreds of MB of activations and gradients, and glibc's
+malloc keeps much of that freed memory in its arenas, so a process's peak RSS sits about 1 GB above
+what its tensors need. Measured on 2 CPU threads, SmolLM2-135M with LoRA, 4 pairs of 256 tokens:
+- the default run (HMK + KL, no gradient checkpointing, evaluations, HT-SR), three steps: peak RSS
+  4.08 GB under jemalloc, 5.25-5.30 GB under glibc; the steps took 7-12 % longer under jemalloc;
+- jemalloc with page purging off (`dirty_decay_ms:-1`) was as fast as glibc on the peer
+  benchmark's step but grew without bound on the default run (15 GB), so purging stays on and a
+  background thread does it (`background_thread:true`), off the training thread.
+The peer benchmark (scripts/bench_peer.py --ours-allocator jemalloc) reports the ratios.
 
 `DPO_KERNELS_ALLOCATOR=system` turns this off; without libjemalloc (Debian: `libjemalloc2`, which
 `make install` installs) jobs run on the system allocator and nothing else changes.
@@ -19,7 +20,7 @@ import os
 from pathlib import Path
 
 ENV_ALLOCATOR = "DPO_KERNELS_ALLOCATOR"
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_CONF = "background_thread:true"
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",

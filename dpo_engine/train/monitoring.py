@@ -169,7 +169,8 @@ class Monitoring:
             table = analyze_model(model, known=known)
         table.to_csv(self.run_dir / filename, index=False)
         wa = weighted_alpha(table)
-        self.log(f"HT-SR {label}: {len(table)} layers, weighted alpha {wa:.4f} ({time.perf_counter() - t0:.1f}s)")
+        reused = f", {len(known)} unchanged layers' rows reused" if known is not None and len(known) else ""
+        self.log(f"HT-SR {label}: {len(table)} layers, weighted alpha {wa:.4f} ({time.perf_counter() - t0:.1f}s{reused})")
         return wa
 
     def _htsr_before(self, model, key: str):
@@ -282,8 +283,12 @@ class Monitoring:
         if before is None or "longname" not in before or "layer_id" not in before:
             return None
         modules = {name.removeprefix("base_model.model."): module for name, module in model.named_modules()}
-        trained = [m for m in modules.values() if any(p.requires_grad for p in m.parameters())]
-        touched = {p.data_ptr() for m in trained for p in m.parameters()}  # a merge writes these (tied weights too)
+        # What training or the merge writes: trainable parameters, and the base weights of LoRA layers
+        # (by storage, so a head tied to the embedding counts for both).
+        touched = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+        for module in modules.values():
+            if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+                touched.update(p.data_ptr() for p in module.base_layer.parameters())
         frozen = {name for name, module in modules.items()
                   if not any(p.requires_grad or p.data_ptr() in touched for p in module.parameters())}
         return before[before["longname"].isin(frozen) & (before["layer_id"] > 0)]
