@@ -53,3 +53,31 @@ def test_htsr_job_unknown_model(workspace, tmp_path):
 
     with pytest.raises(UnknownModelError, match="unknown model"):
         analyze_into("no-such-model", tmp_path / "run", workspace=workspace)
+
+
+@pytest.mark.real_model
+def test_gram_spectra_equal_weightwatchers_svd_on_real_layers(workspace):
+    """The Gram-matrix eigenvalues give the table WeightWatcher's own SVD gives, on real weights of
+    every shape in SmolLM2 (the 49k × 576 embedding, attention and MLP projections)."""
+    import pandas as pd
+
+    from dpo_engine.models.loading import load_policy
+
+    model, _ = load_policy("smollm2-135m-instruct", workspace=workspace)
+    part = torch.nn.ModuleList([model.model.embed_tokens, *model.model.layers[:2]])
+    gram, svd = analyze_model(part), analyze_model(part, solver="svd")
+    assert len(gram) == len(svd) == 15
+    assert set(gram["M"].astype(int)) == {192, 576}
+    pd.testing.assert_frame_equal(gram.drop(columns=["sv_min"]), svd.drop(columns=["sv_min"]), rtol=1e-9, check_exact=False)
+    assert np.allclose(gram["sv_min"], svd["sv_min"], rtol=1e-4, atol=0)
+
+
+def test_gram_singular_values_match_numpy_svd():
+    rng = np.random.default_rng(0)
+    for shape in ((40, 7), (7, 40), (16, 16)):
+        w = rng.standard_normal(shape)
+        from dpo_engine.analysis.htsr import gram_singular_values
+
+        assert np.allclose(np.sort(gram_singular_values(w)), np.sort(np.linalg.svd(w, compute_uv=False)), rtol=1e-10)
+    with pytest.raises(ValueError, match="solver"):
+        analyze_model(torch.nn.Linear(4, 4), solver="qr")

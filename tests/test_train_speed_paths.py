@@ -302,3 +302,45 @@ def test_divergence_subset_reference_is_computed_once_per_run(workspace, tmp_pat
     for key in (k for k in reused if k.startswith("div_")):
         assert reused[key] == pytest.approx(fresh[key], rel=1e-6, abs=1e-9), key
     assert reused["div_kl"] > 0
+
+
+def test_length_grouped_evaluation_equals_the_held_out_order(workspace, tmp_path, monkeypatch):
+    """Evaluation batches pairs of similar length (less padding); every value it writes (the eval
+    row, each pair's margin, each probe pair's representations) equals batching in the held-out order."""
+    from dpo_engine.train import monitoring
+    from dpo_engine.train.data import pair_length
+
+    cfg = make_config(data={"min_eval_pairs": 20}, model={"lora": True, "lora_dropout": 0.0}, optimisation={"max_steps": 2},
+                      monitoring={"eval_divergences": True, "divergence_pairs": 4, "probe_pairs": 8})
+    tr = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(40), log=lambda m: None)
+    tr.setup()
+    with torch.no_grad():  # policy != reference, so every value comes from a live policy pass
+        for name, p in tr.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    margins: list[dict] = []
+    snapshots: list[tuple[np.ndarray, np.ndarray]] = []
+    monkeypatch.setattr(rundir, "append_eval_margins", lambda run_dir, step, ids, m: margins.append(dict(zip(ids, m))))
+    monkeypatch.setattr(tr, "_write_snapshot", lambda c, r: snapshots.append((c, r)) or 0.0)
+
+    def padded_tokens(chunks):
+        return sum(len(c) * max(pair_length(tr.eval_pairs[i]) for i in c) for c in chunks)
+
+    grouped_chunks = tr._eval_chunks()
+    grouped = tr.evaluate(snapshot=True)
+    monkeypatch.setattr(monitoring, "pair_length", lambda pair: 0)  # every pair the same length: held-out order
+    plain_chunks = tr._eval_chunks()
+    assert sum(plain_chunks, []) == list(range(len(tr.eval_pairs)))
+    assert sorted(sum(grouped_chunks, [])) == list(range(len(tr.eval_pairs)))
+    assert padded_tokens(grouped_chunks) < padded_tokens(plain_chunks)
+    for lo, hi in ((0, 4), (4, 8), (8, len(tr.eval_pairs))):  # no batch straddles the divergence subset or probe set
+        assert all(all(lo <= i < hi for i in c) or all(not lo <= i < hi for i in c) for c in grouped_chunks)
+    tr.divergence_reference.clear()
+    plain = tr.evaluate(snapshot=True)
+    assert grouped.keys() == plain.keys() and grouped["div_kl"] > 0
+    for key, value in plain.items():
+        assert grouped[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert list(margins[0]) == list(margins[1]) == [p.pair_id for p in tr.eval_pairs]
+    np.testing.assert_allclose(list(margins[0].values()), list(margins[1].values()), rtol=1e-5, atol=1e-5)
+    for a, b in zip(snapshots[0], snapshots[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)

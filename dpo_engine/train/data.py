@@ -25,6 +25,11 @@ class TokenizedPair:
     rejected_ids: list[int]
 
 
+def pair_length(pair: TokenizedPair) -> int:
+    """Tokens of the pair's packed row (prompt + chosen + rejected): what its batch pads to."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def load_pairs(dataset: str, workspace, log=print) -> pd.DataFrame:
     """The canonical table of a stored dataset or a preference file (flagged rows dropped and logged)."""
     from dpo_engine.data import open_dataset
@@ -176,7 +181,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
     context it has in the plain layout, and its log-probability is the same up to float rounding.
     """
     b = len(pairs)
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    lengths = [pair_length(p) for p in pairs]
     width = max(lengths)
     input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dpo_engine.train import rundir
+from dpo_engine.train.data import pair_length
 from dpo_engine.train.step import ForwardOut
 
 DIVERGENCE_REFERENCE_BYTES = 64 * 2**20  # reference hidden states kept for the divergence subset; beyond, recomputed
@@ -61,12 +62,19 @@ class Monitoring:
                  + (f" ({time.perf_counter() - t0:.1f}s; reference cache {cache.count()} pairs)" if cache is not None else ""))
 
     # ------------------------------------------------------------------ evaluation and snapshots
-    def _eval_chunks(self) -> list[list]:
-        """Held-out pairs in batches that never straddle the divergence subset or the probe set,
-        so those prefixes get their extra outputs from the same passes."""
+    def _eval_chunks(self) -> list[list[int]]:
+        """Held-out pair indices in batches that never straddle the divergence subset or the probe set,
+        so those prefixes get their extra outputs from the same passes. Within each of those segments
+        pairs are grouped by length, so a batch pads to a near neighbour rather than to the longest
+        pair of a random four (36 % padded tokens on the HH sample's held-out split, 13 % grouped);
+        each pair's values do not depend on its batch."""
         mon, bs, pairs = self.config.monitoring, self.config.optimisation.batch_size, self.eval_pairs
         cuts = sorted({0, len(pairs), min(mon.divergence_pairs, len(pairs)), len(self.probe_pairs)})
-        return [pairs[i : min(i + bs, hi)] for lo, hi in zip(cuts, cuts[1:]) for i in range(lo, hi, bs)]
+        chunks = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            order = sorted(range(lo, hi), key=lambda i: (pair_length(pairs[i]), i))
+            chunks += [order[i : i + bs] for i in range(0, len(order), bs)]
+        return chunks
 
     @torch.no_grad()
     def evaluate(self, snapshot: bool = False) -> dict[str, Any]:
@@ -74,9 +82,10 @@ class Monitoring:
         `monitoring.divergence_pairs` of them; with `snapshot`, the probe set's representations
         (written to snapshots/) and their Davies-Bouldin score as `dbs`.
 
-        Two things make it cheap without changing a value: before the first update the policy's
-        outputs are the reference's (cached log-probs and pooled states, no pass at all on a warm
-        cache), and the reference's final hidden states on the fixed divergence subset are computed
+        Three things make it cheap without changing a value: pairs are batched with pairs of similar
+        length (`_eval_chunks`), before the first update the policy's outputs are the reference's
+        (cached log-probs and pooled states, no pass at all on a warm cache) and every divergence is
+        exactly 0, and the reference's final hidden states on the fixed divergence subset are computed
         once per run and kept (divergence_pairs × response tokens × hidden size floats)."""
         from dpo_engine.divergences import all_token_divergences_from_hidden
 
@@ -89,11 +98,13 @@ class Monitoring:
                                   "reward_chosen": 0.0, "reward_rejected": 0.0}
         div_sums: dict[str, float] = {key: 0.0 for key in rundir.EVAL_KEYS if key.startswith("div_")}
         positions = 0
-        chosen, rejected, margins = [], [], []
+        margins: dict[int, float] = {}  # eval pair index -> rho, written in the held-out order
+        chosen: dict[int, np.ndarray] = {}
+        rejected: dict[int, np.ndarray] = {}
         for index, chunk in enumerate(self._eval_chunks()):
             in_div = mon.eval_divergences and n < mon.divergence_pairs
             in_probe = snapshot and n < len(self.probe_pairs)
-            batch = self._collate(chunk)
+            batch = self._collate([self.eval_pairs[i] for i in chunk])
             terms = self._compute(batch, beta=self.state.beta, train=False, keep_hidden=in_div, want_reps=in_probe,
                                   policy_is_reference=at_reference, reference=memo.get(index) if in_div else None)
             if in_div and index not in memo and \
@@ -105,26 +116,30 @@ class Monitoring:
             sums["hybrid_acc"] += float((out.margins > 0).float().sum())
             sums["reward_chosen"] += float(out.reward_chosen.sum())
             sums["reward_rejected"] += float(out.reward_rejected.sum())
-            margins.append(out.rho.detach().float().cpu().numpy())
+            margins.update(zip(chunk, out.rho.detach().float().cpu().numpy()))
             n += b
             if in_div:
                 n_pos = terms.policy_hidden.shape[0]
-                divs = all_token_divergences_from_hidden(terms.policy_hidden, terms.ref_hidden, terms.policy_head,
-                                                         self.config.method.divergence, self._output_embeddings(),
-                                                         ref_head_weight=terms.ref_head)
+                if at_reference:  # policy = reference: D(p || p) = 0 for all seven, no need to form logits
+                    divs = dict.fromkeys(div_sums, 0.0)
+                else:
+                    divs = all_token_divergences_from_hidden(terms.policy_hidden, terms.ref_hidden, terms.policy_head,
+                                                             self.config.method.divergence, self._output_embeddings(),
+                                                             ref_head_weight=terms.ref_head)
                 for key, value in divs.items():
                     div_sums[key] += float(value) * n_pos
                 positions += n_pos
             if in_probe:
-                chosen.append(terms.reps[1].cpu().numpy())
-                rejected.append(terms.reps[2].cpu().numpy())
+                chosen.update(zip(chunk, terms.reps[1].cpu().numpy()))
+                rejected.update(zip(chunk, terms.reps[2].cpu().numpy()))
         row: dict[str, Any] = {k: v / n for k, v in sums.items()}
         row.update({k: (v / positions if positions else float("nan")) for k, v in div_sums.items()})
         if snapshot:
-            row["dbs"] = self._write_snapshot(np.concatenate(chosen), np.concatenate(rejected))
+            probe = range(len(self.probe_pairs))
+            row["dbs"] = self._write_snapshot(np.stack([chosen[i] for i in probe]), np.stack([rejected[i] for i in probe]))
         if self.accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
             rundir.append_eval_margins(self.run_dir, self.state.step, [p.pair_id for p in self.eval_pairs[:n]],
-                                       np.concatenate(margins))
+                                       np.array([margins[i] for i in range(n)]))
         return row
 
     def _write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:
