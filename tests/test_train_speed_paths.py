@@ -65,9 +65,16 @@ def independent_logps(model, pairs: list[TokenizedPair]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def with_short_pairs(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+    """The pairs plus two cut-down copies short enough to share a packed row with another pair."""
+    short = [TokenizedPair(f"short{i}", p.prompt_ids[-3:], p.chosen_ids[:4], p.rejected_ids[:2])
+             for i, p in enumerate(pairs[:2])]
+    return [pairs[0], short[0], *pairs[1:], short[1]]
+
+
 def test_packed_and_plain_layouts_give_the_same_logps_and_states(lora_trainer):
     tr = lora_trainer
-    pairs = tr.train_pairs[:6]
+    pairs = with_short_pairs(tr.train_pairs[:6])
     assert len({len(p.prompt_ids) for p in pairs}) > 1 and len({len(p.chosen_ids) for p in pairs}) > 1
     plain_batch = collate(pairs, tr.tokenizer.pad_token_id)
     packed_batch = collate_packed(pairs, tr.tokenizer.pad_token_id)
@@ -78,6 +85,7 @@ def test_packed_and_plain_layouts_give_the_same_logps_and_states(lora_trainer):
     np.testing.assert_allclose(packed.logps.numpy(), alone.numpy(), rtol=0, atol=1e-4)
     np.testing.assert_allclose(plain.logps.numpy(), alone.numpy(), rtol=0, atol=1e-4)
     assert packed_batch.input_ids.numel() < plain_batch.input_ids.numel()  # the prompt is read once
+    assert packed_batch.input_ids.shape[0] < len(pairs)  # and short pairs share a row
     # Same response tokens in both (grouped by sequence, in order), same final hidden states there.
     by_seq = [torch.argsort(b.token_seq, stable=True) for b in (plain_batch, packed_batch)]
     assert torch.equal(plain_batch.token_labels[by_seq[0]], packed_batch.token_labels[by_seq[1]])
@@ -86,14 +94,24 @@ def test_packed_and_plain_layouts_give_the_same_logps_and_states(lora_trainer):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
 
 
+def test_pack_rows_fills_rows_first_fit_decreasing():
+    from dpo_engine.train.data import pack_rows
+
+    assert pack_rows([5, 3, 9, 4, 1], 9) == [[2], [0, 3], [1, 4]]
+    assert pack_rows([7], 7) == [[0]]
+    rows = pack_rows([8, 8, 8], 8)
+    assert rows == [[0], [1], [2]]
+
+
 def test_packed_gradients_equal_plain_gradients(lora_trainer):
     tr = lora_trainer
-    pairs = tr.train_pairs[:4]
+    pairs = with_short_pairs(tr.train_pairs[:2])
+    assert collate_packed(pairs, tr.tokenizer.pad_token_id).input_ids.shape[0] < len(pairs)
     grads = []
     for build in (collate, collate_packed):
         tr.model.zero_grad(set_to_none=True)
         out = tr._forward(tr.model, build(pairs, tr.tokenizer.pad_token_id), pool=False)
-        (out.logps[:4] - out.logps[4:]).sum().backward()
+        (out.logps[:4] - out.logps[4:]).sum().backward()  # 4 pairs: chosen minus rejected
         grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.requires_grad]))
     np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-4, atol=1e-5)
 

@@ -172,41 +172,71 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
                  (prompt_mask[:b], response_mask[:b], response_mask[b:]), list(pairs), int(attention.sum()))
 
 
-def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
-    """B rows, each prompt + chosen + rejected, so the shared prompt is computed once.
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Pair indices per row, first-fit decreasing: each row's pairs together take at most `width` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            rows.append([i])
+            room.append(width - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
 
-    A block attention mask lets the prompt see itself (causally), the chosen response the prompt
-    and itself, and the rejected response the prompt and itself but not the chosen one; position ids
-    restart after the prompt for the rejected response. Each response token thus sees exactly the
-    context it has in the plain layout, and its log-probability is the same up to float rounding.
+
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
+    """Each pair as prompt + chosen + rejected, so the shared prompt is computed once; short pairs
+    share a row (first-fit decreasing into rows as wide as the longest pair), so a batch pads little.
+
+    A block attention mask lets a pair's prompt see itself (causally), its chosen response the prompt
+    and itself, and its rejected response the prompt and itself but not the chosen one, and no token
+    see another pair; position ids restart after the prompt for the rejected response and at 0 for
+    each pair. Each response token thus sees exactly the context it has in the plain layout, and its
+    log-probability is the same up to float rounding.
     """
     b = len(pairs)
     lengths = [pair_length(p) for p in pairs]
     width = max(lengths)
-    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((b, width), dtype=torch.long)
-    segment = torch.full((b, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    layout = pack_rows(lengths, width)
+    n_rows = len(layout)
+    row_of, start_of = [0] * b, [0] * b
+    for r, members in enumerate(layout):
+        offset = 0
+        for i in members:
+            row_of[i], start_of[i] = r, offset
+            offset += lengths[i]
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(n_rows, 1)  # padding keeps increasing positions
+    segment = torch.full((n_rows, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    owner = torch.full((n_rows, width), -1, dtype=torch.long)  # the pair a position belongs to
     items = []
     for i, p in enumerate(pairs):
+        r, o = row_of[i], start_of[i]
         lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        input_ids[i, : lengths[i]] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
-        position_ids[i, : lp + lc] = torch.arange(lp + lc)
-        position_ids[i, lp + lc : lengths[i]] = torch.arange(lp, lp + lr)
-        position_ids[i, lengths[i] :] = torch.arange(width - lengths[i])
-        segment[i, :lp], segment[i, lp : lp + lc], segment[i, lp + lc : lengths[i]] = 0, 1, 2
+        input_ids[r, o : o + lengths[i]] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        position_ids[r, o : o + lp + lc] = torch.arange(lp + lc)
+        position_ids[r, o + lp + lc : o + lengths[i]] = torch.arange(lp, lp + lr)
+        segment[r, o : o + lp], segment[r, o + lp : o + lp + lc], segment[r, o + lp + lc : o + lengths[i]] = 0, 1, 2
+        owner[r, o : o + lengths[i]] = i
         for k, tok in enumerate(p.chosen_ids):
             if lp + k >= 1:
-                items.append((i, lp + k - 1, tok, i))
+                items.append((r, o + lp + k - 1, tok, i))
         for k, tok in enumerate(p.rejected_ids):
             source = lp - 1 if k == 0 else lp + lc + k - 1
             if source >= 0:
-                items.append((i, source, tok, b + i))
+                items.append((r, o + source, tok, b + i))
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = causal & ((key == 0) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows see themselves, so no row is empty
+    same_pair = owner.unsqueeze(2) == owner.unsqueeze(1)
+    allowed = causal & same_pair & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding positions see themselves, so no row is empty
     rows, cols, labels, seq = _token_index(items)
-    all_rows = torch.arange(b)
-    return Batch(input_ids, allowed.unsqueeze(1), position_ids, rows, cols, labels, seq, (all_rows, all_rows, all_rows),
-                 (segment == 0, segment == 1, segment == 2), list(pairs),
+    pair_rows = torch.tensor(row_of, dtype=torch.long)
+    mine = owner[pair_rows] == torch.arange(b).unsqueeze(1)  # (B × width): pair i's positions in its row
+    seg = segment[pair_rows]
+    return Batch(input_ids, allowed.unsqueeze(1), position_ids, rows, cols, labels, seq, (pair_rows, pair_rows, pair_rows),
+                 (mine & (seg == 0), mine & (seg == 1), mine & (seg == 2)), list(pairs),
                  sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))

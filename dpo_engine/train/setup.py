@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dpo_engine.train import rundir
-from dpo_engine.train.data import check_pairs, load_pairs, split_train_eval, tokenize_pairs
+from dpo_engine.train.data import check_pairs, load_pairs, pair_length, split_train_eval, tokenize_pairs
 from dpo_engine.train.reference import ReferenceCache, model_key
 
 CALIBRATED_KERNELS = ("spectral", "mahalanobis", "mixture", "hmk")
@@ -180,7 +180,7 @@ class TrainingSetup:
             chunks = [torch.cat(self._encoder_batch(self._collate(pairs[i : i + bs]))).cpu() for i in range(0, len(pairs), bs)]
             return torch.cat(chunks)
         cache = self.reference_cache if self.reference_cache is not None else ReferenceCache(None, "run")
-        todo = cache.missing("reps", pairs)
+        todo = sorted(cache.missing("reps", pairs), key=pair_length)  # similar lengths batched: less padding
         t0, done = time.perf_counter(), 0
         for i in range(0, len(todo), bs):
             chunk = todo[i : i + bs]
