@@ -11,7 +11,7 @@ WeightWatcher's spectrum on a CPU is a full float64 SVD of W (scipy), of which i
 singular values. `analyze_model` hands it the same values from the eigenvalues of the smaller Gram
 matrix (W^T W or W W^T, float64) instead: 4x faster on SmolLM2-135M (212 layers, 5.5 s against
 21.9 s on 2 cores), and equal to the SVD's table to 1e-9 relative in every column but `sv_min`
-(1e-5: the smallest singular value is where squaring loses digits), far below the float32 precision
+(1e-4: the smallest singular value is where squaring loses digits), far below the float32 precision
 of the weights themselves (tests/test_htsr.py compares the two on a real model).
 """
 
