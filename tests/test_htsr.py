@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_engine.analysis.htsr import ALPHA_RANGE, analyze_model, summarize, weighted_alpha
+from dpo_engine.analysis.htsr import ALPHA_RANGE, analyze_model, gram_singular_values, summarize, weighted_alpha
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,6 @@ def test_gram_singular_values_match_numpy_svd():
     rng = np.random.default_rng(0)
     for shape in ((40, 7), (7, 40), (16, 16)):
         w = rng.standard_normal(shape)
-        from dpo_engine.analysis.htsr import gram_singular_values
-
         assert np.allclose(np.sort(gram_singular_values(w)), np.sort(np.linalg.svd(w, compute_uv=False)), rtol=1e-10)
     with pytest.raises(ValueError, match="solver"):
         analyze_model(torch.nn.Linear(4, 4), solver="qr")

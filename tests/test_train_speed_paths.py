@@ -99,8 +99,7 @@ def test_pack_rows_fills_rows_first_fit_decreasing():
 
     assert pack_rows([5, 3, 9, 4, 1], 9) == [[2], [0, 3], [1, 4]]
     assert pack_rows([7], 7) == [[0]]
-    rows = pack_rows([8, 8, 8], 8)
-    assert rows == [[0], [1], [2]]
+    assert pack_rows([8, 8, 8], 8) == [[0], [1], [2]]
 
 
 def test_packed_gradients_equal_plain_gradients(lora_trainer):
