@@ -39,7 +39,8 @@ def gram_singular_values(W, method=None) -> np.ndarray:  # noqa: ARG001 - Weight
 
 @contextlib.contextmanager
 def _gram_spectra():
-    """WeightWatcher takes its singular values from `gram_singular_values` inside the block."""
+    """WeightWatcher takes its singular values from `gram_singular_values` inside the block. The swap
+    is process-wide: analyses run one at a time per process (in jobs, never in page threads)."""
     import weightwatcher.weightwatcher as ww_module
 
     original = ww_module.svd_vals
