@@ -45,9 +45,10 @@ from dpo_engine.embed import encoder as encoder_module
 from dpo_engine.selection import diagnose
 from dpo_engine.selection.metrics import METRIC_NAMES
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DATA = {
-    "hh": Path("/work/shared/data/hh_harmless_dev.jsonl.gz"),
-    "pandalm": Path("/work/shared/data/pandalm_test_pairs.jsonl.gz"),
+    "hh": ASSETS / "sample_hh.jsonl.gz",
+    "pandalm": ASSETS / "pandalm_test_pairs.jsonl.gz",
 }
 OPTIONS: dict[str, dict] = {
     "baseline": dict(backend="torch", precision="auto", batch_size=64),

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-HH_SAMPLE = SHARED_DATA / "hh_harmless_dev.jsonl.gz"
-BUNDLED_SAMPLE = REPO_ROOT / "assets" / "sample_hh.jsonl.gz"
+# Tests read only data the repository ships (assets/, with their licences).
+HH_SAMPLE = REPO_ROOT / "assets" / "sample_hh.jsonl.gz"
+PANDALM_SAMPLE = REPO_ROOT / "assets" / "pandalm_test_pairs.jsonl.gz"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -32,8 +32,8 @@ def torch_single_thread():
 
 @pytest.fixture
 def hh_sample_path() -> Path:
-    """The real HH-RLHF sample (shared data when present, else the bundled copy)."""
-    return HH_SAMPLE if HH_SAMPLE.exists() else BUNDLED_SAMPLE
+    """The real HH-RLHF sample the repository ships."""
+    return HH_SAMPLE
 
 
 @pytest.fixture

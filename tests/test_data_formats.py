@@ -18,8 +18,8 @@ from dpo_engine.data import (
     suggest_mapping,
 )
 
-HH_PATH = Path("/work/shared/data/hh_harmless_dev.jsonl.gz")
-REPO_SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample_hh.jsonl.gz"
+from tests.conftest import HH_SAMPLE as HH_PATH
+from tests.conftest import PANDALM_SAMPLE
 
 PAIRS = [
     {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "category": "math"},
@@ -269,9 +269,26 @@ def test_hh_real_rows_split_at_last_shared_assistant_turn():
             assert t.loc[row, side] == rec[side][cut:].removeprefix(" ")
 
 
-def test_bundled_sample_is_the_hh_data():
-    assert REPO_SAMPLE.read_bytes() == HH_PATH.read_bytes()
-    assert (REPO_SAMPLE.parent / "LICENSE-hh-rlhf.txt").read_text().startswith("MIT License")
+def test_bundled_samples_ship_with_their_licences():
+    assert (HH_PATH.parent / "LICENSE-hh-rlhf.txt").read_text().startswith("MIT License")
+    assert "Apache License" in (PANDALM_SAMPLE.parent / "LICENSE-pandalm.txt").read_text()
+
+
+def test_pandalm_messy_rows_are_flagged_not_lost():
+    """PandaLM's test pairs hold 6 JSON booleans, 52 empty responses and 76 repeats of an earlier row."""
+    raw = [json.loads(line) for line in gzip.open(PANDALM_SAMPLE, "rt", encoding="utf-8")]
+    r = load_preferences(PANDALM_SAMPLE)
+    assert r.report.n_rows_in == len(raw) == 894
+    usable, _ = r.finalize(drop_flagged=True)
+    assert len(usable) == 760
+    # an independent count of the rows a validator must flag
+    seen, flagged = set(), 0
+    for rec in raw:
+        key = (rec["prompt"], str(rec["chosen"]), str(rec["rejected"]))
+        bad = any(not isinstance(rec[k], str) or not rec[k].strip() for k in ("chosen", "rejected"))
+        flagged += bad or key in seen
+        seen.add(key)
+    assert flagged == 894 - 760
 
 
 def test_hh_divergence_before_last_assistant_and_no_shared_assistant():

@@ -24,7 +24,7 @@ from dpo_engine.selection.metrics import (
     compute_metrics,
 )
 
-HH_SAMPLE = "/work/shared/data/hh_harmless_dev.jsonl.gz"
+from tests.conftest import HH_SAMPLE
 
 
 def quantities(dp: np.ndarray, dn: np.ndarray) -> PairQuantities:
@@ -133,8 +133,6 @@ def test_kurtosis_of_student_t_agrees_across_sizes():
 
 @pytest.fixture(scope="module")
 def hh_embeddings(tmp_path_factory):
-    if not os.path.exists(HH_SAMPLE):
-        pytest.skip("HH sample not available")
     from dpo_engine.data import load_preferences
     from dpo_engine.embed import embed_pairs
 

@@ -19,10 +19,9 @@ from dpo_engine.embed import PairEmbeddings, embed_pairs
 from dpo_engine.selection import diagnose, suspicious_pairs
 from dpo_engine.workspace import Workspace
 
-HH_SAMPLE = "/work/shared/data/hh_harmless_dev.jsonl.gz"
+from tests.conftest import HH_SAMPLE
 N_PAIRS = 40
 
-pytestmark = pytest.mark.skipif(not os.path.exists(HH_SAMPLE), reason="HH sample not available")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_cli_foreground_end_to_end(hh, tmp_path):
     out_json, out_npz = tmp_path / "d.json", tmp_path / "e.npz"
     result = CliRunner().invoke(
         app,
-        ["diagnose", HH_SAMPLE, "--max-pairs", str(N_PAIRS), "--foreground", "--threshold", "kurt=2.5",
+        ["diagnose", str(HH_SAMPLE), "--max-pairs", str(N_PAIRS), "--foreground", "--threshold", "kurt=2.5",
          "--json", str(out_json), "--save-embeddings", str(out_npz), "--bootstrap", "50", "-w", str(ws.root),
          "--model", "tiny-random", "--max-length", "128"],
     )
@@ -121,7 +120,7 @@ def test_cli_foreground_end_to_end(hh, tmp_path):
 )
 def test_cli_rejects_bad_options_with_exit_2(hh, args, message):
     ws, _, _ = hh
-    result = CliRunner().invoke(app, ["diagnose", HH_SAMPLE, "--foreground", *args, "-w", str(ws.root)])
+    result = CliRunner().invoke(app, ["diagnose", str(HH_SAMPLE), "--foreground", *args, "-w", str(ws.root)])
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
@@ -156,7 +155,7 @@ def test_cli_job_path_runs_on_a_worker(hh, tmp_path):
     out_json = tmp_path / "job.json"
     result = CliRunner().invoke(
         app,
-        ["diagnose", HH_SAMPLE, "--max-pairs", str(N_PAIRS), "--bootstrap", "30", "--json", str(out_json),
+        ["diagnose", str(HH_SAMPLE), "--max-pairs", str(N_PAIRS), "--bootstrap", "30", "--json", str(out_json),
          "--timeout", "120", "-w", str(ws.root)],
     )
     thread.join(timeout=60)

@@ -9,6 +9,7 @@ import pytest
 from dpo_engine.data import load_preferences
 from dpo_engine.data.preflight import SIDES, load_tokenizer, token_preflight
 from dpo_engine.train.data import tokenize_pair
+from tests.conftest import HH_SAMPLE
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +22,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table(request) -> pd.DataFrame:
-    path = "/work/shared/data/hh_harmless_dev.jsonl.gz"
-    import os
-
-    if not os.path.exists(path):
-        pytest.skip("HH sample not available")
-    frame, _ = load_preferences(path).finalize(drop_flagged=True)
+    frame, _ = load_preferences(HH_SAMPLE).finalize(drop_flagged=True)
     return frame.head(80).reset_index(drop=True)
 
 
