@@ -93,8 +93,15 @@ def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[FieldSpec]:
         if _is_model(annotation):
             out.extend(leaf_fields(annotation, path + "."))
             continue
-        spec = FieldSpec(path=path, name=name, annotation=annotation, optional=optional, default=_default_of(info),
-                         required=info.is_required(), description=info.description or "")
+        spec = FieldSpec(
+            path=path,
+            name=name,
+            annotation=annotation,
+            optional=optional,
+            default=_default_of(info),
+            required=info.is_required(),
+            description=info.description or "",
+        )
         _bounds(info, spec)
         out.append(spec)
     return out
@@ -148,22 +155,45 @@ def _widget(spec: FieldSpec, value: Any, key: str, note: str | None) -> Any:
     if annotation is bool:
         return st.checkbox(label, value=bool(value), key=key, help=help_text)
     if annotation in (int, float) and spec.optional:
-        entered = st.text_input(label, value="" if value is None else _default_text(value), key=key, help=help_text,
-                                placeholder="empty = not set")
+        entered = st.text_input(
+            label,
+            value="" if value is None else _default_text(value),
+            key=key,
+            help=help_text,
+            placeholder="empty = not set",
+        )
         return _parse_optional_number(entered, annotation)
     if annotation is int:
-        return int(st.number_input(label, value=int(value if value is not None else spec.lower or 0),
-                                   min_value=None if spec.lower is None else int(spec.lower),
-                                   max_value=None if spec.upper is None else int(spec.upper),
-                                   step=1, key=key, help=help_text))
+        return int(
+            st.number_input(
+                label,
+                value=int(value if value is not None else spec.lower or 0),
+                min_value=None if spec.lower is None else int(spec.lower),
+                max_value=None if spec.upper is None else int(spec.upper),
+                step=1,
+                key=key,
+                help=help_text,
+            )
+        )
     if annotation is float:
-        return float(st.number_input(label, value=float(value if value is not None else spec.lower or 0.0),
-                                     min_value=None if spec.lower is None else float(spec.lower),
-                                     max_value=None if spec.upper is None else float(spec.upper),
-                                     format="%g", key=key, help=help_text))
+        return float(
+            st.number_input(
+                label,
+                value=float(value if value is not None else spec.lower or 0.0),
+                min_value=None if spec.lower is None else float(spec.lower),
+                max_value=None if spec.upper is None else float(spec.upper),
+                format="%g",
+                key=key,
+                help=help_text,
+            )
+        )
     if typing.get_origin(annotation) is list:
-        entered = st.text_input(label, value=_default_text(value) if value else "", key=key,
-                                help=help_text + " Separate entries with commas.")
+        entered = st.text_input(
+            label,
+            value=_default_text(value) if value else "",
+            key=key,
+            help=help_text + " Separate entries with commas.",
+        )
         return [item.strip() for item in entered.split(",") if item.strip()]
     entered = st.text_input(label, value="" if value is None else str(value), key=key, help=help_text)
     return entered if entered.strip() or not spec.optional else None
@@ -177,8 +207,15 @@ def _set(tree: dict, path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def render_model_form(model: type[BaseModel], options: FormOptions | None = None, *, key: str = "form",
-                      _prefix: str = "", _depth: int = 0, _out: dict | None = None) -> dict:
+def render_model_form(
+    model: type[BaseModel],
+    options: FormOptions | None = None,
+    *,
+    key: str = "form",
+    _prefix: str = "",
+    _depth: int = 0,
+    _out: dict | None = None,
+) -> dict:
     """Draw widgets for every field of `model` (inside the caller's st.form) and return the raw values.
 
     The result is a nested dict shaped like the model, ready for `model.model_validate`.
@@ -194,7 +231,7 @@ def render_model_form(model: type[BaseModel], options: FormOptions | None = None
         leaves.append((path, info))
     if leaves:
         cols = st.columns(options.columns) if options.columns > 1 else [st.container()]
-        for i, (path, info) in enumerate(leaves):
+        for i, (path, _info) in enumerate(leaves):
             spec = next(s for s in leaf_fields(model, _prefix) if s.path == path)
             value = options.values.get(path, spec.default)
             note = options.notes.get(path)

@@ -12,8 +12,7 @@ st.set_page_config(page_title="DPO-Kernels Studio", page_icon=":material/hub:", 
 
 
 def _page(file: str, title: str, icon: str, default: bool = False):
-    return st.Page(str(PAGES_DIR / file), title=title, icon=icon, default=default,
-                   url_path=file.removesuffix(".py"))
+    return st.Page(str(PAGES_DIR / file), title=title, icon=icon, default=default, url_path=file.removesuffix(".py"))
 
 
 navigation = st.navigation(

@@ -56,13 +56,14 @@ def health_alerts(alerts, *, healthy_note: bool = True) -> None:
     """Run-health alerts (dpo_engine.analysis.health): what, from which step, what it means, what to try."""
     if not alerts:
         if healthy_note:
-            st.caption("✅ Run health: no alerts (likelihood displacement, memorising, NaN/inf, kernel-weight "
-                       "collapse, ε-DPO β range and HT-SR alpha are checked as the run goes).")
+            st.caption(
+                "✅ Run health: no alerts (likelihood displacement, memorising, NaN/inf, kernel-weight "
+                "collapse, ε-DPO β range and HT-SR alpha are checked as the run goes)."
+            )
         return
     for alert in alerts:
         box = ALERT_BOXES.get(alert.severity, st.warning)
-        box(f"**{alert.headline}** · {alert.evidence}\n\n{alert.meaning}\n\n**What to try:** {alert.advice}",
-            icon="🩺")
+        box(f"**{alert.headline}** · {alert.evidence}\n\n{alert.meaning}\n\n**What to try:** {alert.advice}", icon="🩺")
 
 
 def figure_with_export(fig, *, key: str) -> None:
@@ -71,11 +72,22 @@ def figure_with_export(fig, *, key: str) -> None:
     st.plotly_chart(fig, width="stretch", key=f"chart-{key}", theme=None)
     cols = st.columns(2)
     fig_json = fig.to_json()
-    cols[0].download_button("Figure as PNG", lambda: _figure_png(fig_json), file_name=f"{key}.png",
-                            mime="image/png", key=f"png-{key}",
-                            help="Slide-sized static image (16:9, 2560 × 1440, rendered with headless Chromium).")
-    cols[1].download_button("Figure as HTML", lambda: _figure_html(fig_json), file_name=f"{key}.html",
-                            mime="text/html", key=f"html-{key}", help="Interactive, self-contained file.")
+    cols[0].download_button(
+        "Figure as PNG",
+        lambda: _figure_png(fig_json),
+        file_name=f"{key}.png",
+        mime="image/png",
+        key=f"png-{key}",
+        help="Slide-sized static image (16:9, 2560 × 1440, rendered with headless Chromium).",
+    )
+    cols[1].download_button(
+        "Figure as HTML",
+        lambda: _figure_html(fig_json),
+        file_name=f"{key}.html",
+        mime="text/html",
+        key=f"html-{key}",
+        help="Interactive, self-contained file.",
+    )
 
 
 def _figure_html(fig_json: str) -> str:

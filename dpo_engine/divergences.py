@@ -44,15 +44,25 @@ class DivergenceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: DivergenceName = Field("kl", description="Token-level regulariser between policy and reference: none, kl, js, hellinger, renyi, bhattacharyya, wasserstein or fdiv.")
+    name: DivergenceName = Field(
+        "kl",
+        description="Token-level regulariser between policy and reference: none, kl, js, hellinger, renyi, "
+        "bhattacharyya, wasserstein or fdiv.",
+    )
     alpha: float = Field(0.1, ge=0.0, description="Weight of the divergence in the loss (0 = off).")
     renyi_order: float = Field(2.0, gt=0.0, description="Order a of the Renyi divergence (a = 1 is the KL limit).")
-    f: FDivergenceName = Field("jeffreys", description="f of the f-divergence: jeffreys, chi2, total_variation or alpha.")
+    f: FDivergenceName = Field(
+        "jeffreys", description="f of the f-divergence: jeffreys, chi2, total_variation or alpha."
+    )
     f_alpha: float = Field(0.5, description="Order of the alpha f-divergence (when f = alpha).")
     ot_epsilon: float = Field(0.05, gt=0.0, description="Entropic regularisation of the Wasserstein (Sinkhorn) term.")
     ot_iterations: int = Field(50, ge=1, description="Log-domain Sinkhorn iterations.")
-    ot_top_k: int = Field(32, ge=1, description="Wasserstein support: top-k tokens of each distribution plus one bucket for the rest.")
-    chunk_positions: int = Field(256, ge=1, description="Token positions per chunk when computing divergences (bounds peak memory).")
+    ot_top_k: int = Field(
+        32, ge=1, description="Wasserstein support: top-k tokens of each distribution plus one bucket for the rest."
+    )
+    chunk_positions: int = Field(
+        256, ge=1, description="Token positions per chunk when computing divergences (bounds peak memory)."
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -160,7 +170,9 @@ def _compact(keep: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
 def _log_masses(on_support: Tensor, keep: Tensor) -> Tensor:
     """Log-masses on the support points (given their log-probs) plus the remaining-mass bucket (N × (n + 1))."""
     rest = (1.0 - (on_support.exp() * keep).sum(-1)).clamp_min(0.0)
-    log_rest = torch.where(rest > 0, rest.clamp_min(torch.finfo(rest.dtype).tiny).log(), torch.full_like(rest, _LOG_ZERO))
+    log_rest = torch.where(
+        rest > 0, rest.clamp_min(torch.finfo(rest.dtype).tiny).log(), torch.full_like(rest, _LOG_ZERO)
+    )
     log_support = torch.where(keep, on_support, torch.full_like(on_support, _LOG_ZERO))
     return torch.cat([log_support, log_rest.unsqueeze(-1)], dim=-1)
 
@@ -180,7 +192,9 @@ _MAX_SAFE_EXPONENT = {torch.float32: 80.0, torch.float64: 700.0}
 """Largest C/ε for which exp(-C/ε) is still a normal number: the kernel-matrix path is exact then."""
 
 
-def _sinkhorn_potentials(log_a: Tensor, log_b: Tensor, cost: Tensor, epsilon: float, iterations: int) -> tuple[Tensor, Tensor]:
+def _sinkhorn_potentials(
+    log_a: Tensor, log_b: Tensor, cost: Tensor, epsilon: float, iterations: int
+) -> tuple[Tensor, Tensor]:
     """Log-domain Sinkhorn for min <P, C> + ε KL(P || a ⊗ b) with a symmetric cost; returns the
     dual potentials f (on a) and g (on b).
 
@@ -210,7 +224,9 @@ def _sinkhorn_potentials(log_a: Tensor, log_b: Tensor, cost: Tensor, epsilon: fl
 
 
 @torch.no_grad()
-def _sinkhorn_divergence(log_a: Tensor, log_b: Tensor, cost: Tensor, epsilon: float, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+def _sinkhorn_divergence(
+    log_a: Tensor, log_b: Tensor, cost: Tensor, epsilon: float, iterations: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """S = OT(a,b) - ½ OT(a,a) - ½ OT(b,b) per row, and dS/da, dS/db (envelope gradients)."""
     n = log_a.shape[0]
     f, g = _sinkhorn_potentials(
@@ -232,7 +248,8 @@ def _unit_embeddings(token_embeddings: Tensor, vocab: int, dtype: torch.dtype) -
     """The embedding rows and their inverse norms; rows are normalised only where gathered."""
     if token_embeddings.ndim != 2 or token_embeddings.shape[0] != vocab:
         raise ValueError(
-            f"token embeddings must be (V x d) with V = {vocab} (the logits' vocabulary), got {tuple(token_embeddings.shape)}"
+            f"token embeddings must be (V x d) with V = {vocab} (the logits' vocabulary), got "
+            f"{tuple(token_embeddings.shape)}"
         )
     rows = token_embeddings.detach()
     norms = torch.linalg.vector_norm(rows, dim=-1, dtype=dtype)
@@ -337,7 +354,9 @@ def _closed_form(cfg: DivergenceConfig, name: str) -> Callable[[Tensor, Tensor],
         # ∂H²/∂p = ½ (1 - sqrt(q/p)), so p ⊙ (∂H²/∂p - <p, ∂H²/∂p>) = -½ p ⊙ (sqrt(q/p) - BC), BC = <p, sqrt(q/p)>
         bc = (p * root_ratio).sum(-1, keepdim=True)
         grad_sq = root_ratio.sub_(bc).mul_(p).mul_(-0.5)
-        scale = torch.where(value > 0, 0.5 / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value))
+        scale = torch.where(
+            value > 0, 0.5 / torch.where(value > 0, value, torch.ones_like(value)), torch.zeros_like(value)
+        )
         return value, grad_sq.mul_(scale.unsqueeze(-1))
 
     def renyi_(lp: Tensor, lq: Tensor) -> tuple[Tensor, Tensor]:
@@ -379,7 +398,14 @@ def _closed_form(cfg: DivergenceConfig, name: str) -> Callable[[Tensor, Tensor],
         total = lse.exp()
         return torch.expm1(lse) / (a * (a - 1.0)), w.sub_(lp.exp()).mul_((total / (a - 1.0)).unsqueeze(-1))
 
-    table = {"kl": kl_, "js": js_, "hellinger": hellinger_, "renyi": renyi_, "bhattacharyya": bhattacharyya_, "fdiv": fdiv_}
+    table = {
+        "kl": kl_,
+        "js": js_,
+        "hellinger": hellinger_,
+        "renyi": renyi_,
+        "bhattacharyya": bhattacharyya_,
+        "fdiv": fdiv_,
+    }
     if name not in table:
         raise ValueError(f"unknown divergence {name!r}")
     return table[name]
@@ -399,13 +425,22 @@ class _Logits:
     exists. With `with_grad`, `put_grad` turns d(value)/d(logits) of a chunk into the gradient with
     respect to what is stored (logits; or hidden states and, when it trains, the head weight)."""
 
-    def __init__(self, logits: Tensor | None = None, *, hidden: Tensor | None = None, weight: Tensor | None = None,
-                 with_grad: bool = False):
+    def __init__(
+        self,
+        logits: Tensor | None = None,
+        *,
+        hidden: Tensor | None = None,
+        weight: Tensor | None = None,
+        with_grad: bool = False,
+    ):
         self.logits, self.hidden, self.weight = logits, hidden, weight
         base = logits if logits is not None else hidden
         self.vocab = logits.shape[-1] if logits is not None else weight.shape[0]
-        self.dtype = _compute_dtype(logits) if logits is not None else \
-            torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        self.dtype = (
+            _compute_dtype(logits)
+            if logits is not None
+            else torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+        )
         self.device = base.device
         self.grad = self.grad_weight = None
         if with_grad:
@@ -520,7 +555,9 @@ def _flatten_inputs(policy_logits: Tensor, ref_logits: Tensor, mask: Tensor) -> 
     if policy_logits.ndim != 3:
         raise ValueError(f"logits must be (B x T x V), got shape {tuple(policy_logits.shape)}")
     if ref_logits.shape != policy_logits.shape:
-        raise ValueError(f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}")
+        raise ValueError(
+            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}"
+        )
     if mask.shape != policy_logits.shape[:2]:
         raise ValueError(f"mask must be (B x T) = {tuple(policy_logits.shape[:2])}, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
@@ -544,8 +581,14 @@ def _evaluator(cfg: DivergenceConfig, output_embeddings: Tensor | None) -> Calla
     return lambda pol, rf, pos: _pointwise_value_and_grad(cfg, pol, rf, pos)
 
 
-def _mean_divergence(cfg: DivergenceConfig, policy: Tensor, weight: Tensor | None, ref: _Logits, positions: Tensor,
-                     output_embeddings: Tensor | None) -> Tensor:
+def _mean_divergence(
+    cfg: DivergenceConfig,
+    policy: Tensor,
+    weight: Tensor | None,
+    ref: _Logits,
+    positions: Tensor,
+    output_embeddings: Tensor | None,
+) -> Tensor:
     evaluate = _evaluator(cfg, output_embeddings)
     grad_wanted = policy.requires_grad or (weight is not None and weight.requires_grad)
     if torch.is_grad_enabled() and grad_wanted:
@@ -578,16 +621,25 @@ def token_divergence(
     return _mean_divergence(cfg, policy, None, _Logits(ref), positions, output_embeddings)
 
 
-def _flatten_hidden(policy_hidden: Tensor, ref_hidden: Tensor, head_weight: Tensor,
-                    ref_head_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _flatten_hidden(
+    policy_hidden: Tensor, ref_hidden: Tensor, head_weight: Tensor, ref_head_weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """(N × H) rows as one (1 × N × H) sequence, and every position of it."""
     if policy_hidden.ndim != 2 or head_weight.ndim != 2 or policy_hidden.shape[1] != head_weight.shape[1]:
-        raise ValueError(f"expected hidden states (N x H) and a head weight (V x H), got {tuple(policy_hidden.shape)} "
-                         f"and {tuple(head_weight.shape)}")
+        raise ValueError(
+            f"expected hidden states (N x H) and a head weight (V x H), got {tuple(policy_hidden.shape)} "
+            f"and {tuple(head_weight.shape)}"
+        )
     if ref_head_weight.shape != head_weight.shape:
-        raise ValueError(f"policy and reference head weights differ in shape: {tuple(head_weight.shape)} vs {tuple(ref_head_weight.shape)}")
+        raise ValueError(
+            f"policy and reference head weights differ in shape: {tuple(head_weight.shape)} vs "
+            f"{tuple(ref_head_weight.shape)}"
+        )
     if ref_hidden.shape != policy_hidden.shape:
-        raise ValueError(f"policy and reference hidden states differ in shape: {tuple(policy_hidden.shape)} vs {tuple(ref_hidden.shape)}")
+        raise ValueError(
+            f"policy and reference hidden states differ in shape: {tuple(policy_hidden.shape)} vs "
+            f"{tuple(ref_hidden.shape)}"
+        )
     n = policy_hidden.shape[0]
     if n == 0:
         raise ValueError("no positions: the divergence mean over zero tokens is undefined")
@@ -614,13 +666,15 @@ def token_divergence_from_hidden(
         return torch.zeros((), dtype=_compute_dtype(policy_hidden), device=policy_hidden.device)
     ref_head_weight = head_weight if ref_head_weight is None else ref_head_weight
     policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight, ref_head_weight)
-    return _mean_divergence(cfg, policy, head_weight, _Logits(hidden=ref, weight=ref_head_weight.detach()), positions,
-                            output_embeddings)
+    return _mean_divergence(
+        cfg, policy, head_weight, _Logits(hidden=ref, weight=ref_head_weight.detach()), positions, output_embeddings
+    )
 
 
 @torch.no_grad()
-def _all_divergences(policy: _Logits, ref: _Logits, positions: Tensor, cfg: DivergenceConfig,
-                     output_embeddings: Tensor | None) -> dict[str, float]:
+def _all_divergences(
+    policy: _Logits, ref: _Logits, positions: Tensor, cfg: DivergenceConfig, output_embeddings: Tensor | None
+) -> dict[str, float]:
     if output_embeddings is None:
         raise ValueError("all_token_divergences needs output_embeddings (V x d) for div_wasserstein")
     names = [name for name in ALL_DIVERGENCES if name != "wasserstein"]
@@ -661,5 +715,10 @@ def all_token_divergences_from_hidden(
     """`all_token_divergences` over every row of (N × H) final hidden states, logits formed a chunk at a time."""
     ref_head_weight = head_weight if ref_head_weight is None else ref_head_weight
     policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight, ref_head_weight)
-    return _all_divergences(_Logits(hidden=policy, weight=head_weight.detach()),
-                            _Logits(hidden=ref, weight=ref_head_weight.detach()), positions, cfg, output_embeddings)
+    return _all_divergences(
+        _Logits(hidden=policy, weight=head_weight.detach()),
+        _Logits(hidden=ref, weight=ref_head_weight.detach()),
+        positions,
+        cfg,
+        output_embeddings,
+    )

@@ -40,12 +40,20 @@ class KernelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: KernelName = Field("hmk", description="Kernel on representations: none, rbf, polynomial, spectral, mahalanobis, mixture (flat) or hmk (hierarchical mixture).")
+    name: KernelName = Field(
+        "hmk",
+        description="Kernel on representations: none, rbf, polynomial, spectral, mahalanobis, mixture (flat) or hmk "
+        "(hierarchical mixture).",
+    )
     sigma: float = Field(1.0, gt=0.0, description="RBF bandwidth: log K = -||u - v||^2 / (2 sigma^2).")
     poly_c: float = Field(1.0, ge=0.0, description="Polynomial offset c in ((u.v + c) / (1 + c))^d.")
     poly_degree: int = Field(2, ge=1, description="Polynomial degree d.")
-    spectral_components: int = Field(16, ge=1, description="Principal directions of the calibration set used by the spectral kernel.")
-    entropy_eta: float = Field(0.01, ge=0.0, description="Weight of the entropy anti-collapse term on mixture weights (0 = off).")
+    spectral_components: int = Field(
+        16, ge=1, description="Principal directions of the calibration set used by the spectral kernel."
+    )
+    entropy_eta: float = Field(
+        0.01, ge=0.0, description="Weight of the entropy anti-collapse term on mixture weights (0 = off)."
+    )
     weight_lr: float = Field(1e-2, gt=0.0, description="Learning rate of the mixture weights (lambda, tau).")
 
 
@@ -70,7 +78,9 @@ class KernelCalibration:
     def __init__(self, components: Tensor, variances: Tensor, weights: Tensor, precision: Tensor) -> None:
         p, k = components.shape
         if variances.shape != (p,) or weights.shape != (p,):
-            raise ValueError(f"variances and weights must have shape ({p},), got {tuple(variances.shape)}, {tuple(weights.shape)}")
+            raise ValueError(
+                f"variances and weights must have shape ({p},), got {tuple(variances.shape)}, {tuple(weights.shape)}"
+            )
         if precision.shape != (k, k):
             raise ValueError(f"precision must have shape ({k}, {k}), got {tuple(precision.shape)}")
         self.components = components.float()  # φ, p × k, orthonormal rows
@@ -138,7 +148,9 @@ class KernelCalibration:
 
 def _check_pair(u: Tensor, v: Tensor) -> None:
     if u.ndim != 2 or u.shape != v.shape:
-        raise ValueError(f"log_kernel expects two (B x k) tensors of the same shape, got {tuple(u.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"log_kernel expects two (B x k) tensors of the same shape, got {tuple(u.shape)} and {tuple(v.shape)}"
+        )
 
 
 def _entropy(log_probs: Tensor) -> Tensor:
@@ -214,7 +226,9 @@ class SpectralKernel(KernelModule):
 
     def _log_kernel(self, u: Tensor, v: Tensor) -> Tensor:
         if u.shape[-1] != self.components.shape[1]:
-            raise ValueError(f"spectral kernel calibrated for dim {self.components.shape[1]}, got vectors of dim {u.shape[-1]}")
+            raise ValueError(
+                f"spectral kernel calibrated for dim {self.components.shape[1]}, got vectors of dim {u.shape[-1]}"
+            )
         proj = (u - v) @ self.components.to(u.dtype).T  # B × p
         log_w = torch.log_softmax(self.log_w.to(u.dtype), dim=0)  # renormalised so K(u, u) = 1 in u's dtype
         terms = log_w - proj.pow(2) / (2.0 * self.variances.to(u.dtype))
@@ -311,7 +325,9 @@ class HierarchicalMixtureKernel(KernelModule):
         }
 
     def entropy_penalty(self) -> Tensor:
-        total = sum(_entropy(torch.log_softmax(t, dim=0)) for t in (self.theta_local, self.theta_global, self.theta_tau))
+        total = sum(
+            _entropy(torch.log_softmax(t, dim=0)) for t in (self.theta_local, self.theta_global, self.theta_tau)
+        )
         return -self.eta * total
 
     def mixture_parameters(self) -> list[nn.Parameter]:
@@ -365,4 +381,3 @@ def random_orthogonal_projection(dim_in: int, dim_out: int, seed: int) -> Tensor
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
     return (q * signs).float()
-

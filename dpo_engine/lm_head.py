@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dpo_engine.losses import token_logps
+
 HEAD_CHUNK_ROWS = 256
 """Rows per chunk: 256 × 49k float32 logits = 48 MB at a time instead of N × V."""
 
@@ -35,7 +37,9 @@ def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
 
 def _check(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden (N x H) and head weight (V x H), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected hidden (N x H) and head weight (V x H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"expected labels (N,) = ({hidden.shape[0]},), got {tuple(labels.shape)}")
     vocab = weight.shape[0]
@@ -43,8 +47,9 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
         raise ValueError(f"labels must lie in [0, {vocab}), got range [{int(labels.min())}, {int(labels.max())}]")
 
 
-def _logps_and_direction(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int,
-                         want_direction: bool) -> tuple[Tensor, Tensor | None]:
+def _logps_and_direction(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, want_direction: bool
+) -> tuple[Tensor, Tensor | None]:
     """The label log-probs (N,) and, when asked, d logp_n / d h_n = W[y_n] - softmax(z_n)ᵀ W (N × H)."""
     out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     direction = torch.empty_like(hidden) if want_direction else None
@@ -103,23 +108,34 @@ def head_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_ro
 
 
 @torch.no_grad()
-def perturbed_token_logps(hidden: Tensor, ref_hidden: Tensor, weight: Tensor, labels: Tensor,
-                          ts: tuple[float, ...], *, ref_weight: Tensor | None = None,
-                          chunk_rows: int = HEAD_CHUNK_ROWS) -> list[Tensor]:
+def perturbed_token_logps(
+    hidden: Tensor,
+    ref_hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ts: tuple[float, ...],
+    *,
+    ref_weight: Tensor | None = None,
+    chunk_rows: int = HEAD_CHUNK_ROWS,
+) -> list[Tensor]:
     """For each t in ts, log-softmax((1 + t) z - t z_ref) at the labels (N,), with z = W h and
     z_ref = W_ref h_ref (W_ref = W unless given): ε-DPO's perturbed policies (METHOD.md 2.6), a
     chunk of rows at a time."""
     _check(hidden, weight, labels)
     ref_weight = weight if ref_weight is None else ref_weight
     if ref_weight.shape != weight.shape:
-        raise ValueError(f"policy and reference head weights differ in shape: {tuple(weight.shape)} vs {tuple(ref_weight.shape)}")
+        raise ValueError(
+            f"policy and reference head weights differ in shape: {tuple(weight.shape)} vs {tuple(ref_weight.shape)}"
+        )
     if ref_hidden.shape != hidden.shape:
-        raise ValueError(f"policy and reference hidden states differ in shape: {tuple(hidden.shape)} vs {tuple(ref_hidden.shape)}")
-    from dpo_engine.losses import token_logps
-
+        raise ValueError(
+            f"policy and reference hidden states differ in shape: {tuple(hidden.shape)} vs {tuple(ref_hidden.shape)}"
+        )
     labels = labels.long()
-    outs = [torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-            for _ in ts]
+    outs = [
+        torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for _ in ts
+    ]
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         z, z_ref = head_logits(hidden[rows], weight), head_logits(ref_hidden[rows], ref_weight)

@@ -23,8 +23,12 @@ class LossConfig(BaseModel):
 
     beta: float = Field(0.1, gt=0.0, description="DPO temperature beta on the log-ratio margin.")
     gamma: float = Field(0.5, ge=0.0, description="Weight of the kernel (embedding) margin; 0 = probability term only.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Conservative DPO: -(1-ls) log s(m) - ls log s(-m).")
-    epsilon_dpo: float = Field(0.0, ge=0.0, lt=1.0, description="epsilon-DPO perturbation size for adaptive beta (0 = fixed beta).")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Conservative DPO: -(1-ls) log s(m) - ls log s(-m)."
+    )
+    epsilon_dpo: float = Field(
+        0.0, ge=0.0, lt=1.0, description="epsilon-DPO perturbation size for adaptive beta (0 = fixed beta)."
+    )
 
 
 @dataclass
@@ -48,7 +52,8 @@ def _check_aligned(logits: Tensor, labels: Tensor, mask: Tensor) -> None:
         raise ValueError(f"logits must be (B x T x V), got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape[:2] or mask.shape != logits.shape[:2]:
         raise ValueError(
-            f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must both be (B x T) = {tuple(logits.shape[:2])}"
+            f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must both be (B x T) = "
+            f"{tuple(logits.shape[:2])}"
         )
 
 
@@ -68,7 +73,10 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
     if mask.any():
         chosen = safe_labels[mask]
         if int(chosen.min()) < 0 or int(chosen.max()) >= vocab:
-            raise ValueError(f"labels at response positions must lie in [0, {vocab}), got range [{int(chosen.min())}, {int(chosen.max())}]")
+            raise ValueError(
+                f"labels at response positions must lie in [0, {vocab}), got range [{int(chosen.min())}, "
+                f"{int(chosen.max())}]"
+            )
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32
     token_logp = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (token_logp * mask).sum(-1)
@@ -82,7 +90,9 @@ def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     least float32, with no log-softmax of the whole vocabulary kept.
     """
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits (N x V) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits (N x V) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     vocab = logits.shape[-1]
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
         raise ValueError(f"labels must lie in [0, {vocab}), got range [{int(labels.min())}, {int(labels.max())}]")
@@ -99,7 +109,9 @@ def sum_by_sequence(values: Tensor, sequence: Tensor, n_sequences: int) -> Tenso
 def masked_mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """Mean of hidden states over the masked tokens, L2-normalised -> (B × H)."""
     if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(f"expected hidden (B x T x H) and mask (B x T), got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected hidden (B x T x H) and mask (B x T), got {tuple(hidden.shape)} and {tuple(mask.shape)}"
+        )
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     counts = weights.sum(1)
     if bool((counts == 0).any()):
@@ -140,7 +152,9 @@ def hybrid_dpo_loss(
     """
     shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1 or policy_chosen_logps.ndim != 1:
-        raise ValueError(f"the four log-probability tensors must all be (B,), got shapes {sorted(tuple(s) for s in shapes)}")
+        raise ValueError(
+            f"the four log-probability tensors must all be (B,), got shapes {sorted(tuple(s) for s in shapes)}"
+        )
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if gamma < 0:
@@ -211,7 +225,9 @@ def epsilon_dpo_steps(
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     for logits, ref in ((policy_logits_chosen, ref_logits_chosen), (policy_logits_rejected, ref_logits_rejected)):
         if logits.shape != ref.shape:
-            raise ValueError(f"policy and reference logits differ in shape: {tuple(logits.shape)} vs {tuple(ref.shape)}")
+            raise ValueError(
+                f"policy and reference logits differ in shape: {tuple(logits.shape)} vs {tuple(ref.shape)}"
+            )
     ratios = []
     for t in (-epsilon, 0.0, epsilon):
         chosen = _log_ratio(policy_logits_chosen, ref_logits_chosen, labels_chosen, mask_chosen, t)
@@ -237,7 +253,9 @@ def epsilon_dpo_steps_tokens(
     if not 0.0 < epsilon < 1.0:
         raise ValueError(f"epsilon must be in (0, 1), got {epsilon}")
     if policy_logits.shape != ref_logits.shape:
-        raise ValueError(f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}")
+        raise ValueError(
+            f"policy and reference logits differ in shape: {tuple(policy_logits.shape)} vs {tuple(ref_logits.shape)}"
+        )
     dtype = torch.promote_types(policy_logits.dtype, torch.float32)
     z, z_ref = policy_logits.to(dtype), ref_logits.to(dtype)
     perturbed = [token_logps((1.0 + t) * z - t * z_ref, labels) for t in epsilon_grid(epsilon)]

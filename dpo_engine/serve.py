@@ -139,8 +139,9 @@ def streamlit_command(host: str | None = None, port: int | None = None) -> list[
     return [sys.executable, "-m", "streamlit", "run", str(APP_ENTRY), *streamlit_flags(**overrides)]
 
 
-def worker_command(workspace: Workspace, backend: str = "local", device: str = "auto",
-                   address: str | None = None) -> list[str]:
+def worker_command(
+    workspace: Workspace, backend: str = "local", device: str = "auto", address: str | None = None
+) -> list[str]:
     """The `dpo-kernels worker` command line the app starts beside itself."""
     if backend not in BACKENDS:
         raise DeploymentError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

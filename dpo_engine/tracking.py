@@ -16,9 +16,8 @@ and a missing one is a one-line `TrackerUnavailable` error.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -28,9 +27,12 @@ from typing import Any
 KNOWN_TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
 EXPERIMENT = "dpo-kernels"
 # tensorboard and mlflow are pinned in the `trackers` extra; wandb and trackio are the user's choice.
-INSTALL_HINTS = {"tensorboard": "pip install 'dpo-kernels-studio[trackers]'",
-                 "mlflow": "pip install 'dpo-kernels-studio[trackers]'",
-                 "wandb": "pip install wandb", "trackio": "pip install trackio"}
+INSTALL_HINTS = {
+    "tensorboard": "pip install 'dpo-kernels-studio[trackers]'",
+    "mlflow": "pip install 'dpo-kernels-studio[trackers]'",
+    "wandb": "pip install wandb",
+    "trackio": "pip install trackio",
+}
 
 # Our run-directory keys -> TRL's metric names (DPOTrainer), then ours where TRL has none.
 TRL_NAMES: dict[str, str] = {
@@ -67,7 +69,7 @@ def tracker_name(key: str) -> str:
         if key.startswith(prefix):
             return group + key
     if key.startswith("div_"):
-        return "divergence/" + key[len("div_"):]
+        return "divergence/" + key[len("div_") :]
     return key
 
 
@@ -96,7 +98,9 @@ def _require(module: str, tracker: str):
         return importlib.import_module(module)
     except ImportError:
         package = module.split(".")[0]
-        raise TrackerUnavailable(f"--report-to {tracker} needs the '{package}' package: {INSTALL_HINTS[tracker]}") from None
+        raise TrackerUnavailable(
+            f"--report-to {tracker} needs the '{package}' package: {INSTALL_HINTS[tracker]}"
+        ) from None
 
 
 def _flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -144,7 +148,7 @@ class _MLflow:
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         params = [Param(k, v[:6000]) for k, v in _flat_config(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -152,7 +156,7 @@ class _MLflow:
         now = int(time.time() * 1000)
         batch = [Metric(name, value, now, int(step)) for name, value in metrics.items()]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -161,8 +165,14 @@ class _MLflow:
 class _WandB:
     def __init__(self, run_dir: Path, run_name: str, config: dict[str, Any]) -> None:
         wandb = _require("wandb", "wandb")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", EXPERIMENT), name=run_name, dir=str(run_dir),
-                              config=config, mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", EXPERIMENT),
+            name=run_name,
+            dir=str(run_dir),
+            config=config,
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            reinit="create_new",
+        )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=int(step))

@@ -1,4 +1,5 @@
-"""Compare runs: overlaid curves, final accuracy, DBS per snapshot (Table 13 layout), weighted alpha, kernel × divergence grid."""
+"""Compare runs: overlaid curves, final accuracy, DBS per snapshot (Table 13 layout), weighted alpha,
+kernel × divergence grid."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ if not entries:
     st.info("No training runs yet. Start some on the **Train** page.")
     st.stop()
 if all(e.example for e in entries):
-    st.info(f"{EXAMPLE_MARK} Comparing the **example runs** shipped with DPO-Kernels Studio (plain DPO vs HMK on the "
-            "bundled HH sample, quick preset); they are shown until this workspace has a training run of its own.")
+    st.info(
+        f"{EXAMPLE_MARK} Comparing the **example runs** shipped with DPO-Kernels Studio (plain DPO vs HMK on the "
+        "bundled HH sample, quick preset); they are shown until this workspace has a training run of its own."
+    )
 by_id = {e.run_id: e for e in entries}
 
 sweeps = list_sweeps(ws)
@@ -29,18 +32,26 @@ if sweeps:
     st.subheader("Sweep: did the recommended pair come out ahead?")
     sweep_ids = [r["sweep_id"] for r in sweeps]
     wanted_sweep = st.session_state.get("sweep_id")
-    sweep_id = st.selectbox("Sweep", sweep_ids, key="compare-sweep",
-                            index=sweep_ids.index(wanted_sweep) if wanted_sweep in sweep_ids else 0,
-                            format_func=lambda i: f"{i} · dataset {next(r for r in sweeps if r['sweep_id'] == i)['dataset']}")
+    sweep_id = st.selectbox(
+        "Sweep",
+        sweep_ids,
+        key="compare-sweep",
+        index=sweep_ids.index(wanted_sweep) if wanted_sweep in sweep_ids else 0,
+        format_func=lambda i: f"{i} · dataset {next(r for r in sweeps if r['sweep_id'] == i)['dataset']}",
+    )
     record = next(r for r in sweeps if r["sweep_id"] == sweep_id)
     outcome, sweep_verdict = sweep_outcome(record, {e.run_id: e.run_dir for e in entries})
     (st.success if "ahead" in sweep_verdict else st.warning if "behind" in sweep_verdict else st.info)(sweep_verdict)
     st.dataframe(outcome, hide_index=True)
-    st.caption("Held-out reward accuracy at each run's last evaluation with a bootstrap 95 % interval over the "
-               "held-out pairs; recommended_minus_this = the recommended pair's accuracy minus this run's on the same "
-               "pairs, with a paired bootstrap 95 % interval. Same preset, seed and split for every run.")
+    st.caption(
+        "Held-out reward accuracy at each run's last evaluation with a bootstrap 95 % interval over the "
+        "held-out pairs; recommended_minus_this = the recommended pair's accuracy minus this run's on the same "
+        "pairs, with a paired bootstrap 95 % interval. Same preset, seed and split for every run."
+    )
 default = [e.run_id for e in entries if e.status == "succeeded"][:3] or [entries[0].run_id]
-selected = st.multiselect("Runs", list(by_id), default=default, format_func=lambda r: by_id[r].label, key="compare-runs")
+selected = st.multiselect(
+    "Runs", list(by_id), default=default, format_func=lambda r: by_id[r].label, key="compare-runs"
+)
 if not selected:
     st.info("Pick at least one run.")
     st.stop()
@@ -70,13 +81,27 @@ st.subheader("Curves")
 left, right = st.columns(2)
 with left:
     figure_with_export(viz.overlay_figure(runs, "loss", title="Training loss", y_title="loss (nats)"), key="cmp-loss")
-    figure_with_export(viz.overlay_figure(runs, "loss_pref", source="eval", title="Held-out preference loss",
-                                          y_title="loss (nats)"), key="cmp-eval-loss")
+    figure_with_export(
+        viz.overlay_figure(runs, "loss_pref", source="eval", title="Held-out preference loss", y_title="loss (nats)"),
+        key="cmp-eval-loss",
+    )
 with right:
-    figure_with_export(viz.overlay_figure(runs, "reward_acc", source="eval", title="Held-out reward accuracy",
-                                          y_title="accuracy (fraction)"), key="cmp-acc")
-    figure_with_export(viz.overlay_figure(runs, "dbs", source="eval", title="Davies–Bouldin score (full-dimensional)",
-                                          y_title="Davies–Bouldin score (dimensionless)"), key="cmp-dbs")
+    figure_with_export(
+        viz.overlay_figure(
+            runs, "reward_acc", source="eval", title="Held-out reward accuracy", y_title="accuracy (fraction)"
+        ),
+        key="cmp-acc",
+    )
+    figure_with_export(
+        viz.overlay_figure(
+            runs,
+            "dbs",
+            source="eval",
+            title="Davies–Bouldin score (full-dimensional)",
+            y_title="Davies–Bouldin score (dimensionless)",
+        ),
+        key="cmp-dbs",
+    )
 
 st.subheader("Davies–Bouldin score per snapshot")
 st.caption("Rows = steps, columns = runs; lower = chosen and rejected better separated.")
@@ -89,5 +114,10 @@ st.subheader("Kernel × divergence")
 grid_fig, _ = viz.kernel_divergence_grid(runs)
 figure_with_export(grid_fig, key="cmp-grid")
 
-st.download_button("Download report (.html)", lambda: build_report(ws, selected),
-                   file_name="dpo-kernels-comparison.html", mime="text/html", key="report-compare")
+st.download_button(
+    "Download report (.html)",
+    lambda: build_report(ws, selected),
+    file_name="dpo-kernels-comparison.html",
+    mime="text/html",
+    key="report-compare",
+)

@@ -15,7 +15,10 @@ BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random")
 LOCAL_PATH = "a local model directory…"
 LIVE_STATUSES = ("queued", "running")
 
-page_header("HT-SR analysis", "Heavy-tailed self-regularisation: how well-trained each layer of a model looks, from its weights alone.")
+page_header(
+    "HT-SR analysis",
+    "Heavy-tailed self-regularisation: how well-trained each layer of a model looks, from its weights alone.",
+)
 st.markdown(viz.ALPHA_EXPLANATION)
 
 ws = workspace()
@@ -24,9 +27,14 @@ store = job_store()
 trained = [e for e in workspace_runs(ws, store) if (e.run_dir / "model").is_dir()]
 choices = list(BUILTIN_MODELS) + [f"run:{e.run_id}" for e in trained] + [LOCAL_PATH]
 with st.form("htsr-form"):
-    choice = st.selectbox("Model", choices, key="htsr-model",
-                          format_func=lambda c: f"trained model of {c.removeprefix('run:')}" if c.startswith("run:") else c,
-                          help="A built-in model, the trained model (LoRA merged) of a finished run, or a Hugging Face directory on this machine.")
+    choice = st.selectbox(
+        "Model",
+        choices,
+        key="htsr-model",
+        format_func=lambda c: f"trained model of {c.removeprefix('run:')}" if c.startswith("run:") else c,
+        help="A built-in model, the trained model (LoRA merged) of a finished run, or a Hugging Face directory on "
+        "this machine.",
+    )
     local = st.text_input("Local directory (when 'a local model directory…' is chosen)", key="htsr-path")
     submitted = st.form_submit_button("Analyse", type="primary")
 
@@ -38,8 +46,10 @@ if submitted:
             st.error(f"'{model}' is not a directory on this machine. Enter the path of a saved Hugging Face model.")
             st.stop()
         if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
-            st.error(f"'{model}' holds no Hugging Face model (no config.json) and no LoRA adapter "
-                     "(no adapter_config.json). Enter the directory a model was saved to.")
+            st.error(
+                f"'{model}' holds no Hugging Face model (no config.json) and no LoRA adapter "
+                "(no adapter_config.json). Enter the directory a model was saved to."
+            )
             st.stop()
     elif choice.startswith("run:"):
         model = str(next(e for e in trained if e.run_id == choice.removeprefix("run:")).run_dir / "model")
@@ -56,8 +66,13 @@ if not entries:
 by_id = {e.run_id: e for e in entries}
 ids = list(by_id)
 wanted = st.session_state.get("htsr_run_id")
-run_id = st.selectbox("Analysis", ids, index=ids.index(wanted) if wanted in by_id else 0,
-                      format_func=lambda r: by_id[r].label, key="htsr-select")
+run_id = st.selectbox(
+    "Analysis",
+    ids,
+    index=ids.index(wanted) if wanted in by_id else 0,
+    format_func=lambda r: by_id[r].label,
+    key="htsr-select",
+)
 
 
 def _view(run_id: str) -> None:
@@ -78,8 +93,10 @@ def _view(run_id: str) -> None:
     cols[1].metric("Weighted alpha", f"{weighted:.3f}" if weighted is not None else "–")
     flagged = viz.htsr_flag_table(run.htsr)
     cols[2].metric("Layers outside [2, 6]", f"{len(flagged)} / {len(run.htsr)}")
-    figure_with_export(viz.htsr_alpha_figure(run.htsr, title=f"WeightWatcher alpha per layer · {summary.get('model', '')}"),
-                       key="htsr-alpha")
+    figure_with_export(
+        viz.htsr_alpha_figure(run.htsr, title=f"WeightWatcher alpha per layer · {summary.get('model', '')}"),
+        key="htsr-alpha",
+    )
     if not flagged.empty:
         st.dataframe(flagged, hide_index=True)
     with st.expander("Full per-layer table"):

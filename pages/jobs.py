@@ -9,7 +9,7 @@ from app.state import job_store, workspace
 from app.ui import STATUS_ICONS, format_seconds, job_status_panel, page_header
 from dpo_engine.jobs import STATUSES
 from dpo_engine.report.rundata import workspace_runs
-from dpo_engine.train.rundir import read_log_tail
+from dpo_engine.rundir import read_log_tail
 
 page_header("Jobs", "Embedding, diagnosis, training and HT-SR jobs run on workers; this page follows them live.")
 
@@ -21,20 +21,42 @@ kind_filter = st.selectbox("Kind", ["all", "embed", "diagnose", "train", "htsr",
 @st.fragment(run_every=2)
 def live_jobs() -> None:
     workers = store.alive_workers(max_age_s=30)
-    st.caption("Workers alive: " + (", ".join(f"{w.id} on {w.device}" + (f" (job #{w.current_job_id})"
-                                                if w.current_job_id else "") for w in workers) or "none — "
-                                     "start one with `dpo-kernels worker`"))
+    st.caption(
+        "Workers alive: "
+        + (
+            ", ".join(
+                f"{w.id} on {w.device}" + (f" (job #{w.current_job_id})" if w.current_job_id else "") for w in workers
+            )
+            or "none — start one with `dpo-kernels worker`"
+        )
+    )
     jobs = store.list(status=status_filter or None, kind=None if kind_filter == "all" else kind_filter, limit=300)
     if not jobs:
         st.info("No jobs yet.")
         return
     st.dataframe(
-        pd.DataFrame([{"id": j.id, "": STATUS_ICONS.get(j.status, ""), "kind": j.kind, "title": j.title,
-                       "status": j.status, "progress": round(100 * (j.progress or 0)), "elapsed": format_seconds(j.elapsed_s),
-                       "device": j.device or j.requested_device or "", "by": j.submitted_by or "",
-                       "run": j.run_id} for j in jobs]),
-        hide_index=True, width="stretch",
-        column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=100, format="%d%%")},
+        pd.DataFrame(
+            [
+                {
+                    "id": j.id,
+                    "": STATUS_ICONS.get(j.status, ""),
+                    "kind": j.kind,
+                    "title": j.title,
+                    "status": j.status,
+                    "progress": round(100 * (j.progress or 0)),
+                    "elapsed": format_seconds(j.elapsed_s),
+                    "device": j.device or j.requested_device or "",
+                    "by": j.submitted_by or "",
+                    "run": j.run_id,
+                }
+                for j in jobs
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0, max_value=100, format="%d%%")
+        },
     )
     selected = st.session_state.get("jobs_selected")
     ids = [j.id for j in jobs]
@@ -45,8 +67,12 @@ def live_jobs() -> None:
     st.code(read_log_tail(job.log_path) or "(no output yet)", language="text")
 
 
-st.selectbox("Job", [j.id for j in store.list(limit=300)] or [None], key="jobs_selected",
-             format_func=lambda i: "—" if i is None else f"#{i}")
+st.selectbox(
+    "Job",
+    [j.id for j in store.list(limit=300)] or [None],
+    key="jobs_selected",
+    format_func=lambda i: "—" if i is None else f"#{i}",
+)
 live_jobs()
 
 
@@ -57,8 +83,9 @@ def runs_outside_queue() -> None:
     loose = [e for e in workspace_runs(workspace(), store, examples=False) if e.job is None]
     if loose:
         st.markdown("**Runs started outside the queue** (`train --foreground`; open them on the Runs page)")
-        st.dataframe(pd.DataFrame([{"run": e.run_id, "status": e.status} for e in loose]),
-                     hide_index=True, width="stretch")
+        st.dataframe(
+            pd.DataFrame([{"run": e.run_id, "status": e.status} for e in loose]), hide_index=True, width="stretch"
+        )
 
 
 runs_outside_queue()

@@ -30,9 +30,11 @@ if not entries:
     st.info("No training runs yet. Start one on the **Train** page (or `dpo-kernels train`).")
     st.stop()
 if all(e.example for e in entries):
-    st.info(f"{EXAMPLE_MARK} These are **example runs** shipped with DPO-Kernels Studio: plain DPO and HMK on the "
-            "bundled HH sample, quick preset, trained on a CPU by `scripts/make_example_run.py`. They are shown until "
-            "this workspace has a training run of its own (**Train** page).")
+    st.info(
+        f"{EXAMPLE_MARK} These are **example runs** shipped with DPO-Kernels Studio: plain DPO and HMK on the "
+        "bundled HH sample, quick preset, trained on a CPU by `scripts/make_example_run.py`. They are shown until "
+        "this workspace has a training run of its own (**Train** page)."
+    )
 
 by_id = {e.run_id: e for e in entries}
 wanted = st.query_params.get("run_id") or st.session_state.get("run_id")
@@ -68,8 +70,13 @@ def _status_block(job, run) -> None:
     tps = last.get("tokens_per_s") if last is not None else summary.get("tokens_per_s")
     cols[3].metric("Tokens/s", f"{float(tps):,.0f}" if tps is not None and pd.notna(tps) else "–")
     acc = viz.accuracy_text(run)
-    cols[4].metric("Reward accuracy (eval)", acc,
-                   help=viz.TIE_EXPLANATION if acc.startswith("ties") else "Share of held-out pairs with chosen reward > rejected.")
+    cols[4].metric(
+        "Reward accuracy (eval)",
+        acc,
+        help=viz.TIE_EXPLANATION
+        if acc.startswith("ties")
+        else "Share of held-out pairs with chosen reward > rejected.",
+    )
     error = summary.get("error") or (job.error if job is not None else None)
     if status == "failed":
         st.error(f"This run failed: {error or 'no error message was recorded'}")
@@ -102,7 +109,10 @@ def _curves(run) -> None:
 def _kernel_weights(run) -> None:
     fig = viz.kernel_weight_figure(run.metrics)
     if fig is None:
-        st.info(f"Kernel `{run.kernel_name}` has no mixture weights: weight evolution is shown for `mixture` and `hmk` runs.")
+        st.info(
+            f"Kernel `{run.kernel_name}` has no mixture weights: weight evolution is shown for `mixture` and `hmk` "
+            "runs."
+        )
     else:
         figure_with_export(fig, key="run-kernel-weights")
         collapsed = viz.collapsed_weights(run.metrics)
@@ -129,21 +139,33 @@ def _clusters(run) -> None:
         st.info("No snapshots yet: the probe set is snapshotted at step 0, every snapshot_every steps and at the end.")
         return
     c1, c2 = st.columns(2)
-    method = c1.radio("Projection", ["tsne", "umap"], horizontal=True, key="clusters-method",
-                      format_func=lambda m: {"tsne": "t-SNE", "umap": "UMAP"}[m])
+    method = c1.radio(
+        "Projection",
+        ["tsne", "umap"],
+        horizontal=True,
+        key="clusters-method",
+        format_func=lambda m: {"tsne": "t-SNE", "umap": "UMAP"}[m],
+    )
     dim = c2.radio("Dimensions", [2, 3], horizontal=True, key="clusters-dim", format_func=lambda d: f"{d}-D")
     config = ProjectionConfig(method=method, dim=dim)
     try:
         n_points = 2 * len(run.snapshot_steps) * len(run.load_snapshot(run.snapshot_steps[-1]).pair_ids)
     except (OSError, ValueError, KeyError):  # a snapshot being written: estimate from the settings
-        n_points = 2 * len(run.snapshot_steps) * int(((run.config or {}).get("monitoring") or {}).get("probe_pairs") or 0)
-    if (n_points > AUTO_PROJECT_MAX_POINTS and not projection_cache_file(run, config).exists()
-            and not st.button(f"Compute the {dim}-D projection of {len(run.snapshot_steps)} snapshots", key="project-now")):
+        n_points = (
+            2 * len(run.snapshot_steps) * int(((run.config or {}).get("monitoring") or {}).get("probe_pairs") or 0)
+        )
+    if (
+        n_points > AUTO_PROJECT_MAX_POINTS
+        and not projection_cache_file(run, config).exists()
+        and not st.button(f"Compute the {dim}-D projection of {len(run.snapshot_steps)} snapshots", key="project-now")
+    ):
         st.info(f"The projection of about {n_points:,} points is not cached yet; computing it takes a while on a CPU.")
     else:
         _cluster_map(run, config, method, dbs)
     figure_with_export(viz.dbs_figure(dbs), key="run-dbs")
-    st.caption("Davies–Bouldin score of chosen vs rejected on the full-dimensional representations (lower = better separated).")
+    st.caption(
+        "Davies–Bouldin score of chosen vs rejected on the full-dimensional representations (lower = better separated)."
+    )
     st.dataframe(dbs, hide_index=True)
 
 
@@ -153,22 +175,30 @@ def _cluster_map(run, config, method, dbs) -> None:
             projection, _ = cached_projection(run, config)
         texts = load_dataset_texts(ws, ((run.config or {}).get("data") or {}).get("dataset"))
         label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
-        figure_with_export(viz.cluster_figure(projection, texts, method=label,
-                                              dbs_by_step=dict(zip(dbs.step, dbs.dbs))), key="run-clusters")
+        figure_with_export(
+            viz.cluster_figure(projection, texts, method=label, dbs_by_step=dict(zip(dbs.step, dbs.dbs))),
+            key="run-clusters",
+        )
     except ValueError as exc:
         st.warning(f"Projection unavailable: {exc}")
 
 
 def _htsr(run) -> None:
     if run.htsr_before is None and run.htsr_after is None:
-        st.info("No WeightWatcher analysis in this run yet (it runs before and after training when monitoring.htsr is on).")
+        st.info(
+            "No WeightWatcher analysis in this run yet (it runs before and after training when monitoring.htsr is on)."
+        )
         return
     st.markdown(viz.ALPHA_EXPLANATION)
     before, after = run.weighted_alpha()
     c1, c2 = st.columns(2)
     c1.metric("Weighted alpha before", f"{before:.3f}" if before is not None else "–")
-    c2.metric("Weighted alpha after", f"{after:.3f}" if after is not None else "–",
-              delta=f"{after - before:+.3f}" if before is not None and after is not None else None, delta_color="off")
+    c2.metric(
+        "Weighted alpha after",
+        f"{after:.3f}" if after is not None else "–",
+        delta=f"{after - before:+.3f}" if before is not None and after is not None else None,
+        delta_color="off",
+    )
     figure_with_export(viz.htsr_alpha_figure(run.htsr_before, run.htsr_after), key="run-htsr")
     flagged = viz.htsr_flag_table(run.htsr_after if run.htsr_after is not None else run.htsr_before)
     st.markdown(f"**Layers outside [2, 6]:** {len(flagged)}")
@@ -183,16 +213,30 @@ def _files(job, run) -> None:
             st.rerun()
     cols = st.columns(3)
     if run.run_dir.is_dir():
-        cols[0].download_button("Run directory (.zip)", lambda: zip_directory(run.run_dir, exclude=DEFAULT_EXCLUDES),
-                                file_name=f"{run.run_id}.zip", mime="application/zip", key="zip-run")
+        cols[0].download_button(
+            "Run directory (.zip)",
+            lambda: zip_directory(run.run_dir, exclude=DEFAULT_EXCLUDES),
+            file_name=f"{run.run_id}.zip",
+            mime="application/zip",
+            key="zip-run",
+        )
     if (run.run_dir / "model").is_dir():
-        cols[1].download_button("Model / adapter (.zip)", lambda: zip_directory(run.run_dir / "model",
-                                                                                root_name=f"{run.run_id}-model"),
-                                file_name=f"{run.run_id}-model.zip", mime="application/zip", key="zip-model")
+        cols[1].download_button(
+            "Model / adapter (.zip)",
+            lambda: zip_directory(run.run_dir / "model", root_name=f"{run.run_id}-model"),
+            file_name=f"{run.run_id}-model.zip",
+            mime="application/zip",
+            key="zip-model",
+        )
     else:
         cols[1].caption("The trained model appears here when the run finishes.")
-    cols[2].download_button("Download report (.html)", lambda: build_report(ws, [run.run_id]),
-                            file_name=f"{run.run_id}-report.html", mime="text/html", key="report-run")
+    cols[2].download_button(
+        "Download report (.html)",
+        lambda: build_report(ws, [run.run_id]),
+        file_name=f"{run.run_id}-report.html",
+        mime="text/html",
+        key="report-run",
+    )
     st.caption("Log (last 200 lines)")
     st.code(run.log_tail(200) or "(log.txt is empty)", language=None)
     if run.config:

@@ -13,8 +13,9 @@ Model loading (and, for ONNX, the one-time local export) is timed apart. Rows:
   one thread; plus what deduplication saves (texts embedded vs texts submitted).
 
 For each option: CPU seconds of this process (all its threads; on a shared machine the fair
-measure) and wall seconds, texts/s (texts submitted per second), the speed-up over the baseline, and the largest difference of any of the
-eight metrics from the float32 torch reference, in that metric's bootstrap SE ("within 1 SE" is
+measure) and wall seconds, texts/s (texts submitted per second), the speed-up over the baseline,
+and the largest difference of any of the eight metrics from the float32 torch reference, in that
+metric's bootstrap SE ("within 1 SE" is
 the bar for making an option the default). The options run in alternating order, ``--rounds``
 times, and each keeps its fastest round, so a busy shared machine hurts every option alike.
 Finished (option, round) results are kept in ``--state`` and skipped when the script is run again.
@@ -99,9 +100,14 @@ def _run_option(name: str, spec: dict, tables: dict) -> dict:
         d = diagnose(emb.prompt, emb.chosen, emb.rejected, n_bootstrap=200)
         t2, c2 = time.perf_counter(), time.process_time()
         result["datasets"][data_name] = {
-            "n_pairs": len(table), "n_texts": len(texts), "n_unique": n_unique,
-            "embed_s": t1 - t0, "metrics_s": t2 - t1, "wall_s": t2 - t0,
-            "embed_cpu_s": c1 - c0, "cpu_s": c2 - c0,
+            "n_pairs": len(table),
+            "n_texts": len(texts),
+            "n_unique": n_unique,
+            "embed_s": t1 - t0,
+            "metrics_s": t2 - t1,
+            "wall_s": t2 - t0,
+            "embed_cpu_s": c1 - c0,
+            "cpu_s": c2 - c0,
             "metrics": {k: getattr(d.metrics, k) for k in METRIC_NAMES},
             "se": d.standard_errors(),
             "verdict": [d.recommendation.kernel, d.recommendation.divergence],
@@ -150,7 +156,9 @@ def main() -> None:
                 continue
             state[key] = _run_option(name, OPTIONS[name], tables)
             args.state.write_text(json.dumps(state))
-            walls = ", ".join(f"{d}: {v['wall_s']:.1f} s wall / {v['cpu_s']:.1f} CPU-s" for d, v in state[key]["datasets"].items())
+            walls = ", ".join(
+                f"{d}: {v['wall_s']:.1f} s wall / {v['cpu_s']:.1f} CPU-s" for d, v in state[key]["datasets"].items()
+            )
             print(f"  round {round_index + 1} {name:<20} load {state[key]['load_s']:.1f} s; {walls}", flush=True)
     if "metrics_10k_s" not in state:
         state["metrics_10k_s"] = _metrics_time_10k()
@@ -167,9 +175,14 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print()
     print("end to end from a cold embedding cache (model loaded), HH + PandaLM, the round with the least CPU time.")
-    print(f"CPU-s = this process's CPU seconds (all threads): on a shared machine the fairer measure; wall s on {cores} cores.")
-    header = (f"{'option':<20} {'CPU-s':>7} {'wall s':>7} {'speed-up CPU':>12} {'speed-up wall':>13} {'texts/CPU-s':>11} "
-              f"{'texts/s':>8} {'load s':>7} {'max |Δ|/SE':>10}  verdicts HH | PandaLM")
+    print(
+        "CPU-s = this process's CPU seconds (all threads): on a shared machine the fairer measure; wall s on "
+        f"{cores} cores."
+    )
+    header = (
+        f"{'option':<20} {'CPU-s':>7} {'wall s':>7} {'speed-up CPU':>12} {'speed-up wall':>13} {'texts/CPU-s':>11} "
+        f"{'texts/s':>8} {'load s':>7} {'max |Δ|/SE':>10}  verdicts HH | PandaLM"
+    )
     print(header)
     print("-" * len(header))
     rates = {}
@@ -183,29 +196,41 @@ def main() -> None:
         rates[name] = n_unique / sum(d["embed_cpu_s"] for d in ds.values())  # unique texts per CPU-second
         worst = max(
             abs(d["metrics"][k] - ref[dn]["metrics"][k]) / ref[dn]["se"][k]
-            for dn, d in ds.items() for k in METRIC_NAMES if ref[dn]["se"].get(k)
+            for dn, d in ds.items()
+            for k in METRIC_NAMES
+            if ref[dn]["se"].get(k)
         )
         verdicts = " | ".join("+".join(d["verdict"]) for d in ds.values())
-        print(f"{name:<20} {cpu:>7.1f} {wall:>7.1f} {base_cpu / cpu:>11.2f}x {base_wall / wall:>12.2f}x "
-              f"{n_texts / cpu:>11.1f} {n_texts / wall:>8.1f} {r['load_s']:>7.1f} {worst:>10.2f}  {verdicts}")
+        print(
+            f"{name:<20} {cpu:>7.1f} {wall:>7.1f} {base_cpu / cpu:>11.2f}x {base_wall / wall:>12.2f}x "
+            f"{n_texts / cpu:>11.1f} {n_texts / wall:>8.1f} {r['load_s']:>7.1f} {worst:>10.2f}  {verdicts}"
+        )
     print()
     print("metric values per option (HH / PandaLM); the reference's bootstrap SE in the last row")
     short = {"support_overlap": "overlap", "drift_magnitude": "drift", "smoothness": "smooth"}
     print(f"{'option':<20} " + " ".join(f"{short.get(k, k):>15}" for k in METRIC_NAMES))
     for name in names:
         ds = best[name]["datasets"]
-        print(f"{name:<20} " + " ".join(f"{ds['hh']['metrics'][k]:>7.3f}/{ds['pandalm']['metrics'][k]:<7.3f}"
-                                        for k in METRIC_NAMES))
-    print(f"{'SE (' + REFERENCE + ')':<20} " + " ".join(f"{ref['hh']['se'][k]:>7.3f}/{ref['pandalm']['se'][k]:<7.3f}"
-                                                     for k in METRIC_NAMES))
+        print(
+            f"{name:<20} "
+            + " ".join(f"{ds['hh']['metrics'][k]:>7.3f}/{ds['pandalm']['metrics'][k]:<7.3f}" for k in METRIC_NAMES)
+        )
+    print(
+        f"{'SE (' + REFERENCE + ')':<20} "
+        + " ".join(f"{ref['hh']['se'][k]:>7.3f}/{ref['pandalm']['se'][k]:<7.3f}" for k in METRIC_NAMES)
+    )
     d_hh, d_pl = base["hh"], base["pandalm"]
     print()
-    print(f"deduplication: HH {d_hh['n_unique']} unique of {d_hh['n_texts']} texts, PandaLM {d_pl['n_unique']} of "
-          f"{d_pl['n_texts']} (every option embeds each distinct text once; without it PandaLM would embed "
-          f"{d_pl['n_texts'] / d_pl['n_unique']:.2f}x as many)")
+    print(
+        f"deduplication: HH {d_hh['n_unique']} unique of {d_hh['n_texts']} texts, PandaLM {d_pl['n_unique']} of "
+        f"{d_pl['n_texts']} (every option embeds each distinct text once; without it PandaLM would embed "
+        f"{d_pl['n_texts'] / d_pl['n_unique']:.2f}x as many)"
+    )
     print(f"metrics + 200 bootstrap resamples of 10,000 pairs: {state['metrics_10k_s']:.1f} s")
-    print(f"EXTRAPOLATED, not measured: 10,000 distinct pairs (30,000 texts) cold on {cores} idle cores = model load + "
-          "30,000 / (unique texts per CPU-second x cores) + metrics:")
+    print(
+        f"EXTRAPOLATED, not measured: 10,000 distinct pairs (30,000 texts) cold on {cores} idle cores = model load + "
+        "30,000 / (unique texts per CPU-second x cores) + metrics:"
+    )
     # every option starts a process, imports torch and sentence-transformers and loads the model: the
     # first load of the run (a cold process) stands for all of them
     cold_load = max(state[k]["load_s"] for k in state if "#" in k)

@@ -48,14 +48,21 @@ def throughput(args, name: str, method: dict, workspace) -> dict:
     from dpo_engine.train.trainer import DPOTrainer, peak_memory_mb
 
     cuda = args.device.startswith("cuda")
-    cfg = TrainConfig.model_validate({
-        "data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length},
-        "model": {"name": args.model, "lora": True, "lora_r": 8, "lora_target_modules": LORA_TARGETS,
-                  "dtype": "bfloat16" if cuda else "float32"},
-        "method": {**method, "calibration_pairs": args.calibration_pairs},
-        "optimisation": {"max_steps": args.warmup + args.steps, "batch_size": args.batch_size, "seed": 0},
-        "monitoring": {"htsr": False},
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length},
+            "model": {
+                "name": args.model,
+                "lora": True,
+                "lora_r": 8,
+                "lora_target_modules": LORA_TARGETS,
+                "dtype": "bfloat16" if cuda else "float32",
+            },
+            "method": {**method, "calibration_pairs": args.calibration_pairs},
+            "optimisation": {"max_steps": args.warmup + args.steps, "batch_size": args.batch_size, "seed": 0},
+            "monitoring": {"htsr": False},
+        }
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -103,21 +110,40 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     workspace = Workspace.resolve(out / "ws")
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device {device_name}, model {args.model}, batch {args.batch_size} pairs, max_length {args.max_length}, "
-          f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+    print(
+        f"device {device_name}, model {args.model}, batch {args.batch_size} pairs, max_length {args.max_length}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps",
+        flush=True,
+    )
     rows = []
     for name, method in methods().items():
         if args.methods and name not in args.methods:
             continue
         rows.append(throughput(args, name, method, workspace))
         r = rows[-1]
-        print(f"{name:<20}{r['step_s']:>8.3f} s/step{r['tokens_per_s']:>10.0f} tokens/s{r['peak_memory_mb']:>9.0f} MB peak",
-              flush=True)
+        print(
+            f"{name:<20}{r['step_s']:>8.3f} s/step{r['tokens_per_s']:>10.0f} tokens/s{r['peak_memory_mb']:>9.0f} MB "
+            "peak",
+            flush=True,
+        )
     (out / "throughput.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=2))
     if not args.no_peer:
-        cmd = [sys.executable, str(REPO / "scripts" / "bench_peer.py"), "--device", args.device, "--model", args.model,
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--repeats",
-               str(args.peer_repeats), "--out", str(out / "bench_peer.jsonl")]
+        cmd = [
+            sys.executable,
+            str(REPO / "scripts" / "bench_peer.py"),
+            "--device",
+            args.device,
+            "--model",
+            args.model,
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+            "--repeats",
+            str(args.peer_repeats),
+            "--out",
+            str(out / "bench_peer.jsonl"),
+        ]
         subprocess.run(cmd, check=False)
 
 

@@ -88,13 +88,18 @@ def main() -> None:
             token_divergence(cfg, policy, ref, mask, output_embeddings=embeddings).backward()
 
         t = timed(step, device, args.repeats, clock)
-        print(f"{'divergence ' + name:28s} {t * 1e3:9.1f} ms   ratio {t / base:5.2f}   step with it {(base + t) / base:5.2f}x")
+        print(
+            f"{'divergence ' + name:28s} {t * 1e3:9.1f} ms   ratio {t / base:5.2f}   step with it "
+            f"{(base + t) / base:5.2f}x"
+        )
 
     # Kernel term: HMK margin on pooled representations, on top of the plain DPO loss.
     k = min(args.hidden, 256)
     calibration = KernelCalibration.fit(F.normalize(torch.randn(768, k, generator=gen), dim=-1))
     kernel = build_kernel(KernelConfig(name="hmk"), calibration).to(device)
-    reps = [F.normalize(torch.randn(args.pairs, k, generator=gen), dim=-1).to(device).requires_grad_(True) for _ in range(3)]
+    reps = [
+        F.normalize(torch.randn(args.pairs, k, generator=gen), dim=-1).to(device).requires_grad_(True) for _ in range(3)
+    ]
     logps = [torch.randn(args.pairs, generator=gen).to(device).requires_grad_(True) for _ in range(4)]
 
     def dpo_only() -> None:
@@ -104,7 +109,9 @@ def main() -> None:
     def dpo_with_kernel() -> None:
         plain()
         m_emb = embedding_margin(kernel, *reps)
-        out = hybrid_dpo_loss(*logps, beta=0.1, m_emb=m_emb, gamma=0.5, label_smoothing=0.0, loss_entropy=kernel.entropy_penalty())
+        out = hybrid_dpo_loss(
+            *logps, beta=0.1, m_emb=m_emb, gamma=0.5, label_smoothing=0.0, loss_entropy=kernel.entropy_penalty()
+        )
         out.loss.backward()
 
     t_dpo = timed(dpo_only, device, args.repeats, clock)

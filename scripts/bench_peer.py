@@ -88,19 +88,32 @@ def run_ours(args, method: str, workspace: str) -> dict:
     torch.set_num_threads(args.threads)
     n_steps = args.warmup + args.steps
     rows = load_rows(n_steps * args.batch_size + 1)
-    cfg = TrainConfig.model_validate({
-        "data": {"dataset": "bench", "max_length": args.max_length, "eval_fraction": 0.01, "min_eval_pairs": 1},
-        "model": {"name": args.model, "lora": True, "lora_r": 8, "lora_target_modules": LORA_TARGETS,
-                  "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
-                  "gradient_checkpointing": args.gradient_checkpointing},
-        "method": {**METHODS[method], "calibration_pairs": args.calibration_pairs},
-        "optimisation": {"max_steps": n_steps, "batch_size": args.batch_size, "seed": 0},
-        "monitoring": {"htsr": False},
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"dataset": "bench", "max_length": args.max_length, "eval_fraction": 0.01, "min_eval_pairs": 1},
+            "model": {
+                "name": args.model,
+                "lora": True,
+                "lora_r": 8,
+                "lora_target_modules": LORA_TARGETS,
+                "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+                "gradient_checkpointing": args.gradient_checkpointing,
+            },
+            "method": {**METHODS[method], "calibration_pairs": args.calibration_pairs},
+            "optimisation": {"max_steps": n_steps, "batch_size": args.batch_size, "seed": 0},
+            "monitoring": {"htsr": False},
+        }
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = DPOTrainer(cfg, run_dir, workspace=Workspace.resolve(workspace), pairs=pd.DataFrame(rows),
-                             device=args.device, log=lambda m: None)
+        trainer = DPOTrainer(
+            cfg,
+            run_dir,
+            workspace=Workspace.resolve(workspace),
+            pairs=pd.DataFrame(rows),
+            device=args.device,
+            log=lambda m: None,
+        )
         trainer.setup()
         setup_s = time.perf_counter() - t0
         times, tokens = [], []
@@ -127,9 +140,16 @@ def run_trl(args, precompute: bool) -> dict:
     torch.set_num_threads(args.threads)
     n_steps = args.warmup + args.steps
     rows = load_rows(n_steps * args.batch_size)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in rows
+        ]
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = load_policy(args.model, workspace=Workspace.resolve(Path(tmp) / "ws"), dtype="float32")
@@ -147,25 +167,49 @@ def run_trl(args, precompute: bool) -> dict:
                 self.times.append(time.perf_counter() - self.t)
 
         timer = StepTimer()
-        config = DPOConfig(output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=args.batch_size,
-                           max_length=args.max_length, max_steps=n_steps, precompute_ref_log_probs=precompute,
-                           use_cpu=not args.device.startswith("cuda"), bf16=args.device.startswith("cuda"), fp16=False,
-                           report_to="none", save_strategy="no",
-                           logging_steps=1000, dataloader_num_workers=0, seed=0,
-                           gradient_checkpointing=not args.trl_no_gradient_checkpointing)
+        config = DPOConfig(
+            output_dir=str(Path(tmp) / "out"),
+            per_device_train_batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_steps=n_steps,
+            precompute_ref_log_probs=precompute,
+            use_cpu=not args.device.startswith("cuda"),
+            bf16=args.device.startswith("cuda"),
+            fp16=False,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1000,
+            dataloader_num_workers=0,
+            seed=0,
+            gradient_checkpointing=not args.trl_no_gradient_checkpointing,
+        )
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[timer])
+        trainer = DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[timer],
+        )
         setup_s = time.perf_counter() - t0
         trainer.train()
         cap = args.max_length
-        lengths = [min(len(r["prompt_ids"]) + len(r["chosen_ids"]), cap) + min(len(r["prompt_ids"]) + len(r["rejected_ids"]), cap)
-                   if "prompt_ids" in r else None for r in trainer.train_dataset]
+        lengths = [
+            min(len(r["prompt_ids"]) + len(r["chosen_ids"]), cap)
+            + min(len(r["prompt_ids"]) + len(r["rejected_ids"]), cap)
+            if "prompt_ids" in r
+            else None
+            for r in trainer.train_dataset
+        ]
     per_step = None
     if all(x is not None for x in lengths):
         per_step = [sum(lengths[i : i + args.batch_size]) for i in range(0, len(lengths), args.batch_size)]
-    return {"setup_s": setup_s, "step_s": timer.times[args.warmup :],
-            "tokens": [statistics.mean(per_step)] * args.steps if per_step else None}
+    return {
+        "setup_s": setup_s,
+        "step_s": timer.times[args.warmup :],
+        "tokens": [statistics.mean(per_step)] * args.steps if per_step else None,
+    }
 
 
 def child(args) -> None:
@@ -187,8 +231,12 @@ def plan(args) -> list[tuple[int, str]]:
     for rep in range(args.repeats):
         ours = [f"ours:{m}:{temp}" for m in args.methods for temp in ("cold", "warm")]
         half = len(ours) // 2 + len(ours) % 2
-        order = ([] if args.no_trl else ["trl-default"]) + ours[:half] + \
-            ([] if args.no_trl else ["trl-precompute"]) + ours[half:]
+        order = (
+            ([] if args.no_trl else ["trl-default"])
+            + ours[:half]
+            + ([] if args.no_trl else ["trl-precompute"])
+            + ours[half:]
+        )
         if rep % 2:  # reverse, but a warm run must still follow its cold run
             pairs = [order[i : i + 1] for i in range(len(order))]
             order = [run for chunk in reversed(pairs) for run in chunk]
@@ -208,27 +256,33 @@ def summarise(results: list[dict], args) -> None:
         return float(np.median(r["step_s"])) if r.get("step_s") else float("nan")
 
     by = {(r["repeat"], r["run"]): r for r in results if "error" not in r}
-    print(f"\nper-step time (median over the {args.steps} timed steps of a run), ratios within each repeat; "
-          f"{args.threads} threads, batch {args.batch_size} pairs, max_length {args.max_length}")
-    print(f"{'run':<22}{'step s':>8}{'/TRL dflt (med min max)':>26}{'/TRL precomp (med min max)':>30}"
-          f"{'/ours dpo':>10}{'peak RSS MB':>12}{'RSS /TRL':>9}{'tok/step':>9}")
+    print(
+        f"\nper-step time (median over the {args.steps} timed steps of a run), ratios within each repeat; "
+        f"{args.threads} threads, batch {args.batch_size} pairs, max_length {args.max_length}"
+    )
+    print(
+        f"{'run':<22}{'step s':>8}{'/TRL dflt (med min max)':>26}{'/TRL precomp (med min max)':>30}"
+        f"{'/ours dpo':>10}{'peak RSS MB':>12}{'RSS /TRL':>9}{'tok/step':>9}"
+    )
     runs = sorted({r for _, r in by}, key=lambda x: (not x.startswith("trl"), x))
     for run in runs:
         reps = [rep for rep in range(args.repeats) if (rep, run) in by]
         steps = [median_step(by[(rep, run)]) for rep in reps]
         rss = [by[(rep, run)]["peak_rss_mb"] for rep in reps]
 
-        def ratios(other: str):
+        def ratios(other: str, run: str = run, reps: list[int] = reps):
             vals = [median_step(by[(rep, run)]) / median_step(by[(rep, other)]) for rep in reps if (rep, other) in by]
             return f"{np.median(vals):.2f} {min(vals):.2f} {max(vals):.2f}" if vals else "-"
 
         temp = run.split(":")[-1] if run.startswith("ours") else ""
         own_dpo = f"ours:dpo:{temp}"
         rss_trl = [by[(rep, "trl-default")]["peak_rss_mb"] for rep in reps if (rep, "trl-default") in by]
-        print(f"{run:<22}{np.median(steps):>8.2f}{ratios('trl-default'):>26}{ratios('trl-precompute'):>30}"
-              f"{(ratios(own_dpo).split()[0] if run.startswith('ours') else '-'):>10}{np.median(rss):>12.0f}"
-              f"{(np.median(rss) / np.median(rss_trl) if rss_trl else float('nan')):>9.2f}"
-              f"{np.median([t for rep in reps for t in (by[(rep, run)].get('tokens') or [float('nan')])]):>9.0f}")
+        print(
+            f"{run:<22}{np.median(steps):>8.2f}{ratios('trl-default'):>26}{ratios('trl-precompute'):>30}"
+            f"{(ratios(own_dpo).split()[0] if run.startswith('ours') else '-'):>10}{np.median(rss):>12.0f}"
+            f"{(np.median(rss) / np.median(rss_trl) if rss_trl else float('nan')):>9.2f}"
+            f"{np.median([t for rep in reps for t in (by[(rep, run)].get('tokens') or [float('nan')])]):>9.0f}"
+        )
     print("tok/step: tokens of the step's pairs with the prompt counted once per response (TRL: after its truncation)")
 
 
@@ -242,16 +296,31 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda / cuda:N (bf16 mixed precision for both sides)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="policy for both sides (tiny-random for a smoke run)")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="policy for both sides (tiny-random for a smoke run)"
+    )
     p.add_argument("--calibration-pairs", type=int, default=32, help="kernel calibration pairs in our runs")
-    p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
-                   help="turn off TRL's default gradient checkpointing (ours has it off by default)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="turn on gradient checkpointing in our runs too (TRL has it on by default): same settings on both sides")
-    p.add_argument("--allocator", choices=["system", "jemalloc"], default="system",
-                   help="malloc of every run (jemalloc: preloaded as our job processes do, dpo_engine/jobs/allocator.py)")
-    p.add_argument("--ours-allocator", choices=["system", "jemalloc"],
-                   help="malloc of our runs only (default: --allocator); e.g. jemalloc, as our jobs run, against TRL as shipped")
+    p.add_argument(
+        "--trl-no-gradient-checkpointing",
+        action="store_true",
+        help="turn off TRL's default gradient checkpointing (ours has it off by default)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="turn on gradient checkpointing in our runs too (TRL has it on by default): same settings on both sides",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=["system", "jemalloc"],
+        default="system",
+        help="malloc of every run (jemalloc: preloaded as our job processes do, dpo_engine/jobs/allocator.py)",
+    )
+    p.add_argument(
+        "--ours-allocator",
+        choices=["system", "jemalloc"],
+        help="malloc of our runs only (default: --allocator); e.g. jemalloc, as our jobs run, against TRL as shipped",
+    )
     p.add_argument("--no-trl", action="store_true", help="only our runs")
     p.add_argument("--out", default=str(REPO / "workspace" / "bench_peer.jsonl"))
     p.add_argument("--run", help=argparse.SUPPRESS)
@@ -265,9 +334,23 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("steps", "warmup", "batch_size", "max_length", "threads", "device", "model",
-                                             "calibration_pairs", "trl_no_gradient_checkpointing", "gradient_checkpointing",
-                                             "allocator", "ours_allocator")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "warmup",
+            "batch_size",
+            "max_length",
+            "threads",
+            "device",
+            "model",
+            "calibration_pairs",
+            "trl_no_gradient_checkpointing",
+            "gradient_checkpointing",
+            "allocator",
+            "ours_allocator",
+        )
+    }
     done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     done = [r for r in done if r.get("settings") == settings]  # runs taken with other settings are not reused
     finished = {(r["repeat"], r["run"]) for r in done if "error" not in r}  # failed runs are tried again
@@ -282,18 +365,43 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(ws / "reference_cache", ignore_errors=True)  # cold means no cached reference
-        cmd = [sys.executable, __file__, "--run", run, "--workspace", str(ws), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--threads", str(args.threads), "--calibration-pairs", str(args.calibration_pairs),
-               "--device", args.device, "--model", args.model]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--run",
+            run,
+            "--workspace",
+            str(ws),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+            "--threads",
+            str(args.threads),
+            "--calibration-pairs",
+            str(args.calibration_pairs),
+            "--device",
+            args.device,
+            "--model",
+            args.model,
+        ]
         if args.trl_no_gradient_checkpointing:
             cmd.append("--trl-no-gradient-checkpointing")
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
-        env = {**os.environ, "DPO_KERNELS_MODEL_CACHE": os.environ.get("DPO_KERNELS_MODEL_CACHE", str(REPO / ".cache" / "models"))}
+        env = {
+            **os.environ,
+            "DPO_KERNELS_MODEL_CACHE": os.environ.get("DPO_KERNELS_MODEL_CACHE", str(REPO / ".cache" / "models")),
+        }
         allocator = (args.ours_allocator or args.allocator) if run.startswith("ours") else args.allocator
         if allocator == "jemalloc" and jemalloc_library() is None:
-            raise SystemExit("--allocator jemalloc: no libjemalloc on this machine (Debian: apt-get install libjemalloc2)")
+            raise SystemExit(
+                "--allocator jemalloc: no libjemalloc on this machine (Debian: apt-get install libjemalloc2)"
+            )
         env = with_allocator(env, allocator)
         t0 = time.perf_counter()
         print(f"[{i + 1}/{len(todo)}] repeat {rep} {run} ...", end=" ", flush=True)
@@ -303,9 +411,12 @@ def main() -> None:
             record = {"repeat": rep, "run": run, "settings": settings, "error": res.stderr[-3000:]}
             print(f"failed ({time.perf_counter() - t0:.0f}s)\n{res.stderr[-1500:]}", flush=True)
         else:
-            record = {"repeat": rep, "run": run, "settings": settings, **json.loads(line[-1][len("RESULT "):])}
-            print(f"{statistics.median(record['step_s']):.2f} s/step, peak RSS {record['peak_rss_mb']:.0f} MB "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            record = {"repeat": rep, "run": run, "settings": settings, **json.loads(line[-1][len("RESULT ") :])}
+            print(
+                f"{statistics.median(record['step_s']):.2f} s/step, peak RSS {record['peak_rss_mb']:.0f} MB "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
         with open(out, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         done.append(record)

@@ -77,8 +77,16 @@ def one_variant(args) -> None:
             trainer._train_step()
         step_s = (time.perf_counter() - t0) / args.steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"variant": args.variant, "step_s": step_s, "peak_rss_mb": peak / 2**20,
-                      "step_increment_mb": max(peak - rss_before, 0) / 2**20}))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "step_s": step_s,
+                "peak_rss_mb": peak / 2**20,
+                "step_increment_mb": max(peak - rss_before, 0) / 2**20,
+            }
+        )
+    )
 
 
 def speed(args) -> None:
@@ -86,9 +94,28 @@ def speed(args) -> None:
     for name in variants():
         if args.only and name not in args.only:
             continue
-        cmd = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--model", args.model,
-               "--pairs", str(args.pairs), "--workspace", args.workspace, "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            name,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--max-length",
+            str(args.max_length),
+            "--batch-size",
+            str(args.batch_size),
+            "--model",
+            args.model,
+            "--pairs",
+            str(args.pairs),
+            "--workspace",
+            args.workspace,
+            "--threads",
+            str(args.threads),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not line:
@@ -101,17 +128,28 @@ def speed(args) -> None:
         return
     print(f"\n{'variant':<20}{'step s':>9}{'time x':>8}{'peak MB':>9}{'mem x':>7}  target")
     for r in rows:
-        target = 1.0 if r["variant"] == "dpo" else 1.5 if r["variant"] == "div:wasserstein" else 1.3 if r["variant"].startswith("div:") else 1.15
+        target = (
+            1.0
+            if r["variant"] == "dpo"
+            else 1.5
+            if r["variant"] == "div:wasserstein"
+            else 1.3
+            if r["variant"].startswith("div:")
+            else 1.15
+        )
         tx = r["step_s"] / base["step_s"]
         mx = r["peak_rss_mb"] / base["peak_rss_mb"]
         flag = "" if r["variant"] == "dpo" else ("ok" if tx <= target and mx <= 1.2 else "OVER")
-        print(f"{r['variant']:<20}{r['step_s']:>9.2f}{tx:>8.2f}{r['peak_rss_mb']:>9.0f}{mx:>7.2f}  <= {target:.2f}x {flag}")
+        print(
+            f"{r['variant']:<20}{r['step_s']:>9.2f}{tx:>8.2f}{r['peak_rss_mb']:>9.0f}{mx:>7.2f}  <= {target:.2f}x "
+            f"{flag}"
+        )
 
 
 def learning(args) -> None:
     import torch
 
-    from dpo_engine.train import rundir
+    from dpo_engine import rundir
     from dpo_engine.train.config import TrainConfig
     from dpo_engine.train.trainer import train
     from dpo_engine.workspace import Workspace
@@ -120,27 +158,44 @@ def learning(args) -> None:
     ws = Workspace.resolve(args.workspace)
     methods = {
         "dpo": {"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0}},
-        f"hmk+{args.divergence}": {"kernel": {"name": "hmk"}, "divergence": {"name": args.divergence, "alpha": 0.1},
-                                   "loss": {"gamma": 0.5}},
+        f"hmk+{args.divergence}": {
+            "kernel": {"name": "hmk"},
+            "divergence": {"name": args.divergence, "alpha": 0.1},
+            "loss": {"gamma": 0.5},
+        },
     }
     for name, method in methods.items():
         if args.methods and name.split("+")[0] not in args.methods:
             continue
         raw = base_config(args, method, str(HH_SAMPLE))
         raw["optimisation"].update(max_steps=args.steps)
-        raw["monitoring"].update(eval_every=args.steps, snapshot_every=args.steps, probe_pairs=32,
-                                 checkpoint_every=args.steps)
+        raw["monitoring"].update(
+            eval_every=args.steps, snapshot_every=args.steps, probe_pairs=32, checkpoint_every=args.steps
+        )
         raw["data"]["min_eval_pairs"] = 32
         out = Path(args.out) / name.replace("+", "_")
         t0 = time.perf_counter()
         summary = train(TrainConfig.model_validate(raw), out, workspace=ws, log=lambda m: None)
         ev = rundir.read_eval(out)
         first, last = ev.iloc[0], ev.iloc[-1]
-        print(json.dumps({"method": name, "status": summary["status"], "steps": args.steps,
-                          "reward_acc_start": first["reward_acc"], "reward_acc_end": last["reward_acc"],
-                          "hybrid_acc_end": last["hybrid_acc"], "loss_pref_start": first["loss_pref"],
-                          "loss_pref_end": last["loss_pref"], "dbs_start": first.get("dbs"), "dbs_end": last.get("dbs"),
-                          "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "method": name,
+                    "status": summary["status"],
+                    "steps": args.steps,
+                    "reward_acc_start": first["reward_acc"],
+                    "reward_acc_end": last["reward_acc"],
+                    "hybrid_acc_end": last["hybrid_acc"],
+                    "loss_pref_start": first["loss_pref"],
+                    "loss_pref_end": last["loss_pref"],
+                    "dbs_start": first.get("dbs"),
+                    "dbs_end": last.get("dbs"),
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 def wall_split(args) -> None:
@@ -157,9 +212,27 @@ def wall_split(args) -> None:
     env = with_allocator(dict(os.environ), args.allocator)  # the runs allocate like job processes
     print(f"allocator: {'jemalloc' if 'jemalloc' in env.get('LD_PRELOAD', '') else 'system'}", flush=True)
     for label in ("cold", "warm")[: 1 if args.cold_only else 2]:
-        cmd = [sys.executable, __file__, "--wall-split", "--wall-run", label, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads),
-               "--model", args.model, "--wall-method", args.wall_method, "--out", args.out]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--wall-split",
+            "--wall-run",
+            label,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+            "--threads",
+            str(args.threads),
+            "--model",
+            args.model,
+            "--wall-method",
+            args.wall_method,
+            "--out",
+            args.out,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not lines:
@@ -169,9 +242,12 @@ def wall_split(args) -> None:
         wall, split = r["wall_s"], r["split"]
         other = wall - sum(split.values())
         parts = ", ".join(f"{k} {v:.1f}s ({v / wall:.0%})" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
-        print(f"cache {label}: {r['status']}, {args.steps} steps, wall {wall:.1f}s: {parts}, other {other:.1f}s "
-              f"({other / wall:.0%}); training share {split.get('train', 0) / wall:.0%} (goal >= 75%); "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"cache {label}: {r['status']}, {args.steps} steps, wall {wall:.1f}s: {parts}, other {other:.1f}s "
+            f"({other / wall:.0%}); training share {split.get('train', 0) / wall:.0%} (goal >= 75%); "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
 
 
 def wall_split_run(args) -> None:
@@ -183,8 +259,11 @@ def wall_split_run(args) -> None:
     from dpo_engine.workspace import Workspace
 
     torch.set_num_threads(args.threads)
-    raw = {"data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length}, "model": {"name": args.model},
-           "optimisation": {"max_steps": args.steps, "batch_size": args.batch_size}}
+    raw = {
+        "data": {"dataset": str(HH_SAMPLE), "max_length": args.max_length},
+        "model": {"name": args.model},
+        "optimisation": {"max_steps": args.steps, "batch_size": args.batch_size},
+    }
     if args.wall_method == "dpo":
         raw["method"] = variants()["dpo"]
     run = Path(args.out) / f"wall_split_{args.wall_run}"
@@ -192,10 +271,23 @@ def wall_split_run(args) -> None:
 
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = train(TrainConfig.model_validate(raw), run, workspace=Workspace.resolve(Path(args.out) / "wall_split_ws"),
-                    log=lambda m: print("   ", m, file=sys.stderr, flush=True))
-    print(json.dumps({"status": summary["status"], "wall_s": time.perf_counter() - t0,
-                      "split": summary.get("time_split_s") or {}, "peak_rss_mb": summary.get("peak_memory_mb")}), flush=True)
+    summary = train(
+        TrainConfig.model_validate(raw),
+        run,
+        workspace=Workspace.resolve(Path(args.out) / "wall_split_ws"),
+        log=lambda m: print("   ", m, file=sys.stderr, flush=True),
+    )
+    print(
+        json.dumps(
+            {
+                "status": summary["status"],
+                "wall_s": time.perf_counter() - t0,
+                "split": summary.get("time_split_s") or {},
+                "peak_rss_mb": summary.get("peak_memory_mb"),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -211,13 +303,24 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="benchmark only these variants (e.g. dpo kernel:hmk div:kl)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--learning", action="store_true")
-    p.add_argument("--wall-split", action="store_true",
-                   help="one default-cadence run of --steps steps (use 20), cache cold then warm: the wall-time split")
-    p.add_argument("--wall-method", choices=("default", "dpo"), default="default",
-                   help="wall split: the default method (HMK + KL) or plain DPO")
+    p.add_argument(
+        "--wall-split",
+        action="store_true",
+        help="one default-cadence run of --steps steps (use 20), cache cold then warm: the wall-time split",
+    )
+    p.add_argument(
+        "--wall-method",
+        choices=("default", "dpo"),
+        default="default",
+        help="wall split: the default method (HMK + KL) or plain DPO",
+    )
     p.add_argument("--cold-only", action="store_true", help="wall split: only the first (cache cold) run")
-    p.add_argument("--allocator", choices=("jemalloc", "system"), default=None,
-                   help="wall split: malloc of the runs (default: as job processes, jemalloc when the machine has it)")
+    p.add_argument(
+        "--allocator",
+        choices=("jemalloc", "system"),
+        default=None,
+        help="wall split: malloc of the runs (default: as job processes, jemalloc when the machine has it)",
+    )
     p.add_argument("--wall-run", choices=("cold", "warm"), help=argparse.SUPPRESS)
     p.add_argument("--methods", nargs="*", default=None, help="learning mode: run only these (dpo, hmk)")
     p.add_argument("--divergence", default="kl")

@@ -50,20 +50,31 @@ def methods(recommendation: dict) -> dict[str, dict]:
     from dpo_engine.train.sweep import sweep_pairs
 
     div = recommendation["divergence"]
-    out = {"dpo": dict(PLAIN), "epsilon-dpo": {**PLAIN, "method.loss.epsilon_dpo": 0.01},
-           f"hmk+{div}": {"method.kernel.name": "hmk", "method.divergence.name": div}}
+    out = {
+        "dpo": dict(PLAIN),
+        "epsilon-dpo": {**PLAIN, "method.loss.epsilon_dpo": 0.01},
+        f"hmk+{div}": {"method.kernel.name": "hmk", "method.divergence.name": div},
+    }
     recommended, _, divergence_runner_up = sweep_pairs(recommendation)
     for pair in (recommended, divergence_runner_up):
-        out.setdefault(f"{pair.kernel}+{pair.divergence}",
-                       {"method.kernel.name": pair.kernel, "method.divergence.name": pair.divergence})
+        out.setdefault(
+            f"{pair.kernel}+{pair.divergence}",
+            {"method.kernel.name": pair.kernel, "method.divergence.name": pair.divergence},
+        )
     return out
 
 
 def evidence_settings(steps: int) -> dict:
     """What the evidence adds to the quick preset: the fixed split, evaluation and snapshots on all
     EVAL_PAIRS held-out pairs (at the preset's cadence), and checkpoints to resume from."""
-    return {"data.split_seed": SPLIT_SEED, "data.eval_fraction": EVAL_PAIRS / 399, "data.min_eval_pairs": EVAL_PAIRS,
-            "optimisation.max_steps": steps, "monitoring.probe_pairs": EVAL_PAIRS, "monitoring.checkpoint_every": 20}
+    return {
+        "data.split_seed": SPLIT_SEED,
+        "data.eval_fraction": EVAL_PAIRS / 399,
+        "data.min_eval_pairs": EVAL_PAIRS,
+        "optimisation.max_steps": steps,
+        "monitoring.probe_pairs": EVAL_PAIRS,
+        "monitoring.checkpoint_every": 20,
+    }
 
 
 def recommendation_for(workspace) -> dict:
@@ -97,8 +108,10 @@ def train_run(name: str, seed: int, overrides: dict, steps: int, workspace, extr
     config = TrainConfig.model_validate(raw)
     stored = run_dir / "config.json"
     if stored.is_file() and json.loads(stored.read_text()) != config.resolved():
-        raise SystemExit(f"{run_dir} was trained with other settings than this command asks for; "
-                         "use another --workspace, or delete that run directory to train it again")
+        raise SystemExit(
+            f"{run_dir} was trained with other settings than this command asks for; "
+            "use another --workspace, or delete that run directory to train it again"
+        )
     if finished(run_dir):
         print(f"[{run_dir.name}] finished before, skipped", flush=True)
         return run_dir
@@ -113,8 +126,14 @@ def train_run(name: str, seed: int, overrides: dict, steps: int, workspace, extr
     summary = train(config, run_dir, workspace=workspace, log=log)
     cost_path = run_dir / "evidence_cost.json"
     prev = json.loads(cost_path.read_text()) if cost_path.is_file() else {"cpu_s": 0.0, "wall_s": 0.0}
-    cost_path.write_text(json.dumps({"cpu_s": prev["cpu_s"] + time.process_time() - cpu0,
-                                     "wall_s": prev["wall_s"] + time.perf_counter() - wall0}))
+    cost_path.write_text(
+        json.dumps(
+            {
+                "cpu_s": prev["cpu_s"] + time.process_time() - cpu0,
+                "wall_s": prev["wall_s"] + time.perf_counter() - wall0,
+            }
+        )
+    )
     if summary.get("status") != "succeeded":
         raise SystemExit(f"{run_dir.name}: training {summary.get('status')}: {summary.get('error')}")
     return run_dir
@@ -122,10 +141,11 @@ def train_run(name: str, seed: int, overrides: dict, steps: int, workspace, extr
 
 # ---------------------------------------------------------------- report
 
+
 def _final(run_dir: Path) -> tuple[int, "object", dict, dict]:
     """(final step, per-pair margins, first snapshot, last snapshot) of a finished run, read at the
     step its summary says it completed (files of an earlier, abandoned attempt are ignored)."""
-    from dpo_engine.train import rundir
+    from dpo_engine import rundir
 
     step = rundir.read_summary(run_dir)["steps_completed"]
     margins = rundir.read_eval_margins(run_dir)
@@ -139,9 +159,9 @@ def method_results(name: str, run_dirs: list[Path], dpo: dict | None) -> dict:
     differences. Every table is indexed by plain DPO's held-out pair ids, in the same order."""
     import numpy as np
 
+    from dpo_engine import rundir
     from dpo_engine.analysis.dbs import davies_bouldin
     from dpo_engine.analysis.evidence import dbs_change, paired_difference, seeds_pairs_interval
-    from dpo_engine.train import rundir
 
     finals = [_final(d) for d in run_dirs]
     ids = dpo["pair_ids"] if dpo is not None else sorted(finals[0][1].index)
@@ -153,24 +173,35 @@ def method_results(name: str, run_dirs: list[Path], dpo: dict | None) -> dict:
                 raise SystemExit(f"{d}: its snapshot pairs differ from the other seeds'")
     table = np.stack([m[ids].to_numpy() for _, m, _, _ in finals])
     correct = (table > 0).astype(float)
-    snaps = {"first": [(f["chosen"], f["rejected"]) for _, _, f, _ in finals],
-             "last": [(last["chosen"], last["rejected"]) for _, _, _, last in finals]}
+    snaps = {
+        "first": [(f["chosen"], f["rejected"]) for _, _, f, _ in finals],
+        "last": [(last["chosen"], last["rejected"]) for _, _, _, last in finals],
+    }
     if dpo is not None and list(finals[0][2]["pair_ids"]) != dpo["_snapshot_ids"]:
         raise SystemExit(f"{name}: its snapshot pairs differ from plain DPO's")
-    out = {"method": name, "seeds": len(run_dirs), "eval_pairs": len(ids), "pair_ids": list(ids),
-           "steps": [step for step, _, _, _ in finals],
-           "reward_acc": seeds_pairs_interval(correct).as_dict(), "margin": seeds_pairs_interval(table).as_dict()}
+    out = {
+        "method": name,
+        "seeds": len(run_dirs),
+        "eval_pairs": len(ids),
+        "pair_ids": list(ids),
+        "steps": [step for step, _, _, _ in finals],
+        "reward_acc": seeds_pairs_interval(correct).as_dict(),
+        "margin": seeds_pairs_interval(table).as_dict(),
+    }
     for when in snaps:
         out[f"dbs_{when}"] = float(np.mean([davies_bouldin(c, r) for c, r in snaps[when]]))
     out["dbs_change"] = dbs_change(snaps["first"], snaps["last"]).as_dict()
     if dpo is not None and name != "dpo":
         out["acc_minus_dpo"] = paired_difference(correct, dpo["_tables"]["correct"]).as_dict()
         out["margin_minus_dpo"] = paired_difference(table, dpo["_tables"]["table"]).as_dict()
-        out["dbs_change_minus_dpo"] = dbs_change(snaps["first"], snaps["last"],
-                                                 baseline=(dpo["_snaps"]["first"], dpo["_snaps"]["last"])).as_dict()
+        out["dbs_change_minus_dpo"] = dbs_change(
+            snaps["first"], snaps["last"], baseline=(dpo["_snaps"]["first"], dpo["_snaps"]["last"])
+        ).as_dict()
     summaries = [rundir.read_summary(d) for d in run_dirs]
     metrics = [rundir.read_jsonl(d / rundir.METRICS) for d in run_dirs]
-    costs = [json.loads((d / "evidence_cost.json").read_text()) for d in run_dirs if (d / "evidence_cost.json").is_file()]
+    costs = [
+        json.loads((d / "evidence_cost.json").read_text()) for d in run_dirs if (d / "evidence_cost.json").is_file()
+    ]
     out["alpha_before"] = [s.get("weighted_alpha_before") for s in summaries]
     out["alpha_after"] = [s.get("weighted_alpha_after") for s in summaries]
     out["train_s_per_step_with_cache"] = [s["train_time_s"] / s["steps_completed"] for s in summaries]
@@ -188,7 +219,7 @@ def method_results(name: str, run_dirs: list[Path], dpo: dict | None) -> dict:
 
 def _alpha_share(run_dir: Path) -> dict:
     """Share of WeightWatcher layers whose alpha lies in [2, 6], before and after training."""
-    from dpo_engine.train import rundir
+    from dpo_engine import rundir
 
     shares = {}
     for when in ("before", "after"):
@@ -227,16 +258,22 @@ def claims(results: list[dict], cost: dict | None, planned: list[str]) -> str:
     if hmk is not None:
         base = by["dpo"]["reward_acc"]["mean"]
         rel = hmk["acc_minus_dpo"]["mean"] / base if base else float("nan")
-        rows.append(f"| HMK + divergence aligns better than DPO; the hybrid loss gains 9.2 % on average (Das et al. 2025, "
-                    f"arXiv 2501.03271) | {hmk['method']} − DPO held-out reward accuracy {fmt(hmk['acc_minus_dpo'])} "
-                    f"(per seed {seeds(hmk['acc_minus_dpo'])}; {rel:+.1%} relative), margin {fmt(hmk['margin_minus_dpo'])} "
-                    f"| direction: {verdict(hmk['acc_minus_dpo'])}; size: {rel:+.1%} against the paper's +9.2 % |")
+        rows.append(
+            f"| HMK + divergence aligns better than DPO; the hybrid loss gains 9.2 % on average (Das et al. 2025, "
+            f"arXiv 2501.03271) | {hmk['method']} − DPO held-out reward accuracy {fmt(hmk['acc_minus_dpo'])} "
+            f"(per seed {seeds(hmk['acc_minus_dpo'])}; {rel:+.1%} relative), margin {fmt(hmk['margin_minus_dpo'])} "
+            f"| direction: {verdict(hmk['acc_minus_dpo'])}; size: {rel:+.1%} against the paper's +9.2 % |"
+        )
     else:
-        rows.append("| HMK + divergence aligns better than DPO (Das et al. 2025) | — | not tested (its runs are missing) |")
+        rows.append(
+            "| HMK + divergence aligns better than DPO (Das et al. 2025) | — | not tested (its runs are missing) |"
+        )
     others = [r for r in results if rec is not None and r["method"] not in ("dpo", "epsilon-dpo", rec["method"])]
     planned_others = [m for m in planned if m not in ("dpo", "epsilon-dpo") and (rec is None or m != rec["method"])]
     if rec is not None and others and len(others) == len(planned_others):
-        diffs = {o["method"]: paired_difference(rec["_tables"]["correct"], o["_tables"]["correct"]).as_dict() for o in others}
+        diffs = {
+            o["method"]: paired_difference(rec["_tables"]["correct"], o["_tables"]["correct"]).as_dict() for o in others
+        }
         text = "; ".join(f"− {m}: {fmt(d)}" for m, d in diffs.items())
         if all(verdict(d) == "supported" for d in diffs.values()):
             v = f"supported against the {len(diffs)} pairs tested"
@@ -244,56 +281,82 @@ def claims(results: list[dict], cost: dict | None, planned: list[str]) -> str:
             v = "not supported (a tested pair beat the recommended one)"
         else:
             v = f"not detected at this scale (every interval includes 0; {len(diffs)} other pairs tested)"
-        rows.append(f"| The selection rules pick the best kernel–divergence pair (ibid., Sec. 5) | recommended "
-                    f"{rec['method']}, held-out accuracy {text} | {v} |")
+        rows.append(
+            f"| The selection rules pick the best kernel–divergence pair (ibid., Sec. 5) | recommended "
+            f"{rec['method']}, held-out accuracy {text} | {v} |"
+        )
     else:
-        rows.append("| The selection rules pick the best kernel–divergence pair (ibid.) | — | not tested (the recommended "
-                    "pair's or the other pairs' runs are missing) |")
+        rows.append(
+            "| The selection rules pick the best kernel–divergence pair (ibid.) | — | not tested (the recommended "
+            "pair's or the other pairs' runs are missing) |"
+        )
     kernel_rows = [r for r in results if r["method"] not in ("dpo", "epsilon-dpo")]
-    dbs_text = "; ".join(f"{r['method']} {r['dbs_first']:.2f} → {r['dbs_last']:.2f} (change {fmt(r['dbs_change'], 2)}"
-                         + (f", minus DPO's change {fmt(r['dbs_change_minus_dpo'], 2)}" if "dbs_change_minus_dpo" in r else "")
-                         + ")" for r in results)
+    dbs_text = "; ".join(
+        f"{r['method']} {r['dbs_first']:.2f} → {r['dbs_last']:.2f} (change {fmt(r['dbs_change'], 2)}"
+        + (f", minus DPO's change {fmt(r['dbs_change_minus_dpo'], 2)}" if "dbs_change_minus_dpo" in r else "")
+        + ")"
+        for r in results
+    )
     if not kernel_rows:
         v = "not tested (no kernel method finished)"
     else:
         falls = [r for r in kernel_rows if r["dbs_change"]["high"] < 0 and r["dbs_change_minus_dpo"]["high"] < 0]
-        v = (f"supported for {len(falls)} of {len(kernel_rows)} kernel methods (falls, and by more than under plain DPO)"
-             if falls else "not detected at this scale (no kernel method's fall has a 95 % interval below 0 and below "
-             "plain DPO's)")
-    rows.append(f"| Kernels separate chosen from rejected representations: the Davies–Bouldin score falls "
-                f"(ibid., t-SNE/DBS figures) | {dbs_text} | {v} |")
+        v = (
+            f"supported for {len(falls)} of {len(kernel_rows)} kernel methods (falls, and by more than under plain DPO)"
+            if falls
+            else "not detected at this scale (no kernel method's fall has a 95 % interval below 0 and below "
+            "plain DPO's)"
+        )
+    rows.append(
+        f"| Kernels separate chosen from rejected representations: the Davies–Bouldin score falls "
+        f"(ibid., t-SNE/DBS figures) | {dbs_text} | {v} |"
+    )
     alpha_after = [a for r in results for a in r["alpha_after"] if a is not None]
     alpha_before = [a for r in results for a in r["alpha_before"] if a is not None]
-    layer = {key: [s[key] for r in results for s in r["layers_alpha_2_6"] if key in s]
-             for key in ("before", "after", "median_before", "median_after")}
+    layer = {
+        key: [s[key] for r in results for s in r["layers_alpha_2_6"] if key in s]
+        for key in ("before", "after", "median_before", "median_after")
+    }
     if alpha_before and alpha_after and layer["before"] and layer["after"]:
         share_b, share_a = float(np.mean(layer["before"])), float(np.mean(layer["after"]))
         moved = max(abs(a - b) for a, b in zip(layer["median_after"], layer["median_before"]))
         if abs(share_a - share_b) < 0.01 and moved < 0.05:
-            v = (f"not testable at this scale: training left layer α where it was (median moved by at most {moved:.3f}); "
-                 f"{1 - share_b:.0%} of the base model's layers are outside [2, 6] before any training")
+            v = (
+                "not testable at this scale: training left layer α where it was (median moved by at most "
+                f"{moved:.3f}); "
+                f"{1 - share_b:.0%} of the base model's layers are outside [2, 6] before any training"
+            )
         elif min(layer["after"]) >= 0.9:
             v = "supported"
         else:
-            v = (f"not supported as stated: {1 - share_b:.0%} of layers were outside [2, 6] before training; "
-                 f"training changed the share inside by {100 * (share_a - share_b):+.1f} points")
-        rows.append(f"| Layer α (HT-SR power-law exponent) stays in 2–6 after training: well trained, not over-fitted "
-                    f"(ibid., HT-SR analysis) | median layer α {np.mean(layer['median_before']):.2f} before, "
-                    f"{min(layer['median_after']):.2f}–{max(layer['median_after']):.2f} after; layers with α in [2, 6]: "
-                    f"{share_b:.0%} before, {min(layer['after']):.0%}–{max(layer['after']):.0%} after; weighted α "
-                    f"(mean of α·log10 λmax) {min(alpha_before):.2f} before, {min(alpha_after):.2f}–{max(alpha_after):.2f} after | {v} |")
+            v = (
+                f"not supported as stated: {1 - share_b:.0%} of layers were outside [2, 6] before training; "
+                f"training changed the share inside by {100 * (share_a - share_b):+.1f} points"
+            )
+        rows.append(
+            f"| Layer α (HT-SR power-law exponent) stays in 2–6 after training: well trained, not over-fitted "
+            f"(ibid., HT-SR analysis) | median layer α {np.mean(layer['median_before']):.2f} before, "
+            f"{min(layer['median_after']):.2f}–{max(layer['median_after']):.2f} after; layers with α in [2, 6]: "
+            f"{share_b:.0%} before, {min(layer['after']):.0%}–{max(layer['after']):.0%} after; weighted α "
+            f"(mean of α·log10 λmax) {min(alpha_before):.2f} before, {min(alpha_after):.2f}–{max(alpha_after):.2f} "
+            f"after | {v} |"
+        )
     if hmk is not None and cost and hmk["method"] in cost and "dpo" in cost:
         ratios = [h / d for h, d in zip(cost[hmk["method"]], cost["dpo"])]
         ratio = float(np.median(ratios))
-        rows.append(f"| HMK costs about 3–4× the compute of DPO (ibid.) | {hmk['method']} time per training step "
-                    f"{ratio:.2f}× plain DPO's (median of {len(ratios)} alternating rounds, range {min(ratios):.2f}–"
-                    f"{max(ratios):.2f}; reference computed live for both, same settings) | "
-                    f"{'consistent' if 3 <= ratio <= 4 else 'lower than claimed' if ratio < 3 else 'higher than claimed'} |")
+        rows.append(
+            f"| HMK costs about 3–4× the compute of DPO (ibid.) | {hmk['method']} time per training step "
+            f"{ratio:.2f}× plain DPO's (median of {len(ratios)} alternating rounds, range {min(ratios):.2f}–"
+            f"{max(ratios):.2f}; reference computed live for both, same settings) | "
+            f"{'consistent' if 3 <= ratio <= 4 else 'lower than claimed' if ratio < 3 else 'higher than claimed'} |"
+        )
     if "epsilon-dpo" in by:
         e = by["epsilon-dpo"]
-        rows.append(f"| ε-DPO's instance-adaptive β improves on DPO's fixed β (Lee et al. 2025) | ε-DPO − DPO held-out "
-                    f"accuracy {fmt(e['acc_minus_dpo'])} (per seed {seeds(e['acc_minus_dpo'])}), margin "
-                    f"{fmt(e['margin_minus_dpo'])} | {verdict(e['acc_minus_dpo'])} |")
+        rows.append(
+            f"| ε-DPO's instance-adaptive β improves on DPO's fixed β (Lee et al. 2025) | ε-DPO − DPO held-out "
+            f"accuracy {fmt(e['acc_minus_dpo'])} (per seed {seeds(e['acc_minus_dpo'])}), margin "
+            f"{fmt(e['margin_minus_dpo'])} | {verdict(e['acc_minus_dpo'])} |"
+        )
     return "\n".join(rows)
 
 
@@ -305,20 +368,36 @@ def figures(results: list[dict], out_dir: Path) -> list[str]:
     from dpo_engine.viz.style import apply_style
 
     names = [r["method"] for r in results]
-    acc = go.Figure(go.Scatter(
-        x=[r["reward_acc"]["mean"] for r in results], y=names, mode="markers",
-        error_x=dict(type="data", symmetric=False,
-                     array=[r["reward_acc"]["high"] - r["reward_acc"]["mean"] for r in results],
-                     arrayminus=[r["reward_acc"]["mean"] - r["reward_acc"]["low"] for r in results])))
+    acc = go.Figure(
+        go.Scatter(
+            x=[r["reward_acc"]["mean"] for r in results],
+            y=names,
+            mode="markers",
+            error_x=dict(
+                type="data",
+                symmetric=False,
+                array=[r["reward_acc"]["high"] - r["reward_acc"]["mean"] for r in results],
+                arrayminus=[r["reward_acc"]["mean"] - r["reward_acc"]["low"] for r in results],
+            ),
+        )
+    )
     acc.add_vline(x=0.5, line_dash="dot")
-    acc.update_layout(title="Held-out reward accuracy (95 % interval over seeds and pairs)",
-                      xaxis_title="reward accuracy (share of held-out pairs with margin > 0)", yaxis_title="method")
+    acc.update_layout(
+        title="Held-out reward accuracy (95 % interval over seeds and pairs)",
+        xaxis_title="reward accuracy (share of held-out pairs with margin > 0)",
+        yaxis_title="method",
+    )
     loss = go.Figure()
     for r in results:
-        loss.add_trace(go.Scatter(y=r["loss_curve"], x=np.arange(1, len(r["loss_curve"]) + 1), name=r["method"], mode="lines"))
+        loss.add_trace(
+            go.Scatter(y=r["loss_curve"], x=np.arange(1, len(r["loss_curve"]) + 1), name=r["method"], mode="lines")
+        )
     loss.add_hline(y=float(np.log(2)), line_dash="dot")
-    loss.update_layout(title="Each method's own preference loss on its step's batch (mean over seeds)", xaxis_title="step",
-                       yaxis_title="loss_pref (nats)")
+    loss.update_layout(
+        title="Each method's own preference loss on its step's batch (mean over seeds)",
+        xaxis_title="step",
+        yaxis_title="loss_pref (nats)",
+    )
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
     for fig, fname in ((acc, "heldout_accuracy.png"), (loss, "training_loss.png")):
@@ -340,34 +419,56 @@ def markdown(results: list[dict], meta: dict) -> str:
     cost = meta.get("cost_s_per_step") or {}
     dpo_cost = cost.get("dpo")
     missing = meta.get("methods_missing") or []
-    lines = [f"Command: `{meta['command']}` · {'/'.join(map(str, meta['steps']))} steps per run · seeds {meta['seeds']} · "
-             f"{meta['eval_pairs']} held-out pairs (split seed {SPLIT_SEED}) · {meta['runs']} runs · "
-             f"process CPU time of the training runs {meta['cpu_h']:.2f} h · machine: {meta['machine']}"
-             + (f" · **not finished, left out: {', '.join(missing)}**" if missing else ""), "",
-             "| method | held-out reward acc. [95 % CI] | acc. − DPO [95 % CI] | margin [95 % CI] | margin − DPO [95 % CI] "
-             "| DBS step 0 → end (change [95 % CI]) | weighted α before → after | loss_pref first 10 → last 10 steps "
-             "| s per training step (× DPO) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{meta['command']}` · {'/'.join(map(str, meta['steps']))} steps per run · seeds {meta['seeds']} · "
+        f"{meta['eval_pairs']} held-out pairs (split seed {SPLIT_SEED}) · {meta['runs']} runs · "
+        f"process CPU time of the training runs {meta['cpu_h']:.2f} h · machine: {meta['machine']}"
+        + (f" · **not finished, left out: {', '.join(missing)}**" if missing else ""),
+        "",
+        "| method | held-out reward acc. [95 % CI] | acc. − DPO [95 % CI] | margin [95 % CI] | margin − DPO [95 % CI] "
+        "| DBS step 0 → end (change [95 % CI]) | weighted α before → after | loss_pref first 10 → last 10 steps "
+        "| s per training step (× DPO) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         d_acc, d_m = r.get("acc_minus_dpo"), r.get("margin_minus_dpo")
-        step = (f"{np.median(cost[r['method']]):.2f} ({np.median([a / b for a, b in zip(cost[r['method']], dpo_cost)]):.2f}×)"
-                if r["method"] in cost and dpo_cost else "—")
+        step = (
+            f"{np.median(cost[r['method']]):.2f} "
+            f"({np.median([a / b for a, b in zip(cost[r['method']], dpo_cost)]):.2f}×)"
+            if r["method"] in cost and dpo_cost
+            else "—"
+        )
         lines.append(
             f"| {r['method']} | {fmt(r['reward_acc'])} | {fmt(d_acc) if d_acc else '—'} | {fmt(r['margin'])} "
             f"| {fmt(d_m) if d_m else '—'} | {r['dbs_first']:.2f} → {r['dbs_last']:.2f} ({fmt(r['dbs_change'], 2)}) "
-            f"| {alpha(r, 'alpha_before')} → {alpha(r, 'alpha_after')} | {r['loss_first10']:.3f} → {r['loss_last10']:.3f} "
-            f"| {step} |")
-    lines += ["", "Per seed (held-out reward accuracy − plain DPO's): "
-              + "; ".join(f"{r['method']} " + ", ".join(f"{v:+.3f}" for v in r["acc_minus_dpo"]["per_seed"])
-                          for r in results if "acc_minus_dpo" in r) + ".",
-              "", "Seconds per training step: the step alone (forward, objective, backward, optimiser), measured "
-              "after the runs in alternating rounds with every method computing its reference pass live (no cache), "
-              "so plain DPO is not credited with the cache the other runs filled. `loss_pref` is each method's own "
-              "preference loss (with the kernel term for kernel methods and the adaptive β for ε-DPO), so its levels "
-              "are comparable within a method, not across.",
-              "", "![held-out accuracy](results/heldout_accuracy.png)", "",
-              "![training loss](results/training_loss.png)", "", "### The paper's claims at this scale", "",
-              claims(results, cost, meta.get("methods_planned") or [r["method"] for r in results])]
+            f"| {alpha(r, 'alpha_before')} → {alpha(r, 'alpha_after')} | {r['loss_first10']:.3f} → "
+            f"{r['loss_last10']:.3f} "
+            f"| {step} |"
+        )
+    lines += [
+        "",
+        "Per seed (held-out reward accuracy − plain DPO's): "
+        + "; ".join(
+            f"{r['method']} " + ", ".join(f"{v:+.3f}" for v in r["acc_minus_dpo"]["per_seed"])
+            for r in results
+            if "acc_minus_dpo" in r
+        )
+        + ".",
+        "",
+        "Seconds per training step: the step alone (forward, objective, backward, optimiser), measured "
+        "after the runs in alternating rounds with every method computing its reference pass live (no cache), "
+        "so plain DPO is not credited with the cache the other runs filled. `loss_pref` is each method's own "
+        "preference loss (with the kernel term for kernel methods and the adaptive β for ε-DPO), so its levels "
+        "are comparable within a method, not across.",
+        "",
+        "![held-out accuracy](results/heldout_accuracy.png)",
+        "",
+        "![training loss](results/training_loss.png)",
+        "",
+        "### The paper's claims at this scale",
+        "",
+        claims(results, cost, meta.get("methods_planned") or [r["method"] for r in results]),
+    ]
     return "\n".join(lines)
 
 
@@ -387,12 +488,18 @@ def measure_cost(plan: dict, workspace, steps: int, extra: dict, *, rounds: int 
     path = Path(workspace.root) / "evidence_cost_per_step.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     for rnd in range(rounds):
-        for name, overrides in (plan.items() if rnd % 2 == 0 else reversed(plan.items())):
+        for name, overrides in plan.items() if rnd % 2 == 0 else reversed(plan.items()):
             if len(done.get(name, [])) > rnd:
                 continue
             raw = apply_preset({"data": {"dataset": str(ROOT / SAMPLE)}}, "quick")
-            for dotted, value in {**evidence_settings(steps), **overrides, **extra, "optimisation.seed": 0,
-                                  "optimisation.reference_cache": False, "monitoring.htsr": False}.items():
+            for dotted, value in {
+                **evidence_settings(steps),
+                **overrides,
+                **extra,
+                "optimisation.seed": 0,
+                "optimisation.reference_cache": False,
+                "monitoring.htsr": False,
+            }.items():
                 set_dotted(raw, dotted, value)
             with tempfile.TemporaryDirectory() as run_dir:
                 trainer = DPOTrainer(TrainConfig.model_validate(raw), run_dir, workspace=workspace, log=lambda m: None)
@@ -411,7 +518,9 @@ def measure_cost(plan: dict, workspace, steps: int, extra: dict, *, rounds: int 
     return {name: values[:rounds] for name, values in done.items() if name in plan}
 
 
-def write_report(results: list[dict], meta: dict, results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD) -> None:
+def write_report(
+    results: list[dict], meta: dict, results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD
+) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     figures(results, results_dir)
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
@@ -433,8 +542,14 @@ def main() -> None:
     parser.add_argument("--only", help="train only this method (two processes can share the work)")
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
     parser.add_argument("--recommend", metavar="KERNEL+DIVERGENCE", help="skip the diagnosis and use this pair")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra dotted TrainConfig setting for every run (JSON value), e.g. model.name=\"tiny-random\"")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='extra dotted TrainConfig setting for every run (JSON value), e.g. model.name="tiny-random"',
+    )
     parser.add_argument("--no-cost", action="store_true", help="skip the per-step cost measurement")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD)
@@ -480,12 +595,20 @@ def main() -> None:
             results.append(r)
     import platform
 
-    meta = {"command": " ".join(["python scripts/evidence.py", *(a for a in sys.argv[1:] if a != "--report-only")]),
-            "steps": sorted({st for r in results for st in r["steps"]}), "seeds": args.seeds, "eval_pairs": results[0]["eval_pairs"], "runs": sum(len(complete[n]) for n in complete),
-            "cpu_h": sum(r["cpu_s"] for r in results) / 3600, "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
-            "recommendation": rec, "methods_missing": sorted(set(plan) - set(complete)), "methods_planned": list(plan),
-            "cost_s_per_step": cost,
-            "held_out_pair_ids": results[0]["pair_ids"]}
+    meta = {
+        "command": " ".join(["python scripts/evidence.py", *(a for a in sys.argv[1:] if a != "--report-only")]),
+        "steps": sorted({st for r in results for st in r["steps"]}),
+        "seeds": args.seeds,
+        "eval_pairs": results[0]["eval_pairs"],
+        "runs": sum(len(complete[n]) for n in complete),
+        "cpu_h": sum(r["cpu_s"] for r in results) / 3600,
+        "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+        "recommendation": rec,
+        "methods_missing": sorted(set(plan) - set(complete)),
+        "methods_planned": list(plan),
+        "cost_s_per_step": cost,
+        "held_out_pair_ids": results[0]["pair_ids"],
+    }
     write_report(results, meta, args.results_dir, args.results_md)
 
 

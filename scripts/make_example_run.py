@@ -30,8 +30,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import evidence  # noqa: E402  (the evidence study's runs and settings)
 
 SAMPLE = evidence.SAMPLE  # relative to the repository root, as the examples' config.json records it
-KEEP_FILES = ("config.json", "summary.json", "metrics.jsonl", "eval.jsonl", "eval_margins.jsonl", "log.txt", "htsr_before.csv",
-              "htsr_after.csv")
+KEEP_FILES = (
+    "config.json",
+    "summary.json",
+    "metrics.jsonl",
+    "eval.jsonl",
+    "eval_margins.jsonl",
+    "log.txt",
+    "htsr_before.csv",
+    "htsr_after.csv",
+)
 KEEP_DIRS = ("snapshots",)
 
 
@@ -61,8 +69,11 @@ def store_compactly(run_dir: Path, target: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workspace", default=str(ROOT / "workspace" / "evidence"),
-                        help="the evidence workspace (model cache, reference cache, full run directories)")
+    parser.add_argument(
+        "--workspace",
+        default=str(ROOT / "workspace" / "evidence"),
+        help="the evidence workspace (model cache, reference cache, full run directories)",
+    )
     parser.add_argument("--out", default=str(ROOT / "assets" / "example_runs"), help="where the compact runs go")
     parser.add_argument("--force", action="store_true", help="store runs again that are already stored")
     args = parser.parse_args()

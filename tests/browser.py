@@ -14,8 +14,14 @@ from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--disable-dev-shm-usage",
 ]
 
@@ -30,8 +36,20 @@ def free_port() -> int:
 def running_app(workspace_root: Path, log_path: Path, *, with_worker: bool = True, timeout: float = 90.0):
     """Start `dpo-kernels app` in its own process group; yield its base URL; stop it afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "dpo_engine.cli", "app", "--port", str(port), "--host", "127.0.0.1",
-           "--workspace", str(workspace_root), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpo_engine.cli",
+        "app",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--workspace",
+        str(workspace_root),
+        "--device",
+        "cpu",
+    ]
     if not with_worker:
         cmd.append("--no-worker")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -11,8 +11,9 @@ def deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def assert_step_2_is_the_mean_of_both_shards(metrics, one_process_config, weights_after_step_1, workspace,
-                                             scratch) -> None:
+def assert_step_2_is_the_mean_of_both_shards(
+    metrics, one_process_config, weights_after_step_1, workspace, scratch
+) -> None:
     """Logged step 2 of a two-process run (metrics.jsonl as a frame; 2 pairs per process and step, as
     tests/test_train_multiprocess.py's multiprocess_config) is the mean over both processes' batches:
     recomputed here in one process from the saved step-1 weights, on each process's shard."""

@@ -43,8 +43,11 @@ def _server_user() -> str | None:
             return name
         except KeyError:
             continue
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER_FALLBACK],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER_FALLBACK],
+        check=True,
+        capture_output=True,
+    )
     return PG_USER_FALLBACK
 
 
@@ -54,8 +57,10 @@ class PostgresServer:
     def __init__(self) -> None:
         initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
         if initdb is None or pg_ctl is None:
-            raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found; `make test` installs "
-                               "Debian's postgresql package, or set DPO_KERNELS_SKIP_POSTGRES=1")
+            raise RuntimeError(
+                "PostgreSQL server binaries (initdb, pg_ctl) not found; `make test` installs "
+                "Debian's postgresql package, or set DPO_KERNELS_SKIP_POSTGRES=1"
+            )
         self.pg_ctl = pg_ctl
         self.user = _server_user()
         self.root = Path(tempfile.mkdtemp(prefix="dpo-pg-"))  # short path: socket names are limited
@@ -64,8 +69,10 @@ class PostgresServer:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
         self._run([initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
-        options = (f"-k {self.root} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off -c max_connections=200")
+        options = (
+            f"-k {self.root} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
         self._run([pg_ctl, "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w", "start"])
         self._names = itertools.count()
         self._lock = threading.Lock()

@@ -119,10 +119,18 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         page.get_by_text("Prefilled from diagnosis").wait_for()
         assert f"kernel {recommended_kernel}" in page.inner_text("body")
         page.locator('input[aria-label="name"][type="text"]').first.fill("tiny-random")
-        for label, value in (("max steps", "4"), ("batch size", "2"), ("max length", "48"),
-                             ("max prompt length", "24"), ("max pairs", "40"), ("eval every", "2"),
-                             ("snapshot every", "2"), ("probe pairs", "16"), ("calibration pairs", "16"),
-                             ("min eval pairs", "8")):
+        for label, value in (
+            ("max steps", "4"),
+            ("batch size", "2"),
+            ("max length", "48"),
+            ("max prompt length", "24"),
+            ("max pairs", "40"),
+            ("eval every", "2"),
+            ("snapshot every", "2"),
+            ("probe pairs", "16"),
+            ("calibration pairs", "16"),
+            ("min eval pairs", "8"),
+        ):
             field = page.get_by_label(label, exact=True)
             field.fill(value)
         _shot(page, tmp_path, "flow_2_train_form")
@@ -161,8 +169,15 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         download.value.save_as(str(report))
         _keep(report)
         html = report.read_text()
-        for section in ("Dataset diagnosis", "Configuration", "Training curves", "Kernel weights",
-                        "Divergence", "Clusters", "HT-SR"):
+        for section in (
+            "Dataset diagnosis",
+            "Configuration",
+            "Training curves",
+            "Kernel weights",
+            "Divergence",
+            "Clusters",
+            "HT-SR",
+        ):
             assert section.lower() in html.lower(), section
         assert "tiny-random" in html
         import re
@@ -188,7 +203,8 @@ _FIGURE_GEOMETRY = """
                       return r.width > 0 && r.height > 0 ? {l: r.left, r: r.right, t: r.top, b: r.bottom} : null; };
   const title = plot.querySelector('.g-gtitle text.gtitle');
   const legend = plot.querySelector('g.legend');
-  return {title: title ? title.textContent : '', titleBox: box(title), legendBox: box(legend ? legend.querySelector('.bg') || legend : null),
+  return {title: title ? title.textContent : '', titleBox: box(title),
+          legendBox: box(legend ? legend.querySelector('.bg') || legend : null),
           areas: Array.from(plot.querySelectorAll('.nsewdrag')).map(box).filter(b => b),
           axisTitles: Array.from(plot.querySelectorAll('.g-xtitle text, .g-ytitle text')).map(box).filter(b => b)};
 })

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from dpo_engine.cli import app
 
-GOOD_ROWS = [{"prompt": f"question {i}?", "chosen": f"a helpful answer {i}", "rejected": f"a poor answer {i}"}
-             for i in range(12)]
+GOOD_ROWS = [
+    {"prompt": f"question {i}?", "chosen": f"a helpful answer {i}", "rejected": f"a poor answer {i}"} for i in range(12)
+]
 
 
 @pytest.fixture
@@ -37,8 +38,10 @@ def files(tmp_path):
         out[name.split(".")[0]] = path
 
     write("good.jsonl", "".join(json.dumps(r) + "\n" for r in GOOD_ROWS))
-    write("wrongcols.jsonl", "".join(json.dumps({"question": r["prompt"], "answer": r["chosen"]}) + "\n"
-                                      for r in GOOD_ROWS))
+    write(
+        "wrongcols.jsonl",
+        "".join(json.dumps({"question": r["prompt"], "answer": r["chosen"]}) + "\n" for r in GOOD_ROWS),
+    )
     write("wrongcols_csv.csv", "question,answer\nq,a\nq2,a2\n")
     write("binary.jsonl", data=bytes(range(256)) * 8)
     write("empty.jsonl", "")
@@ -100,19 +103,40 @@ def _cases():
         "train-fg empty": lambda f, w, o: ["train", f["empty"], *T, "--foreground"],
         "train-fg truncated jsonl": lambda f, w, o: ["train", f["truncated_jsonl"], *T, "--foreground"],
         "train-fg unknown dataset": lambda f, w, o: ["train", "no-such-dataset", *T, "--foreground"],
-        "train-fg model dir not a model": lambda f, w, o: ["train", f["good"], "--model", f["not_a_model"],
-                                                           "--foreground"],
-        "train-fg config malformed yaml": lambda f, w, o: ["train", f["good"], "--config", f["bad_config_yaml"],
-                                                           "--foreground"],
-        "train-fg run-dir outside workspace": lambda f, w, o: ["train", f["good"], *T, "--foreground",
-                                                               "--run-dir", o / "elsewhere"],
+        "train-fg model dir not a model": lambda f, w, o: [
+            "train",
+            f["good"],
+            "--model",
+            f["not_a_model"],
+            "--foreground",
+        ],
+        "train-fg config malformed yaml": lambda f, w, o: [
+            "train",
+            f["good"],
+            "--config",
+            f["bad_config_yaml"],
+            "--foreground",
+        ],
+        "train-fg run-dir outside workspace": lambda f, w, o: [
+            "train",
+            f["good"],
+            *T,
+            "--foreground",
+            "--run-dir",
+            o / "elsewhere",
+        ],
         # diagnose (foreground and submitted)
         "diagnose wrong columns": lambda f, w, o: ["diagnose", f["wrongcols"], "--foreground"],
         "diagnose binary": lambda f, w, o: ["diagnose", f["binary"], "--foreground"],
         "diagnose empty": lambda f, w, o: ["diagnose", f["empty"], "--foreground"],
         "diagnose truncated json": lambda f, w, o: ["diagnose", f["truncated_json"], "--foreground"],
-        "diagnose embedder dir not a model": lambda f, w, o: ["diagnose", f["good"], "--embedder", f["not_a_model"],
-                                                              "--foreground"],
+        "diagnose embedder dir not a model": lambda f, w, o: [
+            "diagnose",
+            f["good"],
+            "--embedder",
+            f["not_a_model"],
+            "--foreground",
+        ],
         "diagnose unknown dataset": lambda f, w, o: ["diagnose", "no-such-dataset", "--foreground"],
         "diagnose unknown threshold": lambda f, w, o: ["diagnose", f["good"], "--threshold", "nope=1", "--foreground"],
         "diagnose threshold not a number": lambda f, w, o: ["diagnose", f["good"], "--threshold", "eps1=abc"],
@@ -122,8 +146,13 @@ def _cases():
         # htsr
         "htsr dir not a model": lambda f, w, o: ["htsr", f["not_a_model"]],
         "htsr unknown model": lambda f, w, o: ["htsr", "no-such-model"],
-        "htsr-fg run-dir outside workspace": lambda f, w, o: ["htsr", "tiny-random", "--foreground",
-                                                              "--run-dir", o / "elsewhere"],
+        "htsr-fg run-dir outside workspace": lambda f, w, o: [
+            "htsr",
+            "tiny-random",
+            "--foreground",
+            "--run-dir",
+            o / "elsewhere",
+        ],
         # report
         "report unknown run": lambda f, w, o: ["report", "no-such-run", "--out", o / "r.html"],
         "report unknown job": lambda f, w, o: ["report", "4242", "--out", o / "r.html"],
@@ -165,7 +194,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, files, work
     before = _workspace_state(workspace)
     res = _invoke(argv(files, workspace.root, outside), workspace)
     assert res.exception is None or isinstance(res.exception, SystemExit), (
-        f"{case}: escaped {type(res.exception).__name__}: {res.exception}")
+        f"{case}: escaped {type(res.exception).__name__}: {res.exception}"
+    )
     assert "Traceback" not in res.output
     assert res.exit_code == 2, f"{case}: exit {res.exit_code}: {res.output}"
     # progress bars (carriage-return lines from tqdm) are not messages
@@ -178,10 +208,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, files, work
 
 def test_parser_errors_are_one_line_too(workspace):
     """Bad option types and unknown flags through the real entry point (not CliRunner)."""
-    for argv in (["train", "d", "--max-steps", "abc"], ["train", "d", "--no-such-flag"], ["jobs", "show", "x"],
-                 ["report"]):
-        run = subprocess.run([sys.executable, "-m", "dpo_engine.cli", *argv, "--workspace", str(workspace.root)],
-                             capture_output=True, text=True, timeout=60)
+    for argv in (
+        ["train", "d", "--max-steps", "abc"],
+        ["train", "d", "--no-such-flag"],
+        ["jobs", "show", "x"],
+        ["report"],
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "dpo_engine.cli", *argv, "--workspace", str(workspace.root)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 2, run.stderr
         assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert run.stderr.startswith("error: ") and "--help" in run.stderr

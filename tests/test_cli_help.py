@@ -74,9 +74,26 @@ def test_train_flags_reach_the_submitted_config(workspace, tmp_path):
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(f'{{"prompt": "q{i}", "chosen": "good {i}", "rejected": "bad {i}"}}\n' for i in range(8)))
-    res = CliRunner().invoke(app, ["train", str(data), "--model", "tiny-random", "--scheduler", "linear",
-                                   "--lora-target-modules", "q_proj, v_proj", "--no-htsr", "--sigma", "2.5",
-                                   "--divergence-f", "chi2", "--workspace", str(workspace.root)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(data),
+            "--model",
+            "tiny-random",
+            "--scheduler",
+            "linear",
+            "--lora-target-modules",
+            "q_proj, v_proj",
+            "--no-htsr",
+            "--sigma",
+            "2.5",
+            "--divergence-f",
+            "chi2",
+            "--workspace",
+            str(workspace.root),
+        ],
+    )
     assert res.exit_code == 0, res.output
     job = JobStore.for_workspace(workspace).list()[0]
     assert job.params["optimisation"]["scheduler"] == "linear"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,14 +16,18 @@ from dpo_engine.data import (
     render_messages,
     suggest_mapping,
 )
-
 from tests.conftest import HH_SAMPLE as HH_PATH
 from tests.conftest import PANDALM_SAMPLE
 
 PAIRS = [
     {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "category": "math"},
     {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon, I think", "category": "geo"},
-    {"prompt": 'Say "hi", then a comma, newline\nand tab\t', "chosen": "hi,\nthere", "rejected": "bye", "category": "x"},
+    {
+        "prompt": 'Say "hi", then a comma, newline\nand tab\t',
+        "chosen": "hi,\nthere",
+        "rejected": "bye",
+        "category": "x",
+    },
 ]
 
 
@@ -106,9 +109,7 @@ def test_json_lines_file_named_json_is_read_as_jsonl():
 
 def test_explicit_mapping_stack_exchange_columns():
     recs = [{"qid": i, "question": f"q{i}", "response_j": f"good{i}", "response_k": f"bad{i}"} for i in range(3)]
-    r = load_preferences(
-        _jsonl(recs), mapping={"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
-    )
+    r = load_preferences(_jsonl(recs), mapping={"prompt": "question", "chosen": "response_j", "rejected": "response_k"})
     assert r.report.mapping == {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
     assert r.table["chosen"].tolist() == ["good0", "good1", "good2"]
     assert r.table["rejected"].tolist() == ["bad0", "bad1", "bad2"]
@@ -293,8 +294,10 @@ def test_pandalm_messy_rows_are_flagged_not_lost():
 
 def test_hh_divergence_before_last_assistant_and_no_shared_assistant():
     recs = [
-        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
-         "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: e\n\nAssistant: f"},
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: e\n\nAssistant: f",
+        },
         {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: z\n\nAssistant: w"},
     ]
     r = load_preferences(_jsonl(recs), layout="hh")

@@ -51,8 +51,18 @@ def test_add_list_get_load_delete_round_trip(ws):
 
     d = ws.datasets_dir / info.id
     meta = json.loads((d / "meta.json").read_text())
-    assert {"id", "name", "n_pairs", "source", "created_at", "content_hash", "dropped", "warnings",
-            "detected_format", "detected_layout"} <= set(meta)
+    assert {
+        "id",
+        "name",
+        "n_pairs",
+        "source",
+        "created_at",
+        "content_hash",
+        "dropped",
+        "warnings",
+        "detected_format",
+        "detected_layout",
+    } <= set(meta)
     stored = pd.read_parquet(d / "data.parquet")
     assert stored["pair_id"].tolist() == ["p000001", "p000003"]
     assert stored["category"].tolist() == ["c", "d"]
@@ -100,9 +110,10 @@ def test_export_reingests_to_the_same_content(ws, fmt):
         back = pd.DataFrame([json.loads(line) for line in payload.decode().splitlines()])
     pd.testing.assert_frame_equal(back, original, check_dtype=False)
     again = load_preferences(payload, filename=f"exp.{fmt}")
-    assert again.table[["prompt", "chosen", "rejected"]].values.tolist() == original[
-        ["prompt", "chosen", "rejected"]
-    ].values.tolist()
+    assert (
+        again.table[["prompt", "chosen", "rejected"]].values.tolist()
+        == original[["prompt", "chosen", "rejected"]].values.tolist()
+    )
     with pytest.raises(ValueError, match="unknown export format"):
         store.export(info.id, "xml")  # type: ignore[arg-type]
 
@@ -144,8 +155,19 @@ def test_cli_add_list_show_export_delete(tmp_path):
     w = str(tmp_path / "ws")
     src = tmp_path / "se.csv.gz"
     src.write_bytes(gzip.compress(b"question,response_j,response_k\nq1,good,bad\nq2,x,x\n"))
-    res = _invoke("data", "add", str(src), "--map", "prompt=question", "--map", "chosen=response_j",
-                  "--map", "rejected=response_k", "--workspace", w)
+    res = _invoke(
+        "data",
+        "add",
+        str(src),
+        "--map",
+        "prompt=question",
+        "--map",
+        "chosen=response_j",
+        "--map",
+        "rejected=response_k",
+        "--workspace",
+        w,
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert {"dataset_id", "n_pairs", "dropped", "warnings", "detected_format", "detected_layout"} <= set(out)

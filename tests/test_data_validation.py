@@ -129,8 +129,14 @@ def test_each_row_reason_with_row_numbers():
     assert rep.rows_with("bad_encoding") == [11]
     assert rep.n_unusable == 6 and rep.n_usable == 6 and rep.n_flagged == 5
     assert {i.reason: i.unusable for i in rep.issues} == {
-        "malformed": True, "wrong_type": True, "missing_field": True, "empty_field": False,
-        "identical_responses": False, "duplicate": False, "too_long": False, "bad_encoding": False,
+        "malformed": True,
+        "wrong_type": True,
+        "missing_field": True,
+        "empty_field": False,
+        "identical_responses": False,
+        "duplicate": False,
+        "too_long": False,
+        "bad_encoding": False,
     }
     dup = next(i for i in rep.issues if i.reason == "duplicate")
     assert "row 1" in dup.message
@@ -140,8 +146,16 @@ def test_each_row_reason_with_row_numbers():
 
     kept, dropped = _assert_accounting(r, True)
     assert kept["source_row"].tolist() == [1]
-    assert dropped == {"malformed": 2, "missing_field": 2, "wrong_type": 2, "empty_field": 1,
-                       "identical_responses": 1, "duplicate": 1, "too_long": 1, "bad_encoding": 1}
+    assert dropped == {
+        "malformed": 2,
+        "missing_field": 2,
+        "wrong_type": 2,
+        "empty_field": 1,
+        "identical_responses": 1,
+        "duplicate": 1,
+        "too_long": 1,
+        "bad_encoding": 1,
+    }
     kept, dropped = _assert_accounting(r, False)
     assert kept["source_row"].tolist() == [1, 7, 8, 9, 10, 11]
     kept, dropped = _assert_accounting(r, ["duplicate", "too_long"])
@@ -190,8 +204,9 @@ def test_json_array_non_object_elements_and_huge_fields():
 
 
 def test_category_kept_and_stringified():
-    data = "\n".join([_line(prompt="q", chosen="a", rejected="b", category=3),
-                      _line(prompt="q2", chosen="a", rejected="b")]).encode()
+    data = "\n".join(
+        [_line(prompt="q", chosen="a", rejected="b", category=3), _line(prompt="q2", chosen="a", rejected="b")]
+    ).encode()
     t = load_preferences(data).table
     assert t["category"].tolist() == ["3", None]
 
@@ -220,8 +235,10 @@ field_value = st.one_of(
     st.text(max_size=30),
     st.sampled_from(["", "  ", "same", "\x00", "a" * 60]),
     json_values,
-    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=10)}),
-             max_size=3),
+    st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=10)}),
+        max_size=3,
+    ),
 )
 record = st.dictionaries(
     st.sampled_from(["prompt", "chosen", "rejected", "category", "question", "other"]), field_value, max_size=5
@@ -253,8 +270,12 @@ def test_any_bytes_load_or_raise_data_format_error(data, filename):
 
 
 @SETTINGS
-@given(st.lists(maybe_record, max_size=8), st.sampled_from(["jsonl", "json", "csv"]),
-       st.sampled_from(["auto", "flat", "conversational", "hh"]), st.booleans())
+@given(
+    st.lists(maybe_record, max_size=8),
+    st.sampled_from(["jsonl", "json", "csv"]),
+    st.sampled_from(["auto", "flat", "conversational", "hh"]),
+    st.booleans(),
+)
 def test_any_records_load_or_raise_and_account_for_every_row(records, fmt, layout, gz):
     if fmt == "jsonl":
         data = "\n".join(json.dumps(r) for r in records).encode()
@@ -286,4 +307,3 @@ def test_any_records_load_or_raise_and_account_for_every_row(records, fmt, layou
 @given(st.text(max_size=200))
 def test_any_text_loads_or_raises(text):
     _check_outcome(lambda: load_preferences(text.encode("utf-8", "surrogatepass")))
-

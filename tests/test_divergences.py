@@ -23,7 +23,6 @@ from dpo_engine.divergences import (
     wasserstein_sinkhorn,
 )
 
-
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
@@ -75,7 +74,9 @@ def test_f_divergences_closed_forms() -> None:
     jeffreys = rel_entr(P, Q).sum(-1) + rel_entr(Q, P).sum(-1)
     np.testing.assert_allclose(f_divergence(LOGP, LOGQ, "jeffreys").numpy(), jeffreys, rtol=1e-12)
     np.testing.assert_allclose(f_divergence(LOGP, LOGQ, "chi2").numpy(), ((P - Q) ** 2 / Q).sum(-1), rtol=1e-12)
-    np.testing.assert_allclose(f_divergence(LOGP, LOGQ, "total_variation").numpy(), 0.5 * np.abs(P - Q).sum(-1), rtol=1e-12)
+    np.testing.assert_allclose(
+        f_divergence(LOGP, LOGQ, "total_variation").numpy(), 0.5 * np.abs(P - Q).sum(-1), rtol=1e-12
+    )
     a = 0.3
     alpha_div = ((P**a * Q ** (1 - a)).sum(-1) - 1) / (a * (a - 1))
     np.testing.assert_allclose(f_divergence(LOGP, LOGQ, "alpha", a).numpy(), alpha_div, rtol=1e-10)
@@ -179,7 +180,9 @@ def test_wasserstein_gradient_matches_finite_differences() -> None:
     zr = torch.randn(2, vocab, dtype=torch.float64, requires_grad=True)
 
     def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return wasserstein_sinkhorn(torch.log_softmax(a, -1), torch.log_softmax(b, -1), emb, top_k=vocab, epsilon=0.5, iterations=300)
+        return wasserstein_sinkhorn(
+            torch.log_softmax(a, -1), torch.log_softmax(b, -1), emb, top_k=vocab, epsilon=0.5, iterations=300
+        )
 
     assert torch.autograd.gradcheck(fn, (z, zr), atol=1e-6)
 
@@ -222,7 +225,9 @@ def test_gradcheck_float64(name: str) -> None:
 def test_gradient_is_finite_when_policy_equals_reference(name: str) -> None:
     z = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 4, dtype=torch.bool)
-    value = token_divergence(name, z, z.detach().clone(), mask, output_embeddings=torch.randn(7, 3, dtype=torch.float64))
+    value = token_divergence(
+        name, z, z.detach().clone(), mask, output_embeddings=torch.randn(7, 3, dtype=torch.float64)
+    )
     value.backward()
     assert float(value.detach()) == pytest.approx(0.0, abs=1e-12)
     assert bool(torch.isfinite(z.grad).all()) and float(z.grad.abs().max()) < 1e-8
@@ -237,7 +242,9 @@ MASK = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=t
 
 def make_logits(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(B, T, V, dtype=torch.float64, generator=gen), torch.randn(B, T, V, dtype=torch.float64, generator=gen)
+    return torch.randn(B, T, V, dtype=torch.float64, generator=gen), torch.randn(
+        B, T, V, dtype=torch.float64, generator=gen
+    )
 
 
 def small_cfg(name: str, chunk: int = 256) -> DivergenceConfig:
@@ -304,7 +311,9 @@ def test_low_precision_logits_are_computed_in_float32() -> None:
     policy, ref = make_logits(4)
     value = token_divergence("js", policy.bfloat16(), ref.bfloat16(), MASK)
     assert value.dtype == torch.float32
-    assert float(value) == pytest.approx(float(token_divergence("js", policy.bfloat16().double(), ref.bfloat16().double(), MASK)), rel=1e-4)
+    assert float(value) == pytest.approx(
+        float(token_divergence("js", policy.bfloat16().double(), ref.bfloat16().double(), MASK)), rel=1e-4
+    )
 
 
 def test_none_is_zero() -> None:

@@ -53,7 +53,9 @@ def test_embed_texts_matches_sentence_transformers_and_keeps_order():
     assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(vectors[0], vectors[3])  # duplicate embedded once, copied back
-    reference = load_embedder(DEFAULT_EMBEDDER, precision="float32", backend="torch").encode(TEXTS, batch_size=1, normalize_embeddings=True)
+    reference = load_embedder(DEFAULT_EMBEDDER, precision="float32", backend="torch").encode(
+        TEXTS, batch_size=1, normalize_embeddings=True
+    )
     cosine = np.sum(vectors * reference, axis=1)
     assert cosine.min() > 0.9999
     assert np.sum(vectors[0] * vectors[1]) > np.sum(vectors[0] * vectors[2])  # the answer is nearer its question
@@ -67,7 +69,9 @@ def test_bfloat16_precision_stays_within_cosine_0_99_of_float32(tmp_path):
     assert np.sum(full * fast, axis=1).min() > 0.99
     table = _table()
     path32 = cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "float32", backend="torch")
-    assert cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "bfloat16", backend="torch") != path32
+    assert (
+        cache_path(tmp_path, table_content_hash(table), DEFAULT_EMBEDDER, None, "bfloat16", backend="torch") != path32
+    )
     with pytest.raises(ValueError, match="unknown precision"):
         embed_texts(TEXTS, precision="float16", backend="torch")  # type: ignore[arg-type]
     expected = "bfloat16" if cpu_has_native_bf16() else "float32"
@@ -96,7 +100,11 @@ def _table() -> pd.DataFrame:
         {
             "pair_id": ["p1", "p2", "p3"],
             "prompt": ["How do I bake bread?", "How do I bake bread?", "Tell me a joke."],
-            "chosen": ["Knead flour and water, let it rise, bake.", "Use yeast.", "Why did the chicken cross the road?"],
+            "chosen": [
+                "Knead flour and water, let it rise, bake.",
+                "Use yeast.",
+                "Why did the chicken cross the road?",
+            ],
             "rejected": ["No.", "Buy it.", "I don't know any jokes."],
         }
     )
@@ -153,8 +161,10 @@ def test_pair_embeddings_npz_round_trip_and_validation(tmp_path):
 @pytest.mark.parametrize(("backend", "floor"), [("onnx", 0.9999), ("onnx-int8", 0.97)])
 def test_onnx_backends_agree_with_torch_float32(backend, floor):
     """The locally exported model gives the torch embeddings (float32 exactly, int8 closely), order kept."""
-    texts = [t for t in TEXTS if t] + ["A much longer text that spans several clauses, so that padding and the "
-                                       "attention mask matter when it shares a batch with short ones."] * 2
+    texts = [t for t in TEXTS if t] + [
+        "A much longer text that spans several clauses, so that padding and the "
+        "attention mask matter when it shares a batch with short ones."
+    ] * 2
     reference = embed_texts(texts, precision="float32", backend="torch")
     got = embed_texts(texts, backend=backend, batch_size=3)
     assert got.shape == reference.shape and got.dtype == np.float32
@@ -163,7 +173,9 @@ def test_onnx_backends_agree_with_torch_float32(backend, floor):
 
 
 def test_backend_is_part_of_the_cache_key_and_onnx_needs_the_cpu(tmp_path):
-    keys = {cache_path(tmp_path, "h", DEFAULT_EMBEDDER, None, "float32", backend=b) for b in ("torch", "onnx", "onnx-int8")}
+    keys = {
+        cache_path(tmp_path, "h", DEFAULT_EMBEDDER, None, "float32", backend=b) for b in ("torch", "onnx", "onnx-int8")
+    }
     assert len(keys) == 3
     with pytest.raises(ValueError, match="runs on the CPU"):
         load_embedder(device="cuda", backend="onnx")

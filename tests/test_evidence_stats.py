@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from dpo_engine import rundir
 from dpo_engine.analysis.dbs import davies_bouldin
 from dpo_engine.analysis.evidence import dbs_change, paired_difference, seeds_pairs_interval
-from dpo_engine.train import rundir
 from dpo_engine.train.trainer import train
 from tests.test_train import make_config, toy_pairs
 
@@ -42,7 +42,7 @@ def test_paired_difference_is_narrower_than_unpaired_for_correlated_runs():
     base = rng.normal(0, 1, (3, 64))
     a, b = base + 0.1 + rng.normal(0, 0.1, base.shape), base + rng.normal(0, 0.1, base.shape)
     paired = paired_difference(a, b)
-    unpaired_width = (seeds_pairs_interval(a).high - seeds_pairs_interval(a).low)
+    unpaired_width = seeds_pairs_interval(a).high - seeds_pairs_interval(a).low
     assert paired.mean == pytest.approx((a - b).mean())
     assert paired.low > 0, "a shift of 0.1 with small pair noise is detectable when paired"
     assert paired.high - paired.low < 0.3 * unpaired_width
@@ -66,14 +66,17 @@ def test_dbs_change_detects_separation_and_reads_zero_when_nothing_changes():
     unchanged = dbs_change(first, noise, n_resamples=150)
     assert unchanged.low <= 0 <= unchanged.high  # a small perturbation is not reported as a change
     same_as_baseline = dbs_change(first, separated, baseline=(first, separated), n_resamples=50)
-    assert same_as_baseline.mean == same_as_baseline.low == same_as_baseline.high == 0.0  # no change beyond the baseline's
+    assert (
+        same_as_baseline.mean == same_as_baseline.low == same_as_baseline.high == 0.0
+    )  # no change beyond the baseline's
 
 
 def test_split_seed_fixes_the_held_out_pairs_across_training_seeds(workspace, tmp_path):
     ids = {}
     for seed in (0, 1):
-        cfg = make_config(data={"split_seed": 7}, optimisation={"max_steps": 1, "seed": seed},
-                          monitoring={"snapshot_every": 100})
+        cfg = make_config(
+            data={"split_seed": 7}, optimisation={"max_steps": 1, "seed": seed}, monitoring={"snapshot_every": 100}
+        )
         assert train(cfg, tmp_path / f"s{seed}", workspace=workspace, pairs=toy_pairs())["status"] == "succeeded"
         ids[seed] = sorted(rundir.read_eval_margins(tmp_path / f"s{seed}")[0].index)
     assert ids[0] == ids[1]

@@ -70,22 +70,36 @@ def _colours(fig) -> set[str]:
 
 
 def test_run_figures_use_only_the_colour_blind_safe_palette():
+    import pandas as pd
+
     from dpo_engine.report.rundata import load_run  # noqa: F401 - figures take RunData-like tables
     from dpo_engine.viz import runs as viz
     from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, PROMPT_COLOR, REJECTED_COLOR, SERIES_PALETTE
     from tests.test_health import _healthy_rows
 
-    import pandas as pd
-
     metrics, evals = (pd.DataFrame(rows) for rows in _healthy_rows())
-    for column in ("div_kl", "div_js", "div_hellinger", "div_renyi", "div_bhattacharyya", "div_wasserstein", "div_fdiv"):
+    for column in (
+        "div_kl",
+        "div_js",
+        "div_hellinger",
+        "div_renyi",
+        "div_bhattacharyya",
+        "div_wasserstein",
+        "div_fdiv",
+    ):
         evals[column] = 0.01
     allowed = {c.upper() for c in (*SERIES_PALETTE, CHOSEN_COLOR, REJECTED_COLOR, PROMPT_COLOR, NEUTRAL_COLOR)}
     allowed |= {"BLACK", "#222222", "RGBA(255,255,255,0)"}
-    figures = [viz.loss_figure(metrics, evals), viz.reward_accuracy_figure(metrics, evals),
-               viz.reward_margin_figure(metrics, evals), viz.learning_rate_figure(metrics),
-               viz.throughput_figure(metrics), viz.kernel_weight_figure(metrics), viz.beta_figure(metrics),
-               viz.divergence_figure(evals, "kl"),
-               viz.htsr_alpha_figure(pd.DataFrame({"layer_id": [0, 1], "alpha": [1.5, 3.0]}))]
+    figures = [
+        viz.loss_figure(metrics, evals),
+        viz.reward_accuracy_figure(metrics, evals),
+        viz.reward_margin_figure(metrics, evals),
+        viz.learning_rate_figure(metrics),
+        viz.throughput_figure(metrics),
+        viz.kernel_weight_figure(metrics),
+        viz.beta_figure(metrics),
+        viz.divergence_figure(evals, "kl"),
+        viz.htsr_alpha_figure(pd.DataFrame({"layer_id": [0, 1], "alpha": [1.5, 3.0]})),
+    ]
     for fig in figures:
         assert _colours(fig) <= allowed, (fig.layout.title.text, _colours(fig) - allowed)

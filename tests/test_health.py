@@ -10,17 +10,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dpo_engine import rundir
 from dpo_engine.analysis import health
 from dpo_engine.report.rundata import load_run
-from dpo_engine.train import rundir
 
 STEPS = 40
 
 
 def _config(kernel="hmk", epsilon=0.0, beta=0.1):
-    return {"data": {"dataset": "d"}, "method": {"kernel": {"name": kernel}, "divergence": {"name": "kl"},
-                                                 "loss": {"beta": beta, "epsilon_dpo": epsilon}},
-            "optimisation": {"max_steps": STEPS}}
+    return {
+        "data": {"dataset": "d"},
+        "method": {
+            "kernel": {"name": kernel},
+            "divergence": {"name": "kl"},
+            "loss": {"beta": beta, "epsilon_dpo": epsilon},
+        },
+        "optimisation": {"max_steps": STEPS},
+    }
 
 
 def _healthy_rows():
@@ -28,15 +34,37 @@ def _healthy_rows():
     metrics, evals = [], []
     for step in range(1, STEPS + 1):
         t = step / STEPS
-        metrics.append({"step": step, "loss": 0.69 - 0.24 * t, "loss_pref": 0.69 - 0.24 * t,
-                        "reward_acc": 0.5 + 0.2 * t + 0.05 * np.sin(step), "margin": 0.3 * t, "beta": 0.1,
-                        "lr": 1e-4, "grad_norm": 1.0, "tokens_per_s": 500.0,
-                        "lambda_rbf": 0.3 - 0.05 * t, "lambda_poly": 0.2, "lambda_spectral": 0.25 + 0.05 * t,
-                        "lambda_mahalanobis": 0.25, "tau_local": 0.5 + 0.1 * t, "tau_global": 0.5 - 0.1 * t})
+        metrics.append(
+            {
+                "step": step,
+                "loss": 0.69 - 0.24 * t,
+                "loss_pref": 0.69 - 0.24 * t,
+                "reward_acc": 0.5 + 0.2 * t + 0.05 * np.sin(step),
+                "margin": 0.3 * t,
+                "beta": 0.1,
+                "lr": 1e-4,
+                "grad_norm": 1.0,
+                "tokens_per_s": 500.0,
+                "lambda_rbf": 0.3 - 0.05 * t,
+                "lambda_poly": 0.2,
+                "lambda_spectral": 0.25 + 0.05 * t,
+                "lambda_mahalanobis": 0.25,
+                "tau_local": 0.5 + 0.1 * t,
+                "tau_global": 0.5 - 0.1 * t,
+            }
+        )
     for step in range(0, STEPS + 1, 10):
         t = step / STEPS
-        evals.append({"step": step, "loss_pref": 0.693 - 0.15 * t, "reward_acc": 0.0 if step == 0 else 0.55 + 0.15 * t,
-                      "hybrid_acc": 0.5, "reward_chosen": 0.1 * t, "reward_rejected": -0.2 * t})
+        evals.append(
+            {
+                "step": step,
+                "loss_pref": 0.693 - 0.15 * t,
+                "reward_acc": 0.0 if step == 0 else 0.55 + 0.15 * t,
+                "hybrid_acc": 0.5,
+                "reward_chosen": 0.1 * t,
+                "reward_rejected": -0.2 * t,
+            }
+        )
     return metrics, evals
 
 
@@ -64,14 +92,26 @@ def _codes(run):
 
 
 def _htsr(alphas):
-    return pd.DataFrame({"layer_id": range(len(alphas)), "name": [f"l{i}" for i in range(len(alphas))],
-                         "alpha": alphas, "alpha_weighted": alphas})
+    return pd.DataFrame(
+        {
+            "layer_id": range(len(alphas)),
+            "name": [f"l{i}" for i in range(len(alphas))],
+            "alpha": alphas,
+            "alpha_weighted": alphas,
+        }
+    )
 
 
 def test_healthy_run_raises_no_alert(tmp_path):
     metrics, evals = _healthy_rows()
-    run = _write(tmp_path / "ok", metrics, evals, summary={"status": "succeeded", "error": None},
-                 htsr_before=_htsr([3.0, 4.0, 5.5]), htsr_after=_htsr([2.5, 3.5, 5.0]))
+    run = _write(
+        tmp_path / "ok",
+        metrics,
+        evals,
+        summary={"status": "succeeded", "error": None},
+        htsr_before=_htsr([3.0, 4.0, 5.5]),
+        htsr_after=_htsr([2.5, 3.5, 5.0]),
+    )
     assert health.health_of(run) == []
 
 
@@ -121,8 +161,10 @@ def test_train_fit_with_held_out_improving_is_not_memorising(tmp_path):
 
 def test_nan_guard_alert_from_the_trainer_error_and_from_null_rows(tmp_path):
     metrics, evals = _healthy_rows()
-    error = ("training diverged at step 7: loss is not finite (NaN or inf). Try a lower learning rate (now 1e+10), "
-             "model.dtype float32 (now auto), or a smaller beta (now 0.1)")
+    error = (
+        "training diverged at step 7: loss is not finite (NaN or inf). Try a lower learning rate (now 1e+10), "
+        "model.dtype float32 (now auto), or a smaller beta (now 0.1)"
+    )
     alerts = _codes(_write(tmp_path / "a", metrics[:6], evals[:1], summary={"status": "failed", "error": error}))
     assert set(alerts) == {"non_finite"} and alerts["non_finite"].step == 7
     assert alerts["non_finite"].severity == "error"
@@ -159,8 +201,9 @@ def test_fixed_beta_is_never_an_epsilon_dpo_alert(tmp_path):
 
 def test_htsr_alpha_outside_range_is_a_labelled_heuristic(tmp_path):
     metrics, evals = _healthy_rows()
-    alerts = _codes(_write(tmp_path / "h", metrics, evals, htsr_before=_htsr([3.0, 4.0, 7.5]),
-                           htsr_after=_htsr([1.5, 4.0, 8.0])))
+    alerts = _codes(
+        _write(tmp_path / "h", metrics, evals, htsr_before=_htsr([3.0, 4.0, 7.5]), htsr_after=_htsr([1.5, 4.0, 8.0]))
+    )
     alert = alerts["htsr_alpha"]
     assert set(alerts) == {"htsr_alpha"} and alert.heuristic and alert.severity == "info"
     assert "2 of 3 layers after training (1 before training)" in alert.evidence

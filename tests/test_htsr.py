@@ -29,7 +29,9 @@ def test_lambda_max_matches_numpy_eigenvalues(small_model):
 
 def test_weighted_alpha_is_mean_and_flags_follow_range(small_model):
     table = analyze_model(small_model)
-    assert weighted_alpha(table) == pytest.approx(float(np.mean(table["alpha"] * np.log10(table["lambda_max"]))), rel=1e-4)
+    assert weighted_alpha(table) == pytest.approx(
+        float(np.mean(table["alpha"] * np.log10(table["lambda_max"]))), rel=1e-4
+    )
     lo, hi = ALPHA_RANGE
     assert list(table["out_of_range"]) == [not (lo <= a <= hi) for a in table["alpha"]]
     s = summarize(table)
@@ -37,8 +39,8 @@ def test_weighted_alpha_is_mean_and_flags_follow_range(small_model):
 
 
 def test_htsr_job_on_tiny_model(workspace, tmp_path):
+    from dpo_engine import rundir
     from dpo_engine.analysis.htsr_job import analyze_into
-    from dpo_engine.train import rundir
 
     summary = analyze_into("tiny-random", tmp_path / "run", workspace=workspace)
     table = rundir.read_htsr(tmp_path / "run", "single")
@@ -68,7 +70,9 @@ def test_gram_spectra_equal_weightwatchers_svd_on_real_layers(workspace):
     gram, svd = analyze_model(part), analyze_model(part, solver="svd")
     assert len(gram) == len(svd) == 15
     assert set(gram["M"].astype(int)) == {192, 576}
-    pd.testing.assert_frame_equal(gram.drop(columns=["sv_min"]), svd.drop(columns=["sv_min"]), rtol=1e-9, check_exact=False)
+    pd.testing.assert_frame_equal(
+        gram.drop(columns=["sv_min"]), svd.drop(columns=["sv_min"]), rtol=1e-9, check_exact=False
+    )
     assert np.allclose(gram["sv_min"], svd["sv_min"], rtol=1e-4, atol=0)
 
 

@@ -24,8 +24,9 @@ def ws(tmp_path, monkeypatch) -> Workspace:
 
 def cli(ws: Workspace, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([*CLI, *args, "--workspace", str(ws.root)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [*CLI, *args, "--workspace", str(ws.root)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_selftest_worker_once_list_show_logs(ws):
@@ -88,8 +89,11 @@ def test_bad_input_gives_one_line_errors(ws, args, code, message):
 
 
 def test_selftest_wait_reports_failure_with_exit_code(ws):
-    worker = subprocess.Popen([*CLI, "worker", "--device", "cpu", "--poll-s", "0.1", "--workspace", str(ws.root)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [*CLI, "worker", "--device", "cpu", "--poll-s", "0.1", "--workspace", str(ws.root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         ok = cli(ws, "jobs", "selftest", "--seconds", "0.2", "--steps", "2", "--wait", "--timeout", "20")
         bad = cli(ws, "jobs", "selftest", "--seconds", "0.2", "--steps", "2", "--fail", "--wait", "--timeout", "20")

@@ -49,15 +49,30 @@ def ray_address(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray")
     log = open(temp / "ray_head.log", "w")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-         "--node-ip-address=127.0.0.1", f"--port={port}", "--object-store-memory=100000000",
-         "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--object-store-memory=100000000",
+            "--disable-usage-stats",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     try:
-        wait_until(lambda: "--block" in (temp / "ray_head.log").read_text() or head.poll() is not None, 120,
-                   "the Ray head to start")
+        wait_until(
+            lambda: "--block" in (temp / "ray_head.log").read_text() or head.poll() is not None,
+            120,
+            "the Ray head to start",
+        )
         assert head.poll() is None, (temp / "ray_head.log").read_text()[-2000:]
         yield address
     finally:
@@ -75,9 +90,27 @@ def dispatcher(ray_address, ray_ws):
     """`dpo-kernels worker --backend ray` for the module's workspace, stopped with SIGTERM at the end."""
     log = open(ray_ws.root / "dispatcher.log", "w")
     proc = subprocess.Popen(
-        [*CLI, "worker", "--backend", "ray", "--address", ray_address, "--workspace", str(ray_ws.root),
-         "--poll-s", "0.2", "--heartbeat-s", "0.5", "--lost-timeout", "10", "--max-jobs", "3"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            *CLI,
+            "worker",
+            "--backend",
+            "ray",
+            "--address",
+            ray_address,
+            "--workspace",
+            str(ray_ws.root),
+            "--poll-s",
+            "0.2",
+            "--heartbeat-s",
+            "0.5",
+            "--lost-timeout",
+            "10",
+            "--max-jobs",
+            "3",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env=dict(os.environ, DPO_KERNELS_WORKSPACE=str(ray_ws.root)),
     )
     yield proc
@@ -98,8 +131,15 @@ def _wait_finished(store: JobStore, job_id: int, timeout: float = 240) -> Job:
 
 def test_resources_follow_kind_and_device():
     def job(kind, device=None):
-        return Job(id=1, kind=kind, executor="m:f", run_id="r", run_dir="/tmp/r", created_at="2026-01-01T00:00:00Z",
-                   requested_device=device)
+        return Job(
+            id=1,
+            kind=kind,
+            executor="m:f",
+            run_id="r",
+            run_dir="/tmp/r",
+            created_at="2026-01-01T00:00:00Z",
+            requested_device=device,
+        )
 
     assert job_resources(job("train"), cluster_gpus=2) == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert job_resources(job("train"), cluster_gpus=0) == {"num_cpus": 1.0, "num_gpus": 0.0}
@@ -128,8 +168,14 @@ def test_cancel_running_and_waiting_jobs(rstore):
     running = [rstore.submit("selftest", params) for _ in range(2)]  # both CPUs of the cluster
     waiting = rstore.submit("selftest", {"seconds": 1, "steps": 2})
     pids = read_pids(rstore, running[0].id)
-    wait_until(lambda: not rstore.get(running[1].id).worker_id.startswith("ray-dispatch-") and
-               rstore.get(running[1].id).progress > 0, 120, "the second job to start")
+    wait_until(
+        lambda: (
+            not rstore.get(running[1].id).worker_id.startswith("ray-dispatch-")
+            and rstore.get(running[1].id).progress > 0
+        ),
+        120,
+        "the second job to start",
+    )
     w = rstore.get(waiting.id)
     assert w.status == "running" and w.message.startswith("waiting for cluster resources")
     rstore.request_cancel(waiting.id)
@@ -157,8 +203,11 @@ def test_tiny_train_job_on_the_cluster(rstore, tmp_path):
 
     data = tmp_path / "toy.jsonl"
     toy_pairs(24).drop(columns="pair_id").to_json(data, orient="records", lines=True)
-    cfg = make_config(data={"dataset": str(data)}, optimisation={"max_steps": 4},
-                      monitoring={"eval_every": 1000, "snapshot_every": 1000})
+    cfg = make_config(
+        data={"dataset": str(data)},
+        optimisation={"max_steps": 4},
+        monitoring={"eval_every": 1000, "snapshot_every": 1000},
+    )
     job = rstore.submit("train", cfg.model_dump(mode="json"), title="tiny on ray")
     done = _wait_finished(rstore, job.id)
     assert done.status == SUCCEEDED, done.error
@@ -175,8 +224,12 @@ def test_gpu_job_stays_queued_on_a_cpu_cluster(rstore):
 
 
 def test_bad_backend_or_address_is_a_one_line_error(tmp_path):
-    out = subprocess.run([*CLI, "worker", "--backend", "raay", "--workspace", str(tmp_path / "w")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*CLI, "worker", "--backend", "raay", "--workspace", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.strip() == "error: unknown backend 'raay'; expected one of: local, ray"
     from dpo_engine.jobs.ray_backend import RayDispatcher, RayUnavailable
 
@@ -204,8 +257,22 @@ def test_killed_dispatcher_takes_its_jobs_along_and_they_resume(ray_address, tmp
     ws = Workspace.resolve(tmp_path / "ws")
     store = JobStore.for_workspace(ws)
     job = store.submit("selftest", {"seconds": 60, "steps": 60, "spawn_grandchild": True, "write_checkpoint": True})
-    cmd = [*CLI, "worker", "--backend", "ray", "--address", ray_address, "--workspace", str(ws.root),
-           "--poll-s", "0.2", "--heartbeat-s", "0.5", "--lost-timeout", "2"]
+    cmd = [
+        *CLI,
+        "worker",
+        "--backend",
+        "ray",
+        "--address",
+        ray_address,
+        "--workspace",
+        str(ws.root),
+        "--poll-s",
+        "0.2",
+        "--heartbeat-s",
+        "0.5",
+        "--lost-timeout",
+        "2",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         pids = read_pids(store, job.id)

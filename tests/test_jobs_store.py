@@ -23,9 +23,9 @@ from dpo_engine.jobs import (
     JobNotFound,
     JobStateError,
     JobStore,
+    schema,
     wait_for_job,
 )
-from dpo_engine.jobs import schema
 from dpo_engine.jobs import store as store_module
 from tests.jobs_db import backend, fresh_db_url, postgres_server, store, ws  # noqa: F401 - fixtures
 
@@ -58,7 +58,12 @@ def test_jobs_survive_a_new_store_on_the_same_url(store, ws):
     again = JobStore(ws.db_url, runs_dir=ws.runs_dir)
     seen = again.get(a.id)
     assert (seen.status, seen.progress, seen.message, seen.run_id, seen.params) == (
-        RUNNING, 0.25, "a quarter", "keep-me", {"steps": 3})
+        RUNNING,
+        0.25,
+        "a quarter",
+        "keep-me",
+        {"steps": 3},
+    )
     assert [j.id for j in again.list()] == [a.id]
     again.close()
 
@@ -158,8 +163,9 @@ def test_two_processes_claim_every_job_exactly_once(store, ws):
     ids = {store.submit("selftest", {}).id for _ in range(50)}
     start = time.time() + 1.5  # both start claiming at the same moment
     procs = [
-        subprocess.Popen([sys.executable, "-c", CLAIMER, ws.db_url, f"w{i}", str(start)],
-                         stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, ws.db_url, f"w{i}", str(start)], stdout=subprocess.PIPE, text=True
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=60)[0].split() for p in procs]
@@ -284,8 +290,12 @@ def test_processes_opening_a_fresh_database_at_once_all_succeed(tmp_path, fresh_
     url = fresh_db_url
     start = time.time() + 1.5
     procs = [
-        subprocess.Popen([sys.executable, "-c", OPENER, url, str(tmp_path / "runs"), str(start)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, url, str(tmp_path / "runs"), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
     outs = [p.communicate(timeout=60) for p in procs]

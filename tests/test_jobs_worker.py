@@ -14,15 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dpo_engine.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, register_executor
+from dpo_engine.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, executors, register_executor
 from dpo_engine.jobs.context import JobContext
-from dpo_engine.jobs import executors
 from dpo_engine.jobs.worker import Worker
 from dpo_engine.workspace import Workspace
 from tests.jobs_db import backend, fresh_db_url, postgres_server, store, ws  # noqa: F401 - fixtures
 
 CLI = [sys.executable, "-c", "from dpo_engine.cli import main; main()"]
-
 
 
 def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
@@ -54,8 +52,9 @@ def read_pids(store: JobStore, job_id: int) -> dict:
 
 
 def fast_worker(ws, store, **kw) -> Worker:
-    return Worker(ws, device="cpu", poll_s=0.1, heartbeat_s=0.2, lost_timeout_s=kw.pop("lost_timeout_s", 5.0),
-                  store=store, **kw)
+    return Worker(
+        ws, device="cpu", poll_s=0.1, heartbeat_s=0.2, lost_timeout_s=kw.pop("lost_timeout_s", 5.0), store=store, **kw
+    )
 
 
 def test_selftest_succeeds_with_progress_and_log(ws, store):

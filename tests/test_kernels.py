@@ -113,7 +113,9 @@ def test_polynomial_closed_form_and_clamp() -> None:
     c, d = 0.5, 3
     base = ((U * W).numpy().sum(-1) + c) / (1 + c)
     expected = np.maximum(base**d, 1e-6)
-    np.testing.assert_allclose(make("polynomial", poly_c=c, poly_degree=d).log_kernel(U, W).exp().numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        make("polynomial", poly_c=c, poly_degree=d).log_kernel(U, W).exp().numpy(), expected, rtol=1e-12
+    )
     opposite = make("polynomial", poly_c=0.5, poly_degree=3).log_kernel(U[:1], -U[:1])
     assert float(opposite) == pytest.approx(np.log(1e-6))
 
@@ -129,7 +131,7 @@ def test_spectral_closed_form() -> None:
 
 def test_mahalanobis_matches_scipy_distance() -> None:
     precision = CALIBRATION.precision.double().numpy()
-    expected = np.array([-mahalanobis(u, w, precision) ** 2 / (2 * DIM) for u, w in zip(U.numpy(), W.numpy())])
+    expected = np.array([-(mahalanobis(u, w, precision) ** 2) / (2 * DIM) for u, w in zip(U.numpy(), W.numpy())])
     np.testing.assert_allclose(make("mahalanobis").log_kernel(U, W).numpy(), expected, rtol=1e-10)
 
 
@@ -137,7 +139,13 @@ def test_mahalanobis_matches_scipy_distance() -> None:
 
 
 def base_kernel_values(u: torch.Tensor, w: torch.Tensor) -> np.ndarray:
-    return np.stack([make(name).log_kernel(u, w).exp().detach().numpy() for name in ("rbf", "polynomial", "spectral", "mahalanobis")], -1)
+    return np.stack(
+        [
+            make(name).log_kernel(u, w).exp().detach().numpy()
+            for name in ("rbf", "polynomial", "spectral", "mahalanobis")
+        ],
+        -1,
+    )
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -169,7 +177,10 @@ def test_hmk_is_the_two_level_weighted_sum() -> None:
     np.testing.assert_allclose(kernel.log_kernel(U, W).exp().detach().numpy(), expected, rtol=1e-10)
     weights = kernel.weights()
     np.testing.assert_allclose(
-        [weights[key] for key in ("lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global")],
+        [
+            weights[key]
+            for key in ("lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global")
+        ],
         [*lam_local, *lam_global, *tau],
         rtol=1e-6,
     )
@@ -284,7 +295,9 @@ def synthetic_pairs(rejected_spread: float, n: int = 64, seed: int = 0):
     """Pairs where y- strays from x mostly along the first half of the axes; kernels that
     weight those axes more separate the pairs better (here polynomial > rbf ≈ maha > spectral)."""
     gen = torch.Generator().manual_seed(seed)
-    calibration = KernelCalibration.fit(F.normalize(torch.randn(512, DIM, generator=gen), dim=-1), spectral_components=4)
+    calibration = KernelCalibration.fit(
+        F.normalize(torch.randn(512, DIM, generator=gen), dim=-1), spectral_components=4
+    )
     x = F.normalize(torch.randn(n, DIM, generator=gen), dim=-1)
     chosen = F.normalize(x + 0.3 * torch.randn(n, DIM, generator=gen), dim=-1)
     stray = torch.randn(n, DIM, generator=gen)

@@ -76,8 +76,9 @@ def test_perturbed_logps_give_the_epsilon_dpo_steps_of_full_logits():
     for eps in (0.01, 0.2):
         z, z_ref = (hidden @ weight.T).detach(), ref_hidden @ weight.T.detach()
         want = epsilon_dpo_steps_tokens(z, z_ref, labels, sequence, b, eps)
-        perturbed = perturbed_token_logps(hidden.detach(), ref_hidden, weight.detach(), labels, epsilon_grid(eps),
-                                          chunk_rows=6)
+        perturbed = perturbed_token_logps(
+            hidden.detach(), ref_hidden, weight.detach(), labels, epsilon_grid(eps), chunk_rows=6
+        )
         for t, values in zip(epsilon_grid(eps), perturbed):
             np.testing.assert_allclose(values.numpy(), token_logps((1 + t) * z - t * z_ref, labels).numpy(), atol=1e-12)
         assert torch.equal(epsilon_dpo_steps_from_token_logps(perturbed, sequence, b), want)
@@ -92,8 +93,9 @@ def test_divergence_from_hidden_equals_the_logit_path(name, weight_grad):
     emb = weight.detach()
     every = torch.ones((1, N), dtype=torch.bool)
     wrt = [hidden, weight] if weight_grad else [hidden]
-    plain = token_divergence(cfg, (hidden @ weight.T)[None], (ref_hidden @ weight.T)[None].detach(), every,
-                             output_embeddings=emb)
+    plain = token_divergence(
+        cfg, (hidden @ weight.T)[None], (ref_hidden @ weight.T)[None].detach(), every, output_embeddings=emb
+    )
     grads_plain = torch.autograd.grad(plain * 1.7, wrt)
     chunked = token_divergence_from_hidden(cfg, hidden, ref_hidden, weight, output_embeddings=emb)
     grads = torch.autograd.grad(chunked * 1.7, wrt)
@@ -102,8 +104,11 @@ def test_divergence_from_hidden_equals_the_logit_path(name, weight_grad):
     for got, want in zip(grads, grads_plain):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-12)
     with torch.no_grad():
-        np.testing.assert_allclose(float(token_divergence_from_hidden(cfg, hidden, ref_hidden, weight,
-                                                                      output_embeddings=emb)), float(plain), rtol=1e-10)
+        np.testing.assert_allclose(
+            float(token_divergence_from_hidden(cfg, hidden, ref_hidden, weight, output_embeddings=emb)),
+            float(plain),
+            rtol=1e-10,
+        )
 
 
 def test_all_divergences_from_hidden_equal_the_logit_path():
@@ -122,7 +127,9 @@ def test_all_divergences_from_hidden_equal_the_logit_path():
 def test_a_reference_with_its_own_head_gets_its_own_logits():
     """After full fine-tuning of a tied head the reference's head differs from the policy's."""
     hidden, ref_hidden, weight, labels, _ = _inputs(seed=4, weight_grad=True)
-    ref_weight = weight.detach() + 0.2 * torch.randn(V, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref_weight = weight.detach() + 0.2 * torch.randn(
+        V, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     cfg = DivergenceConfig(name="js", chunk_positions=9)
     every = torch.ones((1, N), dtype=torch.bool)
     plain = token_divergence(cfg, (hidden @ weight.T)[None], (ref_hidden @ ref_weight.T)[None], every)

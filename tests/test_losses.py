@@ -73,7 +73,8 @@ def test_kernel_margin_divergence_and_entropy_terms_add_up() -> None:
     beta_i = torch.linspace(0.05, 0.2, 8, dtype=torch.float64)
     out = hybrid_dpo_loss(
         pc, pr, rc, rr, beta=beta_i, m_emb=m_emb, gamma=0.5, label_smoothing=0.0,
-        loss_div=torch.tensor(0.3, dtype=torch.float64), alpha=0.1, loss_entropy=torch.tensor(-0.02, dtype=torch.float64),
+        loss_div=torch.tensor(0.3, dtype=torch.float64), alpha=0.1,
+        loss_entropy=torch.tensor(-0.02, dtype=torch.float64),
     )  # fmt: skip
     margins = beta_i.numpy() * ((pc - rc) - (pr - rr)).numpy() + 0.5 * m_emb.numpy()
     pref = float(np.mean(np.logaddexp(0.0, -margins)))
@@ -89,7 +90,9 @@ def test_loss_gradcheck_float64() -> None:
     loss_div = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
 
     def fn(pc, pr, rc, rr, m, div):
-        return hybrid_dpo_loss(pc, pr, rc, rr, beta=0.3, m_emb=m, gamma=0.5, label_smoothing=0.1, loss_div=div, alpha=0.1).loss
+        return hybrid_dpo_loss(
+            pc, pr, rc, rr, beta=0.3, m_emb=m, gamma=0.5, label_smoothing=0.1, loss_div=div, alpha=0.1
+        ).loss
 
     assert torch.autograd.gradcheck(fn, (*inputs, m_emb, loss_div))
 
@@ -119,9 +122,7 @@ def test_sequence_logps_against_scipy_log_softmax() -> None:
     mask = torch.rand(3, 6, generator=gen) > 0.4
     labels[~mask] = -100  # ignored positions may carry any label
     logp = log_softmax(logits.numpy(), axis=-1)
-    expected = [
-        sum(logp[b, t, labels[b, t]] for t in range(6) if mask[b, t]) for b in range(3)
-    ]
+    expected = [sum(logp[b, t, labels[b, t]] for t in range(6) if mask[b, t]) for b in range(3)]
     np.testing.assert_allclose(sequence_logps(logits, labels, mask).numpy(), expected, rtol=1e-12)
     leaf = logits.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: sequence_logps(z, labels, mask), (leaf,))
@@ -189,7 +190,12 @@ def crafted_batch():
 
 
 def hand_ratio(pair: int, t: float) -> float:
-    chosen = {0: log_sigmoid(2 * t), 1: log_sigmoid(-2 * t), 2: log_sigmoid(2 * t) + log_sigmoid(-2 * t), 3: log_sigmoid(2 * t)}
+    chosen = {
+        0: log_sigmoid(2 * t),
+        1: log_sigmoid(-2 * t),
+        2: log_sigmoid(2 * t) + log_sigmoid(-2 * t),
+        3: log_sigmoid(2 * t),
+    }
     return chosen[pair]  # the rejected term is the same constant for every t
 
 

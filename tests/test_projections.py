@@ -28,8 +28,14 @@ def _drifting_snapshots(n_pairs=40, dim=16, n_steps=4, seed=0):
     for t in range(n_steps):
         chosen = base_c + 0.4 * t * direction + 0.05 * rng.normal(size=(n_pairs, dim))
         rejected = base_r - 0.4 * t * direction + 0.05 * rng.normal(size=(n_pairs, dim))
-        snaps.append(Snapshot(step=10 * t, chosen=chosen.astype(np.float32), rejected=rejected.astype(np.float32),
-                              pair_ids=np.array([f"p{i}" for i in range(n_pairs)])))
+        snaps.append(
+            Snapshot(
+                step=10 * t,
+                chosen=chosen.astype(np.float32),
+                rejected=rejected.astype(np.float32),
+                pair_ids=np.array([f"p{i}" for i in range(n_pairs)]),
+            )
+        )
     return snaps
 
 
@@ -50,7 +56,7 @@ def test_procrustes_matches_scipy_disparity():
     # scipy standardises both sets and returns the residual sum of squares of the best fit
     _, _, disparity = scipy_procrustes(target, moving)
     t0 = target - target.mean(0)
-    residual = np.sum((aligned - target) ** 2) / np.sum(t0 ** 2)
+    residual = np.sum((aligned - target) ** 2) / np.sum(t0**2)
     assert residual == pytest.approx(disparity, rel=1e-9)
 
 
@@ -99,8 +105,12 @@ def test_cache_round_trip_and_invalidation(tmp_path):
     run_dir = tmp_path / "run-x"
     (run_dir / "snapshots").mkdir(parents=True)
     for snap in _drifting_snapshots(n_pairs=15, n_steps=2):
-        np.savez(run_dir / "snapshots" / f"step_{snap.step}.npz", chosen=snap.chosen.astype(np.float16),
-                 rejected=snap.rejected.astype(np.float16), pair_ids=snap.pair_ids)
+        np.savez(
+            run_dir / "snapshots" / f"step_{snap.step}.npz",
+            chosen=snap.chosen.astype(np.float16),
+            rejected=snap.rejected.astype(np.float16),
+            pair_ids=snap.pair_ids,
+        )
     run = load_run(run_dir)
     cold, hit_cold = cached_projection(run)
     warm, hit_warm = cached_projection(run)

@@ -68,8 +68,9 @@ def test_single_run_report_has_every_section_and_is_offline(report_workspace, ru
 
 
 def test_comparison_report_adds_the_compare_section(report_workspace, run_workspace):
-    html = build_report(report_workspace, [run_workspace.runs["ok_hmk"], run_workspace.runs["cancelled"],
-                                           run_workspace.runs["empty"]])
+    html = build_report(
+        report_workspace, [run_workspace.runs["ok_hmk"], run_workspace.runs["cancelled"], run_workspace.runs["empty"]]
+    )
     parser = _Collector()
     parser.feed(html)
     assert "compare" in parser.ids
@@ -94,11 +95,38 @@ def test_unknown_run_is_a_clear_error(report_workspace):
 
 def test_cli_writes_the_report(report_workspace, run_workspace, tmp_path):
     out = tmp_path / "r.html"
-    done = subprocess.run([sys.executable, "-m", "dpo_engine.cli", "report", run_workspace.runs["ok_hmk"],
-                           "--out", str(out), "--workspace", str(report_workspace.root)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_engine.cli",
+            "report",
+            run_workspace.runs["ok_hmk"],
+            "--out",
+            str(out),
+            "--workspace",
+            str(report_workspace.root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert out.is_file() and "Training curves" in out.read_text()
-    bad = subprocess.run([sys.executable, "-m", "dpo_engine.cli", "report", "nope", "--out", str(out),
-                          "--workspace", str(report_workspace.root)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_engine.cli",
+            "report",
+            "nope",
+            "--out",
+            str(out),
+            "--workspace",
+            str(report_workspace.root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown run 'nope'" in bad.stderr

@@ -26,9 +26,12 @@ def _tracked_text_files():
 
 
 def test_no_tracked_file_holds_an_absolute_path_of_a_machine():
-    hits = [f"{name}:{n}: {line.strip()[:100]}"
-            for name, text in _tracked_text_files()
-            for n, line in enumerate(text.splitlines(), start=1) if _ABSOLUTE.search(line)]
+    hits = [
+        f"{name}:{n}: {line.strip()[:100]}"
+        for name, text in _tracked_text_files()
+        for n, line in enumerate(text.splitlines(), start=1)
+        if _ABSOLUTE.search(line)
+    ]
     assert not hits, "absolute paths of one machine:\n" + "\n".join(hits)
 
 

@@ -23,14 +23,16 @@ from dpo_engine.selection.metrics import (
     bootstrap_metrics,
     compute_metrics,
 )
-
 from tests.conftest import HH_SAMPLE
 
 
 def quantities(dp: np.ndarray, dn: np.ndarray) -> PairQuantities:
     """Per-pair quantities from distances alone (TAT is irrelevant to the divergence metrics)."""
     return PairQuantities(
-        dp=dp, dn=dn, log_ratio=np.log((dp + EPS) / (dn + EPS)), tat=np.full_like(dp, 0.5),
+        dp=dp,
+        dn=dn,
+        log_ratio=np.log((dp + EPS) / (dn + EPS)),
+        tat=np.full_like(dp, 0.5),
         nag=(dn - dp) / (dn + dp + EPS),
     )
 
@@ -115,7 +117,9 @@ def test_drift_magnitude_is_not_a_noise_floor():
     ]
     assert abs(np.mean(small) - 0.2) < 3 * np.std(small, ddof=1) / np.sqrt(len(small))
     rng = np.random.default_rng(4)
-    value, se = metric_and_se(quantities(rng.normal(0.45, 0.1, 10_000), rng.normal(0.55, 0.1, 10_000)), "drift_magnitude")
+    value, se = metric_and_se(
+        quantities(rng.normal(0.45, 0.1, 10_000), rng.normal(0.55, 0.1, 10_000)), "drift_magnitude"
+    )
     assert abs(value - 0.2) < 2 * se
 
 
@@ -186,7 +190,10 @@ def test_kernel_metrics_agree_between_300_and_10000_pairs():
         dp = rng.lognormal(np.log(0.45), 0.3, n)
         dn = rng.lognormal(np.log(0.5), 0.3, n)
         return PairQuantities(
-            dp=dp, dn=dn, log_ratio=np.log((dp + EPS) / (dn + EPS)), tat=rng.beta(5, 4, n),
+            dp=dp,
+            dn=dn,
+            log_ratio=np.log((dp + EPS) / (dn + EPS)),
+            tat=rng.beta(5, 4, n),
             nag=(dn - dp) / (dn + dp + EPS),
         )
 

@@ -18,10 +18,9 @@ from dpo_engine.data import load_preferences
 from dpo_engine.embed import PairEmbeddings, embed_pairs
 from dpo_engine.selection import diagnose, suspicious_pairs
 from dpo_engine.workspace import Workspace
-
 from tests.conftest import HH_SAMPLE
-N_PAIRS = 40
 
+N_PAIRS = 40
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +78,43 @@ def test_cli_foreground_end_to_end(hh, tmp_path):
     out_json, out_npz = tmp_path / "d.json", tmp_path / "e.npz"
     result = CliRunner().invoke(
         app,
-        ["diagnose", str(HH_SAMPLE), "--max-pairs", str(N_PAIRS), "--foreground", "--threshold", "kurt=2.5",
-         "--json", str(out_json), "--save-embeddings", str(out_npz), "--bootstrap", "50", "-w", str(ws.root),
-         "--model", "tiny-random", "--max-length", "128"],
+        [
+            "diagnose",
+            str(HH_SAMPLE),
+            "--max-pairs",
+            str(N_PAIRS),
+            "--foreground",
+            "--threshold",
+            "kurt=2.5",
+            "--json",
+            str(out_json),
+            "--save-embeddings",
+            str(out_npz),
+            "--bootstrap",
+            "50",
+            "-w",
+            str(ws.root),
+            "--model",
+            "tiny-random",
+            "--max-length",
+            "128",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "pairs cut now; suggested max_length" in result.stdout
     assert "kernel" in result.stdout and "divergence" in result.stdout
     assert "dropped" in result.stdout  # the sample has flagged rows, and the user is told
     data = json.loads(out_json.read_text())
-    for key in ("n_pairs", "embedder", "distance", "kernel_metrics", "divergence_metrics", "recommendation", "rules", "thresholds"):
+    for key in (
+        "n_pairs",
+        "embedder",
+        "distance",
+        "kernel_metrics",
+        "divergence_metrics",
+        "recommendation",
+        "rules",
+        "thresholds",
+    ):
         assert key in data
     assert data["n_pairs"] == N_PAIRS and data["embedder"] == "all-MiniLM-L6-v2"
     assert data["thresholds"]["kurt"] == 2.5
@@ -155,8 +181,20 @@ def test_cli_job_path_runs_on_a_worker(hh, tmp_path):
     out_json = tmp_path / "job.json"
     result = CliRunner().invoke(
         app,
-        ["diagnose", str(HH_SAMPLE), "--max-pairs", str(N_PAIRS), "--bootstrap", "30", "--json", str(out_json),
-         "--timeout", "120", "-w", str(ws.root)],
+        [
+            "diagnose",
+            str(HH_SAMPLE),
+            "--max-pairs",
+            str(N_PAIRS),
+            "--bootstrap",
+            "30",
+            "--json",
+            str(out_json),
+            "--timeout",
+            "120",
+            "-w",
+            str(ws.root),
+        ],
     )
     thread.join(timeout=60)
     assert not errors, errors

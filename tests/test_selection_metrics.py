@@ -196,7 +196,9 @@ def test_chunking_rules_and_small_data():
     assert len(bounds) == 10 and bounds[0][0] == 0 and bounds[-1][1] == 1001
     assert min(b - a for a, b in bounds) >= 20
     rng = np.random.default_rng(9)
-    m = compute_metrics(pair_quantities(*embeddings_with_distances(rng.uniform(0.1, 0.5, 39), rng.uniform(0.1, 0.5, 39))))
+    m = compute_metrics(
+        pair_quantities(*embeddings_with_distances(rng.uniform(0.1, 0.5, 39), rng.uniform(0.1, 0.5, 39)))
+    )
     assert m.smoothness is None
     assert all(np.isfinite(getattr(m, k)) for k in METRIC_NAMES if k != "smoothness")
 

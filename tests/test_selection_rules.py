@@ -18,8 +18,14 @@ from dpo_engine.selection.rules import (
 )
 
 NEUTRAL = dict(
-    pnd=0.5, pnav=0.3, tat=0.5, nag=-0.2,  # matches no kernel rule
-    support_overlap=0.45, drift_magnitude=0.1, kurtosis=2.5, smoothness=0.2,  # matches no divergence rule
+    pnd=0.5,
+    pnav=0.3,
+    tat=0.5,
+    nag=-0.2,  # matches no kernel rule
+    support_overlap=0.45,
+    drift_magnitude=0.1,
+    kurtosis=2.5,
+    smoothness=0.2,  # matches no divergence rule
 )
 
 
@@ -121,7 +127,13 @@ def test_condition_report_carries_value_threshold_comparison():
     poly = next(r for r in result.rules if r.name == "polynomial")
     nag, pnd = poly.conditions
     assert (nag.metric, nag.absolute, nag.value, nag.comparison, nag.threshold_name, nag.threshold, nag.passed) == (
-        "nag", True, 0.03, "<", "tol", 0.05, True
+        "nag",
+        True,
+        0.03,
+        "<",
+        "tol",
+        0.05,
+        True,
     )
     assert pnd.passed and result.recommended == "polynomial"
     assert "tol" in result.rule and "polynomial" in result.rule
@@ -141,8 +153,14 @@ def test_vectorised_shares_agree_with_rule_by_rule_evaluation():
     rng = np.random.default_rng(0)
     table = np.column_stack(
         [
-            rng.uniform(-0.2, 0.2, 500), rng.uniform(0, 1, 500), rng.uniform(0, 1, 500), rng.uniform(-0.1, 0.1, 500),
-            rng.uniform(0, 1, 500), rng.uniform(0, 0.5, 500), rng.uniform(2, 4, 500), rng.uniform(0, 0.1, 500),
+            rng.uniform(-0.2, 0.2, 500),
+            rng.uniform(0, 1, 500),
+            rng.uniform(0, 1, 500),
+            rng.uniform(-0.1, 0.1, 500),
+            rng.uniform(0, 1, 500),
+            rng.uniform(0, 0.5, 500),
+            rng.uniform(2, 4, 500),
+            rng.uniform(0, 0.1, 500),
         ]
     )
     table[::7, 7] = np.nan  # undefined smoothness in some rows
@@ -169,7 +187,16 @@ def _synthetic_diagnosis(n_bootstrap: int = 100) -> Diagnosis:
 
 def test_diagnosis_json_contract():
     data = _synthetic_diagnosis().to_json_dict()
-    for key in ("n_pairs", "embedder", "distance", "kernel_metrics", "divergence_metrics", "recommendation", "rules", "thresholds"):
+    for key in (
+        "n_pairs",
+        "embedder",
+        "distance",
+        "kernel_metrics",
+        "divergence_metrics",
+        "recommendation",
+        "rules",
+        "thresholds",
+    ):
         assert key in data
     assert set(data["kernel_metrics"]) == {"pnd", "pnav", "tat", "nag"}
     assert set(data["divergence_metrics"]) == {"support_overlap", "drift_magnitude", "kurtosis", "smoothness"}
@@ -230,7 +257,10 @@ def test_a_verdict_most_resamples_disagree_with_is_marked_uncertain():
     assert rec.divergence_verdict.startswith("uncertain between")
     assert "bhattacharyya (30%)" in rec.divergence_verdict
     assert f"{rec.divergence_runner_up} ({rec.divergence_runner_up_share:.0%})" in rec.divergence_verdict
-    assert any(item.metric == "support_overlap" and item.threshold_name == "overlap_hi" for item in rec.divergence_near_thresholds)
+    assert any(
+        item.metric == "support_overlap" and item.threshold_name == "overlap_hi"
+        for item in rec.divergence_near_thresholds
+    )
     data = again.to_json_dict()["recommendation"]
     assert data["divergence_uncertain"] is True and isinstance(data["kernel_uncertain"], bool)
     assert "support_overlap" in data["divergence_verdict"]

@@ -5,23 +5,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dpo_engine import rundir
 from dpo_engine.jobs import JobStore
-from dpo_engine.train import rundir
 from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.sweep import list_sweeps, submit_sweep, sweep_outcome, sweep_pairs
 from dpo_engine.train.trainer import train
 from tests.test_train import make_config, toy_pairs
 
-DIAGNOSIS = {"recommendation": {"kernel": "polynomial", "divergence": "hellinger",
-                                "kernel_runner_up": "hmk", "divergence_runner_up": None}}
+DIAGNOSIS = {
+    "recommendation": {
+        "kernel": "polynomial",
+        "divergence": "hellinger",
+        "kernel_runner_up": "hmk",
+        "divergence_runner_up": None,
+    }
+}
 TINY = {"model.name": "tiny-random", "optimisation.max_steps": 2, "monitoring.htsr": False}
 
 
 def test_sweep_pairs_are_the_recommendation_and_its_runners_up():
     pairs = sweep_pairs(DIAGNOSIS["recommendation"])
     assert [(p.kernel, p.divergence, p.role) for p in pairs] == [
-        ("polynomial", "hellinger", "recommended"), ("hmk", "hellinger", "kernel runner-up"),
-        ("polynomial", "kl", "divergence runner-up")]  # no divergence runner-up named: the fixed fallback
+        ("polynomial", "hellinger", "recommended"),
+        ("hmk", "hellinger", "kernel runner-up"),
+        ("polynomial", "kl", "divergence runner-up"),
+    ]  # no divergence runner-up named: the fixed fallback
 
 
 def test_submit_sweep_queues_one_job_per_pair_with_the_preset_and_overrides(workspace, hh_sample_path):
@@ -31,7 +39,10 @@ def test_submit_sweep_queues_one_job_per_pair_with_the_preset_and_overrides(work
     assert len(jobs) == 3 and len(record["runs"]) == 3
     configs = [TrainConfig.model_validate(j.params) for j in jobs]
     assert {(c.method.kernel.name, c.method.divergence.name) for c in configs} == {
-        ("polynomial", "hellinger"), ("hmk", "hellinger"), ("polynomial", "kl")}
+        ("polynomial", "hellinger"),
+        ("hmk", "hellinger"),
+        ("polynomial", "kl"),
+    }
     assert {c.optimisation.seed for c in configs} == {0} and {c.model.lora_r for c in configs} == {16}  # preset
     assert {c.model.name for c in configs} == {"tiny-random"} and {c.optimisation.max_steps for c in configs} == {2}
     assert list_sweeps(workspace)[0]["sweep_id"] == record["sweep_id"]
@@ -45,8 +56,11 @@ def test_submit_sweep_with_a_bad_dataset_queues_nothing(workspace):
 
 
 def _record(roles):
-    return {"runs": [{"run_id": f"r{i}", "kernel": "k", "divergence": f"d{i}", "role": role}
-                     for i, role in enumerate(roles)]}
+    return {
+        "runs": [
+            {"run_id": f"r{i}", "kernel": "k", "divergence": f"d{i}", "role": role} for i, role in enumerate(roles)
+        ]
+    }
 
 
 def _write(run_dir, correct):

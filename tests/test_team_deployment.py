@@ -45,8 +45,12 @@ def _port_open(port: int) -> bool:
 
 def test_app_beyond_loopback_without_auth_refuses_to_start(tmp_path):
     host, port = "0.0.0.0", _free_port()
-    out = subprocess.run([*CLI, "app", "--host", host, "--port", str(port), "--no-sample", "--workspace",
-                          str(tmp_path / "ws")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*CLI, "app", "--host", host, "--port", str(port), "--no-sample", "--workspace", str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: refusing to serve on {host} without authentication")
@@ -132,7 +136,11 @@ def test_submitter_is_recorded_on_jobs_and_datasets(workspace, hh_sample_path):
     finally:
         acting_user.reset(token)
     explicit = store.submit("selftest", {}, submitted_by="bob")
-    assert [store.get(j.id).submitted_by for j in (local, web, explicit)] == [current_user(), "alice@example.org", "bob"]
+    assert [store.get(j.id).submitted_by for j in (local, web, explicit)] == [
+        current_user(),
+        "alice@example.org",
+        "bob",
+    ]
     meta = json.loads((workspace.datasets_dir / info.id / "meta.json").read_text())
     assert meta["submitted_by"] == "alice@example.org"
     store.close()

@@ -8,7 +8,7 @@ import pytest
 
 from dpo_engine.data import load_preferences
 from dpo_engine.data.preflight import SIDES, load_tokenizer, token_preflight
-from dpo_engine.train.data import tokenize_pair
+from dpo_engine.data.tokenize import tokenize_pair
 from tests.conftest import HH_SAMPLE
 
 
@@ -31,12 +31,17 @@ def test_lengths_and_cuts_match_training_tokenization(tokenizer, table):
     assert report.chat_template and report.n_pairs == 80
     full, kept = {s: [] for s in SIDES}, {s: [] for s in SIDES}
     for row in table.itertuples(index=False):
-        whole = tokenize_pair(tokenizer, row.pair_id, row.prompt, row.chosen, row.rejected,
-                              max_length=10**6, max_prompt_length=10**6 - 1)
-        cut = tokenize_pair(tokenizer, row.pair_id, row.prompt, row.chosen, row.rejected,
-                            max_length=128, max_prompt_length=64)
-        for side, a, b in zip(SIDES, (whole.prompt_ids, whole.chosen_ids, whole.rejected_ids),
-                              (cut.prompt_ids, cut.chosen_ids, cut.rejected_ids)):
+        whole = tokenize_pair(
+            tokenizer, row.pair_id, row.prompt, row.chosen, row.rejected, max_length=10**6, max_prompt_length=10**6 - 1
+        )
+        cut = tokenize_pair(
+            tokenizer, row.pair_id, row.prompt, row.chosen, row.rejected, max_length=128, max_prompt_length=64
+        )
+        for side, a, b in zip(
+            SIDES,
+            (whole.prompt_ids, whole.chosen_ids, whole.rejected_ids),
+            (cut.prompt_ids, cut.chosen_ids, cut.rejected_ids),
+        ):
             full[side].append(len(a))
             kept[side].append(len(b))
     any_cut = np.zeros(80, dtype=bool)
@@ -57,12 +62,16 @@ def test_suggestion_cuts_fewer_pairs_and_examples_show_the_template(tokenizer, t
     assert report.max_prompt_length == 64  # training's default: half of max_length
     sg = report.suggestion
     assert sg.max_prompt_length < sg.max_length and sg.pairs_cut < report.pairs_cut
-    again = token_preflight(table, tokenizer, model="tiny-random", max_length=sg.max_length,
-                            max_prompt_length=sg.max_prompt_length)
+    again = token_preflight(
+        table, tokenizer, model="tiny-random", max_length=sg.max_length, max_prompt_length=sg.max_prompt_length
+    )
     assert again.pairs_cut == sg.pairs_cut
     frame = report.examples_frame()
     assert list(frame["side"][:3]) == ["prompt", "chosen", "rejected"]
-    assert frame["as the model sees it"][0].startswith("<|im_start|>") or "<|im_start|>" in frame["as the model sees it"][0]
+    assert (
+        frame["as the model sees it"][0].startswith("<|im_start|>")
+        or "<|im_start|>" in frame["as the model sees it"][0]
+    )
     assert all(frame["kept"] + frame["lost"] == frame["tokens"])
     assert any("pairs cut now" in line for line in report.summary_lines())
 

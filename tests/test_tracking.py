@@ -10,9 +10,22 @@ import pytest
 from dpo_engine.tracking import TrackerUnavailable, open_trackers, parse_report_to, to_tracker_metrics
 
 TRAIN_ROWS = [
-    {"step": s, "epoch": s / 10, "loss": 0.69 - 0.05 * s, "loss_pref": 0.68 - 0.05 * s, "reward_acc": 0.5 + 0.1 * s,
-     "margin": 0.01 * s, "beta": 0.1, "lr": 1e-3 * s, "lambda_rbf": 0.25 + 0.01 * s, "tau_local": 1.5,
-     "reward_chosen": 0.02 * s, "reward_rejected": -0.03 * s, "logp_chosen": -40.0 - s, "logp_rejected": -42.5 - s}
+    {
+        "step": s,
+        "epoch": s / 10,
+        "loss": 0.69 - 0.05 * s,
+        "loss_pref": 0.68 - 0.05 * s,
+        "reward_acc": 0.5 + 0.1 * s,
+        "margin": 0.01 * s,
+        "beta": 0.1,
+        "lr": 1e-3 * s,
+        "lambda_rbf": 0.25 + 0.01 * s,
+        "tau_local": 1.5,
+        "reward_chosen": 0.02 * s,
+        "reward_rejected": -0.03 * s,
+        "logp_chosen": -40.0 - s,
+        "logp_rejected": -42.5 - s,
+    }
     for s in (1, 2, 3)
 ]
 EVAL_ROWS = [{"step": 3, "loss_pref": 0.55, "reward_acc": 0.75, "hybrid_acc": 0.7, "div_kl": 0.012, "div_js": 0.004}]
@@ -34,12 +47,24 @@ def _write_run(run_dir, names):
 
 def _expected(run_dir) -> dict[str, list[tuple[int, float]]]:
     """tracker name -> [(step, value)], computed from the files with the documented renames."""
-    renames = {"loss": "loss", "loss_pref": "loss/preference", "reward_acc": "rewards/accuracies",
-               "margin": "rewards/margins", "beta": "beta", "lr": "learning_rate", "epoch": "epoch",
-               "lambda_rbf": "kernel/lambda_rbf", "tau_local": "kernel/tau_local",
-               "reward_chosen": "rewards/chosen", "reward_rejected": "rewards/rejected",
-               "logp_chosen": "logps/chosen", "logp_rejected": "logps/rejected",
-               "hybrid_acc": "rewards/hybrid_accuracies", "div_kl": "divergence/kl", "div_js": "divergence/js"}
+    renames = {
+        "loss": "loss",
+        "loss_pref": "loss/preference",
+        "reward_acc": "rewards/accuracies",
+        "margin": "rewards/margins",
+        "beta": "beta",
+        "lr": "learning_rate",
+        "epoch": "epoch",
+        "lambda_rbf": "kernel/lambda_rbf",
+        "tau_local": "kernel/tau_local",
+        "reward_chosen": "rewards/chosen",
+        "reward_rejected": "rewards/rejected",
+        "logp_chosen": "logps/chosen",
+        "logp_rejected": "logps/rejected",
+        "hybrid_acc": "rewards/hybrid_accuracies",
+        "div_kl": "divergence/kl",
+        "div_js": "divergence/js",
+    }
     out: dict[str, list[tuple[int, float]]] = {}
     for prefix, path in (("", "metrics.jsonl"), ("eval/", "eval.jsonl")):
         for line in (run_dir / path).read_text().splitlines():
@@ -52,13 +77,28 @@ def _expected(run_dir) -> dict[str, list[tuple[int, float]]]:
 
 def test_names_follow_trl():
     got = to_tracker_metrics(TRAIN_ROWS[0] | {"note": "text", "flag": True}, "train")
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected", "loss", "learning_rate", "kernel/lambda_rbf", "kernel/tau_local", "beta"} <= set(got)
+    assert {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "loss",
+        "learning_rate",
+        "kernel/lambda_rbf",
+        "kernel/tau_local",
+        "beta",
+    } <= set(got)
     assert "step" not in got and "note" not in got and "flag" not in got
     assert "divergence/kl" not in to_tracker_metrics({"div_kl": float("nan"), "loss": 0.5}, "train")  # not computed
     assert set(to_tracker_metrics(EVAL_ROWS[0], "eval")) == {
-        "eval/loss/preference", "eval/rewards/accuracies", "eval/rewards/hybrid_accuracies",
-        "eval/divergence/kl", "eval/divergence/js"}
+        "eval/loss/preference",
+        "eval/rewards/accuracies",
+        "eval/rewards/hybrid_accuracies",
+        "eval/divergence/kl",
+        "eval/divergence/js",
+    }
     with pytest.raises(ValueError, match="split must be"):
         to_tracker_metrics({}, "test")
 
@@ -96,7 +136,9 @@ def test_tensorboard_and_mlflow_hold_the_rows(tmp_path):
 
 def test_none_opens_nothing_and_bad_names_are_one_line_errors(tmp_path, monkeypatch):
     assert parse_report_to("none") == [] and parse_report_to("tensorboard, mlflow,tensorboard") == [
-        "tensorboard", "mlflow"]
+        "tensorboard",
+        "mlflow",
+    ]
     open_trackers([], tmp_path, "r", {}).close()
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(TrackerUnavailable, match=r"^unknown tracker 'comet'; choose from"):

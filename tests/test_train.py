@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.trainer import train
 from tests.helpers import deep_merge
@@ -16,23 +16,35 @@ from tests.helpers import deep_merge
 
 def toy_pairs(n: int = 40) -> pd.DataFrame:
     """Separable: the chosen answer is always one fixed sentence, the rejected another."""
-    return pd.DataFrame({
-        "pair_id": [f"p{i}" for i in range(n)],
-        "prompt": [f"Question {i}: is the sky blue?" for i in range(n)],
-        "chosen": ["Yes, it is blue."] * n,
-        "rejected": ["No idea, go away."] * n,
-    })
+    return pd.DataFrame(
+        {
+            "pair_id": [f"p{i}" for i in range(n)],
+            "prompt": [f"Question {i}: is the sky blue?" for i in range(n)],
+            "chosen": ["Yes, it is blue."] * n,
+            "rejected": ["No idea, go away."] * n,
+        }
+    )
 
 
 def make_config(**groups) -> TrainConfig:
     base = {
         "data": {"dataset": "toy", "min_eval_pairs": 8, "max_length": 48, "max_prompt_length": 32},
         "model": {"name": "tiny-random", "lora": False},
-        "method": {"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0},
-                   "calibration_pairs": 16},
+        "method": {
+            "kernel": {"name": "none"},
+            "divergence": {"name": "none"},
+            "loss": {"gamma": 0.0},
+            "calibration_pairs": 16,
+        },
         "optimisation": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0},
-        "monitoring": {"eval_every": 3, "snapshot_every": 3, "checkpoint_every": 100, "probe_pairs": 8, "htsr": False,
-                       "eval_divergences": False},
+        "monitoring": {
+            "eval_every": 3,
+            "snapshot_every": 3,
+            "checkpoint_every": 100,
+            "probe_pairs": 8,
+            "htsr": False,
+            "eval_divergences": False,
+        },
     }
     for group, values in groups.items():
         base[group] = deep_merge(base.get(group, {}), values)
@@ -53,8 +65,13 @@ def test_loss_decreases_on_separable_pairs(workspace, tmp_path):
 
 def test_step0_eval_policy_equals_reference(workspace, tmp_path):
     """With LoRA the adapters start at zero, so the policy is the reference: L_pref = log 2, divergences 0."""
-    cfg = make_config(data={"min_eval_pairs": 4}, model={"lora": True}, method={"divergence": {"name": "kl"}},
-                      optimisation={"max_steps": 1}, monitoring={"eval_divergences": True})
+    cfg = make_config(
+        data={"min_eval_pairs": 4},
+        model={"lora": True},
+        method={"divergence": {"name": "kl"}},
+        optimisation={"max_steps": 1},
+        monitoring={"eval_divergences": True},
+    )
     summary = train(cfg, tmp_path / "run", workspace=workspace, pairs=toy_pairs())
     assert summary["status"] == "succeeded", summary["error"]
     first = rundir.read_eval(tmp_path / "run").iloc[0]
@@ -97,8 +114,13 @@ def test_resume_reproduces_uninterrupted_run(workspace, tmp_path):
     assert a["beta"].nunique() > 1  # epsilon-DPO moved beta, and the resumed run followed it
     ea, eb = rundir.read_eval(full), rundir.read_eval(cut)
     assert list(ea["step"]) == list(eb["step"])
-    np.testing.assert_allclose(eb.drop(columns="step").to_numpy(float), ea.drop(columns="step").to_numpy(float),
-                               rtol=1e-4, atol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(
+        eb.drop(columns="step").to_numpy(float),
+        ea.drop(columns="step").to_numpy(float),
+        rtol=1e-4,
+        atol=1e-5,
+        equal_nan=True,
+    )
 
 
 def test_nan_guard_stops_with_clear_message(workspace, tmp_path):
@@ -123,8 +145,13 @@ def test_bad_dataset_is_refused(workspace, tmp_path):
 def test_smollm2_lora_few_steps_on_hh(workspace, tmp_path, hh_sample_path):
     """The real policy with LoRA on 16 HH pairs: a few steps run, adapters are saved, numbers are finite."""
     cfg = make_config(
-        data={"dataset": str(hh_sample_path), "max_pairs": 16, "min_eval_pairs": 4, "max_length": 96,
-              "max_prompt_length": 48},
+        data={
+            "dataset": str(hh_sample_path),
+            "max_pairs": 16,
+            "min_eval_pairs": 4,
+            "max_length": 96,
+            "max_prompt_length": 48,
+        },
         model={"name": "smollm2-135m-instruct", "lora": True},
         method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}, "loss": {"gamma": 0.5}},
         optimisation={"max_steps": 2, "batch_size": 2, "lr": 5e-4},

@@ -63,8 +63,18 @@ def test_cli_flags_override_config(tmp_path):
     from dpo_engine.cli.train_cmd import build_config
 
     (tmp_path / "c.json").write_text(json.dumps({"data": {"dataset": "x"}, "method": {"loss": {"beta": 0.3}}}))
-    cfg = build_config("ds", tmp_path / "c.json", kernel="rbf", beta=0.2, epochs=1.5, lora=False, htsr=False,
-                       divergence="js", alpha=0.05, max_steps=None)
+    cfg = build_config(
+        "ds",
+        tmp_path / "c.json",
+        kernel="rbf",
+        beta=0.2,
+        epochs=1.5,
+        lora=False,
+        htsr=False,
+        divergence="js",
+        alpha=0.05,
+        max_steps=None,
+    )
     assert cfg.data.dataset == "ds" and cfg.method.kernel.name == "rbf" and cfg.method.loss.beta == 0.2
     assert cfg.optimisation.epochs == 1.5 and cfg.optimisation.max_steps is None
     assert cfg.model.lora is False and cfg.monitoring.htsr is False

@@ -9,23 +9,39 @@ import sys
 import time
 from pathlib import Path
 
+from dpo_engine import rundir
 from dpo_engine.jobs import JobStore
-from dpo_engine.train import rundir
 from tests.test_train import make_config, toy_pairs
 
 MAX_STEPS = 60
 
 
 def _worker(workspace, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dpo_engine.cli", "worker", "--device", "cpu", "--workspace", str(workspace.root),
-            "--heartbeat-s", "0.5", "--poll-s", "0.2", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dpo_engine.cli",
+        "worker",
+        "--device",
+        "cpu",
+        "--workspace",
+        str(workspace.root),
+        "--heartbeat-s",
+        "0.5",
+        "--poll-s",
+        "0.2",
+        *extra,
+    ]
 
 
 def test_killed_worker_train_job_resumes_on_next_worker(workspace, tmp_path):
     data = tmp_path / "toy.jsonl"
     toy_pairs(40).drop(columns="pair_id").to_json(data, orient="records", lines=True)
-    cfg = make_config(data={"dataset": str(data)}, optimisation={"max_steps": MAX_STEPS},
-                      monitoring={"checkpoint_every": 2, "eval_every": 1000, "snapshot_every": 1000})
+    cfg = make_config(
+        data={"dataset": str(data)},
+        optimisation={"max_steps": MAX_STEPS},
+        monitoring={"checkpoint_every": 2, "eval_every": 1000, "snapshot_every": 1000},
+    )
     store = JobStore.for_workspace(workspace)
     job = store.submit("train", cfg.model_dump(mode="json"), title="resume me")
     run_dir = Path(job.run_dir)
@@ -47,8 +63,13 @@ def test_killed_worker_train_job_resumes_on_next_worker(workspace, tmp_path):
     assert store.get(job.id).status == "running"  # nobody has noticed yet
 
     time.sleep(2.5)  # let the heartbeat go stale
-    subprocess.run(_worker(workspace, "--once", "--lost-timeout", "2"), check=True, timeout=300,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _worker(workspace, "--once", "--lost-timeout", "2"),
+        check=True,
+        timeout=300,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done = store.get(job.id)
     assert done.status == "succeeded", done.error
     assert done.attempts == 2

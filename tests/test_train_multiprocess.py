@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 from dpo_engine.train.launch import launch_training
 from tests.helpers import assert_step_2_is_the_mean_of_both_shards
 from tests.test_train import make_config
@@ -20,19 +20,22 @@ WORDS = "red blue green sky sea tree stone river cloud fire bird road".split()
 def varied_pairs(n: int = 40) -> pd.DataFrame:
     """Pairs whose texts differ, so each process's batch has its own loss."""
     rng = random.Random(0)
-    return pd.DataFrame({
-        "prompt": [f"Question {i}: " + " ".join(rng.choices(WORDS, k=4)) for i in range(n)],
-        "chosen": [" ".join(rng.choices(WORDS, k=5)) for i in range(n)],
-        "rejected": [" ".join(rng.choices(WORDS, k=3)) for i in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "prompt": [f"Question {i}: " + " ".join(rng.choices(WORDS, k=4)) for i in range(n)],
+            "chosen": [" ".join(rng.choices(WORDS, k=5)) for i in range(n)],
+            "rejected": [" ".join(rng.choices(WORDS, k=3)) for i in range(n)],
+        }
+    )
 
 
 def multiprocess_config(data, max_steps: int, processes: int = 2):
     """Tiny config for N processes: each takes 2 pairs a step, a checkpoint every step."""
-    return make_config(data={"dataset": str(data)},
-                       optimisation={"max_steps": max_steps, "processes": processes, "batch_size": 2,
-                                     "scheduler": "constant"},
-                       monitoring={"eval_every": 1000, "snapshot_every": 1000, "checkpoint_every": 1})
+    return make_config(
+        data={"dataset": str(data)},
+        optimisation={"max_steps": max_steps, "processes": processes, "batch_size": 2, "scheduler": "constant"},
+        monitoring={"eval_every": 1000, "snapshot_every": 1000, "checkpoint_every": 1},
+    )
 
 
 def test_two_processes_log_the_mean_over_both_batches_and_resume(workspace, tmp_path):
@@ -54,8 +57,9 @@ def test_two_processes_log_the_mean_over_both_batches_and_resume(workspace, tmp_
     metrics = rundir.read_metrics(run_dir)
     assert metrics["step"].tolist() == [1, 2, 3]  # each step once, written by one process
 
-    assert_step_2_is_the_mean_of_both_shards(metrics, multiprocess_config(data, 3, processes=1), after_step_1,
-                                             workspace, tmp_path / "check")
+    assert_step_2_is_the_mean_of_both_shards(
+        metrics, multiprocess_config(data, 3, processes=1), after_step_1, workspace, tmp_path / "check"
+    )
 
 
 def test_train_job_with_two_processes_runs_through_the_worker(workspace, tmp_path):
@@ -68,9 +72,23 @@ def test_train_job_with_two_processes_runs_through_the_worker(workspace, tmp_pat
     varied_pairs().to_json(data, orient="records", lines=True)
     store = JobStore.for_workspace(workspace)
     job = store.submit("train", multiprocess_config(data, 2).model_dump(mode="json"), title="two processes")
-    subprocess.run([sys.executable, "-m", "dpo_engine.cli", "worker", "--device", "cpu", "--once",
-                    "--workspace", str(workspace.root)], check=True, timeout=240,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_engine.cli",
+            "worker",
+            "--device",
+            "cpu",
+            "--once",
+            "--workspace",
+            str(workspace.root),
+        ],
+        check=True,
+        timeout=240,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     done = store.get(job.id)
     assert done.status == "succeeded", done.error
     metrics = rundir.read_metrics(done.run_dir)

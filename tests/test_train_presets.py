@@ -24,7 +24,10 @@ def test_quick_preset_sets_every_named_setting_and_validates(hh_sample_path):
     for dotted, value in PRESETS["quick"].items():
         assert _get(config, dotted) == value, dotted
     assert config.model.name == "smollm2-135m-instruct"  # the real bundled policy, not the test model
-    assert config.method.kernel.name == "hmk" and config.optimisation.max_steps == PRESETS["quick"]["optimisation.max_steps"]
+    assert (
+        config.method.kernel.name == "hmk"
+        and config.optimisation.max_steps == PRESETS["quick"]["optimisation.max_steps"]
+    )
 
 
 def test_flags_override_the_preset_and_the_preset_overrides_the_file(tmp_path, hh_sample_path):
@@ -46,11 +49,26 @@ def test_cli_preset_writes_the_preset_into_the_queued_config(workspace, hh_sampl
     from dpo_engine.cli import app
     from dpo_engine.jobs import JobStore
 
-    result = CliRunner().invoke(app, ["train", str(hh_sample_path), "--preset", "quick", "--model", "tiny-random",
-                                      "--workspace", str(workspace.root)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(hh_sample_path),
+            "--preset",
+            "quick",
+            "--model",
+            "tiny-random",
+            "--workspace",
+            str(workspace.root),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (job,) = JobStore.for_workspace(workspace).list(kind="train")
-    assert job.params["model"]["lora_r"] == 16 and job.params["data"]["max_length"] == PRESETS["quick"]["data.max_length"]
+    assert (
+        job.params["model"]["lora_r"] == 16 and job.params["data"]["max_length"] == PRESETS["quick"]["data.max_length"]
+    )
     assert job.params["model"]["name"] == "tiny-random"
-    bad = CliRunner().invoke(app, ["train", str(hh_sample_path), "--preset", "fast", "--workspace", str(workspace.root)])
+    bad = CliRunner().invoke(
+        app, ["train", str(hh_sample_path), "--preset", "fast", "--workspace", str(workspace.root)]
+    )
     assert bad.exit_code == 2 and "unknown preset 'fast'" in bad.output and "Traceback" not in bad.output

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import psutil
 
+from dpo_engine import rundir
 from dpo_engine.jobs import CANCELLED, SUCCEEDED, Job
 from dpo_engine.jobs.ray_backend import job_resources
-from dpo_engine.train import rundir
 from dpo_engine.train.ray_train import launch_training_on_ray
 from tests.helpers import assert_step_2_is_the_mean_of_both_shards
 from tests.test_jobs_ray import _wait_finished, dispatcher, ray_address, ray_ws, rstore  # noqa: F401 - fixtures
@@ -34,8 +34,15 @@ def _ray_train_workers() -> list[int]:
 
 def test_a_multi_process_train_job_leaves_the_resources_to_its_ray_train_workers():
     def job(processes):
-        return Job(id=1, kind="train", executor="m:f", run_id="r", run_dir="/tmp/r", created_at="2026-01-01T00:00:00Z",
-                   params={"optimisation": {"processes": processes}})
+        return Job(
+            id=1,
+            kind="train",
+            executor="m:f",
+            run_id="r",
+            run_dir="/tmp/r",
+            created_at="2026-01-01T00:00:00Z",
+            params={"optimisation": {"processes": processes}},
+        )
 
     assert job_resources(job(2), cluster_gpus=2) == {"num_cpus": 0.0, "num_gpus": 0.0}
     assert job_resources(job(1), cluster_gpus=2) == {"num_cpus": 1.0, "num_gpus": 1.0}
@@ -48,28 +55,36 @@ def test_two_ray_train_workers_log_the_mean_over_both_batches_resume_and_cancel(
     before = sorted(ray_results.iterdir()) if ray_results.is_dir() else None
 
     lines: list[str] = []
-    first = launch_training_on_ray(multiprocess_config(data, 1), run_dir, workspace=workspace, address=ray_address,
-                                   log=lines.append)
+    first = launch_training_on_ray(
+        multiprocess_config(data, 1), run_dir, workspace=workspace, address=ray_address, log=lines.append
+    )
     assert first["status"] == "succeeded", first["error"]
     after_step_1 = tmp_path / "weights_step1.pt"
     shutil.copy(rundir.latest_checkpoint(run_dir) / "weights.pt", after_step_1)
 
-    second = launch_training_on_ray(multiprocess_config(data, 2), run_dir, workspace=workspace, address=ray_address,
-                                    log=lines.append)
+    second = launch_training_on_ray(
+        multiprocess_config(data, 2), run_dir, workspace=workspace, address=ray_address, log=lines.append
+    )
     assert second["status"] == "succeeded", second["error"]
     assert any("resumed from checkpoints/step_1" in line for line in lines)  # rank 0's log reaches the caller
     assert [p.name for p in workspace.runs_dir.iterdir()] == ["ray"]  # one run directory
     metrics = rundir.read_metrics(run_dir)
     assert metrics["step"].tolist() == [1, 2]  # each step once, written by one process
     assert metrics["epoch"].tolist() == [1 / 8, 2 / 8]  # 32 training pairs, 2 workers x 2 per step
-    assert_step_2_is_the_mean_of_both_shards(metrics, multiprocess_config(data, 2, processes=1), after_step_1,
-                                             workspace, tmp_path / "check")
+    assert_step_2_is_the_mean_of_both_shards(
+        metrics, multiprocess_config(data, 2, processes=1), after_step_1, workspace, tmp_path / "check"
+    )
     assert (run_dir / "ray_train" / "fit").is_dir()  # Ray Train's storage, inside the run directory
     assert (sorted(ray_results.iterdir()) if ray_results.is_dir() else None) == before  # and nowhere else
 
-    third = launch_training_on_ray(multiprocess_config(data, 200), run_dir, workspace=workspace, address=ray_address,
-                                   should_stop=lambda: rundir.read_metrics(run_dir)["step"].max() >= 3,
-                                   log=lines.append)
+    third = launch_training_on_ray(
+        multiprocess_config(data, 200),
+        run_dir,
+        workspace=workspace,
+        address=ray_address,
+        should_stop=lambda: rundir.read_metrics(run_dir)["step"].max() >= 3,
+        log=lines.append,
+    )
     assert third["status"] == "cancelled" and 3 <= third["steps_completed"] < 200, third
     assert rundir.read_summary(run_dir)["status"] == "cancelled"  # both workers stopped at one step; rank 0 wrote it
 

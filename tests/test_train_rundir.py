@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import davies_bouldin_score
 
+from dpo_engine import rundir
 from dpo_engine.analysis.dbs import snapshot_dbs
-from dpo_engine.train import rundir
 from dpo_engine.train.config import TrainConfig
 from tests.test_train import make_config, toy_pairs
 
@@ -59,8 +59,17 @@ def test_run_directory_contract(workspace, tmp_path):
     assert summary["weighted_alpha_before"] == pytest.approx(before["alpha_weighted"].mean())
     assert summary["weighted_alpha_after"] == pytest.approx(after["alpha_weighted"].mean())
     saved = rundir.read_summary(run)
-    for key in ("status", "final_metrics", "final_eval", "wall_time_s", "tokens_per_s", "peak_memory_mb",
-                "weighted_alpha_before", "weighted_alpha_after", "error"):
+    for key in (
+        "status",
+        "final_metrics",
+        "final_eval",
+        "wall_time_s",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "weighted_alpha_before",
+        "weighted_alpha_after",
+        "error",
+    ):
         assert key in saved
     assert saved["peak_memory_mb"] > 0 and saved["tokens_per_s"] > 0
     assert (run / "model" / "adapter_config.json").is_file() and (run / "model" / "tokenizer.json").is_file()
@@ -84,12 +93,21 @@ def test_train_job_entry_point_from_file(workspace, tmp_path):
 
     path = tmp_path / "toy.jsonl"
     df = toy_pairs(36)
-    path.write_text("".join(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n"
-                            for r in df.itertuples()))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n" for r in df.itertuples()
+        )
+    )
     cfg = make_config(data={"dataset": str(path)}, optimisation={"max_steps": 2})
     seen = []
-    ctx = SimpleNamespace(params=cfg.resolved(), workspace=workspace, run_dir=tmp_path / "run", device="cpu",
-                          progress=lambda f, m="": seen.append(f), should_stop=lambda: False)
+    ctx = SimpleNamespace(
+        params=cfg.resolved(),
+        workspace=workspace,
+        run_dir=tmp_path / "run",
+        device="cpu",
+        progress=lambda f, m="": seen.append(f),
+        should_stop=lambda: False,
+    )
     result = run_train_job(ctx)
     assert result["status"] == "succeeded" and result["steps_completed"] == 2
     assert seen[-1] == 1.0 and 0.5 in seen
@@ -100,8 +118,14 @@ def test_train_job_failure_raises(workspace, tmp_path):
     from dpo_engine.train.job import run_train_job
 
     cfg = make_config(data={"dataset": "no-such-dataset"})
-    ctx = SimpleNamespace(params=cfg.resolved(), workspace=workspace, run_dir=tmp_path / "run", device="cpu",
-                          progress=lambda f, m="": None, should_stop=lambda: False)
+    ctx = SimpleNamespace(
+        params=cfg.resolved(),
+        workspace=workspace,
+        run_dir=tmp_path / "run",
+        device="cpu",
+        progress=lambda f, m="": None,
+        should_stop=lambda: False,
+    )
     with pytest.raises(Exception, match="no-such-dataset"):
         run_train_job(ctx)
     assert rundir.read_summary(tmp_path / "run")["status"] == "failed"

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo_engine.losses import (epsilon_dpo_steps, epsilon_dpo_steps_tokens, sequence_logps, sum_by_sequence,
-                               token_logps)
-from dpo_engine.train import rundir
+from dpo_engine import rundir
+from dpo_engine.data.tokenize import TokenizedPair
+from dpo_engine.losses import epsilon_dpo_steps, epsilon_dpo_steps_tokens, sequence_logps, sum_by_sequence, token_logps
 from dpo_engine.train.config import TrainConfig
-from dpo_engine.train.data import TokenizedPair, collate, collate_packed
+from dpo_engine.train.data import collate, collate_packed
 from dpo_engine.train.reference import ReferenceCache, model_key, pair_key
 from dpo_engine.train.trainer import DPOTrainer, train
 from tests.test_train import make_config, toy_pairs
@@ -32,12 +32,14 @@ def varied_pairs(n: int = 24) -> pd.DataFrame:
     def text(k: int) -> str:
         return " ".join(rng.choice(words, size=k))
 
-    return pd.DataFrame({
-        "pair_id": [f"v{i}" for i in range(n)],
-        "prompt": [text(int(rng.integers(1, 12))) for _ in range(n)],
-        "chosen": [text(int(rng.integers(1, 15))) for _ in range(n)],
-        "rejected": [text(int(rng.integers(1, 15))) for _ in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "pair_id": [f"v{i}" for i in range(n)],
+            "prompt": [text(int(rng.integers(1, 12))) for _ in range(n)],
+            "chosen": [text(int(rng.integers(1, 15))) for _ in range(n)],
+            "rejected": [text(int(rng.integers(1, 15))) for _ in range(n)],
+        }
+    )
 
 
 @pytest.fixture
@@ -67,8 +69,10 @@ def independent_logps(model, pairs: list[TokenizedPair]) -> torch.Tensor:
 
 def with_short_pairs(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
     """The pairs plus two cut-down copies short enough to share a packed row with another pair."""
-    short = [TokenizedPair(f"short{i}", p.prompt_ids[-3:], p.chosen_ids[:4], p.rejected_ids[:2])
-             for i, p in enumerate(pairs[:2])]
+    short = [
+        TokenizedPair(f"short{i}", p.prompt_ids[-3:], p.chosen_ids[:4], p.rejected_ids[:2])
+        for i, p in enumerate(pairs[:2])
+    ]
     return [pairs[0], short[0], *pairs[1:], short[1]]
 
 
@@ -144,7 +148,9 @@ def test_flat_token_logps_and_epsilon_steps_equal_the_padded_functions():
     rows, cols = mask.nonzero().unbind(-1)
     flat = sum_by_sequence(token_logps(logits[rows, cols], labels[rows, cols]), rows, 2 * b)
     np.testing.assert_allclose(flat.numpy(), sequence_logps(logits, labels, mask).numpy(), rtol=1e-6, atol=1e-5)
-    padded = epsilon_dpo_steps(logits[:b], ref[:b], labels[:b], mask[:b], logits[b:], ref[b:], labels[b:], mask[b:], eps)
+    padded = epsilon_dpo_steps(
+        logits[:b], ref[:b], labels[:b], mask[:b], logits[b:], ref[b:], labels[b:], mask[b:], eps
+    )
     tokens = epsilon_dpo_steps_tokens(logits[rows, cols], ref[rows, cols], labels[rows, cols], rows, b, eps)
     assert torch.equal(tokens, padded) and padded.abs().sum() > 0
 
@@ -180,18 +186,25 @@ def test_cache_keys_change_with_weights_precision_and_tokens():
     assert pair_key(a) != pair_key(TokenizedPair("a", [1, 2], [3], [4, 5, 6]))
 
 
-@pytest.mark.parametrize("method", [
-    {"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0}},
-    {"kernel": {"name": "hmk"}, "divergence": {"name": "js"}, "loss": {"gamma": 0.5, "epsilon_dpo": 0.05}},
-], ids=["plain-dpo", "hmk-js-epsilon"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0}},
+        {"kernel": {"name": "hmk"}, "divergence": {"name": "js"}, "loss": {"gamma": 0.5, "epsilon_dpo": 0.05}},
+    ],
+    ids=["plain-dpo", "hmk-js-epsilon"],
+)
 def test_run_with_speed_paths_equals_run_without(workspace, tmp_path, method):
     """Same config, every speed path on vs off: the same metrics, evals and ε-DPO beta; a second run
     on the same workspace reads the reference cache and still matches."""
+
     def run(name: str, fast: bool):
-        cfg = make_config(model={"lora": True, "lora_dropout": 0.0}, method=method,
-                          optimisation={"max_steps": 4, "pack_pairs": fast, "reference_cache": fast},
-                          monitoring={"eval_every": 2, "snapshot_every": 2, "eval_divergences": True,
-                                      "divergence_pairs": 4})
+        cfg = make_config(
+            model={"lora": True, "lora_dropout": 0.0},
+            method=method,
+            optimisation={"max_steps": 4, "pack_pairs": fast, "reference_cache": fast},
+            monitoring={"eval_every": 2, "snapshot_every": 2, "eval_divergences": True, "divergence_pairs": 4},
+        )
         summary = train(cfg, tmp_path / name, workspace=workspace, pairs=varied_pairs(40))
         assert summary["status"] == "succeeded", summary["error"]
         return rundir.read_metrics(tmp_path / name), rundir.read_eval(tmp_path / name)
@@ -226,7 +239,8 @@ def test_htsr_before_is_reused_for_the_same_model(workspace, tmp_path):
     pd.testing.assert_frame_equal(first, second)
     assert sum("analysed before" in line for line in logs) == 1
     assert rundir.read_summary(tmp_path / "second")["weighted_alpha_before"] == pytest.approx(
-        rundir.read_summary(tmp_path / "first")["weighted_alpha_before"])
+        rundir.read_summary(tmp_path / "first")["weighted_alpha_before"]
+    )
 
 
 def test_htsr_after_reuses_frozen_layers_and_equals_a_full_analysis(workspace, tmp_path):
@@ -237,8 +251,9 @@ def test_htsr_after_reuses_frozen_layers_and_equals_a_full_analysis(workspace, t
     from dpo_engine.analysis.htsr import analyze_model
     from dpo_engine.models.loading import load_policy
 
-    cfg = make_config(model={"lora": True, "lora_dropout": 0.0}, optimisation={"max_steps": 2},
-                      monitoring={"htsr": True})
+    cfg = make_config(
+        model={"lora": True, "lora_dropout": 0.0}, optimisation={"max_steps": 2}, monitoring={"htsr": True}
+    )
     logs: list[str] = []
     summary = train(cfg, tmp_path / "run", workspace=workspace, pairs=toy_pairs(24), log=logs.append)
     assert summary["status"] == "succeeded", summary["error"]
@@ -252,7 +267,9 @@ def test_htsr_after_reuses_frozen_layers_and_equals_a_full_analysis(workspace, t
     pd.testing.assert_frame_equal(after, pd.read_csv(tmp_path / "full.csv"))
     assert set(after["longname"]) >= {"model.embed_tokens", "lm_head"}
     changed = after["longname"].str.contains("proj")
-    assert changed.any() and not np.allclose(after.loc[changed, "lambda_max"], before.loc[changed, "lambda_max"], rtol=0, atol=0)
+    assert changed.any() and not np.allclose(
+        after.loc[changed, "lambda_max"], before.loc[changed, "lambda_max"], rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-finetune"])
@@ -263,19 +280,26 @@ def test_step0_evaluation_from_the_reference_equals_a_live_policy_pass(tmp_path,
     from dpo_engine.workspace import Workspace
 
     method = {"kernel": {"name": "hmk"}, "divergence": {"name": "js"}, "loss": {"gamma": 0.5}}
-    cfg = make_config(model={"lora": lora, "lora_dropout": 0.0}, method=method, optimisation={"max_steps": 2},
-                      monitoring={"eval_divergences": True, "divergence_pairs": 4, "probe_pairs": 8})
+    cfg = make_config(
+        model={"lora": lora, "lora_dropout": 0.0},
+        method=method,
+        optimisation={"max_steps": 2},
+        monitoring={"eval_divergences": True, "divergence_pairs": 4, "probe_pairs": 8},
+    )
 
     def step0(run: str, ws: str, live: bool):
-        tr = DPOTrainer(cfg, tmp_path / run, workspace=Workspace.resolve(tmp_path / ws), pairs=varied_pairs(40),
-                        log=lambda m: None)
+        tr = DPOTrainer(
+            cfg, tmp_path / run, workspace=Workspace.resolve(tmp_path / ws), pairs=varied_pairs(40), log=lambda m: None
+        )
         tr.setup()
         assert tr._policy_is_reference()
         if live:
             monkeypatch.setattr(tr, "_policy_is_reference", lambda: False)
         forwarded: list[int] = []
         forward = tr._forward
-        monkeypatch.setattr(tr, "_forward", lambda model, batch, **kw: forwarded.append(batch.n_pairs) or forward(model, batch, **kw))
+        monkeypatch.setattr(
+            tr, "_forward", lambda model, batch, **kw: forwarded.append(batch.n_pairs) or forward(model, batch, **kw)
+        )
         row = tr.evaluate(snapshot=True)
         tr._save_reference_cache()
         return tr, row, rundir.load_snapshot(tmp_path / run, 0), sum(forwarded)
@@ -302,15 +326,20 @@ def test_step0_evaluation_from_the_reference_equals_a_live_policy_pass(tmp_path,
 def test_divergence_subset_reference_is_computed_once_per_run(workspace, tmp_path, monkeypatch):
     """The reference's logits on the fixed divergence subset never change: later evaluations reuse
     them and give the divergence traces a fresh reference pass would give."""
-    cfg = make_config(model={"lora": True, "lora_dropout": 0.0}, optimisation={"max_steps": 2},
-                      monitoring={"eval_divergences": True, "divergence_pairs": 4})
+    cfg = make_config(
+        model={"lora": True, "lora_dropout": 0.0},
+        optimisation={"max_steps": 2},
+        monitoring={"eval_divergences": True, "divergence_pairs": 4},
+    )
     tr = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(40), log=lambda m: None)
     tr.setup()
     tr.evaluate()
     tr._train_step()
     passes: list[int] = []
     reference_pass = tr._reference_pass
-    monkeypatch.setattr(tr, "_reference_pass", lambda batch, **kw: passes.append(batch.n_pairs) or reference_pass(batch, **kw))
+    monkeypatch.setattr(
+        tr, "_reference_pass", lambda batch, **kw: passes.append(batch.n_pairs) or reference_pass(batch, **kw)
+    )
     reused = tr.evaluate()
     assert passes == []
     tr.divergence_reference.clear()
@@ -324,11 +353,15 @@ def test_divergence_subset_reference_is_computed_once_per_run(workspace, tmp_pat
 def test_length_grouped_evaluation_equals_the_held_out_order(workspace, tmp_path, monkeypatch):
     """Evaluation batches pairs of similar length (less padding); every value it writes (the eval
     row, each pair's margin, each probe pair's representations) equals batching in the held-out order."""
+    from dpo_engine.data.tokenize import pair_length
     from dpo_engine.train import monitoring
-    from dpo_engine.train.data import pair_length
 
-    cfg = make_config(data={"min_eval_pairs": 20}, model={"lora": True, "lora_dropout": 0.0}, optimisation={"max_steps": 2},
-                      monitoring={"eval_divergences": True, "divergence_pairs": 4, "probe_pairs": 8})
+    cfg = make_config(
+        data={"min_eval_pairs": 20},
+        model={"lora": True, "lora_dropout": 0.0},
+        optimisation={"max_steps": 2},
+        monitoring={"eval_divergences": True, "divergence_pairs": 4, "probe_pairs": 8},
+    )
     tr = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(40), log=lambda m: None)
     tr.setup()
     with torch.no_grad():  # policy != reference, so every value comes from a live policy pass

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.trainer import train
 from tests.test_tracking import assert_trackers_hold
@@ -63,7 +63,9 @@ def test_rows_reach_the_trackers(workspace, tmp_path, fake_tracking):
 
 
 def test_no_trackers_by_default(workspace, tmp_path, fake_tracking):
-    summary = train(make_config(optimisation={"max_steps": 1}), tmp_path / "run", workspace=workspace, pairs=toy_pairs(24))
+    summary = train(
+        make_config(optimisation={"max_steps": 1}), tmp_path / "run", workspace=workspace, pairs=toy_pairs(24)
+    )
     assert summary["status"] == "succeeded"
     assert fake_tracking == []
 
@@ -79,9 +81,10 @@ def test_a_real_run_in_tensorboard_and_mlflow_equals_its_metrics_files(workspace
     from dpo_engine.tracking import to_tracker_metrics
 
     run_dir = tmp_path / "run"
-    cfg = make_config(optimisation={"max_steps": 3},
-                      monitoring={"report_to": ["tensorboard", "mlflow"], "eval_every": 2,
-                                  "eval_divergences": True})
+    cfg = make_config(
+        optimisation={"max_steps": 3},
+        monitoring={"report_to": ["tensorboard", "mlflow"], "eval_every": 2, "eval_divergences": True},
+    )
     summary = train(cfg, run_dir, workspace=workspace, pairs=toy_pairs(24))
     assert summary["status"] == "succeeded", summary["error"]
 
@@ -90,6 +93,8 @@ def test_a_real_run_in_tensorboard_and_mlflow_equals_its_metrics_files(workspace
         for row in rundir.read_jsonl(run_dir / name):
             for key, value in to_tracker_metrics(row, split).items():
                 expected.setdefault(key, []).append((row["step"], value))
-    assert {"loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "eval/divergence/kl"} <= set(expected)
+    assert {"loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "eval/divergence/kl"} <= set(
+        expected
+    )
 
     assert_trackers_hold(run_dir, expected)

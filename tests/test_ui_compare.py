@@ -45,15 +45,20 @@ def test_no_runs_is_explained(workspace, tmp_path, monkeypatch):
 def test_sweep_outcome_is_shown_with_intervals(workspace):
     import numpy as np
 
+    from dpo_engine import rundir
     from dpo_engine.jobs import JobStore
-    from dpo_engine.train import rundir
     from dpo_engine.train.sweep import submit_sweep
 
     store = JobStore.for_workspace(workspace)
     from tests.conftest import BUNDLED_SAMPLE
 
-    record = submit_sweep({"recommendation": {"kernel": "polynomial", "divergence": "hellinger"}}, str(BUNDLED_SAMPLE),
-                          store, workspace, overrides={"model.name": "tiny-random"})
+    record = submit_sweep(
+        {"recommendation": {"kernel": "polynomial", "divergence": "hellinger"}},
+        str(BUNDLED_SAMPLE),
+        store,
+        workspace,
+        overrides={"model.name": "tiny-random"},
+    )
     rng = np.random.default_rng(0)
     for run, p in zip(record["runs"], (0.9, 0.5, 0.5)):  # the recommended run is far ahead on 200 pairs
         run_dir = workspace.run_dir(run["run_id"])

@@ -47,8 +47,9 @@ def test_upload_hh_sample_shows_report_and_saves(workspace, hh_sample_path):
 
 
 def test_mapping_offered_for_unknown_columns(workspace):
-    frame = pd.DataFrame({"question": ["What is 2+2?", "Name a colour."],
-                          "response_j": ["4", "Blue."], "response_k": ["5", "Seven."]})
+    frame = pd.DataFrame(
+        {"question": ["What is 2+2?", "Name a colour."], "response_j": ["4", "Blue."], "response_k": ["5", "Seven."]}
+    )
     data = frame.to_csv(index=False).encode()
     at = _app().run()
     at.file_uploader[0].set_value(("qa.csv", data, "text/csv")).run()

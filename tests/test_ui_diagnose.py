@@ -43,8 +43,21 @@ def test_diagnose_page_end_to_end(workspace, small_dataset):
     jobs = JobStore.for_workspace(workspace).list(kind="diagnose")
     assert len(jobs) == 1 and jobs[0].params["dataset"] == small_dataset.id
 
-    subprocess.run([sys.executable, "-m", "dpo_engine.cli", "worker", "--once", "--device", "cpu",
-                    "--workspace", str(workspace.root)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_engine.cli",
+            "worker",
+            "--once",
+            "--device",
+            "cpu",
+            "--workspace",
+            str(workspace.root),
+        ],
+        check=True,
+        timeout=300,
+    )
     assert JobStore.for_workspace(workspace).get(jobs[0].id).status == "succeeded"
 
     at = AppTest.from_file(PAGE, default_timeout=120).run()
@@ -96,7 +109,8 @@ def test_diagnose_page_end_to_end(workspace, small_dataset):
     train_jobs = JobStore.for_workspace(workspace).list(kind="train")
     assert len(train_jobs) == 3
     assert {(j.params["method"]["kernel"]["name"], j.params["method"]["divergence"]["name"]) for j in train_jobs} >= {
-        ("rbf", "wasserstein")}
+        ("rbf", "wasserstein")
+    }
     assert {j.params["model"]["name"] for j in train_jobs} == {"tiny-random"}
     assert {j.params["data"]["dataset"] for j in train_jobs} == {small_dataset.id}
     (sweep,) = list_sweeps(workspace)

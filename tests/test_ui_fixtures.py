@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from tests.helpers import deep_merge
 
 TINY = {
@@ -72,8 +73,11 @@ def build_run_workspace() -> RunWorkspace:
     store = JobStore.for_workspace(ws)
     runs, jobs = {}, {}
 
-    cfg = _config(dataset, method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"},
-                                   "loss": {"epsilon_dpo": 0.05}}, monitoring={"htsr": True})
+    cfg = _config(
+        dataset,
+        method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}, "loss": {"epsilon_dpo": 0.05}},
+        monitoring={"htsr": True},
+    )
     job, summary = _train_job(store, ws, "ok-hmk", cfg)
     assert summary["status"] == "succeeded", summary.get("error")
     store.finish(job.id, "succeeded", result={"status": "succeeded"})
@@ -85,15 +89,20 @@ def build_run_workspace() -> RunWorkspace:
         calls["n"] += 1
         return calls["n"] > 2
 
-    cfg = _config(dataset, method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}},
-                  optimisation={"max_steps": 5})
+    cfg = _config(
+        dataset, method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}}, optimisation={"max_steps": 5}
+    )
     job, summary = _train_job(store, ws, "cancelled", cfg, should_stop=stop_after_two)
     assert summary["status"] == "cancelled", summary
     store.finish(job.id, "cancelled", error="cancelled on request")
     runs["cancelled"], jobs["cancelled"] = job.run_id, job.id
 
-    cfg = _config(dataset, method={"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0}},
-                  model={"lora": False}, optimisation={"lr": 1e10, "max_grad_norm": 1e12})
+    cfg = _config(
+        dataset,
+        method={"kernel": {"name": "none"}, "divergence": {"name": "none"}, "loss": {"gamma": 0.0}},
+        model={"lora": False},
+        optimisation={"lr": 1e10, "max_grad_norm": 1e12},
+    )
     job, summary = _train_job(store, ws, "failed", cfg)
     assert summary["status"] == "failed", summary
     store.finish(job.id, "failed", error=summary["error"])
@@ -131,6 +140,11 @@ def test_fixture_runs_are_in_the_promised_states(run_workspace):
 
     store = JobStore.for_workspace(Workspace.resolve(run_workspace.root))
     states = {state: store.get(job_id).status for state, job_id in run_workspace.jobs.items()}
-    assert states == {"ok_hmk": "succeeded", "cancelled": "cancelled", "failed": "failed",
-                      "running": "running", "empty": "queued"}
+    assert states == {
+        "ok_hmk": "succeeded",
+        "cancelled": "cancelled",
+        "failed": "failed",
+        "running": "running",
+        "empty": "queued",
+    }
     assert not any((run_workspace.root / "runs" / "empty").iterdir())

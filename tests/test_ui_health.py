@@ -27,8 +27,16 @@ def health_workspace(workspace):
         row["reward_rejected"] = -0.05 * t if row["step"] < 20 else -1.0 * t
     _write(workspace.run_dir("displaced"), metrics, evals, summary={"status": "succeeded", "error": None})
     fresh_metrics = [dict(metrics[0], margin=0.0, reward_acc=0.0)]
-    fresh_evals = [{"step": 0, "loss_pref": 0.6931, "reward_acc": 0.0, "hybrid_acc": 0.0, "reward_chosen": 0.0,
-                    "reward_rejected": 0.0}]
+    fresh_evals = [
+        {
+            "step": 0,
+            "loss_pref": 0.6931,
+            "reward_acc": 0.0,
+            "hybrid_acc": 0.0,
+            "reward_chosen": 0.0,
+            "reward_rejected": 0.0,
+        }
+    ]
     _write(workspace.run_dir("fresh"), fresh_metrics, fresh_evals)
     store = JobStore.for_workspace(workspace)
     store.submit("train", _config(), title="waiting", run_id="queued")
@@ -56,8 +64,11 @@ def test_step_zero_accuracy_reads_as_ties_not_zero(health_workspace):
     metric = next(m for m in at.metric if m.label == "Reward accuracy (eval)")
     assert metric.value == "ties (step 0)"
     assert any("policy equals the reference" in c.value for c in at.caption)
-    acc = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
-               if "Reward accuracy" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    acc = next(
+        json.loads(c.proto.spec)
+        for c in at.get("plotly_chart")
+        if "Reward accuracy" in json.loads(c.proto.spec)["layout"]["title"]["text"]
+    )
     names = [t.get("name", "") for t in acc["data"]]
     assert any("policy = reference" in n for n in names)
     assert not any(n.startswith("reward accuracy") for n in names)  # no line drawn through the tie point
@@ -100,8 +111,9 @@ def test_tie_rows_are_the_points_computed_with_policy_equal_to_reference():
     # as the trainer logs them: step 1's forward pass precedes the first update (rho = 0, accuracy 0),
     # though an hmk run's hybrid margin is already non-zero there
     metrics = pd.DataFrame({"step": [1, 2, 3], "margin": [0.0013, 0.02, 0.05], "reward_acc": [0.0, 0.5, 0.75]})
-    evals = pd.DataFrame({"step": [0, 2], "reward_acc": [0.0, 0.375], "reward_chosen": [0.0, -2e-4],
-                          "reward_rejected": [0.0, -7e-4]})
+    evals = pd.DataFrame(
+        {"step": [0, 2], "reward_acc": [0.0, 0.375], "reward_chosen": [0.0, -2e-4], "reward_rejected": [0.0, -7e-4]}
+    )
     assert viz.tie_rows(metrics, train=True).tolist() == [True, False, False]
     assert viz.tie_rows(evals).tolist() == [True, False]
     fig = viz.reward_accuracy_figure(metrics, evals)

@@ -35,8 +35,21 @@ def test_run_started_outside_the_queue_is_listed(workspace):
 def test_finished_job_shows_status_and_log(workspace):
     store = JobStore.for_workspace(workspace)
     job = store.submit("selftest", {"seconds": 0.2, "steps": 3}, title="smoke")
-    subprocess.run([sys.executable, "-m", "dpo_engine.cli", "worker", "--once", "--device", "cpu",
-                    "--workspace", str(workspace.root)], check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_engine.cli",
+            "worker",
+            "--once",
+            "--device",
+            "cpu",
+            "--workspace",
+            str(workspace.root),
+        ],
+        check=True,
+        timeout=120,
+    )
     assert store.get(job.id).status == "succeeded"
     at = AppTest.from_file(PAGE, default_timeout=60).run()
     assert not at.exception

@@ -39,9 +39,18 @@ def test_succeeded_hmk_run_shows_every_view(run_workspace):
     summary = json.loads((run_workspace.root / "runs" / "ok-hmk" / "summary.json").read_text())
     assert _metric(at, "Reward accuracy (eval)") == f"{summary['final_eval']['reward_acc']:.3f}"
     titles = " | ".join(_chart_titles(at))
-    for expected in ("Training losses", "Reward accuracy", "Rewards and margins", "Learning-rate schedule",
-                     "Kernel-weight evolution", "β over training", "Divergence from the reference",
-                     "Chosen vs rejected representations", "Davies–Bouldin", "WeightWatcher alpha per layer"):
+    for expected in (
+        "Training losses",
+        "Reward accuracy",
+        "Rewards and margins",
+        "Learning-rate schedule",
+        "Kernel-weight evolution",
+        "β over training",
+        "Divergence from the reference",
+        "Chosen vs rejected representations",
+        "Davies–Bouldin",
+        "WeightWatcher alpha per layer",
+    ):
         assert expected in titles, expected
     assert any("Regulariser: **kl**" in c.value for c in at.caption)
     assert any(b.label == "Download report (.html)" for b in at.get("download_button"))

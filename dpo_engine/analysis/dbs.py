@@ -27,7 +27,7 @@ def davies_bouldin(chosen: np.ndarray, rejected: np.ndarray) -> float:
 
 def snapshot_dbs(run_dir: str | Path, step: int) -> float:
     """DBS of a stored snapshot of a run."""
-    from dpo_engine.train.rundir import load_snapshot
+    from dpo_engine.rundir import load_snapshot
 
     snap = load_snapshot(Path(run_dir), step)
     return davies_bouldin(snap["chosen"], snap["rejected"])

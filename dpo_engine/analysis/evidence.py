@@ -39,8 +39,14 @@ class Interval:
         return {"mean": self.mean, "low": self.low, "high": self.high, "per_seed": list(self.per_seed)}
 
 
-def two_level_interval(statistic: Callable[[int, np.ndarray], float], n_seeds: int, n_pairs: int, *,
-                       n_resamples: int = N_RESAMPLES, seed: int = 0) -> Interval:
+def two_level_interval(
+    statistic: Callable[[int, np.ndarray], float],
+    n_seeds: int,
+    n_pairs: int,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
     """Interval of mean over seeds of statistic(seed, pair_rows), from the seed and pair variances."""
     if n_pairs < 2 or n_seeds < 1:
         raise ValueError(f"need at least 1 seed and 2 pairs, got {n_seeds} and {n_pairs}")
@@ -78,8 +84,14 @@ def paired_difference(a: np.ndarray, b: np.ndarray, **kwargs) -> Interval:
 Snapshots = list[tuple[np.ndarray, np.ndarray]]  # per seed: (chosen, rejected), each (pairs x k)
 
 
-def dbs_change(first: Snapshots, last: Snapshots, *, baseline: tuple[Snapshots, Snapshots] | None = None,
-               n_resamples: int = 200, seed: int = 0) -> Interval:
+def dbs_change(
+    first: Snapshots,
+    last: Snapshots,
+    *,
+    baseline: tuple[Snapshots, Snapshots] | None = None,
+    n_resamples: int = 200,
+    seed: int = 0,
+) -> Interval:
     """Change of the Davies-Bouldin score of chosen vs rejected representations from the first to
     the last snapshot, averaged over seeds, with the two-level interval. With `baseline` (another
     method's first and last snapshots on the same pairs and seeds), the change minus its change.

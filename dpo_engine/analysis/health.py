@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpo_engine.train.rundir import config_value
+from dpo_engine.rundir import config_value
 
 # Likelihood displacement: held-out chosen reward below -DISPLACEMENT_TOL while the held-out
 # margin has grown by more than DISPLACEMENT_TOL since the first evaluation, from some eval on.
@@ -39,8 +39,12 @@ BETA_SANE_RANGE = (0.01, 1.0)
 ALPHA_RANGE = (2.0, 6.0)
 
 KERNEL_WEIGHT_NAMES = {
-    "lambda_rbf": "λ1 RBF", "lambda_poly": "λ2 polynomial", "lambda_spectral": "λ3 spectral",
-    "lambda_mahalanobis": "λ4 Mahalanobis", "tau_local": "τ1 local", "tau_global": "τ2 global",
+    "lambda_rbf": "λ1 RBF",
+    "lambda_poly": "λ2 polynomial",
+    "lambda_spectral": "λ3 spectral",
+    "lambda_mahalanobis": "λ4 Mahalanobis",
+    "tau_local": "τ1 local",
+    "tau_global": "τ2 global",
 }
 _GUARDED = ("loss", "loss_pref", "margin", "reward_acc", "grad_norm")
 
@@ -71,12 +75,14 @@ def _numeric(table: pd.DataFrame | None, column: str) -> pd.DataFrame:
     """step + column as floats (missing values kept as NaN), sorted by step."""
     if table is None or table.empty or column not in table or "step" not in table:
         return pd.DataFrame(columns=["step", column])
-    out = pd.DataFrame({"step": pd.to_numeric(table["step"], errors="coerce"),
-                        column: pd.to_numeric(table[column], errors="coerce")})
+    out = pd.DataFrame(
+        {"step": pd.to_numeric(table["step"], errors="coerce"), column: pd.to_numeric(table[column], errors="coerce")}
+    )
     return out.dropna(subset=["step"]).sort_values("step", kind="stable").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- the checks
+
 
 def likelihood_displacement(eval_table: pd.DataFrame | None) -> Alert | None:
     chosen = _numeric(eval_table, "reward_chosen")
@@ -96,14 +102,23 @@ def likelihood_displacement(eval_table: pd.DataFrame | None) -> Alert | None:
     start = int(table["step"][tail_true].iloc[0])
     last = table.iloc[-1]
     return Alert(
-        code="likelihood_displacement", title="Likelihood displacement", severity="warning", step=start,
-        evidence=(f"held-out chosen reward {last['reward_chosen']:+.3f} at step {int(last['step'])} (below "
-                  f"-{DISPLACEMENT_TOL:g}) while the margin grew from {margin.iloc[0]:+.3f} to {margin.iloc[-1]:+.3f}"),
-        meaning=("The chosen responses are becoming less likely than under the reference even though the margin "
-                 "widens: the policy wins by pushing the rejected responses down faster, and probability mass "
-                 "moves to responses that are neither (likelihood displacement, Razin et al., ICLR 2025)."),
-        advice=("Try a larger β or a smaller learning rate, fewer steps, a divergence regulariser (alpha > 0), "
-                "or drop pairs whose chosen and rejected are nearly the same (high PND/TAT in the diagnosis)."),
+        code="likelihood_displacement",
+        title="Likelihood displacement",
+        severity="warning",
+        step=start,
+        evidence=(
+            f"held-out chosen reward {last['reward_chosen']:+.3f} at step {int(last['step'])} (below "
+            f"-{DISPLACEMENT_TOL:g}) while the margin grew from {margin.iloc[0]:+.3f} to {margin.iloc[-1]:+.3f}"
+        ),
+        meaning=(
+            "The chosen responses are becoming less likely than under the reference even though the margin "
+            "widens: the policy wins by pushing the rejected responses down faster, and probability mass "
+            "moves to responses that are neither (likelihood displacement, Razin et al., ICLR 2025)."
+        ),
+        advice=(
+            "Try a larger β or a smaller learning rate, fewer steps, a divergence regulariser (alpha > 0), "
+            "or drop pairs whose chosen and rejected are nearly the same (high PND/TAT in the diagnosis)."
+        ),
     )
 
 
@@ -142,14 +157,23 @@ def memorising(metrics: pd.DataFrame | None, eval_table: pd.DataFrame | None) ->
         return None
     window = table[table["step"] >= start].head(MEMO_WINDOW)
     return Alert(
-        code="memorising", title="Memorising the training pairs", severity="warning", step=start,
-        evidence=(f"training preference loss {window['loss_pref'].min():.3f}–{window['loss_pref'].max():.3f} and "
-                  f"accuracy up to {window['reward_acc'].max():.2f} over {MEMO_WINDOW} steps from step {start}; "
-                  f"held-out loss changed by {-loss_gain:+.3f} and held-out accuracy by {acc_gain:+.3f} since"),
-        meaning=("The training pairs are fit almost perfectly (loss near 0 or every pair ranked right) while the "
-                 "held-out pairs do not improve: the model is learning these pairs, not the preference."),
-        advice=("Try fewer steps or epochs, a larger β or label_smoothing (conservative DPO), a lower learning "
-                "rate, a divergence regulariser (alpha > 0), or more pairs."),
+        code="memorising",
+        title="Memorising the training pairs",
+        severity="warning",
+        step=start,
+        evidence=(
+            f"training preference loss {window['loss_pref'].min():.3f}–{window['loss_pref'].max():.3f} and "
+            f"accuracy up to {window['reward_acc'].max():.2f} over {MEMO_WINDOW} steps from step {start}; "
+            f"held-out loss changed by {-loss_gain:+.3f} and held-out accuracy by {acc_gain:+.3f} since"
+        ),
+        meaning=(
+            "The training pairs are fit almost perfectly (loss near 0 or every pair ranked right) while the "
+            "held-out pairs do not improve: the model is learning these pairs, not the preference."
+        ),
+        advice=(
+            "Try fewer steps or epochs, a larger β or label_smoothing (conservative DPO), a lower learning "
+            "rate, a divergence regulariser (alpha > 0), or more pairs."
+        ),
     )
 
 
@@ -173,11 +197,19 @@ def non_finite(metrics: pd.DataFrame | None, summary: dict | None) -> Alert | No
         step = min(bad_steps)
     evidence = error.split(". ")[0] if tripped else f"non-finite values logged at step(s) {sorted(set(bad_steps))[:5]}"
     return Alert(
-        code="non_finite", title="NaN/inf guard tripped", severity="error", step=step, evidence=evidence,
-        meaning=("A loss, margin or gradient became NaN or infinite: the numbers after this point are meaningless "
-                 "and the trainer stopped the run instead of saving a broken model."),
-        advice=("Lower the learning rate, train in float32 (model.dtype), use a smaller β or a smaller divergence "
-                "alpha, and resume or restart from the last checkpoint."),
+        code="non_finite",
+        title="NaN/inf guard tripped",
+        severity="error",
+        step=step,
+        evidence=evidence,
+        meaning=(
+            "A loss, margin or gradient became NaN or infinite: the numbers after this point are meaningless "
+            "and the trainer stopped the run instead of saving a broken model."
+        ),
+        advice=(
+            "Lower the learning rate, train in float32 (model.dtype), use a smaller β or a smaller divergence "
+            "alpha, and resume or restart from the last checkpoint."
+        ),
     )
 
 
@@ -191,14 +223,23 @@ def kernel_weight_collapse(metrics: pd.DataFrame | None) -> Alert | None:
     if not first_steps:
         return None
     start = min(step for step, _ in first_steps.values())
-    listing = ", ".join(f"{label} (below from step {step}, now {last:.3f})" for label, (step, last) in first_steps.items())
+    listing = ", ".join(
+        f"{label} (below from step {step}, now {last:.3f})" for label, (step, last) in first_steps.items()
+    )
     return Alert(
-        code="kernel_weight_collapse", title="Kernel weight collapsed", severity="warning", step=start,
+        code="kernel_weight_collapse",
+        title="Kernel weight collapsed",
+        severity="warning",
+        step=start,
         evidence=f"below {COLLAPSE_THRESHOLD:g}: {listing}",
-        meaning=("A mixture weight fell below 0.05: that kernel (or group) no longer shapes the margin and the "
-                 "mixture behaves like the kernels that remain."),
-        advice=("If one kernel is meant to win, train with it alone; otherwise raise the entropy term "
-                "(method.kernel.entropy_eta) or lower the weights' learning rate (method.kernel.weight_lr)."),
+        meaning=(
+            "A mixture weight fell below 0.05: that kernel (or group) no longer shapes the margin and the "
+            "mixture behaves like the kernels that remain."
+        ),
+        advice=(
+            "If one kernel is meant to win, train with it alone; otherwise raise the entropy term "
+            "(method.kernel.entropy_eta) or lower the weights' learning rate (method.kernel.weight_lr)."
+        ),
     )
 
 
@@ -213,17 +254,25 @@ def beta_out_of_range(metrics: pd.DataFrame | None, config: dict | None) -> Aler
         return None
     first = outside.iloc[0]
     return Alert(
-        code="beta_out_of_range", title="ε-DPO β outside its sane range", severity="warning", step=int(first["step"]),
-        evidence=(f"β = {first['beta']:.4g} at step {int(first['step'])} (range {lo:g}–{hi:g}; now "
-                  f"{beta['beta'].iloc[-1]:.4g}, started at {beta['beta'].iloc[0]:.4g})"),
-        meaning=("ε-DPO adapts β from the data; below ~0.01 the pull towards the reference vanishes and the policy "
-                 "can drift freely, above ~1 the updates become timid and the run stalls."),
+        code="beta_out_of_range",
+        title="ε-DPO β outside its sane range",
+        severity="warning",
+        step=int(first["step"]),
+        evidence=(
+            f"β = {first['beta']:.4g} at step {int(first['step'])} (range {lo:g}–{hi:g}; now "
+            f"{beta['beta'].iloc[-1]:.4g}, started at {beta['beta'].iloc[0]:.4g})"
+        ),
+        meaning=(
+            "ε-DPO adapts β from the data; below ~0.01 the pull towards the reference vanishes and the policy "
+            "can drift freely, above ~1 the updates become timid and the run stalls."
+        ),
         advice="Use a smaller epsilon_dpo (e.g. halve it), start from a different β, or fix β (epsilon_dpo = 0).",
     )
 
 
-def htsr_alpha(htsr_before: pd.DataFrame | None, htsr_after: pd.DataFrame | None,
-               final_step: int | None = None) -> Alert | None:
+def htsr_alpha(
+    htsr_before: pd.DataFrame | None, htsr_after: pd.DataFrame | None, final_step: int | None = None
+) -> Alert | None:
     table = htsr_after if htsr_after is not None else htsr_before
     if table is None or "alpha" not in table:
         return None
@@ -240,21 +289,36 @@ def htsr_alpha(htsr_before: pd.DataFrame | None, htsr_after: pd.DataFrame | None
         before_note = f" ({int(((a0 < lo) | (a0 > hi)).sum())} before training)"
     when = "after training" if htsr_after is not None else "before training"
     return Alert(
-        code="htsr_alpha", title="HT-SR alpha outside 2–6", severity="info", heuristic=True,
+        code="htsr_alpha",
+        title="HT-SR alpha outside 2–6",
+        severity="info",
+        heuristic=True,
         step=final_step if htsr_after is not None else 0,
-        evidence=(f"{outside} of {len(alpha)} layers {when}{before_note}: {int((alpha < lo).sum())} below {lo:g}, "
-                  f"{int((alpha > hi).sum())} above {hi:g}"),
-        meaning=("A heuristic from WeightWatcher: in well-trained large models most layers have alpha between 2 "
-                 "and 6; below 2 hints at over-fit layers, above 6 at under-trained ones. Small, randomly "
-                 "initialised or LoRA-tuned models often sit outside it without anything being wrong."),
-        advice=("Compare with the before-training alpha: layers that left the range during training deserve a look "
-                "(fewer steps or a lower learning rate); layers outside it from the start are the base model's."),
+        evidence=(
+            f"{outside} of {len(alpha)} layers {when}{before_note}: {int((alpha < lo).sum())} below {lo:g}, "
+            f"{int((alpha > hi).sum())} above {hi:g}"
+        ),
+        meaning=(
+            "A heuristic from WeightWatcher: in well-trained large models most layers have alpha between 2 "
+            "and 6; below 2 hints at over-fit layers, above 6 at under-trained ones. Small, randomly "
+            "initialised or LoRA-tuned models often sit outside it without anything being wrong."
+        ),
+        advice=(
+            "Compare with the before-training alpha: layers that left the range during training deserve a look "
+            "(fewer steps or a lower learning rate); layers outside it from the start are the base model's."
+        ),
     )
 
 
-def run_health(metrics: pd.DataFrame | None, eval_table: pd.DataFrame | None = None, *,
-               config: dict | None = None, summary: dict | None = None,
-               htsr_before: pd.DataFrame | None = None, htsr_after: pd.DataFrame | None = None) -> list[Alert]:
+def run_health(
+    metrics: pd.DataFrame | None,
+    eval_table: pd.DataFrame | None = None,
+    *,
+    config: dict | None = None,
+    summary: dict | None = None,
+    htsr_before: pd.DataFrame | None = None,
+    htsr_after: pd.DataFrame | None = None,
+) -> list[Alert]:
     """Every alert that fires, errors first, then by the step where it starts."""
     final_step = None
     if metrics is not None and "step" in metrics:
@@ -275,13 +339,28 @@ def run_health(metrics: pd.DataFrame | None, eval_table: pd.DataFrame | None = N
 
 def health_of(run) -> list[Alert]:
     """Alerts of a `RunData` (dpo_engine.report.rundata)."""
-    return run_health(run.metrics, run.eval, config=run.config, summary=run.summary,
-                      htsr_before=run.htsr_before, htsr_after=run.htsr_after)
+    return run_health(
+        run.metrics,
+        run.eval,
+        config=run.config,
+        summary=run.summary,
+        htsr_before=run.htsr_before,
+        htsr_after=run.htsr_after,
+    )
 
 
 def alerts_table(alerts: list[Alert]) -> pd.DataFrame:
     """One row per alert (for tables in the Compare page and the report)."""
-    return pd.DataFrame([{"alert": a.title + (" (heuristic)" if a.heuristic else ""), "severity": a.severity,
-                          "from step": "–" if a.step is None else str(a.step), "evidence": a.evidence,
-                          "what to try": a.advice} for a in alerts],
-                        columns=["alert", "severity", "from step", "evidence", "what to try"])
+    return pd.DataFrame(
+        [
+            {
+                "alert": a.title + (" (heuristic)" if a.heuristic else ""),
+                "severity": a.severity,
+                "from step": "–" if a.step is None else str(a.step),
+                "evidence": a.evidence,
+                "what to try": a.advice,
+            }
+            for a in alerts
+        ],
+        columns=["alert", "severity", "from step", "evidence", "what to try"],
+    )

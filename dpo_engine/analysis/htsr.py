@@ -26,8 +26,21 @@ import numpy as np
 import pandas as pd
 
 ALPHA_RANGE = (2.0, 6.0)
-COLUMNS = ("layer_id", "name", "longname", "layer_type", "alpha", "alpha_weighted", "lambda_max", "log_spectral_norm",
-           "stable_rank", "num_evals", "N", "M", "warning")
+COLUMNS = (
+    "layer_id",
+    "name",
+    "longname",
+    "layer_type",
+    "alpha",
+    "alpha_weighted",
+    "lambda_max",
+    "log_spectral_norm",
+    "stable_rank",
+    "num_evals",
+    "N",
+    "M",
+    "warning",
+)
 
 
 def gram_singular_values(W, method=None) -> np.ndarray:  # noqa: ARG001 - WeightWatcher passes its svd method

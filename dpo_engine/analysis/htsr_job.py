@@ -6,11 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dpo_engine import rundir
 from dpo_engine.analysis.htsr import analyze_model, summarize
-from dpo_engine.train import rundir
 
 
-def analyze_into(model_name: str, run_dir: Path, *, workspace, trust_remote_code: bool = False, progress=None) -> dict[str, Any]:
+def analyze_into(
+    model_name: str, run_dir: Path, *, workspace, trust_remote_code: bool = False, progress=None
+) -> dict[str, Any]:
     """Load `model_name` (registry name, local dir, cached id, or a run's LoRA model/ dir), analyse, write files."""
     from dpo_engine.models import load_policy
 
@@ -19,12 +21,19 @@ def analyze_into(model_name: str, run_dir: Path, *, workspace, trust_remote_code
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     progress(0.05, f"loading {model_name}")
-    model = _load_for_analysis(model_name, workspace=workspace, trust_remote_code=trust_remote_code, load_policy=load_policy)
+    model = _load_for_analysis(
+        model_name, workspace=workspace, trust_remote_code=trust_remote_code, load_policy=load_policy
+    )
     progress(0.2, "analysing layer spectra")
     table = analyze_model(model)
     table.to_csv(run_dir / "htsr.csv", index=False)
-    summary = {"status": "succeeded", "model": model_name, **summarize(table), "wall_time_s": time.perf_counter() - t0,
-               "error": None}
+    summary = {
+        "status": "succeeded",
+        "model": model_name,
+        **summarize(table),
+        "wall_time_s": time.perf_counter() - t0,
+        "error": None,
+    }
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     progress(1.0, f"weighted alpha {summary['weighted_alpha']:.3f}")
     return summary
@@ -35,10 +44,13 @@ def _load_for_analysis(name: str, *, workspace, trust_remote_code: bool, load_po
     if path.is_dir() and (path / "adapter_config.json").is_file():  # a LoRA run: merge adapters into the base
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                         trust_remote_code=trust_remote_code)
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
         return model.merge_and_unload()
-    model, _ = load_policy(name, workspace=workspace, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
+    model, _ = load_policy(
+        name, workspace=workspace, dtype="float32", device="cpu", trust_remote_code=trust_remote_code
+    )
     return model
 
 
@@ -46,5 +58,10 @@ def run_htsr_job(ctx) -> dict[str, Any]:
     params = ctx.params
     if not params.get("model"):
         raise ValueError("htsr job needs params.model (a model name, local directory, or a run's model/ directory)")
-    return analyze_into(str(params["model"]), ctx.run_dir, workspace=ctx.workspace,
-                        trust_remote_code=bool(params.get("trust_remote_code", False)), progress=ctx.progress)
+    return analyze_into(
+        str(params["model"]),
+        ctx.run_dir,
+        workspace=ctx.workspace,
+        trust_remote_code=bool(params.get("trust_remote_code", False)),
+        progress=ctx.progress,
+    )

@@ -30,10 +30,16 @@ class ProjectionConfig(BaseModel):
     method: Literal["tsne", "umap"] = Field("tsne", description="Dimensionality reduction used for the map.")
     dim: Literal[2, 3] = Field(2, description="Dimensions of the map.")
     seed: int = Field(0, description="Random seed: the same seed gives the same coordinates.")
-    perplexity: float = Field(30.0, gt=1.0, description="t-SNE perplexity (lowered automatically for small probe sets).")
-    n_neighbors: int = Field(15, ge=2, description="UMAP neighbourhood size (lowered automatically for small probe sets).")
+    perplexity: float = Field(
+        30.0, gt=1.0, description="t-SNE perplexity (lowered automatically for small probe sets)."
+    )
+    n_neighbors: int = Field(
+        15, ge=2, description="UMAP neighbourhood size (lowered automatically for small probe sets)."
+    )
     align: bool = Field(True, description="Align successive snapshots with orthogonal Procrustes.")
-    max_iter: int = Field(500, ge=250, description="t-SNE optimisation iterations (500 is enough for maps of a few thousand points).")
+    max_iter: int = Field(
+        500, ge=250, description="t-SNE optimisation iterations (500 is enough for maps of a few thousand points)."
+    )
 
 
 def embed_points(points: np.ndarray, config: ProjectionConfig) -> np.ndarray:
@@ -55,16 +61,22 @@ def embed_points(points: np.ndarray, config: ProjectionConfig) -> np.ndarray:
         perplexity = min(config.perplexity, (n - 1) / 3.0)
         from threadpoolctl import threadpool_limits
 
-        tsne = TSNE(n_components=config.dim, perplexity=perplexity, init="pca", random_state=config.seed,
-                    max_iter=config.max_iter)
+        tsne = TSNE(
+            n_components=config.dim,
+            perplexity=perplexity,
+            init="pca",
+            random_state=config.seed,
+            max_iter=config.max_iter,
+        )
         # One OpenMP thread: in a process that also runs torch, two OpenMP runtimes otherwise fight
         # over a small CPU and the fit slows down by an order of magnitude.
         with threadpool_limits(limits=1, user_api="openmp"):
             return tsne.fit_transform(points)
     import umap
 
-    reducer = umap.UMAP(n_components=config.dim, n_neighbors=min(config.n_neighbors, n - 1),
-                        random_state=config.seed, n_jobs=1)
+    reducer = umap.UMAP(
+        n_components=config.dim, n_neighbors=min(config.n_neighbors, n - 1), random_state=config.seed, n_jobs=1
+    )
     return np.asarray(reducer.fit_transform(points), dtype=np.float64)
 
 
@@ -118,8 +130,9 @@ def project_snapshots(snapshots, config: ProjectionConfig = ProjectionConfig()) 
             key_cur = frame.set_index(["pair_id", "label"])[axes]
             common = key_cur.index.intersection(key_prev.index)
             if len(common) >= config.dim + 1:
-                frame[axes] = procrustes_align(key_cur.loc[common].to_numpy(), key_prev.loc[common].to_numpy(),
-                                               apply_to=key_cur.to_numpy())
+                frame[axes] = procrustes_align(
+                    key_cur.loc[common].to_numpy(), key_prev.loc[common].to_numpy(), apply_to=key_cur.to_numpy()
+                )
         frames.append(frame)
         previous = frame
     if not frames:
@@ -135,16 +148,18 @@ def _cache_key(run_dir: Path, steps: list[int], config: ProjectionConfig, max_pa
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def projection_cache_file(run, config: ProjectionConfig = ProjectionConfig(), *, steps: list[int] | None = None,
-                          max_pairs: int | None = None) -> Path:
+def projection_cache_file(
+    run, config: ProjectionConfig = ProjectionConfig(), *, steps: list[int] | None = None, max_pairs: int | None = None
+) -> Path:
     """Where the projection of these snapshots with these settings is (or will be) cached."""
     steps = list(run.snapshot_steps if steps is None else steps)
     key = _cache_key(Path(run.run_dir), steps, config, max_pairs)
     return Path(run.run_dir) / CACHE_DIR_NAME / f"{config.method}_{config.dim}d_{key}.parquet"
 
 
-def cached_projection(run, config: ProjectionConfig = ProjectionConfig(), *, steps: list[int] | None = None,
-                      max_pairs: int | None = None) -> tuple[pd.DataFrame, bool]:
+def cached_projection(
+    run, config: ProjectionConfig = ProjectionConfig(), *, steps: list[int] | None = None, max_pairs: int | None = None
+) -> tuple[pd.DataFrame, bool]:
     """Project a run's snapshots, reading/writing the cache in <run_dir>/projections/.
 
     `run` is a report.rundata.RunData. Returns (table, from_cache). `max_pairs` keeps the first N
@@ -164,8 +179,11 @@ def cached_projection(run, config: ProjectionConfig = ProjectionConfig(), *, ste
     def load(step):
         snap = run.load_snapshot(step)
         if max_pairs is not None:
-            snap.chosen, snap.rejected, snap.pair_ids = (snap.chosen[:max_pairs], snap.rejected[:max_pairs],
-                                                         snap.pair_ids[:max_pairs])
+            snap.chosen, snap.rejected, snap.pair_ids = (
+                snap.chosen[:max_pairs],
+                snap.rejected[:max_pairs],
+                snap.pair_ids[:max_pairs],
+            )
         return snap
 
     table = project_snapshots((load(step) for step in steps), config)

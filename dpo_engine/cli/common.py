@@ -76,6 +76,7 @@ def path_inside(path: Path, root: Path, what: str) -> Path:
 
 # ---------------------------------------------------------------- errors -> one line
 
+
 def _validation_message(exc: Exception) -> str:
     problems = []
     for error in exc.errors():  # type: ignore[attr-defined]
@@ -104,6 +105,7 @@ def error_message(exc: BaseException) -> tuple[str, int] | None:
 
     try:
         import yaml
+
         yaml_error: tuple[type, ...] = (yaml.YAMLError,)
     except ImportError:  # pragma: no cover - PyYAML ships with the dependencies
         yaml_error = ()
@@ -123,8 +125,10 @@ def error_message(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, OSError):
         return _os_message(exc), USAGE_EXIT
     if type(exc).__name__ == "MissingColumnsError":
-        return (f"{one_line(exc)} (store the file with its columns mapped: "
-                "`dpo-kernels data add FILE --map FIELD=COLUMN`, then use the dataset id)"), USAGE_EXIT
+        return (
+            f"{one_line(exc)} (store the file with its columns mapped: "
+            "`dpo-kernels data add FILE --map FIELD=COLUMN`, then use the dataset id)"
+        ), USAGE_EXIT
     if isinstance(exc, ValueError):  # DataFormatError, UnknownModelError, ReportError, bad numbers...
         return one_line(exc) or type(exc).__name__, USAGE_EXIT
     if type(exc).__name__ == "EmbedderNotAvailable":
@@ -218,7 +222,9 @@ def _run(app: typer.Typer) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get(DEBUG_ENV):
             raise
-        typer.echo(f"error: internal error {type(exc).__name__}: {one_line(exc)} "
-                   f"(set {DEBUG_ENV}=1 to see the traceback)", err=True)
+        typer.echo(
+            f"error: internal error {type(exc).__name__}: {one_line(exc)} (set {DEBUG_ENV}=1 to see the traceback)",
+            err=True,
+        )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -29,8 +29,12 @@ def add(
     name: Optional[str] = typer.Option(None, "--name", help="Dataset name (default: file name without extensions)."),
     fmt: str = typer.Option("auto", "--format", help="File format. Allowed: auto, jsonl, json, csv, parquet."),
     layout: str = typer.Option("auto", "--layout", help="Column layout. Allowed: auto, flat, conversational, hh."),
-    map_: list[str] = typer.Option([], "--map", help="FIELD=COLUMN, repeatable (fields: prompt, chosen, rejected, category)."),
-    keep_flagged: bool = typer.Option(False, "--keep-flagged", help="Keep flagged rows (duplicates, empty, too long...)."),
+    map_: list[str] = typer.Option(
+        [], "--map", help="FIELD=COLUMN, repeatable (fields: prompt, chosen, rejected, category)."
+    ),
+    keep_flagged: bool = typer.Option(
+        False, "--keep-flagged", help="Keep flagged rows (duplicates, empty, too long...)."
+    ),
     max_chars: int = typer.Option(20_000, "--max-chars", help="Texts longer than this are flagged too_long."),
     ws: Optional[str] = WorkspaceOption,
 ) -> None:
@@ -106,7 +110,9 @@ def delete(
 def export(
     dataset: str = typer.Argument(..., help="Dataset id or name."),
     out: Path = typer.Option(..., "--out", help="File to write."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Allowed: jsonl, csv, parquet. Default: from --out's extension, else jsonl."),
+    fmt: Optional[str] = typer.Option(
+        None, "--format", help="Allowed: jsonl, csv, parquet. Default: from --out's extension, else jsonl."
+    ),
     ws: Optional[str] = WorkspaceOption,
 ) -> None:
     """Write a dataset's canonical table to a file."""

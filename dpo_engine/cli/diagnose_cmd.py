@@ -13,7 +13,8 @@ from typing import Any
 
 import typer
 
-from dpo_engine.cli.common import WorkspaceOption, fail, workspace as resolve_workspace
+from dpo_engine.cli.common import WorkspaceOption, fail
+from dpo_engine.cli.common import workspace as resolve_workspace
 
 WORKER_AGE_S = 15.0
 DEFAULT_BACKEND_NAME = "onnx-int8"  # keep in step with dpo_engine.embed.encoder.DEFAULT_BACKEND (no heavy import here)
@@ -62,9 +63,7 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
         lines.extend(TokenPreflight(**preflight).summary_lines())
     km, dm = data["kernel_metrics"], data["divergence_metrics"]
     lines.append("metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in km.items()))
-    lines.append(
-        "           " + "  ".join(f"{k}={'n/a' if v is None else format(v, '.4g')}" for k, v in dm.items())
-    )
+    lines.append("           " + "  ".join(f"{k}={'n/a' if v is None else format(v, '.4g')}" for k, v in dm.items()))
     return lines
 
 
@@ -75,6 +74,7 @@ def _run_foreground(params, ws) -> tuple[dict[str, Any], Any]:
 
     bar = tqdm(total=100, unit="%", desc="diagnose", bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
     try:
+
         def progress(fraction: float, message: str) -> None:
             bar.n = round(100 * fraction, 1)
             bar.set_postfix_str(message, refresh=False)
@@ -106,6 +106,7 @@ def _run_as_job(params, ws, timeout: float | None) -> tuple[dict[str, Any], Path
         )
     bar = tqdm(total=100, unit="%", desc=f"job {job.id}", bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
     try:
+
         def on_change(snapshot) -> None:
             bar.n = round(100 * snapshot.progress, 1)
             bar.set_postfix_str(f"{snapshot.status} {snapshot.message}", refresh=False)
@@ -126,23 +127,43 @@ def _run_as_job(params, ws, timeout: float | None) -> tuple[dict[str, Any], Path
 def register(app: typer.Typer) -> None:
     @app.command("diagnose")
     def diagnose_command(
-        source: str = typer.Argument(..., metavar="FILE_OR_DATASET_ID", help="A preference file or a stored dataset id/name."),
-        embedder: str = typer.Option("all-MiniLM-L6-v2", "--embedder", help="sentence-transformers name or local path."),
+        source: str = typer.Argument(
+            ..., metavar="FILE_OR_DATASET_ID", help="A preference file or a stored dataset id/name."
+        ),
+        embedder: str = typer.Option(
+            "all-MiniLM-L6-v2", "--embedder", help="sentence-transformers name or local path."
+        ),
         distance: str = typer.Option("cosine", "--distance", help="cosine or euclidean."),
         max_pairs: int | None = typer.Option(None, "--max-pairs", help="Use only the first N pairs."),
-        threshold: list[str] = typer.Option([], "--threshold", help="Override a rule threshold: NAME=VALUE (repeatable)."),
+        threshold: list[str] = typer.Option(
+            [], "--threshold", help="Override a rule threshold: NAME=VALUE (repeatable)."
+        ),
         json_out: Path | None = typer.Option(None, "--json", help="Write the diagnosis JSON here."),
-        save_embeddings: Path | None = typer.Option(None, "--save-embeddings", help="Write prompt/chosen/rejected embeddings (.npz)."),
-        precision: str = typer.Option("auto", "--precision", help="Encoder precision: auto (bfloat16 on CPUs with native bf16), float32 or bfloat16."),
-        backend: str = typer.Option(DEFAULT_BACKEND_NAME, "--backend", help="Encoder runtime: torch, onnx or onnx-int8 (exported locally, CPU)."),
+        save_embeddings: Path | None = typer.Option(
+            None, "--save-embeddings", help="Write prompt/chosen/rejected embeddings (.npz)."
+        ),
+        precision: str = typer.Option(
+            "auto",
+            "--precision",
+            help="Encoder precision: auto (bfloat16 on CPUs with native bf16), float32 or bfloat16.",
+        ),
+        backend: str = typer.Option(
+            DEFAULT_BACKEND_NAME, "--backend", help="Encoder runtime: torch, onnx or onnx-int8 (exported locally, CPU)."
+        ),
         foreground: bool = typer.Option(False, "--foreground", help="Run in this process instead of as a job."),
         n_bootstrap: int = typer.Option(200, "--bootstrap", help="Bootstrap resamples for the confidence."),
         seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
         timeout: float | None = typer.Option(None, "--timeout", help="Give up waiting for the job after S seconds."),
-        model: str = typer.Option("smollm2-135m-instruct", "--model", help="Model whose tokenizer the token pre-flight uses."),
+        model: str = typer.Option(
+            "smollm2-135m-instruct", "--model", help="Model whose tokenizer the token pre-flight uses."
+        ),
         max_length: int = typer.Option(256, "--max-length", help="Training max_length the pre-flight checks."),
-        max_prompt_length: int | None = typer.Option(None, "--max-prompt-length", help="Training max_prompt_length (default half of max_length)."),
-        preflight: bool = typer.Option(True, "--preflight/--no-preflight", help="Token pre-flight: lengths and truncation."),
+        max_prompt_length: int | None = typer.Option(
+            None, "--max-prompt-length", help="Training max_prompt_length (default half of max_length)."
+        ),
+        preflight: bool = typer.Option(
+            True, "--preflight/--no-preflight", help="Token pre-flight: lengths and truncation."
+        ),
         workspace: str | None = WorkspaceOption,
     ) -> None:
         """Diagnose preference data: eight metrics, recommended kernel and divergence, confidence."""
@@ -180,9 +201,17 @@ def register(app: typer.Typer) -> None:
                 fail(f"{source!r} is neither a file nor a stored dataset ({exc})")
         try:
             params = DiagnoseParams(
-                dataset=dataset, embedder=embedder, distance=distance, max_pairs=max_pairs,
-                thresholds=overrides, n_bootstrap=n_bootstrap, seed=seed, precision=precision,
-                backend=backend, preflight_model=model if preflight else None, max_length=max_length,
+                dataset=dataset,
+                embedder=embedder,
+                distance=distance,
+                max_pairs=max_pairs,
+                thresholds=overrides,
+                n_bootstrap=n_bootstrap,
+                seed=seed,
+                precision=precision,
+                backend=backend,
+                preflight_model=model if preflight else None,
+                max_length=max_length,
                 max_prompt_length=max_prompt_length,
             )
         except ValidationError as exc:

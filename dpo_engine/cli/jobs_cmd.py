@@ -51,8 +51,12 @@ def wait_with_bar(store: JobStore, job_id: int, timeout: float | None = None) ->
 @jobs_app.command("list")
 def list_jobs(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    status: str | None = typer.Option(None, "--status", help=f"Only jobs with this status. Allowed: {', '.join(STATUSES)}."),
-    kind: str | None = typer.Option(None, "--kind", help="Only jobs of this kind (e.g. embed, diagnose, train, htsr, selftest)."),
+    status: str | None = typer.Option(
+        None, "--status", help=f"Only jobs with this status. Allowed: {', '.join(STATUSES)}."
+    ),
+    kind: str | None = typer.Option(
+        None, "--kind", help="Only jobs of this kind (e.g. embed, diagnose, train, htsr, selftest)."
+    ),
     limit: int = typer.Option(200, "--limit", min=1, help="At most this many (newest first)."),
     ws: str | None = WorkspaceOption,
 ) -> None:
@@ -149,7 +153,9 @@ def selftest(
     seconds: float = typer.Option(2.0, "--seconds", min=0.0, help="How long the test job runs."),
     steps: int = typer.Option(10, "--steps", min=1, help="Progress steps."),
     fail_job: bool = typer.Option(False, "--fail", help="Make the job raise half way."),
-    device: str | None = typer.Option(None, "--device", help="Only a worker on this device may run it: cpu, cuda or cuda:N. Default: any worker."),
+    device: str | None = typer.Option(
+        None, "--device", help="Only a worker on this device may run it: cpu, cuda or cuda:N. Default: any worker."
+    ),
     wait: bool = typer.Option(False, "--wait", help="Wait for the job (a worker must be running)."),
     timeout: float | None = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
     ws: str | None = WorkspaceOption,

@@ -12,10 +12,14 @@ from dpo_engine.cli.common import WorkspaceOption, workspace
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        run_ids: list[str] = typer.Argument(..., help="Run ids (or job ids) to include; several runs add a comparison."),
+        run_ids: list[str] = typer.Argument(
+            ..., help="Run ids (or job ids) to include; several runs add a comparison."
+        ),
         out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
         diagnosis: str | None = typer.Option(
-            None, "--diagnosis", help="Run or job id of a diagnose job (default: the newest diagnosis of the run's dataset)."
+            None,
+            "--diagnosis",
+            help="Run or job id of a diagnose job (default: the newest diagnosis of the run's dataset).",
         ),
         workspace_path: str | None = WorkspaceOption,
     ) -> None:

@@ -123,16 +123,30 @@ def config_flags() -> list[ConfigFlag]:
             flag = f"{path.split('.')[-2]}_{name}"
         else:
             flag = name
-        flags.append(ConfigFlag(path=path, param=flag, flag="--" + flag.replace("_", "-"), annotation=annotation,
-                                is_bool=annotation is bool, is_list=typing.get_origin(annotation) is list,
-                                help=_help_text(annotation, info)))
+        flags.append(
+            ConfigFlag(
+                path=path,
+                param=flag,
+                flag="--" + flag.replace("_", "-"),
+                annotation=annotation,
+                is_bool=annotation is bool,
+                is_list=typing.get_origin(annotation) is list,
+                help=_help_text(annotation, info),
+            )
+        )
     return flags
 
 
 # ---------------------------------------------------------------- config from flags
 
-def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[str, Any] | None = None,
-                 preset: str | None = None, **flags: Any):
+
+def build_config(
+    dataset: str,
+    config_file: Optional[Path],
+    flag_values: dict[str, Any] | None = None,
+    preset: str | None = None,
+    **flags: Any,
+):
     """TrainConfig from an optional JSON/YAML file, a preset on top of it, the dataset argument and
     the flags given (`flag_values` or keywords, named like the flags: kernel=..., lora_r=...).
 
@@ -163,8 +177,16 @@ def build_config(dataset: str, config_file: Optional[Path], flag_values: dict[st
 
 # ---------------------------------------------------------------- commands
 
-def _train(dataset: str, config: Optional[Path], preset: Optional[str], run_dir: Optional[Path], foreground: bool,
-           workspace_path: Optional[str], **flag_values: Any) -> None:
+
+def _train(
+    dataset: str,
+    config: Optional[Path],
+    preset: Optional[str],
+    run_dir: Optional[Path],
+    foreground: bool,
+    workspace_path: Optional[str],
+    **flag_values: Any,
+) -> None:
     """Train DPO-Kernels on a dataset: submit a job (default) or run it here (--foreground).
 
     Every setting of the training config has a flag below; --config FILE reads a JSON or YAML
@@ -198,29 +220,72 @@ def _train(dataset: str, config: Optional[Path], preset: Optional[str], run_dir:
 def _train_signature() -> tuple[inspect.Signature, dict[str, Any]]:
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [
-        inspect.Parameter("dataset", kw, annotation=str, default=typer.Argument(
-            ..., help="Dataset id/name in the workspace, or a preference file (JSONL, JSON, CSV, Parquet, .gz).")),
+        inspect.Parameter(
+            "dataset",
+            kw,
+            annotation=str,
+            default=typer.Argument(
+                ..., help="Dataset id/name in the workspace, or a preference file (JSONL, JSON, CSV, Parquet, .gz)."
+            ),
+        ),
     ]
     for spec in config_flags():
         decl = f"{spec.flag}/--no-{spec.flag[2:]}" if spec.is_bool else spec.flag
         annotation = Optional[bool] if spec.is_bool else Optional[str] if spec.is_list else Optional[spec.annotation]
         if typing.get_origin(spec.annotation) is Literal:
             annotation = Optional[str]
-        params.append(inspect.Parameter(spec.param, kw, annotation=annotation,
-                                        default=typer.Option(None, decl, help=spec.help, show_default=False)))
+        params.append(
+            inspect.Parameter(
+                spec.param,
+                kw,
+                annotation=annotation,
+                default=typer.Option(None, decl, help=spec.help, show_default=False),
+            )
+        )
     params += [
-        inspect.Parameter("config", kw, annotation=Optional[Path], default=typer.Option(
-            None, "--config", help="JSON or YAML TrainConfig; the flags given override it. Default: none.",
-            show_default=False)),
-        inspect.Parameter("preset", kw, annotation=Optional[str], default=typer.Option(
-            None, "--preset", help="Named settings applied on top of --config and under the flags given: "
-            "quick = the bundled SmolLM2-135M-Instruct, HMK, 128-token sequences, 48 steps (about 4 minutes on 2 CPU cores). Default: none.",
-            show_default=False)),
-        inspect.Parameter("run_dir", kw, annotation=Optional[Path], default=typer.Option(
-            None, "--run-dir", help="Run directory inside the workspace (foreground only). Default: runs/<date>-train.",
-            show_default=False)),
-        inspect.Parameter("foreground", kw, annotation=bool, default=typer.Option(
-            False, "--foreground", help="Train in this process with a progress bar instead of submitting a job.")),
+        inspect.Parameter(
+            "config",
+            kw,
+            annotation=Optional[Path],
+            default=typer.Option(
+                None,
+                "--config",
+                help="JSON or YAML TrainConfig; the flags given override it. Default: none.",
+                show_default=False,
+            ),
+        ),
+        inspect.Parameter(
+            "preset",
+            kw,
+            annotation=Optional[str],
+            default=typer.Option(
+                None,
+                "--preset",
+                help="Named settings applied on top of --config and under the flags given: "
+                "quick = the bundled SmolLM2-135M-Instruct, HMK, 128-token sequences, 48 steps (about 4 minutes on 2 "
+                "CPU cores). Default: none.",
+                show_default=False,
+            ),
+        ),
+        inspect.Parameter(
+            "run_dir",
+            kw,
+            annotation=Optional[Path],
+            default=typer.Option(
+                None,
+                "--run-dir",
+                help="Run directory inside the workspace (foreground only). Default: runs/<date>-train.",
+                show_default=False,
+            ),
+        ),
+        inspect.Parameter(
+            "foreground",
+            kw,
+            annotation=bool,
+            default=typer.Option(
+                False, "--foreground", help="Train in this process with a progress bar instead of submitting a job."
+            ),
+        ),
         inspect.Parameter("workspace_path", kw, annotation=Optional[str], default=WorkspaceOption),
     ]
     return inspect.Signature(params), {p.name: p.annotation for p in params}
@@ -243,7 +308,7 @@ def make_train_command():
 def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
     from tqdm import tqdm
 
-    from dpo_engine.train import rundir
+    from dpo_engine import rundir
     from dpo_engine.train.trainer import train as run_training
 
     if run_dir is None:
@@ -269,9 +334,23 @@ def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
     from dpo_engine.report.rundata import load_run
 
     alerts = health_of(load_run(run_dir))
-    print_json({k: summary.get(k) for k in ("status", "steps_completed", "final_eval", "wall_time_s", "tokens_per_s",
-                                            "peak_memory_mb", "weighted_alpha_before", "weighted_alpha_after", "error")}
-               | {"run_dir": str(run_dir), "health_alerts": [f"{a.headline}: {a.evidence}" for a in alerts]})
+    print_json(
+        {
+            k: summary.get(k)
+            for k in (
+                "status",
+                "steps_completed",
+                "final_eval",
+                "wall_time_s",
+                "tokens_per_s",
+                "peak_memory_mb",
+                "weighted_alpha_before",
+                "weighted_alpha_after",
+                "error",
+            )
+        }
+        | {"run_dir": str(run_dir), "health_alerts": [f"{a.headline}: {a.evidence}" for a in alerts]}
+    )
     if summary.get("status") != "succeeded":
         fail(summary.get("error") or f"training {summary.get('status')}", code=1)
 
@@ -283,18 +362,28 @@ def _check_analysable(model: str) -> None:
     path = Path(model).expanduser()
     if path.is_dir():
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-            raise UnknownModelError(f"{path} is a directory but holds no Hugging Face model (no config.json) "
-                                    "and no LoRA adapter (no adapter_config.json)")
+            raise UnknownModelError(
+                f"{path} is a directory but holds no Hugging Face model (no config.json) "
+                "and no LoRA adapter (no adapter_config.json)"
+            )
     elif not is_known_model(model):
-        raise UnknownModelError(f"unknown model {model!r}: give smollm2-135m-instruct, tiny-random, a local model "
-                                "directory or a run's model/ directory")
+        raise UnknownModelError(
+            f"unknown model {model!r}: give smollm2-135m-instruct, tiny-random, a local model "
+            "directory or a run's model/ directory"
+        )
 
 
 def htsr(
-    model: str = typer.Argument(..., help="Model name (smollm2-135m-instruct, tiny-random), a local directory, or a run's model/ directory."),
+    model: str = typer.Argument(
+        ..., help="Model name (smollm2-135m-instruct, tiny-random), a local directory, or a run's model/ directory."
+    ),
     foreground: bool = typer.Option(False, "--foreground", help="Analyse in this process instead of submitting a job."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", show_default=False,
-                                           help="Where to write htsr.csv, inside the workspace (foreground only). Default: runs/<date>-htsr."),
+    run_dir: Optional[Path] = typer.Option(
+        None,
+        "--run-dir",
+        show_default=False,
+        help="Where to write htsr.csv, inside the workspace (foreground only). Default: runs/<date>-htsr.",
+    ),
     workspace_path: Optional[str] = WorkspaceOption,
 ) -> None:
     """WeightWatcher HT-SR analysis of a model: per-layer alpha and the weighted alpha."""

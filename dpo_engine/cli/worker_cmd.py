@@ -9,7 +9,6 @@ import typer
 
 from dpo_engine.cli.common import WorkspaceOption, fail, workspace
 
-
 BACKENDS = ("local", "ray")
 
 
@@ -17,7 +16,9 @@ def worker(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (local backend)."),
     backend: str = typer.Option("local", "--backend", help="local: run jobs here; ray: send them to a Ray cluster."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (ray backend; default: auto)."),
-    max_jobs: int | None = typer.Option(None, "--max-jobs", min=1, help="Ray backend: jobs at once (default: cluster CPUs)."),
+    max_jobs: int | None = typer.Option(
+        None, "--max-jobs", min=1, help="Ray backend: jobs at once (default: cluster CPUs)."
+    ),
     once: bool = typer.Option(False, "--once", help="Run at most one queued job, then exit."),
     poll_s: float = typer.Option(1.0, "--poll-s", help="Seconds between looks at the queue."),
     heartbeat_s: float = typer.Option(2.0, "--heartbeat-s", help="Seconds between heartbeats."),
@@ -32,8 +33,14 @@ def worker(
         from dpo_engine.jobs.ray_backend import RayDispatcher, RayUnavailable
 
         try:
-            d = RayDispatcher(workspace(ws), address=address, poll_s=poll_s, heartbeat_s=heartbeat_s,
-                              lost_timeout_s=lost_timeout_s, max_jobs=max_jobs)
+            d = RayDispatcher(
+                workspace(ws),
+                address=address,
+                poll_s=poll_s,
+                heartbeat_s=heartbeat_s,
+                lost_timeout_s=lost_timeout_s,
+                max_jobs=max_jobs,
+            )
             d.connect()
         except (ValueError, RayUnavailable) as exc:
             fail(str(exc))

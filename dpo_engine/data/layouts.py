@@ -35,12 +35,37 @@ _HH_START = re.compile(r"^\s*(Human|Assistant):")
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt", "question", "instruction", "query", "input", "context", "history", "x"),
     "chosen": (
-        "chosen", "response_j", "chosen_response", "response_chosen", "preferred", "preferred_response",
-        "better", "better_response", "positive", "pos", "accepted", "winner", "good", "y_w", "yw",
+        "chosen",
+        "response_j",
+        "chosen_response",
+        "response_chosen",
+        "preferred",
+        "preferred_response",
+        "better",
+        "better_response",
+        "positive",
+        "pos",
+        "accepted",
+        "winner",
+        "good",
+        "y_w",
+        "yw",
     ),
     "rejected": (
-        "rejected", "response_k", "rejected_response", "response_rejected", "dispreferred",
-        "dispreferred_response", "worse", "worse_response", "negative", "neg", "loser", "bad", "y_l", "yl",
+        "rejected",
+        "response_k",
+        "rejected_response",
+        "response_rejected",
+        "dispreferred",
+        "dispreferred_response",
+        "worse",
+        "worse_response",
+        "negative",
+        "neg",
+        "loser",
+        "bad",
+        "y_l",
+        "yl",
     ),
     "category": ("category", "subset", "domain", "topic"),
 }
@@ -97,9 +122,7 @@ def resolve(
         )
     absent = sorted(f"{k}={v}" for k, v in given.items() if v not in columns)
     if absent:
-        raise DataFormatError(
-            f"mapped column(s) not in the data: {', '.join(absent)}; columns found: {_list(columns)}"
-        )
+        raise DataFormatError(f"mapped column(s) not in the data: {', '.join(absent)}; columns found: {_list(columns)}")
     suggested = suggest_mapping(columns)
     final: dict[str, str] = {}
     auto_used: list[str] = []
@@ -251,9 +274,7 @@ def _split_hh(values: dict[str, Any], row: int, mapping: dict[str, str]) -> tupl
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(HH_ASSISTANT)
     if cut < 0:
-        return [
-            _issue(row, "malformed", mapping["chosen"], "chosen and rejected share no '\\n\\nAssistant:' turn")
-        ]
+        return [_issue(row, "malformed", mapping["chosen"], "chosen and rejected share no '\\n\\nAssistant:' turn")]
     end = cut + len(HH_ASSISTANT)
     return chosen[:end], _strip_one_space(chosen[end:]), _strip_one_space(rejected[end:])
 

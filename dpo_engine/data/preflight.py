@@ -2,7 +2,7 @@
 
 Silent truncation is the commonest way preference data goes wrong: a response cut before the
 part that makes it better or worse teaches the policy nothing. This module tokenizes every pair
-exactly as training does (`dpo_engine.train.data.render_prompt` applies the chat template,
+exactly as training does (`dpo_engine.data.tokenize.render_prompt` applies the chat template,
 `tokenize_pair` cuts prompts from the left and responses at ``max_length``), and reports per side
 (prompt, chosen, rejected) the token-length distribution, how many pairs the current
 ``max_length`` / ``max_prompt_length`` would cut and by how much, a suggested setting, and a few
@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+
+from dpo_engine.data.tokenize import render_prompt, tokenize_pair
 
 SIDES: tuple[str, ...] = ("prompt", "chosen", "rejected")
 QUANTILES: tuple[int, ...] = (50, 90, 95, 99)
@@ -112,7 +114,9 @@ def load_tokenizer(model: str, workspace):
 
 def _summary(lengths: np.ndarray) -> LengthSummary:
     return LengthSummary(
-        mean=float(lengths.mean()), min=int(lengths.min()), max=int(lengths.max()),
+        mean=float(lengths.mean()),
+        min=int(lengths.min()),
+        max=int(lengths.max()),
         quantiles={f"p{q}": float(np.percentile(lengths, q)) for q in QUANTILES},
     )
 
@@ -145,7 +149,6 @@ def token_preflight(
 
     ``max_prompt_length`` None means training's default, half of ``max_length``.
     """
-    from dpo_engine.train.data import render_prompt, tokenize_pair
 
     missing = [c for c in SIDES if c not in table.columns]
     if missing:
@@ -169,7 +172,8 @@ def token_preflight(
     for side in SIDES:
         hit = lost[side] > 0
         cut[side] = SideCut(
-            pairs_cut=int(hit.sum()), share_cut=float(hit.mean()),
+            pairs_cut=int(hit.sum()),
+            share_cut=float(hit.mean()),
             mean_tokens_lost=float(lost[side][hit].mean()) if hit.any() else 0.0,
             max_tokens_lost=int(lost[side].max()),
         )
@@ -192,23 +196,41 @@ def token_preflight(
     for i in range(min(n_examples, len(table))):
         row = table.iloc[i]
         pair = tokenize_pair(
-            tokenizer, str(row.get("pair_id", i)), str(row["prompt"]), str(row["chosen"]), str(row["rejected"]),
-            max_length=max_length, max_prompt_length=max_prompt_length,
+            tokenizer,
+            str(row.get("pair_id", i)),
+            str(row["prompt"]),
+            str(row["chosen"]),
+            str(row["rejected"]),
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
         )
         for side, ids in (("prompt", pair.prompt_ids), ("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
             text = tokenizer.decode(ids, skip_special_tokens=False)
-            examples.append({
-                "pair": i, "side": side, "tokens": int(n_tokens[side][i]), "kept": len(ids),
-                "lost": int(lost[side][i]),
-                "as the model sees it": text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS // 2]
-                + " … " + text[-EXAMPLE_CHARS // 2 :],
-            })
+            examples.append(
+                {
+                    "pair": i,
+                    "side": side,
+                    "tokens": int(n_tokens[side][i]),
+                    "kept": len(ids),
+                    "lost": int(lost[side][i]),
+                    "as the model sees it": text
+                    if len(text) <= EXAMPLE_CHARS
+                    else text[: EXAMPLE_CHARS // 2] + " … " + text[-EXAMPLE_CHARS // 2 :],
+                }
+            )
     return TokenPreflight(
-        model=model, n_pairs=len(table), max_length=max_length, max_prompt_length=max_prompt_length,
+        model=model,
+        n_pairs=len(table),
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        lengths={side: _summary(n_tokens[side]) for side in SIDES}, cut=cut, pairs_cut=int(any_cut.sum()),
+        lengths={side: _summary(n_tokens[side]) for side in SIDES},
+        cut=cut,
+        pairs_cut=int(any_cut.sum()),
         suggestion=Suggestion(
-            max_length=int(suggested_length), max_prompt_length=int(suggested_prompt), pairs_cut=still_cut,
+            max_length=int(suggested_length),
+            max_prompt_length=int(suggested_prompt),
+            pairs_cut=still_cut,
             reason=reason,
         ),
         examples=examples,

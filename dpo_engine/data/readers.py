@@ -256,7 +256,7 @@ def _json_rows(doc: Any) -> tuple[list[Any], str | None]:
     keys = ", ".join(map(str, list(doc)[:10])) or "none"
     raise DataFormatError(
         f"a JSON object without a list of rows (top-level keys: {keys}); "
-        f"expected an array of objects or {{\"data\": [...]}}"
+        f'expected an array of objects or {{"data": [...]}}'
     )
 
 

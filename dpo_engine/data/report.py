@@ -35,9 +35,7 @@ class IngestOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_chars: int = Field(default=20_000, gt=0, description="Texts longer than this are flagged too_long.")
-    detect_sample_rows: int = Field(
-        default=200, gt=0, description="Rows looked at when auto-detecting the layout."
-    )
+    detect_sample_rows: int = Field(default=200, gt=0, description="Rows looked at when auto-detecting the layout.")
 
 
 class Issue(BaseModel):

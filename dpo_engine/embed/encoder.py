@@ -93,7 +93,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: Precision, device: str = "cpu") -> str:
-    """"auto" -> bfloat16 on a CPU with native bf16, else float32; explicit values pass through."""
+    """ "auto" -> bfloat16 on a CPU with native bf16, else float32; explicit values pass through."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -182,8 +182,8 @@ def embed_texts(
     """L2-normalised float32 embeddings (len(texts) x dim), rows in the order of ``texts``.
 
     Identical texts are embedded once; unique texts are encoded longest first in batches of
-    ``batch_size`` (None: the backend's default). ``progress(done, total)`` counts input texts (duplicates included) so the
-    fraction matches what the user submitted. ``should_stop()`` is checked between batches.
+    ``batch_size`` (None: the backend's default). ``progress(done, total)`` counts input texts
+    (duplicates included) so the fraction matches what the user submitted. ``should_stop()`` is checked between batches.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -42,9 +42,16 @@ def run_embed_job(ctx) -> dict:
     backend = params.backend if ctx.device == "cpu" else "torch"  # the ONNX backends are CPU runtimes
     try:
         embeddings = embed_pairs(
-            table, embedder=params.embedder, device=ctx.device, batch_size=params.batch_size,
-            max_seq_length=params.max_seq_length, progress=embedded, cache_dir=ctx.workspace.embeddings_dir,
-            should_stop=ctx.should_stop, precision=params.precision, backend=backend,
+            table,
+            embedder=params.embedder,
+            device=ctx.device,
+            batch_size=params.batch_size,
+            max_seq_length=params.max_seq_length,
+            progress=embedded,
+            cache_dir=ctx.workspace.embeddings_dir,
+            should_stop=ctx.should_stop,
+            precision=params.precision,
+            backend=backend,
         )
     except InterruptedError as exc:
         from dpo_engine.jobs.context import JobCancelled
@@ -53,8 +60,13 @@ def run_embed_job(ctx) -> dict:
     embeddings.save_npz(ctx.run_dir / EMBEDDINGS_NPZ)
     ctx.progress(1.0, f"embedded {embeddings.n_pairs} pairs")
     cached = cache_path(
-        ctx.workspace.embeddings_dir, table_content_hash(table), params.embedder, params.max_seq_length, params.precision,
-        ctx.device, backend=backend,
+        ctx.workspace.embeddings_dir,
+        table_content_hash(table),
+        params.embedder,
+        params.max_seq_length,
+        params.precision,
+        ctx.device,
+        backend=backend,
     )
     return {
         "dataset_id": info.id,

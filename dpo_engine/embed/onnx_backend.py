@@ -90,10 +90,14 @@ def export_onnx(st_model, model_dir: str, quantize: bool) -> Path:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    Pooled(transformer), tuple(example[k] for k in _INPUTS), tmp,
-                    input_names=list(_INPUTS), output_names=["embedding"],
+                    Pooled(transformer),
+                    tuple(example[k] for k in _INPUTS),
+                    tmp,
+                    input_names=list(_INPUTS),
+                    output_names=["embedding"],
                     dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in _INPUTS}, "embedding": {0: "batch"}},
-                    opset_version=ONNX_OPSET, dynamo=False,
+                    opset_version=ONNX_OPSET,
+                    dynamo=False,
                 )
             os.replace(tmp, fp32)
         finally:
@@ -107,7 +111,9 @@ def export_onnx(st_model, model_dir: str, quantize: bool) -> Path:
         try:
             # per-channel int8 weights of the matrix products only: cosine to float32 >= 0.98 on HH texts
             # (per-tensor weights of every op: 0.88)
-            quantize_dynamic(str(fp32), tmp, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+            quantize_dynamic(
+                str(fp32), tmp, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
+            )
             os.replace(tmp, int8)
         finally:
             if os.path.exists(tmp):
@@ -124,8 +130,11 @@ class OnnxSentenceEncoder:
         self.path = export_onnx(st_model, model_dir, quantize)
         self.tokenizer = st_model.tokenizer
         self.max_seq_length = int(st_model.max_seq_length)
-        self.dimension = int(st_model.get_embedding_dimension() if hasattr(st_model, "get_embedding_dimension")
-                             else st_model.get_sentence_embedding_dimension())
+        self.dimension = int(
+            st_model.get_embedding_dimension()
+            if hasattr(st_model, "get_embedding_dimension")
+            else st_model.get_sentence_embedding_dimension()
+        )
         options = ort.SessionOptions()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         options.intra_op_num_threads = threads or cores

@@ -174,13 +174,24 @@ def embed_pairs(
                 return cached
     texts = [*table["prompt"], *table["chosen"], *table["rejected"]]
     vectors = embed_texts(
-        texts, embedder=embedder, device=device, batch_size=batch_size, max_seq_length=max_seq_length,
-        progress=progress, should_stop=should_stop, precision=precision, backend=backend,
+        texts,
+        embedder=embedder,
+        device=device,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        progress=progress,
+        should_stop=should_stop,
+        precision=precision,
+        backend=backend,
     )
     result = PairEmbeddings(vectors[:n], vectors[n : 2 * n], vectors[2 * n :])
     if path is not None:
         result.save_npz(
-            path, content_hash=content_hash or "", embedder=canonical_embedder_name(embedder),
-            max_seq_length=str(max_seq_length), precision=precision, backend=backend,
+            path,
+            content_hash=content_hash or "",
+            embedder=canonical_embedder_name(embedder),
+            max_seq_length=str(max_seq_length),
+            precision=precision,
+            backend=backend,
         )
     return result

@@ -52,8 +52,9 @@ def run_child(job_id: int, device: str | None = None) -> int:
         print(f"[job {job_id}] the worker (pid {parent}) is already gone; not starting", flush=True)
         return EXIT_CANCELLED
     job = store.get(job_id)
-    ctx = JobContext(job=job, workspace=ws, store=store, device=device or os.environ.get(ENV_DEVICE) or "cpu",
-                     parent_pid=parent)
+    ctx = JobContext(
+        job=job, workspace=ws, store=store, device=device or os.environ.get(ENV_DEVICE) or "cpu", parent_pid=parent
+    )
 
     def _on_term(signum, _frame):
         ctx.mark_terminated()

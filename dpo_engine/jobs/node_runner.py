@@ -36,8 +36,15 @@ def run_on_node(spec: dict) -> int:
         job = store.hand_over(spec["job_id"], from_worker=spec["dispatcher_id"], to_worker=worker_id, device=device)
         if job is None:
             return EXIT_NOT_WAITING
-        worker = Worker(ws, device=device, store=store, worker_id=worker_id, heartbeat_s=spec["heartbeat_s"],
-                        lost_timeout_s=spec["lost_timeout_s"], cancel_grace_s=spec["cancel_grace_s"])
+        worker = Worker(
+            ws,
+            device=device,
+            store=store,
+            worker_id=worker_id,
+            heartbeat_s=spec["heartbeat_s"],
+            lost_timeout_s=spec["lost_timeout_s"],
+            cancel_grace_s=spec["cancel_grace_s"],
+        )
         store.register_worker(worker_id, host, os.getpid(), device)
         try:
             worker.run_job(job)

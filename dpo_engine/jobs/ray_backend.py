@@ -71,7 +71,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast on a wrong `host:port` (Ray itself would retry for minutes)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise RayUnavailable(f"invalid Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default)")
+        raise RayUnavailable(
+            f"invalid Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default)"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
@@ -114,7 +116,9 @@ def run_job_on_node(ws_root: str, db_url: str, job_id: int, dispatcher_id: str, 
     env = dict(os.environ, **settings.get("env", {}), **{ENV_RAY_ADDRESS: ray.get_runtime_context().gcs_address})
     proc = subprocess.Popen(
         [sys.executable, "-m", "dpo_engine.jobs.node_runner", json.dumps(spec)],
-        env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     rc = proc.wait()
     if rc not in (0, EXIT_NOT_WAITING):
@@ -170,8 +174,13 @@ class RayDispatcher(StopOnSignal):
         if self.address and "://" not in self.address:
             check_reachable(self.address)
         try:
-            ray.init(address=self.address or "auto", include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True, configure_logging=False)
+            ray.init(
+                address=self.address or "auto",
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+                configure_logging=False,
+            )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "auto (RAY_ADDRESS or a cluster started here with `ray start`)"
             raise RayUnavailable(f"cannot connect to the Ray cluster at {where}: {str(exc).splitlines()[0]}") from None
@@ -199,8 +208,12 @@ class RayDispatcher(StopOnSignal):
         self.store.register_worker(self.dispatcher_id, self.hostname, os.getpid(), CLUSTER_DEVICE)
         resources = self.cluster_resources()
         limit = self.max_jobs or max(1, int(resources.get("CPU", 1)))
-        log.info("dispatcher %s: Ray cluster with %s; up to %d jobs at once", self.dispatcher_id,
-                 {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")}, limit)
+        log.info(
+            "dispatcher %s: Ray cluster with %s; up to %d jobs at once",
+            self.dispatcher_id,
+            {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")},
+            limit,
+        )
         sent = 0
         next_beat = 0.0
         try:
@@ -244,7 +257,8 @@ class RayDispatcher(StopOnSignal):
             "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
         }
         ref = self._remote.options(name=f"dpo-job-{job.id}-{job.kind}", **needs).remote(
-            str(self.workspace.root), self.store.url, job.id, self.dispatcher_id, settings)
+            str(self.workspace.root), self.store.url, job.id, self.dispatcher_id, settings
+        )
         self._inflight[job.id] = _InFlight(job=job, ref=ref)
         log.info("job %s (%s) sent to Ray asking for %s", job.id, job.kind, needs)
 

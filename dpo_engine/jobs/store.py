@@ -34,7 +34,6 @@ from dpo_engine.jobs.models import (
     STATUSES,
     SUCCEEDED,
     TERMINAL_STATUSES,
-    Base,
     Job,
     JobRow,
     WorkerInfo,
@@ -171,7 +170,8 @@ class JobStore:
             run_id = f"{kind}-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         elif not _RUN_ID_RE.match(run_id):
             raise ValueError(
-                f"invalid run id {run_id!r}: use letters, digits, '.', '_' or '-' (at most 128, not starting with a symbol)"
+                f"invalid run id {run_id!r}: use letters, digits, '.', '_' or '-' (at most 128, not starting with a "
+                "symbol)"
             )
         run_dir = (self.runs_dir / run_id).resolve()
         with self._write() as s:
@@ -212,9 +212,7 @@ class JobStore:
             row = s.scalar(select(JobRow).where(JobRow.run_id == run_id))
             return None if row is None else Job.from_row(row)
 
-    def list(
-        self, status: str | Iterable[str] | None = None, kind: str | None = None, limit: int = 200
-    ) -> list[Job]:
+    def list(self, status: str | Iterable[str] | None = None, kind: str | None = None, limit: int = 200) -> list[Job]:
         """Newest first, optionally filtered by status (one or several) and kind."""
         stmt = select(JobRow).order_by(JobRow.id.desc()).limit(int(limit))
         if status is not None:
@@ -299,8 +297,12 @@ class JobStore:
                 update(JobRow)
                 .where(JobRow.id == int(job_id), JobRow.status == RUNNING, JobRow.worker_id == from_worker)
                 .where(JobRow.cancel_requested.is_(False))
-                .values(worker_id=to_worker, device=device, heartbeat_at=utcnow(),
-                        message=f"started on {device} by {to_worker}")
+                .values(
+                    worker_id=to_worker,
+                    device=device,
+                    heartbeat_at=utcnow(),
+                    message=f"started on {device} by {to_worker}",
+                )
                 .execution_options(synchronize_session=False)
             ).rowcount
             return Job.from_row(self._row(s, job_id)) if moved == 1 else None

@@ -243,9 +243,13 @@ class Worker(StopOnSignal):
         if reason is None and current.cancel_requested:
             reason = "cancel"  # the job saw the request first and stopped cleanly before the watcher's next poll
         if reason == "cancel":
-            done = self.store.finish(job.id, CANCELLED, message=f"cancelled by request; process {describe_exit(rc, killed)}")
+            done = self.store.finish(
+                job.id, CANCELLED, message=f"cancelled by request; process {describe_exit(rc, killed)}"
+            )
         elif reason == "shutdown":
-            done = self.store.requeue_or_fail(job.id, f"interrupted: worker {self.worker_id} was stopped ({self.stop_reason})")
+            done = self.store.requeue_or_fail(
+                job.id, f"interrupted: worker {self.worker_id} was stopped ({self.stop_reason})"
+            )
         elif rc == 0:
             done = self.store.finish(job.id, SUCCEEDED, message="succeeded")
         else:

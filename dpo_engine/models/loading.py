@@ -67,8 +67,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     """'auto' means bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 is slow and imprecise)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype == "auto":
         dev = torch.device(device)
         if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():

@@ -20,7 +20,14 @@ from plotly.offline import get_plotlyjs
 
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
-from dpo_engine.report.rundata import EXAMPLE_MARK, EXAMPLES_DIR_NAME, RunData, example_run_dir, load_dataset_texts, load_run
+from dpo_engine.report.rundata import (
+    EXAMPLE_MARK,
+    EXAMPLES_DIR_NAME,
+    RunData,
+    example_run_dir,
+    load_dataset_texts,
+    load_run,
+)
 from dpo_engine.viz import runs as viz
 from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, REJECTED_COLOR
 
@@ -85,9 +92,17 @@ class _Figures:
         if fig is None:
             return ""
         self.count += 1
-        return "<div class='figure'>" + fig.to_html(include_plotlyjs=False, full_html=False, auto_play=False,
-                                                    div_id=f"figure-{self.count}",
-                                                    config={"displaylogo": False}) + "</div>"
+        return (
+            "<div class='figure'>"
+            + fig.to_html(
+                include_plotlyjs=False,
+                full_html=False,
+                auto_play=False,
+                div_id=f"figure-{self.count}",
+                config={"displaylogo": False},
+            )
+            + "</div>"
+        )
 
 
 _PLAIN_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -149,25 +164,37 @@ def load_diagnosis_json(workspace, run_or_job_id: str) -> dict:
 
 # ---------------------------------------------------------------- sections
 
+
 def _diagnosis_section(diagnosis: dict | None) -> str:
     if not diagnosis:
-        return ("<p class='note'>No dataset diagnosis was found for these runs. Run a diagnosis on the dataset "
-                "(Diagnose page or <code>dpo-kernels diagnose</code>) and pass it with <code>--diagnosis</code>.</p>")
+        return (
+            "<p class='note'>No dataset diagnosis was found for these runs. Run a diagnosis on the dataset "
+            "(Diagnose page or <code>dpo-kernels diagnose</code>) and pass it with <code>--diagnosis</code>.</p>"
+        )
     rec = diagnosis.get("recommendation") or {}
-    parts = [f"<p>Source: <code>{_esc(diagnosis.get('_source', ''))}</code> · {_esc(diagnosis.get('n_pairs'))} pairs · "
-             f"embedder {_esc(diagnosis.get('embedder'))} · distance {_esc(diagnosis.get('distance'))}</p>",
-             f"<p><b>Recommended kernel:</b> {_esc(rec.get('kernel'))} — {_esc(rec.get('kernel_rule'))}<br>"
-             f"<b>Recommended divergence:</b> {_esc(rec.get('divergence'))} — {_esc(rec.get('divergence_rule'))}</p>"]
+    parts = [
+        f"<p>Source: <code>{_esc(diagnosis.get('_source', ''))}</code> · {_esc(diagnosis.get('n_pairs'))} pairs · "
+        f"embedder {_esc(diagnosis.get('embedder'))} · distance {_esc(diagnosis.get('distance'))}</p>",
+        f"<p><b>Recommended kernel:</b> {_esc(rec.get('kernel'))} — {_esc(rec.get('kernel_rule'))}<br>"
+        f"<b>Recommended divergence:</b> {_esc(rec.get('divergence'))} — {_esc(rec.get('divergence_rule'))}</p>",
+    ]
     for family in ("kernel", "divergence"):
         if rec.get(f"{family}_uncertain"):
-            parts.append(f"<p class='note'><b>{family.capitalize()} uncertain:</b> {_esc(rec.get(f'{family}_verdict'))}</p>")
-    metrics = [{"group": group, "metric": name, "value": value}
-               for group in ("kernel_metrics", "divergence_metrics")
-               for name, value in (diagnosis.get(group) or {}).items()]
+            parts.append(
+                f"<p class='note'><b>{family.capitalize()} uncertain:</b> {_esc(rec.get(f'{family}_verdict'))}</p>"
+            )
+    metrics = [
+        {"group": group, "metric": name, "value": value}
+        for group in ("kernel_metrics", "divergence_metrics")
+        for name, value in (diagnosis.get(group) or {}).items()
+    ]
     parts.append("<h3>Selection metrics</h3>" + _table(pd.DataFrame(metrics)))
     confidence = rec.get("confidence") or {}
-    conf_rows = [{"family": family, "choice": name, "share of bootstrap resamples": share}
-                 for family in ("kernel", "divergence") for name, share in (confidence.get(family) or {}).items()]
+    conf_rows = [
+        {"family": family, "choice": name, "share of bootstrap resamples": share}
+        for family in ("kernel", "divergence")
+        for name, share in (confidence.get(family) or {}).items()
+    ]
     if conf_rows:
         parts.append("<h3>Bootstrap confidence</h3>" + _table(pd.DataFrame(conf_rows)))
     rows = []
@@ -175,10 +202,18 @@ def _diagnosis_section(diagnosis: dict | None) -> str:
     for family in ("kernel", "divergence"):
         for rule in rules.get(family, []) if isinstance(rules, dict) else []:
             for cond in rule.get("conditions") or [{}]:
-                rows.append({"family": family, "rule": rule.get("name"), "fired": rule.get("fired"),
-                             "metric": ("|" + cond.get("metric", "") + "|") if cond.get("absolute") else cond.get("metric"),
-                             "value": cond.get("value"), "test": cond.get("comparison"),
-                             "threshold": cond.get("threshold"), "passed": cond.get("passed")})
+                rows.append(
+                    {
+                        "family": family,
+                        "rule": rule.get("name"),
+                        "fired": rule.get("fired"),
+                        "metric": ("|" + cond.get("metric", "") + "|") if cond.get("absolute") else cond.get("metric"),
+                        "value": cond.get("value"),
+                        "test": cond.get("comparison"),
+                        "threshold": cond.get("threshold"),
+                        "passed": cond.get("passed"),
+                    }
+                )
     if rows:
         parts.append("<h3>Rules (first match wins)</h3>" + _table(pd.DataFrame(rows)))
     return "\n".join(parts)
@@ -191,10 +226,16 @@ def _config_section(run: RunData) -> str:
     flat.columns = ["setting", "value"]
     flat["value"] = flat["value"].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).astype(str)
     summary = run.summary or {}
-    facts = {k: summary.get(k) for k in ("status", "wall_time_s", "tokens_per_s", "peak_memory_mb", "error") if k in summary}
-    return (f"<h3>{_esc(run.run_id)}</h3>"
-            + (_table(pd.DataFrame([facts])) if facts else "")
-            + "<details><summary>All settings</summary>" + _table(flat) + "</details>")
+    facts = {
+        k: summary.get(k) for k in ("status", "wall_time_s", "tokens_per_s", "peak_memory_mb", "error") if k in summary
+    }
+    return (
+        f"<h3>{_esc(run.run_id)}</h3>"
+        + (_table(pd.DataFrame([facts])) if facts else "")
+        + "<details><summary>All settings</summary>"
+        + _table(flat)
+        + "</details>"
+    )
 
 
 def _health_section(run: RunData) -> str:
@@ -202,12 +243,15 @@ def _health_section(run: RunData) -> str:
     alerts = health_of(run)
     label = f"<h3>{_esc(run.run_id)}</h3>"
     if not alerts:
-        return label + ("<p class='note'>No health alerts: likelihood displacement, memorising, NaN/inf values, "
-                        "kernel-weight collapse, the ε-DPO β range and HT-SR alpha were checked.</p>")
+        return label + (
+            "<p class='note'>No health alerts: likelihood displacement, memorising, NaN/inf values, "
+            "kernel-weight collapse, the ε-DPO β range and HT-SR alpha were checked.</p>"
+        )
     items = "".join(
         f"<div class='alert {_esc(a.severity)}'><b>{_esc(a.headline)}</b> · {_esc(a.evidence)}"
         f"<p class='what'>{_esc(a.meaning)}</p><p><b>What to try:</b> {_esc(a.advice)}</p></div>"
-        for a in alerts)
+        for a in alerts
+    )
     return label + items
 
 
@@ -217,17 +261,34 @@ def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> di
         empty = label + "<p class='note'>This run has not written any results yet.</p>"
         return {key: empty for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr")}
     out = {}
-    out["curves"] = label + fig(viz.loss_figure(run.metrics, run.eval)) \
-        + fig(viz.reward_accuracy_figure(run.metrics, run.eval)) \
-        + f"<p class='note'>Final held-out reward accuracy: {_esc(viz.accuracy_text(run))}. {_esc(viz.TIE_EXPLANATION)}</p>" \
-        + "".join(fig(f) for f in (viz.reward_margin_figure(run.metrics, run.eval), viz.learning_rate_figure(run.metrics),
-                                   viz.throughput_figure(run.metrics)))
+    out["curves"] = (
+        label
+        + fig(viz.loss_figure(run.metrics, run.eval))
+        + fig(viz.reward_accuracy_figure(run.metrics, run.eval))
+        + f"<p class='note'>Final held-out reward accuracy: {_esc(viz.accuracy_text(run))}. "
+        f"{_esc(viz.TIE_EXPLANATION)}</p>"
+        + "".join(
+            fig(f)
+            for f in (
+                viz.reward_margin_figure(run.metrics, run.eval),
+                viz.learning_rate_figure(run.metrics),
+                viz.throughput_figure(run.metrics),
+            )
+        )
+    )
     kw = viz.kernel_weight_figure(run.metrics)
     beta = viz.beta_figure(run.metrics) if run.epsilon_dpo > 0 else None
     collapsed = viz.collapsed_weights(run.metrics)
-    out["kernel_weights"] = label + (fig(kw) if kw else f"<p class='note'>Kernel {_esc(run.kernel_name)} has no mixture weights.</p>") \
-        + (f"<p class='warn'>Collapsed below {viz.COLLAPSE_THRESHOLD}: {_esc(', '.join(collapsed))}</p>" if collapsed else "") \
+    out["kernel_weights"] = (
+        label
+        + (fig(kw) if kw else f"<p class='note'>Kernel {_esc(run.kernel_name)} has no mixture weights.</p>")
+        + (
+            f"<p class='warn'>Collapsed below {viz.COLLAPSE_THRESHOLD}: {_esc(', '.join(collapsed))}</p>"
+            if collapsed
+            else ""
+        )
         + fig(beta)
+    )
     div = viz.divergence_figure(run.eval, run.divergence_name)
     out["divergences"] = label + (fig(div) if div else "<p class='note'>No evaluation yet.</p>")
     dbs = viz.dbs_table(run)
@@ -238,34 +299,50 @@ def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> di
             clusters = fig(viz.cluster_figure(projection, texts, dbs_by_step=dict(zip(dbs.step, dbs.dbs))))
         except ValueError as exc:
             clusters = f"<p class='warn'>Projection unavailable: {_esc(exc)}</p>"
-    out["clusters"] = label + (clusters or "<p class='note'>No snapshots yet.</p>") + fig(viz.dbs_figure(dbs)) \
-        + "<p class='note'>Davies–Bouldin scores on the full-dimensional representations (lower = better separated).</p>" \
-        + _table(dbs)
+    out["clusters"] = (
+        label
+        + (clusters or "<p class='note'>No snapshots yet.</p>")
+        + fig(viz.dbs_figure(dbs))
+        + "<p class='note'>Davies–Bouldin scores on the full-dimensional representations (lower = better "
+        "separated).</p>" + _table(dbs)
+    )
     before, after = run.weighted_alpha()
     if run.htsr_before is not None or run.htsr_after is not None:
-        out["htsr"] = (label + f"<p>{_esc(viz.ALPHA_EXPLANATION)}</p>"
-                       + fig(viz.htsr_alpha_figure(run.htsr_before, run.htsr_after))
-                       + fig(viz.weighted_alpha_figure([(run.run_id, before, after)]))
-                       + "<h4>Layers outside [2, 6] after training</h4>"
-                       + _table(viz.htsr_flag_table(run.htsr_after if run.htsr_after is not None else run.htsr_before)))
+        out["htsr"] = (
+            label
+            + f"<p>{_esc(viz.ALPHA_EXPLANATION)}</p>"
+            + fig(viz.htsr_alpha_figure(run.htsr_before, run.htsr_after))
+            + fig(viz.weighted_alpha_figure([(run.run_id, before, after)]))
+            + "<h4>Layers outside [2, 6] after training</h4>"
+            + _table(viz.htsr_flag_table(run.htsr_after if run.htsr_after is not None else run.htsr_before))
+        )
     else:
-        out["htsr"] = label + "<p class='note'>No WeightWatcher analysis in this run (monitoring.htsr off or not finished).</p>"
+        out["htsr"] = (
+            label + "<p class='note'>No WeightWatcher analysis in this run (monitoring.htsr off or not finished).</p>"
+        )
     return out
 
 
 def _compare_section(runs: list[RunData], fig: _Figures) -> str:
     grid_fig, _ = viz.kernel_divergence_grid(runs)
-    return "".join([
-        fig(viz.overlay_figure(runs, "loss", title="Training loss", y_title="loss (nats)")),
-        fig(viz.overlay_figure(runs, "reward_acc", source="eval", title="Held-out reward accuracy",
-                               y_title="accuracy (fraction)")),
-        "<h3>Final metrics</h3>", _table(viz.final_accuracy_table(runs)),
-        f"<p class='note'>“ties (step 0)”: evaluated only while policy = reference. {_esc(viz.TIE_EXPLANATION)}</p>",
-        "<h3>Davies–Bouldin score per snapshot (rows = steps, columns = runs)</h3>",
-        _table(viz.dbs_comparison_table(runs), index=True),
-        fig(viz.weighted_alpha_figure([(r.run_id, *r.weighted_alpha()) for r in runs])),
-        fig(grid_fig),
-    ])
+    return "".join(
+        [
+            fig(viz.overlay_figure(runs, "loss", title="Training loss", y_title="loss (nats)")),
+            fig(
+                viz.overlay_figure(
+                    runs, "reward_acc", source="eval", title="Held-out reward accuracy", y_title="accuracy (fraction)"
+                )
+            ),
+            "<h3>Final metrics</h3>",
+            _table(viz.final_accuracy_table(runs)),
+            "<p class='note'>“ties (step 0)”: evaluated only while policy = reference. "
+            f"{_esc(viz.TIE_EXPLANATION)}</p>",
+            "<h3>Davies–Bouldin score per snapshot (rows = steps, columns = runs)</h3>",
+            _table(viz.dbs_comparison_table(runs), index=True),
+            fig(viz.weighted_alpha_figure([(r.run_id, *r.weighted_alpha()) for r in runs])),
+            fig(grid_fig),
+        ]
+    )
 
 
 def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str | dict | None = None) -> str:
@@ -302,19 +379,30 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
         sections["compare"] = _compare_section(runs, fig)
     warnings = [f"{r.run_id}: {w}" for r in runs for w in r.warnings]
 
-    title = "DPO-Kernels report: " + ", ".join(r.run_id + (f" {EXAMPLE_MARK}" if r.run_id in examples else "")
-                                               for r in runs)
+    title = "DPO-Kernels report: " + ", ".join(
+        r.run_id + (f" {EXAMPLE_MARK}" if r.run_id in examples else "") for r in runs
+    )
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     toc = "".join(f"<a href='#{key}'>{_esc(SECTION_TITLES[key])}</a>" for key in sections)
-    body = "".join(f"<section id='{key}'><h2>{_esc(SECTION_TITLES[key])}</h2>{content}</section>"
-                   for key, content in sections.items())
-    warn_html = ("<div class='warn'><b>Warnings while reading the runs:</b><ul>"
-                 + "".join(f"<li>{_esc(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""
+    body = "".join(
+        f"<section id='{key}'><h2>{_esc(SECTION_TITLES[key])}</h2>{content}</section>"
+        for key, content in sections.items()
+    )
+    warn_html = (
+        (
+            "<div class='warn'><b>Warnings while reading the runs:</b><ul>"
+            + "".join(f"<li>{_esc(w)}</li>" for w in warnings)
+            + "</ul></div>"
+        )
+        if warnings
+        else ""
+    )
     if examples:
-        warn_html = (f"<div class='warn'><b>Example {'runs' if len(examples) > 1 else 'run'}</b> "
-                     f"{_esc(', '.join(examples))}: shipped with DPO-Kernels Studio (trained by "
-                     "scripts/make_example_run.py on the bundled HH sample), not runs of this workspace.</div>"
-                     + warn_html)
+        warn_html = (
+            f"<div class='warn'><b>Example {'runs' if len(examples) > 1 else 'run'}</b> "
+            f"{_esc(', '.join(examples))}: shipped with DPO-Kernels Studio (trained by "
+            "scripts/make_example_run.py on the bundled HH sample), not runs of this workspace.</div>" + warn_html
+        )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{_esc(title)}</title><style>{_CSS}</style>"

@@ -3,7 +3,7 @@
 Run directories are read while a worker is still writing them, so every piece is optional: a
 missing file gives an empty table or None, a half-written last JSONL line is skipped, and
 anything else that cannot be read is recorded in `warnings` (shown to the user, never dropped
-silently). The files are read with `dpo_engine.train.rundir`, the one reader and writer of the
+silently). The files are read with `dpo_engine.rundir`, the one reader and writer of the
 run-directory contract.
 """
 
@@ -16,13 +16,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 
 KERNEL_WEIGHT_COLUMNS = (
-    "lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global",
+    "lambda_rbf",
+    "lambda_poly",
+    "lambda_spectral",
+    "lambda_mahalanobis",
+    "tau_local",
+    "tau_global",
 )
 DIVERGENCE_COLUMNS = (
-    "div_kl", "div_js", "div_hellinger", "div_renyi", "div_bhattacharyya", "div_wasserstein", "div_fdiv",
+    "div_kl",
+    "div_js",
+    "div_hellinger",
+    "div_renyi",
+    "div_bhattacharyya",
+    "div_wasserstein",
+    "div_fdiv",
 )
 
 
@@ -76,8 +87,12 @@ class RunData:
 
     def load_snapshot(self, step: int) -> Snapshot:
         with np.load(self.snapshot_path(step), allow_pickle=False) as npz:
-            return Snapshot(step, np.asarray(npz["chosen"], dtype=np.float32),
-                            np.asarray(npz["rejected"], dtype=np.float32), np.asarray(npz["pair_ids"]))
+            return Snapshot(
+                step,
+                np.asarray(npz["chosen"], dtype=np.float32),
+                np.asarray(npz["rejected"], dtype=np.float32),
+                np.asarray(npz["pair_ids"]),
+            )
 
     def log_tail(self, n_lines: int = 80) -> str:
         return rundir.read_log_tail(self.run_dir / rundir.LOG, n_lines)
@@ -186,8 +201,11 @@ def list_runs(workspace, jobs: list | None = None, kind: str = "train") -> list[
         if job.kind == kind:
             entries[job.run_id] = RunEntry(job.run_id, Path(job.run_dir), job)
     if kind == "train" and workspace.runs_dir.is_dir():
-        loose = [p for p in workspace.runs_dir.iterdir() if p.is_dir() and p.name not in entries
-                 and (p / "config.json").is_file()]
+        loose = [
+            p
+            for p in workspace.runs_dir.iterdir()
+            if p.is_dir() and p.name not in entries and (p / "config.json").is_file()
+        ]
         for path in sorted(loose, key=lambda p: p.stat().st_mtime, reverse=True):
             entries[path.name] = RunEntry(path.name, path)
     job_entries = [e for e in entries.values() if e.job is not None]

@@ -173,7 +173,10 @@ def _verdict(
     if others:
         runner_up, runner_share = others[0][1], others[0][0]
     else:
-        runner_up, runner_share = evaluation.runner_up, (shares.get(evaluation.runner_up) if evaluation.runner_up else None)
+        runner_up, runner_share = (
+            evaluation.runner_up,
+            (shares.get(evaluation.runner_up) if evaluation.runner_up else None),
+        )
     if n_resamples == 0:
         return False, runner_up, runner_share, f"{shown} (no bootstrap: confidence unknown)", []
     share = shares.get(shown, 0.0)
@@ -194,7 +197,9 @@ def _verdict(
     return uncertain, runner_up, runner_share, text, near
 
 
-def _recommend(metrics: SelectionMetrics, thresholds: Thresholds, table: np.ndarray) -> tuple[RuleEvaluation, RuleEvaluation, Recommendation]:
+def _recommend(
+    metrics: SelectionMetrics, thresholds: Thresholds, table: np.ndarray
+) -> tuple[RuleEvaluation, RuleEvaluation, Recommendation]:
     se = _standard_errors(table)
     kernel = evaluate_rules(KERNEL_RULES, metrics, thresholds, se)
     divergence = evaluate_rules(DIVERGENCE_RULES, metrics, thresholds, se)
@@ -239,17 +244,33 @@ def diagnose_quantities(
     margins = q.margin
     edges, hist_p, hist_q = overlap_histograms(q.dp, q.dn)
     pairs = PairData(
-        dp=q.dp, dn=q.dn, margins=margins, log_ratio=q.log_ratio, tat=q.tat, nag=q.nag,
+        dp=q.dp,
+        dn=q.dn,
+        margins=margins,
+        log_ratio=q.log_ratio,
+        tat=q.tat,
+        nag=q.nag,
         chunk_bounds=np.array(bounds, dtype=np.int64).reshape(-1, 2),
         chunk_w1=chunk_wasserstein(margins, bounds),
         chunk_energy=chunk_energy(margins, bounds),
-        hist_edges=edges, hist_chosen=hist_p, hist_rejected=hist_q, bootstrap=table,
+        hist_edges=edges,
+        hist_chosen=hist_p,
+        hist_rejected=hist_q,
+        bootstrap=table,
     )
     kernel, divergence, recommendation = _recommend(metrics, thresholds, table)
     return Diagnosis(
-        n_pairs=q.n, embedder=embedder, distance=distance, metrics=metrics, thresholds=thresholds,
-        kernel_evaluation=kernel, divergence_evaluation=divergence, recommendation=recommendation,
-        n_bootstrap=n_bootstrap, seed=seed, pairs=pairs,
+        n_pairs=q.n,
+        embedder=embedder,
+        distance=distance,
+        metrics=metrics,
+        thresholds=thresholds,
+        kernel_evaluation=kernel,
+        divergence_evaluation=divergence,
+        recommendation=recommendation,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        pairs=pairs,
     )
 
 
@@ -322,8 +343,15 @@ def load_diagnosis(directory: str | Path) -> Diagnosis:
     thresholds = Thresholds(**data["thresholds"])
     kernel, divergence, recommendation = _recommend(metrics, thresholds, pairs.bootstrap)
     return Diagnosis(
-        n_pairs=int(data["n_pairs"]), embedder=data.get("embedder"), distance=data["distance"],
-        metrics=metrics, thresholds=thresholds, kernel_evaluation=kernel, divergence_evaluation=divergence,
-        recommendation=recommendation, n_bootstrap=int(data["bootstrap"]["n_resamples"]),
-        seed=int(data["bootstrap"]["seed"]), pairs=pairs,
+        n_pairs=int(data["n_pairs"]),
+        embedder=data.get("embedder"),
+        distance=data["distance"],
+        metrics=metrics,
+        thresholds=thresholds,
+        kernel_evaluation=kernel,
+        divergence_evaluation=divergence,
+        recommendation=recommendation,
+        n_bootstrap=int(data["bootstrap"]["n_resamples"]),
+        seed=int(data["bootstrap"]["seed"]),
+        pairs=pairs,
     )

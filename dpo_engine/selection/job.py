@@ -50,7 +50,9 @@ class DiagnoseParams(BaseModel):
         "smollm2-135m-instruct", description="model whose tokenizer the token pre-flight uses; None skips it"
     )
     max_length: int = Field(256, ge=8, description="training max_length the pre-flight checks (TrainConfig default)")
-    max_prompt_length: int | None = Field(None, ge=4, description="training max_prompt_length; None = half of max_length")
+    max_prompt_length: int | None = Field(
+        None, ge=4, description="training max_prompt_length; None = half of max_length"
+    )
 
     @field_validator("thresholds")
     @classmethod
@@ -88,8 +90,11 @@ def run_diagnosis(
 
         report(0.01, f"token pre-flight with the {params.preflight_model} tokenizer")
         preflight = token_preflight(
-            table, load_tokenizer(params.preflight_model, workspace), model=params.preflight_model,
-            max_length=params.max_length, max_prompt_length=params.max_prompt_length,
+            table,
+            load_tokenizer(params.preflight_model, workspace),
+            model=params.preflight_model,
+            max_length=params.max_length,
+            max_prompt_length=params.max_prompt_length,
         )
 
     def embedded(done: int, total: int) -> None:
@@ -98,14 +103,26 @@ def run_diagnosis(
     backend = params.backend if device == "cpu" else "torch"  # the ONNX backends are CPU runtimes
 
     embeddings = embed_pairs(
-        table, embedder=params.embedder, device=device, batch_size=params.batch_size,
-        max_seq_length=params.max_seq_length, progress=embedded, cache_dir=workspace.embeddings_dir,
-        should_stop=should_stop, precision=params.precision, backend=backend,
+        table,
+        embedder=params.embedder,
+        device=device,
+        batch_size=params.batch_size,
+        max_seq_length=params.max_seq_length,
+        progress=embedded,
+        cache_dir=workspace.embeddings_dir,
+        should_stop=should_stop,
+        precision=params.precision,
+        backend=backend,
     )
     report(0.93, f"computing metrics and {params.n_bootstrap} bootstrap resamples")
     diagnosis = diagnose(
-        embeddings.prompt, embeddings.chosen, embeddings.rejected, distance=params.distance,
-        thresholds=thresholds, n_bootstrap=params.n_bootstrap, seed=params.seed,
+        embeddings.prompt,
+        embeddings.chosen,
+        embeddings.rejected,
+        distance=params.distance,
+        thresholds=thresholds,
+        n_bootstrap=params.n_bootstrap,
+        seed=params.seed,
         embedder=canonical_embedder_name(params.embedder),
     )
     dataset_entry = {
@@ -154,7 +171,11 @@ def run_diagnose_job(ctx) -> dict:
     params = DiagnoseParams(**ctx.params)
     try:
         _, _, _, summary = run_diagnosis(
-            params, ctx.workspace, ctx.run_dir, device=ctx.device, progress=ctx.progress,
+            params,
+            ctx.workspace,
+            ctx.run_dir,
+            device=ctx.device,
+            progress=ctx.progress,
             should_stop=ctx.should_stop,
         )
     except InterruptedError as exc:

@@ -184,8 +184,6 @@ def pair_quantities(
     )
 
 
-
-
 def chunk_bounds(n: int) -> list[tuple[int, int]]:
     """File-order chunks for smoothness: T = min(10, n // 20) near-equal chunks; one chunk below 40 pairs."""
     t = min(MAX_CHUNKS, n // MIN_CHUNK_PAIRS)
@@ -350,7 +348,7 @@ class OverlapEstimator:
         f = _kde(sim_p, uniform, grid, h_p)[0]
         g = _kde(sim_q, uniform, grid, h_q)[0]
         # mean_i K_h(x - p_i)^2 = KDE with bandwidth h / sqrt(2), times 1 / (2 h sqrt(pi)).
-        f2 = _kde(sim_p, uniform, grid, h_p / np.sqrt(2)) [0] / (2 * h_p * np.sqrt(np.pi))
+        f2 = _kde(sim_p, uniform, grid, h_p / np.sqrt(2))[0] / (2 * h_p * np.sqrt(np.pi))
         g2 = _kde(sim_q, uniform, grid, h_q / np.sqrt(2))[0] / (2 * h_q * np.sqrt(np.pi))
         # mean_i K_hp(x - p_i) K_hq(x - q_i): Gaussians at m_i with variance s2, weights c_i.
         var_sum = h_p**2 + h_q**2
@@ -365,7 +363,8 @@ class OverlapEstimator:
             ratio = np.where(sd > 0, gap / np.where(sd > 0, sd, 1.0), np.sign(gap) * np.inf)
         expected_abs = np.where(
             sd > 0,
-            sd * np.sqrt(2 / np.pi) * np.exp(-0.5 * np.minimum(ratio**2, 700.0)) + gap * (1 - 2 * scipy.stats.norm.cdf(-ratio)),
+            sd * np.sqrt(2 / np.pi) * np.exp(-0.5 * np.minimum(ratio**2, 700.0))
+            + gap * (1 - 2 * scipy.stats.norm.cdf(-ratio)),
             np.abs(gap),
         )
         bias = float(np.sum(np.abs(gap) - expected_abs) / 2 * step)

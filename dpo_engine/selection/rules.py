@@ -23,7 +23,12 @@ FALLBACK_KERNEL = "hmk"
 FALLBACK_DIVERGENCE = "kl"
 
 Comparison = Literal[">", "<", "<=", ">="]
-_OPS: dict[str, Callable[[float, float], bool]] = {">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le}
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    "<": operator.lt,
+    ">=": operator.ge,
+    "<=": operator.le,
+}
 
 
 class Thresholds(BaseModel):
@@ -42,7 +47,9 @@ class Thresholds(BaseModel):
     )
     drift: float = Field(0.3, description="Wasserstein: drift magnitude above this")
     kurt: float = Field(
-        4.0, description="Renyi: kurtosis above this (excess 1, a Student t with 10 dof); JS and Hellinger need at most this"
+        4.0,
+        description="Renyi: kurtosis above this (excess 1, a Student t with 10 dof); JS and Hellinger need at most "
+        "this",
     )
     overlap_lo: float = Field(0.3, description="Jensen-Shannon: support overlap below this (normals ~1.5 SD apart)")
     smooth_lo: float = Field(
@@ -54,9 +61,7 @@ class Thresholds(BaseModel):
         """Build from NAME=VALUE settings, with a one-line error for unknown names or bad values."""
         unknown = sorted(set(assignments) - set(cls.model_fields))
         if unknown:
-            raise ValueError(
-                f"unknown threshold {', '.join(unknown)}; known: {', '.join(cls.model_fields)}"
-            )
+            raise ValueError(f"unknown threshold {', '.join(unknown)}; known: {', '.join(cls.model_fields)}")
         values: dict[str, float] = {}
         for name, raw in assignments.items():
             try:
@@ -138,21 +143,35 @@ class RuleEvaluation(BaseModel):
     rules: list[RuleResult]
 
 
-def _condition(spec: ConditionSpec, metrics: SelectionMetrics, thresholds: Thresholds, se: Mapping[str, float]) -> ConditionResult:
+def _condition(
+    spec: ConditionSpec, metrics: SelectionMetrics, thresholds: Thresholds, se: Mapping[str, float]
+) -> ConditionResult:
     raw = getattr(metrics, spec.metric)
     threshold = 0.0 if spec.threshold_name is None else float(getattr(thresholds, spec.threshold_name))
     if raw is None:
         return ConditionResult(
-            metric=spec.metric, absolute=spec.absolute, value=None, comparison=spec.comparison,
-            threshold_name=spec.threshold_name, threshold=threshold, passed=False, gap=None,
+            metric=spec.metric,
+            absolute=spec.absolute,
+            value=None,
+            comparison=spec.comparison,
+            threshold_name=spec.threshold_name,
+            threshold=threshold,
+            passed=False,
+            gap=None,
         )
     value = abs(raw) if spec.absolute else float(raw)
     passed = bool(_OPS[spec.comparison](value, threshold))
     unit = se.get(spec.metric, 0.0)
     gap = 0.0 if passed else abs(value - threshold) / (unit if unit > 0 else 1.0)
     return ConditionResult(
-        metric=spec.metric, absolute=spec.absolute, value=value, comparison=spec.comparison,
-        threshold_name=spec.threshold_name, threshold=threshold, passed=passed, gap=gap,
+        metric=spec.metric,
+        absolute=spec.absolute,
+        value=value,
+        comparison=spec.comparison,
+        threshold_name=spec.threshold_name,
+        threshold=threshold,
+        passed=passed,
+        gap=gap,
     )
 
 
@@ -185,7 +204,9 @@ def evaluate_rules(
         distance = 0.0 if matched else (None if any(g is None for g in gaps) else max(gaps))
         fired = matched and not fired_seen
         fired_seen = fired_seen or fired
-        results.append(RuleResult(name=spec.name, conditions=conditions, matched=matched, fired=fired, distance=distance))
+        results.append(
+            RuleResult(name=spec.name, conditions=conditions, matched=matched, fired=fired, distance=distance)
+        )
     winner = next(r for r in results if r.fired)
     shadowed = [r for r in results[results.index(winner) + 1 :] if r.matched and r.conditions]
     failing = [r for r in results if not r.matched and r.distance is not None]
@@ -208,11 +229,15 @@ def evaluate_rules(
     )
 
 
-def recommend_kernel(metrics: SelectionMetrics, thresholds: Thresholds = Thresholds(), standard_errors: Mapping[str, float] | None = None) -> RuleEvaluation:
+def recommend_kernel(
+    metrics: SelectionMetrics, thresholds: Thresholds = Thresholds(), standard_errors: Mapping[str, float] | None = None
+) -> RuleEvaluation:
     return evaluate_rules(KERNEL_RULES, metrics, thresholds, standard_errors)
 
 
-def recommend_divergence(metrics: SelectionMetrics, thresholds: Thresholds = Thresholds(), standard_errors: Mapping[str, float] | None = None) -> RuleEvaluation:
+def recommend_divergence(
+    metrics: SelectionMetrics, thresholds: Thresholds = Thresholds(), standard_errors: Mapping[str, float] | None = None
+) -> RuleEvaluation:
     return evaluate_rules(DIVERGENCE_RULES, metrics, thresholds, standard_errors)
 
 
@@ -294,8 +319,12 @@ def near_thresholds(
             key = (c.metric, c.threshold_name)
             if distance < NEAR_SE and key not in found:
                 found[key] = NearThreshold(
-                    rule=rule.name, metric=f"|{c.metric}|" if c.absolute else c.metric, value=c.value,
-                    comparison=c.comparison, threshold_name=c.threshold_name, threshold=c.threshold,
+                    rule=rule.name,
+                    metric=f"|{c.metric}|" if c.absolute else c.metric,
+                    value=c.value,
+                    comparison=c.comparison,
+                    threshold_name=c.threshold_name,
+                    threshold=c.threshold,
                     distance_se=distance,
                 )
     return sorted(found.values(), key=lambda item: item.distance_se)

@@ -27,10 +27,14 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     dataset: str = Field(..., description="Dataset id or name in the workspace, or a path to a preference file.")
-    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of pairs held out for evaluation (seeded split).")
+    eval_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Share of pairs held out for evaluation (seeded split)."
+    )
     min_eval_pairs: int = Field(32, ge=1, description="Hold out at least this many pairs, whatever the fraction.")
     split_seed: int | None = Field(
-        None, description="Seed of the train/eval split; empty = optimisation.seed. Fix it to compare seeds on the same held-out pairs."
+        None,
+        description="Seed of the train/eval split; empty = optimisation.seed. Fix it to compare seeds on the same "
+        "held-out pairs.",
     )
     max_pairs: int | None = Field(None, ge=2, description="Use only the first N pairs of the dataset (empty = all).")
     max_length: int = Field(256, ge=8, description="Maximum tokens of prompt + response; longer responses are cut.")
@@ -51,8 +55,15 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = Field("smollm2-135m-instruct", description="Policy model: smollm2-135m-instruct, tiny-random, a local Hugging Face directory, or a cached model id.")
-    lora: bool = Field(True, description="Train LoRA adapters (the reference is the base model with adapters off) instead of all weights.")
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Policy model: smollm2-135m-instruct, tiny-random, a local Hugging Face directory, or a cached "
+        "model id.",
+    )
+    lora: bool = Field(
+        True,
+        description="Train LoRA adapters (the reference is the base model with adapters off) instead of all weights.",
+    )
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -60,11 +71,15 @@ class ModelConfig(_Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names that get LoRA adapters (Llama-style names by default).",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30% slower.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute precision; auto = bf16 mixed precision on GPUs that support it, fp32 on CPU."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code shipped with a local model directory to run (off unless you trust it).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code shipped with a local model directory to run (off unless you trust it)."
+    )
 
     @model_validator(mode="after")
     def _known(self) -> "ModelConfig":
@@ -83,14 +98,31 @@ class ModelConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    kernel: KernelConfig = Field(default_factory=KernelConfig, description="Kernel on representations (METHOD.md 2.3-2.4).")
-    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig, description="Token-level divergence regulariser (METHOD.md 2.7).")
-    loss: LossConfig = Field(default_factory=LossConfig, description="Preference loss: beta, gamma, label smoothing, epsilon-DPO (METHOD.md 2.5-2.6).")
-    embedding_source: Literal["policy", "encoder"] = Field(
-        "policy", description="policy: the kernel acts on the policy's hidden states (trainable); encoder: on frozen sentence embeddings."
+    kernel: KernelConfig = Field(
+        default_factory=KernelConfig, description="Kernel on representations (METHOD.md 2.3-2.4)."
     )
-    projection_dim: int = Field(256, ge=2, description="Representations are projected to min(hidden size, this) dims by a fixed random orthogonal map.")
-    calibration_pairs: int = Field(256, ge=2, description="Training pairs whose reference representations calibrate the spectral and Mahalanobis kernels.")
+    divergence: DivergenceConfig = Field(
+        default_factory=DivergenceConfig, description="Token-level divergence regulariser (METHOD.md 2.7)."
+    )
+    loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description="Preference loss: beta, gamma, label smoothing, epsilon-DPO (METHOD.md 2.5-2.6).",
+    )
+    embedding_source: Literal["policy", "encoder"] = Field(
+        "policy",
+        description="policy: the kernel acts on the policy's hidden states (trainable); encoder: on frozen sentence "
+        "embeddings.",
+    )
+    projection_dim: int = Field(
+        256,
+        ge=2,
+        description="Representations are projected to min(hidden size, this) dims by a fixed random orthogonal map.",
+    )
+    calibration_pairs: int = Field(
+        256,
+        ge=2,
+        description="Training pairs whose reference representations calibrate the spectral and Mahalanobis kernels.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "MethodConfig":
@@ -101,29 +133,51 @@ class MethodConfig(_Strict):
 
 class OptimConfig(_Strict):
     max_steps: int | None = Field(100, ge=1, description="Optimiser steps to run (set this or epochs, not both).")
-    epochs: float | None = Field(None, gt=0, description="Passes over the training split (used when max_steps is empty).")
-    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch (per process); chosen and rejected are stacked, so 2x sequences.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step (effective batch = batch_size x grad_accum x processes).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training split (used when max_steps is empty)."
+    )
+    batch_size: int = Field(
+        4, ge=1, description="Pairs per micro-batch (per process); chosen and rejected are stacked, so 2x sequences."
+    )
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches accumulated per optimiser step (effective batch = batch_size x grad_accum x "
+        "processes).",
+    )
     lr: float | None = Field(
-        None, gt=0,
-        description=f"Learning rate; empty = {LORA_DEFAULT_LR:g} with LoRA (adapters start at zero and need larger steps), {FULL_FINETUNE_DEFAULT_LR:g} for full fine-tuning.",
+        None,
+        gt=0,
+        description=f"Learning rate; empty = {LORA_DEFAULT_LR:g} with LoRA (adapters start at zero and need larger "
+        f"steps), {FULL_FINETUNE_DEFAULT_LR:g} for full fine-tuning.",
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on model parameters.")
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up of the learning rate.")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of steps with linear warm-up of the learning rate."
+    )
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (global L2 norm).")
-    seed: int = Field(0, description="Seed of the split, data order, LoRA init, dropout and the representation projection.")
+    seed: int = Field(
+        0, description="Seed of the split, data order, LoRA init, dropout and the representation projection."
+    )
     processes: int = Field(
-        1, ge=1, le=64, description="Training processes on this machine (gloo on CPU, NCCL on GPUs, one GPU each); each "
-        "takes its own batch_size pairs per micro-batch and the logged metrics are means over all processes."
+        1,
+        ge=1,
+        le=64,
+        description="Training processes on this machine (gloo on CPU, NCCL on GPUs, one GPU each); each "
+        "takes its own batch_size pairs per micro-batch and the logged metrics are means over all processes.",
     )
     reference_cache: bool = Field(
-        True, description="Keep the reference model's log-probs per pair in the workspace and skip its forward pass "
-        "when they are known (objectives that need the reference's token distributions still run it)."
+        True,
+        description="Keep the reference model's log-probs per pair in the workspace and skip its forward pass "
+        "when they are known (objectives that need the reference's token distributions still run it).",
     )
     pack_pairs: bool = Field(
-        True, description="Put prompt, chosen and rejected in one sequence with a block attention mask, so the shared "
-        "prompt is computed once per pair instead of twice."
+        True,
+        description="Put prompt, chosen and rejected in one sequence with a block attention mask, so the shared "
+        "prompt is computed once per pair instead of twice.",
     )
 
     @model_validator(mode="after")
@@ -137,19 +191,30 @@ class OptimConfig(_Strict):
 
 class MonitoringConfig(_Strict):
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl row every N optimiser steps.")
-    eval_every: int = Field(10, ge=1, description="Evaluate on the held-out split every N steps (and at step 0 and the end).")
-    snapshot_every: int = Field(25, ge=1, description="Store probe-set representations + Davies-Bouldin score every N steps (and at 0 and the end).")
+    eval_every: int = Field(
+        10, ge=1, description="Evaluate on the held-out split every N steps (and at step 0 and the end)."
+    )
+    snapshot_every: int = Field(
+        25,
+        ge=1,
+        description="Store probe-set representations + Davies-Bouldin score every N steps (and at 0 and the end).",
+    )
     probe_pairs: int = Field(128, ge=2, description="Held-out pairs in the fixed probe set for snapshots.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
     htsr: bool = Field(True, description="WeightWatcher layer analysis before and after training.")
     eval_divergences: bool = Field(
-        True, description="Log all seven token divergences at every eval (the Wasserstein one costs most); off writes them as empty."
+        True,
+        description="Log all seven token divergences at every eval (the Wasserstein one costs most); off writes them "
+        "as empty.",
     )
     divergence_pairs: int = Field(
-        8, ge=1, description="Held-out pairs (a fixed subset) on which the seven divergence traces are computed at each eval."
+        8,
+        ge=1,
+        description="Held-out pairs (a fixed subset) on which the seven divergence traces are computed at each eval.",
     )
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
-        default_factory=list, description="Also send metrics.jsonl and eval.jsonl rows to these trackers (empty = none)."
+        default_factory=list,
+        description="Also send metrics.jsonl and eval.jsonl rows to these trackers (empty = none).",
     )
 
 
@@ -158,7 +223,9 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model and how it is fine-tuned.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="Kernel, divergence and loss.")
     optimisation: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser, schedule, batch and seed.")
-    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="Logging, evaluation, snapshots, checkpoints.")
+    monitoring: MonitoringConfig = Field(
+        default_factory=MonitoringConfig, description="Logging, evaluation, snapshots, checkpoints."
+    )
 
     @model_validator(mode="after")
     def _resolve_lr(self) -> "TrainConfig":

@@ -1,8 +1,6 @@
-"""Preference pairs -> token ids -> padded batches with chosen and rejected stacked.
+"""Tokenized pairs -> padded batches with chosen and rejected stacked (tokenisation: data.tokenize).
 
-Prompts are rendered through the tokenizer's chat template when it has one (a user turn plus the
-generation prompt) and responses are appended as assistant text + EOS, so the policy sees pairs the
-way it was instruction-tuned. Two batch layouts: chosen and rejected as separate rows, or packed into
+Two batch layouts: chosen and rejected as separate rows, or packed into
 one row per pair with a block attention mask so the shared prompt is computed once.
 """
 
@@ -14,30 +12,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpo_engine.data import open_dataset
+from dpo_engine.data.tokenize import TokenizedPair, pair_length
+
 REQUIRED_COLUMNS = ("pair_id", "prompt", "chosen", "rejected")
-
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    pair_id: str
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-
-def pair_length(pair: TokenizedPair) -> int:
-    """Tokens of the pair's packed row (prompt + chosen + rejected): what its batch pads to."""
-    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 
 def load_pairs(dataset: str, workspace, log=print) -> pd.DataFrame:
     """The canonical table of a stored dataset or a preference file (flagged rows dropped and logged)."""
-    from dpo_engine.data import open_dataset
-
     loaded = open_dataset(workspace, dataset)
     if loaded.dropped:
-        log(f"{loaded.label}: dropped {sum(loaded.dropped.values())} row(s) the validator flagged: "
-            + ", ".join(f"{k} {v}" for k, v in loaded.dropped.items()))
+        log(
+            f"{loaded.label}: dropped {sum(loaded.dropped.values())} row(s) the validator flagged: "
+            + ", ".join(f"{k} {v}" for k, v in loaded.dropped.items())
+        )
     return loaded.table
 
 
@@ -51,39 +39,10 @@ def check_pairs(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("prompt", "chosen", "rejected"):
         bad = df.index[df[col].isna() | (df[col].astype(str).str.len() == 0)].tolist()
         if col != "prompt" and bad:
-            raise ValueError(f"{len(bad)} pair(s) have an empty {col!r} field (first rows: {bad[:5]}); fix or drop them first")
+            raise ValueError(
+                f"{len(bad)} pair(s) have an empty {col!r} field (first rows: {bad[:5]}); fix or drop them first"
+            )
     return df.reset_index(drop=True).assign(pair_id=lambda d: d["pair_id"].astype(str))
-
-
-def render_prompt(tokenizer, prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
-
-
-def tokenize_pair(tokenizer, pair_id: str, prompt: str, chosen: str, rejected: str, *, max_length: int,
-                  max_prompt_length: int) -> TokenizedPair:
-    """Prompt keeps its last max_prompt_length tokens; responses are cut so prompt + response <= max_length."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    prompt_ids = prompt_ids[-max_prompt_length:]
-    budget = max_length - len(prompt_ids)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def response(text: str) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-        return ids[:budget]
-
-    return TokenizedPair(str(pair_id), list(prompt_ids), response(chosen), response(rejected))
-
-
-def tokenize_pairs(tokenizer, df: pd.DataFrame, *, max_length: int, max_prompt_length: int) -> list[TokenizedPair]:
-    return [
-        tokenize_pair(tokenizer, r.pair_id, str(r.prompt), str(r.chosen), str(r.rejected),
-                      max_length=max_length, max_prompt_length=max_prompt_length)
-        for r in df.itertuples(index=False)
-    ]
 
 
 def split_train_eval(n: int, *, eval_fraction: float, min_eval_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,10 +88,19 @@ class Batch:
         def mv(t):
             return None if t is None else t.to(device)
 
-        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.position_ids), mv(self.token_rows),
-                     mv(self.token_cols), mv(self.token_labels), mv(self.token_seq),
-                     tuple(mv(t) for t in self.pool_rows), tuple(mv(t) for t in self.pool_masks),
-                     self.pairs, self.n_tokens)
+        return Batch(
+            mv(self.input_ids),
+            mv(self.attention_mask),
+            mv(self.position_ids),
+            mv(self.token_rows),
+            mv(self.token_cols),
+            mv(self.token_labels),
+            mv(self.token_seq),
+            tuple(mv(t) for t in self.pool_rows),
+            tuple(mv(t) for t in self.pool_masks),
+            self.pairs,
+            self.n_tokens,
+        )
 
 
 def _token_index(items: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, ...]:
@@ -168,8 +136,19 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
     response_mask = attention & ~prompt_mask
     rows, cols, labels, seq = _token_index(items)
     first, second = torch.arange(b), torch.arange(b, 2 * b)
-    return Batch(input_ids, attention, None, rows, cols, labels, seq, (first, first, second),
-                 (prompt_mask[:b], response_mask[:b], response_mask[b:]), list(pairs), int(attention.sum()))
+    return Batch(
+        input_ids,
+        attention,
+        None,
+        rows,
+        cols,
+        labels,
+        seq,
+        (first, first, second),
+        (prompt_mask[:b], response_mask[:b], response_mask[b:]),
+        list(pairs),
+        int(attention.sum()),
+    )
 
 
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
@@ -237,6 +216,16 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
     pair_rows = torch.tensor(row_of, dtype=torch.long)
     mine = owner[pair_rows] == torch.arange(b).unsqueeze(1)  # (B × width): pair i's positions in its row
     seg = segment[pair_rows]
-    return Batch(input_ids, allowed.unsqueeze(1), position_ids, rows, cols, labels, seq, (pair_rows, pair_rows, pair_rows),
-                 (mine & (seg == 0), mine & (seg == 1), mine & (seg == 2)), list(pairs),
-                 sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))
+    return Batch(
+        input_ids,
+        allowed.unsqueeze(1),
+        position_ids,
+        rows,
+        cols,
+        labels,
+        seq,
+        (pair_rows, pair_rows, pair_rows),
+        (mine & (seg == 0), mine & (seg == 1), mine & (seg == 2)),
+        list(pairs),
+        sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+    )

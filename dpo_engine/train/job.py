@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 
 
 def run_train_job(ctx) -> dict[str, Any]:
@@ -24,18 +24,37 @@ def run_train_job(ctx) -> dict[str, Any]:
             from dpo_engine.train.ray_train import launch_training_on_ray
 
             requested = ctx.job.requested_device or ""  # none: GPUs when the cluster has any
-            summary = launch_training_on_ray(config, ctx.run_dir, workspace=ctx.workspace, address=ray_address,
-                                             use_gpu=requested.startswith("cuda") if requested else None,
-                                             should_stop=ctx.should_stop, progress=ctx.progress)
+            summary = launch_training_on_ray(
+                config,
+                ctx.run_dir,
+                workspace=ctx.workspace,
+                address=ray_address,
+                use_gpu=requested.startswith("cuda") if requested else None,
+                should_stop=ctx.should_stop,
+                progress=ctx.progress,
+            )
         elif config.optimisation.processes > 1:  # the same trainer on N processes (launch.py); this one waits
             from dpo_engine.train.launch import launch_training
 
             device = ctx.device if str(ctx.device).startswith("cpu") else None  # GPUs: one process per visible GPU
-            summary = launch_training(config, ctx.run_dir, workspace=ctx.workspace, device=device,
-                                      should_stop=ctx.should_stop, progress=ctx.progress)
+            summary = launch_training(
+                config,
+                ctx.run_dir,
+                workspace=ctx.workspace,
+                device=device,
+                should_stop=ctx.should_stop,
+                progress=ctx.progress,
+            )
         else:
-            summary = train(config, ctx.run_dir, workspace=ctx.workspace, device=ctx.device, progress=ctx.progress,
-                            should_stop=ctx.should_stop, log=lambda line: print(line, flush=True))
+            summary = train(
+                config,
+                ctx.run_dir,
+                workspace=ctx.workspace,
+                device=ctx.device,
+                progress=ctx.progress,
+                should_stop=ctx.should_stop,
+                log=lambda line: print(line, flush=True),
+            )
     except BaseException as exc:
         if type(exc).__name__ == "JobCancelled":  # stopped by a signal mid-step: record it as such
             _mark(ctx.run_dir, "cancelled", str(exc))
@@ -48,8 +67,18 @@ def run_train_job(ctx) -> dict[str, Any]:
 
         raise JobCancelled("training cancelled on request")
     ctx.progress(1.0, "done")
-    return {k: summary.get(k) for k in ("status", "steps_completed", "final_eval", "wall_time_s", "tokens_per_s",
-                                        "weighted_alpha_before", "weighted_alpha_after")}
+    return {
+        k: summary.get(k)
+        for k in (
+            "status",
+            "steps_completed",
+            "final_eval",
+            "wall_time_s",
+            "tokens_per_s",
+            "weighted_alpha_before",
+            "weighted_alpha_after",
+        )
+    }
 
 
 def _mark(run_dir, status: str, error: str) -> None:

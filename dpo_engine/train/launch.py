@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 
 LAUNCH_CONFIG = "launch_config.json"
 
@@ -31,8 +31,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def report_step_progress(run_dir: Path, total: int | None, progress: Callable[[float, str], None] | None,
-                         workers: str) -> None:
+def report_step_progress(
+    run_dir: Path, total: int | None, progress: Callable[[float, str], None] | None, workers: str
+) -> None:
     """Pass the last step the workers logged to metrics.jsonl on to `progress` (nothing without a step count)."""
     if progress is None or not total:
         return
@@ -43,18 +44,38 @@ def report_step_progress(run_dir: Path, total: int | None, progress: Callable[[f
 
 def launch_command(run_dir: Path, workspace_root: Path, processes: int, device: str | None) -> list[str]:
     """The launcher command line (one node, `processes` workers on this machine)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "dpo_engine.train.launch", str(run_dir), str(workspace_root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "dpo_engine.train.launch",
+        str(run_dir),
+        str(workspace_root),
+    ]
     if device is not None:
         cmd += ["--device", device]
     return cmd
 
 
-def launch_training(config, run_dir: str | Path, *, workspace, device: str | None = None,
-                    should_stop: Callable[[], bool] | None = None,
-                    log: Callable[[str], None] | None = None,
-                    progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+def launch_training(
+    config,
+    run_dir: str | Path,
+    *,
+    workspace,
+    device: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict[str, Any]:
     """Run `train()` on config.optimisation.processes processes into run_dir; return summary.json's content."""
     import torch
 
@@ -63,8 +84,10 @@ def launch_training(config, run_dir: str | Path, *, workspace, device: str | Non
     if device is None and not torch.cuda.is_available():
         device = "cpu"
     if not str(device).startswith("cpu") and processes > torch.cuda.device_count():
-        raise ValueError(f"optimisation.processes is {processes} but {torch.cuda.device_count()} GPU(s) are visible; "
-                         "use at most one process per GPU, or train on the CPU")
+        raise ValueError(
+            f"optimisation.processes is {processes} but {torch.cuda.device_count()} GPU(s) are visible; "
+            "use at most one process per GPU, or train on the CPU"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LAUNCH_CONFIG).write_text(config.model_dump_json(), encoding="utf-8")
     env = dict(os.environ)
@@ -72,8 +95,14 @@ def launch_training(config, run_dir: str | Path, *, workspace, device: str | Non
         env["CUDA_VISIBLE_DEVICES"] = ""
         env.setdefault("OMP_NUM_THREADS", "1")
     log = log or (lambda line: print(line, flush=True))
-    proc = subprocess.Popen(launch_command(run_dir, workspace.root, processes, device), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        launch_command(run_dir, workspace.root, processes, device),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     cancelled = False
     try:
         import threading
@@ -107,7 +136,9 @@ def launch_training(config, run_dir: str | Path, *, workspace, device: str | Non
     if cancelled:
         summary.update(status="cancelled", error=summary.get("error"))
     elif proc.returncode != 0 and summary.get("status") in (None, "running", "succeeded"):
-        summary.update(status="failed", error=summary.get("error") or f"training processes exited with code {proc.returncode}")
+        summary.update(
+            status="failed", error=summary.get("error") or f"training processes exited with code {proc.returncode}"
+        )
     return summary
 
 

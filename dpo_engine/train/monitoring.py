@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpo_engine.train import rundir
-from dpo_engine.train.data import pair_length
+from dpo_engine import rundir
+from dpo_engine.data.tokenize import pair_length
 from dpo_engine.train.step import ForwardOut
 
 DIVERGENCE_REFERENCE_BYTES = 64 * 2**20  # reference hidden states kept for the divergence subset; beyond, recomputed
@@ -45,8 +45,11 @@ class Monitoring:
         do_snap = final or step == 0 or step % mon.snapshot_every == 0
         if not (do_eval or do_snap):
             return
-        if final and rundir.read_jsonl(self.run_dir / rundir.EVAL)[-1:] and \
-                rundir.read_jsonl(self.run_dir / rundir.EVAL)[-1].get("step") == step:
+        if (
+            final
+            and rundir.read_jsonl(self.run_dir / rundir.EVAL)[-1:]
+            and rundir.read_jsonl(self.run_dir / rundir.EVAL)[-1].get("step") == step
+        ):
             return  # the last step already coincided with an eval
         t0 = time.perf_counter()
         row: dict[str, Any] = {"step": step}
@@ -57,9 +60,15 @@ class Monitoring:
             self._track(row, step, "eval")
         self._save_reference_cache()
         cache = self.reference_cache
-        self.log(f"eval step {step}: loss_pref {row['loss_pref']:.4f} reward_acc {row['reward_acc']:.3f}"
-                 + (f" dbs {row['dbs']:.3f}" if "dbs" in row else "")
-                 + (f" ({time.perf_counter() - t0:.1f}s; reference cache {cache.count()} pairs)" if cache is not None else ""))
+        self.log(
+            f"eval step {step}: loss_pref {row['loss_pref']:.4f} reward_acc {row['reward_acc']:.3f}"
+            + (f" dbs {row['dbs']:.3f}" if "dbs" in row else "")
+            + (
+                f" ({time.perf_counter() - t0:.1f}s; reference cache {cache.count()} pairs)"
+                if cache is not None
+                else ""
+            )
+        )
 
     # ------------------------------------------------------------------ evaluation and snapshots
     def _eval_chunks(self) -> list[list[int]]:
@@ -94,8 +103,13 @@ class Monitoring:
         at_reference = self._policy_is_reference()
         memo = self.divergence_reference
         n = 0
-        sums: dict[str, float] = {"loss_pref": 0.0, "reward_acc": 0.0, "hybrid_acc": 0.0,
-                                  "reward_chosen": 0.0, "reward_rejected": 0.0}
+        sums: dict[str, float] = {
+            "loss_pref": 0.0,
+            "reward_acc": 0.0,
+            "hybrid_acc": 0.0,
+            "reward_chosen": 0.0,
+            "reward_rejected": 0.0,
+        }
         div_sums: dict[str, float] = {key: 0.0 for key in rundir.EVAL_KEYS if key.startswith("div_")}
         positions = 0
         margins: dict[int, float] = {}  # eval pair index -> rho, written in the held-out order
@@ -105,10 +119,20 @@ class Monitoring:
             in_div = mon.eval_divergences and n < mon.divergence_pairs
             in_probe = snapshot and n < len(self.probe_pairs)
             batch = self._collate([self.eval_pairs[i] for i in chunk])
-            terms = self._compute(batch, beta=self.state.beta, train=False, keep_hidden=in_div, want_reps=in_probe,
-                                  policy_is_reference=at_reference, reference=memo.get(index) if in_div else None)
-            if in_div and index not in memo and \
-                    sum(r.hidden.nbytes for r in memo.values()) + terms.ref_hidden.nbytes <= DIVERGENCE_REFERENCE_BYTES:
+            terms = self._compute(
+                batch,
+                beta=self.state.beta,
+                train=False,
+                keep_hidden=in_div,
+                want_reps=in_probe,
+                policy_is_reference=at_reference,
+                reference=memo.get(index) if in_div else None,
+            )
+            if (
+                in_div
+                and index not in memo
+                and sum(r.hidden.nbytes for r in memo.values()) + terms.ref_hidden.nbytes <= DIVERGENCE_REFERENCE_BYTES
+            ):
                 memo[index] = ForwardOut(terms.ref_logps, None, terms.ref_hidden, terms.ref_head)
             out, b = terms.out, batch.n_pairs
             sums["loss_pref"] += float(out.loss_pref) * b
@@ -123,9 +147,14 @@ class Monitoring:
                 if at_reference:  # policy = reference: D(p || p) = 0 for all seven, no need to form logits
                     divs = dict.fromkeys(div_sums, 0.0)
                 else:
-                    divs = all_token_divergences_from_hidden(terms.policy_hidden, terms.ref_hidden, terms.policy_head,
-                                                             self.config.method.divergence, self._output_embeddings(),
-                                                             ref_head_weight=terms.ref_head)
+                    divs = all_token_divergences_from_hidden(
+                        terms.policy_hidden,
+                        terms.ref_hidden,
+                        terms.policy_head,
+                        self.config.method.divergence,
+                        self._output_embeddings(),
+                        ref_head_weight=terms.ref_head,
+                    )
                 for key, value in divs.items():
                     div_sums[key] += float(value) * n_pos
                 positions += n_pos
@@ -136,10 +165,16 @@ class Monitoring:
         row.update({k: (v / positions if positions else float("nan")) for k, v in div_sums.items()})
         if snapshot:
             probe = range(len(self.probe_pairs))
-            row["dbs"] = self._write_snapshot(np.stack([chosen[i] for i in probe]), np.stack([rejected[i] for i in probe]))
+            row["dbs"] = self._write_snapshot(
+                np.stack([chosen[i] for i in probe]), np.stack([rejected[i] for i in probe])
+            )
         if self.accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
-            rundir.append_eval_margins(self.run_dir, self.state.step, [p.pair_id for p in self.eval_pairs[:n]],
-                                       np.array([margins[i] for i in range(n)]))
+            rundir.append_eval_margins(
+                self.run_dir,
+                self.state.step,
+                [p.pair_id for p in self.eval_pairs[:n]],
+                np.array([margins[i] for i in range(n)]),
+            )
         return row
 
     def _write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:
@@ -185,7 +220,9 @@ class Monitoring:
         table.to_csv(self.run_dir / filename, index=False)
         wa = weighted_alpha(table)
         reused = f", {len(known)} unchanged layers' rows reused" if known is not None and len(known) else ""
-        self.log(f"HT-SR {label}: {len(table)} layers, weighted alpha {wa:.4f} ({time.perf_counter() - t0:.1f}s{reused})")
+        self.log(
+            f"HT-SR {label}: {len(table)} layers, weighted alpha {wa:.4f} ({time.perf_counter() - t0:.1f}s{reused})"
+        )
         return wa
 
     def _htsr_before(self, model, key: str):
@@ -229,11 +266,23 @@ class Monitoring:
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         if self.kernel is not None:
             torch.save(self.kernel.state_dict(), tmp / "kernel.pt")
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"step": self.state.step, "micro_index": self.state.micro_index, "beta": self.state.beta,
-                    "tokens_seen": self.state.tokens_seen, "train_seconds": self.state.train_seconds,
-                    "rng": rng}, tmp / "state.pt")
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(
+            {
+                "step": self.state.step,
+                "micro_index": self.state.micro_index,
+                "beta": self.state.beta,
+                "tokens_seen": self.state.tokens_seen,
+                "train_seconds": self.state.train_seconds,
+                "rng": rng,
+            },
+            tmp / "state.pt",
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for older in (self.run_dir / rundir.CHECKPOINTS).iterdir():  # keep only the newest complete checkpoint
@@ -283,7 +332,10 @@ class Monitoring:
         out_dir = self.run_dir / rundir.MODEL
         model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
-        self.log(f"model saved: {out_dir.relative_to(self.run_dir)} ({'LoRA adapter' if self.config.model.lora else 'full model'})")
+        self.log(
+            f"model saved: {out_dir.relative_to(self.run_dir)} "
+            f"({'LoRA adapter' if self.config.model.lora else 'full model'})"
+        )
         self.htsr_after = None
         if self.config.monitoring.htsr:
             known = self._htsr_unchanged_layers(model) if self.config.model.lora else None
@@ -304,8 +356,11 @@ class Monitoring:
         for module in modules.values():
             if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
                 touched.update(p.data_ptr() for p in module.base_layer.parameters())
-        frozen = {name for name, module in modules.items()
-                  if not any(p.requires_grad or p.data_ptr() in touched for p in module.parameters())}
+        frozen = {
+            name
+            for name, module in modules.items()
+            if not any(p.requires_grad or p.data_ptr() in touched for p in module.parameters())
+        }
         return before[before["longname"].isin(frozen) & (before["layer_id"] > 0)]
 
     def _write_summary(self, summary: dict[str, Any], t_start: float) -> None:

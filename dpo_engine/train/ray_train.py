@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 from dpo_engine.train.launch import LAUNCH_CONFIG, report_step_progress
 
 STAGE = "ray_train"  # Ray Train's storage, rank 0's log and the stop request, inside the run directory
@@ -62,8 +62,14 @@ def _worker(args: dict[str, Any]) -> None:
         return bool(flag.item())
 
     try:
-        train(config, run_dir, workspace=Workspace(Path(args["workspace"])), device=args["device"],
-              should_stop=should_stop, log=log)
+        train(
+            config,
+            run_dir,
+            workspace=Workspace(Path(args["workspace"])),
+            device=args["device"],
+            should_stop=should_stop,
+            log=log,
+        )
     finally:
         if out is not None:
             out.close()
@@ -79,10 +85,17 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
 
 
-def launch_training_on_ray(config, run_dir: str | Path, *, workspace, address: str | None = None,
-                           use_gpu: bool | None = None, should_stop: Callable[[], bool] | None = None,
-                           progress: Callable[[float, str], None] | None = None,
-                           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def launch_training_on_ray(
+    config,
+    run_dir: str | Path,
+    *,
+    workspace,
+    address: str | None = None,
+    use_gpu: bool | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run `train()` on config.optimisation.processes Ray Train workers into run_dir; return summary.json.
 
     use_gpu: one GPU per worker (NCCL) or the CPU (gloo); None: GPUs when the cluster has any.
@@ -106,18 +119,22 @@ def launch_training_on_ray(config, run_dir: str | Path, *, workspace, address: s
         else:
             runner = threading.Thread(target=_fit, args=(trainer, outcome), name="ray-train-fit", daemon=True)
             runner.start()
-            cancelled = _follow(runner, config, run_dir, should_stop, progress,
-                                log or (lambda line: print(line, flush=True)))
+            cancelled = _follow(
+                runner, config, run_dir, should_stop, progress, log or (lambda line: print(line, flush=True))
+            )
     finally:
         if owned and ray.is_initialized():
             ray.shutdown()
     summary = rundir.read_summary(run_dir) or {}
     if "error" in outcome:
-        summary.update(status="cancelled" if cancelled else "failed",
-                       error=summary.get("error") or _one_line(outcome["error"]))
+        summary.update(
+            status="cancelled" if cancelled else "failed", error=summary.get("error") or _one_line(outcome["error"])
+        )
     elif summary.get("status") in (None, "running"):
-        summary.update(status="cancelled" if cancelled else "failed",
-                       error=None if cancelled else "the Ray Train workers ended without writing summary.json")
+        summary.update(
+            status="cancelled" if cancelled else "failed",
+            error=None if cancelled else "the Ray Train workers ended without writing summary.json",
+        )
     return summary
 
 
@@ -134,16 +151,24 @@ def _trainer(config, run_dir: Path, workspace, address: str | None, connect: boo
             check_reachable(address)
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         on_term = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address or "auto", include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": env} if env else None)
+        ray.init(
+            address=address or "auto",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": env} if env else None,
+        )
         if on_term is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_term)  # ray.init replaced it with sys.exit; a job's cancel needs its own
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     return TorchTrainer(
         _worker,
-        train_loop_config={"run_dir": str(run_dir), "workspace": str(Path(workspace.root).resolve()),
-                           "device": None if use_gpu else "cpu"},
+        train_loop_config={
+            "run_dir": str(run_dir),
+            "workspace": str(Path(workspace.root).resolve()),
+            "device": None if use_gpu else "cpu",
+        },
         scaling_config=ScalingConfig(num_workers=config.optimisation.processes, use_gpu=use_gpu),
         run_config=RunConfig(name="fit", storage_path=str(run_dir / STAGE)),
     )

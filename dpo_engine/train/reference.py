@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpo_engine.train.data import TokenizedPair
+from dpo_engine.data.tokenize import TokenizedPair
 
 CACHE_DIR = "reference_cache"
 

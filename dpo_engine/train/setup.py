@@ -16,8 +16,9 @@ import time
 import numpy as np
 import torch
 
-from dpo_engine.train import rundir
-from dpo_engine.train.data import check_pairs, load_pairs, pair_length, split_train_eval, tokenize_pairs
+from dpo_engine import rundir
+from dpo_engine.data.tokenize import pair_length, tokenize_pairs
+from dpo_engine.train.data import check_pairs, load_pairs, split_train_eval
 from dpo_engine.train.reference import ReferenceCache, model_key
 
 CALIBRATED_KERNELS = ("spectral", "mahalanobis", "mixture", "hmk")
@@ -64,8 +65,13 @@ class TrainingSetup:
 
         mcfg = self.config.model
         load_dtype = torch.float32 if self.compute_dtype in (torch.bfloat16, torch.float16) else self.compute_dtype
-        model, tokenizer = load_policy(mcfg.name, workspace=self.workspace, dtype=load_dtype, device="cpu",
-                                       trust_remote_code=mcfg.trust_remote_code)
+        model, tokenizer = load_policy(
+            mcfg.name,
+            workspace=self.workspace,
+            dtype=load_dtype,
+            device="cpu",
+            trust_remote_code=mcfg.trust_remote_code,
+        )
         self.tokenizer = tokenizer
         self.hidden_size = int(model.config.hidden_size)
         self.base_model = model
@@ -82,13 +88,20 @@ class TrainingSetup:
             from peft import LoraConfig, get_peft_model
 
             torch.manual_seed(self.config.optimisation.seed)
-            lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
-                              target_modules=list(mcfg.lora_target_modules), task_type="CAUSAL_LM")
+            lcfg = LoraConfig(
+                r=mcfg.lora_r,
+                lora_alpha=mcfg.lora_alpha,
+                lora_dropout=mcfg.lora_dropout,
+                target_modules=list(mcfg.lora_target_modules),
+                task_type="CAUSAL_LM",
+            )
             try:
                 model = get_peft_model(model, lcfg)
             except ValueError as exc:
-                raise ValueError(f"LoRA could not attach to model {mcfg.name!r}: {exc} "
-                                 "(set model.lora_target_modules to module names this model has)") from exc
+                raise ValueError(
+                    f"LoRA could not attach to model {mcfg.name!r}: {exc} "
+                    "(set model.lora_target_modules to module names this model has)"
+                ) from exc
             self.ref_model = None
         else:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -107,10 +120,15 @@ class TrainingSetup:
         if cfg.max_pairs is not None:
             df = df.iloc[: cfg.max_pairs].reset_index(drop=True)
         self.pairs = df
-        train_idx, eval_idx = split_train_eval(len(df), eval_fraction=cfg.eval_fraction,
-                                               min_eval_pairs=cfg.min_eval_pairs,
-                                               seed=self.config.optimisation.seed if cfg.split_seed is None else cfg.split_seed)
-        tokenized = tokenize_pairs(self.tokenizer, df, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        train_idx, eval_idx = split_train_eval(
+            len(df),
+            eval_fraction=cfg.eval_fraction,
+            min_eval_pairs=cfg.min_eval_pairs,
+            seed=self.config.optimisation.seed if cfg.split_seed is None else cfg.split_seed,
+        )
+        tokenized = tokenize_pairs(
+            self.tokenizer, df, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
+        )
         self.train_pairs = [tokenized[i] for i in train_idx]
         self.eval_pairs = [tokenized[i] for i in eval_idx]
         self.probe_pairs = self.eval_pairs[: self.config.monitoring.probe_pairs]
@@ -126,8 +144,10 @@ class TrainingSetup:
             self.total_steps = opt.max_steps
         else:
             self.total_steps = max(1, math.ceil(opt.epochs * self.batches_per_epoch / opt.grad_accum))
-        self.log(f"pairs: {len(df)} (train {len(self.train_pairs)}, eval {len(self.eval_pairs)}, "
-                 f"probe {len(self.probe_pairs)}); steps: {self.total_steps}")
+        self.log(
+            f"pairs: {len(df)} (train {len(self.train_pairs)}, eval {len(self.eval_pairs)}, "
+            f"probe {len(self.probe_pairs)}); steps: {self.total_steps}"
+        )
 
     # ------------------------------------------------------------------ method: projection, kernel
     def _setup_method(self) -> None:
@@ -141,7 +161,9 @@ class TrainingSetup:
         else:
             dim_in = self.hidden_size
         self.k = min(dim_in, mcfg.projection_dim)
-        self.projection = random_orthogonal_projection(dim_in, self.k, self.config.optimisation.seed).float().to(self.device)
+        self.projection = (
+            random_orthogonal_projection(dim_in, self.k, self.config.optimisation.seed).float().to(self.device)
+        )
         kcfg = mcfg.kernel
         self.calibration = None
         if kcfg.name in CALIBRATED_KERNELS:
@@ -177,7 +199,9 @@ class TrainingSetup:
         pairs = self.train_pairs[: self.config.method.calibration_pairs]
         bs = self.config.optimisation.batch_size
         if self.encoder_reps is not None:
-            chunks = [torch.cat(self._encoder_batch(self._collate(pairs[i : i + bs]))).cpu() for i in range(0, len(pairs), bs)]
+            chunks = [
+                torch.cat(self._encoder_batch(self._collate(pairs[i : i + bs]))).cpu() for i in range(0, len(pairs), bs)
+            ]
             return torch.cat(chunks)
         cache = self.reference_cache if self.reference_cache is not None else ReferenceCache(None, "run")
         todo = sorted(cache.missing("reps", pairs), key=pair_length)  # similar lengths batched: less padding
@@ -203,9 +227,15 @@ class TrainingSetup:
         groups = [{"params": params, "lr": opt.lr, "weight_decay": opt.weight_decay}]
         self.kernel_params = self.kernel.mixture_parameters() if self.kernel is not None else []
         if self.kernel_params:
-            groups.append({"params": self.kernel_params, "lr": self.config.method.kernel.weight_lr, "weight_decay": 0.0})
+            groups.append(
+                {"params": self.kernel_params, "lr": self.config.method.kernel.weight_lr, "weight_decay": 0.0}
+            )
         self.optimizer = torch.optim.AdamW(groups)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         name = "constant_with_warmup" if opt.scheduler == "constant" else opt.scheduler
-        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=math.ceil(opt.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            name,
+            self.optimizer,
+            num_warmup_steps=math.ceil(opt.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )

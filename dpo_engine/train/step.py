@@ -26,7 +26,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpo_engine.train.data import Batch, TokenizedPair, collate, collate_packed
+from dpo_engine.data.tokenize import TokenizedPair
+from dpo_engine.divergences import token_divergence_from_hidden
+from dpo_engine.lm_head import head_token_logps, perturbed_token_logps
+from dpo_engine.losses import (
+    embedding_margin,
+    epsilon_dpo_beta_per_pair,
+    epsilon_dpo_steps_from_token_logps,
+    epsilon_grid,
+    hybrid_dpo_loss,
+    masked_mean_pool,
+    sum_by_sequence,
+    update_beta,
+)
+from dpo_engine.train.data import Batch, collate, collate_packed
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,8 +117,10 @@ class TrainingStep:
         """The model's LM head weight W (V × H): logits are W h, formed a chunk of rows at a time."""
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-            raise ValueError(f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias; "
-                             "leave it out of model.lora_target_modules")
+            raise ValueError(
+                f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias; "
+                "leave it out of model.lora_target_modules"
+            )
         return head.weight
 
     def _output_embeddings(self) -> torch.Tensor:
@@ -125,18 +140,23 @@ class TrainingStep:
     def _forward(self, model, batch: Batch, *, pool: bool) -> ForwardOut:
         """One pass; the LM head runs on the response tokens only (prompt and padding logits are never
         formed), a chunk of rows at a time, and log-probs come from a gather and a logsumexp."""
-        from dpo_engine.lm_head import head_token_logps
-        from dpo_engine.losses import masked_mean_pool, sum_by_sequence
-
         inner = self.accelerator.unwrap_model(model)
         mask = batch.attention_mask
         if mask.ndim == 2:
             mask = mask.long()
         elif getattr(inner.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(torch.float32).min
+            )
         with self.accelerator.autocast():
-            out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                        output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=mask,
+                position_ids=batch.position_ids,
+                output_hidden_states=True,
+                use_cache=False,
+                logits_to_keep=1,
+            )
             hidden = out.hidden_states[-1]
             tokens = hidden[batch.token_rows, batch.token_cols]
             head = self._head_weight(inner)
@@ -179,9 +199,17 @@ class TrainingStep:
         lora_b = [p for n, p in self._unwrapped().named_parameters() if "lora_B" in n]
         return bool(lora_b) and all(not bool(p.detach().any()) for p in lora_b)
 
-    def _compute(self, batch: Batch, *, beta: float, train: bool, keep_hidden: bool = False,
-                 want_reps: bool = False, policy_is_reference: bool = False,
-                 reference: ForwardOut | None = None) -> StepTerms:
+    def _compute(
+        self,
+        batch: Batch,
+        *,
+        beta: float,
+        train: bool,
+        keep_hidden: bool = False,
+        want_reps: bool = False,
+        policy_is_reference: bool = False,
+        reference: ForwardOut | None = None,
+    ) -> StepTerms:
         """Loss terms for one batch (METHOD.md 2.1-2.7).
 
         The reference runs live only when the objective needs its token distributions (a divergence
@@ -191,11 +219,6 @@ class TrainingStep:
         (evaluation before the first update) takes the policy's outputs from the reference instead of a
         second pass.
         """
-        from dpo_engine.divergences import token_divergence_from_hidden
-        from dpo_engine.lm_head import perturbed_token_logps
-        from dpo_engine.losses import (embedding_margin, epsilon_dpo_beta_per_pair, epsilon_dpo_steps_from_token_logps,
-                                       epsilon_grid, hybrid_dpo_loss)
-
         mcfg = self.config.method
         lcfg, dcfg = mcfg.loss, mcfg.divergence
         b = batch.n_pairs
@@ -223,13 +246,22 @@ class TrainingStep:
         reps = tuple(self._project(h) for h in pol.pooled) if pol.pooled is not None else None
         m_emb = None
         if use_kernel:
-            m_emb = embedding_margin(self.kernel, *(self._encoder_batch(batch) if self.encoder_reps is not None else reps))
+            m_emb = embedding_margin(
+                self.kernel, *(self._encoder_batch(batch) if self.encoder_reps is not None else reps)
+            )
             self._check_finite(m_emb, "embedding margin (kernel term)")
 
         loss_div = None
         if use_div:
-            loss_div = token_divergence_from_hidden(dcfg, pol.hidden, ref.hidden, pol.head, ref_head_weight=ref.head,
-                                                    output_embeddings=self._output_embeddings(), cfg=dcfg)
+            loss_div = token_divergence_from_hidden(
+                dcfg,
+                pol.hidden,
+                ref.hidden,
+                pol.head,
+                ref_head_weight=ref.head,
+                output_embeddings=self._output_embeddings(),
+                cfg=dcfg,
+            )
             self._check_finite(loss_div, f"divergence regulariser ({dcfg.name})")
 
         loss_entropy = self.kernel.entropy_penalty() if (train and use_kernel) else None
@@ -237,15 +269,31 @@ class TrainingStep:
         steps = None
         beta_arg: float | torch.Tensor = beta
         if use_eps:
-            perturbed = perturbed_token_logps(pol.hidden.detach(), ref.hidden, pol.head.detach(), batch.token_labels,
-                                              epsilon_grid(lcfg.epsilon_dpo), ref_weight=ref.head)
+            perturbed = perturbed_token_logps(
+                pol.hidden.detach(),
+                ref.hidden,
+                pol.head.detach(),
+                batch.token_labels,
+                epsilon_grid(lcfg.epsilon_dpo),
+                ref_weight=ref.head,
+            )
             steps = epsilon_dpo_steps_from_token_logps(perturbed, batch.token_seq, b)
             beta_arg = epsilon_dpo_beta_per_pair(beta, steps, lcfg.epsilon_dpo)
 
         logps = pol.logps
-        out = hybrid_dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta=beta_arg, m_emb=m_emb,
-                              gamma=lcfg.gamma, label_smoothing=lcfg.label_smoothing, loss_div=loss_div,
-                              alpha=dcfg.alpha if loss_div is not None else 0.0, loss_entropy=loss_entropy)
+        out = hybrid_dpo_loss(
+            logps[:b],
+            logps[b:],
+            ref_logps[:b],
+            ref_logps[b:],
+            beta=beta_arg,
+            m_emb=m_emb,
+            gamma=lcfg.gamma,
+            label_smoothing=lcfg.label_smoothing,
+            loss_div=loss_div,
+            alpha=dcfg.alpha if loss_div is not None else 0.0,
+            loss_entropy=loss_entropy,
+        )
         for name in ("loss_pref", "loss_div", "loss_entropy", "loss"):
             value = getattr(out, name, None)
             if isinstance(value, torch.Tensor):
@@ -263,8 +311,11 @@ class TrainingStep:
                 f"training diverged at step {self.state.step + 1}: {term} is not finite (NaN or inf). "
                 f"Try a lower learning rate (now {opt.lr:g}), model.dtype float32 (now {self.config.model.dtype}), "
                 f"or a smaller beta (now {self.state.beta:g})"
-                + (f", or a smaller divergence alpha (now {self.config.method.divergence.alpha:g})"
-                   if "divergence" in term else "")
+                + (
+                    f", or a smaller divergence alpha (now {self.config.method.divergence.alpha:g})"
+                    if "divergence" in term
+                    else ""
+                )
             )
 
     # ------------------------------------------------------------------ one optimiser step
@@ -295,7 +346,9 @@ class TrainingStep:
             totals["loss"] += float(out.loss.detach()) / opt.grad_accum
             totals["loss_pref"] += float(out.loss_pref) / opt.grad_accum
             totals["loss_div"] += (float(out.loss_div) if out.loss_div is not None else 0.0) / opt.grad_accum
-            totals["loss_entropy"] += (float(out.loss_entropy) if out.loss_entropy is not None else 0.0) / opt.grad_accum
+            totals["loss_entropy"] += (
+                float(out.loss_entropy) if out.loss_entropy is not None else 0.0
+            ) / opt.grad_accum
             totals["reward_acc"] += float((out.rho > 0).float().mean()) / opt.grad_accum
             totals["margin"] += float(out.margins.mean()) / opt.grad_accum
             if terms.steps is not None:
@@ -319,8 +372,6 @@ class TrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
         eps = self.config.method.loss.epsilon_dpo
         if eps > 0 and step_count:
-            from dpo_engine.losses import update_beta
-
             stats = torch.tensor([step_sum, float(step_count)], device=self.device)
             if self.accelerator.num_processes > 1:
                 stats = self.accelerator.reduce(stats, reduction="sum")
@@ -329,8 +380,15 @@ class TrainingStep:
         elapsed = time.perf_counter() - t0
         self.state.train_seconds += elapsed
         self.state.tokens_seen += tokens
-        row = {"step": self.state.step, "epoch": self.state.micro_index / self.batches_per_epoch, **totals,
-               "beta": beta_now, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        row = {
+            "step": self.state.step,
+            "epoch": self.state.micro_index / self.batches_per_epoch,
+            **totals,
+            "beta": beta_now,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+        }
         if self.kernel is not None:
             row.update({k: float(v) for k, v in self.kernel.weights().items()})
         return row

@@ -10,7 +10,6 @@ with a paired bootstrap interval (the runs share the split, so pair-level differ
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 
 SWEEPS_DIR = "sweeps"
 DEFAULT_PRESET = "quick"
@@ -50,17 +49,27 @@ def sweep_pairs(recommendation: dict[str, Any]) -> list[SweepPair]:
         k_alt = next(k for k in FALLBACK_KERNELS if k != kernel)
     if d_alt == divergence:
         d_alt = next(d for d in FALLBACK_DIVERGENCES if d != divergence)
-    return [SweepPair(kernel, divergence, "recommended"),
-            SweepPair(k_alt, divergence, "kernel runner-up"),
-            SweepPair(kernel, d_alt, "divergence runner-up")]
+    return [
+        SweepPair(kernel, divergence, "recommended"),
+        SweepPair(k_alt, divergence, "kernel runner-up"),
+        SweepPair(kernel, d_alt, "divergence runner-up"),
+    ]
 
 
 def sweeps_dir(workspace) -> Path:
     return Path(workspace.root) / SWEEPS_DIR
 
 
-def submit_sweep(diagnosis: dict[str, Any], dataset: str, store, workspace, *, preset: str = DEFAULT_PRESET,
-                 overrides: dict[str, Any] | None = None, source: str = "") -> dict[str, Any]:
+def submit_sweep(
+    diagnosis: dict[str, Any],
+    dataset: str,
+    store,
+    workspace,
+    *,
+    preset: str = DEFAULT_PRESET,
+    overrides: dict[str, Any] | None = None,
+    source: str = "",
+) -> dict[str, Any]:
     """Queue the sweep's train jobs and record it; returns the sweep record.
 
     `diagnosis` is a diagnosis.json dict (its "recommendation"); `overrides` are dotted TrainConfig
@@ -86,12 +95,27 @@ def submit_sweep(diagnosis: dict[str, Any], dataset: str, store, workspace, *, p
     sweep_id = time.strftime("%Y%m%d-%H%M%S") + f"-sweep-{len(list(sweeps_dir(workspace).glob('*.json'))) + 1}"
     runs = []
     for pair, config in configs:
-        job = store.submit("train", config.model_dump(mode="json"),
-                           title=f"sweep {sweep_id} · {pair.label} ({pair.role})")
-        runs.append({"run_id": job.run_id, "job_id": job.id, "kernel": pair.kernel, "divergence": pair.divergence,
-                     "role": pair.role})
-    record = {"sweep_id": sweep_id, "dataset": dataset, "diagnosis": source, "preset": preset,
-              "overrides": overrides or {}, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": runs}
+        job = store.submit(
+            "train", config.model_dump(mode="json"), title=f"sweep {sweep_id} · {pair.label} ({pair.role})"
+        )
+        runs.append(
+            {
+                "run_id": job.run_id,
+                "job_id": job.id,
+                "kernel": pair.kernel,
+                "divergence": pair.divergence,
+                "role": pair.role,
+            }
+        )
+    record = {
+        "sweep_id": sweep_id,
+        "dataset": dataset,
+        "diagnosis": source,
+        "preset": preset,
+        "overrides": overrides or {},
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": runs,
+    }
     sweeps_dir(workspace).mkdir(parents=True, exist_ok=True)
     rundir.write_json(sweeps_dir(workspace) / f"{sweep_id}.json", record)
     return record
@@ -108,14 +132,21 @@ def list_sweeps(workspace) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- outcome with intervals
 
+
 def _bootstrap_ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap 95 % interval of the mean over pairs (scipy.stats.bootstrap)."""
     from scipy.stats import bootstrap
 
     if len(values) < 2 or np.all(values == values[0]):
         return float(values.mean()), float(values.mean())
-    res = bootstrap((values,), np.mean, n_resamples=N_BOOTSTRAP, confidence_level=CONFIDENCE,
-                    method="percentile", random_state=np.random.default_rng(seed))
+    res = bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=N_BOOTSTRAP,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -172,5 +203,7 @@ def verdict(diffs: dict[str, tuple[float, float, float]], name: str) -> str:
     if any(high < 0 for _, _, high in diffs.values()):
         return f"The recommended pair {name} came out behind at least one runner-up (a 95 % interval below 0)."
     best = all(mean >= 0 for mean, _, _ in diffs.values())
-    return (f"No clear winner: the recommended pair {name} is {'at or above' if best else 'below'} every runner-up "
-            "on the point estimate, but the 95 % intervals of the differences include 0 (too few steps or pairs).")
+    return (
+        f"No clear winner: the recommended pair {name} is {'at or above' if best else 'below'} every runner-up "
+        "on the point estimate, but the 95 % intervals of the differences include 0 (too few steps or pairs)."
+    )

@@ -22,15 +22,22 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from dpo_engine.train import rundir
+from dpo_engine import rundir
 from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.monitoring import Monitoring, peak_memory_mb
 from dpo_engine.train.setup import CALIBRATED_KERNELS, TrainingSetup
 from dpo_engine.train.step import StepTerms, TrainingDiverged, TrainingStep, TrainState
 from dpo_engine.workspace import Workspace
 
-__all__ = ["CALIBRATED_KERNELS", "DPOTrainer", "StepTerms", "TrainingDiverged", "TrainingOutOfMemory",
-           "peak_memory_mb", "train"]
+__all__ = [
+    "CALIBRATED_KERNELS",
+    "DPOTrainer",
+    "StepTerms",
+    "TrainingDiverged",
+    "TrainingOutOfMemory",
+    "peak_memory_mb",
+    "train",
+]
 
 logger = logging.getLogger("dpo_engine.train")
 
@@ -83,7 +90,8 @@ class DPOTrainer(TrainingSetup, TrainingStep, Monitoring):
         self._progress_bar = progress_bar
         self.state = TrainState(beta=config.method.loss.beta)
         self.time_split: dict[str, float] = {}  # seconds outside the step, by activity (summary.json)
-        self.divergence_reference: dict = {}  # eval chunk index -> the reference's token hidden states there (monitoring)
+        # eval chunk index -> the reference's token hidden states there (monitoring)
+        self.divergence_reference: dict = {}
 
     @contextlib.contextmanager
     def timed(self, activity: str):

@@ -26,7 +26,11 @@ MAP_MAX_PAIRS = 600
 
 def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, height: int = 380) -> go.Figure:
     fig.update_layout(
-        title=title, xaxis_title=x_title, yaxis_title=y_title, template=TEMPLATE, height=height,
+        title=title,
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        template=TEMPLATE,
+        height=height,
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
         margin=dict(l=60, r=20, t=70, b=50),
     )
@@ -34,7 +38,11 @@ def _layout(fig: go.Figure, title: str, x_title: str, y_title: str, height: int 
 
 
 def _distance_label(diagnosis: Diagnosis) -> str:
-    return "cosine distance 1 − cos (unitless)" if diagnosis.distance == "cosine" else "Euclidean distance (embedding units)"
+    return (
+        "cosine distance 1 − cos (unitless)"
+        if diagnosis.distance == "cosine"
+        else "Euclidean distance (embedding units)"
+    )
 
 
 def distance_histograms(diagnosis: Diagnosis, bins: int = 50) -> go.Figure:
@@ -65,12 +73,19 @@ def tat_histogram(diagnosis: Diagnosis, bins: int = 40) -> go.Figure:
     """Per-pair triangle ratio ||y+ − y−|| / (||y+ − x|| + ||y− − x||)."""
     fig = go.Figure()
     fig.add_histogram(
-        x=diagnosis.pairs.tat, name="TAT", marker_color=PROMPT_COLOR, showlegend=False,
+        x=diagnosis.pairs.tat,
+        name="TAT",
+        marker_color=PROMPT_COLOR,
+        showlegend=False,
         xbins=dict(start=0.0, end=1.0, size=1.0 / bins),
     )
     fig.add_vline(x=diagnosis.metrics.tat, line_dash="dash", line_color="black", annotation_text="mean")
-    return _layout(fig, f"Triangle alignment per pair (TAT = {diagnosis.metrics.tat:.3g})",
-                   "TAT ratio (unitless, 0..1)", "pairs (count)")
+    return _layout(
+        fig,
+        f"Triangle alignment per pair (TAT = {diagnosis.metrics.tat:.3g})",
+        "TAT ratio (unitless, 0..1)",
+        "pairs (count)",
+    )
 
 
 def overlap_figure(diagnosis: Diagnosis) -> go.Figure:
@@ -94,13 +109,20 @@ def overlap_figure(diagnosis: Diagnosis) -> go.Figure:
     fig.add_scatter(x=x, y=g, mode="lines", line=dict(color=REJECTED_COLOR, width=2), name="KDE of Q")
     fig.add_trace(
         go.Scatter(
-            x=x, y=np.minimum(f, g), mode="lines", fill="tozeroy", fillcolor=OVERLAP_COLOR,
-            line=dict(color="rgba(80,80,80,0.9)", width=1), name="overlap min(f, g)",
+            x=x,
+            y=np.minimum(f, g),
+            mode="lines",
+            fill="tozeroy",
+            fillcolor=OVERLAP_COLOR,
+            line=dict(color="rgba(80,80,80,0.9)", width=1),
+            name="overlap min(f, g)",
         )
     )
     fig.update_layout(barmode="overlay", bargap=0)
-    title = (f"Support overlap of the similarity distributions (∫min / ∫max of the KDEs, bias-corrected = "
-             f"{diagnosis.metrics.support_overlap:.3g})")
+    title = (
+        f"Support overlap of the similarity distributions (∫min / ∫max of the KDEs, bias-corrected = "
+        f"{diagnosis.metrics.support_overlap:.3g})"
+    )
     return _layout(fig, title, "similarity 1 − d (unitless)", "share of pairs per bin")
 
 
@@ -113,18 +135,37 @@ def chunk_smoothness_figure(diagnosis: Diagnosis) -> go.Figure:
     p = diagnosis.pairs
     fig = go.Figure()
     if p.chunk_energy.size == 0:
-        fig.add_annotation(text="smoothness needs at least 40 pairs (two chunks of 20)", showarrow=False,
-                           x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.add_annotation(
+            text="smoothness needs at least 40 pairs (two chunks of 20)",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+        )
         return _layout(fig, "Chunk-to-chunk drift (not available)", "chunk pair", "energy distance (margin units)")
     labels = [f"{t + 1}→{t + 2}" for t in range(p.chunk_energy.size)]
     fig.add_bar(x=labels, y=p.chunk_energy, name="energy(S_t, S_t+1), noise floor removed", marker_color=PROMPT_COLOR)
-    fig.add_hline(y=float(p.chunk_energy.mean()), line_dash="dash", line_color="black",
-                  annotation_text=f"smoothness {p.chunk_energy.mean():.3g}")
-    fig.add_hline(y=diagnosis.thresholds.smooth_lo, line_dash="dot", line_color="grey",
-                  annotation_text=f"smooth_lo {diagnosis.thresholds.smooth_lo:.3g}", annotation_position="bottom right")
+    fig.add_hline(
+        y=float(p.chunk_energy.mean()),
+        line_dash="dash",
+        line_color="black",
+        annotation_text=f"smoothness {p.chunk_energy.mean():.3g}",
+    )
+    fig.add_hline(
+        y=diagnosis.thresholds.smooth_lo,
+        line_dash="dot",
+        line_color="grey",
+        annotation_text=f"smooth_lo {diagnosis.thresholds.smooth_lo:.3g}",
+        annotation_position="bottom right",
+    )
     sizes = np.diff(p.chunk_bounds, axis=1).ravel()
-    return _layout(fig, f"Chunk-to-chunk drift of margins ({len(sizes)} chunks of ~{int(sizes.mean())} pairs, file order)",
-                   "consecutive chunks t→t+1", "energy distance minus its no-drift expectation (margin units)")
+    return _layout(
+        fig,
+        f"Chunk-to-chunk drift of margins ({len(sizes)} chunks of ~{int(sizes.mean())} pairs, file order)",
+        "consecutive chunks t→t+1",
+        "energy distance minus its no-drift expectation (margin units)",
+    )
 
 
 def confidence_figure(diagnosis: Diagnosis) -> go.Figure:
@@ -136,13 +177,25 @@ def confidence_figure(diagnosis: Diagnosis) -> go.Figure:
         (2, DIVERGENCES, conf.divergence, diagnosis.recommendation.divergence),
     ):
         colors = [PROMPT_COLOR if n == chosen else "#aec7e8" for n in names]
-        fig.add_bar(x=[100 * shares.get(n, 0.0) for n in names], y=list(names), orientation="h",
-                    marker_color=colors, showlegend=False, row=1, col=col,
-                    text=[f"{100 * shares.get(n, 0.0):.0f}%" for n in names], textposition="auto")
+        fig.add_bar(
+            x=[100 * shares.get(n, 0.0) for n in names],
+            y=list(names),
+            orientation="h",
+            marker_color=colors,
+            showlegend=False,
+            row=1,
+            col=col,
+            text=[f"{100 * shares.get(n, 0.0):.0f}%" for n in names],
+            textposition="auto",
+        )
         fig.update_xaxes(title_text="resamples recommending (%)", range=[0, 100], row=1, col=col)
         fig.update_yaxes(autorange="reversed", row=1, col=col)
-    fig.update_layout(title=f"Bootstrap confidence ({diagnosis.n_bootstrap} resamples)", template=TEMPLATE,
-                      height=360, margin=dict(l=100, r=20, t=80, b=50))
+    fig.update_layout(
+        title=f"Bootstrap confidence ({diagnosis.n_bootstrap} resamples)",
+        template=TEMPLATE,
+        height=360,
+        margin=dict(l=100, r=20, t=80, b=50),
+    )
     return fig
 
 
@@ -177,23 +230,40 @@ def embedding_map(
     k = rows.size
     fig = go.Figure()
     for i, (role, color, column) in enumerate(
-        (("prompt", PROMPT_COLOR, "prompt"), ("chosen", CHOSEN_COLOR, "chosen"), ("rejected", REJECTED_COLOR, "rejected"))
+        (
+            ("prompt", PROMPT_COLOR, "prompt"),
+            ("chosen", CHOSEN_COLOR, "chosen"),
+            ("rejected", REJECTED_COLOR, "rejected"),
+        )
     ):
         if table is not None:
             hover = [
-                f"pair {r}<br><b>{role}</b>: {_truncate(table[column].iloc[r])}<br>prompt: {_truncate(table['prompt'].iloc[r], 80)}"
+                f"pair {r}<br><b>{role}</b>: {_truncate(table[column].iloc[r])}<br>prompt: "
+                f"{_truncate(table['prompt'].iloc[r], 80)}"
                 for r in rows
             ]
         else:
             hover = [f"pair {r} ({role})" for r in rows]
         fig.add_trace(
-            go.Scattergl(x=xy[i * k : (i + 1) * k, 0], y=xy[i * k : (i + 1) * k, 1], mode="markers", name=role,
-                         marker=dict(color=color, size=6, opacity=0.7), hovertext=hover, hoverinfo="text")
+            go.Scattergl(
+                x=xy[i * k : (i + 1) * k, 0],
+                y=xy[i * k : (i + 1) * k, 1],
+                mode="markers",
+                name=role,
+                marker=dict(color=color, size=6, opacity=0.7),
+                hovertext=hover,
+                hoverinfo="text",
+            )
         )
     label = "UMAP" if method == "umap" else "t-SNE"
     subset = f", {k} of {n} pairs" if k < n else ""
-    return _layout(fig, f"Sentence embeddings, {label} projection (seed {seed}{subset})",
-                   f"{label} 1 (arbitrary units)", f"{label} 2 (arbitrary units)", height=520)
+    return _layout(
+        fig,
+        f"Sentence embeddings, {label} projection (seed {seed}{subset})",
+        f"{label} 1 (arbitrary units)",
+        f"{label} 2 (arbitrary units)",
+        height=520,
+    )
 
 
 def diagnosis_figures(diagnosis: Diagnosis) -> dict[str, go.Figure]:

@@ -4,9 +4,9 @@ Shared by the run and compare pages and the HTML report, so the app and the repo
 One look everywhere (dpo_engine.viz.style): the Okabe–Ito colour-blind-safe palette with chosen =
 bluish green and rejected = vermillion, legends below the plot area, units on every axis. At step 0
 the policy equals the reference, every reward margin is exactly 0 and TRL's strict accuracy
-(chosen > rejected) reads 0: those points are drawn as "ties" and labelled, never as a bare 0. Long curves are thinned for display
-(min/max per bucket, so spikes survive) because a 20,000-point line per trace makes the browser
-sluggish; the stored metrics are untouched.
+(chosen > rejected) reads 0: those points are drawn as "ties" and labelled, never as a bare 0.
+Long curves are thinned for display (min/max per bucket, so spikes survive) because a
+20,000-point line per trace makes the browser sluggish; the stored metrics are untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+
 from dpo_engine.viz.style import (
     CHOSEN_COLOR,
     NEUTRAL_COLOR,
@@ -33,9 +34,11 @@ PALETTE = SERIES_PALETTE
 KERNEL_WEIGHT_HEIGHT = 500
 END_LABEL_PX = 16  # vertical distance between two line-end labels of the kernel-weight figure
 TIE_LABEL = "ties: policy = reference (before the first update)"
-TIE_EXPLANATION = ("At step 0 the policy equals the reference, so every reward margin is exactly 0. Reward accuracy "
-                   "counts a pair as correct only when chosen > rejected (TRL's definition), so ties read 0 here: "
-                   "this is the starting point, not a failure.")
+TIE_EXPLANATION = (
+    "At step 0 the policy equals the reference, so every reward margin is exactly 0. Reward accuracy "
+    "counts a pair as correct only when chosen > rejected (TRL's definition), so ties read 0 here: "
+    "this is the starting point, not a failure."
+)
 
 ALPHA_EXPLANATION = (
     "WeightWatcher's alpha is the power-law exponent fitted to the tail of a layer's eigenvalue "
@@ -46,16 +49,26 @@ ALPHA_EXPLANATION = (
 )
 
 KERNEL_WEIGHT_LABELS = {
-    "lambda_rbf": "λ1 RBF", "lambda_poly": "λ2 polynomial", "lambda_spectral": "λ3 spectral",
-    "lambda_mahalanobis": "λ4 Mahalanobis", "tau_local": "τ1 local", "tau_global": "τ2 global",
+    "lambda_rbf": "λ1 RBF",
+    "lambda_poly": "λ2 polynomial",
+    "lambda_spectral": "λ3 spectral",
+    "lambda_mahalanobis": "λ4 Mahalanobis",
+    "tau_local": "τ1 local",
+    "tau_global": "τ2 global",
 }
 DIVERGENCE_LABELS = {
-    "div_kl": "KL", "div_js": "Jensen-Shannon", "div_hellinger": "Hellinger", "div_renyi": "Rényi",
-    "div_bhattacharyya": "Bhattacharyya", "div_wasserstein": "Wasserstein", "div_fdiv": "f-divergence",
+    "div_kl": "KL",
+    "div_js": "Jensen-Shannon",
+    "div_hellinger": "Hellinger",
+    "div_renyi": "Rényi",
+    "div_bhattacharyya": "Bhattacharyya",
+    "div_wasserstein": "Wasserstein",
+    "div_fdiv": "f-divergence",
 }
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def downsample_indices(y: np.ndarray, max_points: int = MAX_POINTS_PER_TRACE) -> np.ndarray:
     """Indices keeping the first, last, minimum and maximum of each bucket (peaks stay visible)."""
@@ -74,15 +87,26 @@ def downsample_indices(y: np.ndarray, max_points: int = MAX_POINTS_PER_TRACE) ->
     return np.unique(np.asarray(keep))
 
 
-def _line(table: pd.DataFrame, column: str, name: str, *, x: str = "step", color: str | None = None,
-          dash: str | None = None, width: float = 2.0, max_points: int = MAX_POINTS_PER_TRACE, **kwargs) -> go.Scatter:
+def _line(
+    table: pd.DataFrame,
+    column: str,
+    name: str,
+    *,
+    x: str = "step",
+    color: str | None = None,
+    dash: str | None = None,
+    width: float = 2.0,
+    max_points: int = MAX_POINTS_PER_TRACE,
+    **kwargs,
+) -> go.Scatter:
     sub = table[[x, column]].apply(pd.to_numeric, errors="coerce").dropna()
     idx = downsample_indices(sub[column].to_numpy(), max_points)
     sub = sub.iloc[idx]
     mode = kwargs.pop("mode", "lines")
     mode = mode if len(sub) > 1 else "markers"
-    return go.Scatter(x=sub[x], y=sub[column], name=name, mode=mode,
-                      line=dict(color=color, dash=dash, width=width), **kwargs)
+    return go.Scatter(
+        x=sub[x], y=sub[column], name=name, mode=mode, line=dict(color=color, dash=dash, width=width), **kwargs
+    )
 
 
 def _has(table: pd.DataFrame | None, column: str) -> bool:
@@ -107,6 +131,7 @@ def empty_figure(title: str, message: str) -> go.Figure:
 
 # ---------------------------------------------------------------- step 0: policy = reference
 
+
 def tie_rows(table: pd.DataFrame | None, *, train: bool = False) -> pd.Series:
     """Rows logged while the policy still equals the reference: evaluations at step 0 (or with every
     reward exactly 0) and, for training rows (`train`), step 1, whose forward pass runs before the
@@ -118,8 +143,9 @@ def tie_rows(table: pd.DataFrame | None, *, train: bool = False) -> pd.Series:
     if "margin" in table:
         mask |= pd.to_numeric(table["margin"], errors="coerce").abs() == 0
     if "reward_chosen" in table and "reward_rejected" in table:
-        mask |= ((pd.to_numeric(table["reward_chosen"], errors="coerce").abs() == 0)
-                 & (pd.to_numeric(table["reward_rejected"], errors="coerce").abs() == 0))
+        mask |= (pd.to_numeric(table["reward_chosen"], errors="coerce").abs() == 0) & (
+            pd.to_numeric(table["reward_rejected"], errors="coerce").abs() == 0
+        )
     return mask.fillna(False).astype(bool)
 
 
@@ -140,17 +166,22 @@ def accuracy_text(run, column: str = "reward_acc", digits: int = 3) -> str:
 
 # ---------------------------------------------------------------- single-run curves
 
+
 def loss_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None = None) -> go.Figure:
     """Total loss, preference loss and divergence loss (train) plus held-out preference loss."""
     fig = go.Figure()
-    for column, name, color in (("loss", "loss (train)", PALETTE[0]), ("loss_pref", "preference loss (train)", PALETTE[1]),
-                                ("loss_div", "divergence loss (train)", PALETTE[3]),
-                                ("loss_entropy", "entropy term (train)", NEUTRAL_COLOR)):
+    for column, name, color in (
+        ("loss", "loss (train)", PALETTE[0]),
+        ("loss_pref", "preference loss (train)", PALETTE[1]),
+        ("loss_div", "divergence loss (train)", PALETTE[3]),
+        ("loss_entropy", "entropy term (train)", NEUTRAL_COLOR),
+    ):
         if _has(metrics, column):
             fig.add_trace(_line(metrics, column, name, color=color))
     if _has(eval_table, "loss_pref"):
-        fig.add_trace(_line(eval_table, "loss_pref", "preference loss (eval)", color=PALETTE[1], dash="dot",
-                            mode="lines+markers"))
+        fig.add_trace(
+            _line(eval_table, "loss_pref", "preference loss (eval)", color=PALETTE[1], dash="dot", mode="lines+markers")
+        )
     return _layout(fig, "Training losses", "optimiser step", "loss (nats)")
 
 
@@ -167,18 +198,47 @@ def reward_accuracy_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | Non
     if _has(held_out, "reward_acc"):
         fig.add_trace(_line(held_out, "reward_acc", "reward accuracy (eval)", color=CHOSEN_COLOR, mode="lines+markers"))
     if _has(held_out, "hybrid_acc"):
-        fig.add_trace(_line(held_out, "hybrid_acc", "hybrid-margin accuracy (eval)", color=PALETTE[1], dash="dash",
-                            mode="lines+markers"))
-    ties = pd.concat([t[tie_rows(t, train=is_train)] for t, is_train in ((metrics, True), (eval_table, False))
-                      if t is not None and "reward_acc" in t])
+        fig.add_trace(
+            _line(
+                held_out,
+                "hybrid_acc",
+                "hybrid-margin accuracy (eval)",
+                color=PALETTE[1],
+                dash="dash",
+                mode="lines+markers",
+            )
+        )
+    ties = pd.concat(
+        [
+            t[tie_rows(t, train=is_train)]
+            for t, is_train in ((metrics, True), (eval_table, False))
+            if t is not None and "reward_acc" in t
+        ]
+    )
     if not ties.empty:
         steps = sorted({int(s) for s in pd.to_numeric(ties["step"], errors="coerce").dropna()})
-        fig.add_trace(go.Scatter(x=steps, y=[0.0] * len(steps), mode="markers", name=TIE_LABEL,
-                                 marker=dict(symbol="diamond-open", size=12, color=NEUTRAL_COLOR, line=dict(width=2)),
-                                 hovertemplate="step %{x}: policy = reference, every margin is 0 (ties count as not "
-                                               "correct)<extra></extra>"))
-        fig.add_annotation(x=steps[0], y=0.0, text="ties (policy = reference)", showarrow=True, arrowhead=0, ax=40,
-                           ay=-30, font=dict(color=NEUTRAL_COLOR, size=11), xanchor="left")
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=[0.0] * len(steps),
+                mode="markers",
+                name=TIE_LABEL,
+                marker=dict(symbol="diamond-open", size=12, color=NEUTRAL_COLOR, line=dict(width=2)),
+                hovertemplate="step %{x}: policy = reference, every margin is 0 (ties count as not "
+                "correct)<extra></extra>",
+            )
+        )
+        fig.add_annotation(
+            x=steps[0],
+            y=0.0,
+            text="ties (policy = reference)",
+            showarrow=True,
+            arrowhead=0,
+            ax=40,
+            ay=-30,
+            font=dict(color=NEUTRAL_COLOR, size=11),
+            xanchor="left",
+        )
     fig = _layout(fig, "Reward accuracy (chosen reward > rejected)", "optimiser step", "accuracy (fraction of pairs)")
     fig.update_yaxes(range=[-0.04, 1.04])
     return fig
@@ -188,9 +248,13 @@ def reward_margin_figure(metrics: pd.DataFrame, eval_table: pd.DataFrame | None 
     """Held-out rewards of chosen vs rejected, and the training margin."""
     fig = go.Figure()
     if _has(eval_table, "reward_chosen"):
-        fig.add_trace(_line(eval_table, "reward_chosen", "reward chosen (eval)", color=CHOSEN_COLOR, mode="lines+markers"))
+        fig.add_trace(
+            _line(eval_table, "reward_chosen", "reward chosen (eval)", color=CHOSEN_COLOR, mode="lines+markers")
+        )
     if _has(eval_table, "reward_rejected"):
-        fig.add_trace(_line(eval_table, "reward_rejected", "reward rejected (eval)", color=REJECTED_COLOR, mode="lines+markers"))
+        fig.add_trace(
+            _line(eval_table, "reward_rejected", "reward rejected (eval)", color=REJECTED_COLOR, mode="lines+markers")
+        )
     if _has(metrics, "margin"):
         fig.add_trace(_line(metrics, "margin", "margin (train batch)", color=NEUTRAL_COLOR, width=1.2))
     return _layout(fig, "Rewards and margins", "optimiser step", "β · log-ratio (nats)")
@@ -229,10 +293,22 @@ def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
         if len(trace.x):
             ends.append([float(list(trace.x)[-1]), float(list(trace.y)[-1]), KERNEL_WEIGHT_LABELS[column], color])
     fig.add_hline(y=COLLAPSE_THRESHOLD, line=dict(color=NEUTRAL_COLOR, dash="dot", width=1))
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"collapse threshold {COLLAPSE_THRESHOLD}",
-                             line=dict(color=NEUTRAL_COLOR, dash="dot", width=1)))
-    fig = _layout(fig, "Kernel-weight evolution (λ within the kernel group, τ between groups)", "optimiser step",
-                  "mixture weight (fraction)", height=KERNEL_WEIGHT_HEIGHT)
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            name=f"collapse threshold {COLLAPSE_THRESHOLD}",
+            line=dict(color=NEUTRAL_COLOR, dash="dot", width=1),
+        )
+    )
+    fig = _layout(
+        fig,
+        "Kernel-weight evolution (λ within the kernel group, τ between groups)",
+        "optimiser step",
+        "mixture weight (fraction)",
+        height=KERNEL_WEIGHT_HEIGHT,
+    )
     fig.update_layout(margin_r=130)  # room for the kernel names at the line ends
     # name each kernel at the end of its line (not only in the legend), labels pushed apart when lines meet:
     # ~16 px apart, in mixture-weight units of this figure's plot area (the y axis spans 0-1)
@@ -242,8 +318,15 @@ def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
     for lower, upper in zip(ends, ends[1:]):
         upper.append(max(upper[1], (lower[4] if len(lower) > 4 else lower[1]) + gap))
     for end in ends:
-        fig.add_annotation(x=end[0], y=end[4] if len(end) > 4 else end[1], text=end[2], showarrow=False,
-                           xanchor="left", xshift=6, font=dict(color=end[3], size=12))
+        fig.add_annotation(
+            x=end[0],
+            y=end[4] if len(end) > 4 else end[1],
+            text=end[2],
+            showarrow=False,
+            xanchor="left",
+            xshift=6,
+            font=dict(color=end[3], size=12),
+        )
     fig.update_yaxes(range=[0, 1.02])
     return fig
 
@@ -276,12 +359,22 @@ def divergence_figure(eval_table: pd.DataFrame, regulariser: str | None = None) 
     for i, column in enumerate(columns):
         is_reg = regulariser is not None and column == f"div_{regulariser}"
         name = DIVERGENCE_LABELS[column] + (" (regulariser)" if is_reg else "")
-        fig.add_trace(_line(eval_table, column, name, color=PALETTE[i % len(PALETTE)], width=4.0 if is_reg else 1.5,
-                            mode="lines+markers", opacity=1.0 if is_reg or regulariser in (None, "none") else 0.55))
+        fig.add_trace(
+            _line(
+                eval_table,
+                column,
+                name,
+                color=PALETTE[i % len(PALETTE)],
+                width=4.0 if is_reg else 1.5,
+                mode="lines+markers",
+                opacity=1.0 if is_reg or regulariser in (None, "none") else 0.55,
+            )
+        )
     return _layout(fig, "Divergence from the reference (held-out, per token)", "optimiser step", "divergence (nats)")
 
 
 # ---------------------------------------------------------------- clusters and DBS
+
 
 def _hover_texts(frame: pd.DataFrame, texts: pd.DataFrame | None, width: int = 80) -> list[str]:
     out = []
@@ -296,8 +389,13 @@ def _hover_texts(frame: pd.DataFrame, texts: pd.DataFrame | None, width: int = 8
     return out
 
 
-def cluster_figure(projection: pd.DataFrame, texts: pd.DataFrame | None = None, *, method: str = "t-SNE",
-                   dbs_by_step: dict[int, float] | None = None) -> go.Figure:
+def cluster_figure(
+    projection: pd.DataFrame,
+    texts: pd.DataFrame | None = None,
+    *,
+    method: str = "t-SNE",
+    dbs_by_step: dict[int, float] | None = None,
+) -> go.Figure:
     """Probe chosen (green) vs rejected (red) per snapshot, with a slider and play button over steps."""
     if projection.empty:
         return empty_figure("Representation clusters", "no snapshots yet")
@@ -315,8 +413,16 @@ def cluster_figure(projection: pd.DataFrame, texts: pd.DataFrame | None = None, 
         for label, color in (("chosen", CHOSEN_COLOR), ("rejected", REJECTED_COLOR)):
             part = frame[frame["label"] == label]
             coords = dict(x=part["x"], y=part["y"]) | (dict(z=part["z"]) if three_d else {})
-            out.append(scatter(**coords, mode="markers", name=label, marker=dict(color=color, size=marker_size, opacity=0.75),
-                               text=_hover_texts(part, texts), hovertemplate="%{text}<extra></extra>"))
+            out.append(
+                scatter(
+                    **coords,
+                    mode="markers",
+                    name=label,
+                    marker=dict(color=color, size=marker_size, opacity=0.75),
+                    text=_hover_texts(part, texts),
+                    hovertemplate="%{text}<extra></extra>",
+                )
+            )
         return out
 
     def title(step: int) -> str:
@@ -325,22 +431,56 @@ def cluster_figure(projection: pd.DataFrame, texts: pd.DataFrame | None = None, 
         return f"Chosen vs rejected representations ({method}, aligned) · step {step}{suffix}"
 
     last = steps[-1]
-    fig = go.Figure(data=traces(last),
-                    frames=[go.Frame(data=traces(s), name=str(s), layout=go.Layout(title_text=title(s))) for s in steps])
-    slider = dict(active=len(steps) - 1, currentvalue=dict(prefix="snapshot step: "), pad=dict(t=40),
-                  steps=[dict(label=str(s), method="animate",
-                              args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=three_d),
-                                                   transition=dict(duration=0))]) for s in steps])
-    buttons = dict(type="buttons", showactive=False, x=0.0, y=-0.08, xanchor="left", yanchor="top",
-                   buttons=[dict(label="▶ play", method="animate",
-                                 args=[None, dict(frame=dict(duration=700, redraw=three_d), fromcurrent=False,
-                                                  transition=dict(duration=300))]),
-                            dict(label="❚❚ pause", method="animate",
-                                 args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))])])
+    fig = go.Figure(
+        data=traces(last),
+        frames=[go.Frame(data=traces(s), name=str(s), layout=go.Layout(title_text=title(s))) for s in steps],
+    )
+    slider = dict(
+        active=len(steps) - 1,
+        currentvalue=dict(prefix="snapshot step: "),
+        pad=dict(t=40),
+        steps=[
+            dict(
+                label=str(s),
+                method="animate",
+                args=[
+                    [str(s)],
+                    dict(mode="immediate", frame=dict(duration=0, redraw=three_d), transition=dict(duration=0)),
+                ],
+            )
+            for s in steps
+        ],
+    )
+    buttons = dict(
+        type="buttons",
+        showactive=False,
+        x=0.0,
+        y=-0.08,
+        xanchor="left",
+        yanchor="top",
+        buttons=[
+            dict(
+                label="▶ play",
+                method="animate",
+                args=[
+                    None,
+                    dict(frame=dict(duration=700, redraw=three_d), fromcurrent=False, transition=dict(duration=300)),
+                ],
+            ),
+            dict(
+                label="❚❚ pause",
+                method="animate",
+                args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False))],
+            ),
+        ],
+    )
     fig = _layout(fig, title(last), f"{method} 1 (arbitrary units)", f"{method} 2 (arbitrary units)", height=560)
     # the slider and play buttons live below this plot: the legend goes to the right of it
-    fig.update_layout(sliders=[slider], updatemenus=[buttons],
-                      legend=dict(orientation="v", x=1.02, xanchor="left", y=1.0, yanchor="top"))
+    fig.update_layout(
+        sliders=[slider],
+        updatemenus=[buttons],
+        legend=dict(orientation="v", x=1.02, xanchor="left", y=1.0, yanchor="top"),
+    )
     if three_d:
         fig.update_layout(scene=dict(xaxis_title=f"{method} 1", yaxis_title=f"{method} 2", zaxis_title=f"{method} 3"))
     else:
@@ -385,13 +525,20 @@ def dbs_table(run) -> pd.DataFrame:
 def dbs_figure(table: pd.DataFrame, name: str = "DBS") -> go.Figure:
     fig = go.Figure()
     if not table.empty:
-        fig.add_trace(go.Scatter(x=table["step"], y=table["dbs"], mode="lines+markers", name=name,
-                                 line=dict(color=PROMPT_COLOR)))
-    return _layout(fig, "Davies–Bouldin score of chosen vs rejected (lower = better separated)", "optimiser step",
-                   "Davies–Bouldin score (dimensionless)", height=320)
+        fig.add_trace(
+            go.Scatter(x=table["step"], y=table["dbs"], mode="lines+markers", name=name, line=dict(color=PROMPT_COLOR))
+        )
+    return _layout(
+        fig,
+        "Davies–Bouldin score of chosen vs rejected (lower = better separated)",
+        "optimiser step",
+        "Davies–Bouldin score (dimensionless)",
+        height=320,
+    )
 
 
 # ---------------------------------------------------------------- HT-SR
+
 
 def _layer_labels(table: pd.DataFrame) -> pd.Series:
     if "name" in table and "layer_id" in table:
@@ -401,8 +548,9 @@ def _layer_labels(table: pd.DataFrame) -> pd.Series:
     return pd.Series([str(i) for i in range(len(table))])
 
 
-def htsr_alpha_figure(before: pd.DataFrame | None, after: pd.DataFrame | None = None, *,
-                      title: str = "WeightWatcher alpha per layer") -> go.Figure:
+def htsr_alpha_figure(
+    before: pd.DataFrame | None, after: pd.DataFrame | None = None, *, title: str = "WeightWatcher alpha per layer"
+) -> go.Figure:
     """Alpha per layer (before vs after), the [2, 6] band shaded, layers outside it marked."""
     fig = go.Figure()
     lo, hi = ALPHA_SAFE_RANGE
@@ -412,14 +560,37 @@ def htsr_alpha_figure(before: pd.DataFrame | None, after: pd.DataFrame | None = 
         labels = _layer_labels(table)
         alpha = pd.to_numeric(table["alpha"], errors="coerce")
         outside = (alpha < lo) | (alpha > hi)
-        fig.add_trace(go.Scatter(x=labels, y=alpha, mode="markers+lines", name=name, line=dict(color=color, width=1),
-                                 marker=dict(size=7, color=color)))
+        fig.add_trace(
+            go.Scatter(
+                x=labels,
+                y=alpha,
+                mode="markers+lines",
+                name=name,
+                line=dict(color=color, width=1),
+                marker=dict(size=7, color=color),
+            )
+        )
         if outside.any():
-            fig.add_trace(go.Scatter(x=labels[outside], y=alpha[outside], mode="markers", name=f"outside [2, 6] ({name})",
-                                     marker=dict(size=13, symbol="x-open", color="black")))
+            fig.add_trace(
+                go.Scatter(
+                    x=labels[outside],
+                    y=alpha[outside],
+                    mode="markers",
+                    name=f"outside [2, 6] ({name})",
+                    marker=dict(size=13, symbol="x-open", color="black"),
+                )
+            )
     fig.add_hrect(y0=lo, y1=hi, fillcolor=CHOSEN_COLOR, opacity=0.08, line_width=0)
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="typical range 2 ≤ α ≤ 6",
-                             line=dict(color=CHOSEN_COLOR, width=8), opacity=0.3))
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            name="typical range 2 ≤ α ≤ 6",
+            line=dict(color=CHOSEN_COLOR, width=8),
+            opacity=0.3,
+        )
+    )
     fig = _layout(fig, title, "layer (id and name)", "alpha (power-law exponent)", height=420)
     fig.update_xaxes(tickangle=-45)
     return fig
@@ -428,12 +599,16 @@ def htsr_alpha_figure(before: pd.DataFrame | None, after: pd.DataFrame | None = 
 def weighted_alpha_figure(rows: Sequence[tuple[str, float | None, float | None]]) -> go.Figure:
     """Bars of weighted alpha before/after for one or more runs: rows = (run label, before, after)."""
     labels = [r[0] for r in rows]
-    fig = go.Figure([
-        go.Bar(x=labels, y=[r[1] for r in rows], name="before training", marker_color=PALETTE[0]),
-        go.Bar(x=labels, y=[r[2] for r in rows], name="after training", marker_color=PALETTE[1]),
-    ])
+    fig = go.Figure(
+        [
+            go.Bar(x=labels, y=[r[1] for r in rows], name="before training", marker_color=PALETTE[0]),
+            go.Bar(x=labels, y=[r[2] for r in rows], name="after training", marker_color=PALETTE[1]),
+        ]
+    )
     fig.update_layout(barmode="group")
-    return _layout(fig, "Weighted alpha (mean over layers of α · log λmax)", "run", "weighted alpha (dimensionless)", height=340)
+    return _layout(
+        fig, "Weighted alpha (mean over layers of α · log λmax)", "run", "weighted alpha (dimensionless)", height=340
+    )
 
 
 def htsr_flag_table(table: pd.DataFrame | None) -> pd.DataFrame:
@@ -443,12 +618,15 @@ def htsr_flag_table(table: pd.DataFrame | None) -> pd.DataFrame:
     alpha = pd.to_numeric(table["alpha"], errors="coerce")
     lo, hi = ALPHA_SAFE_RANGE
     flagged = table[(alpha < lo) | (alpha > hi)].copy()
-    flagged["flag"] = np.where(pd.to_numeric(flagged["alpha"]) < lo, "alpha < 2 (over-fit?)", "alpha > 6 (under-trained?)")
+    flagged["flag"] = np.where(
+        pd.to_numeric(flagged["alpha"]) < lo, "alpha < 2 (over-fit?)", "alpha > 6 (under-trained?)"
+    )
     keep = [c for c in ("layer_id", "name", "alpha", "alpha_weighted", "lambda_max", "flag") if c in flagged]
     return flagged[keep].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- comparison
+
 
 def overlay_figure(runs: Sequence, column: str, *, source: str = "metrics", title: str, y_title: str) -> go.Figure:
     """One metric of several runs on shared axes (runs = RunData)."""
@@ -462,12 +640,26 @@ def overlay_figure(runs: Sequence, column: str, *, source: str = "metrics", titl
             tie_steps |= {int(s) for s in pd.to_numeric(table.loc[ties, "step"], errors="coerce").dropna()}
             table = table[~ties]
         if _has(table, column):
-            fig.add_trace(_line(table, column, run_label(run), color=PALETTE[i % len(PALETTE)],
-                                mode="lines+markers" if source == "eval" else "lines"))
+            fig.add_trace(
+                _line(
+                    table,
+                    column,
+                    run_label(run),
+                    color=PALETTE[i % len(PALETTE)],
+                    mode="lines+markers" if source == "eval" else "lines",
+                )
+            )
     if tie_steps:
-        fig.add_trace(go.Scatter(x=sorted(tie_steps), y=[0.0] * len(tie_steps), mode="markers", name=TIE_LABEL,
-                                 marker=dict(symbol="diamond-open", size=12, color=NEUTRAL_COLOR, line=dict(width=2)),
-                                 hovertemplate="step %{x}: policy = reference, every margin is 0<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=sorted(tie_steps),
+                y=[0.0] * len(tie_steps),
+                mode="markers",
+                name=TIE_LABEL,
+                marker=dict(symbol="diamond-open", size=12, color=NEUTRAL_COLOR, line=dict(width=2)),
+                hovertemplate="step %{x}: policy = reference, every margin is 0<extra></extra>",
+            )
+        )
     fig = _layout(fig, title, "optimiser step", y_title)
     if accuracy:
         fig.update_yaxes(range=[-0.04, 1.04])
@@ -483,15 +675,20 @@ def final_accuracy_table(runs: Sequence) -> pd.DataFrame:
     rows = []
     for run in runs:
         before, after = run.weighted_alpha()
-        rows.append({
-            "run": run.run_id, "kernel": run.kernel_name, "divergence": run.divergence_name,
-            "status": (run.summary or {}).get("status"),
-            "steps": int(run.metrics["step"].max()) if _has(run.metrics, "step") else None,
-            "final reward accuracy (eval)": accuracy_text(run, "reward_acc"),
-            "final hybrid accuracy (eval)": accuracy_text(run, "hybrid_acc"),
-            "final preference loss (eval)": run.final("loss_pref"),
-            "weighted alpha before": before, "weighted alpha after": after,
-        })
+        rows.append(
+            {
+                "run": run.run_id,
+                "kernel": run.kernel_name,
+                "divergence": run.divergence_name,
+                "status": (run.summary or {}).get("status"),
+                "steps": int(run.metrics["step"].max()) if _has(run.metrics, "step") else None,
+                "final reward accuracy (eval)": accuracy_text(run, "reward_acc"),
+                "final hybrid accuracy (eval)": accuracy_text(run, "hybrid_acc"),
+                "final preference loss (eval)": run.final("loss_pref"),
+                "weighted alpha before": before,
+                "weighted alpha after": after,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -510,19 +707,38 @@ def dbs_comparison_table(runs: Sequence) -> pd.DataFrame:
 
 def kernel_divergence_grid(runs: Sequence, value: str = "reward_acc") -> tuple[go.Figure, pd.DataFrame]:
     """Heatmap kernel × divergence of the final eval metric (mean over runs sharing a cell)."""
-    rows = [{"kernel": run.kernel_name or "?", "divergence": run.divergence_name or "?",
-             "value": None if accuracy_text(run, value).startswith("ties") else run.final(value)}
-            for run in runs]  # a run evaluated only at step 0 (policy = reference) has no accuracy yet
+    rows = [
+        {
+            "kernel": run.kernel_name or "?",
+            "divergence": run.divergence_name or "?",
+            "value": None if accuracy_text(run, value).startswith("ties") else run.final(value),
+        }
+        for run in runs
+    ]  # a run evaluated only at step 0 (policy = reference) has no accuracy yet
     table = pd.DataFrame(rows).dropna(subset=["value"])
     if table.empty:
-        return empty_figure("Final reward accuracy by kernel × divergence", "no finished evaluations yet"), pd.DataFrame()
+        return empty_figure(
+            "Final reward accuracy by kernel × divergence", "no finished evaluations yet"
+        ), pd.DataFrame()
     grid = table.pivot_table(index="kernel", columns="divergence", values="value", aggfunc="mean")
     counts = table.pivot_table(index="kernel", columns="divergence", values="value", aggfunc="count")
-    text = [[("" if pd.isna(v) else f"{v:.3f} (n={int(c)})") for v, c in zip(vr, cr)]
-            for vr, cr in zip(grid.to_numpy(), counts.reindex_like(grid).to_numpy())]
-    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=list(grid.columns), y=list(grid.index), text=text,
-                               texttemplate="%{text}", colorscale="Greens", zmin=0, zmax=1,
-                               colorbar=dict(title="accuracy")))
+    text = [
+        [("" if pd.isna(v) else f"{v:.3f} (n={int(c)})") for v, c in zip(vr, cr)]
+        for vr, cr in zip(grid.to_numpy(), counts.reindex_like(grid).to_numpy())
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=list(grid.columns),
+            y=list(grid.index),
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Greens",
+            zmin=0,
+            zmax=1,
+            colorbar=dict(title="accuracy"),
+        )
+    )
     fig = _layout(fig, "Final reward accuracy by kernel × divergence", "divergence", "kernel", height=360)
     fig.update_layout(showlegend=False)
     return fig, grid

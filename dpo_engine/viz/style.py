@@ -44,12 +44,24 @@ def _legend_rows(fig: go.Figure, width_px: float, font_size: float) -> int:
     return -(-len(names) // per_row)
 
 
-def legend_below(fig: go.Figure, *, width_px: float = _NARROWEST_PX, font_size: float | None = None) -> tuple[dict, int]:
+def legend_below(
+    fig: go.Figure, *, width_px: float = _NARROWEST_PX, font_size: float | None = None
+) -> tuple[dict, int]:
     """(legend layout, bottom margin in px) that keep the legend under the x-axis title."""
     size = font_size or FONT["size"] - 1
     rows = _legend_rows(fig, width_px, size)
-    legend = dict(orientation="h", x=0.0, xanchor="left", xref="paper", y=0.0, yanchor="bottom", yref="container",
-                  bgcolor="rgba(255,255,255,0)", font=dict(size=size), title_text="")
+    legend = dict(
+        orientation="h",
+        x=0.0,
+        xanchor="left",
+        xref="paper",
+        y=0.0,
+        yanchor="bottom",
+        yref="container",
+        bgcolor="rgba(255,255,255,0)",
+        font=dict(size=size),
+        title_text="",
+    )
     return legend, _AXIS_TITLE_PX + rows * round(_LEGEND_ROW_PX * size / 12) + 8
 
 
@@ -66,11 +78,27 @@ def apply_style(fig: go.Figure, *, title: str | None = None, height: int = 380, 
         bottom += _LEGEND_FOOT_PX
         height = max(height, _TOP_MARGIN + bottom + 160)  # a many-entry legend never squeezes the plot away
         legend_layout["y"] = _LEGEND_FOOT_PX / height
-    layout = dict(template=TEMPLATE, height=height, font=FONT, showlegend=legend,
-                  title=dict(text=title, x=0.0, xanchor="left", xref="paper", y=0.98, yref="container",
-                             yanchor="top", font=dict(size=TITLE_FONT_SIZE)) if title is not None else None,
-                  legend=legend_layout or None, margin=dict(l=70, r=30, t=_TOP_MARGIN, b=bottom),
-                  hoverlabel=dict(font_size=12))
+    layout = dict(
+        template=TEMPLATE,
+        height=height,
+        font=FONT,
+        showlegend=legend,
+        title=dict(
+            text=title,
+            x=0.0,
+            xanchor="left",
+            xref="paper",
+            y=0.98,
+            yref="container",
+            yanchor="top",
+            font=dict(size=TITLE_FONT_SIZE),
+        )
+        if title is not None
+        else None,
+        legend=legend_layout or None,
+        margin=dict(l=70, r=30, t=_TOP_MARGIN, b=bottom),
+        hoverlabel=dict(font_size=12),
+    )
     fig.update_layout(**{k: v for k, v in layout.items() if v is not None})
     return fig
 
@@ -84,9 +112,14 @@ def for_slides(fig: go.Figure) -> go.Figure:
     legend, bottom = legend_below(slide, width_px=width - 90 - right, font_size=SLIDE_FONT_SIZE - 1)
     if fig.layout.legend.orientation == "v":  # a legend placed beside the plot stays there
         legend = dict(font=dict(size=SLIDE_FONT_SIZE - 1))
-    slide.update_layout(width=width, height=height, font=dict(size=SLIDE_FONT_SIZE),
-                        title_font_size=round(TITLE_FONT_SIZE * scale), legend=legend,
-                        margin=dict(l=90, r=right, t=80, b=round(bottom * 1.1)))
+    slide.update_layout(
+        width=width,
+        height=height,
+        font=dict(size=SLIDE_FONT_SIZE),
+        title_font_size=round(TITLE_FONT_SIZE * scale),
+        legend=legend,
+        margin=dict(l=90, r=right, t=80, b=round(bottom * 1.1)),
+    )
     slide.update_annotations(font_size=round(12 * scale))
     # frames/sliders are for the browser only; the PNG shows the current state
     slide.frames = ()

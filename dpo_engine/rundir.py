@@ -1,4 +1,6 @@
-"""Writers and readers of the run directory (the contract between worker, pages, CLI and tests).
+"""Writers and readers of the run directory: the contract between worker, pages, CLI and tests.
+
+A leaf module: every layer of the engine may import it, and it imports nothing of the engine.
 
 Readers tolerate a run that is still being written: a partial last JSONL line is skipped, a missing
 file reads as empty, so pages can poll a live run.
@@ -29,11 +31,36 @@ HTSR_BEFORE = "htsr_before.csv"
 HTSR_AFTER = "htsr_after.csv"
 EVAL_MARGINS = "eval_margins.jsonl"  # per held-out pair reward margins at each evaluation (intervals over pairs)
 
-METRIC_KEYS = ("step", "epoch", "loss", "loss_pref", "loss_div", "loss_entropy", "reward_acc", "margin", "beta",
-               "lr", "grad_norm", "tokens_per_s")
+METRIC_KEYS = (
+    "step",
+    "epoch",
+    "loss",
+    "loss_pref",
+    "loss_div",
+    "loss_entropy",
+    "reward_acc",
+    "margin",
+    "beta",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+)
 MIXTURE_KEYS = ("lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global")
-EVAL_KEYS = ("step", "loss_pref", "reward_acc", "hybrid_acc", "reward_chosen", "reward_rejected", "div_kl", "div_js",
-             "div_hellinger", "div_renyi", "div_bhattacharyya", "div_wasserstein", "div_fdiv")
+EVAL_KEYS = (
+    "step",
+    "loss_pref",
+    "reward_acc",
+    "hybrid_acc",
+    "reward_chosen",
+    "reward_rejected",
+    "div_kl",
+    "div_js",
+    "div_hellinger",
+    "div_renyi",
+    "div_bhattacharyya",
+    "div_wasserstein",
+    "div_fdiv",
+)
 _SNAPSHOT_RE = re.compile(r"^step_(\d+)\.npz$")
 
 
@@ -110,8 +137,14 @@ def read_eval(run_dir: Path) -> pd.DataFrame:
 def append_eval_margins(run_dir: Path, step: int, pair_ids: list[str], margins: np.ndarray) -> None:
     """One row per evaluation: the held-out pairs' ids and reward margins, so accuracies can carry
     intervals over pairs and two runs on the same split can be compared pair by pair."""
-    append_jsonl(Path(run_dir) / EVAL_MARGINS, {"step": int(step), "pair_ids": [str(p) for p in pair_ids],
-                                                "margin": [float(m) for m in np.asarray(margins).ravel()]})
+    append_jsonl(
+        Path(run_dir) / EVAL_MARGINS,
+        {
+            "step": int(step),
+            "pair_ids": [str(p) for p in pair_ids],
+            "margin": [float(m) for m in np.asarray(margins).ravel()],
+        },
+    )
 
 
 def read_eval_margins(run_dir: Path) -> dict[int, pd.Series]:
@@ -121,8 +154,9 @@ def read_eval_margins(run_dir: Path) -> dict[int, pd.Series]:
     for row in read_jsonl(Path(run_dir) / EVAL_MARGINS):
         ids, margins = row.get("pair_ids") or [], row.get("margin") or []
         if len(ids) == len(margins) and ids:
-            out[int(row["step"])] = pd.Series([np.nan if m is None else float(m) for m in margins],
-                                              index=[str(i) for i in ids], dtype=float)
+            out[int(row["step"])] = pd.Series(
+                [np.nan if m is None else float(m) for m in margins], index=[str(i) for i in ids], dtype=float
+            )
     return dict(sorted(out.items()))
 
 
@@ -192,8 +226,12 @@ def write_snapshot(run_dir: Path, step: int, chosen: np.ndarray, rejected: np.nd
     path = snapshot_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".step_{step}.tmp.npz")
-    np.savez(tmp, chosen=chosen.astype(np.float16), rejected=rejected.astype(np.float16),
-             pair_ids=np.asarray(pair_ids, dtype=str))
+    np.savez(
+        tmp,
+        chosen=chosen.astype(np.float16),
+        rejected=rejected.astype(np.float16),
+        pair_ids=np.asarray(pair_ids, dtype=str),
+    )
     os.replace(tmp, path)
     return path
 
@@ -212,8 +250,11 @@ def load_snapshot(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"no snapshot for step {step} in {run_dir} (have: {list_snapshots(run_dir)})")
     with np.load(path) as z:
-        return {"chosen": z["chosen"].astype(np.float32), "rejected": z["rejected"].astype(np.float32),
-                "pair_ids": z["pair_ids"].astype(str)}
+        return {
+            "chosen": z["chosen"].astype(np.float32),
+            "rejected": z["rejected"].astype(np.float32),
+            "pair_ids": z["pair_ids"].astype(str),
+        }
 
 
 def read_htsr(run_dir: Path, which: str = "before") -> pd.DataFrame | None:
@@ -235,6 +276,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
-    done = [(int(p.name.split("_")[1]), p) for p in folder.iterdir()
-            if re.match(r"^step_\d+$", p.name) and (p / "state.pt").is_file()]
+    done = [
+        (int(p.name.split("_")[1]), p)
+        for p in folder.iterdir()
+        if re.match(r"^step_\d+$", p.name) and (p / "state.pt").is_file()
+    ]
     return max(done)[1] if done else None

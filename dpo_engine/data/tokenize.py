@@ -1,0 +1,64 @@
+"""Preference pairs -> token ids, the one rule that training and the token pre-flight share.
+
+Prompts are rendered through the tokenizer's chat template when it has one (a user turn plus the
+generation prompt) and responses are appended as assistant text + EOS, so the policy sees pairs the
+way it was instruction-tuned. The prompt keeps its end; responses fill what ``max_length`` leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    pair_id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def pair_length(pair: TokenizedPair) -> int:
+    """Tokens of the pair's packed row (prompt + chosen + rejected): what its batch pads to."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def tokenize_pair(
+    tokenizer, pair_id: str, prompt: str, chosen: str, rejected: str, *, max_length: int, max_prompt_length: int
+) -> TokenizedPair:
+    """Prompt keeps its last max_prompt_length tokens; responses are cut so prompt + response <= max_length."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_ids[-max_prompt_length:]
+    budget = max_length - len(prompt_ids)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def response(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        return ids[:budget]
+
+    return TokenizedPair(str(pair_id), list(prompt_ids), response(chosen), response(rejected))
+
+
+def tokenize_pairs(tokenizer, df: pd.DataFrame, *, max_length: int, max_prompt_length: int) -> list[TokenizedPair]:
+    return [
+        tokenize_pair(
+            tokenizer,
+            r.pair_id,
+            str(r.prompt),
+            str(r.chosen),
+            str(r.rejected),
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        )
+        for r in df.itertuples(index=False)
+    ]
