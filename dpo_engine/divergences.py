@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-DivergenceName = Literal["none", "kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv"]
+from dpo_engine.names import ALL_DIVERGENCES, divergence_metric
+
+DivergenceName = Literal[("none", *ALL_DIVERGENCES)]
 FDivergenceName = Literal["jeffreys", "chi2", "total_variation", "alpha"]
-ALL_DIVERGENCES = ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv")
 
 _LOG_ZERO = -1e30
 """Finite stand-in for log 0 in Sinkhorn, so empty support points never produce inf - inf."""
@@ -686,9 +687,11 @@ def _all_divergences(
         for name in names:
             totals[name] += float(fns[name](logp, logq).sum())
     count = len(positions)
-    out = {f"div_{name}": totals[name] / count for name in names}
-    out["div_wasserstein"] = float(_wasserstein_value_and_grad(cfg, output_embeddings, policy, ref, positions)) / count
-    return {f"div_{name}": out[f"div_{name}"] for name in ALL_DIVERGENCES}
+    out = {divergence_metric(name): totals[name] / count for name in names}
+    out[divergence_metric("wasserstein")] = (
+        float(_wasserstein_value_and_grad(cfg, output_embeddings, policy, ref, positions)) / count
+    )
+    return {divergence_metric(name): out[divergence_metric(name)] for name in ALL_DIVERGENCES}
 
 
 def all_token_divergences(

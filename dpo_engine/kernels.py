@@ -26,6 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from dpo_engine.names import MIXTURE_BASE_KERNELS, MIXTURE_WEIGHTS
+
 KernelName = Literal["none", "rbf", "polynomial", "spectral", "mahalanobis", "mixture", "hmk"]
 
 POLY_CLAMP = 1e-6
@@ -250,9 +252,6 @@ class MahalanobisKernel(KernelModule):
         return -((d @ self.precision.to(u.dtype)) * d).sum(-1) / (2.0 * k)
 
 
-_BASE_ORDER = ("rbf", "poly", "spectral", "mahalanobis")
-
-
 def _base_kernels(cfg: KernelConfig, calibration: KernelCalibration) -> nn.ModuleList:
     return nn.ModuleList(
         [
@@ -280,7 +279,7 @@ class FlatMixtureKernel(KernelModule):
 
     def weights(self) -> dict[str, float]:
         lam = torch.softmax(self.theta.detach().float(), dim=0).tolist()
-        return {f"lambda_{name}": float(w) for name, w in zip(_BASE_ORDER, lam)}
+        return {f"lambda_{name}": float(w) for name, w in zip(MIXTURE_BASE_KERNELS, lam, strict=True)}
 
     def entropy_penalty(self) -> Tensor:
         return -self.eta * _entropy(torch.log_softmax(self.theta, dim=0))
@@ -315,14 +314,7 @@ class HierarchicalMixtureKernel(KernelModule):
             local = torch.softmax(self.theta_local.float(), 0).tolist()
             glob = torch.softmax(self.theta_global.float(), 0).tolist()
             tau = torch.softmax(self.theta_tau.float(), 0).tolist()
-        return {
-            "lambda_rbf": float(local[0]),
-            "lambda_poly": float(local[1]),
-            "lambda_spectral": float(glob[0]),
-            "lambda_mahalanobis": float(glob[1]),
-            "tau_local": float(tau[0]),
-            "tau_global": float(tau[1]),
-        }
+        return {name: float(w) for name, w in zip(MIXTURE_WEIGHTS, local + glob + tau, strict=True)}
 
     def entropy_penalty(self) -> Tensor:
         total = sum(

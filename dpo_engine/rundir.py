@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dpo_engine.names import DIVERGENCE_METRICS, MIXTURE_WEIGHTS
+
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
@@ -25,6 +27,7 @@ SUMMARY = "summary.json"
 LOG = "log.txt"
 SNAPSHOTS = "snapshots"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_STATE = "state.pt"  # written last: a checkpoint folder is complete once it holds this file
 MODEL = "model"
 CALIBRATION = "calibration.pt"
 HTSR_BEFORE = "htsr_before.csv"
@@ -45,7 +48,7 @@ METRIC_KEYS = (
     "grad_norm",
     "tokens_per_s",
 )
-MIXTURE_KEYS = ("lambda_rbf", "lambda_poly", "lambda_spectral", "lambda_mahalanobis", "tau_local", "tau_global")
+MIXTURE_KEYS = MIXTURE_WEIGHTS
 EVAL_KEYS = (
     "step",
     "loss_pref",
@@ -53,13 +56,7 @@ EVAL_KEYS = (
     "hybrid_acc",
     "reward_chosen",
     "reward_rejected",
-    "div_kl",
-    "div_js",
-    "div_hellinger",
-    "div_renyi",
-    "div_bhattacharyya",
-    "div_wasserstein",
-    "div_fdiv",
+    *DIVERGENCE_METRICS,
 )
 _SNAPSHOT_RE = re.compile(r"^step_(\d+)\.npz$")
 
@@ -271,14 +268,19 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder (checkpoint_dir's name) was written at."""
+    return int(Path(path).name.split("_")[1])
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The completed checkpoint with the highest step (a checkpoint is complete once its state.pt exists)."""
+    """The completed checkpoint with the highest step: the one definition of "this run can resume"."""
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return None
     done = [
-        (int(p.name.split("_")[1]), p)
+        (checkpoint_step(p), p)
         for p in folder.iterdir()
-        if re.match(r"^step_\d+$", p.name) and (p / "state.pt").is_file()
+        if re.match(r"^step_\d+$", p.name) and (p / CHECKPOINT_STATE).is_file()
     ]
     return max(done)[1] if done else None

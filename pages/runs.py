@@ -9,6 +9,7 @@ import streamlit as st
 
 from app.state import job_store, workspace
 from app.ui import figure_with_export, format_seconds, health_alerts, job_status_panel, page_header
+from dpo_engine.analysis import health
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
 from dpo_engine.report import build_report
@@ -115,9 +116,9 @@ def _kernel_weights(run) -> None:
         )
     else:
         figure_with_export(fig, key="run-kernel-weights")
-        collapsed = viz.collapsed_weights(run.metrics)
-        if collapsed:
-            st.warning(f"Collapsed below {viz.COLLAPSE_THRESHOLD}: {', '.join(collapsed)}")
+        collapse = health.kernel_weight_collapse(run.metrics)
+        if collapse is not None:
+            st.warning(f"{collapse.title}: {collapse.evidence}")
     if run.epsilon_dpo > 0:
         beta = viz.beta_figure(run.metrics)
         if beta is not None:

@@ -24,9 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DPO_KERNELS_MODEL_CACHE", str(REPO / ".cache" / "models"))
-HH_SAMPLE = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
-if not HH_SAMPLE.exists():
-    HH_SAMPLE = REPO / "assets" / "sample_hh.jsonl.gz"
+HH_SAMPLE = REPO / "assets" / "sample_hh.jsonl.gz"
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

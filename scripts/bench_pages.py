@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DIVS = ("div_kl", "div_js", "div_hellinger", "div_renyi", "div_bhattacharyya", "div_wasserstein", "div_fdiv")
+from dpo_engine.names import DIVERGENCE_METRICS  # noqa: E402 (after the path insert)
 
 
 def build_big_run(run_dir: Path, steps: int, n_snapshots: int, n_pairs: int, dim: int = 256, seed: int = 0) -> None:
@@ -79,7 +79,7 @@ def build_big_run(run_dir: Path, steps: int, n_snapshots: int, n_pairs: int, dim
                         "hybrid_acc": 0.5 + step / 30000,
                         "reward_chosen": step / 10000,
                         "reward_rejected": -step / 10000,
-                        **{d: float(rng.random() * step / steps) for d in DIVS},
+                        **{d: float(rng.random() * step / steps) for d in DIVERGENCE_METRICS},
                     }
                 )
                 + "\n"

@@ -26,12 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-HH_SAMPLE = REPO.parent / "shared" / "data" / "hh_harmless_dev.jsonl.gz"
-if not HH_SAMPLE.exists():
-    HH_SAMPLE = REPO / "assets" / "sample_hh.jsonl.gz"
+HH_SAMPLE = REPO / "assets" / "sample_hh.jsonl.gz"
+
+from dpo_engine.names import ALL_DIVERGENCES  # noqa: E402 (after the path insert)
 
 KERNELS = ("rbf", "polynomial", "spectral", "mahalanobis", "mixture", "hmk")
-DIVERGENCES = ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv")
 
 
 def variants() -> dict[str, dict]:
@@ -39,7 +38,7 @@ def variants() -> dict[str, dict]:
     out = {"dpo": plain}
     for k in KERNELS:
         out[f"kernel:{k}"] = {"kernel": {"name": k}, "divergence": {"name": "none"}, "loss": {"gamma": 0.5}}
-    for d in DIVERGENCES:
+    for d in ALL_DIVERGENCES:
         out[f"div:{d}"] = {"kernel": {"name": "none"}, "divergence": {"name": d, "alpha": 0.1}, "loss": {"gamma": 0.0}}
     return out
 

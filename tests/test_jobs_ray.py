@@ -19,6 +19,7 @@ import pytest
 
 from dpo_engine.jobs import CANCELLED, QUEUED, SUCCEEDED, Job, JobStore
 from dpo_engine.jobs.ray_backend import job_resources
+from dpo_engine.jobs.selftest import write_selftest_checkpoint
 from dpo_engine.workspace import Workspace
 from tests.test_jobs_worker import pid_gone, read_pids, wait_until
 
@@ -284,7 +285,7 @@ def test_killed_dispatcher_takes_its_jobs_along_and_they_resume(ray_address, tmp
     # Ray ends the tasks of a driver that died; the parent-death signal stops the job's processes
     wait_until(lambda: pid_gone(pids["child"]) and pid_gone(pids["grandchild"]), 30, "the orphaned job to end")
     assert store.get(job.id).status == "running"  # nobody has noticed yet
-    (Path(job.run_dir) / "checkpoints" / "step_58.json").write_text('{"step": 58}')  # resume near the end
+    write_selftest_checkpoint(job.run_dir, 58)  # resume near the end
     time.sleep(2.5)
     second = subprocess.run([*cmd, "--once"], capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stdout[-2000:]

@@ -14,6 +14,7 @@ from datetime import timezone
 import pytest
 from sqlalchemy import text
 
+from dpo_engine import rundir
 from dpo_engine.jobs import (
     CANCELLED,
     FAILED,
@@ -218,11 +219,20 @@ def test_reap_lost_fails_without_checkpoint(store):
     assert store.reap_lost(timeout_s=0.01) == []
 
 
+def test_a_checkpoint_still_being_written_does_not_make_a_job_resumable(store):
+    job = _claim_and_age(store)
+    ckpt = rundir.checkpoint_dir(store.get(job.id).log_path.parent, 3)
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"x")  # the state file, written last, is not there yet
+    (lost,) = store.reap_lost(timeout_s=0.01)
+    assert lost.status == FAILED and not lost.resumable
+
+
 def test_reap_lost_requeues_with_checkpoint_and_gives_up_after_max_attempts(store, monkeypatch):
     job = _claim_and_age(store)
-    ckpt = store.get(job.id).log_path.parent / "checkpoints"
-    ckpt.mkdir()
-    (ckpt / "step_3.pt").write_bytes(b"x")
+    ckpt = rundir.checkpoint_dir(store.get(job.id).log_path.parent, 3)
+    ckpt.mkdir(parents=True)
+    (ckpt / rundir.CHECKPOINT_STATE).write_bytes(b"x")
     (lost,) = store.reap_lost(timeout_s=0.01)
     assert lost.status == QUEUED and lost.resumable and lost.worker_id is None
     assert lost.message.startswith("lost: worker w-old") and "requeued" in lost.message

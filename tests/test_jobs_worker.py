@@ -16,6 +16,7 @@ import pytest
 
 from dpo_engine.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, executors, register_executor
 from dpo_engine.jobs.context import JobContext
+from dpo_engine.jobs.selftest import write_selftest_checkpoint
 from dpo_engine.jobs.worker import Worker
 from dpo_engine.workspace import Workspace
 from tests.jobs_db import backend, fresh_db_url, postgres_server, store, ws  # noqa: F401 - fixtures
@@ -157,7 +158,7 @@ def test_killed_worker_takes_its_child_along_and_the_job_is_reaped(ws, store, wi
     wait_until(lambda: pid_gone(pids["child"]) and pid_gone(pids["grandchild"]), 10, "the orphaned job to end")
     assert store.get(job.id).status == RUNNING  # nobody has noticed yet
     if with_checkpoint:  # pretend the run got far, so the resumed attempt is short
-        (Path(job.run_dir) / "checkpoints" / "step_58.json").write_text('{"step": 58}')
+        write_selftest_checkpoint(job.run_dir, 58)
     time.sleep(0.6)
     processed = fast_worker(ws, store, lost_timeout_s=0.5).run(once=True)
     done = store.get(job.id)

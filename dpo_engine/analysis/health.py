@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dpo_engine.names import MIXTURE_WEIGHT_LABELS
 from dpo_engine.rundir import config_value
 
 # Likelihood displacement: held-out chosen reward below -DISPLACEMENT_TOL while the held-out
@@ -38,14 +39,6 @@ BETA_SANE_RANGE = (0.01, 1.0)
 # HT-SR (a heuristic): WeightWatcher alpha outside this range.
 ALPHA_RANGE = (2.0, 6.0)
 
-KERNEL_WEIGHT_NAMES = {
-    "lambda_rbf": "λ1 RBF",
-    "lambda_poly": "λ2 polynomial",
-    "lambda_spectral": "λ3 spectral",
-    "lambda_mahalanobis": "λ4 Mahalanobis",
-    "tau_local": "τ1 local",
-    "tau_global": "τ2 global",
-}
 _GUARDED = ("loss", "loss_pref", "margin", "reward_acc", "grad_norm")
 
 
@@ -213,13 +206,26 @@ def non_finite(metrics: pd.DataFrame | None, summary: dict | None) -> Alert | No
     )
 
 
-def kernel_weight_collapse(metrics: pd.DataFrame | None) -> Alert | None:
+def collapsed_weights(metrics: pd.DataFrame | None) -> dict[str, tuple[int, float]]:
+    """Mixture weights that fell below COLLAPSE_THRESHOLD at some step: label -> (first such step, last value)."""
     first_steps: dict[str, tuple[int, float]] = {}
-    for column, label in KERNEL_WEIGHT_NAMES.items():
+    for column, label in MIXTURE_WEIGHT_LABELS.items():
         table = _numeric(metrics, column).dropna()
         below = table[table[column] < COLLAPSE_THRESHOLD]
         if len(below):
             first_steps[label] = (int(below["step"].iloc[0]), float(table[column].iloc[-1]))
+    return first_steps
+
+
+def alpha_outside_range(alpha: pd.Series) -> pd.Series:
+    """True where a layer's WeightWatcher alpha lies outside ALPHA_RANGE (NaN counts as inside)."""
+    lo, hi = ALPHA_RANGE
+    values = pd.to_numeric(alpha, errors="coerce")
+    return (values < lo) | (values > hi)
+
+
+def kernel_weight_collapse(metrics: pd.DataFrame | None) -> Alert | None:
+    first_steps = collapsed_weights(metrics)
     if not first_steps:
         return None
     start = min(step for step, _ in first_steps.values())
@@ -276,21 +282,20 @@ def htsr_alpha(
     table = htsr_after if htsr_after is not None else htsr_before
     if table is None or "alpha" not in table:
         return None
-    lo, hi = ALPHA_RANGE
     alpha = pd.to_numeric(table["alpha"], errors="coerce").dropna()
     if alpha.empty:
         return None
-    outside = int(((alpha < lo) | (alpha > hi)).sum())
+    lo, hi = ALPHA_RANGE
+    outside = int(alpha_outside_range(alpha).sum())
     if outside == 0:
         return None
     before_note = ""
     if htsr_after is not None and htsr_before is not None and "alpha" in htsr_before:
-        a0 = pd.to_numeric(htsr_before["alpha"], errors="coerce").dropna()
-        before_note = f" ({int(((a0 < lo) | (a0 > hi)).sum())} before training)"
+        before_note = f" ({int(alpha_outside_range(htsr_before['alpha']).sum())} before training)"
     when = "after training" if htsr_after is not None else "before training"
     return Alert(
         code="htsr_alpha",
-        title="HT-SR alpha outside 2–6",
+        title=f"HT-SR alpha outside {lo:g}–{hi:g}",
         severity="info",
         heuristic=True,
         step=final_step if htsr_after is not None else 0,

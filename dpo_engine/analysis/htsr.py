@@ -25,7 +25,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-ALPHA_RANGE = (2.0, 6.0)
+from dpo_engine.analysis.health import ALPHA_RANGE
+
 COLUMNS = (
     "layer_id",
     "name",
@@ -93,8 +94,7 @@ def analyze_model(model, *, known: pd.DataFrame | None = None, solver: str = "gr
     details = details.reset_index(drop=True)
     first = [c for c in COLUMNS if c in details.columns]
     table = details[first + [c for c in details.columns if c not in first]].copy()
-    lo, hi = ALPHA_RANGE
-    table["out_of_range"] = ~table["alpha"].between(lo, hi)
+    table["out_of_range"] = ~table["alpha"].between(*ALPHA_RANGE)
     return table
 
 

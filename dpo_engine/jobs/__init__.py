@@ -16,7 +16,7 @@ from dpo_engine.jobs.models import (
     Job,
     WorkerInfo,
 )
-from dpo_engine.jobs.store import JobNotFound, JobStateError, JobStore, has_checkpoint
+from dpo_engine.jobs.store import JobNotFound, JobStateError, JobStore
 from dpo_engine.jobs.wait import wait_for_job
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "JobStateError",
     "JobStore",
     "WorkerInfo",
-    "has_checkpoint",
     "known_kinds",
     "register_executor",
     "resolve_executor",

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dpo_engine import rundir
 from dpo_engine.jobs.context import JobContext
 
 
@@ -27,19 +28,20 @@ class SelftestParams(BaseModel):
     steps: int = Field(default=10, ge=1, le=100_000, description="number of progress steps")
     fail: bool = Field(default=False, description="raise an exception half way")
     crash_hard: bool = Field(default=False, description="os._exit(3) half way, no cleanup")
-    write_checkpoint: bool = Field(default=False, description="write checkpoints/step_<i>.json each step")
+    write_checkpoint: bool = Field(default=False, description="write a checkpoint (rundir's layout) each step")
     spawn_grandchild: bool = Field(default=False, description="start a long `sleep` child process")
 
 
-def _last_checkpoint(ckpt_dir) -> int:
-    steps = [int(p.stem.split("_")[1]) for p in ckpt_dir.glob("step_*.json")]
-    return max(steps, default=0)
+def write_selftest_checkpoint(run_dir, step: int) -> None:
+    folder = rundir.checkpoint_dir(run_dir, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / rundir.CHECKPOINT_STATE).write_text(json.dumps({"step": step}))
 
 
 def run_selftest_job(ctx: JobContext) -> dict[str, Any]:
     p = SelftestParams.model_validate(ctx.params)
-    ckpt_dir = ctx.run_dir / "checkpoints"
-    start = _last_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else 0
+    latest = rundir.latest_checkpoint(ctx.run_dir)
+    start = rundir.checkpoint_step(latest) if latest is not None else 0
     pids: dict[str, int] = {"child": os.getpid()}
     if p.spawn_grandchild:
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -58,8 +60,7 @@ def run_selftest_job(ctx: JobContext) -> dict[str, Any]:
             print(f"selftest crashing hard at step {step}", flush=True)
             os._exit(3)
         if p.write_checkpoint:
-            ckpt_dir.mkdir(exist_ok=True)
-            (ckpt_dir / f"step_{step}.json").write_text(json.dumps({"step": step}))
+            write_selftest_checkpoint(ctx.run_dir, step)
         print(f"selftest step {step}/{p.steps}", flush=True)
         ctx.progress(step / p.steps, f"step {step}/{p.steps}")
     return {"steps_done": p.steps, "stopped_early": False, "resumed_from": start}

@@ -24,6 +24,7 @@ from sqlalchemy import Engine, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from dpo_engine import rundir
 from dpo_engine.jobs.devices import CLUSTER_DEVICE, normalize_device
 from dpo_engine.jobs.executors import known_kinds
 from dpo_engine.jobs.models import (
@@ -55,12 +56,6 @@ class JobNotFound(LookupError):
 
 class JobStateError(RuntimeError):
     """The requested transition is not allowed from the job's current status."""
-
-
-def has_checkpoint(run_dir: str | os.PathLike) -> bool:
-    """A run can resume when `<run_dir>/checkpoints/` holds anything."""
-    ckpt = Path(run_dir) / "checkpoints"
-    return ckpt.is_dir() and any(ckpt.iterdir())
 
 
 def _make_engine(url: str) -> Engine:
@@ -400,7 +395,7 @@ class JobStore:
 
     @staticmethod
     def _give_up(row: JobRow, reason: str) -> None:
-        resumable = has_checkpoint(row.run_dir)
+        resumable = rundir.latest_checkpoint(Path(row.run_dir)) is not None
         row.resumable = resumable
         now = utcnow()
         if row.cancel_requested:

@@ -18,6 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from dpo_engine.analysis import health
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
 from dpo_engine.report.rundata import (
@@ -278,15 +279,11 @@ def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> di
     )
     kw = viz.kernel_weight_figure(run.metrics)
     beta = viz.beta_figure(run.metrics) if run.epsilon_dpo > 0 else None
-    collapsed = viz.collapsed_weights(run.metrics)
+    collapse = health.kernel_weight_collapse(run.metrics)
     out["kernel_weights"] = (
         label
         + (fig(kw) if kw else f"<p class='note'>Kernel {_esc(run.kernel_name)} has no mixture weights.</p>")
-        + (
-            f"<p class='warn'>Collapsed below {viz.COLLAPSE_THRESHOLD}: {_esc(', '.join(collapsed))}</p>"
-            if collapsed
-            else ""
-        )
+        + (f"<p class='warn'>{_esc(collapse.title)}: {_esc(collapse.evidence)}</p>" if collapse is not None else "")
         + fig(beta)
     )
     div = viz.divergence_figure(run.eval, run.divergence_name)

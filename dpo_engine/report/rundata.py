@@ -18,24 +18,6 @@ import pandas as pd
 
 from dpo_engine import rundir
 
-KERNEL_WEIGHT_COLUMNS = (
-    "lambda_rbf",
-    "lambda_poly",
-    "lambda_spectral",
-    "lambda_mahalanobis",
-    "tau_local",
-    "tau_global",
-)
-DIVERGENCE_COLUMNS = (
-    "div_kl",
-    "div_js",
-    "div_hellinger",
-    "div_renyi",
-    "div_bhattacharyya",
-    "div_wasserstein",
-    "div_fdiv",
-)
-
 
 @dataclass
 class Snapshot:

@@ -15,10 +15,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from dpo_engine.names import ALL_DIVERGENCES
 from dpo_engine.selection.metrics import METRIC_NAMES, SelectionMetrics
 
 KERNELS: tuple[str, ...] = ("rbf", "polynomial", "spectral", "mahalanobis", "hmk")
-DIVERGENCES: tuple[str, ...] = ("kl", "js", "hellinger", "renyi", "bhattacharyya", "wasserstein", "fdiv")
+DIVERGENCES: tuple[str, ...] = ALL_DIVERGENCES
 FALLBACK_KERNEL = "hmk"
 FALLBACK_DIVERGENCE = "kl"
 

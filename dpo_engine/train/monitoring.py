@@ -22,6 +22,7 @@ import torch
 
 from dpo_engine import rundir
 from dpo_engine.data.tokenize import pair_length
+from dpo_engine.names import DIVERGENCE_METRICS
 from dpo_engine.train.step import ForwardOut
 
 DIVERGENCE_REFERENCE_BYTES = 64 * 2**20  # reference hidden states kept for the divergence subset; beyond, recomputed
@@ -110,7 +111,7 @@ class Monitoring:
             "reward_chosen": 0.0,
             "reward_rejected": 0.0,
         }
-        div_sums: dict[str, float] = {key: 0.0 for key in rundir.EVAL_KEYS if key.startswith("div_")}
+        div_sums: dict[str, float] = dict.fromkeys(DIVERGENCE_METRICS, 0.0)
         positions = 0
         margins: dict[int, float] = {}  # eval pair index -> rho, written in the held-out order
         chosen: dict[int, np.ndarray] = {}
@@ -281,7 +282,7 @@ class Monitoring:
                 "train_seconds": self.state.train_seconds,
                 "rng": rng,
             },
-            tmp / "state.pt",
+            tmp / rundir.CHECKPOINT_STATE,
         )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -303,7 +304,7 @@ class Monitoring:
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         if self.kernel is not None and (path / "kernel.pt").is_file():
             self.kernel.load_state_dict(torch.load(path / "kernel.pt", map_location=self.device))
-        st = torch.load(path / "state.pt", weights_only=False)
+        st = torch.load(path / rundir.CHECKPOINT_STATE, weights_only=False)
         self.state.step, self.state.micro_index, self.state.beta = st["step"], st["micro_index"], st["beta"]
         self.state.tokens_seen, self.state.train_seconds = st["tokens_seen"], st["train_seconds"]
         torch.set_rng_state(st["rng"]["torch"])

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from dpo_engine.analysis.health import ALPHA_RANGE, COLLAPSE_THRESHOLD, alpha_outside_range
+from dpo_engine.names import DIVERGENCE_METRIC_LABELS, MIXTURE_WEIGHT_LABELS
 from dpo_engine.viz.style import (
     CHOSEN_COLOR,
     NEUTRAL_COLOR,
@@ -27,8 +29,6 @@ from dpo_engine.viz.style import (
     apply_style,
 )
 
-COLLAPSE_THRESHOLD = 0.05
-ALPHA_SAFE_RANGE = (2.0, 6.0)
 MAX_POINTS_PER_TRACE = 2000
 PALETTE = SERIES_PALETTE
 KERNEL_WEIGHT_HEIGHT = 500
@@ -42,29 +42,12 @@ TIE_EXPLANATION = (
 
 ALPHA_EXPLANATION = (
     "WeightWatcher's alpha is the power-law exponent fitted to the tail of a layer's eigenvalue "
-    "spectrum: well-trained layers typically have alpha between 2 and 6, smaller values hint at "
+    f"spectrum: well-trained layers typically have alpha between {ALPHA_RANGE[0]:g} and {ALPHA_RANGE[1]:g}, "
+    "smaller values hint at "
     "over-fitting and larger ones at under-trained, noisy weights. The weighted alpha averages "
     "alpha times log of the largest eigenvalue over layers; lower values usually go with better "
     "generalisation."
 )
-
-KERNEL_WEIGHT_LABELS = {
-    "lambda_rbf": "λ1 RBF",
-    "lambda_poly": "λ2 polynomial",
-    "lambda_spectral": "λ3 spectral",
-    "lambda_mahalanobis": "λ4 Mahalanobis",
-    "tau_local": "τ1 local",
-    "tau_global": "τ2 global",
-}
-DIVERGENCE_LABELS = {
-    "div_kl": "KL",
-    "div_js": "Jensen-Shannon",
-    "div_hellinger": "Hellinger",
-    "div_renyi": "Rényi",
-    "div_bhattacharyya": "Bhattacharyya",
-    "div_wasserstein": "Wasserstein",
-    "div_fdiv": "f-divergence",
-}
 
 
 # ---------------------------------------------------------------- helpers
@@ -280,7 +263,7 @@ def throughput_figure(metrics: pd.DataFrame) -> go.Figure:
 
 def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
     """λ1..λ4 and τ1, τ2 over steps with the collapse threshold; None for single-kernel runs."""
-    columns = [c for c in KERNEL_WEIGHT_LABELS if _has(metrics, c)]
+    columns = [c for c in MIXTURE_WEIGHT_LABELS if _has(metrics, c)]
     if not columns:
         return None
     fig = go.Figure()
@@ -288,10 +271,10 @@ def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
     for i, column in enumerate(columns):
         dash = "dash" if column.startswith("tau") else None
         color = PALETTE[i % len(PALETTE)]
-        trace = _line(metrics, column, KERNEL_WEIGHT_LABELS[column], color=color, dash=dash)
+        trace = _line(metrics, column, MIXTURE_WEIGHT_LABELS[column], color=color, dash=dash)
         fig.add_trace(trace)
         if len(trace.x):
-            ends.append([float(list(trace.x)[-1]), float(list(trace.y)[-1]), KERNEL_WEIGHT_LABELS[column], color])
+            ends.append([float(list(trace.x)[-1]), float(list(trace.y)[-1]), MIXTURE_WEIGHT_LABELS[column], color])
     fig.add_hline(y=COLLAPSE_THRESHOLD, line=dict(color=NEUTRAL_COLOR, dash="dot", width=1))
     fig.add_trace(
         go.Scatter(
@@ -331,17 +314,6 @@ def kernel_weight_figure(metrics: pd.DataFrame) -> go.Figure | None:
     return fig
 
 
-def collapsed_weights(metrics: pd.DataFrame) -> list[str]:
-    """Kernel weights whose last value is under the collapse threshold."""
-    out = []
-    for column in KERNEL_WEIGHT_LABELS:
-        if _has(metrics, column):
-            last = pd.to_numeric(metrics[column], errors="coerce").dropna().iloc[-1]
-            if last < COLLAPSE_THRESHOLD:
-                out.append(KERNEL_WEIGHT_LABELS[column])
-    return out
-
-
 def beta_figure(metrics: pd.DataFrame) -> go.Figure | None:
     """β over steps (ε-DPO adapts it); None when beta is absent."""
     if not _has(metrics, "beta"):
@@ -352,13 +324,13 @@ def beta_figure(metrics: pd.DataFrame) -> go.Figure | None:
 
 def divergence_figure(eval_table: pd.DataFrame, regulariser: str | None = None) -> go.Figure | None:
     """All seven token-level divergences over eval steps; the one used as regulariser is bold."""
-    columns = [c for c in DIVERGENCE_LABELS if _has(eval_table, c)]
+    columns = [c for c in DIVERGENCE_METRIC_LABELS if _has(eval_table, c)]
     if not columns:
         return None
     fig = go.Figure()
     for i, column in enumerate(columns):
         is_reg = regulariser is not None and column == f"div_{regulariser}"
-        name = DIVERGENCE_LABELS[column] + (" (regulariser)" if is_reg else "")
+        name = DIVERGENCE_METRIC_LABELS[column] + (" (regulariser)" if is_reg else "")
         fig.add_trace(
             _line(
                 eval_table,
@@ -551,15 +523,15 @@ def _layer_labels(table: pd.DataFrame) -> pd.Series:
 def htsr_alpha_figure(
     before: pd.DataFrame | None, after: pd.DataFrame | None = None, *, title: str = "WeightWatcher alpha per layer"
 ) -> go.Figure:
-    """Alpha per layer (before vs after), the [2, 6] band shaded, layers outside it marked."""
+    """Alpha per layer (before vs after), the health.ALPHA_RANGE band shaded, layers outside it marked."""
     fig = go.Figure()
-    lo, hi = ALPHA_SAFE_RANGE
+    lo, hi = ALPHA_RANGE
     for table, name, color in ((before, "before training", PALETTE[0]), (after, "after training", PALETTE[1])):
         if table is None or "alpha" not in table:
             continue
         labels = _layer_labels(table)
         alpha = pd.to_numeric(table["alpha"], errors="coerce")
-        outside = (alpha < lo) | (alpha > hi)
+        outside = alpha_outside_range(alpha)
         fig.add_trace(
             go.Scatter(
                 x=labels,
@@ -612,14 +584,13 @@ def weighted_alpha_figure(rows: Sequence[tuple[str, float | None, float | None]]
 
 
 def htsr_flag_table(table: pd.DataFrame | None) -> pd.DataFrame:
-    """Layers whose alpha lies outside [2, 6]."""
+    """Layers whose alpha lies outside health.ALPHA_RANGE."""
     if table is None or "alpha" not in table:
         return pd.DataFrame()
-    alpha = pd.to_numeric(table["alpha"], errors="coerce")
-    lo, hi = ALPHA_SAFE_RANGE
-    flagged = table[(alpha < lo) | (alpha > hi)].copy()
+    lo, hi = ALPHA_RANGE
+    flagged = table[alpha_outside_range(table["alpha"])].copy()
     flagged["flag"] = np.where(
-        pd.to_numeric(flagged["alpha"]) < lo, "alpha < 2 (over-fit?)", "alpha > 6 (under-trained?)"
+        pd.to_numeric(flagged["alpha"]) < lo, f"alpha < {lo:g} (over-fit?)", f"alpha > {hi:g} (under-trained?)"
     )
     keep = [c for c in ("layer_id", "name", "alpha", "alpha_weighted", "lambda_max", "flag") if c in flagged]
     return flagged[keep].reset_index(drop=True)
