@@ -3,42 +3,31 @@
 The form is generated from the model's fields: Literal -> selectbox, bool -> checkbox, int/float
 -> number input bounded by the field's constraints, str -> text input, list[str] -> comma list,
 optional numbers -> text input where empty means "not set", nested models -> a titled group.
-Help texts are the field descriptions plus the default. The caller validates the returned dict
+Help texts are dpo_engine.schema's, the same the CLI's flags show. The caller validates the returned dict
 with the model itself (one source of truth for rules) and hands errors back for display next to
 the offending fields.
 """
 
 from __future__ import annotations
 
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import annotated_types
 import streamlit as st
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel
+
+from dpo_engine.schema import (
+    SettingSpec,
+    is_group,
+    leaf_settings,
+    unwrap_optional,
+    value_text,
+)
+from dpo_engine.schema import help_text as setting_help
 
 RECOMMENDED_MARK = "⭐"
-
-
-@dataclass
-class FieldSpec:
-    """What the renderer needs to know about one leaf field."""
-
-    path: str
-    name: str
-    annotation: Any
-    optional: bool
-    default: Any
-    required: bool
-    description: str
-    lower: float | None = None
-    upper: float | None = None
-    lower_strict: bool = False
-    upper_strict: bool = False
 
 
 @dataclass
@@ -47,86 +36,13 @@ class FormOptions:
 
     values: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
-    widgets: dict[str, Callable[[FieldSpec, Any, str], Any]] = field(default_factory=dict)
+    widgets: dict[str, Callable[[SettingSpec, Any, str], Any]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     group_titles: dict[str, str] = field(default_factory=dict)
     columns: int = 3
 
 
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
-            return args[0], True
-    return annotation, False
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _bounds(info: FieldInfo, spec: FieldSpec) -> None:
-    for meta in info.metadata:
-        if isinstance(meta, annotated_types.Ge):
-            spec.lower = meta.ge
-        elif isinstance(meta, annotated_types.Gt):
-            spec.lower, spec.lower_strict = meta.gt, True
-        elif isinstance(meta, annotated_types.Le):
-            spec.upper = meta.le
-        elif isinstance(meta, annotated_types.Lt):
-            spec.upper, spec.upper_strict = meta.lt, True
-
-
-def _default_of(info: FieldInfo) -> Any:
-    if info.is_required():
-        return None
-    return info.get_default(call_default_factory=True)
-
-
-def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[FieldSpec]:
-    """Every non-model field, depth first, with its dotted path (used by tests and the renderer)."""
-    out = []
-    for name, info in model.model_fields.items():
-        annotation, optional = _unwrap_optional(info.annotation)
-        path = f"{prefix}{name}"
-        if _is_model(annotation):
-            out.extend(leaf_fields(annotation, path + "."))
-            continue
-        spec = FieldSpec(
-            path=path,
-            name=name,
-            annotation=annotation,
-            optional=optional,
-            default=_default_of(info),
-            required=info.is_required(),
-            description=info.description or "",
-        )
-        _bounds(info, spec)
-        out.append(spec)
-    return out
-
-
-def _default_text(value: Any) -> str:
-    if value is None:
-        return "empty"
-    if isinstance(value, list):
-        return ", ".join(map(str, value)) or "empty"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _help(spec: FieldSpec) -> str:
-    text = spec.description or spec.name
-    bounds = []
-    if spec.lower is not None:
-        bounds.append(f"{'>' if spec.lower_strict else '≥'} {spec.lower:g}")
-    if spec.upper is not None:
-        bounds.append(f"{'<' if spec.upper_strict else '≤'} {spec.upper:g}")
-    extra = f" Allowed: {' and '.join(bounds)}." if bounds else ""
-    return f"{text}{extra} Default: {'(required)' if spec.required else _default_text(spec.default)}."
-
-
-def _label(spec: FieldSpec, note: str | None) -> str:
+def _label(spec: SettingSpec, note: str | None) -> str:
     label = spec.name.replace("_", " ")
     return f"{label} {RECOMMENDED_MARK}" if note else label
 
@@ -145,8 +61,8 @@ def _parse_optional_number(text: str, kind: type) -> Any:
         return _Unparsable(text)
 
 
-def _widget(spec: FieldSpec, value: Any, key: str, note: str | None) -> Any:
-    label, help_text = _label(spec, note), _help(spec)
+def _widget(spec: SettingSpec, value: Any, key: str, note: str | None) -> Any:
+    label, help_text = _label(spec, note), setting_help(spec)
     annotation = spec.annotation
     if typing.get_origin(annotation) is Literal:
         options = list(typing.get_args(annotation))
@@ -157,7 +73,7 @@ def _widget(spec: FieldSpec, value: Any, key: str, note: str | None) -> Any:
     if annotation in (int, float) and spec.optional:
         entered = st.text_input(
             label,
-            value="" if value is None else _default_text(value),
+            value="" if value is None else value_text(value),
             key=key,
             help=help_text,
             placeholder="empty = not set",
@@ -190,7 +106,7 @@ def _widget(spec: FieldSpec, value: Any, key: str, note: str | None) -> Any:
     if typing.get_origin(annotation) is list:
         entered = st.text_input(
             label,
-            value=_default_text(value) if value else "",
+            value=value_text(value) if value else "",
             key=key,
             help=help_text + " Separate entries with commas.",
         )
@@ -224,15 +140,15 @@ def render_model_form(
     out = {} if _out is None else _out
     leaves = []
     for name, info in model.model_fields.items():
-        annotation, _ = _unwrap_optional(info.annotation)
+        annotation, _ = unwrap_optional(info.annotation)
         path = f"{_prefix}{name}"
-        if _is_model(annotation):
+        if is_group(annotation):
             continue
         leaves.append((path, info))
     if leaves:
         cols = st.columns(options.columns) if options.columns > 1 else [st.container()]
         for i, (path, _info) in enumerate(leaves):
-            spec = next(s for s in leaf_fields(model, _prefix) if s.path == path)
+            spec = next(s for s in leaf_settings(model, _prefix) if s.path == path)
             value = options.values.get(path, spec.default)
             note = options.notes.get(path)
             with cols[i % len(cols)]:
@@ -244,8 +160,8 @@ def render_model_form(
                     st.error(options.errors[path], icon="⚠️")
             _set(out, path, result)
     for name, info in model.model_fields.items():
-        annotation, _ = _unwrap_optional(info.annotation)
-        if not _is_model(annotation):
+        annotation, _ = unwrap_optional(info.annotation)
+        if not is_group(annotation):
             continue
         path = f"{_prefix}{name}"
         title = options.group_titles.get(path, name.replace("_", " ").capitalize())
@@ -263,19 +179,9 @@ def render_model_form(
     return out
 
 
-def validation_errors(exc: ValidationError) -> dict[str, str]:
-    """pydantic errors keyed by the dotted path of the field they belong to ('' = whole form)."""
-    out: dict[str, str] = {}
-    for error in exc.errors():
-        path = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
-        message = error["msg"].removeprefix("Value error, ")
-        out[path] = f"{out[path]}; {message}" if path in out else message
-    return out
-
-
 def attach_errors(errors: dict[str, str], model: type[BaseModel]) -> dict[str, str]:
     """Map each error to the nearest rendered field or group (model-level errors go to their group)."""
-    known = {s.path for s in leaf_fields(model)}
+    known = {s.path for s in leaf_settings(model)}
     groups = {p.rsplit(".", 1)[0] for p in known if "." in p}
     groups |= {".".join(g.split(".")[:i]) for g in list(groups) for i in range(1, g.count(".") + 1)}
     out: dict[str, str] = {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import streamlit as st
 from pydantic import ValidationError
 
-from app.config_form import FormOptions, attach_errors, render_model_form, validation_errors
+from app.config_form import FormOptions, attach_errors, render_model_form
 from app.state import dataset_store, job_store, workspace
 from app.ui import page_header, switch_page
+from dpo_engine.schema import validation_errors
 from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.inputs import check_inputs
 from dpo_engine.train.presets import PRESET_LABELS, preset_overrides

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from app.config_form import leaf_fields
 from dpo_engine.jobs import JobStore
+from dpo_engine.schema import leaf_settings
 from dpo_engine.train.config import TrainConfig
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "train.py")
@@ -41,7 +41,7 @@ def test_form_has_a_widget_for_every_config_field(workspace):
     at = _page()
     assert not at.exception
     keys = {w.key for kind in (at.selectbox, at.number_input, at.text_input, at.checkbox) for w in kind}
-    expected = {f"train.{spec.path}" for spec in leaf_fields(TrainConfig)}
+    expected = {f"train.{spec.path}" for spec in leaf_settings(TrainConfig)}
     assert expected <= keys, expected - keys
     subheaders = [s.value for s in at.subheader]
     assert subheaders[:5] == ["Data", "Model", "Method", "Optimisation", "Monitoring"]
@@ -49,6 +49,20 @@ def test_form_has_a_widget_for_every_config_field(workspace):
     beta = next(w for w in at.number_input if w.key == "train.method.loss.beta")
     assert beta.value == 0.1 and "Default: 0.1" in beta.help
     assert _widget(at, "lora").value is True
+
+
+def test_every_form_field_and_its_cli_flag_say_the_same(workspace):
+    from dpo_engine.cli.train_cmd import config_flags
+    from dpo_engine.data.store import ensure_sample_dataset
+
+    ensure_sample_dataset(workspace)
+    at = _page()
+    helps = {w.key: w.help for kind in (at.selectbox, at.number_input, at.text_input, at.checkbox) for w in kind}
+    flags = config_flags()
+    assert len(flags) > 40
+    for flag in flags:
+        form_help = helps[f"train.{flag.path}"].removesuffix(" Separate entries with commas.")
+        assert form_help == flag.help, flag.path
 
 
 def test_recommendation_prefills_and_is_marked(workspace):

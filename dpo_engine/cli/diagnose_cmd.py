@@ -15,8 +15,23 @@ import typer
 
 from dpo_engine.cli.common import WorkspaceOption, fail
 from dpo_engine.cli.common import workspace as resolve_workspace
+from dpo_engine.schema import validation_errors
 
 WORKER_AGE_S = 15.0
+# DiagnoseParams field -> the flag that sets it (for one-line validation errors)
+PARAM_FLAGS = {
+    "distance": "--distance",
+    "max_pairs": "--max-pairs",
+    "n_bootstrap": "--bootstrap",
+    "seed": "--seed",
+    "precision": "--precision",
+    "backend": "--backend",
+    "preflight_model": "--model",
+    "max_length": "--max-length",
+    "max_prompt_length": "--max-prompt-length",
+    "embedder": "--embedder",
+    "thresholds": "--threshold",
+}
 DEFAULT_BACKEND_NAME = "onnx-int8"  # keep in step with dpo_engine.embed.encoder.DEFAULT_BACKEND (no heavy import here)
 
 
@@ -170,20 +185,7 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         from dpo_engine.selection.job import DiagnoseParams
-        from dpo_engine.selection.metrics import DISTANCES
 
-        if distance not in DISTANCES:
-            fail(f"--distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
-        if max_pairs is not None and max_pairs < 2:
-            fail(f"--max-pairs must be at least 2, got {max_pairs}")
-        if precision not in ("auto", "float32", "bfloat16"):
-            fail(f"--precision must be auto, float32 or bfloat16, got {precision!r}")
-        if backend not in ("torch", "onnx", "onnx-int8"):
-            fail(f"--backend must be torch, onnx or onnx-int8, got {backend!r}")
-        if n_bootstrap < 0:
-            fail(f"--bootstrap must be >= 0, got {n_bootstrap}")
-        if preflight and max_prompt_length is not None and max_prompt_length >= max_length:
-            fail(f"--max-prompt-length ({max_prompt_length}) must be smaller than --max-length ({max_length})")
         try:
             overrides = parse_threshold_options(threshold)
         except ValueError as exc:
@@ -214,8 +216,9 @@ def register(app: typer.Typer) -> None:
                 max_length=max_length,
                 max_prompt_length=max_prompt_length,
             )
-        except ValidationError as exc:
-            fail(f"invalid option: {exc.errors()[0]['msg']}")
+        except ValidationError as exc:  # DiagnoseParams declares every constraint; name the flag that broke one
+            path, message = next(iter(validation_errors(exc).items()))
+            fail(f"{PARAM_FLAGS.get(path, 'invalid option')}: {message}")
 
         if foreground:
             from dpo_engine.data import DataFormatError

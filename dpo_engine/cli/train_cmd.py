@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import inspect
 import time
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import typer
-from pydantic import BaseModel
 
 from dpo_engine.cli.common import WorkspaceOption, fail, path_inside, print_json, workspace
+from dpo_engine.schema import help_text, leaf_settings
 
 # Settings whose own field name would be ambiguous ("name") keep the short flags users know.
 FLAG_NAMES = {"model.name": "model", "method.kernel.name": "kernel", "method.divergence.name": "divergence"}
@@ -42,96 +41,31 @@ class ConfigFlag:
     help: str
 
 
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, Any, Any]]:
-    """(dotted path, field name, annotation, FieldInfo) of every non-group field, depth first."""
-    out = []
-    for name, info in model.model_fields.items():
-        annotation = _unwrap_optional(info.annotation)
-        if _is_model(annotation):
-            out.extend(_leaves(annotation, f"{prefix}{name}."))
-        else:
-            out.append((f"{prefix}{name}", name, annotation, info))
-    return out
-
-
-def _value_text(value: Any) -> str:
-    if value is None:
-        return "empty"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "empty"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _bounds_text(info: Any) -> str:
-    import annotated_types as at
-
-    parts = []
-    for meta in info.metadata:
-        for cls, symbol, attr in ((at.Ge, "≥", "ge"), (at.Gt, ">", "gt"), (at.Le, "≤", "le"), (at.Lt, "<", "lt")):
-            if isinstance(meta, cls):
-                parts.append(f"{symbol} {getattr(meta, attr):g}")
-    return " and ".join(parts)
-
-
-def _help_text(annotation: Any, info: Any) -> str:
-    text = (info.description or "").rstrip(".")
-    allowed = ""
-    if typing.get_origin(annotation) is Literal:
-        allowed = ", ".join(map(str, typing.get_args(annotation)))
-    elif annotation in (int, float):
-        allowed = _bounds_text(info)
-        allowed = f"{'integer' if annotation is int else 'number'}{' ' + allowed if allowed else ''}"
-    elif typing.get_origin(annotation) is list:
-        (item,) = typing.get_args(annotation) or (str,)
-        choices = typing.get_args(item) if typing.get_origin(item) is Literal else ()
-        allowed = f"comma-separated list of {', '.join(map(str, choices))}" if choices else "comma-separated list"
-    default = info.get_default(call_default_factory=True) if not info.is_required() else None
-    parts = [text + "."]
-    if allowed:
-        parts.append(f"Allowed: {allowed}.")
-    parts.append(f"Default: {_value_text(default)}.")
-    return " ".join(parts)
-
-
 def config_flags() -> list[ConfigFlag]:
     """One flag per TrainConfig setting (names disambiguated by their group when they clash)."""
     from dpo_engine.train.config import TrainConfig
 
-    leaves = [leaf for leaf in _leaves(TrainConfig) if leaf[0] not in POSITIONAL]
+    leaves = [spec for spec in leaf_settings(TrainConfig) if spec.path not in POSITIONAL]
     counts: dict[str, int] = {}
-    for _, name, _, _ in leaves:
-        counts[name] = counts.get(name, 0) + 1
+    for spec in leaves:
+        counts[spec.name] = counts.get(spec.name, 0) + 1
     flags = []
-    for path, name, annotation, info in leaves:
-        if path in FLAG_NAMES:
-            flag = FLAG_NAMES[path]
-        elif counts[name] > 1 or len(name) < 3:
-            flag = f"{path.split('.')[-2]}_{name}"
+    for spec in leaves:
+        if spec.path in FLAG_NAMES:
+            flag = FLAG_NAMES[spec.path]
+        elif counts[spec.name] > 1 or len(spec.name) < 3:
+            flag = f"{spec.path.split('.')[-2]}_{spec.name}"
         else:
-            flag = name
+            flag = spec.name
         flags.append(
             ConfigFlag(
-                path=path,
+                path=spec.path,
                 param=flag,
                 flag="--" + flag.replace("_", "-"),
-                annotation=annotation,
-                is_bool=annotation is bool,
-                is_list=typing.get_origin(annotation) is list,
-                help=_help_text(annotation, info),
+                annotation=spec.annotation,
+                is_bool=spec.is_bool,
+                is_list=spec.is_list,
+                help=help_text(spec),
             )
         )
     return flags

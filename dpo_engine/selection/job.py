@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dpo_engine.data import LoadedDataset, open_dataset
 from dpo_engine.embed import DEFAULT_EMBEDDER, PairEmbeddings, embed_pairs
@@ -59,6 +59,15 @@ class DiagnoseParams(BaseModel):
     def _known_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
         Thresholds.from_assignments(value)  # raises a one-line error for unknown names or bad values
         return value
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DiagnoseParams:
+        if self.preflight_model is not None and self.max_prompt_length is not None:
+            if self.max_prompt_length >= self.max_length:
+                raise ValueError(
+                    f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
+                )
+        return self
 
     def resolved_thresholds(self) -> Thresholds:
         return Thresholds.from_assignments(self.thresholds)
