@@ -42,6 +42,7 @@ def methods() -> dict[str, dict]:
 def throughput(args, name: str, method: dict, workspace) -> dict:
     import torch
 
+    from dpo_engine.train.checkpoint import save_reference_cache
     from dpo_engine.train.config import TrainConfig
     from dpo_engine.train.trainer import DPOTrainer, peak_memory_mb
 
@@ -67,19 +68,19 @@ def throughput(args, name: str, method: dict, workspace) -> dict:
         trainer = DPOTrainer(cfg, run_dir, workspace=workspace, device=args.device, log=lambda m: None)
         trainer.setup()
         for _ in range(args.warmup):
-            trainer._train_step()
+            trainer.step.run()
         if cuda:
             torch.cuda.synchronize()
         t0, tokens = time.perf_counter(), 0.0
         for _ in range(args.steps):
             t = time.perf_counter()
-            row = trainer._train_step()
+            row = trainer.step.run()
             tokens += row["tokens_per_s"] * (time.perf_counter() - t)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        trainer._save_reference_cache()
-        peak = peak_memory_mb(trainer.device)
+        save_reference_cache(trainer.parts)
+        peak = peak_memory_mb(trainer.parts.device)
     return {"method": name, "step_s": elapsed / args.steps, "tokens_per_s": tokens / elapsed, "peak_memory_mb": peak}
 
 

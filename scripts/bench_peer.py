@@ -79,6 +79,7 @@ def run_ours(args, method: str, workspace: str) -> dict:
     import pandas as pd
     import torch
 
+    from dpo_engine.train.checkpoint import save_reference_cache
     from dpo_engine.train.config import TrainConfig
     from dpo_engine.train.trainer import DPOTrainer
     from dpo_engine.workspace import Workspace
@@ -117,10 +118,10 @@ def run_ours(args, method: str, workspace: str) -> dict:
         times, tokens = [], []
         for _ in range(n_steps):
             t = time.perf_counter()
-            row = trainer._train_step()
+            row = trainer.step.run()
             times.append(time.perf_counter() - t)
             tokens.append(row["tokens_per_s"] * times[-1])
-        trainer._save_reference_cache()
+        save_reference_cache(trainer.parts)
     return {"setup_s": setup_s, "step_s": times[args.warmup :], "tokens": tokens[args.warmup :]}
 
 

@@ -69,11 +69,11 @@ def one_variant(args) -> None:
         trainer = DPOTrainer(cfg, tmp, workspace=Workspace.resolve(args.workspace), log=lambda m: None)
         trainer.setup()
         for _ in range(args.warmup):
-            trainer._train_step()
+            trainer.step.run()
         rss_before = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            trainer._train_step()
+            trainer.step.run()
         step_s = (time.perf_counter() - t0) / args.steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(

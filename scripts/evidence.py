@@ -507,7 +507,7 @@ def measure_cost(plan: dict, workspace, steps: int, extra: dict, *, rounds: int 
                 times = []
                 for i in range(timed + 1):
                     t0 = time.perf_counter()
-                    trainer._train_step()
+                    trainer.step.run()
                     if i:
                         times.append(time.perf_counter() - t0)
                 del trainer

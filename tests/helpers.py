@@ -25,18 +25,19 @@ def assert_step_2_is_the_mean_of_both_shards(
 
     ref = DPOTrainer(one_process_config, scratch, workspace=workspace)
     ref.setup()
-    named = dict(ref._unwrapped().named_parameters())
+    named = dict(ref.passes.unwrapped().named_parameters())
     with torch.no_grad():
         for name, value in torch.load(weights_after_step_1).items():
             named[name].copy_(value)
-    ref.model.train()
-    perm = np.random.default_rng([0, 0]).permutation(len(ref.train_pairs))
+    ref.parts.model.train()
+    train_pairs = ref.parts.train_pairs
+    perm = np.random.default_rng([0, 0]).permutation(len(train_pairs))
     per_process = []
     for rank in range(2):  # step 2 is micro-batch 1: pairs (1 * 2 + rank) * 2 ... + 2 of the epoch's order
         start = (1 * 2 + rank) * 2
-        batch = ref._collate([ref.train_pairs[i] for i in perm[start : start + 2]])
+        batch = ref.passes.collate([train_pairs[i] for i in perm[start : start + 2]])
         with torch.no_grad():
-            out = ref._compute(batch, beta=0.1, train=True).out
+            out = ref.step.compute(batch, beta=0.1, train=True).out
         per_process.append((float(out.loss), float(out.margins.mean())))
     (loss_0, margin_0), (loss_1, margin_1) = per_process
     assert abs(loss_0 - loss_1) > 1e-3  # the two shards disagree, so logging rank 0 alone would fail below

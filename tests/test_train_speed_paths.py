@@ -17,6 +17,7 @@ import torch
 from dpo_engine import rundir
 from dpo_engine.data.tokenize import TokenizedPair
 from dpo_engine.losses import epsilon_dpo_steps, epsilon_dpo_steps_tokens, sequence_logps, sum_by_sequence, token_logps
+from dpo_engine.train.checkpoint import save_reference_cache
 from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.data import collate, collate_packed
 from dpo_engine.train.reference import ReferenceCache, model_key, pair_key
@@ -48,7 +49,7 @@ def lora_trainer(workspace, tmp_path):
     trainer = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(), log=lambda m: None)
     trainer.setup()
     with torch.no_grad():  # move the adapters off zero so policy and reference differ
-        for name, p in trainer.model.named_parameters():
+        for name, p in trainer.parts.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     return trainer
@@ -78,14 +79,14 @@ def with_short_pairs(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
 
 def test_packed_and_plain_layouts_give_the_same_logps_and_states(lora_trainer):
     tr = lora_trainer
-    pairs = with_short_pairs(tr.train_pairs[:6])
+    pairs = with_short_pairs(tr.parts.train_pairs[:6])
     assert len({len(p.prompt_ids) for p in pairs}) > 1 and len({len(p.chosen_ids) for p in pairs}) > 1
-    plain_batch = collate(pairs, tr.tokenizer.pad_token_id)
-    packed_batch = collate_packed(pairs, tr.tokenizer.pad_token_id)
+    plain_batch = collate(pairs, tr.parts.tokenizer.pad_token_id)
+    packed_batch = collate_packed(pairs, tr.parts.tokenizer.pad_token_id)
     with torch.no_grad():
-        plain = tr._forward(tr.model, plain_batch, pool=True)
-        packed = tr._forward(tr.model, packed_batch, pool=True)
-        alone = independent_logps(tr.model, pairs)
+        plain = tr.passes.forward(tr.parts.model, plain_batch, pool=True)
+        packed = tr.passes.forward(tr.parts.model, packed_batch, pool=True)
+        alone = independent_logps(tr.parts.model, pairs)
     np.testing.assert_allclose(packed.logps.numpy(), alone.numpy(), rtol=0, atol=1e-4)
     np.testing.assert_allclose(plain.logps.numpy(), alone.numpy(), rtol=0, atol=1e-4)
     assert packed_batch.input_ids.numel() < plain_batch.input_ids.numel()  # the prompt is read once
@@ -108,14 +109,14 @@ def test_pack_rows_fills_rows_first_fit_decreasing():
 
 def test_packed_gradients_equal_plain_gradients(lora_trainer):
     tr = lora_trainer
-    pairs = with_short_pairs(tr.train_pairs[:2])
-    assert collate_packed(pairs, tr.tokenizer.pad_token_id).input_ids.shape[0] < len(pairs)
+    pairs = with_short_pairs(tr.parts.train_pairs[:2])
+    assert collate_packed(pairs, tr.parts.tokenizer.pad_token_id).input_ids.shape[0] < len(pairs)
     grads = []
     for build in (collate, collate_packed):
-        tr.model.zero_grad(set_to_none=True)
-        out = tr._forward(tr.model, build(pairs, tr.tokenizer.pad_token_id), pool=False)
+        tr.parts.model.zero_grad(set_to_none=True)
+        out = tr.passes.forward(tr.parts.model, build(pairs, tr.parts.tokenizer.pad_token_id), pool=False)
         (out.logps[:4] - out.logps[4:]).sum().backward()  # 4 pairs: chosen minus rejected
-        grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.requires_grad]))
+        grads.append(torch.cat([p.grad.flatten() for p in tr.parts.model.parameters() if p.requires_grad]))
     np.testing.assert_allclose(grads[1].numpy(), grads[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -123,17 +124,18 @@ def test_chunked_head_gradients_equal_the_models_own_full_logits(lora_trainer):
     """The step's log-probs (head a chunk of rows at a time, gradient formed in the forward pass) back-
     propagate exactly what the model's own full-vocabulary logits with sequence_logps do."""
     tr = lora_trainer
-    pairs = tr.train_pairs[:3]
+    pairs = tr.parts.train_pairs[:3]
     weights = torch.linspace(0.5, 2.0, 6)
     grads = []
     for run in ("step", "independent"):
-        tr.model.zero_grad(set_to_none=True)
+        tr.parts.model.zero_grad(set_to_none=True)
         if run == "step":
-            logps = tr._forward(tr.model, collate_packed(pairs, tr.tokenizer.pad_token_id), pool=False).logps
+            batch = collate_packed(pairs, tr.parts.tokenizer.pad_token_id)
+            logps = tr.passes.forward(tr.parts.model, batch, pool=False).logps
         else:
-            logps = independent_logps(tr.model, pairs)
+            logps = independent_logps(tr.parts.model, pairs)
         (logps * weights).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.requires_grad]))
+        grads.append(torch.cat([p.grad.flatten() for p in tr.parts.model.parameters() if p.requires_grad]))
     assert float(grads[1].abs().max()) > 0
     np.testing.assert_allclose(grads[0].numpy(), grads[1].numpy(), rtol=1e-4, atol=1e-5)
 
@@ -157,18 +159,18 @@ def test_flat_token_logps_and_epsilon_steps_equal_the_padded_functions():
 
 def test_reference_cache_equals_live_reference_and_survives_a_reload(lora_trainer, workspace):
     tr = lora_trainer
-    pairs = tr.train_pairs[:4]
-    batch = tr._collate(pairs)
-    live = tr._reference_pass(batch).logps  # stores into the run's cache
-    cached = tr.reference_cache.lookup_logps(pairs)
+    pairs = tr.parts.train_pairs[:4]
+    batch = tr.passes.collate(pairs)
+    live = tr.passes.reference_pass(batch).logps  # stores into the run's cache
+    cached = tr.parts.reference_cache.lookup_logps(pairs)
     np.testing.assert_array_equal(cached.float().numpy(), live.numpy())
-    tr.reference_cache.save()
-    reread = ReferenceCache(workspace.root, tr.reference_cache.path.stem)
+    tr.parts.reference_cache.save()
+    reread = ReferenceCache(workspace.root, tr.parts.reference_cache.path.stem)
     np.testing.assert_array_equal(reread.lookup_logps(pairs).numpy(), cached.numpy())
-    assert reread.lookup_logps(tr.train_pairs[4:8]) is None  # never seen: a miss, not a guess
+    assert reread.lookup_logps(tr.parts.train_pairs[4:8]) is None  # never seen: a miss, not a guess
     # The reference is the base model: its log-probs differ from the (moved) policy's.
     with torch.no_grad():
-        policy = tr._forward(tr.model, batch, pool=False).logps
+        policy = tr.passes.forward(tr.parts.model, batch, pool=False).logps
     assert (policy - live).abs().max() > 1e-3
 
 
@@ -292,22 +294,24 @@ def test_step0_evaluation_from_the_reference_equals_a_live_policy_pass(tmp_path,
             cfg, tmp_path / run, workspace=Workspace.resolve(tmp_path / ws), pairs=varied_pairs(40), log=lambda m: None
         )
         tr.setup()
-        assert tr._policy_is_reference()
+        assert tr.step.reference.policy_is_reference(tr.state.step)
         if live:
-            monkeypatch.setattr(tr, "_policy_is_reference", lambda: False)
+            monkeypatch.setattr(tr.step.reference, "policy_is_reference", lambda step: False)
         forwarded: list[int] = []
-        forward = tr._forward
+        forward = tr.passes.forward
         monkeypatch.setattr(
-            tr, "_forward", lambda model, batch, **kw: forwarded.append(batch.n_pairs) or forward(model, batch, **kw)
+            tr.passes,
+            "forward",
+            lambda model, batch, **kw: forwarded.append(batch.n_pairs) or forward(model, batch, **kw),
         )
-        row = tr.evaluate(snapshot=True)
-        tr._save_reference_cache()
+        row = tr.evaluator.evaluate(snapshot=True)
+        save_reference_cache(tr.parts)
         return tr, row, rundir.load_snapshot(tmp_path / run, 0), sum(forwarded)
 
     _, plain, plain_snap, plain_n = step0("plain", "ws_plain", live=True)
     tr, cold, cold_snap, cold_n = step0("cold", "ws_fast", live=False)
     _, warm, warm_snap, warm_n = step0("warm", "ws_fast", live=False)  # same workspace: the cache is warm
-    n_eval = len(tr.eval_pairs)
+    n_eval = len(tr.parts.eval_pairs)
     assert plain_n == 2 * n_eval  # the policy and the reference on every eval pair
     assert cold_n == n_eval  # the reference once per eval pair, nothing else
     assert warm_n == 4  # only the divergence subset, whose logits the cache does not hold
@@ -319,8 +323,8 @@ def test_step0_evaluation_from_the_reference_equals_a_live_policy_pass(tmp_path,
         for side in ("chosen", "rejected"):
             np.testing.assert_allclose(snap[side].astype(float), plain_snap[side].astype(float), atol=2e-3)
     # One update later the policy has moved, and evaluation runs it live again.
-    tr._train_step()
-    assert not tr._policy_is_reference()
+    tr.step.run()
+    assert not tr.step.reference.policy_is_reference(tr.state.step)
 
 
 def test_divergence_subset_reference_is_computed_once_per_run(workspace, tmp_path, monkeypatch):
@@ -333,17 +337,17 @@ def test_divergence_subset_reference_is_computed_once_per_run(workspace, tmp_pat
     )
     tr = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(40), log=lambda m: None)
     tr.setup()
-    tr.evaluate()
-    tr._train_step()
+    tr.evaluator.evaluate()
+    tr.step.run()
     passes: list[int] = []
-    reference_pass = tr._reference_pass
+    reference_pass = tr.passes.reference_pass
     monkeypatch.setattr(
-        tr, "_reference_pass", lambda batch, **kw: passes.append(batch.n_pairs) or reference_pass(batch, **kw)
+        tr.passes, "reference_pass", lambda batch, **kw: passes.append(batch.n_pairs) or reference_pass(batch, **kw)
     )
-    reused = tr.evaluate()
+    reused = tr.evaluator.evaluate()
     assert passes == []
-    tr.divergence_reference.clear()
-    fresh = tr.evaluate()
+    tr.evaluator.divergence_reference.clear()
+    fresh = tr.evaluator.evaluate()
     assert sum(passes) == 4
     for key in (k for k in reused if k.startswith("div_")):
         assert reused[key] == pytest.approx(fresh[key], rel=1e-6, abs=1e-9), key
@@ -354,7 +358,7 @@ def test_length_grouped_evaluation_equals_the_held_out_order(workspace, tmp_path
     """Evaluation batches pairs of similar length (less padding); every value it writes (the eval
     row, each pair's margin, each probe pair's representations) equals batching in the held-out order."""
     from dpo_engine.data.tokenize import pair_length
-    from dpo_engine.train import monitoring
+    from dpo_engine.train import evaluation
 
     cfg = make_config(
         data={"min_eval_pairs": 20},
@@ -365,32 +369,33 @@ def test_length_grouped_evaluation_equals_the_held_out_order(workspace, tmp_path
     tr = DPOTrainer(cfg, tmp_path / "run", workspace=workspace, pairs=varied_pairs(40), log=lambda m: None)
     tr.setup()
     with torch.no_grad():  # policy != reference, so every value comes from a live policy pass
-        for name, p in tr.model.named_parameters():
+        for name, p in tr.parts.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     margins: list[dict] = []
     snapshots: list[tuple[np.ndarray, np.ndarray]] = []
     monkeypatch.setattr(rundir, "append_eval_margins", lambda run_dir, step, ids, m: margins.append(dict(zip(ids, m))))
-    monkeypatch.setattr(tr, "_write_snapshot", lambda c, r: snapshots.append((c, r)) or 0.0)
+    monkeypatch.setattr(tr.evaluator, "write_snapshot", lambda c, r: snapshots.append((c, r)) or 0.0)
 
     def padded_tokens(chunks):
-        return sum(len(c) * max(pair_length(tr.eval_pairs[i]) for i in c) for c in chunks)
+        return sum(len(c) * max(pair_length(tr.parts.eval_pairs[i]) for i in c) for c in chunks)
 
-    grouped_chunks = tr._eval_chunks()
-    grouped = tr.evaluate(snapshot=True)
-    monkeypatch.setattr(monitoring, "pair_length", lambda pair: 0)  # every pair the same length: held-out order
-    plain_chunks = tr._eval_chunks()
-    assert sum(plain_chunks, []) == list(range(len(tr.eval_pairs)))
-    assert sorted(sum(grouped_chunks, [])) == list(range(len(tr.eval_pairs)))
+    grouped_chunks = tr.evaluator.eval_chunks()
+    grouped = tr.evaluator.evaluate(snapshot=True)
+    monkeypatch.setattr(evaluation, "pair_length", lambda pair: 0)  # every pair the same length: held-out order
+    plain_chunks = tr.evaluator.eval_chunks()
+    assert sum(plain_chunks, []) == list(range(len(tr.parts.eval_pairs)))
+    assert sorted(sum(grouped_chunks, [])) == list(range(len(tr.parts.eval_pairs)))
     assert padded_tokens(grouped_chunks) < padded_tokens(plain_chunks)
-    for lo, hi in ((0, 4), (4, 8), (8, len(tr.eval_pairs))):  # no batch straddles the divergence subset or probe set
+    # no batch straddles the divergence subset or probe set
+    for lo, hi in ((0, 4), (4, 8), (8, len(tr.parts.eval_pairs))):
         assert all(all(lo <= i < hi for i in c) or all(not lo <= i < hi for i in c) for c in grouped_chunks)
-    tr.divergence_reference.clear()
-    plain = tr.evaluate(snapshot=True)
+    tr.evaluator.divergence_reference.clear()
+    plain = tr.evaluator.evaluate(snapshot=True)
     assert grouped.keys() == plain.keys() and grouped["div_kl"] > 0
     for key, value in plain.items():
         assert grouped[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    assert list(margins[0]) == list(margins[1]) == [p.pair_id for p in tr.eval_pairs]
+    assert list(margins[0]) == list(margins[1]) == [p.pair_id for p in tr.parts.eval_pairs]
     np.testing.assert_allclose(list(margins[0].values()), list(margins[1].values()), rtol=1e-5, atol=1e-5)
     for a, b in zip(snapshots[0], snapshots[1]):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,10 +1,10 @@
-"""Everything before the first training step: device, model(s), data split, method (kernel), optimiser.
+"""Everything before the first training step, built into one `TrainingParts`: device, models, data, method, optimiser.
 
-Read top to bottom in the order `setup()` calls them: the accelerator picks the device and precision,
-the policy is loaded (with LoRA adapters, or beside a frozen reference copy), the pairs are tokenised
-and split, the kernel is calibrated on reference representations, and the optimiser gets one
-parameter group for the model and one for the kernel's mixture weights. The trainer mixes this
-class in.
+Read top to bottom in the order `build_parts` calls them: the accelerator picks the device and
+precision, the policy is loaded (with LoRA adapters, or beside a frozen reference copy), the pairs are
+tokenised and split, the kernel is calibrated on reference representations, and the optimiser gets
+one parameter group for the model and one for the kernel's mixture weights. Each stage returns what
+it built; nothing is set on the trainer.
 """
 
 from __future__ import annotations
@@ -12,230 +12,347 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
 
 from dpo_engine import rundir
-from dpo_engine.data.tokenize import pair_length, tokenize_pairs
+from dpo_engine.data.tokenize import TokenizedPair, pair_length, tokenize_pairs
+from dpo_engine.embed import embed_texts
+from dpo_engine.kernels import KernelCalibration, KernelModule, build_kernel, random_orthogonal_projection
+from dpo_engine.models import load_policy, resolve_dtype
+from dpo_engine.train.config import TrainConfig
 from dpo_engine.train.data import check_pairs, load_pairs, split_train_eval
+from dpo_engine.train.monitoring import TimeSplit, htsr_before
+from dpo_engine.train.parts import EncoderReps, TrainingParts
+from dpo_engine.train.passes import ModelPasses
 from dpo_engine.train.reference import ReferenceCache, model_key
+from dpo_engine.workspace import Workspace
 
 CALIBRATED_KERNELS = ("spectral", "mahalanobis", "mixture", "hmk")
 
+LogFn = Callable[[str], None]
 
-class TrainingSetup:
-    """Builds the objects the step and monitoring use; mixed into DPOTrainer."""
 
-    def setup(self) -> None:
-        """Everything before the first step: device, model(s), data split, calibration, kernel, optimiser."""
-        self._resuming = rundir.latest_checkpoint(self.run_dir) is not None
-        self._make_accelerator()
-        if self.accelerator.is_main_process:
-            rundir.write_json(self.run_dir / rundir.CONFIG, self.config.resolved())
-        torch.manual_seed(self.config.optimisation.seed)
-        with self.accelerator.main_process_first():  # rank 0 fills the workspace's model and data caches first
-            self._load_model()
-            self._load_data()
-        self.model.to(self.device)
-        if self.ref_model is not None:
-            self.ref_model.to(self.device)
-        self._setup_method()
-        self._build_optimiser()
+def build_parts(
+    config: TrainConfig,
+    run_dir: Path,
+    workspace: Workspace,
+    accelerator: Accelerator,
+    compute_dtype: torch.dtype,
+    *,
+    pairs: pd.DataFrame | None,
+    timer: TimeSplit,
+    log: LogFn,
+) -> TrainingParts:
+    """Everything after the device (`make_accelerator`) and before the first step: model(s), data
+    split, calibration, kernel, optimiser."""
+    resuming = rundir.latest_checkpoint(run_dir) is not None
+    if accelerator.is_main_process:
+        rundir.write_json(run_dir / rundir.CONFIG, config.resolved())
+    torch.manual_seed(config.optimisation.seed)
+    with accelerator.main_process_first():  # rank 0 fills the workspace's model and data caches first
+        models = load_models(config, workspace, run_dir, accelerator, compute_dtype, resuming, timer, log)
+        split = load_data(config, workspace, pairs, models.tokenizer, accelerator, log)
+    models.model.to(accelerator.device)
+    if models.ref_model is not None:
+        models.ref_model.to(accelerator.device)
+    method = setup_method(config, run_dir, accelerator, models, split, log)
+    kernel_params = method.kernel.mixture_parameters() if method.kernel is not None else []
+    model, optimizer, scheduler = build_optimiser(config, accelerator, models.model, kernel_params, split.total_steps)
+    return TrainingParts(
+        accelerator=accelerator,
+        device=accelerator.device,
+        compute_dtype=compute_dtype,
+        tokenizer=models.tokenizer,
+        model=model,
+        ref_model=models.ref_model,
+        hidden_size=models.hidden_size,
+        reference_cache=models.reference_cache,
+        htsr_before=models.htsr_before,
+        pairs=split.pairs,
+        train_pairs=split.train_pairs,
+        eval_pairs=split.eval_pairs,
+        probe_pairs=split.probe_pairs,
+        batches_per_epoch=split.batches_per_epoch,
+        total_steps=split.total_steps,
+        encoder_reps=method.encoder_reps,
+        projection=method.projection,
+        calibration=method.calibration,
+        kernel=method.kernel,
+        kernel_params=kernel_params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
 
-    # ------------------------------------------------------------------ device
-    def _make_accelerator(self) -> None:
-        from accelerate import Accelerator
 
-        from dpo_engine.models import resolve_dtype
+# ------------------------------------------------------------------ device
+def make_accelerator(config: TrainConfig, request: str | None) -> tuple[Accelerator, torch.dtype]:
+    """The accelerator for the requested device and the compute dtype the config resolves to there."""
+    cpu = request is not None and str(request).startswith("cpu")
+    if request and str(request).startswith("cuda:") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(request))
+    dtype = resolve_dtype(config.model.dtype, "cpu" if cpu or not torch.cuda.is_available() else "cuda")
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(cpu=cpu, mixed_precision=mixed), dtype
 
-        req = self._device_request
-        cpu = req is not None and str(req).startswith("cpu")
-        if req and str(req).startswith("cuda:") and torch.cuda.is_available():
-            torch.cuda.set_device(torch.device(req))
-        dtype = resolve_dtype(self.config.model.dtype, "cpu" if cpu or not torch.cuda.is_available() else "cuda")
-        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
-        self.device = self.accelerator.device
-        self.compute_dtype = dtype
 
-    # ------------------------------------------------------------------ models
-    def _load_model(self) -> None:
-        from dpo_engine.models import load_policy
+# ------------------------------------------------------------------ models
+@dataclass
+class LoadedModels:
+    tokenizer: Any
+    model: torch.nn.Module  # the policy, not yet prepared by the accelerator
+    ref_model: torch.nn.Module | None
+    hidden_size: int
+    reference_cache: ReferenceCache | None
+    htsr_before: float | None
 
-        mcfg = self.config.model
-        load_dtype = torch.float32 if self.compute_dtype in (torch.bfloat16, torch.float16) else self.compute_dtype
-        model, tokenizer = load_policy(
-            mcfg.name,
-            workspace=self.workspace,
-            dtype=load_dtype,
-            device="cpu",
-            trust_remote_code=mcfg.trust_remote_code,
+
+def load_models(
+    config: TrainConfig,
+    workspace: Workspace,
+    run_dir: Path,
+    accelerator: Accelerator,
+    compute_dtype: torch.dtype,
+    resuming: bool,
+    timer: TimeSplit,
+    log: LogFn,
+) -> LoadedModels:
+    """The policy (LoRA adapters attached, or beside a frozen reference copy), its tokenizer, the
+    reference cache for these weights, and the HT-SR of the untrained model."""
+    mcfg = config.model
+    load_dtype = torch.float32 if compute_dtype in (torch.bfloat16, torch.float16) else compute_dtype
+    model, tokenizer = load_policy(
+        mcfg.name,
+        workspace=workspace,
+        dtype=load_dtype,
+        device="cpu",
+        trust_remote_code=mcfg.trust_remote_code,
+    )
+    hidden_size = int(model.config.hidden_size)
+    # Keyed on the weights before any adapter is attached: the reference model, and the "before" model.
+    key = model_key(model, compute_dtype, accelerator.device)
+    before = None
+    if config.monitoring.htsr and not resuming:
+        before = htsr_before(
+            model, key, workspace=workspace, run_dir=run_dir, accelerator=accelerator, timer=timer, log=log
         )
-        self.tokenizer = tokenizer
-        self.hidden_size = int(model.config.hidden_size)
-        self.base_model = model
-        # Keyed on the weights before any adapter is attached: the reference model, and the "before" model.
-        key = model_key(model, self.compute_dtype, self.device)
-        self.htsr_before = None
-        if self.config.monitoring.htsr and not self._resuming:
-            self.htsr_before = self._htsr_before(model, key)
-        self.reference_cache = None
-        if self.config.optimisation.reference_cache:
-            self.reference_cache = ReferenceCache(self.workspace.root, key)
-            self.log(f"reference cache: {self.reference_cache.count()} pair(s) known for this model")
-        if mcfg.lora:
-            from peft import LoraConfig, get_peft_model
+    reference_cache = None
+    if config.optimisation.reference_cache:
+        reference_cache = ReferenceCache(workspace.root, key)
+        log(f"reference cache: {reference_cache.count()} pair(s) known for this model")
+    if mcfg.lora:
+        from peft import LoraConfig, get_peft_model
 
-            torch.manual_seed(self.config.optimisation.seed)
-            lcfg = LoraConfig(
-                r=mcfg.lora_r,
-                lora_alpha=mcfg.lora_alpha,
-                lora_dropout=mcfg.lora_dropout,
-                target_modules=list(mcfg.lora_target_modules),
-                task_type="CAUSAL_LM",
+        torch.manual_seed(config.optimisation.seed)
+        lcfg = LoraConfig(
+            r=mcfg.lora_r,
+            lora_alpha=mcfg.lora_alpha,
+            lora_dropout=mcfg.lora_dropout,
+            target_modules=list(mcfg.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, lcfg)
+        except ValueError as exc:
+            raise ValueError(
+                f"LoRA could not attach to model {mcfg.name!r}: {exc} "
+                "(set model.lora_target_modules to module names this model has)"
+            ) from exc
+        ref_model = None
+    else:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mcfg.lora:
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    return LoadedModels(tokenizer, model, ref_model, hidden_size, reference_cache, before)
+
+
+# ------------------------------------------------------------------ data
+@dataclass
+class DataSplit:
+    pairs: pd.DataFrame
+    train_pairs: list[TokenizedPair]
+    eval_pairs: list[TokenizedPair]
+    probe_pairs: list[TokenizedPair]
+    batches_per_epoch: int
+    total_steps: int
+
+
+def load_data(
+    config: TrainConfig,
+    workspace: Workspace,
+    pairs: pd.DataFrame | None,
+    tokenizer,
+    accelerator: Accelerator,
+    log: LogFn,
+) -> DataSplit:
+    """The checked pairs, tokenised and split into train / eval / probe, and the run's length in steps."""
+    cfg = config.data
+    df = pairs if pairs is not None else load_pairs(cfg.dataset, workspace, log=log)
+    df = check_pairs(df)
+    if cfg.max_pairs is not None:
+        df = df.iloc[: cfg.max_pairs].reset_index(drop=True)
+    train_idx, eval_idx = split_train_eval(
+        len(df),
+        eval_fraction=cfg.eval_fraction,
+        min_eval_pairs=cfg.min_eval_pairs,
+        seed=config.optimisation.seed if cfg.split_seed is None else cfg.split_seed,
+    )
+    tokenized = tokenize_pairs(tokenizer, df, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    train_pairs = [tokenized[i] for i in train_idx]
+    eval_pairs = [tokenized[i] for i in eval_idx]
+    probe_pairs = eval_pairs[: config.monitoring.probe_pairs]
+    opt = config.optimisation
+    global_bs = opt.batch_size * accelerator.num_processes
+    if len(train_pairs) < global_bs:
+        raise ValueError(
+            f"the training split has {len(train_pairs)} pairs, fewer than one batch of {global_bs}; "
+            "lower optimisation.batch_size or data.eval_fraction, or use more pairs"
+        )
+    batches_per_epoch = len(train_pairs) // global_bs
+    if opt.max_steps is not None:
+        total_steps = opt.max_steps
+    else:
+        total_steps = max(1, math.ceil(opt.epochs * batches_per_epoch / opt.grad_accum))
+    log(
+        f"pairs: {len(df)} (train {len(train_pairs)}, eval {len(eval_pairs)}, "
+        f"probe {len(probe_pairs)}); steps: {total_steps}"
+    )
+    return DataSplit(df, train_pairs, eval_pairs, probe_pairs, batches_per_epoch, total_steps)
+
+
+# ------------------------------------------------------------------ method: projection, kernel
+@dataclass
+class Method:
+    encoder_reps: EncoderReps | None
+    projection: torch.Tensor
+    calibration: KernelCalibration | None
+    kernel: KernelModule | None
+
+
+def setup_method(
+    config: TrainConfig,
+    run_dir: Path,
+    accelerator: Accelerator,
+    models: LoadedModels,
+    split: DataSplit,
+    log: LogFn,
+) -> Method:
+    """The projection, the kernel calibration (read from the run directory on resume) and the kernel."""
+    mcfg = config.method
+    device = accelerator.device
+    encoder_reps = None
+    if mcfg.embedding_source == "encoder":
+        encoder_reps, dim_in = embed_with_encoder(split.pairs)
+    else:
+        dim_in = models.hidden_size
+    k = min(dim_in, mcfg.projection_dim)
+    projection = random_orthogonal_projection(dim_in, k, config.optimisation.seed).float().to(device)
+    kcfg = mcfg.kernel
+    calibration = None
+    if kcfg.name in CALIBRATED_KERNELS:
+        cal_path = run_dir / rundir.CALIBRATION
+        accelerator.wait_for_everyone()  # every process sees the same file state (rank 0 writes it below)
+        if cal_path.is_file():
+            calibration = KernelCalibration.load(cal_path)
+        else:
+            passes = ModelPasses(
+                accelerator=accelerator,
+                device=device,
+                tokenizer=models.tokenizer,
+                model=models.model,
+                ref_model=models.ref_model,
+                reference_cache=models.reference_cache,
+                projection=projection,
+                encoder_reps=encoder_reps,
+                pack_pairs=config.optimisation.pack_pairs,
             )
             try:
-                model = get_peft_model(model, lcfg)
-            except ValueError as exc:
-                raise ValueError(
-                    f"LoRA could not attach to model {mcfg.name!r}: {exc} "
-                    "(set model.lora_target_modules to module names this model has)"
-                ) from exc
-            self.ref_model = None
-        else:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if mcfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if mcfg.lora:
-                model.enable_input_require_grads()
-        model.config.use_cache = False
-        self.model = model
+                reps = calibration_reps(passes, split.train_pairs, config, log)
+            except BaseException:
+                if models.reference_cache is not None and accelerator.is_main_process:
+                    models.reference_cache.save()  # keep the reference passes already paid for
+                raise
+            calibration = KernelCalibration.fit(reps, spectral_components=kcfg.spectral_components)
+            if accelerator.is_main_process:
+                calibration.save(cal_path)
+            log(f"kernel calibration: {reps.shape[0]} vectors of dim {reps.shape[1]}")
+    kernel = build_kernel(kcfg, calibration) if kcfg.name != "none" else None
+    kernel = kernel.to(device) if kernel is not None else None
+    return Method(encoder_reps, projection, calibration, kernel)
 
-    # ------------------------------------------------------------------ data
-    def _load_data(self) -> None:
-        cfg = self.config.data
-        df = self._pairs if self._pairs is not None else load_pairs(cfg.dataset, self.workspace, log=self.log)
-        df = check_pairs(df)
-        if cfg.max_pairs is not None:
-            df = df.iloc[: cfg.max_pairs].reset_index(drop=True)
-        self.pairs = df
-        train_idx, eval_idx = split_train_eval(
-            len(df),
-            eval_fraction=cfg.eval_fraction,
-            min_eval_pairs=cfg.min_eval_pairs,
-            seed=self.config.optimisation.seed if cfg.split_seed is None else cfg.split_seed,
-        )
-        tokenized = tokenize_pairs(
-            self.tokenizer, df, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length
-        )
-        self.train_pairs = [tokenized[i] for i in train_idx]
-        self.eval_pairs = [tokenized[i] for i in eval_idx]
-        self.probe_pairs = self.eval_pairs[: self.config.monitoring.probe_pairs]
-        opt = self.config.optimisation
-        global_bs = opt.batch_size * self.accelerator.num_processes
-        if len(self.train_pairs) < global_bs:
-            raise ValueError(
-                f"the training split has {len(self.train_pairs)} pairs, fewer than one batch of {global_bs}; "
-                "lower optimisation.batch_size or data.eval_fraction, or use more pairs"
-            )
-        self.batches_per_epoch = len(self.train_pairs) // global_bs
-        if opt.max_steps is not None:
-            self.total_steps = opt.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(opt.epochs * self.batches_per_epoch / opt.grad_accum))
-        self.log(
-            f"pairs: {len(df)} (train {len(self.train_pairs)}, eval {len(self.eval_pairs)}, "
-            f"probe {len(self.probe_pairs)}); steps: {self.total_steps}"
-        )
 
-    # ------------------------------------------------------------------ method: projection, kernel
-    def _setup_method(self) -> None:
-        from dpo_engine.kernels import KernelCalibration, build_kernel, random_orthogonal_projection
+def embed_with_encoder(df: pd.DataFrame) -> tuple[EncoderReps, int]:
+    """Encoder embeddings of every pair's prompt, chosen and rejected text, and their dimension."""
+    texts = list(df["prompt"].astype(str)) + list(df["chosen"].astype(str)) + list(df["rejected"].astype(str))
+    emb = torch.as_tensor(np.asarray(embed_texts(texts)), dtype=torch.float32)
+    n = len(df)
+    reps = {pid: (emb[i], emb[n + i], emb[2 * n + i]) for i, pid in enumerate(df["pair_id"])}
+    return reps, emb.shape[1]
 
-        mcfg = self.config.method
-        self.encoder_reps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        if mcfg.embedding_source == "encoder":
-            self._embed_with_encoder()
-            dim_in = self.encoder_dim
-        else:
-            dim_in = self.hidden_size
-        self.k = min(dim_in, mcfg.projection_dim)
-        self.projection = (
-            random_orthogonal_projection(dim_in, self.k, self.config.optimisation.seed).float().to(self.device)
-        )
-        kcfg = mcfg.kernel
-        self.calibration = None
-        if kcfg.name in CALIBRATED_KERNELS:
-            cal_path = self.run_dir / rundir.CALIBRATION
-            self.accelerator.wait_for_everyone()  # every process sees the same file state (rank 0 writes it below)
-            if cal_path.is_file():
-                self.calibration = KernelCalibration.load(cal_path)
-            else:
-                reps = self._calibration_reps()
-                self.calibration = KernelCalibration.fit(reps, spectral_components=kcfg.spectral_components)
-                if self.accelerator.is_main_process:
-                    self.calibration.save(cal_path)
-                self.log(f"kernel calibration: {reps.shape[0]} vectors of dim {reps.shape[1]}")
-        kernel = build_kernel(kcfg, self.calibration) if kcfg.name != "none" else None
-        self.kernel = kernel.to(self.device) if kernel is not None else None
 
-    def _embed_with_encoder(self) -> None:
-        from dpo_engine.embed import embed_texts
+@torch.no_grad()
+def calibration_reps(
+    passes: ModelPasses, train_pairs: list[TokenizedPair], config: TrainConfig, log: LogFn
+) -> torch.Tensor:
+    """Projected reference representations of the first calibration_pairs training pairs (3 per pair).
 
-        df = self.pairs
-        texts = list(df["prompt"].astype(str)) + list(df["chosen"].astype(str)) + list(df["rejected"].astype(str))
-        emb = torch.as_tensor(np.asarray(embed_texts(texts)), dtype=torch.float32)
-        n = len(df)
-        self.encoder_dim = emb.shape[1]
-        self.encoder_reps = {pid: (emb[i], emb[n + i], emb[2 * n + i]) for i, pid in enumerate(df["pair_id"])}
+    The pooled reference hidden states are cached with the log-probs, so a later run on the same
+    data skips this pass; computing them also fills the log-probs of these pairs."""
+    pairs = train_pairs[: config.method.calibration_pairs]
+    bs = config.optimisation.batch_size
+    if passes.encoder_reps is not None:
+        chunks = [
+            torch.cat(passes.encoder_batch(passes.collate(pairs[i : i + bs]))).cpu() for i in range(0, len(pairs), bs)
+        ]
+        return torch.cat(chunks)
+    workspace_cache = passes.reference_cache
+    cache = workspace_cache if workspace_cache is not None else ReferenceCache(None, "run")
+    todo = sorted(cache.missing("reps", pairs), key=pair_length)  # similar lengths batched: less padding
+    t0, done = time.perf_counter(), 0
+    for i in range(0, len(todo), bs):
+        chunk = todo[i : i + bs]
+        ref = passes.reference_pass(passes.collate(chunk), pool=True)
+        if cache is not workspace_cache:  # no workspace cache: keep this run's values in memory
+            cache.put("reps", chunk, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
+        done += len(chunk)
+        if done == len(todo) or (i // bs) % 10 == 9:
+            log(f"reference pass for calibration: {done}/{len(todo)} pairs ({time.perf_counter() - t0:.0f}s)")
+    cache.save()
+    pooled = torch.from_numpy(cache.get("reps", pairs)).to(passes.device)  # B × 3 × H
+    return torch.cat([passes.project(pooled[:, j]) for j in range(3)]).cpu()
 
-    @torch.no_grad()
-    def _calibration_reps(self) -> torch.Tensor:
-        """Projected reference representations of the first calibration_pairs training pairs (3 per pair).
 
-        The pooled reference hidden states are cached with the log-probs, so a later run on the same
-        data skips this pass; computing them also fills the log-probs of these pairs."""
-        pairs = self.train_pairs[: self.config.method.calibration_pairs]
-        bs = self.config.optimisation.batch_size
-        if self.encoder_reps is not None:
-            chunks = [
-                torch.cat(self._encoder_batch(self._collate(pairs[i : i + bs]))).cpu() for i in range(0, len(pairs), bs)
-            ]
-            return torch.cat(chunks)
-        cache = self.reference_cache if self.reference_cache is not None else ReferenceCache(None, "run")
-        todo = sorted(cache.missing("reps", pairs), key=pair_length)  # similar lengths batched: less padding
-        t0, done = time.perf_counter(), 0
-        for i in range(0, len(todo), bs):
-            chunk = todo[i : i + bs]
-            ref = self._reference_pass(self._collate(chunk), pool=True)
-            if cache is not self.reference_cache:  # no workspace cache: keep this run's values in memory
-                cache.put("reps", chunk, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
-            done += len(chunk)
-            if done == len(todo) or (i // bs) % 10 == 9:
-                self.log(f"reference pass for calibration: {done}/{len(todo)} pairs ({time.perf_counter() - t0:.0f}s)")
-        cache.save()
-        pooled = torch.from_numpy(cache.get("reps", pairs)).to(self.device)  # B × 3 × H
-        return torch.cat([self._project(pooled[:, j]) for j in range(3)]).cpu()
-
-    # ------------------------------------------------------------------ optimiser
-    def _build_optimiser(self) -> None:
-        from transformers import get_scheduler
-
-        opt = self.config.optimisation
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": params, "lr": opt.lr, "weight_decay": opt.weight_decay}]
-        self.kernel_params = self.kernel.mixture_parameters() if self.kernel is not None else []
-        if self.kernel_params:
-            groups.append(
-                {"params": self.kernel_params, "lr": self.config.method.kernel.weight_lr, "weight_decay": 0.0}
-            )
-        self.optimizer = torch.optim.AdamW(groups)
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        name = "constant_with_warmup" if opt.scheduler == "constant" else opt.scheduler
-        self.scheduler = get_scheduler(
-            name,
-            self.optimizer,
-            num_warmup_steps=math.ceil(opt.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
-        )
+# ------------------------------------------------------------------ optimiser
+def build_optimiser(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    kernel_params: list[torch.nn.Parameter],
+    total_steps: int,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """AdamW with one group for the model and one for the mixture weights, the prepared model, the schedule."""
+    opt = config.optimisation
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params, "lr": opt.lr, "weight_decay": opt.weight_decay}]
+    if kernel_params:
+        groups.append({"params": kernel_params, "lr": config.method.kernel.weight_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    name = "constant_with_warmup" if opt.scheduler == "constant" else opt.scheduler
+    scheduler = get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=math.ceil(opt.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    return model, optimizer, scheduler

@@ -1,0 +1,154 @@
+"""Held-out evaluation and probe-set snapshots (METHOD.md 2): the eval.jsonl row, per-pair margins, snapshots/.
+
+`Evaluator.evaluate` computes the held-out preference metrics on every eval pair, the seven
+divergence traces on the first `monitoring.divergence_pairs` of them, and with `snapshot` the probe
+set's representations and their Davies-Bouldin score. It computes each batch with the step's
+objective (`TrainingStep.compute`, train=False), so evaluation and training share one definition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpo_engine import rundir
+from dpo_engine.analysis.dbs import davies_bouldin
+from dpo_engine.data.tokenize import pair_length
+from dpo_engine.divergences import all_token_divergences_from_hidden
+from dpo_engine.names import DIVERGENCE_METRICS
+from dpo_engine.train.config import TrainConfig
+from dpo_engine.train.parts import TrainingParts, TrainState
+from dpo_engine.train.passes import ForwardOut
+from dpo_engine.train.step import TrainingStep
+
+DIVERGENCE_REFERENCE_BYTES = 64 * 2**20  # reference hidden states kept for the divergence subset; beyond, recomputed
+
+
+class Evaluator:
+    """Evaluation and snapshots over the parts setup built; keeps the reference's hidden states on the
+    divergence subset for the whole run (`divergence_reference`)."""
+
+    def __init__(
+        self, config: TrainConfig, parts: TrainingParts, state: TrainState, step: TrainingStep, run_dir: Path
+    ) -> None:
+        self.config = config
+        self.parts = parts
+        self.state = state
+        self.step = step
+        self.run_dir = run_dir
+        self.divergence_reference: dict[int, ForwardOut] = {}  # eval chunk index -> the reference's outputs there
+
+    def eval_chunks(self) -> list[list[int]]:
+        """Held-out pair indices in batches that never straddle the divergence subset or the probe set,
+        so those prefixes get their extra outputs from the same passes. Within each of those segments
+        pairs are grouped by length, so a batch pads to a near neighbour rather than to the longest
+        pair of a random few; each pair's values do not depend on its batch."""
+        mon, bs, pairs = self.config.monitoring, self.config.optimisation.batch_size, self.parts.eval_pairs
+        cuts = sorted({0, len(pairs), min(mon.divergence_pairs, len(pairs)), len(self.parts.probe_pairs)})
+        chunks = []
+        for lo, hi in zip(cuts, cuts[1:]):
+            order = sorted(range(lo, hi), key=lambda i: (pair_length(pairs[i]), i))
+            chunks += [order[i : i + bs] for i in range(0, len(order), bs)]
+        return chunks
+
+    @torch.no_grad()
+    def evaluate(self, snapshot: bool = False) -> dict[str, Any]:
+        """Held-out preference metrics on every eval pair; the seven divergence traces on the first
+        `monitoring.divergence_pairs` of them; with `snapshot`, the probe set's representations
+        (written to snapshots/) and their Davies-Bouldin score as `dbs`.
+
+        Three things make it cheap without changing a value: pairs are batched with pairs of similar
+        length (`eval_chunks`), before the first update the policy's outputs are the reference's
+        (cached log-probs and pooled states, no pass at all on a warm cache) and every divergence is
+        exactly 0, and the reference's final hidden states on the fixed divergence subset are computed
+        once per run and kept (divergence_pairs × response tokens × hidden size floats)."""
+        parts, state, step = self.parts, self.state, self.step
+        parts.model.eval()
+        mon = self.config.monitoring
+        at_reference = step.reference.policy_is_reference(state.step)
+        memo = self.divergence_reference
+        n = 0
+        sums: dict[str, float] = {
+            "loss_pref": 0.0,
+            "reward_acc": 0.0,
+            "hybrid_acc": 0.0,
+            "reward_chosen": 0.0,
+            "reward_rejected": 0.0,
+        }
+        div_sums: dict[str, float] = dict.fromkeys(DIVERGENCE_METRICS, 0.0)
+        positions = 0
+        margins: dict[int, float] = {}  # eval pair index -> rho, written in the held-out order
+        chosen: dict[int, np.ndarray] = {}
+        rejected: dict[int, np.ndarray] = {}
+        for index, chunk in enumerate(self.eval_chunks()):
+            in_div = mon.eval_divergences and n < mon.divergence_pairs
+            in_probe = snapshot and n < len(parts.probe_pairs)
+            batch = step.passes.collate([parts.eval_pairs[i] for i in chunk])
+            terms = step.compute(
+                batch,
+                beta=state.beta,
+                train=False,
+                keep_hidden=in_div,
+                want_reps=in_probe,
+                policy_is_reference=at_reference,
+                reference=memo.get(index) if in_div else None,
+            )
+            if (
+                in_div
+                and index not in memo
+                and sum(r.hidden.nbytes for r in memo.values()) + terms.ref_hidden.nbytes <= DIVERGENCE_REFERENCE_BYTES
+            ):
+                memo[index] = ForwardOut(terms.ref_logps, None, terms.ref_hidden, terms.ref_head)
+            out, b = terms.out, batch.n_pairs
+            sums["loss_pref"] += float(out.loss_pref) * b
+            sums["reward_acc"] += float((out.rho > 0).float().sum())
+            sums["hybrid_acc"] += float((out.margins > 0).float().sum())
+            sums["reward_chosen"] += float(out.reward_chosen.sum())
+            sums["reward_rejected"] += float(out.reward_rejected.sum())
+            margins.update(zip(chunk, out.rho.detach().float().cpu().numpy()))
+            n += b
+            if in_div:
+                n_pos = terms.policy_hidden.shape[0]
+                if at_reference:  # policy = reference: D(p || p) = 0 for all seven, no need to form logits
+                    divs = dict.fromkeys(div_sums, 0.0)
+                else:
+                    divs = all_token_divergences_from_hidden(
+                        terms.policy_hidden,
+                        terms.ref_hidden,
+                        terms.policy_head,
+                        self.config.method.divergence,
+                        step.passes.output_embeddings(),
+                        ref_head_weight=terms.ref_head,
+                    )
+                for key, value in divs.items():
+                    div_sums[key] += float(value) * n_pos
+                positions += n_pos
+            if in_probe:
+                chosen.update(zip(chunk, terms.reps[1].cpu().numpy()))
+                rejected.update(zip(chunk, terms.reps[2].cpu().numpy()))
+        row: dict[str, Any] = {k: v / n for k, v in sums.items()}
+        row.update({k: (v / positions if positions else float("nan")) for k, v in div_sums.items()})
+        if snapshot:
+            probe = range(len(parts.probe_pairs))
+            row["dbs"] = self.write_snapshot(
+                np.stack([chosen[i] for i in probe]), np.stack([rejected[i] for i in probe])
+            )
+        if parts.accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
+            rundir.append_eval_margins(
+                self.run_dir,
+                state.step,
+                [p.pair_id for p in parts.eval_pairs[:n]],
+                np.array([margins[i] for i in range(n)]),
+            )
+        return row
+
+    def write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:
+        """Store probe-set h(y+), h(y-) under the current policy; return their Davies-Bouldin score."""
+        c, r = chosen.astype(np.float16), rejected.astype(np.float16)
+        if self.parts.accelerator.is_main_process:
+            pair_ids = [p.pair_id for p in self.parts.probe_pairs]
+            rundir.write_snapshot(self.run_dir, self.state.step, c, r, pair_ids)
+        return davies_bouldin(c, r)

@@ -1,0 +1,216 @@
+"""Model passes over a batch, and where the reference's outputs come from.
+
+`ModelPasses` runs the policy or the reference on a batch: the LM head runs on response tokens only
+(prompt and padding logits are never formed), a chunk of rows at a time (lm_head.py), and a pass keeps
+the final hidden states at those tokens so divergences and ε-DPO can form logits later. It also
+projects representations for the kernel. Setup uses it for calibration, the step and evaluation for
+every batch.
+
+`ReferenceSource` is the one place that decides where the reference's outputs on a batch come from:
+the policy itself before the first update, outputs already computed this run, the workspace cache
+(reference.py), or a live pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from dpo_engine.data.tokenize import TokenizedPair
+from dpo_engine.lm_head import head_token_logps
+from dpo_engine.losses import masked_mean_pool, sum_by_sequence
+from dpo_engine.train.data import Batch, collate, collate_packed
+from dpo_engine.train.parts import EncoderReps, TrainingParts
+from dpo_engine.train.reference import ReferenceCache
+
+
+@dataclass
+class ForwardOut:
+    """One model pass over a batch: sequence log-probs, pooled and response-token hidden states."""
+
+    logps: torch.Tensor  # (2B,) chosen then rejected
+    pooled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # masked means of the last hidden state (B × H)
+    hidden: torch.Tensor | None = None  # (N × H) final hidden states at the response tokens; None from the cache
+    head: torch.Tensor | None = None  # (V × H) the model's LM head weight: logits = head @ hidden
+
+
+class ModelPasses:
+    """Forward passes of the policy and the reference, and the projection of their representations.
+
+    Built from the objects it needs, so setup can calibrate with it before the optimiser exists."""
+
+    def __init__(
+        self,
+        *,
+        accelerator: Accelerator,
+        device: torch.device,
+        tokenizer,
+        model: torch.nn.Module,
+        ref_model: torch.nn.Module | None,
+        reference_cache: ReferenceCache | None,
+        projection: torch.Tensor,
+        encoder_reps: EncoderReps | None,
+        pack_pairs: bool,
+    ) -> None:
+        self.accelerator = accelerator
+        self.device = device
+        self.tokenizer = tokenizer
+        self.model = model
+        self.ref_model = ref_model
+        self.reference_cache = reference_cache
+        self.projection = projection
+        self.encoder_reps = encoder_reps
+        self.pack_pairs = pack_pairs
+
+    @classmethod
+    def from_parts(cls, parts: TrainingParts, *, pack_pairs: bool) -> ModelPasses:
+        return cls(
+            accelerator=parts.accelerator,
+            device=parts.device,
+            tokenizer=parts.tokenizer,
+            model=parts.model,
+            ref_model=parts.ref_model,
+            reference_cache=parts.reference_cache,
+            projection=parts.projection,
+            encoder_reps=parts.encoder_reps,
+            pack_pairs=pack_pairs,
+        )
+
+    # ------------------------------------------------------------------ batches and models
+    def collate(self, pairs: list[TokenizedPair]) -> Batch:
+        """The batch layout the config asks for: packed pairs (prompt once) or separate rows."""
+        build = collate_packed if self.pack_pairs else collate
+        return build(pairs, self.tokenizer.pad_token_id).to(self.device)
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The policy without the accelerator's (DDP) wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def reference_model(self) -> torch.nn.Module:
+        return self.ref_model if self.ref_model is not None else self.unwrapped()
+
+    def reference_context(self):
+        """The reference is the base model with LoRA adapters off, or a frozen copy for full fine-tuning."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext()
+        return self.unwrapped().disable_adapter()
+
+    def head_weight(self, model) -> torch.Tensor:
+        """The model's LM head weight W (V × H): logits are W h, formed a chunk of rows at a time."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+            raise ValueError(
+                f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias; "
+                "leave it out of model.lora_target_modules"
+            )
+        return head.weight
+
+    def output_embeddings(self) -> torch.Tensor:
+        return self.head_weight(self.model)
+
+    # ------------------------------------------------------------------ representations
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        h = F.normalize(h.float(), dim=-1)
+        return F.normalize(h @ self.projection, dim=-1)
+
+    def encoder_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [self.encoder_reps[p] for p in batch.pair_ids]
+        stack = [torch.stack([r[j] for r in rows]).to(self.device) for j in range(3)]
+        return self.project(stack[0]), self.project(stack[1]), self.project(stack[2])
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, model, batch: Batch, *, pool: bool) -> ForwardOut:
+        """One pass; the LM head runs on the response tokens only (prompt and padding logits are never
+        formed), a chunk of rows at a time, and log-probs come from a gather and a logsumexp."""
+        inner = self.accelerator.unwrap_model(model)
+        mask = batch.attention_mask
+        if mask.ndim == 2:
+            mask = mask.long()
+        elif getattr(inner.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(torch.float32).min
+            )
+        with self.accelerator.autocast():
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=mask,
+                position_ids=batch.position_ids,
+                output_hidden_states=True,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            hidden = out.hidden_states[-1]
+            tokens = hidden[batch.token_rows, batch.token_cols]
+            head = self.head_weight(inner)
+            token_values = head_token_logps(tokens, head, batch.token_labels)
+        logps = sum_by_sequence(token_values, batch.token_seq, 2 * batch.n_pairs)
+        pooled = None
+        if pool:
+            pooled = tuple(masked_mean_pool(hidden[rows], m) for rows, m in zip(batch.pool_rows, batch.pool_masks))
+        return ForwardOut(logps, pooled, tokens, head)
+
+    def policy_pass(self, batch: Batch, *, pool: bool) -> ForwardOut:
+        return self.forward(self.model, batch, pool=pool)
+
+    def reference_pass(self, batch: Batch, *, pool: bool = False) -> ForwardOut:
+        """The reference model on a batch (no gradient); its log-probs (and pooled states) go into the cache."""
+        with torch.no_grad(), self.reference_context():
+            ref = self.forward(self.reference_model(), batch, pool=pool)
+        if self.reference_cache is not None:
+            self.reference_cache.store_logps(batch.pairs, ref.logps)
+            if pool:
+                self.reference_cache.put("reps", batch.pairs, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
+        return ref
+
+
+class ReferenceSource:
+    """Where the reference's outputs on a batch come from, decided here and nowhere else.
+
+    - Before the first update the policy is the reference (`policy_is_reference`), so evaluation takes
+      one reference output for both (`as_policy`): the cache's log-probs and pooled states when it holds
+      them and no token hidden states are needed, else one live pass.
+    - Otherwise (`for_objective`): outputs already computed this run when they carry what is needed;
+      the cached log-probs when the objective needs no token distributions; else a live pass, which
+      fills the cache.
+    """
+
+    def __init__(self, passes: ModelPasses) -> None:
+        self.passes = passes
+
+    def policy_is_reference(self, step: int) -> bool:
+        """True before the first update: LoRA's B matrices start at zero (checked, not assumed) and a full
+        fine-tune starts from a copy of the reference, so the policy's outputs equal the reference's."""
+        if step != 0:
+            return False
+        if self.passes.ref_model is not None:
+            return True
+        lora_b = [p for n, p in self.passes.unwrapped().named_parameters() if "lora_B" in n]
+        return bool(lora_b) and all(not bool(p.detach().any()) for p in lora_b)
+
+    def as_policy(self, batch: Batch, *, pool: bool, hidden: bool) -> ForwardOut:
+        """The reference's outputs standing in for the policy's (policy = reference)."""
+        cache = self.passes.reference_cache
+        if not hidden and cache is not None:
+            logps = cache.lookup_logps(batch.pairs)
+            reps = cache.get("reps", batch.pairs) if pool else None
+            if logps is not None and (not pool or reps is not None):
+                device = self.passes.device
+                pooled = tuple(torch.from_numpy(reps[:, j]).to(device) for j in range(3)) if pool else None
+                return ForwardOut(logps.to(device=device, dtype=torch.float32), pooled)
+        return self.passes.reference_pass(batch, pool=pool)
+
+    def for_objective(self, batch: Batch, *, need_hidden: bool, known: ForwardOut | None = None) -> ForwardOut:
+        """The reference's outputs for the objective; `need_hidden` when it forms the reference's token
+        distributions (divergence, ε-DPO, divergence traces); `known` when already computed."""
+        if known is not None and (known.hidden is not None or not need_hidden):
+            return known
+        cache = self.passes.reference_cache
+        if not need_hidden and cache is not None:
+            cached = cache.lookup_logps(batch.pairs)
+            if cached is not None:
+                return ForwardOut(cached, None)
+        return self.passes.reference_pass(batch)
