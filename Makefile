@@ -16,15 +16,30 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test install install-dev browser postgres jemalloc bench clean
+.PHONY: run test test-fast lint install install-dev browser postgres jemalloc bench clean
+
+# Test processes: the slow tier mostly waits on servers and subprocesses, so three workers on two
+# cores finish sooner than one; nothing in the suite times itself.
+PYTEST_WORKERS ?= 3
 
 run: $(STAMP) jemalloc
 	$(VENV)/bin/dpo-kernels app
 
 # pytest exit codes: 0 all passed, 1 failures, 5 nothing collected (treated as a failure here).
-test: $(DEV_STAMP) postgres jemalloc
-	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+PYTEST_RUN = rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# Everything, as CI runs it: lint, import layers, every tier.
+test: $(DEV_STAMP) postgres jemalloc lint
+	@$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); $(PYTEST_RUN)
+
+# The loop between edits: unit tests and page AppTests; no servers, browser or real model.
+test-fast: $(DEV_STAMP) lint
+	@$(VENV)/bin/pytest -m "not slow" -n 2 --dist loadgroup $(PYTEST_ARGS); $(PYTEST_RUN)
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 install: $(STAMP)
 

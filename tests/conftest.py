@@ -19,6 +19,46 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("DPO_KERNELS_MODEL_CACHE", str(REPO_ROOT / ".cache" / "models"))
 
 
+# The slow tier: modules that start servers (PostgreSQL, Ray, the app), worker or training
+# processes, or a browser. `make test-fast` leaves them out; `make test` runs everything.
+SLOW_MODULES = frozenset(
+    {
+        "test_allocator",
+        "test_browser_e2e",
+        "test_figure_export",
+        "test_jobs_cli",
+        "test_jobs_ray",
+        "test_jobs_worker",
+        "test_selection_hh",
+        "test_team_deployment",
+        "test_train_job_resume",
+        "test_train_multiprocess",
+        "test_train_ray",
+    }
+)
+# Modules that share one server through module-scoped fixtures run in one xdist worker.
+SHARED_GROUPS = {"test_jobs_ray": "ray", "test_train_ray": "ray"}
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        return True
+    if item.get_closest_marker("real_model") or item.get_closest_marker("browser"):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "postgresql" in params.values()  # the PostgreSQL half of the job-store suite
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tier markers, and one xdist group per module so its module-scoped fixtures are built once."""
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
 @pytest.fixture(scope="module")
 def torch_single_thread():
     """For modules of tiny tensors: thread hand-offs would cost more than the arithmetic."""

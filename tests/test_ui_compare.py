@@ -50,11 +50,11 @@ def test_sweep_outcome_is_shown_with_intervals(workspace):
     from dpo_engine.train.sweep import submit_sweep
 
     store = JobStore.for_workspace(workspace)
-    from tests.conftest import BUNDLED_SAMPLE
+    from tests.conftest import HH_SAMPLE
 
     record = submit_sweep(
         {"recommendation": {"kernel": "polynomial", "divergence": "hellinger"}},
-        str(BUNDLED_SAMPLE),
+        str(HH_SAMPLE),
         store,
         workspace,
         overrides={"model.name": "tiny-random"},

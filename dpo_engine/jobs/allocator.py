@@ -2,13 +2,9 @@
 
 Why: a training step allocates and frees hundreds of MB of activations and gradients, and glibc's
 malloc keeps much of that freed memory in its arenas, so a process's peak RSS sits about 1 GB above
-what its tensors need. Measured on 2 CPU threads, SmolLM2-135M with LoRA, 4 pairs of 256 tokens:
-- the default run (HMK + KL, no gradient checkpointing, evaluations, HT-SR), three steps: peak RSS
-  4.08 GB under jemalloc, 5.25-5.30 GB under glibc; the steps took 7-12 % longer under jemalloc;
-- jemalloc with page purging off (`dirty_decay_ms:-1`) was as fast as glibc on the peer
-  benchmark's step but grew without bound on the default run (15 GB), so purging stays on and a
-  background thread does it (`background_thread:true`), off the training thread.
-The peer benchmark (scripts/bench_peer.py --ours-allocator jemalloc) reports the ratios.
+what its tensors need. Page purging stays on (without it jemalloc's footprint grows without bound
+on a long run) and a background thread does it (`background_thread:true`), off the training thread.
+The measurements are in docs/BENCHMARKS.md ("Memory allocator of job processes").
 
 `DPO_KERNELS_ALLOCATOR=system` turns this off; without libjemalloc (Debian: `libjemalloc2`, which
 `make install` installs) jobs run on the system allocator and nothing else changes.

@@ -4,29 +4,17 @@ A preset is a mapping of dotted TrainConfig paths to values. It is applied to th
 before validation, and anything the user gives explicitly (a form field, a CLI flag) is applied
 after it, so a preset only fills in; the resolved config.json shows every value it set.
 
-`quick` was chosen by measurement on the bundled HH sample (assets/sample_hh.jsonl.gz, 399 valid
-pairs) with the bundled SmolLM2-135M-Instruct on 2 CPU cores (numbers in README, "Quick run"):
-- lengths from the token pre-flight: prompts have a median of 119 tokens, responses a median of
-  29 (chosen) and 37 (rejected); 128 tokens with 64 for the prompt keeps the end of every prompt
-  (its last turn) and most responses whole (the pre-flight's full-length suggestion, 528 tokens,
-  costs about four times as much per step, too much for five minutes on a CPU);
-- LoRA rank 16 (alpha 32, no dropout), learning rate 5e-4 after a 10 % warm-up, cosine decay.
-  Measured on seed 0 (training loss_pref, mean of the last 10 steps; log 2 = 0.693): 1e-3 constant
-  for 30 steps 0.72 (the margins swung by +-0.5 from batch to batch), 1e-3 cosine for 60 steps
-  0.73, 1e-3 cosine for 30 steps of 8 pairs 0.67, 5e-4 cosine for 60 steps 0.675, and 5e-4 cosine
-  for 48 steps 0.626, the setting kept;
+`quick` was chosen by measurement on the bundled HH sample with the bundled SmolLM2-135M-Instruct
+on 2 CPU cores (the runs and their numbers: docs/BENCHMARKS.md, "The quick preset"):
+- 128 tokens with 64 for the prompt, from the token pre-flight: it keeps the end of every prompt
+  (its last turn) and most responses whole; the full-length suggestion costs about four times as
+  much per step, too much for five minutes on a CPU;
+- LoRA rank 16 (alpha 32, no dropout), learning rate 5e-4 after a 10 % warm-up, cosine decay: the
+  lowest training loss of the learning rates and schedules tried;
 - the mixture weights (λ, τ) get weight_lr 0.05 so a short run lets them move as far as the
   gradient asks (METHOD.md 2.4);
 - 48 steps of 4 pairs; evaluation, divergence traces (4 pairs) and snapshots at steps 0, 24 and
-  48 (three projection snapshots with their Davies-Bouldin score) on 24 held-out pairs; 16
-  calibration pairs; no intermediate checkpoint; HT-SR before and after.
-Measured end to end on 2 idle cores (`dpo-kernels train assets/sample_hh.jsonl.gz --preset quick
---foreground` in a fresh workspace, model conversion included): 4 min 12 s wall, 478 CPU-seconds,
-3.6 GB peak RSS; training 175 s (70 %), evaluations 29 s, HT-SR 22 s, setup 21 s. Training loss
-0.692 over the first 10 steps and 0.626 over the last 10, batch reward margin +0.21, τ_local
-0.50 -> 0.39. The 24 held-out pairs did not improve (reward accuracy 0.38, margin +0.04): a quick
-run shows the method at work, not a better model; scripts/evidence.py measures that
-(docs/RESULTS.md).
+  48 on 24 held-out pairs; 16 calibration pairs; no intermediate checkpoint; HT-SR before and after.
 The method is HMK with the Hellinger divergence: Hellinger is the divergence the diagnosis
 recommends for the HH sample (its recommended kernel is polynomial; the preset keeps HMK, the
 mixture that lets training weigh the kernels, so the λ/τ view has something to show). The Train
