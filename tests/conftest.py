@@ -36,8 +36,19 @@ SLOW_MODULES = frozenset(
         "test_train_ray",
     }
 )
-# Modules that share one server through module-scoped fixtures run in one xdist worker.
-SHARED_GROUPS = {"test_jobs_ray": "ray", "test_train_ray": "ray"}
+# Tests that share something expensive run in one xdist process: a module's module-scoped fixtures,
+# one Ray cluster, one PostgreSQL server. Every other test is handed to whichever process is free.
+SHARED_GROUPS = {
+    "test_htsr": "test_htsr",
+    "test_selection_estimators": "test_selection_estimators",
+    "test_selection_hh": "test_selection_hh",
+    "test_token_preflight": "test_token_preflight",
+    "test_jobs_ray": "ray",
+    "test_train_ray": "ray",
+    "test_allocator": "postgres",
+    "test_jobs_store": "postgres",
+    "test_jobs_worker": "postgres",
+}
 
 
 def _is_slow(item: pytest.Item) -> bool:
@@ -51,12 +62,13 @@ def _is_slow(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tier markers, and one xdist group per module so its module-scoped fixtures are built once."""
+    """Tier markers, and the xdist groups of SHARED_GROUPS."""
     for item in items:
         if _is_slow(item):
             item.add_marker(pytest.mark.slow)
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+        group = SHARED_GROUPS.get(item.module.__name__.rsplit(".", 1)[-1])
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="module")

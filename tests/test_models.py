@@ -8,7 +8,10 @@ import torch
 from dpo_engine.models import UnknownModelError, load_policy, resolve_dtype
 
 
-def test_tiny_random_is_deterministic_and_shaped(workspace):
+def test_tiny_random_is_deterministic_and_shaped(workspace, tmp_path, monkeypatch):
+    # a private model cache: this test deletes and rebuilds it, which must not pull the shared one
+    # from under tests running beside it
+    monkeypatch.setenv("DPO_KERNELS_MODEL_CACHE", str(tmp_path / "models"))
     model, tok = load_policy("tiny-random", workspace=workspace, dtype="float32")
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (2, 64, 4, 128)
