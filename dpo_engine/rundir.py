@@ -24,6 +24,18 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.jsonl"
 SUMMARY = "summary.json"
+# The summary keys a finished run reports in one glance (the CLI's output, a train job's result).
+SUMMARY_HEADLINE = (
+    "status",
+    "steps_completed",
+    "final_eval",
+    "wall_time_s",
+    "tokens_per_s",
+    "peak_memory_mb",
+    "weighted_alpha_before",
+    "weighted_alpha_after",
+    "error",
+)
 LOG = "log.txt"
 SNAPSHOTS = "snapshots"
 CHECKPOINTS = "checkpoints"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,16 @@ def pytest_collection_modifyitems(config, items):
         group = SHARED_GROUPS.get(item.module.__name__.rsplit(".", 1)[-1])
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set; a job runs
+    in a process of its own, but tests run many trainings in one, so each test starts from a clean one."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -269,20 +269,7 @@ def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
 
     alerts = health_of(load_run(run_dir))
     print_json(
-        {
-            k: summary.get(k)
-            for k in (
-                "status",
-                "steps_completed",
-                "final_eval",
-                "wall_time_s",
-                "tokens_per_s",
-                "peak_memory_mb",
-                "weighted_alpha_before",
-                "weighted_alpha_after",
-                "error",
-            )
-        }
+        {k: summary.get(k) for k in rundir.SUMMARY_HEADLINE}
         | {"run_dir": str(run_dir), "health_alerts": [f"{a.headline}: {a.evidence}" for a in alerts]}
     )
     if summary.get("status") != "succeeded":

@@ -77,7 +77,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     }
     if dtype == "auto":
         dev = torch.device(device)
-        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        # native bf16 only: T4/V100 report bf16 "supported" through emulation, slower than fp32
+        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32
     if dtype not in table:
@@ -205,7 +206,9 @@ def load_policy(
     torch_dtype = resolve_dtype(dtype, device)
     offline = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(source, **offline)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **offline)
+    # straight onto the GPU in the target dtype: no fp32 copy and no full copy in host memory on the way
+    placement = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **offline, **placement)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

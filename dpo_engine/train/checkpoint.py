@@ -67,6 +67,8 @@ def write_checkpoint(parts: TrainingParts, state: TrainState, run_dir: Path, log
             "beta": state.beta,
             "tokens_seen": state.tokens_seen,
             "train_seconds": state.train_seconds,
+            "overflow_streak": state.overflow_streak,
+            "scaler": scaler.state_dict() if (scaler := parts.accelerator.scaler) is not None else None,
             "rng": rng,
         },
         tmp / rundir.CHECKPOINT_STATE,
@@ -97,6 +99,9 @@ def load_checkpoint(parts: TrainingParts, state: TrainState, path: Path, run_dir
     st = torch.load(path / rundir.CHECKPOINT_STATE, weights_only=False)
     state.step, state.micro_index, state.beta = st["step"], st["micro_index"], st["beta"]
     state.tokens_seen, state.train_seconds = st["tokens_seen"], st["train_seconds"]
+    state.overflow_streak = st.get("overflow_streak", 0)  # absent in checkpoints of earlier versions
+    if st.get("scaler") is not None and parts.accelerator.scaler is not None:
+        parts.accelerator.scaler.load_state_dict(st["scaler"])
     torch.set_rng_state(st["rng"]["torch"])
     np.random.set_state(st["rng"]["numpy"])
     random.setstate(st["rng"]["python"])

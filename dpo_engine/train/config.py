@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dpo_engine.divergences import DivergenceConfig
 from dpo_engine.kernels import KernelConfig
@@ -19,6 +19,9 @@ from dpo_engine.losses import LossConfig
 
 LORA_DEFAULT_LR = 5e-4
 FULL_FINETUNE_DEFAULT_LR = 5e-5
+# model.gradient_checkpointing="auto" turns checkpointing on from this many parameters: below it the
+# activations of a default batch are small beside the weights, above it they dominate a GPU's memory.
+GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
 
 
 class _Strict(BaseModel):
@@ -71,8 +74,10 @@ class ModelConfig(_Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names that get LoRA adapters (Llama-style names by default).",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass: less memory, ~30% slower; auto = on for models "
+        f"of {GRADIENT_CHECKPOINTING_MIN_PARAMS / 1e9:g}B parameters and more.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute precision; auto = bf16 mixed precision on GPUs that support it, fp32 on CPU."
@@ -80,6 +85,12 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(
         False, description="Allow model code shipped with a local model directory to run (off unless you trust it)."
     )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_from_bool(cls, value: Any) -> Any:
+        """Configs written before auto existed said true or false."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _known(self) -> "ModelConfig":
@@ -198,6 +209,12 @@ class MonitoringConfig(_Strict):
         25,
         ge=1,
         description="Store probe-set representations + Davies-Bouldin score every N steps (and at 0 and the end).",
+    )
+    eval_max_pairs: int | None = Field(
+        512,
+        ge=2,
+        description="Evaluate on at most this many held-out pairs (a fixed seeded subset of the split, the same at "
+        "every eval); empty = all of them.",
     )
     probe_pairs: int = Field(128, ge=2, description="Held-out pairs in the fixed probe set for snapshots.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")

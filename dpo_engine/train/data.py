@@ -54,6 +54,15 @@ def split_train_eval(n: int, *, eval_fraction: float, min_eval_pairs: int, seed:
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
+def eval_subset(eval_idx: np.ndarray, max_pairs: int | None, seed: int) -> np.ndarray:
+    """At most max_pairs of the held-out indices, a seeded subset (sorted) that every eval reuses.
+
+    The pairs left out stay out of training: only the split decides what is held out."""
+    if max_pairs is None or len(eval_idx) <= max_pairs:
+        return eval_idx
+    return np.sort(np.random.default_rng(seed).permutation(eval_idx)[:max_pairs])
+
+
 @dataclass
 class Batch:
     """The model inputs for B pairs plus where each scored response token sits in them.

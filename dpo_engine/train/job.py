@@ -67,18 +67,7 @@ def run_train_job(ctx) -> dict[str, Any]:
 
         raise JobCancelled("training cancelled on request")
     ctx.progress(1.0, "done")
-    return {
-        k: summary.get(k)
-        for k in (
-            "status",
-            "steps_completed",
-            "final_eval",
-            "wall_time_s",
-            "tokens_per_s",
-            "weighted_alpha_before",
-            "weighted_alpha_after",
-        )
-    }
+    return {k: summary.get(k) for k in rundir.SUMMARY_HEADLINE}
 
 
 def _mark(run_dir, status: str, error: str) -> None:

@@ -7,6 +7,7 @@ restores. Both are plain dataclasses so each reader names what it uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ class TrainingParts:
     reference_cache: ReferenceCache | None  # workspace cache of reference log-probs and pooled states, if on
     htsr_before: float | None  # weighted alpha of the untrained model; None when not analysed (or resuming)
     pairs: pd.DataFrame  # the checked pairs this run uses (after max_pairs)
-    train_pairs: list[TokenizedPair]  # tokenised training split
+    train_pairs: Sequence[TokenizedPair]  # the training split, tokenised on first use (LazyTokenizedPairs)
     eval_pairs: list[TokenizedPair]  # tokenised held-out split
     probe_pairs: list[TokenizedPair]  # the first eval pairs, whose representations snapshots store
     batches_per_epoch: int  # micro-batches per epoch over all processes' shards
@@ -58,3 +59,4 @@ class TrainState:
     beta: float = 0.1
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    overflow_streak: int = 0  # fp16: consecutive steps whose gradients overflowed (the scaler skipped them)

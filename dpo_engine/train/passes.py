@@ -28,6 +28,26 @@ from dpo_engine.train.parts import EncoderReps, TrainingParts
 from dpo_engine.train.reference import ReferenceCache
 
 
+@contextlib.contextmanager
+def final_hidden_state(model: torch.nn.Module):
+    """Capture the decoder's last hidden state (the final norm's output) during a pass.
+
+    Asking the model for `output_hidden_states` would keep every layer's output alive until the pass
+    returns, which in a no-grad pass of a large model is gigabytes nobody reads; a forward hook on the
+    decoder keeps only the one tensor the LM head and the pooling use. The pass still goes through the
+    (DDP-wrapped) model, so gradient synchronisation is unchanged."""
+    captured: list[torch.Tensor] = []
+
+    def keep(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 @dataclass
 class ForwardOut:
     """One model pass over a batch: sequence log-probs, pooled and response-token hidden states."""
@@ -134,16 +154,15 @@ class ModelPasses:
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(torch.float32).min
             )
-        with self.accelerator.autocast():
-            out = model(
+        with self.accelerator.autocast(), final_hidden_state(inner) as captured:
+            model(
                 input_ids=batch.input_ids,
                 attention_mask=mask,
                 position_ids=batch.position_ids,
-                output_hidden_states=True,
                 use_cache=False,
                 logits_to_keep=1,
             )
-            hidden = out.hidden_states[-1]
+            hidden = captured[0]
             tokens = hidden[batch.token_rows, batch.token_cols]
             head = self.head_weight(inner)
             token_values = head_token_logps(tokens, head, batch.token_labels)

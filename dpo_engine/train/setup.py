@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,12 +24,12 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from dpo_engine import rundir
-from dpo_engine.data.tokenize import TokenizedPair, pair_length, tokenize_pairs
+from dpo_engine.data.tokenize import LazyTokenizedPairs, TokenizedPair, pair_length, tokenize_pairs
 from dpo_engine.embed import embed_texts
 from dpo_engine.kernels import KernelCalibration, KernelModule, build_kernel, random_orthogonal_projection
 from dpo_engine.models import load_policy, resolve_dtype
-from dpo_engine.train.config import TrainConfig
-from dpo_engine.train.data import check_pairs, load_pairs, split_train_eval
+from dpo_engine.train.config import GRADIENT_CHECKPOINTING_MIN_PARAMS, TrainConfig
+from dpo_engine.train.data import check_pairs, eval_subset, load_pairs, split_train_eval
 from dpo_engine.train.monitoring import TimeSplit, htsr_before
 from dpo_engine.train.parts import EncoderReps, TrainingParts
 from dpo_engine.train.passes import ModelPasses
@@ -58,12 +59,15 @@ def build_parts(
         rundir.write_json(run_dir / rundir.CONFIG, config.resolved())
     torch.manual_seed(config.optimisation.seed)
     with accelerator.main_process_first():  # rank 0 fills the workspace's model and data caches first
-        models = load_models(config, workspace, run_dir, accelerator, compute_dtype, resuming, timer, log)
-        split = load_data(config, workspace, pairs, models.tokenizer, accelerator, log)
+        with timer.timed("load_model"):
+            models = load_models(config, workspace, run_dir, accelerator, compute_dtype, resuming, timer, log)
+        with timer.timed("load_data"):
+            split = load_data(config, workspace, pairs, models.tokenizer, accelerator, timer, log)
     models.model.to(accelerator.device)
     if models.ref_model is not None:
         models.ref_model.to(accelerator.device)
-    method = setup_method(config, run_dir, accelerator, models, split, log)
+    with timer.timed("calibration"):
+        method = setup_method(config, run_dir, accelerator, models, split, log)
     kernel_params = method.kernel.mixture_parameters() if method.kernel is not None else []
     model, optimizer, scheduler = build_optimiser(config, accelerator, models.model, kernel_params, split.total_steps)
     return TrainingParts(
@@ -127,12 +131,11 @@ def load_models(
     """The policy (LoRA adapters attached, or beside a frozen reference copy), its tokenizer, the
     reference cache for these weights, and the HT-SR of the untrained model."""
     mcfg = config.model
-    load_dtype = torch.float32 if compute_dtype in (torch.bfloat16, torch.float16) else compute_dtype
     model, tokenizer = load_policy(
         mcfg.name,
         workspace=workspace,
-        dtype=load_dtype,
-        device="cpu",
+        dtype=weight_dtype(compute_dtype, lora=mcfg.lora),
+        device=accelerator.device,
         trust_remote_code=mcfg.trust_remote_code,
     )
     hidden_size = int(model.config.hidden_size)
@@ -159,7 +162,8 @@ def load_models(
             task_type="CAUSAL_LM",
         )
         try:
-            model = get_peft_model(model, lcfg)
+            # the adapters train in fp32 whatever the frozen base is stored in (peft's autocast_adapter_dtype)
+            model = get_peft_model(model, lcfg, autocast_adapter_dtype=True)
         except ValueError as exc:
             raise ValueError(
                 f"LoRA could not attach to model {mcfg.name!r}: {exc} "
@@ -167,8 +171,10 @@ def load_models(
             ) from exc
         ref_model = None
     else:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    if mcfg.gradient_checkpointing:
+        # the frozen reference only ever runs under autocast: its weights in the compute dtype are enough
+        ref_model = copy.deepcopy(model).to(compute_dtype).eval().requires_grad_(False)
+    if use_gradient_checkpointing(mcfg.gradient_checkpointing, parameter_count(model)):
+        log("gradient checkpointing: on")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if mcfg.lora:
             model.enable_input_require_grads()
@@ -176,11 +182,32 @@ def load_models(
     return LoadedModels(tokenizer, model, ref_model, hidden_size, reference_cache, before)
 
 
+def weight_dtype(compute_dtype: torch.dtype, *, lora: bool) -> torch.dtype:
+    """The dtype the policy's weights are stored in.
+
+    With LoRA the base weights are frozen and autocast would cast them to the compute dtype on every
+    pass anyway, so they are loaded in it directly (half the memory of fp32, and no fp32 copy on the
+    way); the adapters stay fp32. A full fine-tune keeps fp32 master weights for the optimiser."""
+    return compute_dtype if lora else torch.float32
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the model (LoRA adapters included, which are a rounding error beside the base)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def use_gradient_checkpointing(setting: str, n_params: int) -> bool:
+    """model.gradient_checkpointing resolved: on, off, or auto (on from GRADIENT_CHECKPOINTING_MIN_PARAMS)."""
+    if setting == "auto":
+        return n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
+    return setting == "on"
+
+
 # ------------------------------------------------------------------ data
 @dataclass
 class DataSplit:
     pairs: pd.DataFrame
-    train_pairs: list[TokenizedPair]
+    train_pairs: Sequence[TokenizedPair]  # tokenised on first use (LazyTokenizedPairs)
     eval_pairs: list[TokenizedPair]
     probe_pairs: list[TokenizedPair]
     batches_per_epoch: int
@@ -193,6 +220,7 @@ def load_data(
     pairs: pd.DataFrame | None,
     tokenizer,
     accelerator: Accelerator,
+    timer: TimeSplit,
     log: LogFn,
 ) -> DataSplit:
     """The checked pairs, tokenised and split into train / eval / probe, and the run's length in steps."""
@@ -201,15 +229,18 @@ def load_data(
     df = check_pairs(df)
     if cfg.max_pairs is not None:
         df = df.iloc[: cfg.max_pairs].reset_index(drop=True)
-    train_idx, eval_idx = split_train_eval(
-        len(df),
-        eval_fraction=cfg.eval_fraction,
-        min_eval_pairs=cfg.min_eval_pairs,
-        seed=config.optimisation.seed if cfg.split_seed is None else cfg.split_seed,
+    split_seed = config.optimisation.seed if cfg.split_seed is None else cfg.split_seed
+    train_idx, held_out_idx = split_train_eval(
+        len(df), eval_fraction=cfg.eval_fraction, min_eval_pairs=cfg.min_eval_pairs, seed=split_seed
     )
-    tokenized = tokenize_pairs(tokenizer, df, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    train_pairs = [tokenized[i] for i in train_idx]
-    eval_pairs = [tokenized[i] for i in eval_idx]
+    eval_idx = eval_subset(held_out_idx, config.monitoring.eval_max_pairs, split_seed)
+    if len(eval_idx) < len(held_out_idx):
+        log(f"evaluating on {len(eval_idx)} of the {len(held_out_idx)} held-out pairs (monitoring.eval_max_pairs)")
+    lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+    # every evaluation reads all eval pairs: tokenised now; training pairs when a batch first needs them
+    with timer.timed("tokenise"):
+        eval_pairs = tokenize_pairs(tokenizer, df.iloc[eval_idx], **lengths)
+    train_pairs = LazyTokenizedPairs(tokenizer, df.iloc[train_idx], **lengths)
     probe_pairs = eval_pairs[: config.monitoring.probe_pairs]
     opt = config.optimisation
     global_bs = opt.batch_size * accelerator.num_processes
@@ -302,7 +333,7 @@ def embed_with_encoder(df: pd.DataFrame) -> tuple[EncoderReps, int]:
 
 @torch.no_grad()
 def calibration_reps(
-    passes: ModelPasses, train_pairs: list[TokenizedPair], config: TrainConfig, log: LogFn
+    passes: ModelPasses, train_pairs: Sequence[TokenizedPair], config: TrainConfig, log: LogFn
 ) -> torch.Tensor:
     """Projected reference representations of the first calibration_pairs training pairs (3 per pair).
 

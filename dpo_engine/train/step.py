@@ -57,6 +57,16 @@ class StepTerms:
     reps: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # projected h(x), h(y+), h(y-)
 
 
+# fp16 with a gradient scaler: an inf gradient norm is the overflow the scaler exists for (it skips the
+# update and halves its scale); only this many overflows in a row mean the run has diverged.
+MAX_FP16_OVERFLOW_STREAK = 8
+
+
+def fp16_overflow_tolerated(accelerator, streak: int) -> bool:
+    """True when a non-finite gradient norm is a skipped fp16 step rather than a diverged run."""
+    return getattr(accelerator, "scaler", None) is not None and streak < MAX_FP16_OVERFLOW_STREAK
+
+
 def check_finite(value: torch.Tensor, term: str, config: TrainConfig, state: TrainState) -> None:
     """Raise TrainingDiverged naming the term and the settings that usually bring it back."""
     if not bool(torch.isfinite(value.detach()).all()):
@@ -89,6 +99,7 @@ class TrainingStep:
         self.state = state
         self.passes = passes
         self.reference = reference
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
 
     def check_finite(self, value: torch.Tensor, term: str) -> None:
         check_finite(value, term, self.config, self.state)
@@ -98,10 +109,17 @@ class TrainingStep:
         """Micro-batch number `micro_index` of this process: a pure function of seed and index (exact resume)."""
         opt, parts = self.config.optimisation, self.parts
         epoch, pos = divmod(micro_index, parts.batches_per_epoch)
-        perm = np.random.default_rng([opt.seed, epoch]).permutation(len(parts.train_pairs))
+        perm = self.epoch_order(epoch)
         nproc, rank = parts.accelerator.num_processes, parts.accelerator.process_index
         start = (pos * nproc + rank) * opt.batch_size
-        return self.passes.collate([parts.train_pairs[i] for i in perm[start : start + opt.batch_size]])
+        return self.passes.collate([parts.train_pairs[int(i)] for i in perm[start : start + opt.batch_size]])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The seeded order of the training pairs in `epoch`, drawn once per epoch, not per micro-batch."""
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.parts.train_pairs)
+            self._order = (epoch, np.random.default_rng([self.config.optimisation.seed, epoch]).permutation(n))
+        return self._order[1]
 
     # ------------------------------------------------------------------ the objective
     def compute(
@@ -215,8 +233,11 @@ class TrainingStep:
         accelerator = parts.accelerator
         parts.model.train()
         t0 = time.perf_counter()
-        totals = {"loss": 0.0, "loss_pref": 0.0, "loss_div": 0.0, "loss_entropy": 0.0, "reward_acc": 0.0, "margin": 0.0}
-        step_sum, step_count, tokens = 0.0, 0, 0
+        # the step's metrics add up on the device (float64, in the order of the micro-batches) and are
+        # read by the host once, after the update: no GPU->CPU wait inside the accumulation loop
+        names = ("loss", "loss_pref", "loss_div", "loss_entropy", "reward_acc", "margin", "eps_step_sum")
+        sums = torch.zeros(len(names), dtype=torch.float64, device=parts.device)
+        step_count, tokens = 0, 0
         beta_now = state.beta
         for a in range(opt.grad_accum):
             batch = self.micro_batch(state.micro_index)
@@ -227,18 +248,25 @@ class TrainingStep:
                 terms = self.compute(batch, beta=beta_now, train=True)
                 out = terms.out
                 accelerator.backward(out.loss / opt.grad_accum)
-            totals["loss"] += float(out.loss.detach()) / opt.grad_accum
-            totals["loss_pref"] += float(out.loss_pref) / opt.grad_accum
-            totals["loss_div"] += (float(out.loss_div) if out.loss_div is not None else 0.0) / opt.grad_accum
-            totals["loss_entropy"] += (
-                float(out.loss_entropy) if out.loss_entropy is not None else 0.0
-            ) / opt.grad_accum
-            totals["reward_acc"] += float((out.rho > 0).float().mean()) / opt.grad_accum
-            totals["margin"] += float(out.margins.mean()) / opt.grad_accum
+            zero = sums.new_zeros(())
+            micro = torch.stack(
+                [
+                    out.loss.detach().double() / opt.grad_accum,
+                    out.loss_pref.detach().double() / opt.grad_accum,
+                    (out.loss_div.detach().double() if out.loss_div is not None else zero) / opt.grad_accum,
+                    (out.loss_entropy.detach().double() if out.loss_entropy is not None else zero) / opt.grad_accum,
+                    (out.rho.detach() > 0).float().mean().double() / opt.grad_accum,
+                    out.margins.detach().mean().double() / opt.grad_accum,
+                    terms.steps.float().sum().double() if terms.steps is not None else zero,
+                ]
+            )
+            sums += micro
             if terms.steps is not None:
-                step_sum += float(terms.steps.float().sum())
                 step_count += int(terms.steps.numel())
             tokens += terms.n_tokens
+        values = dict(zip(names, sums.tolist()))
+        step_sum = values.pop("eps_step_sum")
+        totals = values
         if accelerator.num_processes > 1:
             totals = self._mean_over_processes(totals)
             tokens = int(accelerator.reduce(torch.tensor([tokens], device=parts.device), reduction="sum").item())
@@ -248,7 +276,11 @@ class TrainingStep:
         params = [p for g in parts.optimizer.param_groups for p in g["params"]]
         grad_norm = accelerator.clip_grad_norm_(params, opt.max_grad_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not math.isfinite(grad_norm):
+        if math.isfinite(grad_norm):
+            state.overflow_streak = 0
+        elif fp16_overflow_tolerated(accelerator, state.overflow_streak):
+            state.overflow_streak += 1  # the scaler skips this update and lowers its scale
+        else:
             self.check_finite(torch.tensor(grad_norm), "gradient norm")
         lr = parts.scheduler.get_last_lr()[0]
         parts.optimizer.step()
