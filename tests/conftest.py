@@ -16,6 +16,10 @@ PANDALM_SAMPLE = REPO_ROOT / "assets" / "pandalm_test_pairs.jsonl.gz"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Several test processes share the cores: one compute thread each, or their thread pools spin
+# against each other (set before torch is imported; job subprocesses inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Converting the bundled GGUF policy takes ~25 s: do it once per machine, not once per test.
 os.environ.setdefault("DPO_KERNELS_MODEL_CACHE", str(REPO_ROOT / ".cache" / "models"))
 

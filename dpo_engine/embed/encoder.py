@@ -102,9 +102,12 @@ def resolve_precision(precision: Precision, device: str = "cpu") -> str:
 
 
 def configure_cpu_threads() -> int:
-    """Use every core this process may run on (torch's default can ignore CPU affinity)."""
+    """Use every core this process may run on (torch's default can ignore CPU affinity), unless the
+    operator chose a thread count (OMP_NUM_THREADS), e.g. to run several processes side by side."""
     import torch
 
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
