@@ -17,7 +17,14 @@ def figure_png(fig: go.Figure | str, *, scale: float = SLIDE_SCALE) -> bytes:
     figure = pio.from_json(fig) if isinstance(fig, str) else fig
     if figure.layout.width is None or figure.layout.height is None:
         figure = for_slides(figure)
-    return pio.to_image(figure, format="png", scale=scale)
+    try:
+        return pio.to_image(figure, format="png", scale=scale)
+    except Exception as exc:
+        # kaleido's headless Chromium can be asked to render before its page script has loaded (seen
+        # on a loaded machine); the second call starts a fresh browser. Any other error is raised.
+        if "kaleido_scopes is not defined" not in str(exc):
+            raise
+        return pio.to_image(figure, format="png", scale=scale)
 
 
 def figure_html(fig: go.Figure | str) -> str:
