@@ -33,7 +33,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpo_engine.models.synthetic import build_random_llama, parameter_count  # noqa: E402
+from dpo_engine.models.synthetic import build_random_llama, llama_parameter_count  # noqa: E402
 from dpo_engine.train.reference import CACHE_DIR  # noqa: E402
 from dpo_engine.workspace import Workspace  # noqa: E402
 
@@ -91,7 +91,7 @@ def part_model_1b(out: Path) -> dict:
     ws = Workspace.resolve(workspace)
     print("building the 1.1B random-weight model (once) ...", flush=True)
     model_dir = build_random_llama("llama-1b", out / "models" / "llama-1b", workspace=ws)
-    weight_bytes = 2 * parameter_count("llama-1b")
+    weight_bytes = 2 * llama_parameter_count("llama-1b")
     args = [str(HH_SAMPLE), "--model", str(model_dir), "--dtype", "bfloat16", "--max-length", "256"]
     args += ["--batch-size", "2", "--max-steps", "3", "--calibration-pairs", "8", "--eval-max-pairs", "8"]
     args += ["--eval-every", "100", "--divergence-pairs", "2", "--probe-pairs", "8", "--no-htsr"]
@@ -102,7 +102,7 @@ def part_model_1b(out: Path) -> dict:
     goal = 1.5 * weight_bytes + 1.5 * GiB
     return {
         **result,
-        "parameters": parameter_count("llama-1b"),
+        "parameters": llama_parameter_count("llama-1b"),
         "weight_bytes_bf16": weight_bytes,
         "goal_peak_bytes": goal,
         "meets_goal": result["peak_rss_bytes"] <= goal,

@@ -68,7 +68,7 @@ def build_random_llama(
     return out
 
 
-def parameter_count(shape: str, vocab_size: int = 49152) -> int:
+def llama_parameter_count(shape: str, vocab_size: int = 49152) -> int:
     """Parameters of a shape (embedding and untied LM head included), without building it."""
     s = LLAMA_SHAPES[shape]
     h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
