@@ -1,25 +1,26 @@
-"""Datasets: upload preference data, read its validation report, save it; list, export, delete."""
+"""Datasets: upload preference data, read its validation report, save it; list, export, delete.
+
+Validating and storing run as "ingest" jobs on a worker; the page writes the upload to the
+workspace, follows the jobs and shows what they found."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from app.state import dataset_store, job_store
-from app.ui import page_header
-from dpo_engine.data import (
-    FLAG_REASONS,
-    DataFormatError,
-    DatasetExists,
-    IngestOptions,
-    MissingColumnsError,
-    NoUsableRowsError,
-    load_preferences,
-)
+from app.state import dataset_store, job_store, workspace
+from app.ui import job_status_panel, page_header
+from dpo_engine.data import FLAG_REASONS, IngestOptions, StagedIngest
+from dpo_engine.data.job import STAGED_DIR, upload_path
 
-page_header("Datasets", "Upload preference pairs; every flagged row is listed before anything is stored.")
+page_header(
+    "Datasets",
+    "Upload preference pairs; a worker checks every row and lists the flagged ones before anything is stored.",
+)
 
 tab_add, tab_list = st.tabs(["Add a dataset", "Your datasets"])
 
@@ -63,11 +64,107 @@ def _show_report(report) -> None:
         st.success("No problems found: every row is usable.")
 
 
+def _save_upload(uploaded) -> Path:
+    """Write the upload to the workspace in chunks (the page never parses it; a job does)."""
+    path = upload_path(workspace(), uploaded.file_id, uploaded.name)
+    written = st.session_state.setdefault("ingest-uploads", set())
+    if uploaded.file_id not in written:  # once per upload (storing removes it again)
+        written.add(uploaded.file_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        uploaded.seek(0)
+        with open(partial, "wb") as out:
+            shutil.copyfileobj(uploaded, out, length=1 << 20)
+        partial.rename(path)
+    return path
+
+
+def _submit_once(key: str, params: dict, title: str) -> int:
+    """The id of the job submitted for `key` in this session, submitting it the first time."""
+    jobs = st.session_state.setdefault("ingest-jobs", {})
+    if key not in jobs:
+        jobs[key] = job_store().submit("ingest", params, title=title).id
+    return jobs[key]
+
+
+@st.fragment(run_every=1)
+def _follow(job_id: int) -> None:
+    job = job_store().get(job_id)
+    job_status_panel(job, key=f"ingest-{job_id}")
+    if job.status not in ("queued", "running"):
+        st.rerun(scope="app")
+
+
+def _job_done(job_id: int):
+    """The finished job, or None (its live status is shown) while it is queued or running."""
+    job = job_store().get(job_id)
+    if job.status in ("queued", "running"):
+        _follow(job_id)
+        return None
+    if job.status != "succeeded":
+        job_status_panel(job, key=f"ingest-{job_id}", show_cancel=False)
+        return None
+    return job
+
+
+def _mapper(result: dict, mapping_key: str, file_id: str) -> None:
+    st.error(result["error"])
+    st.markdown("**Map your columns** to prompt / chosen / rejected:")
+    found = ["(none)"] + list(result["columns_found"])
+    mc = st.columns(3)
+    chosen_map = {}
+    for col, field in zip(mc, ("prompt", "chosen", "rejected")):
+        default = result["suggested_mapping"].get(field, "(none)")
+        chosen_map[field] = col.selectbox(
+            field, found, index=found.index(default) if default in found else 0, key=f"map-{field}-{file_id}"
+        )
+    if st.button("Apply mapping"):
+        st.session_state[mapping_key] = {k: v for k, v in chosen_map.items() if v != "(none)"}
+        st.rerun()
+
+
+def _staged_report(job, uploaded, upload: Path) -> None:
+    stored_jobs = st.session_state.setdefault("ingest-stored", {})
+    if job.id in stored_jobs and (stored := _job_done(stored_jobs[job.id])) is not None:
+        result = stored.result
+        st.success(f"Saved dataset **{result['name']}** (`{result['dataset_id']}`) with {result['n_pairs']} pairs.")
+        return
+    if job.id in stored_jobs and job_store().get(stored_jobs[job.id]).status in ("queued", "running"):
+        return
+    staged = StagedIngest.open(Path(job.run_dir) / STAGED_DIR)
+    st.subheader("Validation report")
+    _show_report(staged.report)
+    st.markdown("**Preview of the canonical table**")
+    st.dataframe(staged.preview(10), hide_index=True, width="stretch")
+    present = [r for r in FLAG_REASONS if staged.report.counts.get(r)]
+    drop = st.multiselect(
+        "Drop rows flagged as",
+        present,
+        default=present,
+        help="Unusable rows are always dropped; flagged rows are yours to keep or drop.",
+    )
+    n_kept, dropped = staged.kept_count(drop)
+    st.info(f"Saving keeps **{n_kept}** of {staged.report.n_rows_in} rows; dropped by reason: {dropped or 'none'}.")
+    name = st.text_input("Dataset name", value=Path(uploaded.name).name.split(".")[0])
+    if st.button("Save dataset", type="primary"):
+        params = {
+            "step": "store",
+            "staged": job.run_dir,
+            "upload": str(upload),
+            "name": name,
+            "filename": uploaded.name,
+            "drop": drop,
+        }
+        stored_jobs[job.id] = job_store().submit("ingest", params, title=f"store {name}").id
+        st.rerun()
+
+
 with tab_add:
     uploaded = st.file_uploader(
         "Preference file (JSONL, JSON, CSV or Parquet; .gz accepted)",
         type=["jsonl", "json", "csv", "parquet", "gz"],
-        help="Flat prompt/chosen/rejected columns, TRL conversational messages, or raw HH-RLHF dialogues.",
+        help="Flat prompt/chosen/rejected columns, TRL conversational messages, or raw HH-RLHF dialogues. "
+        "The file is checked by a job on a worker, row by row, whatever its size.",
     )
     with st.expander("Format, layout and limits (auto-detected)"):
         oc = st.columns(3)
@@ -83,68 +180,30 @@ with tab_add:
         )
     if uploaded is not None:
         mapping_key = f"mapping-{uploaded.file_id}"
-        mapping = st.session_state.get(mapping_key)
-        try:
-            result = load_preferences(
-                uploaded.getvalue(),
-                filename=uploaded.name,
-                fmt=fmt,
-                layout=layout,
-                mapping=mapping,
-                options=IngestOptions(max_chars=int(max_chars)),
-            )
-        except MissingColumnsError as exc:
-            st.error(str(exc))
-            st.markdown("**Map your columns** to prompt / chosen / rejected:")
-            found = ["(none)"] + list(exc.columns_found)
-            mc = st.columns(3)
-            chosen_map = {}
-            for col, field in zip(mc, ("prompt", "chosen", "rejected")):
-                default = exc.suggested_mapping.get(field, "(none)")
-                chosen_map[field] = col.selectbox(
-                    field,
-                    found,
-                    index=found.index(default) if default in found else 0,
-                    key=f"map-{field}-{uploaded.file_id}",
-                )
-            if st.button("Apply mapping"):
-                st.session_state[mapping_key] = {k: v for k, v in chosen_map.items() if v != "(none)"}
-                st.rerun()
-            result = None
-        except NoUsableRowsError as exc:
-            st.error(str(exc))
-            _show_report(exc.report)
-            result = None
-        except DataFormatError as exc:
-            st.error(f"This file cannot be used: {exc}")
-            result = None
-
-        if result is not None:
-            st.subheader("Validation report")
-            _show_report(result.report)
-            st.markdown("**Preview of the canonical table**")
-            st.dataframe(result.preview(10), hide_index=True, width="stretch")
-            present = [r for r in FLAG_REASONS if result.report.counts.get(r)]
-            drop = st.multiselect(
-                "Drop rows flagged as",
-                present,
-                default=present,
-                help="Unusable rows are always dropped; flagged rows are yours to keep or drop.",
-            )
-            kept, dropped = result.finalize(drop)
-            st.info(
-                f"Saving keeps **{len(kept)}** of {result.report.n_rows_in} rows; dropped by reason: "
-                f"{dropped or 'none'}."
-            )
-            name = st.text_input("Dataset name", value=Path(uploaded.name).name.split(".")[0])
-            if st.button("Save dataset", type="primary"):
-                try:
-                    info = dataset_store().add(result, name=name, source=uploaded.name, drop_flagged=drop)
-                except (DatasetExists, DataFormatError, ValueError) as exc:
-                    st.error(str(exc))
-                else:
-                    st.session_state.pop(mapping_key, None)
-                    st.success(f"Saved dataset **{info.name}** (`{info.id}`) with {info.n_pairs} pairs.")
+        mapping = st.session_state.get(mapping_key) or {}
+        upload = _save_upload(uploaded)
+        params = {
+            "step": "validate",
+            "upload": str(upload),
+            "filename": uploaded.name,
+            "fmt": fmt,
+            "layout": layout,
+            "mapping": mapping,
+            "max_chars": int(max_chars),
+        }
+        validate_id = _submit_once(json.dumps(params, sort_keys=True), params, title=f"validate {uploaded.name}")
+        job = _job_done(validate_id)
+        if job is not None:
+            outcome = job.result.get("outcome")
+            if outcome == "needs_mapping":
+                _mapper(job.result, mapping_key, uploaded.file_id)
+            elif outcome == "no_usable_rows":
+                st.error(job.result["error"])
+                _show_report(StagedIngest.report_only(Path(job.run_dir) / STAGED_DIR))
+            elif outcome == "unusable":
+                st.error(f"This file cannot be used: {job.result['error']}")
+            else:
+                _staged_report(job, uploaded, upload)
 
 with tab_list:
     store = dataset_store()
@@ -182,7 +241,7 @@ with tab_list:
         ):
             col.download_button(
                 f"Download {fmt_name}",
-                store.export(chosen_id, fmt_name),
+                lambda fmt_name=fmt_name: store.export(chosen_id, fmt_name),  # built when clicked
                 file_name=f"{chosen_id}.{fmt_name}",
                 mime=mime,
                 key=f"dl-{fmt_name}",

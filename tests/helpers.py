@@ -44,3 +44,16 @@ def assert_step_2_is_the_mean_of_both_shards(
     logged = metrics.set_index("step").loc[2]
     assert logged["loss"] == pytest.approx((loss_0 + loss_1) / 2, abs=1e-5)
     assert logged["margin"] == pytest.approx((margin_0 + margin_1) / 2, abs=1e-5)
+
+
+def run_worker_once(workspace, timeout: float = 300) -> None:
+    """Run the next queued job of `workspace` with a real worker process (`dpo-kernels worker --once`)."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "dpo_engine.cli", "worker", "--once", "--device", "cpu", "--workspace", str(workspace.root)],
+        check=True,
+        timeout=timeout,
+        capture_output=True,
+    )

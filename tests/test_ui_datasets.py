@@ -1,4 +1,7 @@
-"""The Datasets page under Streamlit's AppTest: upload, report, mapping, save, list, delete."""
+"""The Datasets page under Streamlit's AppTest: upload, report, mapping, save, list, delete.
+
+Validation and storing are "ingest" jobs: each test runs a real worker (`worker --once`) where a
+user's worker would pick the job up, then reruns the same page session."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import pandas as pd
 from streamlit.testing.v1 import AppTest
 
 from dpo_engine.data import DatasetStore
+from dpo_engine.jobs import JobStore
+from tests.helpers import run_worker_once
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "datasets.py")
 
@@ -28,10 +33,26 @@ def _button(at, label):
     return next(b for b in at.button if b.label == label)
 
 
+def _upload(at, workspace, name: str, data: bytes, mime: str):
+    """Upload, let a worker validate it, and show the page again."""
+    at.file_uploader[0].set_value((name, data, mime)).run()
+    assert not at.exception
+    run_worker_once(workspace)
+    return at.run()
+
+
 def test_upload_hh_sample_shows_report_and_saves(workspace, hh_sample_path):
     at = _app().run()
     assert not at.exception
     at.file_uploader[0].set_value(("hh.jsonl.gz", hh_sample_path.read_bytes(), "application/gzip")).run()
+    assert not at.exception
+    # The page parsed nothing itself: a validation job is queued with the upload in the workspace.
+    (job,) = JobStore.for_workspace(workspace).list(kind="ingest")
+    assert job.status == "queued" and job.params["step"] == "validate"
+    assert Path(job.params["upload"]).read_bytes() == hh_sample_path.read_bytes()
+    assert not at.metric
+    run_worker_once(workspace)
+    at.run()
     assert not at.exception
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Rows in file"] == "400"
@@ -40,10 +61,17 @@ def test_upload_hh_sample_shows_report_and_saves(workspace, hh_sample_path):
     at.text_input[0].set_value("hh-upload").run()
     _button(at, "Save dataset").click().run()
     assert not at.exception
+    assert DatasetStore(workspace).list() == []  # storing is a job too
+    run_worker_once(workspace)
+    at.run()
+    assert not at.exception
     assert "Saved dataset **hh-upload**" in _texts(at)
     infos = DatasetStore(workspace).list()
     assert [i.name for i in infos] == ["hh-upload"]
     assert 0 < infos[0].n_pairs <= 400
+    # Once stored, the upload and its staged copy are gone from the workspace.
+    assert not Path(job.params["upload"]).exists()
+    assert not (Path(job.run_dir) / "staged").exists()
 
 
 def test_mapping_offered_for_unknown_columns(workspace):
@@ -51,23 +79,21 @@ def test_mapping_offered_for_unknown_columns(workspace):
         {"question": ["What is 2+2?", "Name a colour."], "response_j": ["4", "Blue."], "response_k": ["5", "Seven."]}
     )
     data = frame.to_csv(index=False).encode()
-    at = _app().run()
-    at.file_uploader[0].set_value(("qa.csv", data, "text/csv")).run()
-    assert not at.exception
+    at = _upload(_app().run(), workspace, "qa.csv", data, "text/csv")
     # Either the aliases were recognised directly, or the mapper is offered with them preselected.
     if any(b.label == "Apply mapping" for b in at.button):
         selects = {s.label: s.value for s in at.selectbox}
         assert selects["prompt"] == "question"
         _button(at, "Apply mapping").click().run()
+        run_worker_once(workspace)
+        at.run()
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Usable rows"] == "2"
     assert "question" in _texts(at)
 
 
 def test_garbage_file_gives_clear_error_and_saves_nothing(workspace):
-    at = _app().run()
-    at.file_uploader[0].set_value(("junk.jsonl", bytes(range(256)) * 20, "application/octet-stream")).run()
-    assert not at.exception
+    at = _upload(_app().run(), workspace, "junk.jsonl", bytes(range(256)) * 20, "application/octet-stream")
     assert "cannot be used" in _texts(at)
     assert not any(b.label == "Save dataset" for b in at.button)
     assert DatasetStore(workspace).list() == []
@@ -82,8 +108,7 @@ def test_flagged_rows_listed_with_row_numbers(workspace):
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb") as gz:
         gz.write(pd.DataFrame(rows).to_json(orient="records", lines=True).encode())
-    at = _app().run()
-    at.file_uploader[0].set_value(("f.jsonl.gz", buf.getvalue(), "application/gzip")).run()
+    at = _upload(_app().run(), workspace, "f.jsonl.gz", buf.getvalue(), "application/gzip")
     issues = at.dataframe[1].value
     assert set(issues["reason"]) >= {"identical_responses", "empty_field"}
     assert set(issues.loc[issues["reason"] == "identical_responses", "row"]) == {2}

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from tqdm import tqdm
 
 from dpo_engine.cli.common import WorkspaceOption, fail, print_json, workspace
-from dpo_engine.data import DatasetStore, IngestOptions, load_preferences
+from dpo_engine.data import DatasetStore, IngestOptions, stage_preferences
 
 data_app = typer.Typer(help="Add, inspect and export preference datasets.", no_args_is_help=True)
 
@@ -42,12 +43,27 @@ def add(
     if max_chars <= 0:
         fail("--max-chars must be positive")
     mapping = _parse_mapping(map_)
-    # unusable files, existing names, bad options -> one line, exit 2 (dpo_engine.cli.common)
-    result = load_preferences(
-        file, fmt=fmt, layout=layout, mapping=mapping or None, options=IngestOptions(max_chars=max_chars)
-    )
     dataset_name = name or file.name.split(".")[0] or "dataset"
-    info = DatasetStore(workspace(ws)).add(result, dataset_name, source=str(file), drop_flagged=not keep_flagged)
+    store = DatasetStore(workspace(ws))
+    # unusable files, existing names, bad options -> one line, exit 2 (dpo_engine.cli.common)
+    with tqdm(total=100, desc="validating", unit="%", disable=None, leave=False) as bar:
+
+        def progress(fraction: float, message: str) -> None:
+            bar.n = round(100 * fraction)
+            bar.set_postfix_str(message, refresh=True)
+
+        with store.staging() as folder:
+            staged = stage_preferences(
+                file,
+                folder,
+                fmt=fmt,
+                layout=layout,
+                mapping=mapping or None,
+                options=IngestOptions(max_chars=max_chars),
+                progress=progress,
+            )
+            bar.set_description("storing")
+            info = store.add(staged, dataset_name, source=str(file), drop_flagged=not keep_flagged)
     print_json(
         {
             "dataset_id": info.id,

@@ -13,8 +13,16 @@ from dpo_engine.data.errors import (
     DatasetNotFound,
     MissingColumnsError,
     NoUsableRowsError,
+    WorkspaceFull,
 )
-from dpo_engine.data.ingest import CANONICAL_COLUMNS, IngestResult, content_hash, load_preferences
+from dpo_engine.data.ingest import (
+    CANONICAL_COLUMNS,
+    IngestResult,
+    StagedIngest,
+    content_hash,
+    load_preferences,
+    stage_preferences,
+)
 from dpo_engine.data.layouts import COLUMN_ALIASES, render_messages, suggest_mapping
 from dpo_engine.data.report import (
     FLAG_REASONS,
@@ -52,12 +60,15 @@ __all__ = [
     "Issue",
     "MissingColumnsError",
     "NoUsableRowsError",
+    "StagedIngest",
     "ValidationReport",
+    "WorkspaceFull",
     "content_hash",
     "ensure_sample_dataset",
     "load_preferences",
     "open_dataset",
     "render_messages",
     "sample_path",
+    "stage_preferences",
     "suggest_mapping",
 ]

@@ -62,3 +62,7 @@ class DatasetNotFound(KeyError):
 
 class DatasetExists(ValueError):
     """A dataset with this name is already registered (names must stay unambiguous)."""
+
+
+class WorkspaceFull(OSError):
+    """The workspace's disk (or quota) filled while writing; nothing half-written was left behind."""

@@ -1,7 +1,13 @@
-"""Reading raw bytes into records: gzip, format detection, text decoding, per-row parse errors.
+"""Reading an upload into batches of records, with memory bounded by a row and a batch, not the file.
 
-The result is a list of records (dicts of raw values) plus the 1-based row number of each and
-the rows that could not be parsed at all. Interpreting the values (layouts, types) happens later.
+Gzip is undone incrementally under a cap on the decompressed size and on the compression ratio,
+so a small file that inflates to gigabytes is refused after a few megabytes of work. The format
+is sniffed from the first bytes before anything large is decoded. JSON Lines and CSV are read
+line by line, a JSON array item by item, Parquet row group by row group; only a JSON document
+that keeps its rows under a key (``{"data": [...]}``) is parsed whole, within the cap.
+
+Records are dicts of raw values with the 1-based row number of each; rows that cannot be
+parsed at all come back as issues. Interpreting the values (layouts, types) happens later.
 """
 
 from __future__ import annotations
@@ -11,16 +17,19 @@ import gzip
 import io
 import json
 import sys
+import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dpo_engine.data.errors import DataFormatError
-from dpo_engine.data.report import Issue
+from dpo_engine.data.report import IngestOptions, Issue
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _EXTENSIONS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -34,56 +43,155 @@ _EXTENSIONS = {
 _JSON_ROW_KEYS = ("data", "rows", "records", "examples", "items", "train")
 # A sample with more than this share of undecodable bytes or control characters is not text.
 _BINARY_SHARE = 0.10
+# Bytes looked at to sniff the format and reject binary input before parsing.
+SNIFF_BYTES = 65536
+# The compression ratio is judged only once this much was inflated: tiny files compress wildly.
+_RATIO_GRACE_BYTES = 16 * 1024**2
+_READ_CHUNK = 1 << 20
 
 
 @dataclass
-class RawRecords:
-    """Parsed but uninterpreted rows."""
+class RecordBatch:
+    """Consecutive records of the input and the rows among them that could not be parsed."""
 
-    format: str
     records: list[dict[str, Any]]
     rows: list[int]
-    columns: list[str]
     malformed: list[Issue] = field(default_factory=list)
-    had_decode_errors: bool = False
-    warnings: list[str] = field(default_factory=list)
+
+
+# ---- bytes in ------------------------------------------------------------------------------
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts the compressed bytes gzip consumes (for the ratio check and progress)."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.count += n
+        return n
+
+
+class _BoundedGzip(io.RawIOBase):
+    """Inflates gzip incrementally and refuses output beyond the size or ratio limits."""
+
+    def __init__(self, raw: IO[bytes], options: IngestOptions):
+        self._compressed = _CountingReader(raw)
+        self._gzip = gzip.GzipFile(fileobj=self._compressed, mode="rb")
+        self._max_bytes = options.max_decompressed_mb * 1024**2
+        self._max_ratio = options.max_compression_ratio
+        self.inflated = 0
+
+    def readable(self) -> bool:
+        return True
 
     @property
-    def n_rows_in(self) -> int:
-        return len(self.records) + len(self.malformed)
+    def compressed_read(self) -> int:
+        return self._compressed.count
 
-
-def read_source(source: str | Path | bytes, filename: str | None) -> tuple[bytes, str | None]:
-    """Bytes of the input and the name used for extension hints."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), filename
-    if not isinstance(source, (str, Path)):
-        raise DataFormatError(f"unsupported source type {type(source).__name__}; give a path or bytes")
-    path = Path(source)
-    try:
-        if not path.exists():
-            raise DataFormatError(f"file not found: {path}")
-        if not path.is_file():
-            raise DataFormatError(f"not a file: {path}")
-        data = path.read_bytes()
-    except ValueError as exc:  # e.g. a NUL character in the path
-        raise DataFormatError(f"invalid path {str(path)!r}: {exc}") from exc
-    except OSError as exc:
-        raise DataFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return data, filename or path.name
-
-
-def decompress(data: bytes, filename: str | None) -> tuple[bytes, str | None]:
-    """Undo gzip (by magic bytes, whatever the name says); drop '.gz' from the name hint."""
-    name = filename
-    if name and name.lower().endswith(".gz"):
-        name = name[:-3]
-    if data[:2] == GZIP_MAGIC:
+    def readinto(self, buffer) -> int:
         try:
-            data = gzip.decompress(data)
+            n = self._gzip.readinto(buffer)
         except (OSError, EOFError, zlib.error) as exc:
             raise DataFormatError(f"corrupt or truncated gzip data: {exc}") from exc
-    return data, name
+        self.inflated += n
+        if self.inflated > self._max_bytes:
+            raise DataFormatError(
+                f"the file inflates to more than {self._max_bytes // 1024**2} MB "
+                "(limit: max_decompressed_mb; JSONL without gzip has no such limit)"
+            )
+        if self.inflated > _RATIO_GRACE_BYTES and self.inflated > self._max_ratio * max(self.compressed_read, 1):
+            raise DataFormatError(
+                f"the file inflates more than {self._max_ratio:g}x (limit: max_compression_ratio); "
+                "it looks like a decompression bomb"
+            )
+        return n
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream that first gives back bytes already read from it (the sniffed head)."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]):
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@dataclass
+class _Opened:
+    stream: IO[bytes]  # the (decompressed) content, from its first byte
+    head: bytes  # its first bytes, leading whitespace included
+    name: str | None  # name hint without ".gz"
+    path: Path | None  # the file on disk when it is read uncompressed from there
+    total_bytes: int  # size of the input as given (compressed size for gzip)
+    position: Any  # callable: input bytes consumed so far
+    closers: list[Any]
+
+
+def _open_input(source: str | Path | bytes, filename: str | None, options: IngestOptions) -> _Opened:
+    """Open the input, undo gzip under the limits and read its head for sniffing."""
+    closers: list[Any] = []
+    path: Path | None = None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        raw: IO[bytes] = io.BytesIO(bytes(source))
+        total = len(raw.getbuffer())
+        name = filename
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            if not path.exists():
+                raise DataFormatError(f"file not found: {path}")
+            if not path.is_file():
+                raise DataFormatError(f"not a file: {path}")
+            raw = open(path, "rb")  # noqa: SIM115 - closed by the reader when it is done
+            total = path.stat().st_size
+        except ValueError as exc:  # e.g. a NUL character in the path
+            raise DataFormatError(f"invalid path {str(path)!r}: {exc}") from exc
+        except OSError as exc:
+            raise DataFormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        name = filename or path.name
+    else:
+        raise DataFormatError(f"unsupported source type {type(source).__name__}; give a path or bytes")
+    closers.append(raw)
+    if name and name.lower().endswith(".gz"):
+        name = name[:-3]
+    magic = raw.read(2)
+    raw.seek(0)
+    stream: IO[bytes] = raw
+    position = raw.tell
+    if magic == GZIP_MAGIC:
+        inflater = _BoundedGzip(raw, options)
+        stream = io.BufferedReader(inflater, buffer_size=_READ_CHUNK)
+        position = lambda: inflater.compressed_read  # noqa: E731
+        path = None
+    # Skip leading whitespace chunk by chunk, so a file of blanks is "empty" without holding it.
+    head = stream.read(SNIFF_BYTES)
+    while head and not head.strip() and len(head) >= SNIFF_BYTES:
+        more = stream.read(SNIFF_BYTES)
+        if not more:
+            break
+        head = more
+    return _Opened(stream, head, name, path, total, position, closers)
 
 
 def format_from_name(name: str | None) -> str | None:
@@ -92,151 +200,485 @@ def format_from_name(name: str | None) -> str | None:
     return _EXTENSIONS.get(Path(name).suffix.lower())
 
 
-def decode_text(data: bytes) -> tuple[str, bool]:
-    """Text of the input and whether invalid UTF-8 had to be replaced.
-
-    UTF-16 with a byte-order mark is honoured; everything else is read as UTF-8 (BOM stripped).
-    Binary garbage raises rather than turning into thousands of nonsense rows.
-    """
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        try:
-            return data.decode("utf-16"), False
-        except UnicodeDecodeError as exc:
-            raise DataFormatError(f"invalid UTF-16 text: {exc.reason}") from exc
-    try:
-        text, bad = data.decode("utf-8-sig"), False
-    except UnicodeDecodeError:
-        text, bad = data.decode("utf-8-sig", errors="replace"), True
-    sample = text[:65536]
+def _check_text(head: bytes) -> None:
+    """Binary garbage raises here rather than turning into thousands of nonsense rows."""
+    if head[:2] in UTF16_BOMS:
+        sample = head.decode("utf-16", errors="replace")
+    else:
+        sample = head.decode("utf-8-sig", errors="replace")
     if sample:
         suspicious = sum(1 for ch in sample if ch == "\ufffd" or (ch < " " and ch not in "\t\n\r\f"))
         if suspicious / len(sample) > _BINARY_SHARE:
             raise DataFormatError("the file looks binary, not JSON/JSONL/CSV text or Parquet")
-    return text, bad
 
 
-def sniff_text_format(text: str, hint: str | None) -> str:
-    """Choose json / jsonl / csv for text content, trusting the extension when it fits."""
-    stripped = text.lstrip()
+# ---- lines ---------------------------------------------------------------------------------
+
+# What `_Lines` gives back for a line over the row limit (a NUL cannot start a decoded text line
+# that the parsers would accept, so it cannot be mistaken for data).
+TOO_LONG = "\x00TOO_LONG"
+
+
+class _Lines:
+    """Decoded lines (line endings kept) of a text stream, one at a time, each bounded in size.
+
+    UTF-16 with a byte-order mark is honoured; everything else is read as UTF-8 (BOM stripped),
+    invalid bytes replaced line by line and remembered in `had_decode_errors`.
+    """
+
+    def __init__(self, stream: IO[bytes], max_row_bytes: int):
+        self.max_row_bytes = max_row_bytes
+        self.had_decode_errors = False
+        self.lineno = 0
+        first = stream.read(2)
+        stream = io.BufferedReader(_Prefixed(first, stream), buffer_size=_READ_CHUNK)
+        self._utf16 = first in UTF16_BOMS
+        self._text = io.TextIOWrapper(stream, encoding="utf-16", newline="") if self._utf16 else None
+        self._bytes = stream
+        self._pending: list[tuple[int, str]] = []
+
+    def _read_line(self) -> str | None:
+        limit = self.max_row_bytes + 1
+        if self._text is not None:
+            try:
+                line = self._text.readline(limit)
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"invalid UTF-16 text: {exc.reason}") from exc
+            # TextIOWrapper with newline="" also ends lines at a lone "\r"; "\n" alone ends ours.
+            while line.endswith("\r") and len(line) < limit:
+                more = self._text.readline(limit - len(line))
+                if not more:
+                    break
+                line += more
+            too_long = len(line) >= limit and not line.endswith("\n")
+            if too_long:
+                while True:
+                    rest = self._text.readline(_READ_CHUNK)
+                    if not rest or rest.endswith("\n"):
+                        break
+            return None if line == "" else (line if not too_long else TOO_LONG)
+        raw = self._bytes.readline(limit)
+        if not raw:
+            return None
+        if len(raw) >= limit and not raw.endswith(b"\n"):
+            while True:
+                rest = self._bytes.readline(_READ_CHUNK)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            return TOO_LONG
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = raw.decode("utf-8", errors="replace")
+            self.had_decode_errors = True
+        if self.lineno == 0 and line.startswith("\ufeff"):
+            line = line[1:]
+        return line
+
+    def next(self) -> tuple[int, str] | None:
+        """(line number, text) of the next line, or None at the end; over-long lines come back as
+        TOO_LONG so that the caller can report them with their number."""
+        if self._pending:
+            return self._pending.pop(0)
+        line = self._read_line()
+        if line is None:
+            return None
+        self.lineno += 1
+        return self.lineno, line
+
+    def push_back(self, item: tuple[int, str]) -> None:
+        """Make `item` the next line again (the last pushed comes first)."""
+        self._pending.insert(0, item)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        while (item := self.next()) is not None:
+            yield item
+
+    def too_long(self, lineno: int) -> Issue:
+        return _malformed(lineno, f"longer than {self.max_row_bytes // 1024**2} MB (limit: max_row_mb)")
+
+
+def sniff_text_format(first_line: str, rest_nonblank: bool, hint: str | None) -> str:
+    """Choose json / jsonl / csv from the first non-blank line, trusting the extension when it fits."""
+    stripped = first_line.strip()
     first = stripped[:1]
     if hint == "csv":
         return "csv"
     if first == "[":
         return "json"
     if first == "{":
-        first_line = stripped.split("\n", 1)[0].strip()
         try:
-            is_object_line = isinstance(json.loads(first_line), dict)
-        except ValueError:
-            is_object_line = False
-        if is_object_line and hint != "jsonl" and _is_row_container(stripped):
+            doc = json.loads(stripped)
+            is_object_line = isinstance(doc, dict)
+        except (ValueError, RecursionError):
+            doc, is_object_line = None, False
+        if is_object_line and hint != "jsonl" and not rest_nonblank and _is_row_container(doc):
             return "json"  # one object holding the rows, e.g. {"data": [...]} on a single line
         if hint == "jsonl" or (is_object_line and hint != "json"):
             return "jsonl"
-        if hint == "json" and is_object_line and "\n" in stripped.rstrip():
-            # A .json file whose first line is a whole object and that goes on: JSON Lines.
-            try:
-                json.loads(stripped)
-            except ValueError:
-                return "jsonl"
+        if hint == "json" and is_object_line and rest_nonblank:
+            return "jsonl"  # a .json file whose first line is a whole object and that goes on
         return "json"
     if hint in ("json", "jsonl"):
         return hint
     return "csv"
 
 
-def _is_row_container(text: str) -> bool:
-    try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError):
-        return False
+def _is_row_container(doc: Any) -> bool:
     if not isinstance(doc, dict):
         return False
     try:
-        rows, where = _json_rows(doc)
+        _, where = _json_rows(doc)
     except DataFormatError:
         return False
     return where is not None
 
 
-def read_records(data: bytes, filename: str | None, fmt: str) -> RawRecords:
-    """Parse bytes (maybe gzipped) as `fmt` ('auto' detects from content and extension)."""
-    data, name = decompress(data, filename)
-    if not data.strip():
+# ---- the reader ----------------------------------------------------------------------------
+
+
+class RecordReader:
+    """Batches of records from one input; open with `open_records`, iterate with `batches`.
+
+    `columns` are known from the first batch on (the union of the keys seen so far for JSON;
+    the header for CSV; the schema for Parquet); `had_decode_errors` grows as lines are read.
+    """
+
+    def __init__(self, opened: _Opened, fmt: str, options: IngestOptions):
+        self._opened = opened
+        self.format = fmt
+        self.options = options
+        self.warnings: list[str] = []
+        self._columns: dict[str, None] = {}
+        self._lines: _Lines | None = None
+        self._closed = False
+
+    # -- what the caller reads
+    @property
+    def columns(self) -> list[str]:
+        return list(self._columns)
+
+    @property
+    def had_decode_errors(self) -> bool:
+        return self._lines is not None and self._lines.had_decode_errors
+
+    @property
+    def progress(self) -> float:
+        """Share of the input consumed, in [0, 1]."""
+        total = self._opened.total_bytes
+        if self._closed or not total:
+            return 1.0
+        return min(1.0, self._opened.position() / total)
+
+    def batches(self, size: int) -> Iterator[RecordBatch]:
+        reader = {"jsonl": self._jsonl, "json": self._json, "csv": self._csv, "parquet": self._parquet}[self.format]
+        try:
+            yield from _regroup(reader(), size)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        for closer in self._opened.closers:
+            try:
+                closer.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+
+    # -- formats
+    def _note_columns(self, record: dict[str, Any]) -> None:
+        for key in record:
+            if key not in self._columns:
+                self._columns[key] = None
+
+    def _jsonl(self) -> Iterator[RecordBatch]:
+        assert self._lines is not None
+        batch = RecordBatch([], [])
+        for lineno, line in self._lines:
+            if line == TOO_LONG:
+                batch.malformed.append(self._lines.too_long(lineno))
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except RecursionError:
+                batch.malformed.append(_malformed(lineno, "not valid JSON: nested too deeply"))
+                continue
+            except ValueError as exc:
+                batch.malformed.append(_malformed(lineno, f"not valid JSON: {exc}"))
+                continue
+            if not isinstance(value, dict):
+                batch.malformed.append(_not_an_object(lineno, value))
+                continue
+            self._note_columns(value)
+            batch.records.append(value)
+            batch.rows.append(lineno)
+            if len(batch.records) >= _READ_BATCH:
+                yield batch
+                batch = RecordBatch([], [])
+        yield batch
+
+    def _json(self) -> Iterator[RecordBatch]:
+        assert self._lines is not None
+        lines = self._lines
+        item = lines.next()
+        while item is not None and not item[1].strip():
+            item = lines.next()
+        if item is not None and item[1].lstrip().startswith("[") and not lines._utf16:
+            lines.push_back(item)
+            yield from self._json_array(lines)
+            return
+        parts = [item[1]] if item is not None else []
+        for lineno, line in lines:
+            if line == TOO_LONG:
+                raise DataFormatError(f"invalid JSON: line {lineno} is {lines.too_long(lineno).message}")
+            parts.append(line)
+        text = "".join(parts)
+        del parts
+        try:
+            doc = json.loads(text)
+        except RecursionError as exc:
+            raise DataFormatError("invalid JSON: nested too deeply") from exc
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        del text
+        items, where = _json_rows(doc)
+        if where:
+            self.warnings.append(f"rows read from the {where!r} key of the JSON document")
+        batch = RecordBatch([], [])
+        for index, value in enumerate(items, start=1):
+            self._add_item(batch, index, value)
+        yield batch
+
+    def _json_array(self, lines: _Lines) -> Iterator[RecordBatch]:
+        """The items of a top-level JSON array, parsed incrementally."""
+        import ijson
+
+        source = _LinesAsBytes(lines)
+        batch = RecordBatch([], [])
+        index = 0
+        try:
+            for index, value in enumerate(ijson.items(source, "item", use_float=True), start=1):
+                self._add_item(batch, index, value)
+                if len(batch.records) + len(batch.malformed) >= _READ_BATCH:
+                    yield batch
+                    batch = RecordBatch([], [])
+        except ijson.JSONError as exc:
+            where = source.where()
+            raise DataFormatError(f"invalid JSON at line {where[0]} column {where[1]}: {exc}".split("\n")[0]) from None
+        except RecursionError as exc:
+            raise DataFormatError("invalid JSON: nested too deeply") from exc
+        yield batch
+
+    def _add_item(self, batch: RecordBatch, index: int, value: Any) -> None:
+        if isinstance(value, dict):
+            self._note_columns(value)
+            batch.records.append(value)
+            batch.rows.append(index)
+        else:
+            batch.malformed.append(_not_an_object(index, value))
+
+    def _csv(self) -> Iterator[RecordBatch]:
+        assert self._lines is not None
+        lines = self._lines
+        # Long texts are the point of this data; lift the csv module's 128 KiB field cap.
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        first = lines.next()
+        while first is not None and not first[1].strip():
+            first = lines.next()
+        if first is None:
+            raise DataFormatError("the CSV file has no header row")
+        lines.push_back(first)
+        try:
+            dialect: Any = csv.Sniffer().sniff(first[1].rstrip("\r\n") or first[1], delimiters=",\t;|")
+            delimiter = dialect.delimiter
+        except csv.Error:
+            delimiter = ","
+
+        def text_lines() -> Iterator[str]:
+            for lineno, line in lines:
+                if line == TOO_LONG:
+                    raise DataFormatError(f"CSV line {lineno} is {lines.too_long(lineno).message}")
+                yield line
+
+        reader = csv.reader(text_lines(), delimiter=delimiter, quotechar='"', doublequote=True)
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise DataFormatError(f"unreadable CSV header: {exc}") from exc
+        if not header or not any(h.strip() for h in header):
+            raise DataFormatError("the CSV file has no header row")
+        header = [h.strip() for h in header]
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise DataFormatError(f"the CSV header repeats column names: {', '.join(dupes)}")
+        for h in header:
+            self._columns[h] = None
+        if delimiter != ",":
+            self.warnings.append(f"CSV delimiter detected as {delimiter!r}")
+        batch = RecordBatch([], [])
+        row_no = 0
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                row_no += 1
+                batch.malformed.append(_malformed(row_no, f"unreadable CSV record: {exc}"))
+                break  # the reader cannot resynchronise after a broken record
+            if not fields or (len(fields) == 1 and not fields[0].strip() and len(header) > 1):
+                continue  # blank line
+            row_no += 1
+            if len(fields) != len(header):
+                batch.malformed.append(_malformed(row_no, f"{len(fields)} fields where the header has {len(header)}"))
+                continue
+            batch.records.append(dict(zip(header, fields)))
+            batch.rows.append(row_no)
+            if len(batch.records) >= _READ_BATCH:
+                yield batch
+                batch = RecordBatch([], [])
+        yield batch
+
+    def _parquet(self) -> Iterator[RecordBatch]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        opened = self._opened
+        spool = None
+        try:
+            if opened.path is not None:
+                target: Any = str(opened.path)
+            else:  # gzip or bytes: Parquet needs a seekable file; spool the content to disk
+                spool = tempfile.TemporaryFile()
+                spool.write(opened.head)
+                while chunk := opened.stream.read(_READ_CHUNK):
+                    spool.write(chunk)
+                spool.seek(0)
+                target = spool
+            try:
+                parquet = pq.ParquetFile(target)
+                for name in parquet.schema_arrow.names:
+                    self._columns[name] = None
+                row = 0
+                for record_batch in parquet.iter_batches(batch_size=_READ_BATCH):
+                    records = pa.Table.from_batches([record_batch]).to_pylist()
+                    yield RecordBatch(records, list(range(row + 1, row + len(records) + 1)))
+                    row += len(records)
+            except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
+                raise DataFormatError(f"unreadable Parquet file: {exc}") from exc
+        finally:
+            if spool is not None:
+                spool.close()
+
+
+_READ_BATCH = 2000  # records parsed per step inside a reader; callers regroup to their batch size
+
+
+def _regroup(batches: Iterator[RecordBatch], size: int) -> Iterator[RecordBatch]:
+    """Batches of about `size` records (the last may be smaller; malformed rows ride along)."""
+    out = RecordBatch([], [])
+    for batch in batches:
+        out.records.extend(batch.records)
+        out.rows.extend(batch.rows)
+        out.malformed.extend(batch.malformed)
+        if len(out.records) >= size:
+            yield out
+            out = RecordBatch([], [])
+    if out.records or out.malformed:
+        yield out
+
+
+class _LinesAsBytes(io.RawIOBase):
+    """UTF-8 bytes of the decoded lines, for the incremental JSON parser; tracks line/column."""
+
+    def __init__(self, lines: _Lines):
+        self._lines = lines
+        self._buffer = b""
+        self._lineno = 0
+        self._consumed_in_line = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._buffer:
+            item = self._lines.next()
+            if item is None:
+                return 0
+            lineno, line = item
+            if line == TOO_LONG:
+                raise DataFormatError(f"invalid JSON: line {lineno} is {self._lines.too_long(lineno).message}")
+            self._buffer = line.encode("utf-8", "surrogatepass")
+            self._lineno, self._consumed_in_line = lineno, 0
+        n = min(len(buffer), len(self._buffer))
+        buffer[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        self._consumed_in_line += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        buf = bytearray(max(size, _READ_CHUNK) if size != 0 else 0)
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
+    def where(self) -> tuple[int, int]:
+        return max(self._lineno, 1), self._consumed_in_line + 1
+
+
+def open_records(
+    source: str | Path | bytes, filename: str | None, fmt: str, options: IngestOptions = IngestOptions()
+) -> RecordReader:
+    """Open `source` (a path or bytes; maybe gzipped) as `fmt` ('auto' detects from content and name)."""
+    if fmt not in ("auto", "json", "jsonl", "csv", "parquet"):
+        raise DataFormatError(f"unknown format {fmt!r}; use auto, jsonl, json, csv or parquet")
+    opened = _open_input(source, filename, options)
+    try:
+        return _sniffed_reader(opened, fmt, options)
+    except BaseException:
+        for closer in opened.closers:
+            closer.close()
+        raise
+
+
+def _sniffed_reader(opened: _Opened, fmt: str, options: IngestOptions) -> RecordReader:
+    if not opened.head.strip():
         raise DataFormatError("the file is empty")
-    hint = format_from_name(name)
+    hint = format_from_name(opened.name)
     if fmt == "auto":
-        if data[:4] == PARQUET_MAGIC:
+        if opened.head[:4] == PARQUET_MAGIC:
             fmt = "parquet"
         elif hint == "parquet":
-            raise DataFormatError(f"{name} does not start like a Parquet file")
+            raise DataFormatError(f"{opened.name} does not start like a Parquet file")
     if fmt == "parquet":
-        return _read_parquet(data)
-    if fmt not in ("auto", "json", "jsonl", "csv"):
-        raise DataFormatError(f"unknown format {fmt!r}; use auto, jsonl, json, csv or parquet")
-    text, bad = decode_text(data)
-    if not text.strip():
+        opened.stream = io.BufferedReader(_Prefixed(opened.head, opened.stream), buffer_size=_READ_CHUNK)
+        opened.head = b""
+        reader = RecordReader(opened, "parquet", options)
+        return reader
+    _check_text(opened.head)
+    lines = _Lines(_Prefixed(opened.head, opened.stream), options.max_row_mb * 1024**2)
+    # The first non-blank line and whether anything follows it decide the format.
+    seen: list[tuple[int, str]] = []
+    first: str | None = None
+    rest_nonblank = False
+    while (item := lines.next()) is not None:
+        seen.append(item)
+        if item[1] == TOO_LONG or item[1].strip():
+            if first is None:
+                first = item[1]
+            else:
+                rest_nonblank = True
+                break
+    for item in reversed(seen):
+        lines.push_back(item)
+    if first is None:
         raise DataFormatError("the file is empty")
     if fmt == "auto":
-        fmt = sniff_text_format(text, hint)
-    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[fmt]
-    raw = reader(text)
-    raw.had_decode_errors = bad
-    if bad:
-        raw.warnings.append("the file is not valid UTF-8; undecodable bytes were replaced and their rows flagged")
-    return raw
-
-
-def _columns_of(records: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for rec in records:
-        for key in rec:
-            seen.setdefault(key, None)
-    return list(seen)
-
-
-def _read_jsonl(text: str) -> RawRecords:
-    records: list[dict[str, Any]] = []
-    rows: list[int] = []
-    malformed: list[Issue] = []
-    # Split on '\n' only: str.splitlines would also break at U+2028 etc., legal inside JSON strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            malformed.append(_malformed(lineno, f"not valid JSON: {exc}"))
-            continue
-        if not isinstance(value, dict):
-            malformed.append(_malformed(lineno, f"a JSON {type(value).__name__} where an object was expected"))
-            continue
-        records.append(value)
-        rows.append(lineno)
-    return RawRecords("jsonl", records, rows, _columns_of(records), malformed)
-
-
-def _read_json(text: str) -> RawRecords:
-    try:
-        doc = json.loads(text)
-    except RecursionError as exc:
-        raise DataFormatError("invalid JSON: nested too deeply") from exc
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    items, where = _json_rows(doc)
-    records: list[dict[str, Any]] = []
-    rows: list[int] = []
-    malformed: list[Issue] = []
-    for index, item in enumerate(items, start=1):
-        if isinstance(item, dict):
-            records.append(item)
-            rows.append(index)
-        else:
-            malformed.append(_malformed(index, f"a JSON {type(item).__name__} where an object was expected"))
-    raw = RawRecords("json", records, rows, _columns_of(records), malformed)
-    if where:
-        raw.warnings.append(f"rows read from the {where!r} key of the JSON document")
-    return raw
+        fmt = sniff_text_format("" if first == TOO_LONG else first, rest_nonblank, hint)
+    reader = RecordReader(opened, fmt, options)
+    reader._lines = lines
+    return reader
 
 
 def _json_rows(doc: Any) -> tuple[list[Any], str | None]:
@@ -260,63 +702,8 @@ def _json_rows(doc: Any) -> tuple[list[Any], str | None]:
     )
 
 
-def _read_csv(text: str) -> RawRecords:
-    # Long texts are the point of this data; lift the csv module's 128 KiB field cap.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    sample = text[:65536]
-    try:
-        dialect: Any = csv.Sniffer().sniff(sample.split("\n", 1)[0] or sample, delimiters=",\t;|")
-        delimiter = dialect.delimiter
-    except csv.Error:
-        delimiter = ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quotechar='"', doublequote=True)
-    try:
-        header = next(reader, None)
-    except csv.Error as exc:
-        raise DataFormatError(f"unreadable CSV header: {exc}") from exc
-    if not header or not any(h.strip() for h in header):
-        raise DataFormatError("the CSV file has no header row")
-    header = [h.strip() for h in header]
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise DataFormatError(f"the CSV header repeats column names: {', '.join(dupes)}")
-    records: list[dict[str, Any]] = []
-    rows: list[int] = []
-    malformed: list[Issue] = []
-    row_no = 0
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            row_no += 1
-            malformed.append(_malformed(row_no, f"unreadable CSV record: {exc}"))
-            break  # the reader cannot resynchronise after a broken record
-        if not fields or (len(fields) == 1 and not fields[0].strip() and len(header) > 1):
-            continue  # blank line
-        row_no += 1
-        if len(fields) != len(header):
-            malformed.append(_malformed(row_no, f"{len(fields)} fields where the header has {len(header)}"))
-            continue
-        records.append(dict(zip(header, fields)))
-        rows.append(row_no)
-    raw = RawRecords("csv", records, rows, header, malformed)
-    if delimiter != ",":
-        raw.warnings.append(f"CSV delimiter detected as {delimiter!r}")
-    return raw
-
-
-def _read_parquet(data: bytes) -> RawRecords:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-        records = table.to_pylist()
-    except (pa.ArrowException, OSError, ValueError, TypeError) as exc:
-        raise DataFormatError(f"unreadable Parquet file: {exc}") from exc
-    return RawRecords("parquet", records, list(range(1, len(records) + 1)), list(table.column_names))
+def _not_an_object(row: int, value: Any) -> Issue:
+    return _malformed(row, f"a JSON {type(value).__name__} where an object was expected")
 
 
 def _malformed(row: int, message: str) -> Issue:

@@ -29,6 +29,11 @@ FormatName = Literal["auto", "jsonl", "json", "csv", "parquet"]
 LayoutName = Literal["auto", "flat", "conversational", "hh"]
 
 
+# The web app's upload limit in MB (served as Streamlit's server.maxUploadSize); the limits on
+# what an upload may inflate to are derived from it.
+MAX_UPLOAD_MB = 1024
+
+
 class IngestOptions(BaseModel):
     """Knobs of ingestion; every default is written out."""
 
@@ -36,6 +41,14 @@ class IngestOptions(BaseModel):
 
     max_chars: int = Field(default=20_000, gt=0, description="Texts longer than this are flagged too_long.")
     detect_sample_rows: int = Field(default=200, gt=0, description="Rows looked at when auto-detecting the layout.")
+    max_decompressed_mb: int = Field(
+        default=4 * MAX_UPLOAD_MB, gt=0, description="A gzip upload may inflate to at most this many MB."
+    )
+    max_compression_ratio: float = Field(
+        default=100.0, gt=1, description="A gzip upload inflating more than this many times over is refused."
+    )
+    max_row_mb: int = Field(default=16, gt=0, description="A line (row) longer than this is unusable.")
+    batch_rows: int = Field(default=5000, gt=0, description="Rows parsed, checked and written per step.")
 
 
 class Issue(BaseModel):

@@ -8,12 +8,15 @@ content hash; `content_hash` is the embedding cache key.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,8 +25,18 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, Field, ValidationError
 
-from dpo_engine.data.errors import DataFormatError, DatasetExists, DatasetNotFound
-from dpo_engine.data.ingest import IngestResult, content_hash, load_preferences
+from dpo_engine.data.errors import DataFormatError, DatasetExists, DatasetNotFound, WorkspaceFull
+from dpo_engine.data.ingest import (
+    ContentHasher,
+    IngestResult,
+    StagedIngest,
+    canonical_schema,
+    drop_reasons,
+    load_preferences,
+    split_kept,
+    unusable_counts,
+)
+from dpo_engine.data.report import REASON_PRIORITY
 from dpo_engine.workspace import Workspace, current_user
 
 log = logging.getLogger(__name__)
@@ -62,6 +75,10 @@ class DatasetInfo(BaseModel):
     submitted_by: str | None = None  # who added it (signed-in user, else the OS user); None before it was recorded
 
 
+# What a write raises when the disk, a quota or a file-size limit is reached.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def slugify(name: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return slug[:40].strip("-") or "dataset"
@@ -80,32 +97,80 @@ class DatasetStore:
 
     def add(
         self,
-        result: IngestResult,
+        result: IngestResult | StagedIngest,
         name: str,
         source: str,
         drop_flagged: bool | list[str] = True,
         submitted_by: str | None = None,
     ) -> DatasetInfo:
-        """Apply the drop choice and store the kept rows; names must be unique.
+        """Apply the drop choice and store the kept rows, batch by batch; names must be unique.
 
-        `submitted_by` defaults to `current_user()` (the signed-in user in a team deployment)."""
+        The dataset is written into a hidden folder and renamed into place: a crash or a full
+        disk leaves no dataset that `list()` would show. `submitted_by` defaults to
+        `current_user()` (the signed-in user in a team deployment)."""
         name = name.strip()
         if not name:
             raise ValueError("a dataset needs a non-empty name")
         if any(info.name == name for info in self.list()):
             raise DatasetExists(f"a dataset named {name!r} already exists; choose another name or delete it")
-        kept, dropped = result.finalize(drop_flagged)
-        if kept.empty:
+        reasons = drop_reasons(drop_flagged)
+        tmp = Path(tempfile.mkdtemp(prefix=".adding.", dir=self.root))
+        try:
+            info = self._write(tmp, result, reasons, name, source, submitted_by)
+            if self.dir(info.id).exists():
+                raise DatasetExists(f"dataset id {info.id!r} already exists")
+            tmp.rename(self.dir(info.id))
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in _DISK_FULL:
+                raise WorkspaceFull(
+                    exc.errno, f"the workspace disk is full ({exc.strerror}); nothing was stored, free space and retry"
+                ) from None
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return info
+
+    def _write(
+        self,
+        folder: Path,
+        result: IngestResult | StagedIngest,
+        reasons: list[str],
+        name: str,
+        source: str,
+        submitted_by: str | None,
+    ) -> DatasetInfo:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        hasher = ContentHasher(result.has_category)
+        dropped = unusable_counts(result.report)
+        n_kept = flagged_kept = 0
+        writer = None
+        try:
+            for table, flags in result.iter_batches():
+                kept, batch_dropped, batch_flagged = split_kept(table, flags, reasons)
+                for reason, n in batch_dropped.items():
+                    dropped[reason] = dropped.get(reason, 0) + n
+                n_kept += len(kept)
+                flagged_kept += batch_flagged
+                hasher.update(kept)
+                arrow = pa.Table.from_pandas(kept, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(folder / "data.parquet", canonical_schema(result.has_category))
+                writer.write_table(arrow.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+        dropped = {r: dropped[r] for r in REASON_PRIORITY if dropped.get(r)}
+        if n_kept == 0:
             raise DataFormatError(f"nothing left to store: all {result.report.n_rows_in} rows were dropped {dropped}")
-        digest = content_hash(kept)
-        dataset_id = f"{slugify(name)}-{digest[:6]}"
-        if self.dir(dataset_id).exists():
-            raise DatasetExists(f"dataset id {dataset_id!r} already exists")
-        flagged_kept = int(result.flags.loc[result.table["pair_id"].isin(kept["pair_id"]).to_numpy()].any(axis=1).sum())
+        digest = hasher.hexdigest()
         info = DatasetInfo(
-            id=dataset_id,
+            id=f"{slugify(name)}-{digest[:6]}",
             name=name,
-            n_pairs=len(kept),
+            n_pairs=n_kept,
             source=source,
             created_at=datetime.now(timezone.utc),
             content_hash=digest,
@@ -116,18 +181,20 @@ class DatasetStore:
             detected_format=result.report.detected_format,
             detected_layout=result.report.detected_layout,
             mapping=result.report.mapping,
-            has_category="category" in kept.columns,
+            has_category=result.has_category,
             submitted_by=submitted_by or current_user(),
         )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dataset_id}.", dir=self.root))
-        try:
-            kept.to_parquet(tmp / "data.parquet", index=False)
-            (tmp / "meta.json").write_text(info.model_dump_json(indent=2), encoding="utf-8")
-            tmp.rename(self.dir(dataset_id))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        (folder / "meta.json").write_text(info.model_dump_json(indent=2), encoding="utf-8")
         return info
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A hidden scratch folder beside the datasets (same disk, never listed), removed afterwards."""
+        folder = Path(tempfile.mkdtemp(prefix=".staging.", dir=self.root))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def list(self) -> list[DatasetInfo]:
         """All stored datasets, oldest first (unreadable entries are logged and skipped)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pandas as pd
 
 from dpo_engine.data.report import FLAG_REASONS, Issue
@@ -9,8 +12,20 @@ from dpo_engine.data.report import FLAG_REASONS, Issue
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def flag_rows(table: pd.DataFrame, *, max_chars: int, had_decode_errors: bool) -> tuple[pd.DataFrame, list[Issue]]:
-    """Boolean flags (one column per flag reason, aligned with `table`) and the matching issues."""
+def pair_digest(prompt: str, chosen: str, rejected: str) -> bytes:
+    """A short fingerprint of a pair's texts: duplicates across batches are found by it."""
+    text = json.dumps([prompt, chosen, rejected], ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def flag_rows(
+    table: pd.DataFrame, *, max_chars: int, had_decode_errors: bool, seen: dict[bytes, int] | None = None
+) -> tuple[pd.DataFrame, list[Issue]]:
+    """Boolean flags (one column per flag reason, aligned with `table`) and the matching issues.
+
+    `seen` maps the fingerprint of every pair met in earlier batches to its first row, so that a
+    file checked batch by batch flags the same duplicates as the whole file at once; it is updated.
+    """
     flags = pd.DataFrame(False, index=table.index, columns=list(FLAG_REASONS))
     issues: list[Issue] = []
     rows = table["source_row"].to_numpy()
@@ -35,11 +50,13 @@ def flag_rows(table: pd.DataFrame, *, max_chars: int, had_decode_errors: bool) -
         None,
         lambda pos: "chosen and rejected are identical",
     )
-    key = list(TEXT_COLUMNS)
-    dup = table.duplicated(subset=key, keep="first")
+    seen = {} if seen is None else seen
+    first_row = []
+    for digest, row in zip(map(pair_digest, table["prompt"], table["chosen"], table["rejected"]), rows):
+        first_row.append(seen.setdefault(digest, int(row)))
+    dup = pd.Series([f != int(r) for f, r in zip(first_row, rows)], index=table.index, dtype=bool)
     if dup.any():
-        first_row = table.groupby(key, sort=False)["source_row"].transform("first").to_numpy()
-        add(dup, "duplicate", None, lambda pos: f"same prompt, chosen and rejected as row {int(first_row[pos])}")
+        add(dup, "duplicate", None, lambda pos: f"same prompt, chosen and rejected as row {first_row[pos]}")
     for c in TEXT_COLUMNS:
         add(
             lengths[c].gt(max_chars),

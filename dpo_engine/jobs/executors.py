@@ -19,12 +19,16 @@ Executor = Callable[..., "dict[str, Any] | None"]
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 _REGISTRY: dict[str, str] = {
+    "ingest": "dpo_engine.data.job:run_ingest_job",
     "embed": "dpo_engine.embed.job:run_embed_job",
     "diagnose": "dpo_engine.selection.job:run_diagnose_job",
     "train": "dpo_engine.train.job:run_train_job",
     "htsr": "dpo_engine.analysis.htsr_job:run_htsr_job",
     "selftest": "dpo_engine.jobs.selftest:run_selftest_job",
 }
+
+# Kinds whose job can simply run again from the start when its worker died (no checkpoint needed).
+RESTARTABLE_KINDS: frozenset[str] = frozenset({"ingest"})
 
 
 class ExecutorError(RuntimeError):

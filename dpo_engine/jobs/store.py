@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from dpo_engine import rundir
 from dpo_engine.jobs.devices import CLUSTER_DEVICE, normalize_device
-from dpo_engine.jobs.executors import known_kinds
+from dpo_engine.jobs.executors import RESTARTABLE_KINDS, known_kinds
 from dpo_engine.jobs.models import (
     CANCELLED,
     FAILED,
@@ -395,7 +395,8 @@ class JobStore:
 
     @staticmethod
     def _give_up(row: JobRow, reason: str) -> None:
-        resumable = rundir.latest_checkpoint(Path(row.run_dir)) is not None
+        checkpoint = rundir.latest_checkpoint(Path(row.run_dir)) is not None
+        resumable = checkpoint or row.kind in RESTARTABLE_KINDS
         row.resumable = resumable
         now = utcnow()
         if row.cancel_requested:
@@ -406,9 +407,10 @@ class JobStore:
             row.worker_id = None
             row.device = None
             row.heartbeat_at = None
-            row.message = f"{reason}; requeued to resume from its checkpoint (attempt {row.attempts + 1} next)"
+            how = "resume from its checkpoint" if checkpoint else "start again"
+            row.message = f"{reason}; requeued to {how} (attempt {row.attempts + 1} next)"
         else:
-            why = "no checkpoint to resume from" if not resumable else f"gave up after {row.attempts} attempts"
+            why = f"gave up after {row.attempts} attempts" if resumable else "no checkpoint to resume from"
             row.status, row.finished_at = FAILED, now
             row.error = f"{reason} ({why})"
             row.message = row.error
