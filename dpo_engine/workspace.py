@@ -8,6 +8,7 @@ tests agree on where things live. Location: `--workspace`, else `$DPO_KERNELS_WO
 
 from __future__ import annotations
 
+import errno
 import getpass
 import os
 from contextvars import ContextVar
@@ -78,3 +79,15 @@ class Workspace:
     @property
     def db_url(self) -> str:
         return os.environ.get(ENV_DB_URL) or f"sqlite:///{self.root / 'jobs.db'}"
+
+
+# What a write raises when the disk, a quota or a file-size limit is reached.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+    """A one-line message when `exc` says the workspace's disk (or quota) is full, else None."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        where = f" while writing {Path(exc.filename).name}" if getattr(exc, "filename", None) else ""
+        return f"the workspace disk is full ({exc.strerror}){where}; free space and try again"
+    return None

@@ -66,3 +66,6 @@ class DatasetExists(ValueError):
 
 class WorkspaceFull(OSError):
     """The workspace's disk (or quota) filled while writing; nothing half-written was left behind."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "the workspace disk is full"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpo_engine.data.errors import DataFormatError, NoUsableRowsError
+from dpo_engine.data.errors import DataFormatError, NoUsableRowsError, WorkspaceFull
 from dpo_engine.data.layouts import Resolved, extract, resolve
 from dpo_engine.data.readers import RecordBatch, RecordReader, open_records
 from dpo_engine.data.report import (
@@ -28,6 +28,7 @@ from dpo_engine.data.report import (
     ValidationReport,
 )
 from dpo_engine.data.validate import flag_rows
+from dpo_engine.workspace import disk_full_message
 
 CANONICAL_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source_row")
 
@@ -273,7 +274,7 @@ def canonical_frame(
 ) -> pd.DataFrame:
     table = pd.DataFrame(
         {
-            "pair_id": [pair_id_for(r) for r in rows],
+            "pair_id": pd.Series([pair_id_for(r) for r in rows], dtype=object),
             "prompt": pd.Series(prompt, dtype=object),
             "chosen": pd.Series(chosen, dtype=object),
             "rejected": pd.Series(rejected, dtype=object),
@@ -422,13 +423,18 @@ def stage_preferences(
                 writer = pq.ParquetWriter(target, arrow.schema)
             writer.write_table(arrow)
         report = pipeline.report()
-    except BaseException:
+        writer.close()
+        (folder / STAGED_REPORT).write_text(report.model_dump_json(), encoding="utf-8")
+    except BaseException as exc:
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:
+                pass
         target.unlink(missing_ok=True)
+        if message := disk_full_message(exc):
+            raise WorkspaceFull(f"{message}; nothing was stored") from None
         raise
-    writer.close()
-    (folder / STAGED_REPORT).write_text(report.model_dump_json(), encoding="utf-8")
     return StagedIngest(folder, report, pipeline.resolved is not None and "category" in pipeline.resolved.mapping)
 
 

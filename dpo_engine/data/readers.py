@@ -352,6 +352,7 @@ class RecordReader:
         self._columns: dict[str, None] = {}
         self._lines: _Lines | None = None
         self._closed = False
+        self._batch_rows = 1000
 
     # -- what the caller reads
     @property
@@ -372,6 +373,7 @@ class RecordReader:
 
     def batches(self, size: int) -> Iterator[RecordBatch]:
         reader = {"jsonl": self._jsonl, "json": self._json, "csv": self._csv, "parquet": self._parquet}[self.format]
+        self._batch_rows = size
         try:
             yield from _regroup(reader(), size)
         finally:
@@ -414,7 +416,7 @@ class RecordReader:
             self._note_columns(value)
             batch.records.append(value)
             batch.rows.append(lineno)
-            if len(batch.records) >= _READ_BATCH:
+            if len(batch.records) >= self._batch_rows:
                 yield batch
                 batch = RecordBatch([], [])
         yield batch
@@ -461,7 +463,7 @@ class RecordReader:
         try:
             for index, value in enumerate(ijson.items(source, "item", use_float=True), start=1):
                 self._add_item(batch, index, value)
-                if len(batch.records) + len(batch.malformed) >= _READ_BATCH:
+                if len(batch.records) + len(batch.malformed) >= self._batch_rows:
                     yield batch
                     batch = RecordBatch([], [])
         except ijson.JSONError as exc:
@@ -536,7 +538,7 @@ class RecordReader:
                 continue
             batch.records.append(dict(zip(header, fields)))
             batch.rows.append(row_no)
-            if len(batch.records) >= _READ_BATCH:
+            if len(batch.records) >= self._batch_rows:
                 yield batch
                 batch = RecordBatch([], [])
         yield batch
@@ -562,7 +564,7 @@ class RecordReader:
                 for name in parquet.schema_arrow.names:
                     self._columns[name] = None
                 row = 0
-                for record_batch in parquet.iter_batches(batch_size=_READ_BATCH):
+                for record_batch in parquet.iter_batches(batch_size=self._batch_rows):
                     records = pa.Table.from_batches([record_batch]).to_pylist()
                     yield RecordBatch(records, list(range(row + 1, row + len(records) + 1)))
                     row += len(records)
@@ -571,9 +573,6 @@ class RecordReader:
         finally:
             if spool is not None:
                 spool.close()
-
-
-_READ_BATCH = 2000  # records parsed per step inside a reader; callers regroup to their batch size
 
 
 def _regroup(batches: Iterator[RecordBatch], size: int) -> Iterator[RecordBatch]:

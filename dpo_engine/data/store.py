@@ -9,7 +9,6 @@ content hash; `content_hash` is the embedding cache key.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import logging
@@ -37,7 +36,7 @@ from dpo_engine.data.ingest import (
     unusable_counts,
 )
 from dpo_engine.data.report import REASON_PRIORITY
-from dpo_engine.workspace import Workspace, current_user
+from dpo_engine.workspace import Workspace, current_user, disk_full_message
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +72,6 @@ class DatasetInfo(BaseModel):
     mapping: dict[str, str] = Field(default_factory=dict)
     has_category: bool = False
     submitted_by: str | None = None  # who added it (signed-in user, else the OS user); None before it was recorded
-
-
-# What a write raises when the disk, a quota or a file-size limit is reached.
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def slugify(name: str) -> str:
@@ -122,10 +117,8 @@ class DatasetStore:
             tmp.rename(self.dir(info.id))
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if exc.errno in _DISK_FULL:
-                raise WorkspaceFull(
-                    exc.errno, f"the workspace disk is full ({exc.strerror}); nothing was stored, free space and retry"
-                ) from None
+            if message := disk_full_message(exc):
+                raise WorkspaceFull(f"{message}; nothing was stored") from None
             raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

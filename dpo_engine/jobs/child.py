@@ -19,7 +19,7 @@ import traceback
 from dpo_engine.jobs.context import JobCancelled, JobContext
 from dpo_engine.jobs.executors import resolve_executor
 from dpo_engine.jobs.store import JobStore
-from dpo_engine.workspace import ENV_DB_URL, Workspace
+from dpo_engine.workspace import ENV_DB_URL, Workspace, disk_full_message
 
 ENV_DEVICE = "DPO_KERNELS_JOB_DEVICE"
 ENV_WORKER_PID = "DPO_KERNELS_WORKER_PID"
@@ -28,6 +28,8 @@ EXIT_CANCELLED = 128 + signal.SIGTERM
 
 
 def _one_line(exc: BaseException) -> str:
+    if message := disk_full_message(exc):
+        return message
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
