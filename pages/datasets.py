@@ -15,7 +15,7 @@ import streamlit as st
 from app.state import dataset_store, job_store, workspace
 from app.ui import job_status_panel, page_header
 from dpo_engine.data import FLAG_REASONS, IngestOptions, StagedIngest
-from dpo_engine.data.job import STAGED_DIR, upload_path
+from dpo_engine.data.job import INGEST_PRIORITY, STAGED_DIR, upload_path
 
 page_header(
     "Datasets",
@@ -83,7 +83,7 @@ def _submit_once(key: str, params: dict, title: str) -> int:
     """The id of the job submitted for `key` in this session, submitting it the first time."""
     jobs = st.session_state.setdefault("ingest-jobs", {})
     if key not in jobs:
-        jobs[key] = job_store().submit("ingest", params, title=title).id
+        jobs[key] = job_store().submit("ingest", params, title=title, priority=INGEST_PRIORITY).id
     return jobs[key]
 
 
@@ -155,7 +155,7 @@ def _staged_report(job, uploaded, upload: Path) -> None:
             "filename": uploaded.name,
             "drop": drop,
         }
-        stored_jobs[job.id] = job_store().submit("ingest", params, title=f"store {name}").id
+        stored_jobs[job.id] = job_store().submit("ingest", params, title=f"store {name}", priority=INGEST_PRIORITY).id
         st.rerun()
 
 

@@ -52,7 +52,17 @@ def run_worker_once(workspace, timeout: float = 300) -> None:
     import sys
 
     subprocess.run(
-        [sys.executable, "-m", "dpo_engine.cli", "worker", "--once", "--device", "cpu", "--workspace", str(workspace.root)],
+        [
+            sys.executable,
+            "-m",
+            "dpo_engine.cli",
+            "worker",
+            "--once",
+            "--device",
+            "cpu",
+            "--workspace",
+            str(workspace.root),
+        ],
         check=True,
         timeout=timeout,
         capture_output=True,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dpo_engine.jobs import JobStore
+from dpo_engine.workspace import Workspace
 from tests.browser import CHROMIUM, chromium_page, running_app
 
 pytestmark = [
@@ -27,11 +29,12 @@ def test_upload_validate_save_and_list(tmp_path, hh_sample_path):
     ws = tmp_path / "ws"
     upload = tmp_path / "my_pairs.jsonl.gz"
     shutil.copy(hh_sample_path, upload)
-    with running_app(ws, tmp_path / "app.log", with_worker=False) as url, chromium_page() as page:
+    with running_app(ws, tmp_path / "app.log") as url, chromium_page() as page:
         page.goto(f"{url}/datasets")
         page.get_by_text("Upload preference pairs").wait_for()
         page.locator('input[type="file"]').set_input_files(str(upload))
-        page.get_by_text("Validation report").wait_for()
+        # The app's worker validates the upload as a job; the page follows it.
+        page.get_by_text("Validation report").wait_for(timeout=90_000)
         page.get_by_text("Rows in file").wait_for()
         body = page.inner_text("body")
         assert "400" in body and "hh" in body
@@ -39,7 +42,9 @@ def test_upload_validate_save_and_list(tmp_path, hh_sample_path):
         name.fill("e2e-hh")
         name.press("Enter")
         page.get_by_role("button", name="Save dataset").click()
-        page.get_by_text("Saved dataset").wait_for()
+        page.get_by_text("Saved dataset").wait_for(timeout=90_000)
+        jobs = JobStore.for_workspace(Workspace.resolve(ws)).list(kind="ingest")
+        assert sorted((j.params["step"], j.status) for j in jobs) == [("store", "succeeded"), ("validate", "succeeded")]
         shot = tmp_path / "datasets_saved.png"
         page.screenshot(path=str(shot), full_page=True)
         _keep(shot)
@@ -71,12 +76,14 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         # 1. Upload the sample.
         page.goto(f"{url}/datasets")
         page.locator('input[type="file"]').set_input_files(str(upload))
-        page.get_by_text("Validation report").wait_for()
+        page.get_by_text("Validation report").wait_for(timeout=90_000)
         name = page.get_by_label("Dataset name")
         name.fill("flow")
         name.press("Enter")
         page.get_by_role("button", name="Save dataset").click()
-        page.get_by_text("Saved dataset").wait_for()
+        page.get_by_text("Saved dataset").wait_for(timeout=90_000)
+        jobs = JobStore.for_workspace(Workspace.resolve(ws)).list(kind="ingest")
+        assert sorted((j.params["step"], j.status) for j in jobs) == [("store", "succeeded"), ("validate", "succeeded")]
 
         # 2. Diagnose it (first 60 pairs keep the embedding short) on the app's own worker.
         page.goto(f"{url}/diagnose")
@@ -93,9 +100,6 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         recommended_kernel = kernel.split()[-1]
         assert recommended_kernel in {"rbf", "polynomial", "spectral", "mahalanobis", "hmk"}
         _shot(page, tmp_path, "flow_1_diagnosis")
-        from dpo_engine.jobs import JobStore
-        from dpo_engine.workspace import Workspace
-
         store = JobStore.for_workspace(Workspace.resolve(ws))
         # The newest dataset (the upload, not the bundled sample) was preselected and diagnosed.
         assert store.list(kind="diagnose")[0].params["dataset"].startswith("flow-")

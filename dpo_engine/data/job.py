@@ -27,6 +27,8 @@ from dpo_engine.workspace import Workspace
 STAGED_DIR = "staged"
 UPLOADS_DIR = "uploads"
 UPLOAD_MAX_AGE_S = 7 * 24 * 3600
+# Someone is waiting on the page for these small jobs: they go ahead of queued training.
+INGEST_PRIORITY = -10
 
 
 class IngestParams(BaseModel):
