@@ -1,6 +1,6 @@
 """The Ray backend: `dpo-kernels worker --backend ray` runs queued jobs on a real local Ray cluster.
 
-One Ray head (2 CPUs, no dashboard, on 127.0.0.1) and one dispatcher serve the whole module;
+One Ray head (2 CPUs, no dashboard, 127.0.0.1 only, with a token) and one dispatcher serve the whole module;
 the job table stays the record: status, progress, logs and cancel are checked there.
 """
 
@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,11 +20,12 @@ import pytest
 
 from dpo_engine.jobs import CANCELLED, QUEUED, SUCCEEDED, Job, JobStore
 from dpo_engine.jobs.ray_backend import job_resources
+from dpo_engine.jobs.ray_cluster import remove_temp_dir, start_head, stop_head, write_token
 from dpo_engine.jobs.selftest import write_selftest_checkpoint
 from dpo_engine.workspace import Workspace
+from tests.listening import beyond_loopback, listeners
 from tests.test_jobs_worker import pid_gone, read_pids, wait_until
 
-RAY = str(Path(sys.executable).parent / "ray")
 CLI = [sys.executable, "-m", "dpo_engine.cli"]
 
 
@@ -44,41 +46,30 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
-    """A Ray head on 127.0.0.1 with 2 CPUs, run in the foreground (--block) in its own process group."""
-    port = _free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    log = open(temp / "ray_head.log", "w")
-    head = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            "--num-cpus=2",
-            "--num-gpus=0",
-            "--include-dashboard=false",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--object-store-memory=100000000",
-            "--disable-usage-stats",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+def ray_head():
+    """The product's loopback Ray head (127.0.0.1 only, token authentication) with 2 CPUs, in a temp
+    dir of its own; this process and its children join it with its settings while the module runs."""
+    temp = Path(tempfile.mkdtemp(prefix="dpo-ray-"))  # short: Ray's Unix socket paths live under it
+    head = start_head(
+        temp, token_path=write_token(temp / "auth_token"), num_cpus=2, num_gpus=0, object_store_memory=100_000_000
     )
-    address = f"127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in head.env}
+    os.environ.update(head.env)
     try:
-        wait_until(
-            lambda: "--block" in (temp / "ray_head.log").read_text() or head.poll() is not None,
-            120,
-            "the Ray head to start",
-        )
-        assert head.poll() is None, (temp / "ray_head.log").read_text()[-2000:]
-        yield address
+        yield head
     finally:
-        _stop_group(head)
-        log.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        stop_head(head)
+        remove_temp_dir(head)
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_head):
+    return ray_head.address
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +138,13 @@ def test_resources_follow_kind_and_device():
     assert job_resources(job("train", "cpu"), cluster_gpus=2) == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert job_resources(job("diagnose"), cluster_gpus=2) == {"num_cpus": 2.0, "num_gpus": 0.0}
     assert job_resources(job("diagnose", "cuda:0"), cluster_gpus=2) == {"num_cpus": 2.0, "num_gpus": 1.0}
+
+
+def test_the_cluster_and_its_driver_listen_on_loopback_only(ray_head, dispatcher, rstore):
+    wait_until(lambda: any(w.device == "ray" for w in rstore.alive_workers(30)), 120, "the dispatcher to connect")
+    found = listeners(ray_head.pid, dispatcher.pid)
+    assert {name for _, _, name in found} >= {"gcs_server", "raylet"}, found
+    assert beyond_loopback(found) == [], found
 
 
 def test_selftests_run_at_once_on_the_cluster(rstore):

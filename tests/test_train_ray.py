@@ -17,7 +17,7 @@ from dpo_engine.jobs import CANCELLED, SUCCEEDED, Job
 from dpo_engine.jobs.ray_backend import job_resources
 from dpo_engine.train.ray_train import launch_training_on_ray
 from tests.helpers import assert_step_2_is_the_mean_of_both_shards
-from tests.test_jobs_ray import _wait_finished, dispatcher, ray_address, ray_ws, rstore  # noqa: F401 - fixtures
+from tests.test_jobs_ray import _wait_finished, dispatcher, ray_address, ray_head, ray_ws, rstore  # noqa: F401 - fixtures
 from tests.test_jobs_worker import pid_gone, wait_until
 from tests.test_train_multiprocess import multiprocess_config, varied_pairs
 

@@ -27,6 +27,7 @@ _COMMAND_MODULES = (
     "dpo_engine.cli.data_cmd",
     "dpo_engine.cli.jobs_cmd",
     "dpo_engine.cli.worker_cmd",
+    "dpo_engine.cli.cluster_cmd",
     "dpo_engine.cli.diagnose_cmd",
     "dpo_engine.cli.train_cmd",
     "dpo_engine.cli.report_cmd",

@@ -39,6 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dpo_engine.jobs.devices import CLUSTER_DEVICE
 from dpo_engine.jobs.models import CANCELLED, RUNNING, Job
 from dpo_engine.jobs.node_runner import EXIT_NOT_WAITING
+from dpo_engine.jobs.ray_cluster import RayUnavailable, join
 from dpo_engine.jobs.stopping import StopOnSignal
 from dpo_engine.jobs.store import JobStore
 from dpo_engine.workspace import Workspace
@@ -55,29 +56,12 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEM
 ENV_RAY_ADDRESS = "DPO_KERNELS_RAY_ADDRESS"
 
 
-class RayUnavailable(RuntimeError):
-    """Ray is not installed or the cluster cannot be reached."""
-
-
 def _import_ray():
     try:
         import ray
     except ImportError:
         raise RayUnavailable("the Ray backend needs the 'ray' package: pip install 'ray==2.60.0'") from None
     return ray
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a wrong `host:port` (Ray itself would retry for minutes)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise RayUnavailable(
-            f"invalid Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default)"
-        )
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def train_processes(job: Job) -> int:
@@ -170,20 +154,19 @@ class RayDispatcher(StopOnSignal):
     # ---- cluster ---------------------------------------------------------------------------
 
     def connect(self) -> None:
+        address = join(self.address, self.workspace)  # before Ray loads: it reads its settings then
         ray = _import_ray()
-        if self.address and "://" not in self.address:
-            check_reachable(self.address)
         try:
             ray.init(
-                address=self.address or "auto",
+                address=address,
                 include_dashboard=False,
                 log_to_driver=False,
                 ignore_reinit_error=True,
                 configure_logging=False,
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = self.address or "auto (RAY_ADDRESS or a cluster started here with `ray start`)"
-            raise RayUnavailable(f"cannot connect to the Ray cluster at {where}: {str(exc).splitlines()[0]}") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RayUnavailable(f"cannot connect to the Ray cluster at {address}: {first}") from None
         self._ray = ray
         # max_retries=0: a lost task is the job table's business (requeue from checkpoint or fail).
         self._remote = ray.remote(max_retries=0)(run_job_on_node)

@@ -144,15 +144,15 @@ def _trainer(config, run_dir: Path, workspace, address: str | None, connect: boo
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dpo_engine.jobs.ray_backend import FORWARDED_ENV, check_reachable
+    from dpo_engine.jobs.ray_backend import FORWARDED_ENV
+    from dpo_engine.jobs.ray_cluster import join
 
     if connect:  # the workers start from `ray start`'s environment: hand them this job's settings
-        if address and "://" not in address:
-            check_reachable(address)
+        address = join(address, workspace)  # loopback kept as loopback, the workspace head's token
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         on_term = signal.getsignal(signal.SIGTERM)
         ray.init(
-            address=address or "auto",
+            address=address,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
