@@ -67,23 +67,40 @@ def _show_report(report) -> None:
 def _save_upload(uploaded) -> Path:
     """Write the upload to the workspace in chunks (the page never parses it; a job does)."""
     path = upload_path(workspace(), uploaded.file_id, uploaded.name)
-    written = st.session_state.setdefault("ingest-uploads", set())
-    if uploaded.file_id not in written:  # once per upload (storing removes it again)
-        written.add(uploaded.file_id)
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".part")
         uploaded.seek(0)
-        with open(partial, "wb") as out:
-            shutil.copyfileobj(uploaded, out, length=1 << 20)
-        partial.rename(path)
+        try:
+            with open(partial, "wb") as out:
+                shutil.copyfileobj(uploaded, out, length=1 << 20)
+            partial.rename(path)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
     return path
 
 
-def _submit_once(key: str, params: dict, title: str) -> int:
-    """The id of the job submitted for `key` in this session, submitting it the first time."""
+def _validate_once(uploaded, params: dict, title: str) -> int:
+    """The validate job of this upload with these options, submitted the first time they are seen.
+
+    A newer choice of options supersedes the previous job: it is cancelled if still waiting and
+    its staged copy is removed."""
     jobs = st.session_state.setdefault("ingest-jobs", {})
+    key = json.dumps(params, sort_keys=True)
+    latest = st.session_state.setdefault("ingest-latest", {})
+    file_id = uploaded.file_id
+    previous = latest.get(file_id)
     if key not in jobs:
+        _save_upload(uploaded)  # only now: a job that ran already may have consumed it
         jobs[key] = job_store().submit("ingest", params, title=title, priority=INGEST_PRIORITY).id
+    if previous is not None and previous != jobs[key]:
+        old = job_store().get(previous)
+        if old.status in ("queued", "running"):
+            job_store().request_cancel(old.id)
+        shutil.rmtree(Path(old.run_dir) / STAGED_DIR, ignore_errors=True)
+        jobs.pop(next((k for k, v in jobs.items() if v == previous), None), None)
+    latest[file_id] = jobs[key]
     return jobs[key]
 
 
@@ -103,6 +120,12 @@ def _job_done(job_id: int):
         return None
     if job.status != "succeeded":
         job_status_panel(job, key=f"ingest-{job_id}", show_cancel=False)
+        if st.button("Try again", key=f"retry-{job_id}"):
+            jobs = st.session_state.get("ingest-jobs", {})
+            jobs.pop(next((k for k, v in jobs.items() if v == job_id), None), None)
+            stored = st.session_state.get("ingest-stored", {})
+            stored.pop(next((k for k, v in stored.items() if v == job_id), None), None)
+            st.rerun()
         return None
     return job
 
@@ -127,9 +150,13 @@ def _staged_report(job, uploaded, upload: Path) -> None:
     stored_jobs = st.session_state.setdefault("ingest-stored", {})
     if job.id in stored_jobs and (stored := _job_done(stored_jobs[job.id])) is not None:
         result = stored.result
+        st.session_state["ingest-stored-uploads"][uploaded.file_id] = result  # options no longer matter
         st.success(f"Saved dataset **{result['name']}** (`{result['dataset_id']}`) with {result['n_pairs']} pairs.")
         return
     if job.id in stored_jobs and job_store().get(stored_jobs[job.id]).status in ("queued", "running"):
+        return
+    if not (Path(job.run_dir) / STAGED_DIR / "report.json").is_file():
+        st.info("This validation was stored or cleared already; upload the file again to check it anew.")
         return
     staged = StagedIngest.open(Path(job.run_dir) / STAGED_DIR)
     st.subheader("Validation report")
@@ -178,10 +205,14 @@ with tab_add:
         max_chars = oc[2].number_input(
             "Flag texts longer than (characters)", min_value=100, value=IngestOptions().max_chars, step=1000
         )
-    if uploaded is not None:
+    stored_uploads = st.session_state.setdefault("ingest-stored-uploads", {})
+    if uploaded is not None and uploaded.file_id in stored_uploads:
+        result = stored_uploads[uploaded.file_id]
+        st.success(f"Saved dataset **{result['name']}** (`{result['dataset_id']}`) with {result['n_pairs']} pairs.")
+    elif uploaded is not None:
         mapping_key = f"mapping-{uploaded.file_id}"
         mapping = st.session_state.get(mapping_key) or {}
-        upload = _save_upload(uploaded)
+        upload = upload_path(workspace(), uploaded.file_id, uploaded.name)
         params = {
             "step": "validate",
             "upload": str(upload),
@@ -191,7 +222,7 @@ with tab_add:
             "mapping": mapping,
             "max_chars": int(max_chars),
         }
-        validate_id = _submit_once(json.dumps(params, sort_keys=True), params, title=f"validate {uploaded.name}")
+        validate_id = _validate_once(uploaded, params, title=f"validate {uploaded.name}")
         job = _job_done(validate_id)
         if job is not None:
             outcome = job.result.get("outcome")

@@ -88,6 +88,8 @@ async def _drive(url: str, uploads: list[Path]) -> list[SessionLog]:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             contexts = [await browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in uploads]
+            for context in contexts:  # several sessions share two cores with the app and its worker
+                context.set_default_timeout(120_000)
             pages = [await c.new_page() for c in contexts]
 
             async def phase(step, *args):

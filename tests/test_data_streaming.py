@@ -276,3 +276,115 @@ def test_worker_killed_during_ingestion_leaves_the_job_to_run_again(workspace, t
     )
     done = jobs.get(job.id)
     assert done.status == "succeeded" and done.result["n_usable"] == 200_000
+
+
+# ---- shapes of input that streaming must not lose --------------------------------------------
+
+
+def test_one_line_json_array_longer_than_a_row_is_read(tmp_path):
+    rows = _rows(12_000)
+    path = tmp_path / "pairs"  # no extension: the content decides
+    path.write_text(json.dumps(rows))
+    assert path.stat().st_size > 1024**2
+    result = load_preferences(path, options=IngestOptions(max_row_mb=1))
+    assert result.report.detected_format == "json" and result.report.n_usable == 12_000
+
+
+def test_large_json_array_is_read_item_by_item(tmp_path, monkeypatch):
+    import dpo_engine.data.readers as readers
+
+    monkeypatch.setattr(readers, "WHOLE_JSON_BYTES", 4096)  # any array over this goes through ijson
+    rows = _rows(500)
+    data = json.dumps(rows, indent=1).encode()
+    streamed = load_preferences(data, filename="x.json", options=IngestOptions(batch_rows=7))
+    monkeypatch.setattr(readers, "WHOLE_JSON_BYTES", 64 * 1024**2)
+    whole = load_preferences(data, filename="x.json")
+    _same(streamed, whole)
+    monkeypatch.setattr(readers, "WHOLE_JSON_BYTES", 4096)
+    with pytest.raises(DataFormatError, match="invalid JSON after item 500"):
+        load_preferences(data[:-1] + b", NaN]", filename="x.json")
+
+
+def test_small_json_keeps_what_json_loads_accepts():
+    data = json.dumps([{"prompt": "p", "chosen": "a", "rejected": "b", "score": float("nan")}]).encode()
+    assert b"NaN" in data
+    assert load_preferences(data, filename="x.json").report.n_usable == 1
+
+
+def test_csv_with_old_mac_line_endings():
+    data = b"prompt,chosen,rejected\rq1,a,b\rq2,c,d\r"
+    result = load_preferences(data, filename="x.csv")
+    assert list(result.table["prompt"]) == ["q1", "q2"]
+
+
+def test_line_numbers_count_leading_blank_lines():
+    data = b"\n" * 70_000 + b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{broken\n'
+    result = load_preferences(data, filename="x.jsonl")
+    assert list(result.table["source_row"]) == [70_001]
+    assert result.report.rows_with("malformed") == [70_002]
+
+
+def test_garbage_lines_come_in_bounded_batches():
+    reader = open_records(b"{broken\n" * 5000, "x.jsonl", "auto")
+    sizes = [len(b.records) + len(b.malformed) for b in reader.batches(1000)]
+    assert max(sizes) <= 1000 and sum(sizes) == 5000
+
+
+def test_report_lists_a_bounded_number_of_issues_and_counts_all(monkeypatch):
+    import dpo_engine.data.ingest as ingest
+
+    monkeypatch.setattr(ingest, "MAX_LISTED_ISSUES", 10)
+    lines = [json.dumps(r) for r in _rows(30)] + ["{broken"] * 40
+    result = load_preferences("\n".join(lines).encode(), filename="x.jsonl", options=IngestOptions(batch_rows=8))
+    report = result.report
+    assert len(report.issues) == 10 and report.n_issues_unlisted == 30
+    assert report.counts["malformed"] == 40 and report.n_unusable == 40
+    kept, dropped = result.finalize()
+    assert dropped == {"malformed": 40} and len(kept) == 30
+
+
+# ---- the ingest job ----------------------------------------------------------------------------
+
+
+class _Ctx:
+    """What an executor needs of a job context, for calling it directly."""
+
+    def __init__(self, workspace, run_dir, params):
+        self.workspace, self.run_dir, self.params = workspace, run_dir, params
+
+    def progress(self, fraction, message=""):
+        pass
+
+
+def test_ingest_job_only_touches_uploads_and_run_directories(workspace):
+    from dpo_engine.data.job import run_ingest_job
+
+    for params in (
+        {"step": "validate", "upload": str(workspace.root / "jobs.db")},
+        {"step": "validate", "upload": str(workspace.root / "uploads" / "x")},
+        {"step": "store", "staged": str(workspace.root / "datasets"), "name": "n"},
+        {"step": "store", "staged": str(workspace.runs_dir / "r" / "x"), "name": "n"},
+    ):
+        with pytest.raises(ValueError, match="must be a path"):
+            run_ingest_job(_Ctx(workspace, workspace.runs_dir / "j", params))
+    assert workspace.root.is_dir()
+
+
+def test_store_step_run_again_finds_what_it_stored(workspace):
+    from dpo_engine.data.job import run_ingest_job, upload_path
+
+    upload = upload_path(workspace, "tok", "pairs.jsonl.gz")
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(HH_SAMPLE.read_bytes())
+    run_dir = workspace.runs_dir / "validate-1"
+    validated = run_ingest_job(_Ctx(workspace, run_dir, {"step": "validate", "upload": str(upload)}))
+    assert validated["outcome"] == "validated"
+    store = {"step": "store", "staged": str(run_dir), "upload": str(upload), "name": "hh", "drop": ["duplicate"]}
+    # A worker that died after storing but before recording it: the second attempt recognises the dataset.
+    staged = StagedIngest.open(run_dir / "staged")
+    DatasetStore(workspace).add(staged, "hh", source="pairs.jsonl.gz", drop_flagged=["duplicate"])
+    first = run_ingest_job(_Ctx(workspace, run_dir, store))
+    again = run_ingest_job(_Ctx(workspace, run_dir, store))
+    assert first == again and first["name"] == "hh"
+    assert [i.name for i in DatasetStore(workspace).list()] == ["hh"]
+    assert not upload.exists() and not (run_dir / "staged").exists()

@@ -21,6 +21,7 @@ from dpo_engine.data.layouts import Resolved, extract, resolve
 from dpo_engine.data.readers import RecordBatch, RecordReader, open_records
 from dpo_engine.data.report import (
     FLAG_REASONS,
+    MAX_LISTED_ISSUES,
     REASON_PRIORITY,
     UNUSABLE_REASONS,
     IngestOptions,
@@ -83,9 +84,15 @@ def drop_reasons(drop_flagged: bool | str | Iterable[str]) -> list[str]:
 
 def unusable_counts(report: ValidationReport) -> dict[str, int]:
     """Unusable rows by reason, each row counted once under the first of REASON_PRIORITY."""
+    if report.dropped_unusable is not None:
+        return dict(report.dropped_unusable)
+    return _primary_unusable(report.issues)
+
+
+def _primary_unusable(issues: Iterable[Issue]) -> dict[str, int]:
     per_row: dict[int, str] = {}
     rank = {r: i for i, r in enumerate(REASON_PRIORITY)}
-    for issue in report.issues:
+    for issue in issues:
         if issue.unusable:
             cur = per_row.get(issue.row)
             if cur is None or rank[issue.reason] < rank[cur]:
@@ -167,6 +174,9 @@ def preview_rows(table: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
 
 
 Progress = Callable[[float, str], None]
+# Rows read at most while looking for the first records that settle the mapping (a file that
+# starts with this many unparsable rows is judged on what it had by then).
+_MAX_SAMPLE_SEARCH_ROWS = 100_000
 
 
 class _Pipeline:
@@ -186,8 +196,11 @@ class _Pipeline:
         self.reader, self.layout, self.mapping, self.options = reader, layout, mapping, options
         self.progress = progress
         self.resolved: Resolved | None = None
-        self.issues: list[Issue] = []
-        self.n_rows_in = self.n_usable = self.n_flagged = 0
+        self.issues: list[Issue] = []  # the first MAX_LISTED_ISSUES
+        self.n_unlisted = 0
+        self.rows_by_reason = {r: 0 for r in REASON_PRIORITY}
+        self.dropped_unusable: dict[str, int] = {}
+        self.n_rows_in = self.n_usable = self.n_flagged = self.n_unusable = 0
         self.flag_counts = {r: 0 for r in FLAG_REASONS}
         self._seen: dict[bytes, int] = {}
 
@@ -197,7 +210,9 @@ class _Pipeline:
         buffered: list[RecordBatch] = []
         for batch in source:
             buffered.append(batch)
-            if sum(len(b.records) for b in buffered) >= self.options.detect_sample_rows:
+            n_records = sum(len(b.records) for b in buffered)
+            n_read = sum(len(b.records) + len(b.malformed) for b in buffered)
+            if n_records >= self.options.detect_sample_rows or n_read >= _MAX_SAMPLE_SEARCH_ROWS:
                 break
         sample = [rec for b in buffered for rec in b.records]
         n_in = sum(len(b.records) + len(b.malformed) for b in buffered)
@@ -221,9 +236,15 @@ class _Pipeline:
             had_decode_errors=self.reader.had_decode_errors,
             seen=self._seen,
         )
-        self.issues.extend(batch.malformed)
-        self.issues.extend(ext.issues)
-        self.issues.extend(flag_issues)
+        # A row's problems all lie in its batch, so per-batch counts of rows add up exactly.
+        issues = sorted(batch.malformed + ext.issues + flag_issues, key=lambda i: i.row)
+        for reason in REASON_PRIORITY:
+            self.rows_by_reason[reason] += len({i.row for i in issues if i.reason == reason})
+        self.n_unusable += len({i.row for i in issues if i.reason in UNUSABLE_REASONS})
+        _add_counts(self.dropped_unusable, _primary_unusable(issues))
+        room = MAX_LISTED_ISSUES - len(self.issues)
+        self.issues.extend(issues[: max(room, 0)])
+        self.n_unlisted += max(len(issues) - max(room, 0), 0)
         self.n_usable += len(table)
         self.n_flagged += int(flags.any(axis=1).sum())
         if self.progress is not None:
@@ -232,33 +253,26 @@ class _Pipeline:
 
     def report(self) -> ValidationReport:
         assert self.resolved is not None
-        issues = sorted(self.issues, key=lambda i: i.row)
-        rows_by_reason: dict[str, set[int]] = {r: set() for r in REASON_PRIORITY}
-        for issue in issues:
-            rows_by_reason[issue.reason].add(issue.row)
-        counts = {r: len(rows) for r, rows in rows_by_reason.items()}
-        n_unusable = len({i.row for i in issues if i.reason in UNUSABLE_REASONS})
+        decode_warning = "the file is not valid UTF-8; undecodable bytes were replaced and their rows flagged"
         report = ValidationReport(
             detected_format=self.reader.format,
             detected_layout=self.resolved.layout,
             mapping=self.resolved.mapping,
             columns_found=[str(c) for c in self.reader.columns],
             n_rows_in=self.n_rows_in,
-            n_unusable=n_unusable,
+            n_unusable=self.n_unusable,
             n_flagged=self.n_flagged,
             n_usable=self.n_usable,
-            counts=counts,
-            issues=issues,
+            counts=dict(self.rows_by_reason),
+            issues=self.issues,
             warnings=self.reader.warnings
             + self.resolved.warnings
-            + (
-                ["the file is not valid UTF-8; undecodable bytes were replaced and their rows flagged"]
-                if self.reader.had_decode_errors
-                else []
-            ),
+            + ([decode_warning] if self.reader.had_decode_errors else []),
+            n_issues_unlisted=self.n_unlisted,
+            dropped_unusable=_in_priority_order(self.dropped_unusable),
         )
         if self.n_usable == 0:
-            first = ", ".join(f"row {i.row}: {i.message}" for i in issues[:3])
+            first = ", ".join(f"row {i.row}: {i.message}" for i in self.issues[:3])
             raise NoUsableRowsError(f"no usable rows ({report.summary()}); e.g. {first}", report=report)
         return report
 

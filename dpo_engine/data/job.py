@@ -10,6 +10,7 @@ died is simply run again.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -18,13 +19,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpo_engine.data.errors import DataFormatError, MissingColumnsError, NoUsableRowsError
+from dpo_engine.data.errors import DataFormatError, DatasetExists, MissingColumnsError, NoUsableRowsError
 from dpo_engine.data.ingest import STAGED_REPORT, StagedIngest, stage_preferences
 from dpo_engine.data.report import FLAG_REASONS, FormatName, IngestOptions, LayoutName
 from dpo_engine.data.store import DatasetStore
 from dpo_engine.workspace import Workspace
 
 STAGED_DIR = "staged"
+STORED_RECORD = "stored.json"  # in the validate job's run directory once its upload is a dataset
 UPLOADS_DIR = "uploads"
 UPLOAD_MAX_AGE_S = 7 * 24 * 3600
 # Someone is waiting on the page for these small jobs: they go ahead of queued training.
@@ -50,16 +52,34 @@ class IngestParams(BaseModel):
 
 def upload_path(workspace: Workspace, token: str, filename: str) -> Path:
     """Where an upload is written: `uploads/<token>/<file name>` (the name made safe)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name).strip("._") or "upload"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name).strip("._-") or "upload"
     return workspace.root / UPLOADS_DIR / re.sub(r"[^A-Za-z0-9_-]+", "", token) / safe[:120]
 
 
-def _inside(path: str | None, root: Path, what: str) -> Path:
+_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _upload_file(workspace: Workspace, path: str | None) -> Path:
+    """An upload must be `uploads/<token>/<file>` in the workspace: nothing else is read or removed."""
+    return _under(workspace, path, UPLOADS_DIR, depth=2, what="an upload")
+
+
+def _validated_run(workspace: Workspace, path: str | None) -> Path:
+    """A validated upload is the run directory `runs/<run id>` of its validate job."""
+    return _under(workspace, path, workspace.runs_dir.name, depth=1, what="a validated upload")
+
+
+def _under(workspace: Workspace, path: str | None, folder: str, *, depth: int, what: str) -> Path:
     if not path:
         raise ValueError(f"the ingest job needs {what}")
+    root = (workspace.root / folder).resolve()
     resolved = Path(path).resolve()
-    if root.resolve() not in resolved.parents:
-        raise ValueError(f"{what} {path} is outside the workspace")
+    try:
+        parts = resolved.relative_to(root).parts
+    except ValueError:
+        parts = ()
+    if len(parts) != depth or not all(_PLAIN.match(p) for p in parts):
+        raise ValueError(f"{what} must be a path {folder}/{'/'.join(['NAME'] * depth)} in the workspace, got {path}")
     return resolved
 
 
@@ -84,7 +104,7 @@ def prune_uploads(workspace: Workspace, max_age_s: float = UPLOAD_MAX_AGE_S) -> 
 
 
 def _validate(ctx, params: IngestParams) -> dict:
-    upload = _inside(params.upload, ctx.workspace.root, "an upload")
+    upload = _upload_file(ctx.workspace, params.upload)
     prune_uploads(ctx.workspace)
     folder = ctx.run_dir / STAGED_DIR
     ctx.progress(0.0, "reading the upload")
@@ -118,17 +138,28 @@ def _validate(ctx, params: IngestParams) -> dict:
 
 
 def _store(ctx, params: IngestParams) -> dict:
-    run_dir = _inside(params.staged, ctx.workspace.root, "a validated upload")
+    """Store a validated upload; run again after a lost worker, it finds what it stored before."""
+    run_dir = _validated_run(ctx.workspace, params.staged)
     if not params.name:
         raise ValueError("the dataset needs a name")
+    done = run_dir / STORED_RECORD
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
     staged = StagedIngest.open(run_dir / STAGED_DIR)
     ctx.progress(0.0, f"storing {params.name}")
-    info = DatasetStore(ctx.workspace).add(
-        staged, params.name, source=params.filename or staged.folder.name, drop_flagged=params.drop
-    )
+    store = DatasetStore(ctx.workspace)
+    try:
+        info = store.add(staged, params.name, source=params.filename or staged.folder.name, drop_flagged=params.drop)
+    except DatasetExists:
+        # Stored by an earlier attempt that died before recording it? Then the content is the same.
+        info = store.get(params.name)
+        if info.content_hash != store.content_hash_of(staged, params.drop):
+            raise
+    result = {"outcome": "stored", "dataset_id": info.id, "name": info.name, "n_pairs": info.n_pairs}
+    done.write_text(json.dumps(result), encoding="utf-8")
     # The dataset holds the pairs now: the staged copy and the upload are no longer needed.
     shutil.rmtree(staged.folder, ignore_errors=True)
     if params.upload:
-        shutil.rmtree(_inside(params.upload, ctx.workspace.root, "an upload").parent, ignore_errors=True)
+        shutil.rmtree(_upload_file(ctx.workspace, params.upload).parent, ignore_errors=True)
     ctx.progress(1.0, f"stored {info.n_pairs} pairs")
-    return {"outcome": "stored", "dataset_id": info.id, "name": info.name, "n_pairs": info.n_pairs}
+    return result

@@ -12,6 +12,7 @@ parsed at all come back as issues. Interpreting the values (layouts, types) happ
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -45,6 +46,9 @@ _JSON_ROW_KEYS = ("data", "rows", "records", "examples", "items", "train")
 _BINARY_SHARE = 0.10
 # Bytes looked at to sniff the format and reject binary input before parsing.
 SNIFF_BYTES = 65536
+# A JSON document up to this size is parsed whole, exactly as `json.loads` does; a larger array
+# is parsed item by item.
+WHOLE_JSON_BYTES = 64 * 1024**2
 # The compression ratio is judged only once this much was inflated: tiny files compress wildly.
 _RATIO_GRACE_BYTES = 16 * 1024**2
 _READ_CHUNK = 1 << 20
@@ -146,6 +150,7 @@ class _Opened:
     total_bytes: int  # size of the input as given (compressed size for gzip)
     position: Any  # callable: input bytes consumed so far
     closers: list[Any]
+    skipped_lines: int = 0  # line breaks in leading whitespace skipped before `head`
 
 
 def _open_input(source: str | Path | bytes, filename: str | None, options: IngestOptions) -> _Opened:
@@ -186,12 +191,14 @@ def _open_input(source: str | Path | bytes, filename: str | None, options: Inges
         path = None
     # Skip leading whitespace chunk by chunk, so a file of blanks is "empty" without holding it.
     head = stream.read(SNIFF_BYTES)
+    skipped = 0
     while head and not head.strip() and len(head) >= SNIFF_BYTES:
         more = stream.read(SNIFF_BYTES)
         if not more:
             break
+        skipped += head.count(b"\n")
         head = more
-    return _Opened(stream, head, name, path, total, position, closers)
+    return _Opened(stream, head, name, path, total, position, closers, skipped)
 
 
 def format_from_name(name: str | None) -> str | None:
@@ -223,56 +230,65 @@ class _Lines:
     """Decoded lines (line endings kept) of a text stream, one at a time, each bounded in size.
 
     UTF-16 with a byte-order mark is honoured; everything else is read as UTF-8 (BOM stripped),
-    invalid bytes replaced line by line and remembered in `had_decode_errors`.
+    invalid bytes replaced and remembered in `had_decode_errors`. JSON Lines end at "\\n" only
+    (U+2028 and a lone "\\r" may sit inside a JSON string); CSV (`any_newline`) also ends lines at
+    a lone "\\r", as old spreadsheet exports do.
     """
 
-    def __init__(self, stream: IO[bytes], max_row_bytes: int):
+    def __init__(self, stream: IO[bytes], max_row_bytes: int, *, first_lineno: int = 0, any_newline: bool = False):
         self.max_row_bytes = max_row_bytes
-        self.had_decode_errors = False
-        self.lineno = 0
+        self._decode_errors = 0
+        self.lineno = first_lineno
+        self._first = True
         first = stream.read(2)
         stream = io.BufferedReader(_Prefixed(first, stream), buffer_size=_READ_CHUNK)
-        self._utf16 = first in UTF16_BOMS
-        self._text = io.TextIOWrapper(stream, encoding="utf-16", newline="") if self._utf16 else None
+        self.utf16 = first in UTF16_BOMS
+        self._text: io.TextIOWrapper | None = None
+        if self.utf16 or any_newline:
+            handler = f"dpo-kernels-count-{id(self)}"
+            codecs.register_error(handler, self._replace)
+            encoding = "utf-16" if self.utf16 else "utf-8-sig"
+            self._text = io.TextIOWrapper(stream, encoding=encoding, errors=handler, newline="")
         self._bytes = stream
         self._pending: list[tuple[int, str]] = []
+
+    @property
+    def had_decode_errors(self) -> bool:
+        return self._decode_errors > 0
+
+    def _replace(self, exc: UnicodeDecodeError) -> tuple[str, int]:
+        if self.utf16:
+            raise DataFormatError(f"invalid UTF-16 text: {exc.reason}")
+        self._decode_errors += 1
+        return "\ufffd", exc.end
 
     def _read_line(self) -> str | None:
         limit = self.max_row_bytes + 1
         if self._text is not None:
-            try:
-                line = self._text.readline(limit)
-            except UnicodeDecodeError as exc:
-                raise DataFormatError(f"invalid UTF-16 text: {exc.reason}") from exc
-            # TextIOWrapper with newline="" also ends lines at a lone "\r"; "\n" alone ends ours.
-            while line.endswith("\r") and len(line) < limit:
-                more = self._text.readline(limit - len(line))
-                if not more:
-                    break
-                line += more
-            too_long = len(line) >= limit and not line.endswith("\n")
-            if too_long:
-                while True:
-                    rest = self._text.readline(_READ_CHUNK)
-                    if not rest or rest.endswith("\n"):
-                        break
-            return None if line == "" else (line if not too_long else TOO_LONG)
+            line = self._text.readline(limit)
+            if self.utf16:  # newline="" ends lines at a lone "\r" too; JSON Lines end at "\n" only
+                while line.endswith("\r") and len(line) < limit and (more := self._text.readline(limit - len(line))):
+                    line += more
+            if len(line) >= limit and not line.endswith(("\n", "\r")):
+                while (rest := self._text.readline(_READ_CHUNK)) and not rest.endswith(("\n", "\r")):
+                    pass
+                return TOO_LONG
+            return line or None
         raw = self._bytes.readline(limit)
         if not raw:
             return None
         if len(raw) >= limit and not raw.endswith(b"\n"):
-            while True:
-                rest = self._bytes.readline(_READ_CHUNK)
-                if not rest or rest.endswith(b"\n"):
-                    break
+            while (rest := self._bytes.readline(_READ_CHUNK)) and not rest.endswith(b"\n"):
+                pass
             return TOO_LONG
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             line = raw.decode("utf-8", errors="replace")
-            self.had_decode_errors = True
-        if self.lineno == 0 and line.startswith("\ufeff"):
+            self._decode_errors += 1
+        if self._first and line.startswith("\ufeff"):
             line = line[1:]
+        self._first = False
         return line
 
     def next(self) -> tuple[int, str] | None:
@@ -299,7 +315,10 @@ class _Lines:
 
 
 def sniff_text_format(first_line: str, rest_nonblank: bool, hint: str | None) -> str:
-    """Choose json / jsonl / csv from the first non-blank line, trusting the extension when it fits."""
+    """Choose json / jsonl / csv from the first non-blank line, trusting the extension when it fits.
+
+    For a first line too long to look at, its first character stands for it: then that and the
+    name decide (a "{" line too long for a row is taken as one JSON document)."""
     stripped = first_line.strip()
     first = stripped[:1]
     if hint == "csv":
@@ -350,7 +369,9 @@ class RecordReader:
         self.options = options
         self.warnings: list[str] = []
         self._columns: dict[str, None] = {}
+        self._content: IO[bytes] = opened.stream  # the text from its first byte (sniffed head included)
         self._lines: _Lines | None = None
+        self._decode_errors = False
         self._closed = False
         self._batch_rows = 1000
 
@@ -361,7 +382,13 @@ class RecordReader:
 
     @property
     def had_decode_errors(self) -> bool:
-        return self._lines is not None and self._lines.had_decode_errors
+        return self._decode_errors or (self._lines is not None and self._lines.had_decode_errors)
+
+    def _open_lines(self, any_newline: bool) -> _Lines:
+        max_row = self.options.max_row_mb * 1024**2
+        first = self._opened.skipped_lines
+        self._lines = _Lines(self._content, max_row, first_lineno=first, any_newline=any_newline)
+        return self._lines
 
     @property
     def progress(self) -> float:
@@ -394,11 +421,14 @@ class RecordReader:
                 self._columns[key] = None
 
     def _jsonl(self) -> Iterator[RecordBatch]:
-        assert self._lines is not None
+        lines = self._open_lines(any_newline=False)
         batch = RecordBatch([], [])
-        for lineno, line in self._lines:
+        for lineno, line in lines:
+            if len(batch.records) + len(batch.malformed) >= self._batch_rows:
+                yield batch
+                batch = RecordBatch([], [])
             if line == TOO_LONG:
-                batch.malformed.append(self._lines.too_long(lineno))
+                batch.malformed.append(lines.too_long(lineno))
                 continue
             if not line.strip():
                 continue
@@ -416,34 +446,51 @@ class RecordReader:
             self._note_columns(value)
             batch.records.append(value)
             batch.rows.append(lineno)
-            if len(batch.records) >= self._batch_rows:
-                yield batch
-                batch = RecordBatch([], [])
         yield batch
 
     def _json(self) -> Iterator[RecordBatch]:
-        assert self._lines is not None
-        lines = self._lines
-        item = lines.next()
-        while item is not None and not item[1].strip():
-            item = lines.next()
-        if item is not None and item[1].lstrip().startswith("[") and not lines._utf16:
-            lines.push_back(item)
-            yield from self._json_array(lines)
+        """A JSON document: parsed whole when small (exactly as `json.loads`), else a top-level
+        array item by item; a large document that keeps its rows under a key is parsed whole
+        within `max_decompressed_mb`."""
+        stream = self._content
+        buffer = stream.read(WHOLE_JSON_BYTES + 1)
+        utf16 = buffer[:2] in UTF16_BOMS
+        starts_array = buffer.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"["
+        if len(buffer) > WHOLE_JSON_BYTES and starts_array and not utf16:
+            yield from self._json_array(io.BufferedReader(_Prefixed(buffer, stream), buffer_size=_READ_CHUNK))
             return
-        parts = [item[1]] if item is not None else []
-        for lineno, line in lines:
-            if line == TOO_LONG:
-                raise DataFormatError(f"invalid JSON: line {lineno} is {lines.too_long(lineno).message}")
-            parts.append(line)
-        text = "".join(parts)
-        del parts
+        cap = self.options.max_decompressed_mb * 1024**2
+        parts = [buffer]
+        size = len(buffer)
+        while chunk := stream.read(_READ_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                raise DataFormatError(
+                    f"a JSON document over {self.options.max_decompressed_mb} MB that is not a plain array "
+                    "(limit: max_decompressed_mb); store large files as JSON Lines"
+                )
+            parts.append(chunk)
+        data = b"".join(parts)
+        del parts, buffer
+        if utf16:
+            try:
+                text = data.decode("utf-16")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"invalid UTF-16 text: {exc.reason}") from exc
+        else:
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                text = data.decode("utf-8-sig", errors="replace")
+                self._decode_errors = True
+        del data
         try:
             doc = json.loads(text)
         except RecursionError as exc:
             raise DataFormatError("invalid JSON: nested too deeply") from exc
         except json.JSONDecodeError as exc:
-            raise DataFormatError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+            line = exc.lineno + self._opened.skipped_lines
+            raise DataFormatError(f"invalid JSON at line {line} column {exc.colno}: {exc.msg}") from exc
         del text
         items, where = _json_rows(doc)
         if where:
@@ -451,26 +498,35 @@ class RecordReader:
         batch = RecordBatch([], [])
         for index, value in enumerate(items, start=1):
             self._add_item(batch, index, value)
+            if len(batch.records) + len(batch.malformed) >= self._batch_rows:
+                yield batch
+                batch = RecordBatch([], [])
         yield batch
 
-    def _json_array(self, lines: _Lines) -> Iterator[RecordBatch]:
-        """The items of a top-level JSON array, parsed incrementally."""
+    def _json_array(self, stream: IO[bytes]) -> Iterator[RecordBatch]:
+        """The items of a large top-level JSON array, parsed incrementally (strict JSON)."""
         import ijson
 
-        source = _LinesAsBytes(lines)
+        if stream.peek(3)[:3] == b"\xef\xbb\xbf":
+            stream.read(3)
         batch = RecordBatch([], [])
         index = 0
         try:
-            for index, value in enumerate(ijson.items(source, "item", use_float=True), start=1):
+            for index, value in enumerate(ijson.items(stream, "item", use_float=True), start=1):
                 self._add_item(batch, index, value)
                 if len(batch.records) + len(batch.malformed) >= self._batch_rows:
                     yield batch
                     batch = RecordBatch([], [])
         except ijson.JSONError as exc:
-            where = source.where()
-            raise DataFormatError(f"invalid JSON at line {where[0]} column {where[1]}: {exc}".split("\n")[0]) from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataFormatError(
+                f"invalid JSON after item {index}: {reason} (a JSON array over {WHOLE_JSON_BYTES // 1024**2} MB "
+                "is read item by item, which needs strict JSON: no NaN or Infinity, integers within 64 bits)"
+            ) from None
         except RecursionError as exc:
             raise DataFormatError("invalid JSON: nested too deeply") from exc
+        except UnicodeDecodeError as exc:
+            raise DataFormatError(f"invalid UTF-8 in a JSON array after item {index}: {exc.reason}") from None
         yield batch
 
     def _add_item(self, batch: RecordBatch, index: int, value: Any) -> None:
@@ -482,8 +538,7 @@ class RecordReader:
             batch.malformed.append(_not_an_object(index, value))
 
     def _csv(self) -> Iterator[RecordBatch]:
-        assert self._lines is not None
-        lines = self._lines
+        lines = self._open_lines(any_newline=True)
         # Long texts are the point of this data; lift the csv module's 128 KiB field cap.
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         first = lines.next()
@@ -493,7 +548,8 @@ class RecordReader:
             raise DataFormatError("the CSV file has no header row")
         lines.push_back(first)
         try:
-            dialect: Any = csv.Sniffer().sniff(first[1].rstrip("\r\n") or first[1], delimiters=",\t;|")
+            sample = first[1] if first[1] != TOO_LONG else ""
+            dialect: Any = csv.Sniffer().sniff(sample.rstrip("\r\n") or sample, delimiters=",\t;|")
             delimiter = dialect.delimiter
         except csv.Error:
             delimiter = ","
@@ -522,6 +578,9 @@ class RecordReader:
         batch = RecordBatch([], [])
         row_no = 0
         while True:
+            if len(batch.records) + len(batch.malformed) >= self._batch_rows:
+                yield batch
+                batch = RecordBatch([], [])
             try:
                 fields = next(reader)
             except StopIteration:
@@ -538,9 +597,6 @@ class RecordReader:
                 continue
             batch.records.append(dict(zip(header, fields)))
             batch.rows.append(row_no)
-            if len(batch.records) >= self._batch_rows:
-                yield batch
-                batch = RecordBatch([], [])
         yield batch
 
     def _parquet(self) -> Iterator[RecordBatch]:
@@ -582,48 +638,11 @@ def _regroup(batches: Iterator[RecordBatch], size: int) -> Iterator[RecordBatch]
         out.records.extend(batch.records)
         out.rows.extend(batch.rows)
         out.malformed.extend(batch.malformed)
-        if len(out.records) >= size:
+        if len(out.records) + len(out.malformed) >= size:
             yield out
             out = RecordBatch([], [])
     if out.records or out.malformed:
         yield out
-
-
-class _LinesAsBytes(io.RawIOBase):
-    """UTF-8 bytes of the decoded lines, for the incremental JSON parser; tracks line/column."""
-
-    def __init__(self, lines: _Lines):
-        self._lines = lines
-        self._buffer = b""
-        self._lineno = 0
-        self._consumed_in_line = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._buffer:
-            item = self._lines.next()
-            if item is None:
-                return 0
-            lineno, line = item
-            if line == TOO_LONG:
-                raise DataFormatError(f"invalid JSON: line {lineno} is {self._lines.too_long(lineno).message}")
-            self._buffer = line.encode("utf-8", "surrogatepass")
-            self._lineno, self._consumed_in_line = lineno, 0
-        n = min(len(buffer), len(self._buffer))
-        buffer[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        self._consumed_in_line += n
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        buf = bytearray(max(size, _READ_CHUNK) if size != 0 else 0)
-        n = self.readinto(buf)
-        return bytes(buf[:n])
-
-    def where(self) -> tuple[int, int]:
-        return max(self._lineno, 1), self._consumed_in_line + 1
 
 
 def open_records(
@@ -653,31 +672,42 @@ def _sniffed_reader(opened: _Opened, fmt: str, options: IngestOptions) -> Record
     if fmt == "parquet":
         opened.stream = io.BufferedReader(_Prefixed(opened.head, opened.stream), buffer_size=_READ_CHUNK)
         opened.head = b""
-        reader = RecordReader(opened, "parquet", options)
-        return reader
+        return RecordReader(opened, "parquet", options)
     _check_text(opened.head)
-    lines = _Lines(_Prefixed(opened.head, opened.stream), options.max_row_mb * 1024**2)
-    # The first non-blank line and whether anything follows it decide the format.
-    seen: list[tuple[int, str]] = []
-    first: str | None = None
-    rest_nonblank = False
-    while (item := lines.next()) is not None:
-        seen.append(item)
-        if item[1] == TOO_LONG or item[1].strip():
-            if first is None:
-                first = item[1]
-            else:
-                rest_nonblank = True
-                break
-    for item in reversed(seen):
-        lines.push_back(item)
-    if first is None:
-        raise DataFormatError("the file is empty")
+    prefix = bytearray(opened.head)
     if fmt == "auto":
-        fmt = sniff_text_format("" if first == TOO_LONG else first, rest_nonblank, hint)
-    reader = RecordReader(opened, fmt, options)
-    reader._lines = lines
-    return reader
+        fmt = _sniff(prefix, opened, hint, options.max_row_mb * 1024**2)
+    opened.stream = io.BufferedReader(_Prefixed(bytes(prefix), opened.stream), buffer_size=_READ_CHUNK)
+    opened.head = b""
+    return RecordReader(opened, fmt, options)
+
+
+def _sniff(prefix: bytearray, opened: _Opened, hint: str | None, max_row_bytes: int) -> str:
+    """json / jsonl / csv from the first non-blank line and whether anything follows it.
+
+    Reads on into `prefix` (from `opened.stream`) until the first line is complete, at most a
+    row's limit, and past blank lines to see whether more follows."""
+    if prefix[:2] in UTF16_BOMS:  # rare: sniff from the decoded head alone
+        text = bytes(prefix).decode("utf-16", errors="replace").lstrip()
+        first, _, rest = text.partition("\n")
+        return sniff_text_format(first, bool(rest.strip()) or len(prefix) >= SNIFF_BYTES, hint)
+    eof = len(prefix) < SNIFF_BYTES
+    start = len(prefix) - len(prefix.lstrip())
+    while (newline := prefix.find(b"\n", start)) < 0 and not eof and len(prefix) - start <= max_row_bytes:
+        chunk = opened.stream.read(_READ_CHUNK)
+        eof = not chunk
+        prefix += chunk
+    if newline < 0 and not eof:
+        return sniff_text_format(chr(prefix[start]), True, hint)  # a first line over the row limit: its start decides
+    end = newline if newline >= 0 else len(prefix)
+    first = bytes(prefix[start:end]).decode("utf-8-sig", errors="replace")
+    after = newline + 1 if newline >= 0 else len(prefix)
+    while not prefix[after:].strip() and not eof and len(prefix) - after <= max_row_bytes:
+        chunk = opened.stream.read(SNIFF_BYTES)
+        eof = not chunk
+        prefix += chunk
+    rest_nonblank = bool(prefix[after:].strip()) or not eof
+    return sniff_text_format(first, rest_nonblank, hint)
 
 
 def _json_rows(doc: Any) -> tuple[list[Any], str | None]:

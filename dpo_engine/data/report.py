@@ -25,6 +25,10 @@ FLAG_REASONS: tuple[str, ...] = ("empty_field", "identical_responses", "duplicat
 # rows in = rows kept + sum(dropped counts) holds exactly.
 REASON_PRIORITY: tuple[str, ...] = UNUSABLE_REASONS + FLAG_REASONS
 
+# A report lists at most this many problems (the counts stay exact), so that it stays small enough
+# to show whatever the file.
+MAX_LISTED_ISSUES = 10_000
+
 FormatName = Literal["auto", "jsonl", "json", "csv", "parquet"]
 LayoutName = Literal["auto", "flat", "conversational", "hh"]
 
@@ -75,8 +79,12 @@ class ValidationReport(BaseModel):
     n_flagged: int = Field(description="Usable rows with at least one flag.")
     n_usable: int
     counts: dict[str, int] = Field(description="Rows having each reason (a row may count under several).")
-    issues: list[Issue]
+    issues: list[Issue] = Field(description="Problems by row, the first MAX_LISTED_ISSUES of them.")
     warnings: list[str]
+    n_issues_unlisted: int = Field(default=0, description="Problems beyond MAX_LISTED_ISSUES, counted, not listed.")
+    dropped_unusable: dict[str, int] | None = Field(
+        default=None, description="Unusable rows, each under its first reason of REASON_PRIORITY (exact)."
+    )
 
     def rows_with(self, reason: str) -> list[int]:
         """Row numbers that have `reason`, ascending, without repeats."""

@@ -125,6 +125,14 @@ class DatasetStore:
             raise
         return info
 
+    def content_hash_of(self, result: IngestResult | StagedIngest, drop_flagged: bool | list[str] = True) -> str:
+        """The content hash the dataset `add` would store for this drop choice (nothing is written)."""
+        reasons = drop_reasons(drop_flagged)
+        hasher = ContentHasher(result.has_category)
+        for table, flags in result.iter_batches():
+            hasher.update(split_kept(table, flags, reasons)[0])
+        return hasher.hexdigest()
+
     def _write(
         self,
         folder: Path,
