@@ -8,6 +8,8 @@ resident memory is sampled every 0.1 s:
   HH sample. Goal: peak RSS at most 1.5x the bf16 weight bytes + 1.5 GB.
 - `pairs-100k`: the bundled sample repeated as 100,000 tagged variants, the tiny model, default
   settings, 20 steps. Goals: setup + evaluation at most 25 % of the wall time; tokenisation under 60 s.
+- `estimate`: the memory estimate of `train --dry-run` beside the measured peak, for SmolLM2-135M
+  (fp32) and the 1.1B model (bf16, LoRA) at two lengths each, batch 2. Goal: within 15 %.
 
 Results go to <out>/<part>.json; a finished part is skipped unless --force. The table it prints goes
 into docs/BENCHMARKS.md ("At the scale users train").
@@ -140,7 +142,51 @@ def part_pairs_100k(out: Path) -> dict:
     }
 
 
-PARTS = {"model-1b": part_model_1b, "pairs-100k": part_pairs_100k}
+# (model, max_length) settings whose measured peak is set beside the memory estimate.
+ESTIMATE_SETTINGS = (
+    ("smollm2-135m-instruct", 128),
+    ("smollm2-135m-instruct", 512),
+    ("llama-1b", 128),
+    ("llama-1b", 256),
+)
+
+
+def _estimate_config(out: Path, ws: Workspace, model: str, length: int):
+    from dpo_engine.train.config import TrainConfig
+
+    name = (
+        str(build_random_llama("llama-1b", out / "models" / "llama-1b", workspace=ws)) if model == "llama-1b" else model
+    )
+    dtype = "bfloat16" if model == "llama-1b" else "float32"
+    return TrainConfig.model_validate(
+        {
+            "data": {"dataset": str(HH_SAMPLE), "max_length": length, "max_prompt_length": length // 2},
+            "model": {"name": name, "dtype": dtype},
+            "optimisation": {"batch_size": 2},
+        }
+    )
+
+
+def part_estimate(out: Path) -> dict:
+    """Measured peaks of the settings the memory estimate is checked on (the estimate itself is
+    computed when the table is printed, so a change of its constants needs no new measurement)."""
+    workspace = out / "ws"
+    ws = Workspace.resolve(workspace)
+    rows = []
+    for model, length in ESTIMATE_SETTINGS:
+        cfg = _estimate_config(out, ws, model, length)
+        args = [str(HH_SAMPLE), "--model", cfg.model.name, "--dtype", cfg.model.dtype, "--max-length", str(length)]
+        args += ["--max-prompt-length", str(length // 2), "--batch-size", "2", "--max-steps", "2"]
+        args += ["--calibration-pairs", "4", "--eval-max-pairs", "4", "--eval-every", "100", "--divergence-pairs", "2"]
+        args += ["--probe-pairs", "4", "--no-htsr", "--no-pack-pairs"]
+        shutil.rmtree(workspace / CACHE_DIR, ignore_errors=True)
+        print(f"training 2 steps of {model} at max_length {length} ...", flush=True)
+        result = run_train(args, workspace / "runs" / f"estimate-{model}-{length}", workspace, out / "estimate.log")
+        rows.append({"model": model, "max_length": length, "measured_peak_bytes": result["peak_rss_bytes"]})
+    return {"rows": rows}
+
+
+PARTS = {"model-1b": part_model_1b, "pairs-100k": part_pairs_100k, "estimate": part_estimate}
 
 
 def report(out: Path) -> None:
@@ -150,6 +196,8 @@ def report(out: Path) -> None:
         if not path.is_file():
             continue
         r = json.loads(path.read_text())
+        if name == "estimate":
+            continue
         split = r["summary"].get("time_split_s") or {}
         split_text = ", ".join(f"{k} {v:.0f}" for k, v in split.items())
         if name == "model-1b":
@@ -160,6 +208,25 @@ def report(out: Path) -> None:
         print(
             f"| {name} | {r['wall_s']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} | {split_text} | {goal} | "
             f"{'yes' if r['meets_goal'] else 'no'} |"
+        )
+
+
+def report_estimate(out: Path) -> None:
+    from dpo_engine.train.inputs import memory_estimate
+
+    path = out / "estimate.json"
+    if not path.is_file():
+        return
+    ws = Workspace.resolve(out / "ws")
+    print("\n| model | dtype | max_length | estimate GiB | measured peak GiB | error | within 15 % |")
+    print("|---|---|---|---|---|---|---|")
+    for r in json.loads(path.read_text())["rows"]:
+        cfg = _estimate_config(out, ws, r["model"], r["max_length"])
+        estimate = memory_estimate(cfg, ws, "cpu").total
+        error = estimate / r["measured_peak_bytes"] - 1
+        print(
+            f"| {r['model']} | {cfg.model.dtype} | {r['max_length']} | {estimate / GiB:.2f} | "
+            f"{r['measured_peak_bytes'] / GiB:.2f} | {error:+.0%} | {'yes' if abs(error) <= 0.15 else 'no'} |"
         )
 
 
@@ -180,6 +247,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
         print(f"{name}: wall {result['wall_s']:.0f} s, peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     report(out)
+    report_estimate(out)
 
 
 if __name__ == "__main__":

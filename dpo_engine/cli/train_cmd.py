@@ -118,6 +118,7 @@ def _train(
     preset: Optional[str],
     run_dir: Optional[Path],
     foreground: bool,
+    dry_run: bool,
     workspace_path: Optional[str],
     **flag_values: Any,
 ) -> None:
@@ -141,6 +142,13 @@ def _train(
     from dpo_engine.train.inputs import check_inputs
 
     check_inputs(cfg, ws)
+    if dry_run:
+        _print_estimate(cfg, ws)
+        return
+    if foreground:
+        from dpo_engine.train.inputs import check_memory
+
+        check_memory(cfg, ws, _local_device())
     title = f"train {cfg.model.name} {cfg.method.kernel.name}+{cfg.method.divergence.name} on {Path(dataset).name}"
     if not foreground:
         from dpo_engine.jobs import JobStore
@@ -149,6 +157,31 @@ def _train(
         typer.echo(job.run_id)
         return
     _train_foreground(cfg, ws, run_dir)
+
+
+def _local_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _print_estimate(cfg, ws) -> None:
+    from dpo_engine.train.inputs import memory_estimate
+
+    estimate = memory_estimate(cfg, ws, _local_device())
+    gib = 1024**3
+    print_json(
+        {
+            "device": estimate.device,
+            "predicted_peak_gib": round(estimate.total / gib, 2),
+            "available_gib": round(estimate.available / gib, 2) if estimate.available else None,
+            "fits": estimate.fits,
+            "components_gib": {k: round(v / gib, 3) for k, v in estimate.components.items()},
+            "to_fit": estimate.advice,
+        }
+    )
+    if not estimate.fits:
+        fail(f"this run will not fit on {estimate.device}: " + "; or ".join(estimate.advice), code=1)
 
 
 def _train_signature() -> tuple[inspect.Signature, dict[str, Any]]:
@@ -220,6 +253,17 @@ def _train_signature() -> tuple[inspect.Signature, dict[str, Any]]:
                 False, "--foreground", help="Train in this process with a progress bar instead of submitting a job."
             ),
         ),
+        inspect.Parameter(
+            "dry_run",
+            kw,
+            annotation=bool,
+            default=typer.Option(
+                False,
+                "--dry-run",
+                help="Check the inputs and print the predicted peak memory against this machine's device; "
+                "queue nothing.",
+            ),
+        ),
         inspect.Parameter("workspace_path", kw, annotation=Optional[str], default=WorkspaceOption),
     ]
     return inspect.Signature(params), {p.name: p.annotation for p in params}
@@ -229,7 +273,10 @@ def make_train_command():
     """The `train` callback with one keyword parameter per flag (typer reads the signature)."""
 
     def train(**kwargs: Any) -> None:
-        fixed = {k: kwargs.pop(k) for k in ("dataset", "config", "preset", "run_dir", "foreground", "workspace_path")}
+        fixed = {
+            k: kwargs.pop(k)
+            for k in ("dataset", "config", "preset", "run_dir", "foreground", "dry_run", "workspace_path")
+        }
         _train(**fixed, **kwargs)
 
     signature, annotations = _train_signature()

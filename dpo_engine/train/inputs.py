@@ -22,3 +22,40 @@ def check_inputs(cfg, ws) -> None:
     check_pairs(open_dataset(ws, cfg.data.dataset).table)
     if Path(cfg.model.name).expanduser().is_dir():
         model_directory(cfg.model.name, workspace=ws)  # raises UnknownModelError without config.json
+
+
+class WillNotFit(ValueError):
+    """The predicted peak memory of a run exceeds what its device has; the message says what to change."""
+
+
+def memory_estimate(cfg, ws, device: str):
+    """The predicted peak memory of `cfg` on `device` (dpo_engine/train/memory.py), nothing loaded."""
+    from dpo_engine.lm_head import HEAD_CHUNK_ROWS
+    from dpo_engine.models.loading import model_directory, resolve_dtype
+    from dpo_engine.train.memory import device_memory, estimate_peak, model_shape
+    from dpo_engine.train.setup import use_gradient_checkpointing
+
+    shape = model_shape(
+        model_directory(cfg.model.name, workspace=ws), cfg.model.lora_target_modules, cfg.model.trust_remote_code
+    )
+    compute = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    return estimate_peak(
+        shape,
+        lora=cfg.model.lora,
+        lora_r=cfg.model.lora_r,
+        compute_dtype=compute,
+        batch_size=cfg.optimisation.batch_size,
+        max_length=cfg.data.max_length,
+        gradient_checkpointing=use_gradient_checkpointing(cfg.model.gradient_checkpointing, shape.n_params),
+        device=device,
+        available=device_memory(device),
+        head_chunk_rows=HEAD_CHUNK_ROWS,
+    )
+
+
+def check_memory(cfg, ws, device: str):
+    """The estimate, or WillNotFit when the run is predicted not to fit on `device`."""
+    estimate = memory_estimate(cfg, ws, device)
+    if not estimate.fits:
+        raise WillNotFit(f"this run will not fit: {estimate.summary()}; to fit, " + "; or ".join(estimate.advice))
+    return estimate

@@ -1,0 +1,162 @@
+"""How much memory a training run will need, known before it is queued.
+
+The estimate adds what a step holds at its peak (docs/METHOD.md 2.9 has the terms):
+
+* weights: every parameter in the dtype it is stored in (`setup.weight_dtype`), plus, for a full
+  fine-tune, the frozen reference in the compute dtype;
+* trainable state: fp32 weights, gradients and AdamW's two moments of what is trained (the LoRA
+  adapters, or every parameter);
+* activations: chosen and rejected of `batch_size` pairs at `max_length` tokens. With gradient
+  checkpointing each layer keeps only its input, plus one layer's working set recomputed in the
+  backward pass; without it every layer keeps its working set;
+* the LM head: one chunk of logits and its gradient (dpo_engine/lm_head.py);
+* the runtime: interpreter, libraries, tokenizer and data on the CPU; the CUDA context on a GPU.
+
+Model shapes come from the model's config, with parameters counted on the meta device, so nothing
+is loaded. The constants are checked against measured peaks by scripts/bench_scale.py
+(docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GiB = 1024**3
+# Values held per token and layer beyond the layer input, in units of hidden size (attention
+# projections, norms, MLP input) and of intermediate size (gate, up, their product).
+_WORKING_SET_HIDDEN = 10
+_WORKING_SET_INTERMEDIATE = 3
+# Logits, their log-softmax and its gradient for one chunk of rows, in fp32.
+_LOGIT_COPIES = 3
+# Interpreter, torch, transformers, tokenizer and a dataset in host memory, and what the allocator
+# keeps between steps (the one constant set from a measurement: METHOD.md 2.9).
+RUNTIME_BYTES_CPU = int(1.6 * GiB)
+# The CUDA context and the caching allocator's slack beside what tensors hold.
+RUNTIME_BYTES_CUDA = int(0.8 * GiB)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model: its sizes, and the parameters LoRA would train."""
+
+    n_params: int
+    n_layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    n_heads: int
+    lora_params_per_rank: int  # adapter parameters at rank 1 over the targeted modules (scales with r)
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak bytes by component, against what the device has."""
+
+    components: dict[str, int]
+    device: str
+    available: int | None
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.components.items() if v)
+        have = f" of {self.available / GiB:.1f} GiB on {self.device}" if self.available else f" on {self.device}"
+        return f"predicted peak {self.total / GiB:.2f} GiB{have} ({parts} GiB)"
+
+
+def model_shape(model_dir: str, target_modules: list[str], trust_remote_code: bool = False) -> ModelShape:
+    """Sizes of the model in `model_dir`, read from its config (the model is built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    n_params = sum(p.numel() for p in model.parameters())
+    per_rank = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
+            per_rank += module.in_features + module.out_features
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelShape(
+        n_params=n_params,
+        n_layers=int(text.num_hidden_layers),
+        hidden=int(text.hidden_size),
+        intermediate=int(getattr(text, "intermediate_size", 4 * text.hidden_size)),
+        vocab=int(text.vocab_size),
+        n_heads=int(text.num_attention_heads),
+        lora_params_per_rank=per_rank,
+    )
+
+
+def estimate_peak(
+    shape: ModelShape,
+    *,
+    lora: bool,
+    lora_r: int,
+    compute_dtype: str,
+    batch_size: int,
+    max_length: int,
+    gradient_checkpointing: bool,
+    device: str,
+    available: int | None,
+    head_chunk_rows: int,
+) -> MemoryEstimate:
+    """Predicted peak memory of one training step (see the module docstring for the terms)."""
+    compute = DTYPE_BYTES[compute_dtype]
+    stored = compute if lora else 4
+    components = {"weights": shape.n_params * stored}
+    components["reference"] = 0 if lora else shape.n_params * compute
+    trainable = shape.lora_params_per_rank * lora_r if lora else shape.n_params
+    # fp32 weights (a full fine-tune's are counted above), gradients, AdamW's two moments
+    components["trainable state"] = trainable * (4 + 4 + 8) if lora else trainable * (4 + 8)
+    tokens = 2 * batch_size * max_length
+    working = tokens * (shape.hidden * _WORKING_SET_HIDDEN + shape.intermediate * _WORKING_SET_INTERMEDIATE)
+    attention = 2 * batch_size * shape.n_heads * max_length * max_length  # scores and probabilities
+    layer = (working + attention) * compute
+    if gradient_checkpointing:
+        components["activations"] = shape.n_layers * tokens * shape.hidden * compute + layer
+    else:
+        components["activations"] = shape.n_layers * layer
+    components["logits"] = head_chunk_rows * shape.vocab * 4 * _LOGIT_COPIES
+    components["runtime"] = RUNTIME_BYTES_CUDA if device.startswith("cuda") else RUNTIME_BYTES_CPU
+    estimate = MemoryEstimate(components, device, available)
+    if not estimate.fits:
+        estimate.advice = _advice(lora, gradient_checkpointing, batch_size, max_length)
+    return estimate
+
+
+def _advice(lora: bool, checkpointing: bool, batch_size: int, max_length: int) -> list[str]:
+    advice = []
+    if not lora:
+        advice.append("train LoRA adapters (model.lora true) instead of every weight")
+    if not checkpointing:
+        advice.append("turn gradient checkpointing on (model.gradient_checkpointing on)")
+    if batch_size > 1:
+        advice.append(f"halve the batch (optimisation.batch_size {batch_size // 2}) and double grad_accum")
+    if max_length > 256:
+        advice.append(f"shorten sequences (data.max_length {max_length // 2})")
+    advice.append("use bfloat16 weights (model.dtype bfloat16) or a device with more memory")
+    return advice
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes the device offers a new job: a GPU's total memory, or the host's available memory."""
+    import psutil
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = torch.device(device).index or 0
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    return int(psutil.virtual_memory().available)

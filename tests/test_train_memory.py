@@ -1,0 +1,131 @@
+"""The memory estimate: shapes read without loading the model equal the loaded model's, the terms
+follow their formulas, and a run predicted not to fit is refused before it starts (CLI and job).
+
+How close the estimate comes to measured peaks is scripts/bench_scale.py's `estimate` part."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from peft import LoraConfig, get_peft_model
+
+from dpo_engine.jobs import JobStore
+from dpo_engine.models import load_policy
+from dpo_engine.models.loading import model_directory
+from dpo_engine.train.memory import GiB, ModelShape, estimate_peak, model_shape
+from tests.conftest import HH_SAMPLE
+
+CLI = [sys.executable, "-m", "dpo_engine.cli"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_shape_from_the_config_equals_the_loaded_model(workspace):
+    shape = model_shape(model_directory("tiny-random", workspace=workspace), TARGETS)
+    model, _ = load_policy("tiny-random", workspace=workspace, dtype="float32")
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    assert shape.n_layers == model.config.num_hidden_layers and shape.vocab == model.config.vocab_size
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert shape.lora_params_per_rank * 4 == trainable  # peft counts the same adapters
+
+
+SHAPE = ModelShape(
+    n_params=1_000_000_000,
+    n_layers=20,
+    hidden=2048,
+    intermediate=5632,
+    vocab=50_000,
+    n_heads=16,
+    lora_params_per_rank=1_000_000,
+)
+
+
+def _estimate(**overrides):
+    settings = dict(
+        lora=True,
+        lora_r=8,
+        compute_dtype="bfloat16",
+        batch_size=2,
+        max_length=256,
+        gradient_checkpointing=True,
+        device="cuda:0",
+        available=40 * GiB,
+        head_chunk_rows=256,
+    )
+    return estimate_peak(SHAPE, **{**settings, **overrides})
+
+
+def test_terms_follow_their_formulas():
+    lora = _estimate()
+    assert lora.components["weights"] == SHAPE.n_params * 2  # frozen base in bf16
+    assert lora.components["reference"] == 0  # the policy with adapters off is the reference
+    assert lora.components["trainable state"] == 8 * SHAPE.lora_params_per_rank * 16
+    full = _estimate(lora=False)
+    assert full.components["weights"] == SHAPE.n_params * 4  # fp32 masters
+    assert full.components["reference"] == SHAPE.n_params * 2
+    assert full.components["trainable state"] == SHAPE.n_params * 12  # gradients + two AdamW moments
+    # Checkpointing keeps one layer's working set instead of every layer's.
+    without = _estimate(gradient_checkpointing=False).components["activations"]
+    assert without > 5 * lora.components["activations"]
+    # Activations grow linearly in the batch (attention scores quadratically in the length).
+    assert _estimate(batch_size=4).components["activations"] == 2 * lora.components["activations"]
+    assert lora.components["logits"] == 256 * SHAPE.vocab * 4 * 3
+    assert lora.fits and not lora.advice
+
+
+def test_a_run_that_cannot_fit_gets_advice():
+    estimate = _estimate(lora=False, gradient_checkpointing=False, batch_size=8, max_length=2048, available=8 * GiB)
+    assert not estimate.fits
+    text = " ".join(estimate.advice)
+    assert "LoRA" in text and "checkpointing" in text and "batch_size 4" in text and "max_length 1024" in text
+
+
+def _env(workspace):
+    return dict(os.environ, DPO_KERNELS_WORKSPACE=str(workspace.root))
+
+
+def test_dry_run_prints_the_estimate_and_queues_nothing(workspace):
+    proc = subprocess.run(
+        [*CLI, "train", str(HH_SAMPLE), "--model", "tiny-random", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=_env(workspace),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["fits"] is True and out["device"] == "cpu"
+    assert abs(out["predicted_peak_gib"] - sum(out["components_gib"].values())) < 0.01
+    assert JobStore.for_workspace(workspace).list() == []
+
+
+HUGE = ["--max-length", "8192", "--max-prompt-length", "4096", "--batch-size", "4096", "--no-lora"]
+
+
+def test_a_run_that_will_not_fit_is_refused_by_the_cli_and_by_the_job(workspace):
+    proc = subprocess.run(
+        [*CLI, "train", str(HH_SAMPLE), "--model", "tiny-random", "--foreground", *HUGE],
+        capture_output=True,
+        text=True,
+        env=_env(workspace),
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "will not fit" in line and "batch_size 2048" in line, proc.stderr
+    submitted = subprocess.run(
+        [*CLI, "train", str(HH_SAMPLE), "--model", "tiny-random", *HUGE],
+        capture_output=True,
+        text=True,
+        env=_env(workspace),
+        timeout=300,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    subprocess.run(
+        [*CLI, "worker", "--once", "--device", "cpu"], env=_env(workspace), timeout=300, check=True, capture_output=True
+    )
+    (job,) = JobStore.for_workspace(workspace).list(kind="train")
+    assert job.status == "failed" and "will not fit" in job.error.splitlines()[0]
