@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from dpo_engine.data import DatasetStore, load_preferences
 from dpo_engine.jobs import JobStore
+from tests.helpers import run_worker_once
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "diagnose.py")
 
@@ -43,21 +42,7 @@ def test_diagnose_page_end_to_end(workspace, small_dataset):
     jobs = JobStore.for_workspace(workspace).list(kind="diagnose")
     assert len(jobs) == 1 and jobs[0].params["dataset"] == small_dataset.id
 
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_engine.cli",
-            "worker",
-            "--once",
-            "--device",
-            "cpu",
-            "--workspace",
-            str(workspace.root),
-        ],
-        check=True,
-        timeout=300,
-    )
+    run_worker_once(workspace, timeout=300)
     assert JobStore.for_workspace(workspace).get(jobs[0].id).status == "succeeded"
 
     at = AppTest.from_file(PAGE, default_timeout=120).run()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
 from dpo_engine.jobs import JobStore
+from tests.helpers import run_worker_once
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "jobs.py")
 
@@ -35,21 +34,7 @@ def test_run_started_outside_the_queue_is_listed(workspace):
 def test_finished_job_shows_status_and_log(workspace):
     store = JobStore.for_workspace(workspace)
     job = store.submit("selftest", {"seconds": 0.2, "steps": 3}, title="smoke")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpo_engine.cli",
-            "worker",
-            "--once",
-            "--device",
-            "cpu",
-            "--workspace",
-            str(workspace.root),
-        ],
-        check=True,
-        timeout=120,
-    )
+    run_worker_once(workspace, timeout=120)
     assert store.get(job.id).status == "succeeded"
     at = AppTest.from_file(PAGE, default_timeout=60).run()
     assert not at.exception
