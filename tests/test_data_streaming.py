@@ -196,6 +196,7 @@ def _limit_file_size(limit_bytes: int):
     return apply
 
 
+@pytest.mark.slow  # a CLI or worker process of its own
 def test_full_disk_while_storing_gives_one_line_and_stores_nothing(workspace, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _rows(30_000)))
@@ -216,6 +217,7 @@ def test_full_disk_while_storing_gives_one_line_and_stores_nothing(workspace, tm
     assert [p.name for p in store.root.iterdir()] == []  # no staging or half-written folder left
 
 
+@pytest.mark.slow  # a CLI or worker process of its own
 def test_full_disk_inside_a_job_fails_it_with_one_clear_line(workspace, tmp_path):
     path = tmp_path / "pairs.jsonl"
     rows = [{"prompt": os.urandom(64).hex(), "chosen": os.urandom(64).hex(), "rejected": "r"} for _ in range(10_000)]
@@ -238,6 +240,7 @@ def test_full_disk_inside_a_job_fails_it_with_one_clear_line(workspace, tmp_path
     assert "disk is full" in done.error.splitlines()[0]
 
 
+@pytest.mark.slow  # a CLI or worker process of its own
 def test_worker_killed_during_ingestion_leaves_the_job_to_run_again(workspace, tmp_path):
     upload = workspace.root / "uploads" / "k" / "pairs.jsonl"
     upload.parent.mkdir(parents=True)

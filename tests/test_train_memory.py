@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from peft import LoraConfig, get_peft_model
 
 from dpo_engine.jobs import JobStore
@@ -87,6 +88,7 @@ def _env(workspace):
     return dict(os.environ, DPO_KERNELS_WORKSPACE=str(workspace.root))
 
 
+@pytest.mark.slow  # a CLI or worker process of its own
 def test_dry_run_prints_the_estimate_and_queues_nothing(workspace):
     proc = subprocess.run(
         [*CLI, "train", str(HH_SAMPLE), "--model", "tiny-random", "--dry-run"],
@@ -105,6 +107,7 @@ def test_dry_run_prints_the_estimate_and_queues_nothing(workspace):
 HUGE = ["--max-length", "8192", "--max-prompt-length", "4096", "--batch-size", "4096", "--no-lora"]
 
 
+@pytest.mark.slow  # a CLI or worker process of its own
 def test_a_run_that_will_not_fit_is_refused_by_the_cli_and_by_the_job(workspace):
     proc = subprocess.run(
         [*CLI, "train", str(HH_SAMPLE), "--model", "tiny-random", "--foreground", *HUGE],
