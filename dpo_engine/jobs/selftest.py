@@ -46,7 +46,9 @@ def run_selftest_job(ctx: JobContext) -> dict[str, Any]:
     if p.spawn_grandchild:
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         pids["grandchild"] = grandchild.pid
-    (ctx.run_dir / "selftest_pids.json").write_text(json.dumps(pids))
+    partial = ctx.run_dir / "selftest_pids.json.part"  # whole or absent: a reader never sees it half-written
+    partial.write_text(json.dumps(pids))
+    partial.replace(ctx.run_dir / "selftest_pids.json")
     print(f"selftest on {ctx.device}: {p.steps} steps over {p.seconds}s, starting at step {start}", flush=True)
     half = max(1, p.steps // 2)
     for step in range(start + 1, p.steps + 1):
