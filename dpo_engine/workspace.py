@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import getpass
 import os
+import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ class Workspace:
     @property
     def db_url(self) -> str:
         return os.environ.get(ENV_DB_URL) or f"sqlite:///{self.root / 'jobs.db'}"
+
+
+# A name that is safe as one path component of the workspace: no separators, no "..", no leading dot.
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # What a write raises when the disk, a quota or a file-size limit is reached.

@@ -12,14 +12,13 @@ import functools
 import inspect
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import typer
 
-from dpo_engine.workspace import Workspace
+from dpo_engine.workspace import PLAIN_NAME, Workspace
 
 WorkspaceOption = typer.Option(
     None, "--workspace", "-w", help="Workspace directory (default: $DPO_KERNELS_WORKSPACE or ./workspace)."
@@ -54,12 +53,10 @@ def stderr_is_tty() -> bool:
 
 # ---------------------------------------------------------------- paths
 
-_PLAIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
 
 def plain_id(value: str, what: str = "run id") -> str:
     """A run or dataset id must be a plain name: no '/', no '..', nothing that escapes the workspace."""
-    if not _PLAIN_ID.match(value) or ".." in value:
+    if not PLAIN_NAME.match(value) or ".." in value:
         raise ValueError(f"{what} {value!r} is not a plain name (letters, digits, '.', '_', '-'; no path separators)")
     return value
 

@@ -23,7 +23,7 @@ from dpo_engine.data.errors import DataFormatError, DatasetExists, MissingColumn
 from dpo_engine.data.ingest import STAGED_REPORT, StagedIngest, stage_preferences
 from dpo_engine.data.report import FLAG_REASONS, FormatName, IngestOptions, LayoutName
 from dpo_engine.data.store import DatasetStore
-from dpo_engine.workspace import Workspace
+from dpo_engine.workspace import PLAIN_NAME, Workspace
 
 STAGED_DIR = "staged"
 STORED_RECORD = "stored.json"  # in the validate job's run directory once its upload is a dataset
@@ -56,9 +56,6 @@ def upload_path(workspace: Workspace, token: str, filename: str) -> Path:
     return workspace.root / UPLOADS_DIR / re.sub(r"[^A-Za-z0-9_-]+", "", token) / safe[:120]
 
 
-_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 def _upload_file(workspace: Workspace, path: str | None) -> Path:
     """An upload must be `uploads/<token>/<file>` in the workspace: nothing else is read or removed."""
     return _under(workspace, path, UPLOADS_DIR, depth=2, what="an upload")
@@ -78,7 +75,7 @@ def _under(workspace: Workspace, path: str | None, folder: str, *, depth: int, w
         parts = resolved.relative_to(root).parts
     except ValueError:
         parts = ()
-    if len(parts) != depth or not all(_PLAIN.match(p) for p in parts):
+    if len(parts) != depth or not all(PLAIN_NAME.match(p) and ".." not in p for p in parts):
         raise ValueError(f"{what} must be a path {folder}/{'/'.join(['NAME'] * depth)} in the workspace, got {path}")
     return resolved
 

@@ -12,11 +12,11 @@ parsed at all come back as issues. Interpreting the values (layouts, types) happ
 
 from __future__ import annotations
 
-import codecs
 import csv
 import gzip
 import io
 import json
+import re
 import sys
 import tempfile
 import zlib
@@ -224,6 +224,8 @@ def _check_text(head: bytes) -> None:
 # What `_Lines` gives back for a line over the row limit (a NUL cannot start a decoded text line
 # that the parsers would accept, so it cannot be mistaken for data).
 TOO_LONG = "\x00TOO_LONG"
+# Splits after a carriage return that is not followed by a line feed (old spreadsheet line ends).
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)(?=.)", re.DOTALL)
 
 
 class _Lines:
@@ -237,42 +239,37 @@ class _Lines:
 
     def __init__(self, stream: IO[bytes], max_row_bytes: int, *, first_lineno: int = 0, any_newline: bool = False):
         self.max_row_bytes = max_row_bytes
-        self._decode_errors = 0
+        self.had_decode_errors = False
         self.lineno = first_lineno
         self._first = True
+        self._any_newline = any_newline
         first = stream.read(2)
         stream = io.BufferedReader(_Prefixed(first, stream), buffer_size=_READ_CHUNK)
         self.utf16 = first in UTF16_BOMS
-        self._text: io.TextIOWrapper | None = None
-        if self.utf16 or any_newline:
-            handler = f"dpo-kernels-count-{id(self)}"
-            codecs.register_error(handler, self._replace)
-            encoding = "utf-16" if self.utf16 else "utf-8-sig"
-            self._text = io.TextIOWrapper(stream, encoding=encoding, errors=handler, newline="")
+        # UTF-16 is decoded by the io layer (strict; newline="" also ends lines at a lone "\r")
+        self._text = io.TextIOWrapper(stream, encoding="utf-16", newline="") if self.utf16 else None
         self._bytes = stream
+        self._carry: list[str] = []  # the rest of a UTF-8 line split at lone "\r"s (CSV)
         self._pending: list[tuple[int, str]] = []
-
-    @property
-    def had_decode_errors(self) -> bool:
-        return self._decode_errors > 0
-
-    def _replace(self, exc: UnicodeDecodeError) -> tuple[str, int]:
-        if self.utf16:
-            raise DataFormatError(f"invalid UTF-16 text: {exc.reason}")
-        self._decode_errors += 1
-        return "\ufffd", exc.end
 
     def _read_line(self) -> str | None:
         limit = self.max_row_bytes + 1
+        if self._carry:
+            return self._carry.pop(0)
         if self._text is not None:
-            line = self._text.readline(limit)
-            if self.utf16:  # newline="" ends lines at a lone "\r" too; JSON Lines end at "\n" only
-                while line.endswith("\r") and len(line) < limit and (more := self._text.readline(limit - len(line))):
-                    line += more
-            if len(line) >= limit and not line.endswith(("\n", "\r")):
-                while (rest := self._text.readline(_READ_CHUNK)) and not rest.endswith(("\n", "\r")):
-                    pass
-                return TOO_LONG
+            try:
+                line = self._text.readline(limit)
+                if not self._any_newline:  # JSON Lines end at "\n" only
+                    while (
+                        line.endswith("\r") and len(line) < limit and (more := self._text.readline(limit - len(line)))
+                    ):
+                        line += more
+                if len(line) >= limit and not line.endswith(("\n", "\r")):
+                    while (rest := self._text.readline(_READ_CHUNK)) and not rest.endswith(("\n", "\r")):
+                        pass
+                    return TOO_LONG
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"invalid UTF-16 text: {exc.reason}") from None
             return line or None
         raw = self._bytes.readline(limit)
         if not raw:
@@ -285,10 +282,13 @@ class _Lines:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             line = raw.decode("utf-8", errors="replace")
-            self._decode_errors += 1
+            self.had_decode_errors = True
         if self._first and line.startswith("\ufeff"):
             line = line[1:]
         self._first = False
+        if self._any_newline and "\r" in line.rstrip("\r\n"):
+            first, *self._carry = _LONE_CR.split(line)
+            return first
         return line
 
     def next(self) -> tuple[int, str] | None:
