@@ -225,3 +225,38 @@ def test_worker_and_device_detection_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     device, torch_loaded = out.stdout.split()
     assert device in ("cpu", "cuda:0") and torch_loaded == "False"
+
+
+def report_device(ctx) -> dict:
+    """A job that records the device it was given and the GPUs its process may see."""
+    seen = {"device": ctx.device, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    (ctx.run_dir / "device.json").write_text(json.dumps(seen))
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("worker_visible", "expected"), [(None, "1"), ("4,5", "5")], ids=["all-gpus-visible", "worker-sees-two"]
+)
+def test_a_pinned_worker_binds_its_jobs_and_their_processes_to_its_gpu(
+    ws, store, monkeypatch, worker_visible, expected
+):
+    """A worker started on cuda:1 gives its jobs that GPU alone (CUDA_VISIBLE_DEVICES, inherited by
+    every process a job launches), named cuda:0 inside them."""
+    monkeypatch.setattr(executors, "_REGISTRY", dict(executors._REGISTRY))
+    register_executor("report_device", "tests.test_jobs_worker:report_device")
+    if worker_visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", worker_visible)
+    job = store.submit("report_device", {})
+    worker = Worker(ws, device="cuda:1", poll_s=0.1, heartbeat_s=0.2, lost_timeout_s=5.0, store=store)
+    worker.run(once=True)
+    assert store.get(job.id).status == SUCCEEDED, store.get(job.id).error
+    seen = json.loads((Path(store.get(job.id).run_dir) / "device.json").read_text())
+    assert seen == {"device": "cuda:0", "visible": expected}
+
+
+def test_a_pin_outside_the_visible_gpus_is_refused(ws, store, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(ValueError, match="cuda:2 is not among the 2 GPU"):
+        Worker(ws, device="cuda:2", store=store)

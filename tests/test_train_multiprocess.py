@@ -7,11 +7,13 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dpo_engine import rundir
+from dpo_engine.names import divergence_metric
 from dpo_engine.train.launch import launch_training
-from tests.helpers import assert_step_2_is_the_mean_of_both_shards
+from tests.helpers import assert_step_2_is_the_mean_of_both_shards, deep_merge
 from tests.test_train import make_config
 
 WORDS = "red blue green sky sea tree stone river cloud fire bird road".split()
@@ -95,3 +97,44 @@ def test_train_job_with_two_processes_runs_through_the_worker(workspace, tmp_pat
     assert metrics["step"].tolist() == [1, 2]
     assert metrics["epoch"].tolist() == [1 / 8, 2 / 8]  # 32 training pairs, 2 x 2 per step: 8 steps an epoch
     assert "eval step 2" in (Path(done.run_dir) / rundir.LOG).read_text()
+
+
+def test_two_processes_share_the_evaluation_and_both_fill_the_reference_cache(workspace, tmp_path):
+    """Each process evaluates half of the held-out batches: the gathered step-0 row, per-pair
+    margins and probe-set score equal one process's; the reference cache holds the pairs of both
+    processes' batches (not only rank 0's)."""
+    from dpo_engine.train.reference import ReferenceCache
+    from dpo_engine.train.trainer import train
+
+    data = tmp_path / "pairs.jsonl"
+    varied_pairs().to_json(data, orient="records", lines=True)
+    settings = {
+        "optimisation": {"batch_size": 2, "scheduler": "constant"},
+        "monitoring": {"eval_every": 2, "snapshot_every": 2, "eval_divergences": True, "divergence_pairs": 4},
+        "method": {"divergence": {"name": "kl"}},
+    }
+    two = make_config(
+        data={"dataset": str(data)}, **deep_merge(settings, {"optimisation": {"max_steps": 2, "processes": 2}})
+    )
+    summary = launch_training(two, workspace.runs_dir / "two", workspace=workspace, device="cpu", log=lambda _: None)
+    assert summary["status"] == "succeeded", summary["error"]
+    caches = list((workspace.root / "reference_cache").glob("*.npz"))
+    assert len(caches) == 1
+    n_eval, steps, processes, batch = 8, 2, 2, 2
+    assert ReferenceCache(workspace.root, caches[0].stem).count() == n_eval + steps * processes * batch
+
+    one = make_config(data={"dataset": str(data)}, **deep_merge(settings, {"optimisation": {"max_steps": 2}}))
+    assert train(one, tmp_path / "one", workspace=workspace)["status"] == "succeeded"
+    rows = {
+        name: rundir.read_eval(d).set_index("step")
+        for name, d in (("one", tmp_path / "one"), ("two", workspace.runs_dir / "two"))
+    }
+    assert rows["two"].index.tolist() == [0, 2]
+    pd.testing.assert_series_equal(rows["two"].loc[0], rows["one"].loc[0], rtol=1e-5, atol=1e-6)
+    margins_two, margins_one = (
+        rundir.read_eval_margins(workspace.runs_dir / "two"),
+        rundir.read_eval_margins(tmp_path / "one"),
+    )
+    assert len(margins_two[0]) == n_eval
+    pd.testing.assert_series_equal(margins_two[0], margins_one[0], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(rows["two"].loc[2, ["loss_pref", divergence_metric("kl"), "dbs"]].astype(float)).all()

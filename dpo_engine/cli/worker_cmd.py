@@ -13,7 +13,11 @@ BACKENDS = ("local", "ray")
 
 
 def worker(
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (local backend)."),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="auto, cpu, cuda or cuda:N (local backend); cuda:N binds every process a job starts to that GPU alone.",
+    ),
     backend: str = typer.Option("local", "--backend", help="local: run jobs here; ray: send them to a Ray cluster."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (ray backend; default: auto)."),
     max_jobs: int | None = typer.Option(

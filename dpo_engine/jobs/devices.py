@@ -52,3 +52,16 @@ def resolve_device(device: str = "auto") -> str:
     if str(device).strip().lower() == "auto":
         return "cuda:0" if cuda_usable() else "cpu"
     return normalize_device(device)
+
+
+def pinned_visible_devices(device: str, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the processes of a worker pinned to `device` (`cuda:N`): only that GPU,
+    so a job, and every process it launches (torch.distributed.run, DataLoader workers), uses it
+    and no other. `cuda:N` counts within the worker's own CUDA_VISIBLE_DEVICES when that is set."""
+    index = int(normalize_device(device).split(":")[1])
+    if visible is None or not visible.strip():
+        return str(index)
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if index >= len(ids):
+        raise ValueError(f"device {device} is not among the {len(ids)} GPU(s) CUDA_VISIBLE_DEVICES={visible!r} shows")
+    return ids[index]

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 import dpo_engine
 from dpo_engine.jobs.allocator import with_allocator
 from dpo_engine.jobs.child import ENV_DEVICE, ENV_WORKER_PID
-from dpo_engine.jobs.devices import resolve_device
+from dpo_engine.jobs.devices import pinned_visible_devices, resolve_device
 from dpo_engine.jobs.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
 from dpo_engine.jobs.stopping import StopOnSignal
 from dpo_engine.jobs.store import JobStore
@@ -102,6 +102,12 @@ class Worker(StopOnSignal):
             )
         self.workspace = workspace
         self.device = resolve_device(device)
+        self.pinned = str(device).strip().lower() != "auto"  # an explicit device binds every process a job starts
+        self.visible_devices = (
+            pinned_visible_devices(self.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if self.pinned and self.device.startswith("cuda:")
+            else None
+        )
         self.poll_s, self.heartbeat_s = float(poll_s), float(heartbeat_s)
         self.lost_timeout_s, self.cancel_grace_s = float(lost_timeout_s), float(cancel_grace_s)
         self.store = store or JobStore.for_workspace(workspace)
@@ -166,12 +172,19 @@ class Worker(StopOnSignal):
             {
                 ENV_WORKSPACE: str(self.workspace.root),
                 ENV_DB_URL: self.store.url,
-                ENV_DEVICE: self.device,
+                ENV_DEVICE: self.child_device,
                 ENV_WORKER_PID: str(os.getpid()),
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
         return with_allocator(env)
+
+    @property
+    def child_device(self) -> str:
+        """The device as the job's process names it: a pinned GPU is the only one it sees, so `cuda:0`."""
+        return "cuda:0" if self.visible_devices is not None else self.device
 
     def run_job(self, job: Job) -> Job:
         """Run a job this worker has claimed, to its final status (or back to the queue)."""
@@ -187,7 +200,7 @@ class Worker(StopOnSignal):
             logf.flush()
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "dpo_engine.jobs.child", str(job.id), "--device", self.device],
+                    [sys.executable, "-m", "dpo_engine.jobs.child", str(job.id), "--device", self.child_device],
                     stdin=subprocess.DEVNULL,
                     stdout=logf,
                     stderr=subprocess.STDOUT,

@@ -29,8 +29,9 @@ def trainable_state(parts: TrainingParts) -> dict[str, torch.Tensor]:
 
 
 def save_reference_cache(parts: TrainingParts) -> None:
-    """Merge the reference values this run computed into the workspace cache (rank 0)."""
-    if parts.reference_cache is not None and parts.accelerator.is_main_process:
+    """Merge the reference values this process computed into the workspace cache. Every process
+    saves its own (each computes the pairs of its share of the batches); the cache's file lock merges them."""
+    if parts.reference_cache is not None:
         parts.reference_cache.save()
 
 

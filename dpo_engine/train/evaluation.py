@@ -4,15 +4,19 @@
 divergence traces on the first `monitoring.divergence_pairs` of them, and with `snapshot` the probe
 set's representations and their Davies-Bouldin score. It computes each batch with the step's
 objective (`TrainingStep.compute`, train=False), so evaluation and training share one definition.
+With several processes each evaluates every N-th batch and the sums, margins and probe
+representations are gathered (`EvalShard`), so the row equals the one-process row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
 from dpo_engine import rundir
 from dpo_engine.analysis.dbs import davies_bouldin
@@ -25,6 +29,32 @@ from dpo_engine.train.passes import ForwardOut
 from dpo_engine.train.step import TrainingStep
 
 DIVERGENCE_REFERENCE_BYTES = 64 * 2**20  # reference hidden states kept for the divergence subset; beyond, recomputed
+EVAL_SUMS = ("loss_pref", "reward_acc", "hybrid_acc", "reward_chosen", "reward_rejected")  # summed, then / pairs
+
+
+@dataclass
+class EvalShard:
+    """What one process's share of the held-out batches adds up to; `combine` joins the shares."""
+
+    sums: np.ndarray  # EVAL_SUMS, summed over the shard's pairs
+    div_sums: np.ndarray  # DIVERGENCE_METRICS, summed over response positions
+    positions: int
+    indices: list[int]  # eval pair indices, in the order of `margins`
+    margins: np.ndarray
+    chosen: dict[int, np.ndarray]  # probe pair index -> h(y+)
+    rejected: dict[int, np.ndarray]
+
+    @staticmethod
+    def combine(shards: list["EvalShard"]) -> "EvalShard":
+        return EvalShard(
+            sums=np.sum([s.sums for s in shards], axis=0),
+            div_sums=np.sum([s.div_sums for s in shards], axis=0),
+            positions=sum(s.positions for s in shards),
+            indices=[i for s in shards for i in s.indices],
+            margins=np.concatenate([s.margins for s in shards]),
+            chosen={k: v for s in shards for k, v in s.chosen.items()},
+            rejected={k: v for s in shards for k, v in s.rejected.items()},
+        )
 
 
 class Evaluator:
@@ -68,24 +98,23 @@ class Evaluator:
         parts, state, step = self.parts, self.state, self.step
         parts.model.eval()
         mon = self.config.monitoring
+        accelerator = parts.accelerator
         at_reference = step.reference.policy_is_reference(state.step)
         memo = self.divergence_reference
-        n = 0
-        sums: dict[str, float] = {
-            "loss_pref": 0.0,
-            "reward_acc": 0.0,
-            "hybrid_acc": 0.0,
-            "reward_chosen": 0.0,
-            "reward_rejected": 0.0,
-        }
-        div_sums: dict[str, float] = dict.fromkeys(DIVERGENCE_METRICS, 0.0)
+        device = parts.device
+        sums = torch.zeros(len(EVAL_SUMS), dtype=torch.float64, device=device)  # read once, at the end
+        div_sums = torch.zeros(len(DIVERGENCE_METRICS), dtype=torch.float64, device=device)
         positions = 0
-        margins: dict[int, float] = {}  # eval pair index -> rho, written in the held-out order
+        indices: list[list[int]] = []
+        margins: list[torch.Tensor] = []  # rho per pair of each chunk, kept on the device until the end
         chosen: dict[int, np.ndarray] = {}
         rejected: dict[int, np.ndarray] = {}
-        for index, chunk in enumerate(self.eval_chunks()):
-            in_div = mon.eval_divergences and n < mon.divergence_pairs
-            in_probe = snapshot and n < len(parts.probe_pairs)
+        chunks = self.eval_chunks()
+        # each process evaluates every num_processes-th batch; the sums and margins are gathered below
+        for index in range(accelerator.process_index, len(chunks), accelerator.num_processes):
+            chunk = chunks[index]
+            in_div = mon.eval_divergences and chunk[0] < mon.divergence_pairs  # chunks never straddle a prefix
+            in_probe = snapshot and chunk[0] < len(parts.probe_pairs)
             batch = step.passes.collate([parts.eval_pairs[i] for i in chunk])
             terms = step.compute(
                 batch,
@@ -103,18 +132,20 @@ class Evaluator:
             ):
                 memo[index] = ForwardOut(terms.ref_logps, None, terms.ref_hidden, terms.ref_head)
             out, b = terms.out, batch.n_pairs
-            sums["loss_pref"] += float(out.loss_pref) * b
-            sums["reward_acc"] += float((out.rho > 0).float().sum())
-            sums["hybrid_acc"] += float((out.margins > 0).float().sum())
-            sums["reward_chosen"] += float(out.reward_chosen.sum())
-            sums["reward_rejected"] += float(out.reward_rejected.sum())
-            margins.update(zip(chunk, out.rho.detach().float().cpu().numpy()))
-            n += b
+            sums += torch.stack(
+                [
+                    out.loss_pref.detach().double() * b,
+                    (out.rho > 0).double().sum(),
+                    (out.margins > 0).double().sum(),
+                    out.reward_chosen.detach().double().sum(),
+                    out.reward_rejected.detach().double().sum(),
+                ]
+            )
+            indices.append(chunk)
+            margins.append(out.rho.detach().double())
             if in_div:
                 n_pos = terms.policy_hidden.shape[0]
-                if at_reference:  # policy = reference: D(p || p) = 0 for all seven, no need to form logits
-                    divs = dict.fromkeys(div_sums, 0.0)
-                else:
+                if not at_reference:  # policy = reference: D(p || p) = 0 for all seven, no need to form logits
                     divs = all_token_divergences_from_hidden(
                         terms.policy_hidden,
                         terms.ref_hidden,
@@ -123,25 +154,43 @@ class Evaluator:
                         step.passes.output_embeddings(),
                         ref_head_weight=terms.ref_head,
                     )
-                for key, value in divs.items():
-                    div_sums[key] += float(value) * n_pos
+                    div_sums += n_pos * torch.tensor(
+                        [divs[k] for k in DIVERGENCE_METRICS], dtype=torch.float64, device=device
+                    )
                 positions += n_pos
             if in_probe:
-                chosen.update(zip(chunk, terms.reps[1].cpu().numpy()))
-                rejected.update(zip(chunk, terms.reps[2].cpu().numpy()))
-        row: dict[str, Any] = {k: v / n for k, v in sums.items()}
-        row.update({k: (v / positions if positions else float("nan")) for k, v in div_sums.items()})
+                chosen.update(zip(chunk, terms.reps[1].float().cpu().numpy()))
+                rejected.update(zip(chunk, terms.reps[2].float().cpu().numpy()))
+        mine = EvalShard(
+            sums=sums.cpu().numpy(),
+            div_sums=div_sums.cpu().numpy(),
+            positions=positions,
+            indices=[i for chunk in indices for i in chunk],
+            margins=torch.cat(margins).cpu().numpy() if margins else np.zeros(0),
+            chosen=chosen,
+            rejected=rejected,
+        )
+        total = EvalShard.combine(gather_object([mine]) if accelerator.num_processes > 1 else [mine])
+        n = len(total.indices)
+        row: dict[str, Any] = {k: float(v) / n for k, v in zip(EVAL_SUMS, total.sums)}
+        row.update(
+            {
+                k: (float(v) / total.positions if total.positions else float("nan"))
+                for k, v in zip(DIVERGENCE_METRICS, total.div_sums)
+            }
+        )
         if snapshot:
             probe = range(len(parts.probe_pairs))
             row["dbs"] = self.write_snapshot(
-                np.stack([chosen[i] for i in probe]), np.stack([rejected[i] for i in probe])
+                np.stack([total.chosen[i] for i in probe]), np.stack([total.rejected[i] for i in probe])
             )
-        if parts.accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
+        if accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
+            by_pair = dict(zip(total.indices, total.margins))
             rundir.append_eval_margins(
                 self.run_dir,
                 state.step,
                 [p.pair_id for p in parts.eval_pairs[:n]],
-                np.array([margins[i] for i in range(n)]),
+                np.array([by_pair[i] for i in range(n)]),
             )
         return row
 

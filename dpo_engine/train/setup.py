@@ -310,7 +310,7 @@ def setup_method(
             try:
                 reps = calibration_reps(passes, split.train_pairs, config, log)
             except BaseException:
-                if models.reference_cache is not None and accelerator.is_main_process:
+                if models.reference_cache is not None:
                     models.reference_cache.save()  # keep the reference passes already paid for
                 raise
             calibration = KernelCalibration.fit(reps, spectral_components=kcfg.spectral_components)
