@@ -187,7 +187,9 @@ def _cluster_map(run, config, method, dbs) -> None:
 def _htsr(run) -> None:
     if run.htsr_before is None and run.htsr_after is None:
         st.info(
-            "No WeightWatcher analysis in this run yet (it runs before and after training when monitoring.htsr is on)."
+            "No WeightWatcher analysis in this run yet. It runs before and after training when monitoring.htsr "
+            "is on, or auto with a model under 1B parameters; for a larger model, run an HT-SR job on the "
+            "saved model from the HT-SR page."
         )
         return
     st.markdown(viz.ALPHA_EXPLANATION)

@@ -10,7 +10,7 @@ from app.state import dataset_store, job_store, workspace
 from app.ui import page_header, switch_page
 from dpo_engine.schema import validation_errors
 from dpo_engine.train.config import TrainConfig
-from dpo_engine.train.inputs import WillNotFit, check_inputs, check_memory
+from dpo_engine.train.inputs import check_inputs, check_memory
 from dpo_engine.train.presets import PRESET_LABELS, preset_overrides
 
 ERRORS_KEY = "train-form-errors"
@@ -143,8 +143,9 @@ if submitted:
     default_title = f"{config.model.name} · {method.kernel.name}/{method.divergence.name} · {config.data.dataset}"
     device = worker_by_id[worker].device if worker else None
     try:  # against the chosen worker's device where this machine can see it; the job checks again
-        check_memory(config, workspace(), device or "cpu")
-    except WillNotFit as exc:
+        if device or not config.model.load_in_4bit:  # 4-bit needs a GPU: left to the worker that takes it
+            check_memory(config, workspace(), device or "cpu")
+    except ValueError as exc:  # WillNotFit, or options the device cannot run
         st.error(f"Not queued: {exc}")
         st.stop()
     try:

@@ -96,7 +96,7 @@ def part_model_1b(out: Path) -> dict:
     weight_bytes = 2 * llama_parameter_count("llama-1b")
     args = [str(HH_SAMPLE), "--model", str(model_dir), "--dtype", "bfloat16", "--max-length", "256"]
     args += ["--batch-size", "2", "--max-steps", "3", "--calibration-pairs", "8", "--eval-max-pairs", "8"]
-    args += ["--eval-every", "100", "--divergence-pairs", "2", "--probe-pairs", "8", "--no-htsr"]
+    args += ["--eval-every", "100", "--divergence-pairs", "2", "--probe-pairs", "8", "--htsr", "off"]
     # cache cold: the calibration's reference pass is part of what is measured
     shutil.rmtree(workspace / CACHE_DIR, ignore_errors=True)
     print("training 3 steps of the 1.1B model (bf16, LoRA), reference cache cold ...", flush=True)
@@ -178,7 +178,7 @@ def part_estimate(out: Path) -> dict:
         args = [str(HH_SAMPLE), "--model", cfg.model.name, "--dtype", cfg.model.dtype, "--max-length", str(length)]
         args += ["--max-prompt-length", str(length // 2), "--batch-size", "2", "--max-steps", "2"]
         args += ["--calibration-pairs", "4", "--eval-max-pairs", "4", "--eval-every", "100", "--divergence-pairs", "2"]
-        args += ["--probe-pairs", "4", "--no-htsr", "--no-pack-pairs"]
+        args += ["--probe-pairs", "4", "--htsr", "off", "--no-pack-pairs"]
         shutil.rmtree(workspace / CACHE_DIR, ignore_errors=True)
         print(f"training 2 steps of {model} at max_length {length} ...", flush=True)
         result = run_train(args, workspace / "runs" / f"estimate-{model}-{length}", workspace, out / "estimate.log")

@@ -65,7 +65,7 @@ def test_train_has_one_flag_per_config_setting_with_its_description_and_default(
     assert re.search(r"--max-steps .*?Default: 100\.", help_text)
     assert re.search(r"--scheduler .*?Allowed: cosine, linear, constant\. Default: cosine\.", help_text)
     assert re.search(r"--beta .*?Allowed: number > 0\. Default: 0\.1\.", help_text)
-    for short in ("--model", "--kernel", "--divergence", "--lora / --no-lora", "--htsr / --no-htsr", "--epsilon-dpo"):
+    for short in ("--model", "--kernel", "--divergence", "--lora / --no-lora", "--epsilon-dpo"):
         assert short in help_text
 
 
@@ -85,7 +85,8 @@ def test_train_flags_reach_the_submitted_config(workspace, tmp_path):
             "linear",
             "--lora-target-modules",
             "q_proj, v_proj",
-            "--no-htsr",
+            "--htsr",
+            "off",
             "--sigma",
             "2.5",
             "--divergence-f",
@@ -98,7 +99,7 @@ def test_train_flags_reach_the_submitted_config(workspace, tmp_path):
     job = JobStore.for_workspace(workspace).list()[0]
     assert job.params["optimisation"]["scheduler"] == "linear"
     assert job.params["model"]["lora_target_modules"] == ["q_proj", "v_proj"]
-    assert job.params["monitoring"]["htsr"] is False
+    assert job.params["monitoring"]["htsr"] == "off"
     assert job.params["method"]["kernel"]["sigma"] == 2.5
     assert job.params["method"]["divergence"]["f"] == "chi2"
     assert job.params["data"]["dataset"] == str(data.resolve())

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_engine.analysis.htsr import ALPHA_RANGE, analyze_model, gram_singular_values, summarize, weighted_alpha
+from dpo_engine.analysis.htsr import (
+    ALPHA_RANGE,
+    analyze_model,
+    gram_singular_values,
+    gram_singular_values_on,
+    summarize,
+    weighted_alpha,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +87,8 @@ def test_gram_singular_values_match_numpy_svd():
     rng = np.random.default_rng(0)
     for shape in ((40, 7), (7, 40), (16, 16)):
         w = rng.standard_normal(shape)
-        assert np.allclose(np.sort(gram_singular_values(w)), np.sort(np.linalg.svd(w, compute_uv=False)), rtol=1e-10)
+        svd = np.sort(np.linalg.svd(w, compute_uv=False))
+        assert np.allclose(np.sort(gram_singular_values(w)), svd, rtol=1e-10)
+        assert np.allclose(np.sort(gram_singular_values_on("cpu")(w.astype(np.float32))), svd, rtol=1e-6)
     with pytest.raises(ValueError, match="solver"):
         analyze_model(torch.nn.Linear(4, 4), solver="qr")

@@ -69,7 +69,8 @@ def test_train_foreground_writes_run_dir(workspace, tmp_path):
             "2",
             "--batch-size",
             "4",
-            "--no-htsr",
+            "--htsr",
+            "off",
             "--foreground",
             "--run-dir",
             str(run),
@@ -81,7 +82,7 @@ def test_train_foreground_writes_run_dir(workspace, tmp_path):
     assert rundir.read_summary(run)["status"] == "succeeded"
     assert '"health_alerts": [' in res.output  # the run's health is reported with its summary
     assert "eval step 2" in (run / rundir.LOG).read_text()
-    assert rundir.read_config(run)["monitoring"]["htsr"] is False
+    assert rundir.read_config(run)["monitoring"]["htsr"] == "off"
 
 
 def test_train_bad_flags_fail_cleanly(workspace, tmp_path):

@@ -70,12 +70,28 @@ def test_cli_flags_override_config(tmp_path):
         beta=0.2,
         epochs=1.5,
         lora=False,
-        htsr=False,
+        htsr="off",
         divergence="js",
         alpha=0.05,
         max_steps=None,
     )
     assert cfg.data.dataset == "ds" and cfg.method.kernel.name == "rbf" and cfg.method.loss.beta == 0.2
     assert cfg.optimisation.epochs == 1.5 and cfg.optimisation.max_steps is None
-    assert cfg.model.lora is False and cfg.monitoring.htsr is False
+    assert cfg.model.lora is False and cfg.monitoring.htsr == "off"
     assert cfg.method.divergence.name == "js" and cfg.method.divergence.alpha == 0.05
+
+
+def test_htsr_plan_follows_the_setting_the_size_and_the_process_count():
+    from dpo_engine.train.config import HTSR_AUTO_MAX_PARAMS, MonitoringConfig
+    from dpo_engine.train.monitoring import HTSR_AT_END, HTSR_IN_RUN, HTSR_SKIPPED, htsr_plan
+
+    small, large = HTSR_AUTO_MAX_PARAMS - 1, HTSR_AUTO_MAX_PARAMS
+    assert htsr_plan("auto", small, 1) == (HTSR_IN_RUN, "")
+    plan, why = htsr_plan("auto", large, 1)
+    assert plan == HTSR_SKIPPED and "HT-SR job on the saved model" in why
+    assert htsr_plan("on", large, 1)[0] == HTSR_IN_RUN
+    assert htsr_plan("on", small, 2)[0] == HTSR_AT_END and htsr_plan("auto", small, 4)[0] == HTSR_AT_END
+    assert htsr_plan("off", small, 1)[0] == HTSR_SKIPPED
+    # configs written before auto existed said true or false
+    assert MonitoringConfig(htsr=True).htsr == "on" and MonitoringConfig(htsr=False).htsr == "off"
+    assert MonitoringConfig().htsr == "auto"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from peft import LoraConfig, get_peft_model
 
 from dpo_engine.jobs import JobStore
@@ -28,6 +29,9 @@ def test_shape_from_the_config_equals_the_loaded_model(workspace):
     model, _ = load_policy("tiny-random", workspace=workspace, dtype="float32")
     assert shape.n_params == sum(p.numel() for p in model.parameters())
     assert shape.n_layers == model.config.num_hidden_layers and shape.vocab == model.config.vocab_size
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert shape.linear_params == sum(m.weight.numel() for m in linear) > 0  # what 4-bit loading quantises
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=TARGETS))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert shape.lora_params_per_rank * 4 == trainable  # peft counts the same adapters
@@ -41,6 +45,7 @@ SHAPE = ModelShape(
     vocab=50_000,
     n_heads=16,
     lora_params_per_rank=1_000_000,
+    linear_params=800_000_000,
 )
 
 
@@ -132,3 +137,28 @@ def test_a_run_that_will_not_fit_is_refused_by_the_cli_and_by_the_job(workspace)
     )
     (job,) = JobStore.for_workspace(workspace).list(kind="train")
     assert job.status == "failed" and "will not fit" in job.error.splitlines()[0]
+
+
+def test_four_bit_weights_are_nf4_for_linear_layers_and_the_compute_dtype_elsewhere():
+    bf16 = _estimate()
+    nf4 = _estimate(load_in_4bit=True)
+    # 4 bits plus 0.127 bits of double-quantised block constants per linear weight (QLoRA, section 3.1)
+    assert nf4.components["weights"] == int(800_000_000 * 4.127 / 8) + 200_000_000 * 2
+    assert {k: v for k, v in nf4.components.items() if k != "weights"} == {
+        k: v for k, v in bf16.components.items() if k != "weights"
+    }
+    tight = _estimate(available=int(bf16.total * 0.9))
+    assert any("model.load_in_4bit" in a for a in tight.advice)
+
+
+def test_four_bit_loading_is_refused_in_one_line_where_it_cannot_run(workspace):
+    from pydantic import ValidationError
+
+    from dpo_engine.train.config import TrainConfig
+    from dpo_engine.train.inputs import check_memory
+
+    with pytest.raises(ValidationError, match="load_in_4bit needs model.lora"):
+        TrainConfig.model_validate({"data": {"dataset": "x"}, "model": {"lora": False, "load_in_4bit": True}})
+    cfg = TrainConfig.model_validate({"data": {"dataset": "x"}, "model": {"name": "tiny-random", "load_in_4bit": True}})
+    with pytest.raises(ValueError, match=r"needs an NVIDIA GPU and this run is on cpu"):
+        check_memory(cfg, workspace, "cpu")

@@ -113,11 +113,17 @@ def test_two_processes_share_the_evaluation_and_both_fill_the_reference_cache(wo
         "monitoring": {"eval_every": 2, "snapshot_every": 2, "eval_divergences": True, "divergence_pairs": 4},
         "method": {"divergence": {"name": "kl"}},
     }
-    two = make_config(
-        data={"dataset": str(data)}, **deep_merge(settings, {"optimisation": {"max_steps": 2, "processes": 2}})
+    two_settings = deep_merge(
+        settings, {"optimisation": {"max_steps": 2, "processes": 2}, "monitoring": {"htsr": "on"}}
     )
-    summary = launch_training(two, workspace.runs_dir / "two", workspace=workspace, device="cpu", log=lambda _: None)
+    two = make_config(data={"dataset": str(data)}, **two_settings)
+    lines: list[str] = []
+    summary = launch_training(two, workspace.runs_dir / "two", workspace=workspace, device="cpu", log=lines.append)
     assert summary["status"] == "succeeded", summary["error"]
+    # the layer analyses wait for the end of training, on rank 0, so no process waits on them
+    assert any("HT-SR before and after training both run at the end" in line for line in lines)
+    assert summary["weighted_alpha_before"] is not None and summary["weighted_alpha_after"] is not None
+    assert all((workspace.runs_dir / "two" / f).is_file() for f in (rundir.HTSR_BEFORE, rundir.HTSR_AFTER))
     caches = list((workspace.root / "reference_cache").glob("*.npz"))
     assert len(caches) == 1
     n_eval, steps, processes, batch = 8, 2, 2, 2

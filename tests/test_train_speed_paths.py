@@ -214,7 +214,11 @@ def test_run_with_speed_paths_equals_run_without(workspace, tmp_path, method):
     slow_m, slow_e = run("slow", False)
     fast_m, fast_e = run("fast", True)
     again_m, again_e = run("again", True)  # cache warm now
-    cols = [c for c in slow_m.columns if c not in ("tokens_per_s",)]
+    layout = ("tokens_per_s", "computed_tokens", "padding_tokens")  # what packing changes, and time
+    cols = [c for c in slow_m.columns if c not in layout]
+    assert (fast_m["tokens"] == slow_m["tokens"]).all()  # the same pairs' tokens ...
+    assert (fast_m["computed_tokens"] < slow_m["computed_tokens"]).all()  # ... read in fewer positions
+    assert (slow_m["padding_tokens"] >= 0).all() and (fast_m["padding_tokens"] >= 0).all()
     for m, e in ((fast_m, fast_e), (again_m, again_e)):
         np.testing.assert_allclose(m[cols].to_numpy(float), slow_m[cols].to_numpy(float), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(e.to_numpy(float), slow_e.to_numpy(float), rtol=1e-4, atol=1e-5, equal_nan=True)
@@ -399,3 +403,41 @@ def test_length_grouped_evaluation_equals_the_held_out_order(workspace, tmp_path
     np.testing.assert_allclose(list(margins[0].values()), list(margins[1].values()), rtol=1e-5, atol=1e-5)
     for a, b in zip(snapshots[0], snapshots[1]):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_packed_block_mask_allows_exactly_what_each_token_sees_alone():
+    """packed_attention_mask against the rule written out position by position: a token sees earlier
+    tokens of its own pair that are the prompt or its own response; padding sees itself."""
+    from dpo_engine.train.data import packed_attention_mask
+
+    pairs = [
+        TokenizedPair("a", [1, 2, 3], [4, 5], [6]),
+        TokenizedPair("b", [7], [8, 9, 10], [11, 12]),
+        TokenizedPair("c", [13], [15], [16]),
+        TokenizedPair("d", [], [19], [20]),
+    ]
+    batch = collate_packed(pairs, pad_token_id=0)
+    mask = packed_attention_mask(batch.segment, batch.owner)
+    rows, width = batch.segment.shape
+    assert mask.shape == (rows, 1, width, width) and rows < len(pairs)
+    seg, own = batch.segment.tolist(), batch.owner.tolist()
+    for r in range(rows):
+        for q in range(width):
+            for k in range(width):
+                sees = k == q or (k < q and own[r][k] == own[r][q] and seg[r][k] in (0, seg[r][q]))
+                assert bool(mask[r, 0, q, k]) == sees, (r, q, k)
+
+
+def test_a_sliding_window_shorter_than_max_length_keeps_the_plain_layout():
+    from types import SimpleNamespace
+
+    from dpo_engine.train.setup import packing_keeps_attention
+
+    said: list[str] = []
+    model = SimpleNamespace(config=SimpleNamespace(sliding_window=64))
+    assert packing_keeps_attention(model, 64, said.append) and not said
+    assert not packing_keeps_attention(model, 65, said.append)
+    assert "sliding window of 64 tokens" in said[0]
+    unused = SimpleNamespace(config=SimpleNamespace(sliding_window=16, use_sliding_window=False))  # Qwen2 style
+    assert packing_keeps_attention(unused, 512, said.append)
+    assert packing_keeps_attention(SimpleNamespace(config=SimpleNamespace()), 512, said.append)

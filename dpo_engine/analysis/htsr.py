@@ -51,28 +51,46 @@ def gram_singular_values(W, method=None) -> np.ndarray:  # noqa: ARG001 - Weight
     return np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
 
 
+def gram_singular_values_on(device: str):
+    """`gram_singular_values` computed by torch on `device` (float64 there too): a GPU forms the Gram
+    matrix and its eigenvalues of an 8B model's layers in a fraction of the CPU's time."""
+
+    def singular_values(W, method=None) -> np.ndarray:  # noqa: ARG001 - WeightWatcher passes its svd method
+        import torch
+
+        w = torch.as_tensor(np.asarray(W), device=device).to(torch.float64)
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        return torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt().cpu().numpy()
+
+    return singular_values
+
+
 @contextlib.contextmanager
-def _gram_spectra():
-    """WeightWatcher takes its singular values from `gram_singular_values` inside the block. The swap
-    is process-wide: analyses run one at a time per process (in jobs, never in page threads)."""
+def _gram_spectra(device: str | None = None):
+    """WeightWatcher takes its singular values from `gram_singular_values` (or its torch twin on
+    `device`) inside the block. The swap is process-wide: analyses run one at a time per process (in
+    jobs, never in page threads)."""
     import weightwatcher.weightwatcher as ww_module
 
     original = ww_module.svd_vals
-    ww_module.svd_vals = gram_singular_values
+    ww_module.svd_vals = gram_singular_values if device is None else gram_singular_values_on(device)
     try:
         yield
     finally:
         ww_module.svd_vals = original
 
 
-def analyze_model(model, *, known: pd.DataFrame | None = None, solver: str = "gram") -> pd.DataFrame:
+def analyze_model(
+    model, *, known: pd.DataFrame | None = None, solver: str = "gram", device: str | None = None
+) -> pd.DataFrame:
     """Per-layer WeightWatcher table (COLUMNS first, then whatever else it reports) plus an `out_of_range` flag.
 
     `known`: rows of an earlier table for layers whose weights have not changed since (same model
     structure, so the same `layer_id`s; e.g. the embedding and LM head that LoRA leaves alone).
     WeightWatcher skips those layers and their rows are reused: the table is the one a full
     analysis gives, without the largest SVDs (the 49k × 576 embedding of SmolLM2).
-    `solver`: "gram" (the default; see the module docstring) or "svd" (WeightWatcher's own)."""
+    `solver`: "gram" (the default; see the module docstring) or "svd" (WeightWatcher's own);
+    `device`: where torch computes the Gram spectra (e.g. "cuda:0"); None computes them with numpy."""
     import weightwatcher
 
     if solver not in ("gram", "svd"):
@@ -82,7 +100,7 @@ def analyze_model(model, *, known: pd.DataFrame | None = None, solver: str = "gr
     if any(i >= 0 for i in skip):
         raise ValueError("layers to reuse need positive WeightWatcher layer ids")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    spectra = _gram_spectra() if solver == "gram" else contextlib.nullcontext()
+    spectra = _gram_spectra(device) if solver == "gram" else contextlib.nullcontext()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), spectra:
         warnings.simplefilter("ignore")
         details = weightwatcher.WeightWatcher(model=model).analyze(layers=skip)

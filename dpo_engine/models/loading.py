@@ -198,8 +198,10 @@ def load_policy(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    quantization_config=None,
 ):
-    """Return (model, tokenizer) for `name` on `device`, in eval mode; the tokenizer always has a pad token."""
+    """Return (model, tokenizer) for `name` on `device`, in eval mode; the tokenizer always has a pad token.
+    `quantization_config` (transformers' BitsAndBytesConfig) loads quantised weights straight onto the GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_directory(name, workspace=workspace)
@@ -208,11 +210,14 @@ def load_policy(
     tokenizer = AutoTokenizer.from_pretrained(source, **offline)
     # straight onto the GPU in the target dtype: no fp32 copy and no full copy in host memory on the way
     placement = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}
+    if quantization_config is not None:
+        placement["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **offline, **placement)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if quantization_config is None:  # quantised weights are placed by from_pretrained and cannot be moved
+        model.to(device)
     model.eval()
     return model, tokenizer

@@ -22,6 +22,14 @@ FULL_FINETUNE_DEFAULT_LR = 5e-5
 # model.gradient_checkpointing="auto" turns checkpointing on from this many parameters: below it the
 # activations of a default batch are small beside the weights, above it they dominate a GPU's memory.
 GRADIENT_CHECKPOINTING_MIN_PARAMS = 1_000_000_000
+# monitoring.htsr="auto" analyses the layers in the run below this many parameters: above it the
+# float64 spectra of every layer cost minutes twice per run, so an HT-SR job on the saved model does it.
+HTSR_AUTO_MAX_PARAMS = 1_000_000_000
+
+
+def switch_from_bool(value: Any) -> Any:
+    """An auto/on/off setting from a config written before auto existed, which said true or false."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class _Strict(BaseModel):
@@ -79,6 +87,11 @@ class ModelConfig(_Strict):
         description="Recompute activations in the backward pass: less memory, ~30% slower; auto = on for models "
         f"of {GRADIENT_CHECKPOINTING_MIN_PARAMS / 1e9:g}B parameters and more.",
     )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: store the frozen base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPUs; LoRA only), "
+        "computing in model.dtype: about a quarter of the bf16 weight memory.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute precision; auto = bf16 mixed precision on GPUs that support it, fp32 on CPU."
     )
@@ -89,8 +102,7 @@ class ModelConfig(_Strict):
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _checkpointing_from_bool(cls, value: Any) -> Any:
-        """Configs written before auto existed said true or false."""
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        return switch_from_bool(value)
 
     @model_validator(mode="after")
     def _known(self) -> "ModelConfig":
@@ -103,6 +115,8 @@ class ModelConfig(_Strict):
                 f"unknown model {self.name!r}: use one of {', '.join(KNOWN_MODELS)}, a local Hugging Face "
                 "directory, or a model id already in the local cache"
             )
+        if self.load_in_4bit and not self.lora:
+            raise ValueError("model.load_in_4bit needs model.lora: 4-bit base weights cannot be trained themselves")
         if self.lora and not self.lora_target_modules:
             raise ValueError("lora is on but lora_target_modules is empty; name at least one module (e.g. q_proj)")
         return self
@@ -218,7 +232,12 @@ class MonitoringConfig(_Strict):
     )
     probe_pairs: int = Field(128, ge=2, description="Held-out pairs in the fixed probe set for snapshots.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
-    htsr: bool = Field(True, description="WeightWatcher layer analysis before and after training.")
+    htsr: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="WeightWatcher layer analysis before and after training; auto = on for models under "
+        f"{HTSR_AUTO_MAX_PARAMS / 1e9:g}B parameters (larger ones: run an HT-SR job on the saved model). With "
+        "several processes both analyses run at the end, on rank 0, so no process waits on them.",
+    )
     eval_divergences: bool = Field(
         True,
         description="Log all seven token divergences at every eval (the Wasserstein one costs most); off writes them "
@@ -233,6 +252,11 @@ class MonitoringConfig(_Strict):
         default_factory=list,
         description="Also send metrics.jsonl and eval.jsonl rows to these trackers (empty = none).",
     )
+
+    @field_validator("htsr", mode="before")
+    @classmethod
+    def _htsr_from_bool(cls, value: Any) -> Any:
+        return switch_from_bool(value)
 
 
 class TrainConfig(_Strict):

@@ -74,7 +74,7 @@ class Batch:
     """
 
     input_ids: torch.Tensor  # (R × L)
-    attention_mask: torch.Tensor  # (R × L) padding mask, or (R × 1 × L × L) block mask when packed
+    attention_mask: torch.Tensor | None  # (R × L) padding mask; None when packed (see `segment`)
     position_ids: torch.Tensor | None
     token_rows: torch.Tensor  # (N,)
     token_cols: torch.Tensor  # (N,)
@@ -84,6 +84,9 @@ class Batch:
     pool_masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B × L) token masks for the same
     pairs: list[TokenizedPair]
     n_tokens: int  # tokens of the pairs as the plain layout reads them (prompt once per response)
+    n_positions: int = 0  # real (non-padding) positions of input_ids; the rest of its R × L is padding
+    segment: torch.Tensor | None = None  # packed: (R × L) 0 prompt, 1 chosen, 2 rejected, 3 padding
+    owner: torch.Tensor | None = None  # packed: (R × L) the pair each position belongs to, -1 for padding
 
     @property
     def pair_ids(self) -> list[str]:
@@ -109,6 +112,9 @@ class Batch:
             tuple(mv(t) for t in self.pool_masks),
             self.pairs,
             self.n_tokens,
+            self.n_positions,
+            mv(self.segment),
+            mv(self.owner),
         )
 
 
@@ -156,6 +162,7 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
         (first, first, second),
         (prompt_mask[:b], response_mask[:b], response_mask[b:]),
         list(pairs),
+        int(attention.sum()),
         int(attention.sum()),
     )
 
@@ -216,18 +223,13 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
             source = lp - 1 if k == 0 else lp + lc + k - 1
             if source >= 0:
                 items.append((r, o + source, tok, b + i))
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    same_pair = owner.unsqueeze(2) == owner.unsqueeze(1)
-    allowed = causal & same_pair & ((key == 0) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool)  # padding positions see themselves, so no row is empty
     rows, cols, labels, seq = _token_index(items)
     pair_rows = torch.tensor(row_of, dtype=torch.long)
     mine = owner[pair_rows] == torch.arange(b).unsqueeze(1)  # (B × width): pair i's positions in its row
     seg = segment[pair_rows]
     return Batch(
         input_ids,
-        allowed.unsqueeze(1),
+        None,  # the block mask is built where the model runs, from segment and owner (packed_attention_mask)
         position_ids,
         rows,
         cols,
@@ -237,4 +239,22 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
         (mine & (seg == 0), mine & (seg == 1), mine & (seg == 2)),
         list(pairs),
         sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+        sum(lengths),
+        segment,
+        owner,
     )
+
+
+def packed_attention_mask(segment: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """The (R × 1 × L × L) boolean block mask of packed rows, on the device `segment` is on.
+
+    A position sees earlier positions of its own pair that are the prompt or its own response (the
+    rejected response never sees the chosen one), and padding sees itself so no row is empty.
+    Built from the two (R × L) index tensors where the model runs, so only those cross to a GPU."""
+    width = segment.shape[1]
+    positions = torch.arange(width, device=segment.device)
+    causal = positions.unsqueeze(1) >= positions.unsqueeze(0)
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    allowed = causal & (owner.unsqueeze(2) == owner.unsqueeze(1)) & ((key == 0) | (key == query))
+    allowed |= positions.unsqueeze(1) == positions.unsqueeze(0)
+    return allowed.unsqueeze(1)

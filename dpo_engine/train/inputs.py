@@ -50,11 +50,17 @@ def memory_estimate(cfg, ws, device: str):
         device=device,
         available=device_memory(device),
         head_chunk_rows=HEAD_CHUNK_ROWS,
+        load_in_4bit=cfg.model.load_in_4bit,
     )
 
 
 def check_memory(cfg, ws, device: str):
-    """The estimate, or WillNotFit when the run is predicted not to fit on `device`."""
+    """The estimate, or WillNotFit when the run is predicted not to fit on `device` (ValueError when
+    its options cannot run there at all, e.g. 4-bit weights without an NVIDIA GPU)."""
+    if cfg.model.load_in_4bit:
+        from dpo_engine.train.setup import require_4bit_support
+
+        require_4bit_support(device)
     estimate = memory_estimate(cfg, ws, device)
     if not estimate.fits:
         raise WillNotFit(f"this run will not fit: {estimate.summary()}; to fit, " + "; or ".join(estimate.advice))

@@ -2,8 +2,9 @@
 
 The estimate adds what a step holds at its peak (docs/METHOD.md 2.9 has the terms):
 
-* weights: every parameter in the dtype it is stored in (`setup.weight_dtype`), plus, for a full
-  fine-tune, the frozen reference in the compute dtype;
+* weights: every parameter in the dtype it is stored in (`setup.weight_dtype`; with 4-bit loading
+  the linear layers' weights at NF4_BYTES_PER_PARAM), plus, for a full fine-tune, the frozen
+  reference in the compute dtype;
 * trainable state: fp32 weights, gradients and AdamW's two moments of what is trained (the LoRA
   adapters, or every parameter);
 * activations: chosen and rejected of `batch_size` pairs at `max_length` tokens. With gradient
@@ -34,6 +35,8 @@ RUNTIME_BYTES_CPU = int(1.6 * GiB)
 # The CUDA context and the caching allocator's slack beside what tensors hold.
 RUNTIME_BYTES_CUDA = int(0.8 * GiB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# NF4 with double quantisation: 4 bits per weight plus about 0.127 bits of block constants (QLoRA paper, 3.1).
+NF4_BYTES_PER_PARAM = (4 + 0.127) / 8
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ModelShape:
     vocab: int
     n_heads: int
     lora_params_per_rank: int  # adapter parameters at rank 1 over the targeted modules (scales with r)
+    linear_params: int = 0  # weights of the decoder's linear layers (what 4-bit loading quantises)
 
 
 @dataclass
@@ -81,10 +85,13 @@ def model_shape(model_dir: str, target_modules: list[str], trust_remote_code: bo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     n_params = sum(p.numel() for p in model.parameters())
-    per_rank = 0
+    per_rank = linear = 0
+    head = model.get_output_embeddings()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
-            per_rank += module.in_features + module.out_features
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            linear += module.weight.numel()
+            if name.rsplit(".", 1)[-1] in target_modules:
+                per_rank += module.in_features + module.out_features
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(
         n_params=n_params,
@@ -94,6 +101,7 @@ def model_shape(model_dir: str, target_modules: list[str], trust_remote_code: bo
         vocab=int(text.vocab_size),
         n_heads=int(text.num_attention_heads),
         lora_params_per_rank=per_rank,
+        linear_params=linear,
     )
 
 
@@ -109,11 +117,16 @@ def estimate_peak(
     device: str,
     available: int | None,
     head_chunk_rows: int,
+    load_in_4bit: bool = False,
 ) -> MemoryEstimate:
     """Predicted peak memory of one training step (see the module docstring for the terms)."""
     compute = DTYPE_BYTES[compute_dtype]
     stored = compute if lora else 4
-    components = {"weights": shape.n_params * stored}
+    if load_in_4bit:
+        rest = shape.n_params - shape.linear_params
+        components = {"weights": int(shape.linear_params * NF4_BYTES_PER_PARAM) + rest * compute}
+    else:
+        components = {"weights": shape.n_params * stored}
     components["reference"] = 0 if lora else shape.n_params * compute
     trainable = shape.lora_params_per_rank * lora_r if lora else shape.n_params
     # fp32 weights (a full fine-tune's are counted above), gradients, AdamW's two moments
@@ -130,14 +143,18 @@ def estimate_peak(
     components["runtime"] = RUNTIME_BYTES_CUDA if device.startswith("cuda") else RUNTIME_BYTES_CPU
     estimate = MemoryEstimate(components, device, available)
     if not estimate.fits:
-        estimate.advice = _advice(lora, gradient_checkpointing, batch_size, max_length)
+        estimate.advice = _advice(lora, gradient_checkpointing, batch_size, max_length, load_in_4bit, device)
     return estimate
 
 
-def _advice(lora: bool, checkpointing: bool, batch_size: int, max_length: int) -> list[str]:
+def _advice(
+    lora: bool, checkpointing: bool, batch_size: int, max_length: int, load_in_4bit: bool, device: str
+) -> list[str]:
     advice = []
     if not lora:
         advice.append("train LoRA adapters (model.lora true) instead of every weight")
+    elif not load_in_4bit and device.startswith("cuda"):
+        advice.append("store the frozen base in 4-bit (model.load_in_4bit true: QLoRA)")
     if not checkpointing:
         advice.append("turn gradient checkpointing on (model.gradient_checkpointing on)")
     if batch_size > 1:

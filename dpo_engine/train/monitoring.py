@@ -22,7 +22,7 @@ from accelerate import Accelerator
 
 from dpo_engine import rundir
 from dpo_engine.analysis.htsr import analyze_model, weighted_alpha
-from dpo_engine.train.config import TrainConfig
+from dpo_engine.train.config import HTSR_AUTO_MAX_PARAMS, TrainConfig
 from dpo_engine.train.parts import TrainingParts, TrainState
 from dpo_engine.train.reference import CACHE_DIR
 from dpo_engine.workspace import Workspace
@@ -87,6 +87,29 @@ class Trackers:
 
 
 # ------------------------------------------------------------------ HT-SR
+HTSR_IN_RUN, HTSR_AT_END, HTSR_SKIPPED = "in_run", "at_end", "skipped"
+
+
+def htsr_plan(setting: str, n_params: int, processes: int) -> tuple[str, str]:
+    """When the run analyses its layers, and why: before training and after it (`in_run`), both after
+    training on rank 0 once no process waits on another (`at_end`, several processes), or not at all."""
+    if setting == "off":
+        return HTSR_SKIPPED, "HT-SR off (monitoring.htsr)"
+    if setting == "auto" and n_params >= HTSR_AUTO_MAX_PARAMS:
+        return HTSR_SKIPPED, (
+            f"HT-SR skipped: {n_params / 1e9:.2f}B parameters, at or above the {HTSR_AUTO_MAX_PARAMS / 1e9:g}B "
+            "where monitoring.htsr auto leaves it to an HT-SR job on the saved model (or set it to on)"
+        )
+    if processes > 1:
+        return HTSR_AT_END, "HT-SR before and after training both run at the end, on rank 0"
+    return HTSR_IN_RUN, ""
+
+
+def htsr_device(accelerator: Accelerator) -> str | None:
+    """Where the layer spectra are computed: the run's GPU when it has one, else numpy on the CPU."""
+    return str(accelerator.device) if accelerator.device.type == "cuda" else None
+
+
 def htsr(
     model,
     filename: str,
@@ -103,7 +126,7 @@ def htsr(
         return None
     t0 = time.perf_counter()
     with timer.timed("htsr"):
-        table = analyze_model(model, known=known)
+        table = analyze_model(model, known=known, device=htsr_device(accelerator))
     table.to_csv(run_dir / filename, index=False)
     wa = weighted_alpha(table)
     reused = f", {len(known)} unchanged layers' rows reused" if known is not None and len(known) else ""
@@ -160,16 +183,55 @@ def htsr_unchanged_layers(model, run_dir: Path, accelerator: Accelerator):
 
 
 # ------------------------------------------------------------------ end of run
-def save_model(config: TrainConfig, parts: TrainingParts, run_dir: Path, timer: TimeSplit, log: LogFn) -> float | None:
-    """Save the trained model (the LoRA adapter or the full model) and its tokenizer (rank 0); with
-    monitoring.htsr, write the "after" table and return its weighted alpha."""
+def save_model(
+    config: TrainConfig, parts: TrainingParts, run_dir: Path, workspace: Workspace, timer: TimeSplit, log: LogFn
+) -> tuple[float | None, float | None]:
+    """Save the trained model (the LoRA adapter or the full model) and its tokenizer (rank 0); when
+    the run analyses its layers, write the "after" table (and the "before" one when it was left to
+    the end) and return both weighted alphas (None where not analysed here)."""
     model = parts.accelerator.unwrap_model(parts.model)
     out_dir = run_dir / rundir.MODEL
     model.save_pretrained(out_dir)
     parts.tokenizer.save_pretrained(out_dir)
     log(f"model saved: {out_dir.relative_to(run_dir)} ({'LoRA adapter' if config.model.lora else 'full model'})")
-    if not config.monitoring.htsr:
-        return None
+    if parts.htsr_plan == HTSR_SKIPPED:
+        return None, None
+    before = None
+    if parts.htsr_plan == HTSR_AT_END and not (run_dir / rundir.HTSR_BEFORE).is_file():
+        before = untrained_htsr(config, parts, run_dir, workspace, timer, log)
+    return before, htsr_after(config, parts, model, run_dir, timer, log)
+
+
+def untrained_htsr(
+    config: TrainConfig, parts: TrainingParts, run_dir: Path, workspace: Workspace, timer: TimeSplit, log: LogFn
+) -> float | None:
+    """The "before" analysis at the end of a run: from the workspace when this model was analysed
+    before, else of a fresh copy of the untrained weights loaded onto the CPU."""
+    from dpo_engine.models import load_policy
+
+    cached = workspace.root / CACHE_DIR / f"{parts.base_model_key}.{rundir.HTSR_BEFORE}"
+    base = None
+    if not cached.is_file():
+        base, _ = load_policy(
+            config.model.name,
+            workspace=workspace,
+            dtype="float32",
+            device="cpu",
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    return htsr_before(
+        base,
+        parts.base_model_key,
+        workspace=workspace,
+        run_dir=run_dir,
+        accelerator=parts.accelerator,
+        timer=timer,
+        log=log,
+    )
+
+
+def htsr_after(config: TrainConfig, parts: TrainingParts, model, run_dir: Path, timer: TimeSplit, log: LogFn):
+    """The "after" table of the trained model (LoRA merged), reusing the rows of layers training left alone."""
     lora = config.model.lora
     known = htsr_unchanged_layers(model, run_dir, parts.accelerator) if lora else None
     merged = model.merge_and_unload() if lora else model

@@ -28,19 +28,22 @@ class TrainingParts:
 
     accelerator: Accelerator  # device placement, mixed precision, DDP wrapping and cross-process reductions
     device: torch.device  # where the models, projection and kernel live
-    compute_dtype: torch.dtype  # the precision the passes run in (weights load in float32 under bf16/fp16)
+    compute_dtype: torch.dtype  # the precision the passes run in (LoRA's frozen base is stored in it too)
     tokenizer: Any  # the policy's tokenizer (pad id for batches; saved beside the model)
     model: torch.nn.Module  # the policy, LoRA-wrapped or full, as prepared by the accelerator
     ref_model: torch.nn.Module | None  # frozen copy for full fine-tuning; None with LoRA (adapters off = reference)
     hidden_size: int  # the policy's hidden size (the projection's input without an encoder)
     reference_cache: ReferenceCache | None  # workspace cache of reference log-probs and pooled states, if on
     htsr_before: float | None  # weighted alpha of the untrained model; None when not analysed (or resuming)
+    base_model_key: str  # hash of the untrained weights and compute dtype (reference and HT-SR caches)
+    htsr_plan: str  # when the layers are analysed: in the run, at its end, or not (monitoring.htsr_plan)
     pairs: pd.DataFrame  # the checked pairs this run uses (after max_pairs)
     train_pairs: Sequence[TokenizedPair]  # the training split, tokenised on first use (LazyTokenizedPairs)
     eval_pairs: list[TokenizedPair]  # tokenised held-out split
     probe_pairs: list[TokenizedPair]  # the first eval pairs, whose representations snapshots store
     batches_per_epoch: int  # micro-batches per epoch over all processes' shards
     total_steps: int  # optimiser steps in the run
+    pack_pairs: bool  # packed rows (optimisation.pack_pairs, unless the model's attention window forbids them)
     encoder_reps: EncoderReps | None  # pair id -> encoder embeddings of (prompt, chosen, rejected), if used
     projection: torch.Tensor  # (dim_in × k) random orthogonal projection of representations
     calibration: KernelCalibration | None  # scales fitted on reference representations (calibrated kernels)

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from dpo_engine.data.tokenize import TokenizedPair
 from dpo_engine.lm_head import head_token_logps
 from dpo_engine.losses import masked_mean_pool, sum_by_sequence
-from dpo_engine.train.data import Batch, collate, collate_packed
+from dpo_engine.train.data import Batch, collate, collate_packed, packed_attention_mask
 from dpo_engine.train.parts import EncoderReps, TrainingParts
 from dpo_engine.train.reference import ReferenceCache
 
@@ -87,7 +87,7 @@ class ModelPasses:
         self.pack_pairs = pack_pairs
 
     @classmethod
-    def from_parts(cls, parts: TrainingParts, *, pack_pairs: bool) -> ModelPasses:
+    def from_parts(cls, parts: TrainingParts) -> ModelPasses:
         return cls(
             accelerator=parts.accelerator,
             device=parts.device,
@@ -97,7 +97,7 @@ class ModelPasses:
             reference_cache=parts.reference_cache,
             projection=parts.projection,
             encoder_reps=parts.encoder_reps,
-            pack_pairs=pack_pairs,
+            pack_pairs=parts.pack_pairs,
         )
 
     # ------------------------------------------------------------------ batches and models
@@ -147,10 +147,11 @@ class ModelPasses:
         """One pass; the LM head runs on the response tokens only (prompt and padding logits are never
         formed), a chunk of rows at a time, and log-probs come from a gather and a logsumexp."""
         inner = self.accelerator.unwrap_model(model)
-        mask = batch.attention_mask
-        if mask.ndim == 2:
-            mask = mask.long()
-        elif getattr(inner.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+        if batch.segment is None:
+            mask = batch.attention_mask.long()
+        else:
+            mask = packed_attention_mask(batch.segment, batch.owner)
+        if mask.ndim == 4 and getattr(inner.config, "_attn_implementation", "sdpa") == "eager":  # eager adds it
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(torch.float32).min
             )

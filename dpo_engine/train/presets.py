@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "monitoring.probe_pairs": 24,
         "monitoring.divergence_pairs": 4,
         "monitoring.checkpoint_every": 1000,
-        "monitoring.htsr": True,
+        "monitoring.htsr": "on",
         "monitoring.eval_divergences": True,
     },
 }

@@ -30,7 +30,7 @@ from dpo_engine.kernels import KernelCalibration, KernelModule, build_kernel, ra
 from dpo_engine.models import load_policy, resolve_dtype
 from dpo_engine.train.config import GRADIENT_CHECKPOINTING_MIN_PARAMS, TrainConfig
 from dpo_engine.train.data import check_pairs, eval_subset, load_pairs, split_train_eval
-from dpo_engine.train.monitoring import TimeSplit, htsr_before
+from dpo_engine.train.monitoring import HTSR_IN_RUN, TimeSplit, htsr_before, htsr_plan
 from dpo_engine.train.parts import EncoderReps, TrainingParts
 from dpo_engine.train.passes import ModelPasses
 from dpo_engine.train.reference import ReferenceCache, model_key
@@ -63,11 +63,13 @@ def build_parts(
             models = load_models(config, workspace, run_dir, accelerator, compute_dtype, resuming, timer, log)
         with timer.timed("load_data"):
             split = load_data(config, workspace, pairs, models.tokenizer, accelerator, timer, log)
-    models.model.to(accelerator.device)
+    if not config.model.load_in_4bit:  # 4-bit weights were placed on the device as they loaded
+        models.model.to(accelerator.device)
     if models.ref_model is not None:
         models.ref_model.to(accelerator.device)
+    pack_pairs = config.optimisation.pack_pairs and packing_keeps_attention(models.model, config.data.max_length, log)
     with timer.timed("calibration"):
-        method = setup_method(config, run_dir, accelerator, models, split, log)
+        method = setup_method(config, run_dir, accelerator, models, split, pack_pairs, log)
     kernel_params = method.kernel.mixture_parameters() if method.kernel is not None else []
     model, optimizer, scheduler = build_optimiser(config, accelerator, models.model, kernel_params, split.total_steps)
     return TrainingParts(
@@ -80,12 +82,15 @@ def build_parts(
         hidden_size=models.hidden_size,
         reference_cache=models.reference_cache,
         htsr_before=models.htsr_before,
+        base_model_key=models.base_model_key,
+        htsr_plan=models.htsr_plan,
         pairs=split.pairs,
         train_pairs=split.train_pairs,
         eval_pairs=split.eval_pairs,
         probe_pairs=split.probe_pairs,
         batches_per_epoch=split.batches_per_epoch,
         total_steps=split.total_steps,
+        pack_pairs=pack_pairs,
         encoder_reps=method.encoder_reps,
         projection=method.projection,
         calibration=method.calibration,
@@ -116,6 +121,8 @@ class LoadedModels:
     hidden_size: int
     reference_cache: ReferenceCache | None
     htsr_before: float | None
+    base_model_key: str  # the untrained weights' hash (reference cache, HT-SR "before" cache)
+    htsr_plan: str  # monitoring.htsr resolved for this model and process count (monitoring.htsr_plan)
 
 
 def load_models(
@@ -137,12 +144,16 @@ def load_models(
         dtype=weight_dtype(compute_dtype, lora=mcfg.lora),
         device=accelerator.device,
         trust_remote_code=mcfg.trust_remote_code,
+        quantization_config=four_bit_config(compute_dtype, accelerator.device) if mcfg.load_in_4bit else None,
     )
     hidden_size = int(model.config.hidden_size)
     # Keyed on the weights before any adapter is attached: the reference model, and the "before" model.
     key = model_key(model, compute_dtype, accelerator.device)
+    plan, why = htsr_plan(config.monitoring.htsr, parameter_count(model), accelerator.num_processes)
+    if why:
+        log(why)
     before = None
-    if config.monitoring.htsr and not resuming:
+    if plan == HTSR_IN_RUN and not resuming:
         before = htsr_before(
             model, key, workspace=workspace, run_dir=run_dir, accelerator=accelerator, timer=timer, log=log
         )
@@ -161,6 +172,10 @@ def load_models(
             target_modules=list(mcfg.lora_target_modules),
             task_type="CAUSAL_LM",
         )
+        if mcfg.load_in_4bit:  # norms in fp32, input gradients for checkpointing: peft's QLoRA preparation
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         try:
             # the adapters train in fp32 whatever the frozen base is stored in (peft's autocast_adapter_dtype)
             model = get_peft_model(model, lcfg, autocast_adapter_dtype=True)
@@ -179,7 +194,35 @@ def load_models(
         if mcfg.lora:
             model.enable_input_require_grads()
     model.config.use_cache = False
-    return LoadedModels(tokenizer, model, ref_model, hidden_size, reference_cache, before)
+    return LoadedModels(tokenizer, model, ref_model, hidden_size, reference_cache, before, key, plan)
+
+
+def require_4bit_support(device: str | torch.device) -> None:
+    """Refuse model.load_in_4bit where bitsandbytes' 4-bit kernels cannot run, saying what to do."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(
+            f"model.load_in_4bit (QLoRA) needs an NVIDIA GPU and this run is on {device}: "
+            "turn it off, or run on a GPU worker"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(
+            "model.load_in_4bit (QLoRA) needs bitsandbytes: pip install 'dpo-kernels-studio[qlora]'"
+        ) from exc
+
+
+def four_bit_config(compute_dtype: torch.dtype, device: str | torch.device):
+    """NF4 with double quantisation, computing in the run's dtype (the QLoRA recipe)."""
+    require_4bit_support(device)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def weight_dtype(compute_dtype: torch.dtype, *, lora: bool) -> torch.dtype:
@@ -201,6 +244,20 @@ def use_gradient_checkpointing(setting: str, n_params: int) -> bool:
     if setting == "auto":
         return n_params >= GRADIENT_CHECKPOINTING_MIN_PARAMS
     return setting == "on"
+
+
+def packing_keeps_attention(model: torch.nn.Module, max_length: int, log: LogFn) -> bool:
+    """Whether packed rows give every token the attention it has alone. Their block mask replaces the
+    model's own, so a sliding window shorter than a sequence would be lost: such models use the plain layout."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False or int(window) >= max_length:
+        return True
+    log(
+        f"the model attends within a sliding window of {window} tokens, shorter than data.max_length "
+        f"{max_length}: pairs are not packed (the packed block mask would drop the window)"
+    )
+    return False
 
 
 # ------------------------------------------------------------------ data
@@ -276,6 +333,7 @@ def setup_method(
     accelerator: Accelerator,
     models: LoadedModels,
     split: DataSplit,
+    pack_pairs: bool,
     log: LogFn,
 ) -> Method:
     """The projection, the kernel calibration (read from the run directory on resume) and the kernel."""
@@ -305,7 +363,7 @@ def setup_method(
                 reference_cache=models.reference_cache,
                 projection=projection,
                 encoder_reps=encoder_reps,
-                pack_pairs=config.optimisation.pack_pairs,
+                pack_pairs=pack_pairs,
             )
             try:
                 reps = calibration_reps(passes, split.train_pairs, config, log)

@@ -48,6 +48,8 @@ class StepTerms:
 
     out: LossOutput
     n_tokens: int
+    n_computed: int = 0  # positions the model ran over (the batch's R × L)
+    n_padding: int = 0  # of those, padding
     policy_hidden: torch.Tensor | None = None  # (N × H) final hidden states at the batch's response tokens
     ref_hidden: torch.Tensor | None = None
     policy_head: torch.Tensor | None = None  # (V × H) the LM head weights that turn them into logits
@@ -212,7 +214,15 @@ class TrainingStep:
             value = getattr(out, name, None)
             if isinstance(value, torch.Tensor):
                 self.check_finite(value, name)
-        terms = StepTerms(out=out, n_tokens=batch.n_tokens, steps=steps, reps=reps)
+        computed = batch.input_ids.numel()
+        terms = StepTerms(
+            out=out,
+            n_tokens=batch.n_tokens,
+            n_computed=computed,
+            n_padding=computed - batch.n_positions,
+            steps=steps,
+            reps=reps,
+        )
         if keep_hidden:
             terms.policy_hidden, terms.ref_hidden, terms.ref_logps = pol.hidden, ref.hidden, ref_logps
             terms.policy_head, terms.ref_head = pol.head, ref.head
@@ -237,7 +247,7 @@ class TrainingStep:
         # read by the host once, after the update: no GPU->CPU wait inside the accumulation loop
         names = ("loss", "loss_pref", "loss_div", "loss_entropy", "reward_acc", "margin", "eps_step_sum")
         sums = torch.zeros(len(names), dtype=torch.float64, device=parts.device)
-        step_count, tokens = 0, 0
+        step_count, tokens, computed, padding = 0, 0, 0, 0
         beta_now = state.beta
         for a in range(opt.grad_accum):
             batch = self.micro_batch(state.micro_index)
@@ -264,12 +274,15 @@ class TrainingStep:
             if terms.steps is not None:
                 step_count += int(terms.steps.numel())
             tokens += terms.n_tokens
+            computed += terms.n_computed
+            padding += terms.n_padding
         values = dict(zip(names, sums.tolist()))
         step_sum = values.pop("eps_step_sum")
         totals = values
         if accelerator.num_processes > 1:
             totals = self._mean_over_processes(totals)
-            tokens = int(accelerator.reduce(torch.tensor([tokens], device=parts.device), reduction="sum").item())
+            counts = torch.tensor([tokens, computed, padding], device=parts.device)
+            tokens, computed, padding = (int(c) for c in accelerator.reduce(counts, reduction="sum").tolist())
             for p in parts.kernel_params:  # kernel weights live outside DDP: average their gradients by hand
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
@@ -304,6 +317,9 @@ class TrainingStep:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "tokens": tokens,  # prompt + response tokens of the step's pairs, the prompt counted per response
+            "computed_tokens": computed,  # positions the policy ran over (packed rows read a prompt once)
+            "padding_tokens": padding,  # of those, padding
         }
         if parts.kernel is not None:
             row.update({k: float(v) for k, v in parts.kernel.weights().items()})

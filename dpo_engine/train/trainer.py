@@ -127,7 +127,7 @@ class DPOTrainer:
         )
         self.parts = parts
         self.htsr_before = parts.htsr_before
-        self.passes = ModelPasses.from_parts(parts, pack_pairs=self.config.optimisation.pack_pairs)
+        self.passes = ModelPasses.from_parts(parts)
         self.step = TrainingStep(self.config, parts, self.state, self.passes, ReferenceSource(self.passes))
         self.evaluator = Evaluator(self.config, parts, self.state, self.step, self.run_dir)
 
@@ -237,7 +237,10 @@ class DPOTrainer:
         if not self.parts.accelerator.is_main_process:
             return
         with self.timer.timed("save_model"):
-            self.htsr_after = save_model(self.config, self.parts, self.run_dir, self.timer, self.log)
+            before, self.htsr_after = save_model(
+                self.config, self.parts, self.run_dir, self.workspace, self.timer, self.log
+            )
+            self.htsr_before = before if before is not None else self.htsr_before
 
     def _write_summary(self, summary: dict[str, Any], t_start: float) -> None:
         if self.accelerator is not None and not self.accelerator.is_main_process:
