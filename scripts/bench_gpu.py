@@ -11,10 +11,10 @@ projections, `--batch-size` pairs of the HH sample per step, `--max-length` toke
 Runs per size: ours for each method, first with a fresh reference cache (`cold`: the workspace's
 `reference_cache/` is removed, so setup and steps run the reference) and then again on the same
 workspace (`warm`: the cache the cold run filled), then TRL's DPOTrainer (extra `peer`) with its
-defaults (`trl-default`) and with its documented fast options (`trl-fast`: precomputed reference
-log-probs, no gradient checkpointing, `use_logits_to_keep`, and padding-free batches where
-flash-attn is installed); options this TRL version lacks are listed. TRL keeps no reference between
-runs, so it has no warm run. Model building and the TRL code paths are those of bench_scale.py's
+defaults (`trl-default`: reference forward every step, gradient checkpointing) and with its
+documented fast options (`trl-fast`: precomputed reference log-probs, no gradient checkpointing;
+TRL 1.16 turns `padding_free` off with a warning, so it is not set). TRL keeps no reference between
+runs of in-memory pairs, so it has no warm run. Model building and the TRL code paths are those of bench_scale.py's
 and bench_peer.py's.
 
 Every run is its own process. What a run reports comes from the run itself:
@@ -39,6 +39,7 @@ changed); `--write` puts the table into docs/BENCHMARKS.md ("On one GPU"), repla
     python scripts/bench_gpu.py                          # on a CUDA machine; pip install '.[peer]' first
     python scripts/bench_gpu.py --sizes 135m --methods dpo --force
     python scripts/bench_gpu.py --smoke                  # CPU, 135M, 1 warm-up + 2 steps
+    python scripts/bench_gpu.py --smoke --sizes tiny     # the few-layer test model (tests/test_bench_gpu.py)
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ SIZES = {
 DEFAULT_SIZES = ["135m", "1b", "8b"]
 TRL_RUNS = {
     "trl-default": {"precompute": False, "gradient_checkpointing": True, "options": {}},
-    "trl-fast": {"precompute": True, "gradient_checkpointing": False, "options": {"use_logits_to_keep": True}},
+    "trl-fast": {"precompute": True, "gradient_checkpointing": False, "options": {}},
 }
 
 
@@ -296,9 +297,7 @@ def child_trl(spec: dict) -> dict:
     device, n_steps = spec["device"], spec["warmup"] + spec["steps"]
     rows = bench_peer.load_rows(n_steps * spec["batch_size"])
     variant = TRL_RUNS[spec["run"]]
-    options, attention = dict(variant["options"]), None
-    if variant["precompute"] and device.startswith("cuda") and importlib.util.find_spec("flash_attn"):
-        options["padding_free"], attention = True, "flash_attention_2"  # TRL's padding-free needs flash attention
+    options = dict(variant["options"])
     memory = PhaseMemory(device)
     state: dict = {"steps": [], "pair_tokens": 0}
 
@@ -335,7 +334,6 @@ def child_trl(spec: dict) -> dict:
             precompute=variant["precompute"],
             gradient_checkpointing=variant["gradient_checkpointing"],
             options=options,
-            attention=attention,
             callbacks=[Phases()],
         )
         model = trainer.model
@@ -666,9 +664,24 @@ LEGEND = (
     "pair tok: tokens of the step's pairs, prompt counted once per response (our trainer's counter; TRL: "
     "the examples its collator received); computed: positions the decoder ran on with gradients; padding: "
     "their share that pads; ref: positions of passes without gradients during the steps (live reference); "
-    "MFU: 6 x parameters x pair tok/s / peak bf16 FLOPS; peak GB: allocated / reserved (CUDA) or peak RSS "
+    "the sides truncate long pairs differently, so compare tok/s, not step times; MFU: 6 x parameters x pair tok/s "
+    "/ peak bf16 FLOPS; peak GB: allocated / reserved (CUDA) or peak RSS "
     "(CPU), reset between setup and steps. cold: fresh reference cache; warm: the cache the cold run filled."
 )
+
+
+def command_line() -> str:
+    """The options that shape the table, for the written section (not where files went)."""
+    words, skip = [], False
+    for word in sys.argv[1:]:
+        if skip or word == "--write":
+            skip = False
+            continue
+        if word in ("--out", "--doc"):
+            skip = True
+            continue
+        words.append(word)
+    return "".join(" " + w for w in words)
 
 
 def main() -> None:
@@ -716,7 +729,7 @@ def main() -> None:
     print(f"\nwall {time.perf_counter() - t0:.0f} s", flush=True)
     if args.write:
         section = (
-            f"`python scripts/bench_gpu.py{' --smoke' if args.smoke else ''}`: {head}.\n\n{text}\n\n"
+            f"`python scripts/bench_gpu.py{command_line()}`: {head}.\n\n{text}\n\n"
             + "".join(f"- {n}\n" for n in notes)
             + ("\n" if notes else "")
             + LEGEND

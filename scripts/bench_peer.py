@@ -145,13 +145,11 @@ def build_trl(
     precompute: bool,
     gradient_checkpointing: bool,
     options: dict | None = None,
-    attention: str | None = None,
     callbacks: list | None = None,
 ):
     """TRL's DPOTrainer over the same model and pairs with LoRA r8 on the same projections; the base is
     loaded in the dtype ours computes in (fp32 on CPU, bf16 on CUDA with bf16 mixed precision).
-    `options` are further DPOConfig fields; those this TRL version lacks are left out and returned.
-    `attention` switches the model's attention implementation (e.g. flash_attention_2 for padding-free)."""
+    `options` are further DPOConfig fields; those this TRL version lacks are left out and returned."""
     import dataclasses
 
     from peft import LoraConfig
@@ -167,8 +165,6 @@ def build_trl(
         dtype="bfloat16" if cuda else "float32",
         device=device if cuda else "cpu",
     )
-    if attention is not None:
-        model.set_attn_implementation(attention)
     model.train()
     known = {f.name for f in dataclasses.fields(DPOConfig)}
     options = options or {}
