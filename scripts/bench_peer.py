@@ -74,34 +74,151 @@ def peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
+# ----------------------------------------------------------------------------------- shared with bench_gpu.py
+def our_config(
+    model: str,
+    method: str,
+    *,
+    device: str,
+    max_length: int,
+    batch_size: int,
+    steps: int,
+    calibration_pairs: int,
+    gradient_checkpointing: bool | str = False,
+):
+    """Our trainer's config for a benchmark run: LoRA r8 on the seven projections, the compute dtype of
+    the device (bf16 on CUDA), no HT-SR, one held-out pair (the benchmark times steps, not evaluation)."""
+    from dpo_engine.train.config import TrainConfig
+
+    return TrainConfig.model_validate(
+        {
+            "data": {"dataset": "bench", "max_length": max_length, "eval_fraction": 0.01, "min_eval_pairs": 1},
+            "model": {
+                "name": model,
+                "lora": True,
+                "lora_r": 8,
+                "lora_target_modules": LORA_TARGETS,
+                "dtype": "bfloat16" if device.startswith("cuda") else "float32",
+                "gradient_checkpointing": gradient_checkpointing,
+            },
+            "method": {**METHODS[method], "calibration_pairs": calibration_pairs},
+            "optimisation": {"max_steps": steps, "batch_size": batch_size, "seed": 0},
+            "monitoring": {"htsr": False},
+        }
+    )
+
+
+def trl_dataset(rows: list[dict]):
+    """The pairs as TRL reads conversations, so its chat template renders them as ours does."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in rows
+        ]
+    )
+
+
+def trl_pair_tokens(example: dict, cap: int) -> int | None:
+    """Tokens of one tokenized TRL example as our plain layout counts them (prompt once per response,
+    each sequence cut at `cap`); None when this TRL version names its columns otherwise."""
+    if not all(k in example for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
+        return None
+    lp = len(example["prompt_ids"])
+    return min(lp + len(example["chosen_ids"]), cap) + min(lp + len(example["rejected_ids"]), cap)
+
+
+def build_trl(
+    model_name: str,
+    rows: list[dict],
+    *,
+    device: str,
+    batch_size: int,
+    max_length: int,
+    steps: int,
+    out_dir: Path,
+    precompute: bool,
+    gradient_checkpointing: bool,
+    options: dict | None = None,
+    callbacks: list | None = None,
+):
+    """TRL's DPOTrainer over the same model and pairs with LoRA r8 on the same projections; the base is
+    loaded in the dtype ours computes in (fp32 on CPU, bf16 on CUDA with bf16 mixed precision).
+    `options` are further DPOConfig fields; those this TRL version lacks are left out and returned."""
+    import dataclasses
+
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_engine.models import load_policy
+    from dpo_engine.workspace import Workspace
+
+    cuda = device.startswith("cuda")
+    model, tokenizer = load_policy(
+        model_name,
+        workspace=Workspace.resolve(Path(out_dir) / "ws"),
+        dtype="bfloat16" if cuda else "float32",
+        device=device if cuda else "cpu",
+    )
+    model.train()
+    known = {f.name for f in dataclasses.fields(DPOConfig)}
+    options = options or {}
+    missing = sorted(k for k in options if k not in known)
+    config = DPOConfig(
+        output_dir=str(Path(out_dir) / "out"),
+        per_device_train_batch_size=batch_size,
+        max_length=max_length,
+        max_steps=steps,
+        precompute_ref_log_probs=precompute,
+        use_cpu=not cuda,
+        bf16=cuda,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        dataloader_num_workers=0,
+        seed=0,
+        gradient_checkpointing=gradient_checkpointing,
+        **{k: v for k, v in options.items() if k in known},
+    )
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=trl_dataset(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks or [],
+    )
+    return trainer, missing
+
+
 # ----------------------------------------------------------------------------------- child: ours
 def run_ours(args, method: str, workspace: str) -> dict:
     import pandas as pd
     import torch
 
     from dpo_engine.train.checkpoint import save_reference_cache
-    from dpo_engine.train.config import TrainConfig
     from dpo_engine.train.trainer import DPOTrainer
     from dpo_engine.workspace import Workspace
 
     torch.set_num_threads(args.threads)
     n_steps = args.warmup + args.steps
     rows = load_rows(n_steps * args.batch_size + 1)
-    cfg = TrainConfig.model_validate(
-        {
-            "data": {"dataset": "bench", "max_length": args.max_length, "eval_fraction": 0.01, "min_eval_pairs": 1},
-            "model": {
-                "name": args.model,
-                "lora": True,
-                "lora_r": 8,
-                "lora_target_modules": LORA_TARGETS,
-                "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
-                "gradient_checkpointing": args.gradient_checkpointing,
-            },
-            "method": {**METHODS[method], "calibration_pairs": args.calibration_pairs},
-            "optimisation": {"max_steps": n_steps, "batch_size": args.batch_size, "seed": 0},
-            "monitoring": {"htsr": False},
-        }
+    cfg = our_config(
+        args.model,
+        method,
+        device=args.device,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        steps=n_steps,
+        calibration_pairs=args.calibration_pairs,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -118,9 +235,10 @@ def run_ours(args, method: str, workspace: str) -> dict:
         times, tokens = [], []
         for _ in range(n_steps):
             t = time.perf_counter()
-            row = trainer.step.run()
+            seen = trainer.state.tokens_seen
+            trainer.step.run()
             times.append(time.perf_counter() - t)
-            tokens.append(row["tokens_per_s"] * times[-1])
+            tokens.append(trainer.state.tokens_seen - seen)
         save_reference_cache(trainer.parts)
     return {"setup_s": setup_s, "step_s": times[args.warmup :], "tokens": tokens[args.warmup :]}
 
@@ -128,79 +246,41 @@ def run_ours(args, method: str, workspace: str) -> dict:
 # ----------------------------------------------------------------------------------- child: TRL
 def run_trl(args, precompute: bool) -> dict:
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from dpo_engine.models import load_policy
-    from dpo_engine.workspace import Workspace
 
     torch.set_num_threads(args.threads)
     n_steps = args.warmup + args.steps
     rows = load_rows(n_steps * args.batch_size)
-    data = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": r["prompt"]}],
-                "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                "rejected": [{"role": "assistant", "content": r["rejected"]}],
-            }
-            for r in rows
-        ]
-    )
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.t = 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t)
+
+    timer = StepTimer()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_policy(args.model, workspace=Workspace.resolve(Path(tmp) / "ws"), dtype="float32")
-        model.train()
-
-        class StepTimer(TrainerCallback):
-            def __init__(self) -> None:
-                self.times: list[float] = []
-                self.t = 0.0
-
-            def on_step_begin(self, *a, **k):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                self.times.append(time.perf_counter() - self.t)
-
-        timer = StepTimer()
-        config = DPOConfig(
-            output_dir=str(Path(tmp) / "out"),
-            per_device_train_batch_size=args.batch_size,
+        trainer, _ = build_trl(
+            args.model,
+            rows,
+            device=args.device,
+            batch_size=args.batch_size,
             max_length=args.max_length,
-            max_steps=n_steps,
-            precompute_ref_log_probs=precompute,
-            use_cpu=not args.device.startswith("cuda"),
-            bf16=args.device.startswith("cuda"),
-            fp16=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=1000,
-            dataloader_num_workers=0,
-            seed=0,
+            steps=n_steps,
+            out_dir=Path(tmp),
+            precompute=precompute,
             gradient_checkpointing=not args.trl_no_gradient_checkpointing,
-        )
-        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-        trainer = DPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=data,
-            processing_class=tokenizer,
-            peft_config=lora,
             callbacks=[timer],
         )
         setup_s = time.perf_counter() - t0
         trainer.train()
-        cap = args.max_length
-        lengths = [
-            min(len(r["prompt_ids"]) + len(r["chosen_ids"]), cap)
-            + min(len(r["prompt_ids"]) + len(r["rejected_ids"]), cap)
-            if "prompt_ids" in r
-            else None
-            for r in trainer.train_dataset
-        ]
+        lengths = [trl_pair_tokens(r, args.max_length) for r in trainer.train_dataset]
     per_step = None
     if all(x is not None for x in lengths):
         per_step = [sum(lengths[i : i + args.batch_size]) for i in range(0, len(lengths), args.batch_size)]

@@ -1,0 +1,92 @@
+"""scripts/bench_gpu.py --smoke on CPU: the table a maintainer reads, resuming, and the section it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # two training processes
+
+SCRIPT = REPO_ROOT / "scripts" / "bench_gpu.py"
+COLUMNS = [
+    "size",
+    "run",
+    "grad ckpt",
+    "setup s",
+    "step s p50",
+    "step s p90",
+    "pair tok/s",
+    "pair tok/step",
+    "computed tok/step",
+    "padding",
+    "ref tok/step",
+    "MFU",
+    "setup peak GB",
+    "steps peak GB",
+]
+
+
+def smoke(tmp_path, doc):
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--sizes", "tiny", "--methods", "dpo", "--threads", "1"]
+    cmd += ["--out", str(tmp_path / "out"), "--write", "--doc", str(doc)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def rows(out: str) -> dict[str, dict[str, str]]:
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == COLUMNS
+    table = {}
+    for ln in lines[1:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert len(cells) == len(COLUMNS), ln
+        table[cells[1]] = dict(zip(COLUMNS, cells))
+    return table
+
+
+def number(cell: str) -> float:
+    value = float(cell.replace(",", "").removesuffix(" RSS").removesuffix("%"))
+    assert math.isfinite(value), cell
+    return value
+
+
+def test_smoke_prints_the_table_resumes_and_writes_its_section(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nWhat comes before stays.\n")
+    out = smoke(tmp_path, doc)
+    assert "torch" in out and "attention" in out and "weights float32" in out
+    table = rows(out)
+    trl = importlib.util.find_spec("trl") is not None  # the peer runs beside ours when the extra is installed
+    expected = {"ours-dpo-cold", "ours-dpo-warm"} | ({"trl-default", "trl-fast"} if trl else set())
+    assert set(table) == expected
+    for run, row in table.items():
+        assert row["size"] == "tiny"
+        for col in ("setup s", "step s p50", "step s p90", "pair tok/s", "pair tok/step", "computed tok/step"):
+            assert number(row[col]) > 0, (run, col, row[col])
+        assert number(row["step s p90"]) >= number(row["step s p50"])
+        assert 0 <= number(row["padding"]) < 100
+        assert row["MFU"] == "n/a"  # CPU: no peak FLOPS to divide by
+        assert number(row["setup peak GB"]) > 0 and number(row["steps peak GB"]) > 0
+    # cold runs the reference in its steps; warm reads what the cold run cached
+    assert number(table["ours-dpo-cold"]["ref tok/step"]) > 0
+    assert number(table["ours-dpo-warm"]["ref tok/step"]) == 0
+    assert table["ours-dpo-cold"]["pair tok/step"] == table["ours-dpo-warm"]["pair tok/step"]
+    if not trl:
+        assert "trl-default: skipped, TRL is not installed" in out
+    assert (tmp_path / "out" / "results" / "tiny" / "ours-dpo-warm.json").is_file()
+
+    again = smoke(tmp_path, doc)  # finished runs are read back, and the section is replaced, not added
+    assert again.count("done before") == 2
+    assert rows(again) == table
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nWhat comes before stays.\n")
+    assert text.count("## On one GPU") == 1 and text.count("| tiny | ours-dpo-cold |") == 1
