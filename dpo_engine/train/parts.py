@@ -36,7 +36,7 @@ class TrainingParts:
     reference_cache: ReferenceCache | None  # workspace cache of reference log-probs and pooled states, if on
     htsr_before: float | None  # weighted alpha of the untrained model; None when not analysed (or resuming)
     pairs: pd.DataFrame  # the checked pairs this run uses (after max_pairs)
-    train_pairs: Sequence[TokenizedPair]  # the training split, tokenised on first use (LazyTokenizedPairs)
+    train_pairs: Sequence[TokenizedPair]  # the training split, pairs made from the token arrays when read (ArrayPairs)
     eval_pairs: list[TokenizedPair]  # tokenised held-out split
     probe_pairs: list[TokenizedPair]  # the first eval pairs, whose representations snapshots store
     batches_per_epoch: int  # micro-batches per epoch over all processes' shards
