@@ -182,3 +182,24 @@ def test_a_table_passed_in_is_keyed_on_its_content(workspace, tmp_path):
         DPOTrainer(cfg, tmp_path / name, workspace=workspace, pairs=toy_pairs(), device="cpu", log=lines.append).setup()
     cache = [line for line in lines if line.startswith("token cache")]
     assert "tokenised 40" in cache[0] and "read 40" in cache[1]
+
+
+class WithoutBackend:
+    """A tokenizer whose Rust backend is out of reach: the arrays come from its own call."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._tokenizer, name)
+
+
+def test_arrays_from_the_tokenizers_own_call_are_the_same(tokenizers, table):
+    tokenizer = tokenizers["chat"]
+    lengths = {"max_length": 96, "max_prompt_length": 48}
+    assert list(as_pairs(WithoutBackend(tokenizer), table, **lengths)) == tokenize_pairs(tokenizer, table, **lengths)

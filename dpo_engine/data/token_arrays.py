@@ -107,12 +107,32 @@ class TokenArrays:
 
 
 def encode(tokenizer, texts: list[str], chunk: int) -> Ragged:
-    """Token ids of `texts` (no special tokens added), the tokenizer called on `chunk` texts at a time."""
-    parts = [
-        Ragged.from_lists(tokenizer(texts[i : i + chunk], add_special_tokens=False)["input_ids"])
-        for i in range(0, len(texts), chunk)
-    ]
-    return Ragged.concat(parts)
+    """Token ids of `texts` (no special tokens added), the tokenizer called on `chunk` texts at a time.
+
+    A fast tokenizer's Rust backend is called directly without character offsets (which nothing here
+    reads), when it is set to neither truncate nor pad and agrees with the tokenizer's own call on
+    the first texts; otherwise the tokenizer itself is called."""
+    batch = _backend_encoder(tokenizer, texts[:16])
+    if batch is None:
+
+        def batch(part: list[str]) -> list[list[int]]:
+            return tokenizer(part, add_special_tokens=False)["input_ids"]
+
+    return Ragged.concat([Ragged.from_lists(batch(texts[i : i + chunk])) for i in range(0, len(texts), chunk)])
+
+
+def _backend_encoder(tokenizer, probe: list[str]):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+    def batch(part: list[str]) -> list[list[int]]:
+        return [e.ids for e in fast(part, add_special_tokens=False)]
+
+    if probe and batch(probe) != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        return None
+    return batch
 
 
 def tokenize_arrays(
