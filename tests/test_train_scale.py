@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 from dpo_engine import rundir
 from dpo_engine.data import load_preferences
-from dpo_engine.data.tokenize import LazyTokenizedPairs, tokenize_pair, tokenize_pairs
+from dpo_engine.data.tokenize import tokenize_pair, tokenize_pairs
 from dpo_engine.models import load_policy
 from dpo_engine.train.config import GRADIENT_CHECKPOINTING_MIN_PARAMS, TrainConfig
 from dpo_engine.train.data import eval_subset, split_train_eval
@@ -134,17 +134,3 @@ def test_fp16_overflow_is_a_skipped_step_until_too_many_in_a_row():
     assert fp16_overflow_tolerated(scaled, 0) and fp16_overflow_tolerated(scaled, MAX_FP16_OVERFLOW_STREAK - 1)
     assert not fp16_overflow_tolerated(scaled, MAX_FP16_OVERFLOW_STREAK)
     assert not fp16_overflow_tolerated(unscaled, 0)  # bf16 and fp32 have no scaler: inf means diverged
-
-
-def test_lazy_tokenised_pairs_equal_the_eager_ones_and_tokenise_only_what_is_read(workspace):
-    _, tokenizer = load_policy("tiny-random", workspace=workspace, dtype="float32")
-    table = load_preferences(HH_SAMPLE).table.iloc[:200]
-    eager = tokenize_pairs(tokenizer, table, max_length=96, max_prompt_length=48)
-    lazy = LazyTokenizedPairs(tokenizer, table, max_length=96, max_prompt_length=48)
-    assert len(lazy) == 200 and lazy.n_tokenised == 0
-    assert lazy[17] == eager[17] and lazy[-1] == eager[-1] and lazy.n_tokenised == 2
-    assert lazy[10:20] == eager[10:20] and lazy.n_tokenised == 11
-    assert lazy.take([150, 3, 150]) == [eager[150], eager[3], eager[150]]
-    assert list(lazy) == eager
-    with pytest.raises(IndexError):
-        lazy[200]

@@ -262,13 +262,15 @@ def ensure_sample_dataset(workspace: Workspace) -> DatasetInfo:
 
 @dataclass
 class LoadedDataset:
-    """A preference table and where it came from (dropped: rows removed at ingest, by reason)."""
+    """A preference table and where it came from (dropped: rows removed at ingest, by reason;
+    content_hash: the stored dataset's, which names the table without hashing it again)."""
 
     table: pd.DataFrame
     label: str
     source: str
     dataset_id: str | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    content_hash: str | None = None
 
 
 def open_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
@@ -282,4 +284,10 @@ def open_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
         info = store.get(dataset)
     except DatasetNotFound as exc:
         raise DatasetNotFound(f"{dataset!r} is neither a file nor a stored dataset ({exc})") from None
-    return LoadedDataset(table=store.load(info.id), label=info.name, source=f"dataset:{info.id}", dataset_id=info.id)
+    return LoadedDataset(
+        table=store.load(info.id),
+        label=info.name,
+        source=f"dataset:{info.id}",
+        dataset_id=info.id,
+        content_hash=info.content_hash,
+    )

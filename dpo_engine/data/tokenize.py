@@ -3,11 +3,11 @@
 Prompts are rendered through the tokenizer's chat template when it has one (a user turn plus the
 generation prompt) and responses are appended as assistant text + EOS, so the policy sees pairs the
 way it was instruction-tuned. The prompt keeps its end; responses fill what ``max_length`` leaves.
+Training reads a whole table through `token_arrays` (the same rule on flat arrays) and `token_cache`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -73,40 +73,3 @@ def tokenize_pairs(
             chosen, rejected = (chosen_ids + eos)[:budget], (rejected_ids + eos)[:budget]
             out.append(TokenizedPair(str(pair_id), list(prompt_ids), chosen, rejected))
     return out
-
-
-class LazyTokenizedPairs(Sequence[TokenizedPair]):
-    """A table's rows as `TokenizedPair`s, each tokenised when first asked for and then kept.
-
-    A run of a few hundred steps over a 100k-pair file touches a small share of its training pairs;
-    tokenising them all up front would cost more than the training. A slice is tokenised in one batched
-    call (`tokenize_pairs`), and a pair is the same whether it came from here or from `tokenize_pairs`."""
-
-    def __init__(self, tokenizer, df: pd.DataFrame, *, max_length: int, max_prompt_length: int) -> None:
-        self._tokenizer, self._df = tokenizer, df.reset_index(drop=True)
-        self._lengths = {"max_length": max_length, "max_prompt_length": max_prompt_length}
-        self._done: dict[int, TokenizedPair] = {}
-
-    def __len__(self) -> int:
-        return len(self._df)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.take(range(*index.indices(len(self))))
-        i = range(len(self))[index]  # negative indices and bounds, as a list would
-        if i not in self._done:
-            self.take([i])
-        return self._done[i]
-
-    def take(self, indices) -> list[TokenizedPair]:
-        """The pairs at `indices`, the ones not tokenised yet in one batched call."""
-        indices = list(indices)
-        todo = sorted({i for i in indices if i not in self._done})
-        if todo:
-            for i, pair in zip(todo, tokenize_pairs(self._tokenizer, self._df.iloc[todo], **self._lengths)):
-                self._done[i] = pair
-        return [self._done[i] for i in indices]
-
-    @property
-    def n_tokenised(self) -> int:
-        return len(self._done)

@@ -12,21 +12,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dpo_engine.data import open_dataset
+from dpo_engine.data import LoadedDataset, open_dataset
 from dpo_engine.data.tokenize import TokenizedPair, pair_length
 
 REQUIRED_COLUMNS = ("pair_id", "prompt", "chosen", "rejected")
 
 
-def load_pairs(dataset: str, workspace, log=print) -> pd.DataFrame:
-    """The canonical table of a stored dataset or a preference file (flagged rows dropped and logged)."""
+def load_dataset(dataset: str, workspace, log=print) -> LoadedDataset:
+    """A stored dataset or a preference file, its canonical table with flagged rows dropped (and logged)."""
     loaded = open_dataset(workspace, dataset)
     if loaded.dropped:
         log(
             f"{loaded.label}: dropped {sum(loaded.dropped.values())} row(s) the validator flagged: "
             + ", ".join(f"{k} {v}" for k, v in loaded.dropped.items())
         )
-    return loaded.table
+    return loaded
+
+
+def load_pairs(dataset: str, workspace, log=print) -> pd.DataFrame:
+    """The canonical table of a stored dataset or a preference file (flagged rows dropped and logged)."""
+    return load_dataset(dataset, workspace, log=log).table
 
 
 def check_pairs(df: pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,7 @@ class TrainingParts:
     base_model_key: str  # hash of the untrained weights and compute dtype (reference and HT-SR caches)
     htsr_plan: str  # when the layers are analysed: in the run, at its end, or not (monitoring.htsr_plan)
     pairs: pd.DataFrame  # the checked pairs this run uses (after max_pairs)
-    train_pairs: Sequence[TokenizedPair]  # the training split, tokenised on first use (LazyTokenizedPairs)
+    train_pairs: Sequence[TokenizedPair]  # the training split, pairs made from the token arrays when read (ArrayPairs)
     eval_pairs: list[TokenizedPair]  # tokenised held-out split
     probe_pairs: list[TokenizedPair]  # the first eval pairs, whose representations snapshots store
     batches_per_epoch: int  # micro-batches per epoch over all processes' shards

@@ -24,12 +24,14 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from dpo_engine import rundir
-from dpo_engine.data.tokenize import LazyTokenizedPairs, TokenizedPair, pair_length, tokenize_pairs
+from dpo_engine.data.token_arrays import ArrayPairs
+from dpo_engine.data.token_cache import cached_token_arrays
+from dpo_engine.data.tokenize import TokenizedPair, pair_length
 from dpo_engine.embed import embed_texts
 from dpo_engine.kernels import KernelCalibration, KernelModule, build_kernel, random_orthogonal_projection
 from dpo_engine.models import load_policy, resolve_dtype
 from dpo_engine.train.config import GRADIENT_CHECKPOINTING_MIN_PARAMS, TrainConfig
-from dpo_engine.train.data import check_pairs, eval_subset, load_pairs, split_train_eval
+from dpo_engine.train.data import check_pairs, eval_subset, load_dataset, split_train_eval
 from dpo_engine.train.monitoring import HTSR_IN_RUN, TimeSplit, htsr_before, htsr_plan
 from dpo_engine.train.parts import EncoderReps, TrainingParts
 from dpo_engine.train.passes import ModelPasses
@@ -264,7 +266,7 @@ def packing_keeps_attention(model: torch.nn.Module, max_length: int, log: LogFn)
 @dataclass
 class DataSplit:
     pairs: pd.DataFrame
-    train_pairs: Sequence[TokenizedPair]  # tokenised on first use (LazyTokenizedPairs)
+    train_pairs: Sequence[TokenizedPair]  # made from the token arrays when a batch reads them (ArrayPairs)
     eval_pairs: list[TokenizedPair]
     probe_pairs: list[TokenizedPair]
     batches_per_epoch: int
@@ -280,10 +282,14 @@ def load_data(
     timer: TimeSplit,
     log: LogFn,
 ) -> DataSplit:
-    """The checked pairs, tokenised and split into train / eval / probe, and the run's length in steps."""
+    """The checked pairs, tokenised (or read from the workspace's token cache) and split into train /
+    eval / probe, and the run's length in steps."""
     cfg = config.data
-    df = pairs if pairs is not None else load_pairs(cfg.dataset, workspace, log=log)
-    df = check_pairs(df)
+    content_hash = None
+    if pairs is None:
+        loaded = load_dataset(cfg.dataset, workspace, log=log)
+        pairs, content_hash = loaded.table, loaded.content_hash
+    df = check_pairs(pairs)
     if cfg.max_pairs is not None:
         df = df.iloc[: cfg.max_pairs].reset_index(drop=True)
     split_seed = config.optimisation.seed if cfg.split_seed is None else cfg.split_seed
@@ -293,11 +299,21 @@ def load_data(
     eval_idx = eval_subset(held_out_idx, config.monitoring.eval_max_pairs, split_seed)
     if len(eval_idx) < len(held_out_idx):
         log(f"evaluating on {len(eval_idx)} of the {len(held_out_idx)} held-out pairs (monitoring.eval_max_pairs)")
-    lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-    # every evaluation reads all eval pairs: tokenised now; training pairs when a batch first needs them
+    # rank 0 gets here first (main_process_first): it tokenises and saves, the other ranks read the file
     with timer.timed("tokenise"):
-        eval_pairs = tokenize_pairs(tokenizer, df.iloc[eval_idx], **lengths)
-    train_pairs = LazyTokenizedPairs(tokenizer, df.iloc[train_idx], **lengths)
+        arrays = cached_token_arrays(
+            tokenizer,
+            df,
+            workspace.root,
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length,
+            data_key=None if content_hash is None else f"dataset:{content_hash}:{len(df)}",
+            log=log,
+        )
+    all_pairs = ArrayPairs(arrays, df["pair_id"].to_numpy())
+    # every evaluation reads all eval pairs: made once; training pairs when a batch takes them
+    eval_pairs = all_pairs.take(eval_idx)
+    train_pairs = all_pairs.subset(train_idx)
     probe_pairs = eval_pairs[: config.monitoring.probe_pairs]
     opt = config.optimisation
     global_bs = opt.batch_size * accelerator.num_processes
