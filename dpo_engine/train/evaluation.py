@@ -161,6 +161,7 @@ class Evaluator:
             if in_probe:
                 chosen.update(zip(chunk, terms.reps[1].float().cpu().numpy()))
                 rejected.update(zip(chunk, terms.reps[2].float().cpu().numpy()))
+        step.raise_if_not_finite()
         mine = EvalShard(
             sums=sums.cpu().numpy(),
             div_sums=div_sums.cpu().numpy(),

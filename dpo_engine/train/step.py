@@ -102,9 +102,30 @@ class TrainingStep:
         self.passes = passes
         self.reference = reference
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the current epoch
+        self._checks: list[tuple[str, torch.Tensor]] = []  # (term, all finite?) awaiting `raise_if_not_finite`
 
     def check_finite(self, value: torch.Tensor, term: str) -> None:
-        check_finite(value, term, self.config, self.state)
+        """Note whether `value` is finite, on its device; `raise_if_not_finite` reads every note at once,
+        so a step waits on the device once, not once per term."""
+        self._checks.append((term, torch.isfinite(value.detach()).all()))
+
+    def raise_if_not_finite(self) -> None:
+        """TrainingDiverged naming the first term noted not finite since the last call, on every process
+        when any process saw one (so none is left waiting for the others at a collective)."""
+        if not self._checks:
+            return
+        flags = torch.stack([ok for _, ok in self._checks]).tolist()  # the one read
+        bad = [term for (term, _), ok in zip(self._checks, flags) if not ok]
+        self._checks.clear()
+        accelerator = self.parts.accelerator
+        n_bad = len(bad)
+        if accelerator.num_processes > 1:
+            count = torch.tensor([n_bad], device=self.parts.device)
+            n_bad = int(accelerator.reduce(count, reduction="sum").item())
+        if n_bad:
+            check_finite(
+                torch.tensor(float("nan")), bad[0] if bad else "a loss term on another process", self.config, self.state
+            )
 
     # ------------------------------------------------------------------ data order
     def micro_batch(self, micro_index: int) -> Batch:
@@ -276,6 +297,7 @@ class TrainingStep:
             tokens += terms.n_tokens
             computed += terms.n_computed
             padding += terms.n_padding
+        self.raise_if_not_finite()
         values = dict(zip(names, sums.tolist()))
         step_sum = values.pop("eps_step_sum")
         totals = values
@@ -294,7 +316,7 @@ class TrainingStep:
         elif fp16_overflow_tolerated(accelerator, state.overflow_streak):
             state.overflow_streak += 1  # the scaler skips this update and lowers its scale
         else:
-            self.check_finite(torch.tensor(grad_norm), "gradient norm")
+            check_finite(torch.tensor(grad_norm), "gradient norm", self.config, self.state)
         lr = parts.scheduler.get_last_lr()[0]
         parts.optimizer.step()
         parts.scheduler.step()
