@@ -7,7 +7,6 @@ The audit calls the same functions, so the leakage it reports is that of the spl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Literal
 
@@ -17,12 +16,10 @@ import pandas as pd
 SplitBy = Literal["pair", "prompt"]
 SPLIT_BY: tuple[str, ...] = ("pair", "prompt")
 
-_SPACE = re.compile(r"\s+")
-
 
 def normalise_text(text: object) -> str:
     """Case-folded, whitespace runs collapsed to one space, ends stripped: the key of 'the same text'."""
-    return _SPACE.sub(" ", str(text)).strip().casefold()
+    return " ".join(str(text).split()).casefold()
 
 
 def text_keys(texts: Iterable[object]) -> np.ndarray:
@@ -81,11 +78,15 @@ def split_pairs(
     eval_fraction: float,
     min_eval_pairs: int,
     seed: int,
+    keys: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices), sorted: the split training uses for ``data.split_by``."""
+    """(train indices, held-out indices), sorted: the split training uses for ``data.split_by``.
+
+    ``keys`` are `text_keys` of the prompts when the caller has them already."""
     prompts = list(prompts)
     if split_by == "pair":
         return split_train_eval(len(prompts), eval_fraction=eval_fraction, min_eval_pairs=min_eval_pairs, seed=seed)
     if split_by == "prompt":
-        return split_by_group(text_keys(prompts), eval_fraction=eval_fraction, min_eval_pairs=min_eval_pairs, seed=seed)
+        keys = text_keys(prompts) if keys is None else keys
+        return split_by_group(keys, eval_fraction=eval_fraction, min_eval_pairs=min_eval_pairs, seed=seed)
     raise ValueError(f"unknown split_by {split_by!r}: use one of {', '.join(SPLIT_BY)}")

@@ -228,6 +228,7 @@ def audit_data(
                 eval_fraction=split.eval_fraction,
                 min_eval_pairs=split.min_eval_pairs,
                 seed=split.seed,
+                keys=prompt_keys,
             )
         except ValueError:  # e.g. a single prompt cannot be split by prompt
             continue
