@@ -11,12 +11,14 @@ import streamlit as st
 
 from app.state import dataset_store, job_store, workspace
 from app.ui import figure_with_export, job_status_panel, page_header, switch_page
+from dpo_engine.analysis.audit import AUDIT_FLAGGED
 from dpo_engine.data.preflight import SIDES, TokenPreflight
 from dpo_engine.embed import DEFAULT_EMBEDDER
 from dpo_engine.models import KNOWN_MODELS
 from dpo_engine.selection import Thresholds, load_diagnosis, recommend_again, suspicious_pairs
 from dpo_engine.train.presets import preset_overrides
 from dpo_engine.train.sweep import DEFAULT_PRESET, submit_sweep, sweep_pairs
+from dpo_engine.viz import audit as aviz
 from dpo_engine.viz import diagnosis as dviz
 
 page_header(
@@ -314,6 +316,42 @@ if info_preflight := json.loads((run_dir / "diagnosis.json").read_text()).get("t
     st.dataframe(pf.examples_frame(), hide_index=True, width="stretch")
 else:
     st.info("This diagnosis ran without a token pre-flight: run it again to see token lengths and truncation.")
+
+
+st.subheader("Data audit: length bias, repeats, conflicts, leakage")
+if audit := json.loads((run_dir / "diagnosis.json").read_text()).get("audit"):
+    split = audit["split"]
+    st.caption(
+        f"Leakage is checked on the split the Train form will use: by {split['split_by']}, seed {split['seed']}, "
+        f"{split['eval_fraction']:.0%} held out (at least {split['min_eval_pairs']} pairs). Thresholds and formulas: "
+        "docs/METHOD.md 1.5."
+    )
+    findings = aviz.findings_table(audit)
+    warnings = int((findings["status"] == "warning").sum()) if not findings.empty else 0
+    (st.warning if warnings else st.success)(
+        f"{warnings} finding(s) to act on." if warnings else "No finding to act on."
+    )
+    st.dataframe(findings, hide_index=True, width="stretch")
+    st.dataframe(aviz.leakage_table(audit), hide_index=True, width="stretch")
+    lc = st.columns(2)
+    for k, unit in enumerate(("characters", "tokens")):
+        if (fig := aviz.length_difference_figure(audit, unit)) is not None:
+            with lc[k]:
+                figure_with_export(fig, key=f"length-{unit}")
+    flagged_path = run_dir / AUDIT_FLAGGED
+    if flagged_path.is_file():
+        flagged = pd.read_parquet(flagged_path)
+        st.markdown(f"**Flagged pairs** ({len(flagged)} rows, one per pair and finding)")
+        st.dataframe(flagged, hide_index=True, width="stretch", height=300)
+        st.download_button(
+            "Export flagged pairs (CSV)",
+            flagged.to_csv(index=False),
+            file_name=f"audit-{dataset_id}.csv",
+            mime="text/csv",
+            key="audit-export",
+        )
+else:
+    st.info("This diagnosis ran without a data audit: run it again to see length bias, duplicates and leakage.")
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -63,6 +63,14 @@ def test_diagnose_page_end_to_end(workspace, small_dataset):
     examples = next(f for f in frames if "as the model sees it" in f.columns)
     assert examples["as the model sees it"].str.contains("<|im_start|>", regex=False).any()
     assert len(at.get("plotly_chart")) >= 6
+    # The data audit: findings with what to do, leakage per split, the length histograms, the flagged rows.
+    assert any(h.value.startswith("Data audit") for h in at.subheader)
+    findings = next(f for f in frames if "what to do" in f.columns)
+    assert {"exact duplicate pairs (repeats of an earlier pair)"} <= set(findings["finding"])
+    assert findings["finding"].str.startswith("chosen is the longer response (tokens").any()
+    leaks = next(f for f in frames if "held-out prompt trained on" in f.columns)
+    assert list(leaks["split by"]) == ["pair", "prompt (training's)"]
+    assert any(b.label == "Export flagged pairs (CSV)" for b in at.get("download_button"))
 
     # Thresholds change the recommendation without recomputing: PNAV >= 0 > -1 and TAT <= 1 < 2 make RBF fire;
     # overlap >= 0 > -1 makes Bhattacharyya fire.

@@ -31,6 +31,8 @@ PARAM_FLAGS = {
     "max_prompt_length": "--max-prompt-length",
     "embedder": "--embedder",
     "thresholds": "--threshold",
+    "split_by": "--split-by",
+    "split_seed": "--split-seed",
 }
 DEFAULT_BACKEND_NAME = "onnx-int8"  # keep in step with dpo_engine.embed.encoder.DEFAULT_BACKEND (no heavy import here)
 
@@ -76,13 +78,26 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
         from dpo_engine.data.preflight import TokenPreflight
 
         lines.extend(TokenPreflight(**preflight).summary_lines())
+    if audit := data.get("audit"):
+        from dpo_engine.analysis.audit import summary_lines
+
+        lines.extend(summary_lines(audit))
     km, dm = data["kernel_metrics"], data["divergence_metrics"]
     lines.append("metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in km.items()))
     lines.append("           " + "  ".join(f"{k}={'n/a' if v is None else format(v, '.4g')}" for k, v in dm.items()))
     return lines
 
 
-def _run_foreground(params, ws) -> tuple[dict[str, Any], Any]:
+def write_flagged(frame, out: Path) -> None:
+    """The audit's flagged pairs as CSV, or JSON Lines when the name ends in .jsonl."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".jsonl":
+        frame.to_json(out, orient="records", lines=True, force_ascii=False)
+    else:
+        frame.to_csv(out, index=False)
+
+
+def _run_foreground(params, ws) -> tuple[dict[str, Any], Any, Any]:
     from tqdm import tqdm
 
     from dpo_engine.selection.job import run_diagnosis
@@ -95,13 +110,17 @@ def _run_foreground(params, ws) -> tuple[dict[str, Any], Any]:
             bar.set_postfix_str(message, refresh=False)
             bar.refresh()
 
-        diagnosis, embeddings, _, summary = run_diagnosis(params, ws, run_dir=None, progress=progress)
+        flagged = []
+        diagnosis, embeddings, _, summary = run_diagnosis(
+            params, ws, run_dir=None, progress=progress, flagged=flagged.append
+        )
     finally:
         bar.close()
     data = diagnosis.to_json_dict()
     data["dataset"] = summary["dataset"]
     data["token_preflight"] = summary["token_preflight"]
-    return data, embeddings
+    data["audit"] = summary["audit"]
+    return data, embeddings, (flagged[0] if flagged else None)
 
 
 def _run_as_job(params, ws, timeout: float | None) -> tuple[dict[str, Any], Path]:
@@ -179,9 +198,19 @@ def register(app: typer.Typer) -> None:
         preflight: bool = typer.Option(
             True, "--preflight/--no-preflight", help="Token pre-flight: lengths and truncation."
         ),
+        audit: bool = typer.Option(
+            True, "--audit/--no-audit", help="Data audit: length bias, duplicates and conflicts, split leakage."
+        ),
+        split_by: str = typer.Option(
+            "prompt", "--split-by", help="The training split the leakage check uses: prompt or pair (data.split_by)."
+        ),
+        split_seed: int = typer.Option(0, "--split-seed", help="Seed of that split (the training seed)."),
+        audit_out: Path | None = typer.Option(
+            None, "--audit-out", help="Write the audit's flagged pairs here (.csv, or .jsonl for JSON Lines)."
+        ),
         workspace: str | None = WorkspaceOption,
     ) -> None:
-        """Diagnose preference data: eight metrics, recommended kernel and divergence, confidence."""
+        """Diagnose preference data: eight metrics, recommended kernel and divergence, confidence, data audit."""
         from pydantic import ValidationError
 
         from dpo_engine.selection.job import DiagnoseParams
@@ -215,6 +244,9 @@ def register(app: typer.Typer) -> None:
                 preflight_model=model if preflight else None,
                 max_length=max_length,
                 max_prompt_length=max_prompt_length,
+                audit=audit,
+                split_by=split_by,
+                split_seed=split_seed,
             )
         except ValidationError as exc:  # DiagnoseParams declares every constraint; name the flag that broke one
             path, message = next(iter(validation_errors(exc).items()))
@@ -225,13 +257,21 @@ def register(app: typer.Typer) -> None:
             from dpo_engine.embed import EmbedderNotAvailable
 
             try:
-                data, embeddings = _run_foreground(params, ws)
+                data, embeddings, flagged = _run_foreground(params, ws)
             except (DataFormatError, EmbedderNotAvailable, ValueError) as exc:
                 fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             if save_embeddings is not None:
                 embeddings.save_npz(save_embeddings)
         else:
             data, run_dir = _run_as_job(params, ws, timeout)
+            flagged = None
+            if audit_out is not None:
+                import pandas as pd
+
+                from dpo_engine.analysis.audit import AUDIT_FLAGGED
+
+                if (run_dir / AUDIT_FLAGGED).is_file():
+                    flagged = pd.read_parquet(run_dir / AUDIT_FLAGGED)
             if save_embeddings is not None:
                 from dpo_engine.selection.job import EMBEDDINGS_NPZ
 
@@ -243,6 +283,11 @@ def register(app: typer.Typer) -> None:
             json_out.write_text(json.dumps(data, indent=2))
         for line in _summary_lines(data):
             typer.echo(line)
+        if audit_out is not None:
+            if flagged is None:
+                fail("--audit-out: this diagnosis has no data audit (--no-audit)", code=1)
+            write_flagged(flagged, audit_out)
+            typer.echo(f"wrote {len(flagged)} flagged rows to {audit_out}")
         if json_out is not None:
             typer.echo(f"wrote {json_out}")
         if save_embeddings is not None:

@@ -136,6 +136,21 @@ def _round_up(x: float) -> int:
     return int(math.ceil(x / ROUND_TO) * ROUND_TO)
 
 
+def token_counts(table: pd.DataFrame, tokenizer) -> dict[str, np.ndarray]:
+    """Tokens per side before any cut: the prompt with its chat template, each response with its EOS.
+
+    The pre-flight and the data audit's length bias both read these, so the texts are tokenised once."""
+    eos = 1 if tokenizer.eos_token_id is not None else 0
+    rendered = [render_prompt(tokenizer, str(p)) for p in table["prompt"]]
+    n_tokens = {
+        "prompt": np.array([len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]),
+    }
+    for side in ("chosen", "rejected"):
+        ids = tokenizer([str(t) for t in table[side]], add_special_tokens=False)["input_ids"]
+        n_tokens[side] = np.array([len(x) + eos for x in ids])
+    return n_tokens
+
+
 def token_preflight(
     table: pd.DataFrame,
     tokenizer,
@@ -144,10 +159,12 @@ def token_preflight(
     max_length: int,
     max_prompt_length: int | None = None,
     n_examples: int = 3,
+    n_tokens: dict[str, np.ndarray] | None = None,
 ) -> TokenPreflight:
     """Token lengths, truncation under the given limits, a suggested setting and example pairs.
 
-    ``max_prompt_length`` None means training's default, half of ``max_length``.
+    ``max_prompt_length`` None means training's default, half of ``max_length``; ``n_tokens`` are
+    `token_counts` of the table when the caller has them already.
     """
 
     missing = [c for c in SIDES if c not in table.columns]
@@ -159,14 +176,8 @@ def token_preflight(
         max_prompt_length = max(4, max_length // 2)
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
-    eos = 1 if tokenizer.eos_token_id is not None else 0
-    rendered = [render_prompt(tokenizer, str(p)) for p in table["prompt"]]
-    n_tokens = {
-        "prompt": np.array([len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]),
-    }
-    for side in ("chosen", "rejected"):
-        ids = tokenizer([str(t) for t in table[side]], add_special_tokens=False)["input_ids"]
-        n_tokens[side] = np.array([len(x) + eos for x in ids])
+    if n_tokens is None:
+        n_tokens = token_counts(table, tokenizer)
     lost = _cuts(n_tokens["prompt"], n_tokens["chosen"], n_tokens["rejected"], max_length, max_prompt_length)
     cut = {}
     for side in SIDES:

@@ -29,6 +29,7 @@ from dpo_engine.report.rundata import (
     load_dataset_texts,
     load_run,
 )
+from dpo_engine.viz import audit as audit_viz
 from dpo_engine.viz import runs as viz
 from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, REJECTED_COLOR
 
@@ -166,7 +167,24 @@ def load_diagnosis_json(workspace, run_or_job_id: str) -> dict:
 # ---------------------------------------------------------------- sections
 
 
-def _diagnosis_section(diagnosis: dict | None) -> str:
+def _audit_section(audit: dict | None, fig: _Figures) -> str:
+    """The data audit of the diagnosis: findings with what to do, leakage per split, length differences."""
+    if not audit:
+        return "<h3>Data audit</h3><p class='note'>This diagnosis ran without a data audit.</p>"
+    split = audit.get("split") or {}
+    return (
+        "<h3>Data audit</h3>"
+        f"<p class='note'>{_esc(audit.get('n_pairs'))} pairs. Leakage on the training split: by "
+        f"{_esc(split.get('split_by'))}, seed {_esc(split.get('seed'))}, "
+        f"eval fraction {_esc(split.get('eval_fraction'))}."
+        " Intervals are 95 % Wilson intervals; thresholds and formulas: METHOD.md 1.5.</p>"
+        + _table(audit_viz.findings_table(audit))
+        + _table(audit_viz.leakage_table(audit))
+        + "".join(fig(audit_viz.length_difference_figure(audit, unit)) for unit in ("characters", "tokens"))
+    )
+
+
+def _diagnosis_section(diagnosis: dict | None, fig: _Figures) -> str:
     if not diagnosis:
         return (
             "<p class='note'>No dataset diagnosis was found for these runs. Run a diagnosis on the dataset "
@@ -217,6 +235,7 @@ def _diagnosis_section(diagnosis: dict | None) -> str:
                 )
     if rows:
         parts.append("<h3>Rules (first match wins)</h3>" + _table(pd.DataFrame(rows)))
+    parts.append(_audit_section(diagnosis.get("audit"), fig))
     return "\n".join(parts)
 
 
@@ -366,7 +385,7 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
         dataset = ((run.config or {}).get("data") or {}).get("dataset")
         per_run.append(_run_sections(run, fig, load_dataset_texts(workspace, dataset)))
     sections = {
-        "diagnosis": _diagnosis_section(diagnosis),
+        "diagnosis": _diagnosis_section(diagnosis, fig),
         "configuration": "".join(_config_section(r) for r in runs),
         "health": "".join(_health_section(r) for r in runs),
     }

@@ -3,8 +3,9 @@
 `run_diagnosis` does the work with plain callbacks, so the worker's executor (`run_diagnose_job`)
 and the CLI's in-process ``--foreground`` path share one implementation. Run directory outputs:
 ``diagnosis.json`` (the `Diagnosis.to_json_dict` contract plus a ``dataset`` entry),
-``diagnosis_pairs.npz`` (per-pair arrays, bootstrap table) and ``embeddings.npz`` (float32
-prompt, chosen, rejected in dataset order).
+``diagnosis_pairs.npz`` (per-pair arrays, bootstrap table), ``embeddings.npz`` (float32
+prompt, chosen, rejected in dataset order) and ``audit_flagged.parquet`` (the data audit's flagged
+pairs with their texts; the audit's numbers are ``diagnosis.json["audit"]``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dpo_engine.analysis.audit import AUDIT_FLAGGED, SplitSettings, audit_data
 from dpo_engine.data import LoadedDataset, open_dataset
+from dpo_engine.data.split import SplitBy
 from dpo_engine.embed import DEFAULT_EMBEDDER, PairEmbeddings, embed_pairs
 from dpo_engine.embed.encoder import DEFAULT_BACKEND, Backend, Precision, resolve_precision
 from dpo_engine.embed.pairs import canonical_embedder_name
@@ -53,6 +57,13 @@ class DiagnoseParams(BaseModel):
     max_prompt_length: int | None = Field(
         None, ge=4, description="training max_prompt_length; None = half of max_length"
     )
+    audit: bool = Field(True, description="data audit: length bias, duplicates and conflicts, split leakage")
+    split_by: SplitBy = Field(
+        "prompt", description="training data.split_by the leakage check uses (TrainConfig default)"
+    )
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="training data.eval_fraction (TrainConfig default)")
+    min_eval_pairs: int = Field(32, ge=1, description="training data.min_eval_pairs (TrainConfig default)")
+    split_seed: int = Field(0, description="training split seed (data.split_seed, else optimisation.seed; default 0)")
 
     @field_validator("thresholds")
     @classmethod
@@ -69,6 +80,14 @@ class DiagnoseParams(BaseModel):
                 )
         return self
 
+    def split_settings(self) -> SplitSettings:
+        return SplitSettings(
+            split_by=self.split_by,
+            eval_fraction=self.eval_fraction,
+            min_eval_pairs=self.min_eval_pairs,
+            seed=self.split_seed,
+        )
+
     def resolved_thresholds(self) -> Thresholds:
         return Thresholds.from_assignments(self.thresholds)
 
@@ -81,8 +100,11 @@ def run_diagnosis(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     loaded: LoadedDataset | None = None,
+    flagged: Callable[[pd.DataFrame], None] | None = None,
 ) -> tuple[Diagnosis, PairEmbeddings, LoadedDataset, dict[str, Any]]:
-    """Embed and diagnose; write the run directory when ``run_dir`` is given. Returns the summary too."""
+    """Embed, diagnose and audit; write the run directory when ``run_dir`` is given. Returns the summary too.
+
+    The audit's flagged pairs (with their texts) go to ``run_dir/audit_flagged.parquet`` and to ``flagged``."""
     report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
     thresholds = params.resolved_thresholds()
@@ -93,17 +115,20 @@ def run_diagnosis(
         table = table.head(params.max_pairs).reset_index(drop=True)
     if len(table) < 2:
         raise ValueError(f"diagnosis needs at least 2 pairs; {loaded.label} has {len(table)}")
-    preflight = None
+    preflight = n_tokens = None
     if params.preflight_model:
-        from dpo_engine.data.preflight import load_tokenizer, token_preflight
+        from dpo_engine.data.preflight import load_tokenizer, token_counts, token_preflight
 
         report(0.01, f"token pre-flight with the {params.preflight_model} tokenizer")
+        tokenizer = load_tokenizer(params.preflight_model, workspace)
+        n_tokens = token_counts(table, tokenizer)
         preflight = token_preflight(
             table,
-            load_tokenizer(params.preflight_model, workspace),
+            tokenizer,
             model=params.preflight_model,
             max_length=params.max_length,
             max_prompt_length=params.max_prompt_length,
+            n_tokens=n_tokens,
         )
 
     def embedded(done: int, total: int) -> None:
@@ -134,6 +159,18 @@ def run_diagnosis(
         seed=params.seed,
         embedder=canonical_embedder_name(params.embedder),
     )
+    audit = flagged_rows = None
+    if params.audit:
+        report(0.97, "auditing the data: length bias, duplicates, leakage")
+        audit = audit_data(
+            table,
+            prompt_emb=embeddings.prompt,
+            chosen_emb=embeddings.chosen,
+            rejected_emb=embeddings.rejected,
+            token_counts=n_tokens,
+            split=params.split_settings(),
+        )
+        flagged_rows = audit.flagged_with_texts(table)
     dataset_entry = {
         "label": loaded.label,
         "source": loaded.source,
@@ -152,6 +189,7 @@ def run_diagnosis(
         "wall_s": round(time.perf_counter() - started, 3),
         "dataset": dataset_entry,
         "token_preflight": preflight.model_dump() if preflight is not None else None,
+        "audit": audit.to_json_dict() if audit is not None else None,
     }
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -160,11 +198,16 @@ def run_diagnosis(
         data = json.loads(json_path.read_text())
         data["dataset"] = dataset_entry
         data["token_preflight"] = summary["token_preflight"]
+        data["audit"] = summary["audit"]
         json_path.write_text(json.dumps(data, indent=2))
+        if flagged_rows is not None:
+            flagged_rows.to_parquet(run_dir / AUDIT_FLAGGED, index=False)
         embeddings.save_npz(run_dir / EMBEDDINGS_NPZ)
         if "pair_id" in table.columns:
             table[["pair_id"]].to_parquet(run_dir / "diagnosis_pair_ids.parquet", index=False)
         summary["diagnosis_json"] = str(json_path)
+    if flagged_rows is not None and flagged is not None:
+        flagged(flagged_rows)
     report(1.0, f"recommended {summary['kernel']} + {summary['divergence']}")
     return diagnosis, embeddings, loaded, summary
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dpo_engine.data.split import SplitBy
 from dpo_engine.divergences import DivergenceConfig
 from dpo_engine.kernels import KernelConfig
 from dpo_engine.losses import LossConfig
@@ -46,6 +47,11 @@ class DataConfig(_Strict):
         None,
         description="Seed of the train/eval split; empty = optimisation.seed. Fix it to compare seeds on the same "
         "held-out pairs.",
+    )
+    split_by: SplitBy = Field(
+        "prompt",
+        description="Hold out whole prompts (every pair whose normalised prompt is the same stays on one side, so "
+        "no held-out prompt is trained on) or single pairs (the split of earlier versions).",
     )
     max_pairs: int | None = Field(None, ge=2, description="Use only the first N pairs of the dataset (empty = all).")
     max_length: int = Field(256, ge=8, description="Maximum tokens of prompt + response; longer responses are cut.")

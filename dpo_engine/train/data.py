@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from dpo_engine.data import LoadedDataset, open_dataset
+from dpo_engine.data.split import split_train_eval  # noqa: F401 - the split lives with the data; imported here too
 from dpo_engine.data.tokenize import TokenizedPair, pair_length
 
 REQUIRED_COLUMNS = ("pair_id", "prompt", "chosen", "rejected")
@@ -48,15 +49,6 @@ def check_pairs(df: pd.DataFrame) -> pd.DataFrame:
                 f"{len(bad)} pair(s) have an empty {col!r} field (first rows: {bad[:5]}); fix or drop them first"
             )
     return df.reset_index(drop=True).assign(pair_id=lambda d: d["pair_id"].astype(str))
-
-
-def split_train_eval(n: int, *, eval_fraction: float, min_eval_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded held-out split; at least min_eval_pairs (but never all) pairs go to evaluation."""
-    if n < 2:
-        raise ValueError(f"need at least 2 pairs to split into train and eval, got {n}")
-    n_eval = min(max(int(round(eval_fraction * n)), min_eval_pairs), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
 def eval_subset(eval_idx: np.ndarray, max_pairs: int | None, seed: int) -> np.ndarray:

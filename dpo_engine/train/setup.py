@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from dpo_engine import rundir
+from dpo_engine.data.split import split_pairs
 from dpo_engine.data.token_arrays import ArrayPairs
 from dpo_engine.data.token_cache import cached_token_arrays
 from dpo_engine.data.tokenize import TokenizedPair, pair_length
@@ -31,7 +32,7 @@ from dpo_engine.embed import embed_texts
 from dpo_engine.kernels import KernelCalibration, KernelModule, build_kernel, random_orthogonal_projection
 from dpo_engine.models import load_policy, resolve_dtype
 from dpo_engine.train.config import GRADIENT_CHECKPOINTING_MIN_PARAMS, TrainConfig
-from dpo_engine.train.data import check_pairs, eval_subset, load_dataset, split_train_eval
+from dpo_engine.train.data import check_pairs, eval_subset, load_dataset
 from dpo_engine.train.monitoring import HTSR_IN_RUN, TimeSplit, htsr_before, htsr_plan
 from dpo_engine.train.parts import EncoderReps, TrainingParts
 from dpo_engine.train.passes import ModelPasses
@@ -293,8 +294,12 @@ def load_data(
     if cfg.max_pairs is not None:
         df = df.iloc[: cfg.max_pairs].reset_index(drop=True)
     split_seed = config.optimisation.seed if cfg.split_seed is None else cfg.split_seed
-    train_idx, held_out_idx = split_train_eval(
-        len(df), eval_fraction=cfg.eval_fraction, min_eval_pairs=cfg.min_eval_pairs, seed=split_seed
+    train_idx, held_out_idx = split_pairs(
+        df["prompt"],
+        split_by=cfg.split_by,
+        eval_fraction=cfg.eval_fraction,
+        min_eval_pairs=cfg.min_eval_pairs,
+        seed=split_seed,
     )
     eval_idx = eval_subset(held_out_idx, config.monitoring.eval_max_pairs, split_seed)
     if len(eval_idx) < len(held_out_idx):
