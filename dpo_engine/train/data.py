@@ -94,8 +94,13 @@ class Batch:
         return len(self.pairs)
 
     def to(self, device) -> "Batch":
+        """The batch on `device`; to a GPU through pinned host memory without waiting for the copy."""
+        cuda = torch.device(device).type == "cuda"
+
         def mv(t):
-            return None if t is None else t.to(device)
+            if t is None:
+                return None
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
         return Batch(
             mv(self.input_ids),
@@ -115,12 +120,29 @@ class Batch:
         )
 
 
-def _token_index(items: list[tuple[int, int, int, int]]) -> tuple[torch.Tensor, ...]:
-    if not items:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, empty, empty
-    rows, cols, labels, seq = torch.tensor(items, dtype=torch.long).unbind(-1)
-    return rows, cols, labels, seq
+class _TokenIndex:
+    """The scored response tokens of a batch, added a response at a time as numpy runs (no per-token
+    Python): where each is predicted (row, column), its label and its sequence (0..2B-1)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+
+    def add(self, row: int, cols: np.ndarray, labels: np.ndarray, seq: int) -> None:
+        self.parts.append((np.full(len(cols), row), cols, labels, seq))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        if not self.parts:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty, empty, empty
+        rows = np.concatenate([r for r, _, _, _ in self.parts])
+        cols = np.concatenate([c for _, c, _, _ in self.parts])
+        labels = np.concatenate([lab for _, _, lab, _ in self.parts])
+        seq = np.concatenate([np.full(len(c), q) for _, c, _, q in self.parts])
+        return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (rows, cols, labels, seq))
+
+
+def _ids(tokens) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int64)
 
 
 def collate(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
@@ -139,14 +161,16 @@ def collate(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.bool)
     prompt_mask = torch.zeros((n, width), dtype=torch.bool)
-    items = []
+    index = _TokenIndex()
     for i, (s, lp) in enumerate(zip(seqs, prompt_lens)):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids = _ids(s)
+        input_ids[i, : len(s)] = torch.from_numpy(ids)
         attention[i, : len(s)] = True
         prompt_mask[i, :lp] = True
-        items.extend((i, t - 1, s[t], i) for t in range(max(lp, 1), len(s)))
+        t = np.arange(max(lp, 1), len(s))
+        index.add(i, t - 1, ids[t], i)
     response_mask = attention & ~prompt_mask
-    rows, cols, labels, seq = _token_index(items)
+    rows, cols, labels, seq = index.tensors()
     first, second = torch.arange(b), torch.arange(b, 2 * b)
     return Batch(
         input_ids,
@@ -204,23 +228,24 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
     position_ids = torch.arange(width).repeat(n_rows, 1)  # padding keeps increasing positions
     segment = torch.full((n_rows, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
     owner = torch.full((n_rows, width), -1, dtype=torch.long)  # the pair a position belongs to
-    items = []
+    index = _TokenIndex()
     for i, p in enumerate(pairs):
         r, o = row_of[i], start_of[i]
         lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        input_ids[r, o : o + lengths[i]] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        chosen, rejected = _ids(p.chosen_ids), _ids(p.rejected_ids)
+        input_ids[r, o : o + lengths[i]] = torch.from_numpy(np.concatenate([_ids(p.prompt_ids), chosen, rejected]))
         position_ids[r, o : o + lp + lc] = torch.arange(lp + lc)
         position_ids[r, o + lp + lc : o + lengths[i]] = torch.arange(lp, lp + lr)
         segment[r, o : o + lp], segment[r, o + lp : o + lp + lc], segment[r, o + lp + lc : o + lengths[i]] = 0, 1, 2
         owner[r, o : o + lengths[i]] = i
-        for k, tok in enumerate(p.chosen_ids):
-            if lp + k >= 1:
-                items.append((r, o + lp + k - 1, tok, i))
-        for k, tok in enumerate(p.rejected_ids):
-            source = lp - 1 if k == 0 else lp + lc + k - 1
-            if source >= 0:
-                items.append((r, o + source, tok, b + i))
-    rows, cols, labels, seq = _token_index(items)
+        k = np.arange(lc)
+        keep = lp + k >= 1  # chosen token k is predicted by the position before it
+        index.add(r, (o + lp + k - 1)[keep], chosen[keep], i)
+        k = np.arange(lr)
+        source = np.where(k == 0, lp - 1, lp + lc + k - 1)  # the first rejected token is predicted by the prompt
+        keep = source >= 0
+        index.add(r, (o + source)[keep], rejected[keep], b + i)
+    rows, cols, labels, seq = index.tensors()
     pair_rows = torch.tensor(row_of, dtype=torch.long)
     mine = owner[pair_rows] == torch.arange(b).unsqueeze(1)  # (B × width): pair i's positions in its row
     seg = segment[pair_rows]
