@@ -167,7 +167,7 @@ class TokenCounter:
         if mask is not None and mask.ndim == 2:
             self.padding += int(ids.numel() - mask.sum())
         elif mask is not None:
-            self.padding_known = False  # a block mask: the collate counter below says it
+            self.padding_known = False  # a block mask (our packed rows: the step reports its own counts)
 
     def take(self) -> dict:
         out = {"computed": self.computed, "padding": self.padding if self.padding_known else None}
@@ -223,7 +223,6 @@ def sync(device: str) -> None:
 def child_ours(spec: dict) -> dict:
     import pandas as pd
 
-    from dpo_engine.data.tokenize import pair_length
     from dpo_engine.train.checkpoint import save_reference_cache
     from dpo_engine.train.trainer import DPOTrainer
     from dpo_engine.workspace import Workspace
@@ -251,28 +250,23 @@ def child_ours(spec: dict) -> dict:
     sync(device)
     setup_s, setup_mem = time.perf_counter() - t0, memory.peak()
     model = trainer.passes.unwrapped()
-    counter = TokenCounter(model.get_decoder())
-    batches: list[tuple[int, int]] = []  # (positions, of which hold tokens) per micro-batch
-    collate = trainer.passes.collate
-
-    def counted(pairs):
-        batch = collate(pairs)
-        real = sum(pair_length(p) for p in pairs) if trainer.passes.pack_pairs else int(batch.n_tokens)
-        batches.append((batch.input_ids.numel(), real))
-        return batch
-
-    trainer.passes.collate = counted
+    counter = TokenCounter(model.get_decoder())  # the reference's passes (no gradient); the step counts the rest
     memory.reset()
     steps = []
     for _ in range(n_steps):
-        seen = trainer.state.tokens_seen
-        batches.clear()
         t = time.perf_counter()
-        trainer.step.run()
+        row = trainer.step.run()
         sync(device)
-        tokens = counter.take()
-        tokens["padding"] = sum(n - real for n, real in batches)
-        steps.append({"s": time.perf_counter() - t, "pair_tokens": trainer.state.tokens_seen - seen, **tokens})
+        reference = counter.take()["reference"]
+        steps.append(
+            {
+                "s": time.perf_counter() - t,
+                "pair_tokens": row["tokens"],
+                "computed": row["computed_tokens"],
+                "padding": row["padding_tokens"],
+                "reference": reference,
+            }
+        )
     steps_mem = memory.peak()
     save_reference_cache(trainer.parts)
     cache_files = sorted(p.name for p in (Path(spec["workspace"]) / CACHE_DIR).glob("*.npz"))
