@@ -49,6 +49,7 @@ def test_succeeded_hmk_run_shows_every_view(run_workspace):
         "Divergence from the reference",
         "Chosen vs rejected representations",
         "Davies–Bouldin",
+        "Linear-probe accuracy",
         "WeightWatcher alpha per layer",
     ):
         assert expected in titles, expected
