@@ -15,6 +15,7 @@ from dpo_engine.analysis.projections import ProjectionConfig, cached_projection,
 from dpo_engine.report import build_report
 from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
 from dpo_engine.report.rundata import EXAMPLE_MARK, load_dataset_texts, load_run, workspace_runs
+from dpo_engine.report.summary import plain_summary
 from dpo_engine.viz import runs as viz
 
 LIVE_STATUSES = ("queued", "running")
@@ -254,6 +255,9 @@ def _body(run_id: str) -> None:
     job = store.get(current.job.id) if current.job is not None else None
     run = load_run(current.run_dir, run_id)
     _status_block(job, run)
+    if not run.is_empty:
+        with st.container(border=True):
+            st.markdown("**In plain words**\n\n" + plain_summary([run]).markdown())
     health_alerts(health_of(run))
     if job is not None and job.status not in LIVE_STATUSES and st.session_state.get("run-was-live") == run_id:
         st.session_state.pop("run-was-live")
