@@ -40,3 +40,14 @@ MIXTURE_WEIGHT_LABELS: dict[str, str] = {
     "tau_global": "τ2 global",
 }
 MIXTURE_WEIGHTS: tuple[str, ...] = tuple(MIXTURE_WEIGHT_LABELS)
+
+# Separation of the probe set's chosen vs rejected representations at each snapshot (METHOD.md 3),
+# eval.jsonl keys -> labels: the Davies-Bouldin score and the cross-validated linear probe's accuracy
+# with its 95 % interval.
+SEPARATION_LABELS: dict[str, str] = {
+    "dbs": "Davies–Bouldin score",
+    "probe_acc": "linear-probe accuracy (held-out folds)",
+    "probe_acc_lo": "linear-probe accuracy, 95 % low",
+    "probe_acc_hi": "linear-probe accuracy, 95 % high",
+}
+SEPARATION_METRICS: tuple[str, ...] = tuple(SEPARATION_LABELS)

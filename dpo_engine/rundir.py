@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpo_engine.names import DIVERGENCE_METRICS, MIXTURE_WEIGHTS
+from dpo_engine.names import DIVERGENCE_METRICS, MIXTURE_WEIGHTS, SEPARATION_METRICS
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -70,6 +70,7 @@ EVAL_KEYS = (
     "reward_rejected",
     *DIVERGENCE_METRICS,
 )
+SNAPSHOT_EVAL_KEYS = SEPARATION_METRICS  # also in the eval rows of steps that took a snapshot
 _SNAPSHOT_RE = re.compile(r"^step_(\d+)\.npz$")
 
 

@@ -53,6 +53,9 @@ TRL_NAMES: dict[str, str] = {
     "hybrid_acc": "rewards/hybrid_accuracies",
     "tokens_per_s": "throughput/tokens_per_s",
     "dbs": "kernel/dbs",
+    "probe_acc": "kernel/probe_acc",
+    "probe_acc_lo": "kernel/probe_acc_lo",
+    "probe_acc_hi": "kernel/probe_acc_hi",
 }
 NOT_METRICS = ("step", "split", "time", "timestamp")
 

@@ -1,5 +1,5 @@
-"""Compare runs: overlaid curves, final accuracy, DBS per snapshot (Table 13 layout), weighted alpha,
-kernel × divergence grid."""
+"""Compare runs: overlaid curves, final accuracy, DBS and linear-probe accuracy per snapshot (Table 13
+layout), weighted alpha, kernel × divergence grid."""
 
 from __future__ import annotations
 
@@ -103,9 +103,13 @@ with right:
         key="cmp-dbs",
     )
 
-st.subheader("Davies–Bouldin score per snapshot")
-st.caption("Rows = steps, columns = runs; lower = chosen and rejected better separated.")
-st.dataframe(viz.dbs_comparison_table(runs))
+st.subheader("Separation of chosen and rejected per snapshot")
+st.caption("Rows = steps, columns = runs. " + viz.SEPARATION_EXPLANATION)
+left, right = st.columns(2)
+left.markdown("**Davies–Bouldin score**")
+left.dataframe(viz.separation_comparison_table(runs, "dbs"))
+right.markdown("**Linear-probe accuracy (95 % interval)**")
+right.dataframe(viz.separation_comparison_table(runs, "probe_acc"))
 
 st.subheader("Weighted alpha")
 figure_with_export(viz.weighted_alpha_figure([(r.run_id, *r.weighted_alpha()) for r in runs]), key="cmp-alpha")

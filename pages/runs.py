@@ -15,6 +15,7 @@ from dpo_engine.analysis.projections import ProjectionConfig, cached_projection,
 from dpo_engine.report import build_report
 from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
 from dpo_engine.report.rundata import EXAMPLE_MARK, load_dataset_texts, load_run, workspace_runs
+from dpo_engine.report.summary import plain_summary
 from dpo_engine.viz import runs as viz
 
 LIVE_STATUSES = ("queued", "running")
@@ -135,7 +136,6 @@ def _divergences(run) -> None:
 
 
 def _clusters(run) -> None:
-    dbs = viz.dbs_table(run)
     if not run.snapshot_steps:
         st.info("No snapshots yet: the probe set is snapshotted at step 0, every snapshot_every steps and at the end.")
         return
@@ -149,6 +149,7 @@ def _clusters(run) -> None:
     )
     dim = c2.radio("Dimensions", [2, 3], horizontal=True, key="clusters-dim", format_func=lambda d: f"{d}-D")
     config = ProjectionConfig(method=method, dim=dim)
+    separation = viz.separation_table(run)
     try:
         n_points = 2 * len(run.snapshot_steps) * len(run.load_snapshot(run.snapshot_steps[-1]).pair_ids)
     except (OSError, ValueError, KeyError):  # a snapshot being written: estimate from the settings
@@ -162,22 +163,24 @@ def _clusters(run) -> None:
     ):
         st.info(f"The projection of about {n_points:,} points is not cached yet; computing it takes a while on a CPU.")
     else:
-        _cluster_map(run, config, method, dbs)
-    figure_with_export(viz.dbs_figure(dbs), key="run-dbs")
-    st.caption(
-        "Davies–Bouldin score of chosen vs rejected on the full-dimensional representations (lower = better separated)."
-    )
-    st.dataframe(dbs, hide_index=True)
+        _cluster_map(run, config, method, separation)
+    left, right = st.columns(2)
+    with left:
+        figure_with_export(viz.dbs_figure(separation), key="run-dbs")
+    with right:
+        figure_with_export(viz.probe_figure(separation), key="run-probe")
+    st.caption(viz.SEPARATION_EXPLANATION)
+    st.dataframe(separation, hide_index=True)
 
 
-def _cluster_map(run, config, method, dbs) -> None:
+def _cluster_map(run, config, method, separation) -> None:
     try:
         with st.spinner("Projecting snapshots (cached after the first time)…"):
             projection, _ = cached_projection(run, config)
         texts = load_dataset_texts(ws, ((run.config or {}).get("data") or {}).get("dataset"))
         label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
         figure_with_export(
-            viz.cluster_figure(projection, texts, method=label, dbs_by_step=dict(zip(dbs.step, dbs.dbs))),
+            viz.cluster_figure(projection, texts, method=label, separation=viz.separation_by_step(separation)),
             key="run-clusters",
         )
     except ValueError as exc:
@@ -252,6 +255,9 @@ def _body(run_id: str) -> None:
     job = store.get(current.job.id) if current.job is not None else None
     run = load_run(current.run_dir, run_id)
     _status_block(job, run)
+    if not run.is_empty:
+        with st.container(border=True):
+            st.markdown("**In plain words**\n\n" + plain_summary([run]).markdown())
     health_alerts(health_of(run))
     if job is not None and job.status not in LIVE_STATUSES and st.session_state.get("run-was-live") == run_id:
         st.session_state.pop("run-was-live")

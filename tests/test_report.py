@@ -64,7 +64,21 @@ def test_single_run_report_has_every_section_and_is_offline(report_workspace, ru
     # plotly.js embedded exactly once
     assert html.count("plotly.js v") <= 2 and len(html) > 3_000_000
     assert "Kernel-weight evolution" in html and "WeightWatcher alpha per layer" in html
-    assert "Davies–Bouldin" in html
+    assert "Davies–Bouldin" in html and "Linear-probe accuracy" in html
+
+
+def test_report_opens_with_the_summary_and_ends_with_cost(report_workspace, run_workspace):
+    html = build_report(report_workspace, [run_workspace.runs["ok_hmk"], run_workspace.runs["cancelled"]])
+    sections = re.findall(r"<section id='([a-z_]+)'><h2>([^<]+)</h2>", html)
+    assert sections[0] == ("summary", SECTION_TITLES["summary"]) and sections[-1][0] == "cost"
+    opening = html[html.index("<section id='summary'>") : html.index("</section>")]
+    assert "What was trained" in opening and "ok-hmk: tiny-random on" in opening
+    assert "held-out reward accuracy" in opening and "log 2" in opening and "linear probe" in opening
+    assert "Difference between runs" in opening and "on the same" in opening
+    assert "No dataset diagnosis" not in opening
+    cost = html[html.index("<section id='cost'>") :]
+    assert "wall_time_s" in cost and "tokens_per_s" in cost and "peak_memory_mb" in cost
+    assert "wall_time_s" not in html[: html.index("<section id='cost'>")]  # performance only at the end
 
 
 def test_comparison_report_adds_the_compare_section(report_workspace, run_workspace):

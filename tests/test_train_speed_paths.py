@@ -379,7 +379,7 @@ def test_length_grouped_evaluation_equals_the_held_out_order(workspace, tmp_path
     margins: list[dict] = []
     snapshots: list[tuple[np.ndarray, np.ndarray]] = []
     monkeypatch.setattr(rundir, "append_eval_margins", lambda run_dir, step, ids, m: margins.append(dict(zip(ids, m))))
-    monkeypatch.setattr(tr.evaluator, "write_snapshot", lambda c, r: snapshots.append((c, r)) or 0.0)
+    monkeypatch.setattr(tr.evaluator, "write_snapshot", lambda c, r: snapshots.append((c, r)) or {"dbs": 0.0})
 
     def padded_tokens(chunks):
         return sum(len(c) * max(pair_length(tr.parts.eval_pairs[i]) for i in c) for c in chunks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -27,6 +28,9 @@ def test_compare_tables_and_figures(run_workspace):
     dbs = next(d.value for d in at.dataframe if list(d.value.columns) == picked)  # Table 13: rows = steps
     assert list(dbs.columns) == picked
     assert 0 in dbs.index and dbs.loc[0, "ok-hmk"] > 0
+    probe = [d.value for d in at.dataframe if list(d.value.columns) == picked][1]  # linear probe, same layout
+    assert re.fullmatch(r"0\.\d\d \(0\.\d\d–[01]\.\d\d\)", probe.loc[0, "ok-hmk"])
+    assert final.set_index("run").loc["ok-hmk", "linear-probe accuracy (last snapshot)"] != "–"
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
     assert "Held-out reward accuracy" in titles and "Final reward accuracy by kernel × divergence" in titles
     assert any("No results yet for: empty" in c.value for c in at.caption)

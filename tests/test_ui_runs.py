@@ -38,6 +38,8 @@ def test_succeeded_hmk_run_shows_every_view(run_workspace):
     assert _metric(at, "Status") == "succeeded"
     summary = json.loads((run_workspace.root / "runs" / "ok-hmk" / "summary.json").read_text())
     assert _metric(at, "Reward accuracy (eval)") == f"{summary['final_eval']['reward_acc']:.3f}"
+    words = next(m.value for m in at.markdown if m.value.startswith("**In plain words**"))
+    assert "held-out reward accuracy" in words and "linear probe" in words
     titles = " | ".join(_chart_titles(at))
     for expected in (
         "Training losses",
@@ -49,6 +51,7 @@ def test_succeeded_hmk_run_shows_every_view(run_workspace):
         "Divergence from the reference",
         "Chosen vs rejected representations",
         "Davies–Bouldin",
+        "Linear-probe accuracy",
         "WeightWatcher alpha per layer",
     ):
         assert expected in titles, expected

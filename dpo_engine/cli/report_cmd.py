@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         ),
         workspace_path: str | None = WorkspaceOption,
     ) -> None:
-        """Write one HTML file (opens offline) with the diagnosis, configuration and every plot of the runs."""
+        """Write one HTML file (opens offline): the results in plain words, every plot, alerts, diagnosis,
+        configuration and, last, what the runs cost."""
         from dpo_engine.report import write_report
 
         ws = workspace(workspace_path)

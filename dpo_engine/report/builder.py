@@ -1,4 +1,6 @@
-"""The stakeholder report: one self-contained HTML file with the diagnosis, configuration and every plot.
+"""The stakeholder report: one self-contained HTML file that opens with the answer in plain words
+(dpo_engine.report.summary), then every plot, the alerts, the diagnosis and the configuration, and
+ends with what the runs cost (time, throughput, memory).
 
 It must open offline and by e-mail attachment, so plotly.js is embedded inline exactly once (in
 the head) and every figure is a bare div + inline script; there are no external scripts,
@@ -29,21 +31,25 @@ from dpo_engine.report.rundata import (
     load_dataset_texts,
     load_run,
 )
+from dpo_engine.report.summary import PlainSummary, plain_summary
 from dpo_engine.viz import audit as audit_viz
 from dpo_engine.viz import runs as viz
 from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, REJECTED_COLOR
 
-SECTION_TITLES = {
-    "diagnosis": "Dataset diagnosis",
-    "configuration": "Configuration",
-    "health": "Run health",
+SECTION_TITLES = {  # in the order the report shows them
+    "summary": "Summary in plain words",
     "curves": "Training curves",
     "kernel_weights": "Kernel weights",
     "divergences": "Divergences",
-    "clusters": "Clusters and Davies–Bouldin score",
+    "clusters": "Clusters: Davies–Bouldin score and linear probe",
     "htsr": "Generalisation (HT-SR)",
     "compare": "Comparison of runs",
+    "health": "Run health",
+    "diagnosis": "Dataset diagnosis",
+    "configuration": "Configuration",
+    "cost": "Cost",
 }
+COST_COLUMNS = ("status", "device", "wall_time_s", "train_time_s", "tokens_per_s", "peak_memory_mb")
 
 _CSS = f"""
 body {{ font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1200px;
@@ -246,15 +252,35 @@ def _config_section(run: RunData) -> str:
     flat.columns = ["setting", "value"]
     flat["value"] = flat["value"].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v).astype(str)
     summary = run.summary or {}
-    facts = {
-        k: summary.get(k) for k in ("status", "wall_time_s", "tokens_per_s", "peak_memory_mb", "error") if k in summary
-    }
+    facts = {k: summary.get(k) for k in ("status", "error") if summary.get(k) is not None}
     return (
         f"<h3>{_esc(run.run_id)}</h3>"
         + (_table(pd.DataFrame([facts])) if facts else "")
         + "<details><summary>All settings</summary>"
         + _table(flat)
         + "</details>"
+    )
+
+
+def _summary_section(summary: PlainSummary) -> str:
+    return "".join(
+        f"<h3>{_esc(title)}</h3><ul>" + "".join(f"<li>{_esc(line)}</li>" for line in lines) + "</ul>"
+        for title, lines in summary.sections()
+    )
+
+
+def _cost_section(runs: list[RunData]) -> str:
+    """What each run took: wall and training time, throughput and peak memory (summary.json)."""
+    rows = [
+        {"run": r.run_id, **{k: (r.summary or {}).get(k) for k in COST_COLUMNS}} for r in runs if r.summary is not None
+    ]
+    if not rows:
+        return "<p class='note'>No run has finished yet: cost is written when a run ends.</p>"
+    return (
+        _table(pd.DataFrame(rows))
+        + "<p class='note'>Wall time includes setup, evaluation, checkpoints and HT-SR; tokens/s counts training "
+        "tokens over training time; peak memory is the GPU's allocated peak, or the process's resident peak on a "
+        "CPU.</p>"
     )
 
 
@@ -307,20 +333,21 @@ def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> di
     )
     div = viz.divergence_figure(run.eval, run.divergence_name)
     out["divergences"] = label + (fig(div) if div else "<p class='note'>No evaluation yet.</p>")
-    dbs = viz.dbs_table(run)
+    separation = viz.separation_table(run)
     clusters = ""
     if run.snapshot_steps:
         try:
             projection, _ = cached_projection(run, ProjectionConfig())
-            clusters = fig(viz.cluster_figure(projection, texts, dbs_by_step=dict(zip(dbs.step, dbs.dbs))))
+            clusters = fig(viz.cluster_figure(projection, texts, separation=viz.separation_by_step(separation)))
         except ValueError as exc:
             clusters = f"<p class='warn'>Projection unavailable: {_esc(exc)}</p>"
     out["clusters"] = (
         label
         + (clusters or "<p class='note'>No snapshots yet.</p>")
-        + fig(viz.dbs_figure(dbs))
-        + "<p class='note'>Davies–Bouldin scores on the full-dimensional representations (lower = better "
-        "separated).</p>" + _table(dbs)
+        + fig(viz.dbs_figure(separation))
+        + fig(viz.probe_figure(separation))
+        + f"<p class='note'>{_esc(viz.SEPARATION_EXPLANATION)}</p>"
+        + _table(separation)
     )
     before, after = run.weighted_alpha()
     if run.htsr_before is not None or run.htsr_after is not None:
@@ -354,7 +381,9 @@ def _compare_section(runs: list[RunData], fig: _Figures) -> str:
             "<p class='note'>“ties (step 0)”: evaluated only while policy = reference. "
             f"{_esc(viz.TIE_EXPLANATION)}</p>",
             "<h3>Davies–Bouldin score per snapshot (rows = steps, columns = runs)</h3>",
-            _table(viz.dbs_comparison_table(runs), index=True),
+            _table(viz.separation_comparison_table(runs, "dbs"), index=True),
+            "<h3>Linear-probe accuracy per snapshot, 95 % interval (rows = steps, columns = runs)</h3>",
+            _table(viz.separation_comparison_table(runs, "probe_acc"), index=True),
             fig(viz.weighted_alpha_figure([(r.run_id, *r.weighted_alpha()) for r in runs])),
             fig(grid_fig),
         ]
@@ -384,15 +413,18 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
     for run in runs:
         dataset = ((run.config or {}).get("data") or {}).get("dataset")
         per_run.append(_run_sections(run, fig, load_dataset_texts(workspace, dataset)))
-    sections = {
+    built = {
+        "summary": _summary_section(plain_summary(runs, diagnosis)),
         "diagnosis": _diagnosis_section(diagnosis, fig),
         "configuration": "".join(_config_section(r) for r in runs),
         "health": "".join(_health_section(r) for r in runs),
+        "cost": _cost_section(runs),
     }
     for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr"):
-        sections[key] = "".join(parts[key] for parts in per_run)
+        built[key] = "".join(parts[key] for parts in per_run)
     if len(runs) > 1:
-        sections["compare"] = _compare_section(runs, fig)
+        built["compare"] = _compare_section(runs, fig)
+    sections = {key: built[key] for key in SECTION_TITLES if key in built}
     warnings = [f"{r.run_id}: {w}" for r in runs for w in r.warnings]
 
     title = "DPO-Kernels report: " + ", ".join(

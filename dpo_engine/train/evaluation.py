@@ -2,8 +2,9 @@
 
 `Evaluator.evaluate` computes the held-out preference metrics on every eval pair, the seven
 divergence traces on the first `monitoring.divergence_pairs` of them, and with `snapshot` the probe
-set's representations and their Davies-Bouldin score. It computes each batch with the step's
-objective (`TrainingStep.compute`, train=False), so evaluation and training share one definition.
+set's representations, their Davies-Bouldin score and a cross-validated linear probe's accuracy.
+It computes each batch with the step's objective (`TrainingStep.compute`, train=False), so
+evaluation and training share one definition.
 With several processes each evaluates every N-th batch and the sums, margins and probe
 representations are gathered (`EvalShard`), so the row equals the one-process row.
 """
@@ -20,6 +21,7 @@ from accelerate.utils import gather_object
 
 from dpo_engine import rundir
 from dpo_engine.analysis.dbs import davies_bouldin
+from dpo_engine.analysis.probe import linear_probe
 from dpo_engine.data.tokenize import pair_length
 from dpo_engine.divergences import all_token_divergences_from_hidden
 from dpo_engine.names import DIVERGENCE_METRICS
@@ -88,7 +90,8 @@ class Evaluator:
     def evaluate(self, snapshot: bool = False) -> dict[str, Any]:
         """Held-out preference metrics on every eval pair; the seven divergence traces on the first
         `monitoring.divergence_pairs` of them; with `snapshot`, the probe set's representations
-        (written to snapshots/) and their Davies-Bouldin score as `dbs`.
+        (written to snapshots/), their Davies-Bouldin score as `dbs` and the linear probe's held-out
+        accuracy with its 95 % interval as `probe_acc`, `probe_acc_lo`, `probe_acc_hi`.
 
         Three things make it cheap without changing a value: pairs are batched with pairs of similar
         length (`eval_chunks`), before the first update the policy's outputs are the reference's
@@ -182,7 +185,7 @@ class Evaluator:
         )
         if snapshot:
             probe = range(len(parts.probe_pairs))
-            row["dbs"] = self.write_snapshot(
+            row |= self.write_snapshot(
                 np.stack([total.chosen[i] for i in probe]), np.stack([total.rejected[i] for i in probe])
             )
         if accelerator.is_main_process:  # per-pair margins: intervals over eval pairs (Compare page)
@@ -195,10 +198,17 @@ class Evaluator:
             )
         return row
 
-    def write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> float:
-        """Store probe-set h(y+), h(y-) under the current policy; return their Davies-Bouldin score."""
+    def write_snapshot(self, chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
+        """Store probe-set h(y+), h(y-) under the current policy; return their separation (names.SEPARATION_METRICS),
+        computed on the stored float16 vectors so a recomputation from the snapshot gives the same numbers."""
         c, r = chosen.astype(np.float16), rejected.astype(np.float16)
         if self.parts.accelerator.is_main_process:
             pair_ids = [p.pair_id for p in self.parts.probe_pairs]
             rundir.write_snapshot(self.run_dir, self.state.step, c, r, pair_ids)
-        return davies_bouldin(c, r)
+        probe = linear_probe(c, r)
+        return {
+            "dbs": davies_bouldin(c, r),
+            "probe_acc": probe.accuracy,
+            "probe_acc_lo": probe.low,
+            "probe_acc_hi": probe.high,
+        }

@@ -271,6 +271,9 @@ def write_summary(
     summary.update(
         steps_completed=state.step,
         total_steps=parts.total_steps if parts is not None else None,
+        n_train_pairs=len(parts.train_pairs) if parts is not None else None,
+        n_eval_pairs=len(parts.eval_pairs) if parts is not None else None,
+        n_probe_pairs=len(parts.probe_pairs) if parts is not None else None,
         final_metrics=metrics[-1] if metrics else None,
         final_eval=evals[-1] if evals else None,
         wall_time_s=time.perf_counter() - t_start,

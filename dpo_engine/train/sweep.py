@@ -165,6 +165,17 @@ def accuracy_with_interval(margins: pd.Series) -> dict[str, float]:
     return {"reward_acc": float(correct.mean()), "ci_low": low, "ci_high": high, "n_pairs": int(len(correct))}
 
 
+def paired_accuracy_difference(a: pd.Series, b: pd.Series) -> dict[str, float]:
+    """Accuracy of margins `a` minus that of `b` on the held-out pairs both have (paired: same pairs),
+    with the paired bootstrap 95 % interval of the per-pair correctness difference."""
+    common = a.dropna().index.intersection(b.dropna().index)
+    if len(common) == 0:
+        return {"difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n_pairs": 0}
+    d = ((a[common] > 0).astype(float) - (b[common] > 0).astype(float)).to_numpy()
+    low, high = _bootstrap_ci(d, seed=1)
+    return {"difference": float(d.mean()), "ci_low": low, "ci_high": high, "n_pairs": int(len(common))}
+
+
 def sweep_outcome(record: dict[str, Any], run_dirs: dict[str, Path]) -> tuple[pd.DataFrame, str]:
     """(table, verdict): one row per run with its held-out accuracy and 95 % interval, and for the
     other pairs the recommended pair's accuracy minus theirs with a paired 95 % interval."""
@@ -186,10 +197,8 @@ def sweep_outcome(record: dict[str, Any], run_dirs: dict[str, Path]) -> tuple[pd
     rec = finals[recommended["run_id"]]
     diffs = {}
     for other in others:
-        common = rec.index.intersection(finals[other["run_id"]].index)
-        d = ((rec[common] > 0).astype(float) - (finals[other["run_id"]][common] > 0).astype(float)).to_numpy()
-        low, high = _bootstrap_ci(d, seed=1)
-        diffs[other["run_id"]] = (float(d.mean()), low, high)
+        diff = paired_accuracy_difference(rec, finals[other["run_id"]])
+        diffs[other["run_id"]] = (diff["difference"], diff["ci_low"], diff["ci_high"])
     table["recommended_minus_this"] = table["run"].map(lambda r: diffs.get(r, (np.nan,))[0])
     table["diff_ci_low"] = table["run"].map(lambda r: diffs.get(r, (np.nan, np.nan))[1])
     table["diff_ci_high"] = table["run"].map(lambda r: diffs.get(r, (np.nan, np.nan, np.nan))[2])

@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dpo_engine.analysis.health import ALPHA_RANGE, COLLAPSE_THRESHOLD, alpha_outside_range
-from dpo_engine.names import DIVERGENCE_METRIC_LABELS, MIXTURE_WEIGHT_LABELS
+from dpo_engine.names import DIVERGENCE_METRIC_LABELS, MIXTURE_WEIGHT_LABELS, SEPARATION_METRICS
 from dpo_engine.viz.style import (
     CHOSEN_COLOR,
     NEUTRAL_COLOR,
@@ -49,6 +49,12 @@ ALPHA_EXPLANATION = (
     "generalisation."
 )
 
+SEPARATION_EXPLANATION = (
+    "How far apart the model keeps chosen and rejected answers, on the full-dimensional representations of "
+    "the probe set: the Davies–Bouldin score (lower = better separated) and the accuracy of a linear probe "
+    "that tells chosen from rejected on pairs it was not fitted on (0.5 = chance, 1 = a straight line "
+    "separates them), with its 95 % interval (METHOD.md 3)."
+)
 
 # ---------------------------------------------------------------- helpers
 
@@ -366,9 +372,10 @@ def cluster_figure(
     texts: pd.DataFrame | None = None,
     *,
     method: str = "t-SNE",
-    dbs_by_step: dict[int, float] | None = None,
+    separation: dict[int, str] | None = None,
 ) -> go.Figure:
-    """Probe chosen (green) vs rejected (red) per snapshot, with a slider and play button over steps."""
+    """Probe chosen (green) vs rejected (red) per snapshot, with a slider and play button over steps;
+    `separation` (step -> text, `separation_by_step`) adds the full-dimensional scores to each title."""
     if projection.empty:
         return empty_figure("Representation clusters", "no snapshots yet")
     three_d = "z" in projection
@@ -398,8 +405,8 @@ def cluster_figure(
         return out
 
     def title(step: int) -> str:
-        dbs = (dbs_by_step or {}).get(step)
-        suffix = f" · DBS {dbs:.3f} (full-dimensional)" if dbs is not None and np.isfinite(dbs) else ""
+        text = (separation or {}).get(step)
+        suffix = f"<br>{text} (full-dimensional)" if text else ""
         return f"Chosen vs rejected representations ({method}, aligned) · step {step}{suffix}"
 
     last = steps[-1]
@@ -464,34 +471,76 @@ def cluster_figure(
     return fig
 
 
-def dbs_table(run) -> pd.DataFrame:
-    """Davies–Bouldin score of chosen vs rejected per snapshot, on the stored full-dimensional vectors.
+def probe_text(acc: float | None, low: float | None, high: float | None, digits: int = 2) -> str:
+    """Linear-probe accuracy with its 95 % interval for display, e.g. "0.62 (0.53–0.70)"; "–" when absent."""
+    if acc is None or not np.isfinite(acc):
+        return "–"
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{acc:.{digits}f}"
+    return f"{acc:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
-    Uses the eval row's `dbs` when the trainer logged one and computes it with sklearn for other
-    snapshots (e.g. the final one), so every snapshot has a score. Lower = better separated.
+
+SEPARATION_COLUMNS = ["step", *SEPARATION_METRICS, "source"]
+
+
+def separation_table(run) -> pd.DataFrame:
+    """Per snapshot: Davies–Bouldin score and linear-probe accuracy (with its 95 % interval) of chosen vs
+    rejected, on the stored full-dimensional vectors.
+
+    Uses the eval row's values when the trainer logged them and computes the missing ones from the
+    snapshot (runs written before a metric existed, a snapshot without an eval row), so every
+    snapshot has both. Lower DBS = better separated; probe accuracy 0.5 = not separated.
     """
     from dpo_engine.analysis.dbs import davies_bouldin
+    from dpo_engine.analysis.probe import linear_probe
 
-    logged: dict[int, float] = {}
-    if _has(run.eval, "dbs"):
-        for step, value in zip(run.eval["step"], pd.to_numeric(run.eval["dbs"], errors="coerce")):
-            if pd.notna(value):
-                logged[int(step)] = float(value)
+    logged: dict[int, dict[str, float]] = {}
+    if _has(run.eval, "step"):
+        for _, row in run.eval.iterrows():
+            values = {k: float(row[k]) for k in SEPARATION_METRICS if k in row and pd.notna(row[k])}
+            if values:
+                logged[int(row["step"])] = values
     rows = []
-    for step in run.snapshot_steps:
-        if step in logged:
-            rows.append({"step": step, "dbs": logged[step], "source": "eval.jsonl"})
-            continue
-        try:
-            snap = run.load_snapshot(step)
-            value = davies_bouldin(snap.chosen, snap.rejected)
-        except Exception:  # a snapshot being written or degenerate (all points equal)
-            value = float("nan")
-        rows.append({"step": step, "dbs": value, "source": "computed from snapshot"})
-    for step, value in logged.items():
-        if step not in run.snapshot_steps:
-            rows.append({"step": step, "dbs": value, "source": "eval.jsonl"})
-    return pd.DataFrame(rows, columns=["step", "dbs", "source"]).sort_values("step").reset_index(drop=True)
+    for step in sorted(set(run.snapshot_steps) | set(logged)):
+        values = dict(logged.get(step, {}))
+        missing = [k for k in SEPARATION_METRICS if k not in values]
+        source = "eval.jsonl"
+        if missing and step in run.snapshot_steps:
+            source = "eval.jsonl + snapshot" if values else "computed from snapshot"
+            try:
+                snap = run.load_snapshot(step)
+                if "dbs" in missing:
+                    values["dbs"] = davies_bouldin(snap.chosen, snap.rejected)
+                if "probe_acc" in missing:
+                    probe = linear_probe(snap.chosen, snap.rejected)
+                    values |= {"probe_acc": probe.accuracy, "probe_acc_lo": probe.low, "probe_acc_hi": probe.high}
+            except Exception:  # a snapshot being written or degenerate (all points equal)
+                pass
+        rows.append({"step": step, **{k: values.get(k, float("nan")) for k in SEPARATION_METRICS}, "source": source})
+    return pd.DataFrame(rows, columns=SEPARATION_COLUMNS)
+
+
+def last_probe_text(run) -> str:
+    """The linear-probe accuracy of the run's last snapshot with its interval, or "–"."""
+    table = separation_table(run).dropna(subset=["probe_acc"])
+    if table.empty:
+        return "–"
+    last = table.iloc[-1]
+    return probe_text(last["probe_acc"], last["probe_acc_lo"], last["probe_acc_hi"])
+
+
+def separation_by_step(table: pd.DataFrame) -> dict[int, str]:
+    """Step -> "DBS x · linear probe y (lo–hi)" for figure titles."""
+    out = {}
+    for _, row in table.iterrows():
+        parts = []
+        if pd.notna(row["dbs"]):
+            parts.append(f"DBS {row['dbs']:.3f}")
+        if pd.notna(row["probe_acc"]):
+            parts.append("linear probe " + probe_text(row["probe_acc"], row["probe_acc_lo"], row["probe_acc_hi"]))
+        if parts:
+            out[int(row["step"])] = " · ".join(parts)
+    return out
 
 
 def dbs_figure(table: pd.DataFrame, name: str = "DBS") -> go.Figure:
@@ -507,6 +556,38 @@ def dbs_figure(table: pd.DataFrame, name: str = "DBS") -> go.Figure:
         "Davies–Bouldin score (dimensionless)",
         height=320,
     )
+
+
+def probe_figure(table: pd.DataFrame) -> go.Figure:
+    """Linear-probe accuracy per snapshot with its 95 % interval, against chance (0.5)."""
+    fig = go.Figure()
+    rows = table.dropna(subset=["probe_acc"]) if not table.empty else table
+    if not rows.empty:
+        fig.add_trace(
+            go.Scatter(
+                x=rows["step"],
+                y=rows["probe_acc"],
+                mode="lines+markers",
+                name="linear probe",
+                line=dict(color=PROMPT_COLOR),
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=rows["probe_acc_hi"] - rows["probe_acc"],
+                    arrayminus=rows["probe_acc"] - rows["probe_acc_lo"],
+                ),
+            )
+        )
+    fig.add_hline(y=0.5, line=dict(color=NEUTRAL_COLOR, dash="dot"), annotation_text="chance")
+    fig = _layout(
+        fig,
+        "Linear-probe accuracy, chosen vs rejected (held-out folds, 95 % interval)",
+        "optimiser step",
+        "accuracy (fraction)",
+        height=320,
+    )
+    fig.update_yaxes(range=[0.3, 1.02])
+    return fig
 
 
 # ---------------------------------------------------------------- HT-SR
@@ -656,6 +737,7 @@ def final_accuracy_table(runs: Sequence) -> pd.DataFrame:
                 "final reward accuracy (eval)": accuracy_text(run, "reward_acc"),
                 "final hybrid accuracy (eval)": accuracy_text(run, "hybrid_acc"),
                 "final preference loss (eval)": run.final("loss_pref"),
+                "linear-probe accuracy (last snapshot)": last_probe_text(run),
                 "weighted alpha before": before,
                 "weighted alpha after": after,
             }
@@ -663,12 +745,20 @@ def final_accuracy_table(runs: Sequence) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def dbs_comparison_table(runs: Sequence) -> pd.DataFrame:
-    """Rows = snapshot steps, columns = runs (the paper's Table 13 layout)."""
+def separation_comparison_table(runs: Sequence, column: str = "dbs") -> pd.DataFrame:
+    """Rows = snapshot steps, columns = runs (the paper's Table 13 layout), of the DBS or, with
+    column="probe_acc", the linear-probe accuracy as text with its 95 % interval."""
     columns = {}
     for run in runs:
-        table = dbs_table(run)
-        columns[run.run_id] = table.set_index("step")["dbs"] if not table.empty else pd.Series(dtype=float)
+        table = separation_table(run).set_index("step")
+        if column == "probe_acc":
+            columns[run.run_id] = pd.Series(
+                [probe_text(*v) for v in table[["probe_acc", "probe_acc_lo", "probe_acc_hi"]].to_numpy()],
+                index=table.index,
+                dtype=object,
+            )
+        else:
+            columns[run.run_id] = table[column] if not table.empty else pd.Series(dtype=float)
     if not columns:
         return pd.DataFrame()
     out = pd.DataFrame(columns)
