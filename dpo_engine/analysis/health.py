@@ -38,6 +38,12 @@ COLLAPSE_THRESHOLD = 0.05
 BETA_SANE_RANGE = (0.01, 1.0)
 # HT-SR (a heuristic): WeightWatcher alpha outside this range.
 ALPHA_RANGE = (2.0, 6.0)
+# HT-SR of the update ΔW (METHOD.md 3): a power-law alpha is fitted only to a spectrum with more than
+# UPDATE_MIN_EVALS non-zero eigenvalues (WeightWatcher's analyze documents min_evals = 10; a LoRA
+# update has at most r of them); a fitted alpha above ALPHA_UNRELIABLE is shown but not trusted
+# (WeightWatcher calls such fits unreliable). An update alpha below ALPHA_RANGE[0] reads as over-fit.
+UPDATE_MIN_EVALS = 10
+ALPHA_UNRELIABLE = 8.0
 
 _GUARDED = ("loss", "loss_pref", "margin", "reward_acc", "grad_norm")
 
