@@ -74,6 +74,10 @@ def test_a_fresh_workspace_opens_on_the_committed_examples(workspace):
         at = AppTest.from_file(str(REPO / "pages" / page), default_timeout=180).run()
         assert not at.exception, (page, at.exception)
         assert any("example runs" in i.value for i in at.info), page
+        if page == "runs.py":  # the HT-SR tab: the base model's layers as information, no update table yet
+            assert any("What training changed" in h.value for h in at.subheader)
+            assert any("The base model has 87 of" in c.value for c in at.caption)
+            assert any("No update table in this run" in i.value for i in at.info)
     assert sorted(at.multiselect(key="compare-runs").value) == ids  # Compare opens on both examples
 
 

@@ -111,3 +111,55 @@ def test_weight_deltas_name_layers_without_a_match():
     (first, d1, r1), (second, d2, r2) = weight_deltas(after, before)
     assert first == "0" and r1 == "" and np.allclose(d1, (after[0].weight - before[0].weight).detach().numpy())
     assert second == "1" and d2 is None and "same shape" in r2
+
+
+def _update_rows():
+    table = pd.DataFrame(
+        {
+            "longname": ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj", "lm_head"],
+            "status": [FITTED, NOT_FITTED, SKIPPED],
+            "reason": ["", "rank 8 ≤ 10: too few eigenvalues for a power-law tail", "no LoRA adapter: frozen"],
+            "alpha": [1.5, np.nan, np.nan],
+            "base_alpha": [3.0, 4.0, 9.0],
+            "spectral_norm": [0.02, 0.01, np.nan],
+            "relative_norm": [0.01, 0.005, np.nan],
+            "stable_rank": [3.0, 2.0, np.nan],
+            "rank": [64, 8, 0],
+            "N": [128, 64, 100],
+            "M": [64, 64, 64],
+        }
+    )
+    table["flag"] = ["α < 2 (over-fit?)", "", ""]
+    return table
+
+
+def test_update_figure_and_tables_show_changed_layers_and_flags():
+    from dpo_engine.viz import htsr_update as viz_update
+
+    table = _update_rows()
+    fig = viz_update.update_figure(table)
+    assert [t.name for t in fig.data] == ["update α < 2 (over-fit?)"]  # the one fitted layer, flagged
+    assert list(viz_update.update_flag_table(table)["longname"]) == ["model.layers.0.mlp.up_proj"]
+    assert list(viz_update.update_display_table(table)["longname"])[-1] == "lm_head"  # skipped layers last
+    lora = table.assign(alpha=np.nan, flag="")
+    fig = viz_update.update_figure(lora)  # no fitted alpha: the relative norm against the base alpha
+    assert len(fig.data) == 1 and list(fig.data[0].y) == [0.01, 0.005] and "relative" in fig.layout.yaxis.title.text
+
+
+def test_report_shows_the_update(tmp_path, workspace, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    import dpo_engine.report.rundata as rundata
+    from dpo_engine.report import build_report
+
+    repo = Path(__file__).resolve().parent.parent
+    shipped = tmp_path / "shipped"
+    source = repo / "assets" / "example_runs" / "example-dpo"
+    shutil.copytree(source, shipped / "example-dpo", ignore=shutil.ignore_patterns("snapshots"))  # no projections
+    _update_rows().to_csv(shipped / "example-dpo" / rundir.HTSR_UPDATE, index=False)
+    monkeypatch.setattr(rundata, "shipped_examples_dir", lambda: shipped)
+    html = build_report(workspace, ["example-dpo"])
+    assert "What training changed (HT-SR of the update)" in html and "model.layers.0.mlp.up_proj" in html
+    assert "Layers that left [2, 6] during training: 0" in html and "The base model has 87 of" in html
+    assert "Under LoRA it can show only a large change" in html
