@@ -61,6 +61,9 @@ def update_display_table(update: pd.DataFrame | None) -> pd.DataFrame:
     if update is None or update.empty:
         return pd.DataFrame(columns=list(DISPLAY_COLUMNS))
     table = update[[c for c in DISPLAY_COLUMNS if c in update]].copy()
+    for column in ("flag", "reason"):  # empty strings read back from the CSV as NaN
+        if column in table:
+            table[column] = table[column].astype(object).where(table[column].notna(), "")
     changed = table["status"] != "skipped"
     size = pd.to_numeric(table.get("relative_norm", table.get("spectral_norm")), errors="coerce").fillna(-1.0)
     table = table.assign(_changed=changed, _size=size).sort_values(["_changed", "_size"], ascending=False)
@@ -72,7 +75,7 @@ def update_flag_table(update: pd.DataFrame | None) -> pd.DataFrame:
     table = update_display_table(update)
     if table.empty or "flag" not in table:
         return table
-    return table[table["flag"].fillna("").astype(str) != ""].reset_index(drop=True)
+    return table[table["flag"] != ""].reset_index(drop=True)
 
 
 def update_figure(update: pd.DataFrame | None, *, title: str = "Base layer's alpha vs the update") -> go.Figure | None:
