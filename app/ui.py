@@ -58,7 +58,7 @@ def health_alerts(alerts, *, healthy_note: bool = True) -> None:
         if healthy_note:
             st.caption(
                 "✅ Run health: no alerts (likelihood displacement, memorising, NaN/inf, kernel-weight "
-                "collapse, ε-DPO β range and HT-SR alpha are checked as the run goes)."
+                "collapse, ε-DPO β range and HT-SR layers leaving 2–6 during training are checked as the run goes)."
             )
         return
     for alert in alerts:

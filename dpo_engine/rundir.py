@@ -44,6 +44,7 @@ MODEL = "model"
 CALIBRATION = "calibration.pt"
 HTSR_BEFORE = "htsr_before.csv"
 HTSR_AFTER = "htsr_after.csv"
+HTSR_UPDATE = "htsr_update.csv"  # HT-SR of what training changed, ΔW per layer (analysis/htsr_update.py)
 EVAL_MARGINS = "eval_margins.jsonl"  # per held-out pair reward margins at each evaluation (intervals over pairs)
 
 METRIC_KEYS = (
@@ -268,7 +269,7 @@ def load_snapshot(run_dir: Path, step: int) -> dict[str, np.ndarray]:
 
 
 def read_htsr(run_dir: Path, which: str = "before") -> pd.DataFrame | None:
-    name = {"before": HTSR_BEFORE, "after": HTSR_AFTER, "single": "htsr.csv"}[which]
+    name = {"before": HTSR_BEFORE, "after": HTSR_AFTER, "update": HTSR_UPDATE, "single": "htsr.csv"}[which]
     return read_csv(Path(run_dir) / name)
 
 

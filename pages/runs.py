@@ -16,6 +16,8 @@ from dpo_engine.report import build_report
 from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
 from dpo_engine.report.rundata import EXAMPLE_MARK, load_dataset_texts, load_run, workspace_runs
 from dpo_engine.report.summary import plain_summary
+from dpo_engine.rundir import config_value
+from dpo_engine.viz import htsr_update as viz_update
 from dpo_engine.viz import runs as viz
 
 LIVE_STATUSES = ("queued", "running")
@@ -188,7 +190,7 @@ def _cluster_map(run, config, method, separation) -> None:
 
 
 def _htsr(run) -> None:
-    if run.htsr_before is None and run.htsr_after is None:
+    if run.htsr_before is None and run.htsr_after is None and run.htsr_update is None:
         st.info(
             "No WeightWatcher analysis in this run yet. It runs before and after training when monitoring.htsr "
             "is on, or auto with a model under 1B parameters; for a larger model, run an HT-SR job on the "
@@ -205,11 +207,35 @@ def _htsr(run) -> None:
         delta=f"{after - before:+.3f}" if before is not None and after is not None else None,
         delta_color="off",
     )
+    if config_value(run.config, "model", "lora"):
+        st.caption(viz_update.LORA_WEIGHTED_ALPHA_NOTE)
     figure_with_export(viz.htsr_alpha_figure(run.htsr_before, run.htsr_after), key="run-htsr")
-    flagged = viz.htsr_flag_table(run.htsr_after if run.htsr_after is not None else run.htsr_before)
-    st.markdown(f"**Layers outside [2, 6]:** {len(flagged)}")
+    left = health.htsr_left_range(run.htsr_before, run.htsr_after)
+    st.markdown(f"**Layers that left [2, 6] during training:** {len(left)}")
+    if not left.empty:
+        st.dataframe(left, hide_index=True)
+    note = viz_update.base_range_note(run.htsr_before)
+    if note:
+        st.caption(note)
+    st.subheader("What training changed (HT-SR of the update)")
+    if run.htsr_update is None:
+        st.info(
+            "No update table in this run: htsr_update.csv is written at the end of a run with HT-SR on "
+            "(runs from before this analysis have none)."
+        )
+        return
+    st.markdown(viz_update.UPDATE_EXPLANATION)
+    fig = viz_update.update_figure(run.htsr_update)
+    if fig is None:
+        st.info("Training changed no layer's weights.")
+    else:
+        figure_with_export(fig, key="run-htsr-update")
+    flagged = viz_update.update_flag_table(run.htsr_update)
     if not flagged.empty:
+        st.markdown(f"**Layers whose update alpha is flagged:** {len(flagged)}")
         st.dataframe(flagged, hide_index=True)
+    with st.expander("Per-layer update table (skipped layers with the reason)"):
+        st.dataframe(viz_update.update_display_table(run.htsr_update), hide_index=True)
 
 
 def _files(job, run) -> None:

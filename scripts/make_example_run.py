@@ -39,6 +39,7 @@ KEEP_FILES = (
     "log.txt",
     "htsr_before.csv",
     "htsr_after.csv",
+    "htsr_update.csv",
 )
 KEEP_DIRS = ("snapshots",)
 

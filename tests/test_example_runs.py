@@ -74,4 +74,21 @@ def test_a_fresh_workspace_opens_on_the_committed_examples(workspace):
         at = AppTest.from_file(str(REPO / "pages" / page), default_timeout=180).run()
         assert not at.exception, (page, at.exception)
         assert any("example runs" in i.value for i in at.info), page
+        if page == "runs.py":  # the HT-SR tab: the base model's layers as information, no update table yet
+            assert any("What training changed" in h.value for h in at.subheader)
+            assert any("The base model has 87 of" in c.value for c in at.caption)
+            assert any("No update table in this run" in i.value for i in at.info)
     assert sorted(at.multiselect(key="compare-runs").value) == ids  # Compare opens on both examples
+
+
+def test_shipped_examples_raise_no_htsr_alert_for_the_base_models_layers():
+    """Their "before" and "after" tables have the same out-of-range layers (the base model's): the
+    HT-SR alert is about training and stays silent; the base model's layers remain information."""
+    from dpo_engine.analysis import health
+
+    for run_dir in sorted(p for p in (REPO / "assets" / "example_runs").iterdir() if p.is_dir()):
+        run = rundata.load_run(run_dir)
+        assert run.htsr_before is not None and run.htsr_after is not None, run_dir.name
+        assert health.htsr_left_range(run.htsr_before, run.htsr_after).empty, run_dir.name
+        assert "htsr_alpha" not in {a.code for a in health.health_of(run)}, run_dir.name
+        assert len(health.htsr_base_out_of_range(run.htsr_before)) > 0, run_dir.name

@@ -74,8 +74,10 @@ def test_run_figures_use_only_the_colour_blind_safe_palette():
 
     from dpo_engine.report.rundata import load_run  # noqa: F401 - figures take RunData-like tables
     from dpo_engine.viz import runs as viz
+    from dpo_engine.viz.htsr_update import update_figure as htsr_update_figure
     from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, PROMPT_COLOR, REJECTED_COLOR, SERIES_PALETTE
     from tests.test_health import _healthy_rows
+    from tests.test_htsr_update import _update_rows
 
     metrics, evals = (pd.DataFrame(rows) for rows in _healthy_rows())
     for column in (
@@ -100,6 +102,7 @@ def test_run_figures_use_only_the_colour_blind_safe_palette():
         viz.beta_figure(metrics),
         viz.divergence_figure(evals, "kl"),
         viz.htsr_alpha_figure(pd.DataFrame({"layer_id": [0, 1], "alpha": [1.5, 3.0]})),
+        htsr_update_figure(_update_rows().assign(alpha=[1.5, 7.0, 9.0], status="fitted")),
     ]
     for fig in figures:
         assert _colours(fig) <= allowed, (fig.layout.title.text, _colours(fig) - allowed)

@@ -199,15 +199,45 @@ def test_fixed_beta_is_never_an_epsilon_dpo_alert(tmp_path):
     assert _codes(_write(tmp_path / "b", metrics, evals, config=_config(beta=2.0))) == {}
 
 
-def test_htsr_alpha_outside_range_is_a_labelled_heuristic(tmp_path):
+def test_epsilon_dpo_configured_outside_the_range_is_the_config_not_the_run(tmp_path):
+    metrics, evals = _healthy_rows()
+    for row in metrics:
+        row["beta"] = 2.0 * 0.99 ** row["step"]  # started at β = 2 and stays above 1
+    assert _codes(_write(tmp_path / "b2", metrics, evals, config=_config(epsilon=0.05, beta=2.0))) == {}
+
+
+def test_htsr_alert_fires_for_layers_that_left_the_range_during_training(tmp_path):
     metrics, evals = _healthy_rows()
     alerts = _codes(
         _write(tmp_path / "h", metrics, evals, htsr_before=_htsr([3.0, 4.0, 7.5]), htsr_after=_htsr([1.5, 4.0, 8.0]))
     )
     alert = alerts["htsr_alpha"]
     assert set(alerts) == {"htsr_alpha"} and alert.heuristic and alert.severity == "info"
-    assert "2 of 3 layers after training (1 before training)" in alert.evidence
+    assert "1 of 3 layers left 2–6 during training (1 now below 2, 0 above 6: 0)" in alert.evidence
     assert "(heuristic)" in alert.headline and alert.step == STEPS
+
+
+def test_htsr_alert_ignores_the_base_models_own_out_of_range_layers(tmp_path):
+    metrics, evals = _healthy_rows()
+    before, after = _htsr([1.2, 4.0, 7.5, 9.0]), _htsr([1.3, 4.1, 7.4, 12.0])
+    run = _write(tmp_path / "same", metrics, evals, htsr_before=before, htsr_after=after)
+    assert _codes(run) == {}
+    assert list(health.htsr_base_out_of_range(before)["layer"]) == ["0", "2", "3"]  # shown as information
+    assert _codes(_write(tmp_path / "only-before", metrics, evals, htsr_before=before)) == {}
+    assert _codes(_write(tmp_path / "only-after", metrics, evals, htsr_after=after)) == {}
+
+
+def test_htsr_alert_fires_for_an_over_fit_update_spectrum(tmp_path):
+    metrics, evals = _healthy_rows()
+    run = _write(tmp_path / "u", metrics, evals, htsr_before=_htsr([3.0, 4.0]), htsr_after=_htsr([3.0, 4.0]))
+    update = pd.DataFrame({"longname": ["a", "b", "c"], "status": ["fitted", "fitted", "not fitted"]})
+    update["alpha"] = [1.6, 3.0, np.nan]
+    update.to_csv(run.run_dir / rundir.HTSR_UPDATE, index=False)
+    alert = _codes(load_run(run.run_dir))["htsr_alpha"]
+    assert alert.evidence == "1 layers' update ΔW has a fitted alpha below 2 (a)"
+    update["alpha"] = [2.5, 3.0, np.nan]
+    update.to_csv(run.run_dir / rundir.HTSR_UPDATE, index=False)
+    assert _codes(load_run(run.run_dir)) == {}
 
 
 def test_alerts_work_on_a_live_run_with_a_torn_last_line(tmp_path):

@@ -38,6 +38,12 @@ COLLAPSE_THRESHOLD = 0.05
 BETA_SANE_RANGE = (0.01, 1.0)
 # HT-SR (a heuristic): WeightWatcher alpha outside this range.
 ALPHA_RANGE = (2.0, 6.0)
+# HT-SR of the update ΔW (METHOD.md 3): a power-law alpha is fitted only to a spectrum with more than
+# UPDATE_MIN_EVALS non-zero eigenvalues (WeightWatcher's analyze documents min_evals = 10; a LoRA
+# update has at most r of them); a fitted alpha above ALPHA_UNRELIABLE is shown but not trusted
+# (WeightWatcher calls such fits unreliable). An update alpha below ALPHA_RANGE[0] reads as over-fit.
+UPDATE_MIN_EVALS = 10
+ALPHA_UNRELIABLE = 8.0
 
 _GUARDED = ("loss", "loss_pref", "margin", "reward_acc", "grad_norm")
 
@@ -255,6 +261,10 @@ def beta_out_of_range(metrics: pd.DataFrame | None, config: dict | None) -> Aler
     if beta.empty or (epsilon <= 0 and beta["beta"].nunique() <= 1):
         return None
     lo, hi = BETA_SANE_RANGE
+    start = config_value(config, "method", "loss", "beta")
+    start = float(start) if start is not None else float(beta["beta"].iloc[0])
+    if not lo <= start <= hi:
+        return None  # configured outside the range: a setting, visible in the config, not something the run did
     outside = beta[(beta["beta"] < lo) | (beta["beta"] > hi)]
     if outside.empty:
         return None
@@ -276,41 +286,84 @@ def beta_out_of_range(metrics: pd.DataFrame | None, config: dict | None) -> Aler
     )
 
 
+def _alpha_by_layer(table: pd.DataFrame) -> pd.Series:
+    """alpha per layer, keyed by longname when the table has it (else by WeightWatcher's layer_id)."""
+    key = "longname" if "longname" in table else "layer_id"
+    alpha = pd.to_numeric(table["alpha"], errors="coerce")
+    return pd.Series(alpha.to_numpy(), index=table[key].astype(str)).groupby(level=0).first()
+
+
+def htsr_left_range(htsr_before: pd.DataFrame | None, htsr_after: pd.DataFrame | None) -> pd.DataFrame:
+    """Layers whose alpha lay inside ALPHA_RANGE before training and outside it after: what training
+    did, unlike the layers the base model already had outside (columns layer, alpha_before, alpha_after)."""
+    columns = ["layer", "alpha_before", "alpha_after"]
+    if htsr_before is None or htsr_after is None or "alpha" not in htsr_before or "alpha" not in htsr_after:
+        return pd.DataFrame(columns=columns)
+    both = pd.concat([_alpha_by_layer(htsr_before), _alpha_by_layer(htsr_after)], axis=1, join="inner").dropna()
+    both.columns = columns[1:]
+    left = ~alpha_outside_range(both["alpha_before"]) & alpha_outside_range(both["alpha_after"])
+    return both[left].rename_axis("layer").reset_index()
+
+
+def htsr_base_out_of_range(htsr_before: pd.DataFrame | None) -> pd.DataFrame:
+    """The base model's own layers outside ALPHA_RANGE (before training): information, not an alert."""
+    if htsr_before is None or "alpha" not in htsr_before:
+        return pd.DataFrame(columns=["layer", "alpha"])
+    alpha = _alpha_by_layer(htsr_before).dropna()
+    return alpha[alpha_outside_range(alpha)].rename("alpha").rename_axis("layer").reset_index()
+
+
+def update_overfit(htsr_update: pd.DataFrame | None) -> pd.DataFrame:
+    """Layers whose update ΔW has a fitted alpha below ALPHA_RANGE[0] (alpha is empty where not fitted)."""
+    if htsr_update is None or "alpha" not in htsr_update:
+        return pd.DataFrame(columns=["longname", "alpha"])
+    alpha = pd.to_numeric(htsr_update["alpha"], errors="coerce")
+    return htsr_update[alpha < ALPHA_RANGE[0]]
+
+
+def _some(names, limit: int = 3) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def htsr_alpha(
-    htsr_before: pd.DataFrame | None, htsr_after: pd.DataFrame | None, final_step: int | None = None
+    htsr_before: pd.DataFrame | None,
+    htsr_after: pd.DataFrame | None,
+    final_step: int | None = None,
+    htsr_update: pd.DataFrame | None = None,
 ) -> Alert | None:
-    table = htsr_after if htsr_after is not None else htsr_before
-    if table is None or "alpha" not in table:
-        return None
-    alpha = pd.to_numeric(table["alpha"], errors="coerce").dropna()
-    if alpha.empty:
+    """Fires only for what training did: layers that left ALPHA_RANGE (inside before, outside after),
+    or an update whose fitted alpha says over-fit. The base model's own out-of-range layers never fire."""
+    left = htsr_left_range(htsr_before, htsr_after)
+    overfit = update_overfit(htsr_update)
+    if left.empty and overfit.empty:
         return None
     lo, hi = ALPHA_RANGE
-    outside = int(alpha_outside_range(alpha).sum())
-    if outside == 0:
-        return None
-    before_note = ""
-    if htsr_after is not None and htsr_before is not None and "alpha" in htsr_before:
-        before_note = f" ({int(alpha_outside_range(htsr_before['alpha']).sum())} before training)"
-    when = "after training" if htsr_after is not None else "before training"
+    parts = []
+    if len(left):
+        below = int((left["alpha_after"] < lo).sum())
+        parts.append(
+            f"{len(left)} of {len(_alpha_by_layer(htsr_after))} layers left {lo:g}–{hi:g} during training "
+            f"({below} now below {lo:g}, {len(left) - below} above {hi:g}: {_some(left['layer'])})"
+        )
+    if len(overfit):
+        parts.append(f"{len(overfit)} layers' update ΔW has a fitted alpha below {lo:g} ({_some(overfit['longname'])})")
     return Alert(
         code="htsr_alpha",
-        title=f"HT-SR alpha outside {lo:g}–{hi:g}",
+        title=f"HT-SR: training moved layers out of {lo:g}–{hi:g}",
         severity="info",
         heuristic=True,
-        step=final_step if htsr_after is not None else 0,
-        evidence=(
-            f"{outside} of {len(alpha)} layers {when}{before_note}: {int((alpha < lo).sum())} below {lo:g}, "
-            f"{int((alpha > hi).sum())} above {hi:g}"
-        ),
+        step=final_step,
+        evidence="; ".join(parts),
         meaning=(
-            "A heuristic from WeightWatcher: in well-trained large models most layers have alpha between 2 "
-            "and 6; below 2 hints at over-fit layers, above 6 at under-trained ones. Small, randomly "
-            "initialised or LoRA-tuned models often sit outside it without anything being wrong."
+            "A heuristic from WeightWatcher: in well-trained large models most layers have alpha between 2 and 6; "
+            "below 2 hints at over-fit layers, above 6 at under-trained ones. These layers were inside the range "
+            "before training (or the update itself has a heavy, over-fit tail), so the change is this run's. "
+            "Layers the base model already had outside the range are not counted."
         ),
         advice=(
-            "Compare with the before-training alpha: layers that left the range during training deserve a look "
-            "(fewer steps or a lower learning rate); layers outside it from the start are the base model's."
+            "Look at the named layers' update on the HT-SR tab; if they matter, try fewer steps or a lower "
+            "learning rate."
         ),
     )
 
@@ -323,6 +376,7 @@ def run_health(
     summary: dict | None = None,
     htsr_before: pd.DataFrame | None = None,
     htsr_after: pd.DataFrame | None = None,
+    htsr_update: pd.DataFrame | None = None,
 ) -> list[Alert]:
     """Every alert that fires, errors first, then by the step where it starts."""
     final_step = None
@@ -335,7 +389,7 @@ def run_health(
         memorising(metrics, eval_table),
         kernel_weight_collapse(metrics),
         beta_out_of_range(metrics, config),
-        htsr_alpha(htsr_before, htsr_after, final_step),
+        htsr_alpha(htsr_before, htsr_after, final_step, htsr_update),
     ]
     order = {"error": 0, "warning": 1, "info": 2}
     alerts = [a for a in found if a is not None]
@@ -351,6 +405,7 @@ def health_of(run) -> list[Alert]:
         summary=run.summary,
         htsr_before=run.htsr_before,
         htsr_after=run.htsr_after,
+        htsr_update=run.htsr_update,
     )
 
 

@@ -44,11 +44,17 @@ COLUMNS = (
 )
 
 
-def gram_singular_values(W, method=None) -> np.ndarray:  # noqa: ARG001 - WeightWatcher passes its svd method
-    """Singular values of W as square roots of the eigenvalues of its smaller Gram matrix, in float64."""
+def gram_eigenvalues(W) -> np.ndarray:
+    """Eigenvalues of W^T W (ascending, float64, clipped at 0) from the smaller of W^T W and W W^T:
+    the non-zero ones are the same and the smaller matrix is cheaper."""
     W = np.asarray(W, dtype=np.float64)
     gram = W.T @ W if W.shape[0] >= W.shape[1] else W @ W.T
-    return np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
+    return np.clip(np.linalg.eigvalsh(gram), 0.0, None)
+
+
+def gram_singular_values(W, method=None) -> np.ndarray:  # noqa: ARG001 - WeightWatcher passes its svd method
+    """Singular values of W as square roots of the eigenvalues of its smaller Gram matrix, in float64."""
+    return np.sqrt(gram_eigenvalues(W))
 
 
 def gram_singular_values_on(device: str):

@@ -32,7 +32,9 @@ from dpo_engine.report.rundata import (
     load_run,
 )
 from dpo_engine.report.summary import PlainSummary, plain_summary
+from dpo_engine.rundir import config_value
 from dpo_engine.viz import audit as audit_viz
+from dpo_engine.viz import htsr_update as viz_update
 from dpo_engine.viz import runs as viz
 from dpo_engine.viz.style import CHOSEN_COLOR, NEUTRAL_COLOR, REJECTED_COLOR
 
@@ -291,7 +293,8 @@ def _health_section(run: RunData) -> str:
     if not alerts:
         return label + (
             "<p class='note'>No health alerts: likelihood displacement, memorising, NaN/inf values, "
-            "kernel-weight collapse, the ε-DPO β range and HT-SR alpha were checked.</p>"
+            "kernel-weight collapse, the ε-DPO β range and HT-SR (layers leaving 2–6 during training, an "
+            "over-fit update) were checked.</p>"
         )
     items = "".join(
         f"<div class='alert {_esc(a.severity)}'><b>{_esc(a.headline)}</b> · {_esc(a.evidence)}"
@@ -350,20 +353,47 @@ def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> di
         + _table(separation)
     )
     before, after = run.weighted_alpha()
-    if run.htsr_before is not None or run.htsr_after is not None:
+    if run.htsr_before is not None or run.htsr_after is not None or run.htsr_update is not None:
+        left = health.htsr_left_range(run.htsr_before, run.htsr_after)
+        note = viz_update.base_range_note(run.htsr_before)
+        lora = bool(config_value(run.config, "model", "lora"))
         out["htsr"] = (
             label
             + f"<p>{_esc(viz.ALPHA_EXPLANATION)}</p>"
             + fig(viz.htsr_alpha_figure(run.htsr_before, run.htsr_after))
             + fig(viz.weighted_alpha_figure([(run.run_id, before, after)]))
-            + "<h4>Layers outside [2, 6] after training</h4>"
-            + _table(viz.htsr_flag_table(run.htsr_after if run.htsr_after is not None else run.htsr_before))
+            + (f"<p class='note'>{_esc(viz_update.LORA_WEIGHTED_ALPHA_NOTE)}</p>" if lora else "")
+            + f"<h4>Layers that left [2, 6] during training: {len(left)}</h4>"
+            + (_table(left) if len(left) else "")
+            + (f"<p class='note'>{_esc(note)}</p>" if note else "")
+            + _update_section(run, fig)
         )
     else:
         out["htsr"] = (
             label + "<p class='note'>No WeightWatcher analysis in this run (monitoring.htsr off or not finished).</p>"
         )
     return out
+
+
+def _update_section(run: RunData, fig: _Figures) -> str:
+    """HT-SR of the update: what training changed per layer (scatter, flagged layers, full table)."""
+    head = "<h4>What training changed (HT-SR of the update)</h4>"
+    if run.htsr_update is None:
+        return head + (
+            "<p class='note'>No update table in this run: htsr_update.csv is written at the end of a run with "
+            "HT-SR on (runs from before this analysis have none).</p>"
+        )
+    flagged = viz_update.update_flag_table(run.htsr_update)
+    scatter = viz_update.update_figure(run.htsr_update)
+    return (
+        head
+        + f"<p>{_esc(viz_update.UPDATE_EXPLANATION)}</p>"
+        + (fig(scatter) if scatter is not None else "<p class='note'>Training changed no layer's weights.</p>")
+        + (f"<h4>Layers whose update alpha is flagged: {len(flagged)}</h4>" + _table(flagged) if len(flagged) else "")
+        + "<details><summary>Per-layer update table (skipped layers with the reason)</summary>"
+        + _table(viz_update.update_display_table(run.htsr_update))
+        + "</details>"
+    )
 
 
 def _compare_section(runs: list[RunData], fig: _Figures) -> str:

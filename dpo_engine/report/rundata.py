@@ -40,6 +40,7 @@ class RunData:
     snapshot_steps: list[int] = field(default_factory=list)
     htsr_before: pd.DataFrame | None = None
     htsr_after: pd.DataFrame | None = None
+    htsr_update: pd.DataFrame | None = None  # HT-SR of what training changed (ΔW per layer)
     htsr: pd.DataFrame | None = None  # an "htsr" job's single table
     warnings: list[str] = field(default_factory=list)
 
@@ -120,6 +121,7 @@ def load_run(run_dir: str | Path, run_id: str | None = None) -> RunData:
     data.snapshot_steps = rundir.list_snapshots(run_dir)
     data.htsr_before = rundir.read_csv(run_dir / rundir.HTSR_BEFORE, w)
     data.htsr_after = rundir.read_csv(run_dir / rundir.HTSR_AFTER, w)
+    data.htsr_update = rundir.read_csv(run_dir / rundir.HTSR_UPDATE, w)
     data.htsr = rundir.read_csv(run_dir / "htsr.csv", w)
     return data
 

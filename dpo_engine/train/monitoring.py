@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from dpo_engine import rundir
 from dpo_engine.analysis.htsr import analyze_model, weighted_alpha
+from dpo_engine.analysis.htsr_update import lora_deltas, summarize_update, update_table, weight_deltas
 from dpo_engine.train.config import HTSR_AUTO_MAX_PARAMS, TrainConfig
 from dpo_engine.train.parts import TrainingParts, TrainState
 from dpo_engine.train.reference import CACHE_DIR
@@ -199,7 +200,7 @@ def save_model(
     before = None
     if parts.htsr_plan == HTSR_AT_END and not (run_dir / rundir.HTSR_BEFORE).is_file():
         before = untrained_htsr(config, parts, run_dir, workspace, timer, log)
-    return before, htsr_after(config, parts, model, run_dir, timer, log)
+    return before, htsr_after(config, parts, model, run_dir, timer, log, workspace=workspace)
 
 
 def untrained_htsr(
@@ -230,10 +231,21 @@ def untrained_htsr(
     )
 
 
-def htsr_after(config: TrainConfig, parts: TrainingParts, model, run_dir: Path, timer: TimeSplit, log: LogFn):
-    """The "after" table of the trained model (LoRA merged), reusing the rows of layers training left alone."""
+def htsr_after(
+    config: TrainConfig,
+    parts: TrainingParts,
+    model,
+    run_dir: Path,
+    timer: TimeSplit,
+    log: LogFn,
+    *,
+    workspace: Workspace,
+):
+    """The "after" table of the trained model (LoRA merged), reusing the rows of layers training left
+    alone, and the table of the update ΔW (read before the merge)."""
     lora = config.model.lora
     known = htsr_unchanged_layers(model, run_dir, parts.accelerator) if lora else None
+    htsr_of_update(config, parts, model, run_dir, timer, log, workspace=workspace)
     merged = model.merge_and_unload() if lora else model
     return htsr(
         merged,
@@ -245,6 +257,51 @@ def htsr_after(config: TrainConfig, parts: TrainingParts, model, run_dir: Path, 
         log=log,
         known=known,
     )
+
+
+def weights_before(config: TrainConfig, parts: TrainingParts, model, workspace: Workspace):
+    """A model holding the weights before training, for a full fine-tune's ΔW: the frozen reference
+    when it is stored in the trained weights' dtype, else the untrained weights loaded afresh onto
+    the CPU (a reference in a lower precision would put its rounding into ΔW)."""
+    from dpo_engine.models import load_policy
+
+    dtype = next(model.parameters()).dtype
+    ref = parts.ref_model
+    if ref is not None and next(ref.parameters()).dtype == dtype:
+        return ref
+    base, _ = load_policy(
+        config.model.name,
+        workspace=workspace,
+        dtype=dtype,
+        device="cpu",
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    return base
+
+
+def htsr_of_update(
+    config: TrainConfig,
+    parts: TrainingParts,
+    model,
+    run_dir: Path,
+    timer: TimeSplit,
+    log: LogFn,
+    *,
+    workspace: Workspace,
+) -> None:
+    """Write the HT-SR table of ΔW (rank 0): LoRA's (lora_alpha / r) B A, or W_after − W_before."""
+    if not parts.accelerator.is_main_process:
+        return
+    with timer.timed("htsr"):
+        before = rundir.read_htsr(run_dir, "before")
+        if config.model.lora:
+            deltas = lora_deltas(model)
+            table = update_table(deltas, source="lora", base=before, missing_reason="no LoRA adapter: frozen")
+        else:
+            deltas = weight_deltas(model, weights_before(config, parts, model, workspace))
+            table = update_table(deltas, source="full", base=before, missing_reason="not a linear or embedding layer")
+    table.to_csv(run_dir / rundir.HTSR_UPDATE, index=False)
+    log(summarize_update(table))
 
 
 def write_summary(
