@@ -118,8 +118,9 @@ def top_k_quality(scores: np.ndarray, mislabeled: np.ndarray, k: int | None = No
     )
 
 
-def load_measured(path: Path = MEASURED_JSON) -> dict[str, Any] | None:
+def load_measured(path: Path | None = None) -> dict[str, Any] | None:
     """The last measurement (``scripts/measure_label_noise.py``), or None when there is none."""
+    path = path or MEASURED_JSON
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -160,7 +161,10 @@ def label_noise(
     if len(base) > 1:
         signals["combined"] = rank_average(base)
     measured = load_measured()
-    shown = shown_signal(measured, set(signals))
+    comparable = set(signals)
+    if measured and model != measured.get("model"):  # the log-prob measurement holds for its model only
+        comparable -= {"logprob", "combined"}
+    shown = shown_signal(measured, comparable)
     flags = pd.DataFrame(columns=["row", "finding", "detail", "related_row", "similarity"])
     picked = np.zeros(0, dtype=np.int64)
     if shown is not None:
