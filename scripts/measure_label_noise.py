@@ -122,6 +122,9 @@ def main() -> None:
     signals = {"embedding": embedding_signal(margins), "logprob": gap}
     signals["combined"] = rank_average(signals)
     quality = {name: top_k_quality(values, flip).model_dump(mode="json") for name, values in signals.items()}
+    # A signal can only single out flipped pairs if it agrees with the labels of the others (score < 0).
+    for name in ("embedding", "logprob"):
+        quality[name]["agrees_with_unflipped"] = round(float((signals[name][~flip] < 0).mean()), 4)
     result = {
         "dataset": f"{SAMPLE.relative_to(ROOT)} ({len(table)} pairs)",
         "n_pairs": len(table),
@@ -131,12 +134,14 @@ def main() -> None:
         "embedder": DEFAULT_EMBEDDER,
         "max_length": args.max_length,
         "max_prompt_length": args.max_prompt_length,
-        "seconds": {"embedding": round(embed_s, 1), "logprob": round(logprob_s, 1)},
+        "logprob_seconds": round(logprob_s, 1),  # summed over the saved chunks, so stable across resumes
         "command": "python scripts/measure_label_noise.py --write"
         + (f" --pairs {args.pairs}" if args.pairs is not None else ""),
         "signals": quality,
     }
-    print(json.dumps(result["seconds"]))
+    print(f"embedding (or its cache) {embed_s:.0f} s; log-probs {logprob_s:.0f} s")
+    for name in ("embedding", "logprob"):
+        print(f"{name}: agrees with the labels of {quality[name]['agrees_with_unflipped']:.1%} of the unflipped pairs")
     print(markdown(quality_table(result)))
     if args.write:
         MEASURED_JSON.write_text(json.dumps(result, indent=2) + "\n")

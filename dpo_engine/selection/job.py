@@ -5,7 +5,8 @@ and the CLI's in-process ``--foreground`` path share one implementation. Run dir
 ``diagnosis.json`` (the `Diagnosis.to_json_dict` contract plus a ``dataset`` entry),
 ``diagnosis_pairs.npz`` (per-pair arrays, bootstrap table), ``embeddings.npz`` (float32
 prompt, chosen, rejected in dataset order) and ``audit_flagged.parquet`` (the data audit's flagged
-pairs with their texts; the audit's numbers are ``diagnosis.json["audit"]``).
+pairs with their texts, label-noise candidates among them; the audit's numbers are
+``diagnosis.json["audit"]``).
 """
 
 from __future__ import annotations
