@@ -15,7 +15,7 @@ from dpo_engine.analysis.audit import AUDIT_FLAGGED
 from dpo_engine.data.preflight import SIDES, TokenPreflight
 from dpo_engine.embed import DEFAULT_EMBEDDER
 from dpo_engine.models import KNOWN_MODELS
-from dpo_engine.selection import Thresholds, load_diagnosis, recommend_again, suspicious_pairs
+from dpo_engine.selection import Thresholds, load_diagnosis, recommend_again
 from dpo_engine.train.presets import preset_overrides
 from dpo_engine.train.sweep import DEFAULT_PRESET, submit_sweep, sweep_pairs
 from dpo_engine.viz import audit as aviz
@@ -56,7 +56,12 @@ with st.expander("Embedding options"):
 
 with st.expander("Token pre-flight options (the tokenizer and limits training will use)"):
     pc = st.columns(3)
-    preflight_model = pc[0].selectbox("Model", list(KNOWN_MODELS), help="The model chosen on the Train form.")
+    preflight_model = pc[0].selectbox(
+        "Model",
+        list(KNOWN_MODELS),
+        help="The model chosen on the Train form: its tokenizer for the pre-flight, its log-probs for the "
+        "label-noise signal.",
+    )
     max_length = pc[1].number_input(
         "max_length", min_value=8, value=256, step=16, help="Maximum tokens of prompt + response in training."
     )
@@ -381,17 +386,20 @@ with st.expander("2-D map of prompt, chosen and rejected embeddings"):
 
         figure_with_export(_map(str(run_dir), method, table), key=f"map-{method}")
 
-st.subheader("Suspicious pairs (possible label noise)")
-if table is None:
-    st.info("The dataset behind this diagnosis is no longer stored, so pair texts are unavailable.")
+st.subheader("Label noise: pairs whose labels may be swapped")
+if not audit or not audit.get("label_noise"):
+    st.info("This diagnosis ran without label-noise signals: run it again (with the data audit) to rank them.")
 else:
-    n_show = st.slider("Pairs to show", 10, min(500, diagnosis.n_pairs), min(50, diagnosis.n_pairs))
-    sus = suspicious_pairs(table, diagnosis, n=n_show)
-    st.caption("Lowest margins first: the rejected response is much closer to the prompt than the chosen one.")
-    st.dataframe(sus, hide_index=True, width="stretch", height=360)
-    st.download_button(
-        "Export suspicious pairs (CSV)",
-        sus.to_csv(index=False),
-        file_name=f"suspicious-{dataset_id}.csv",
-        mime="text/csv",
-    )
+    st.caption(aviz.label_noise_note(audit) + " Formulas and the measurement: docs/METHOD.md 1.6.")
+    st.dataframe(aviz.label_noise_table(audit), hide_index=True, width="stretch")
+    if flagged_path.is_file():
+        noisy = pd.read_parquet(flagged_path).query("finding == 'label_noise'").dropna(axis=1, how="all")
+        if len(noisy):
+            st.dataframe(noisy, hide_index=True, width="stretch", height=360)
+            st.download_button(
+                "Export label-noise candidates (CSV)",
+                noisy.to_csv(index=False),
+                file_name=f"label-noise-{dataset_id}.csv",
+                mime="text/csv",
+                key="label-noise-export",
+            )

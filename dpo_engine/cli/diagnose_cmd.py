@@ -201,6 +201,11 @@ def register(app: typer.Typer) -> None:
         audit: bool = typer.Option(
             True, "--audit/--no-audit", help="Data audit: length bias, duplicates and conflicts, split leakage."
         ),
+        label_noise: bool = typer.Option(
+            True,
+            "--label-noise/--no-label-noise",
+            help="Label-noise candidates in the audit (embedding margin; with the pre-flight, --model's log-probs).",
+        ),
         split_by: str = typer.Option(
             "prompt", "--split-by", help="The training split the leakage check uses: prompt or pair (data.split_by)."
         ),
@@ -245,6 +250,7 @@ def register(app: typer.Typer) -> None:
                 max_length=max_length,
                 max_prompt_length=max_prompt_length,
                 audit=audit,
+                label_noise=label_noise,
                 split_by=split_by,
                 split_seed=split_seed,
             )

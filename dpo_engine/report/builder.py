@@ -189,7 +189,16 @@ def _audit_section(audit: dict | None, fig: _Figures) -> str:
         + _table(audit_viz.findings_table(audit))
         + _table(audit_viz.leakage_table(audit))
         + "".join(fig(audit_viz.length_difference_figure(audit, unit)) for unit in ("characters", "tokens"))
+        + _label_noise_part(audit)
     )
+
+
+def _label_noise_part(audit: dict) -> str:
+    """Label-noise candidates: which signal ranks them and how well each signal found flipped labels."""
+    note = audit_viz.label_noise_note(audit)
+    if note is None:
+        return ""
+    return f"<h4>Label noise</h4><p class='note'>{_esc(note)}</p>" + _table(audit_viz.label_noise_table(audit))
 
 
 def _diagnosis_section(diagnosis: dict | None, fig: _Figures) -> str:

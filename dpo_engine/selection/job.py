@@ -5,7 +5,8 @@ and the CLI's in-process ``--foreground`` path share one implementation. Run dir
 ``diagnosis.json`` (the `Diagnosis.to_json_dict` contract plus a ``dataset`` entry),
 ``diagnosis_pairs.npz`` (per-pair arrays, bootstrap table), ``embeddings.npz`` (float32
 prompt, chosen, rejected in dataset order) and ``audit_flagged.parquet`` (the data audit's flagged
-pairs with their texts; the audit's numbers are ``diagnosis.json["audit"]``).
+pairs with their texts, label-noise candidates among them; the audit's numbers are
+``diagnosis.json["audit"]``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dpo_engine.analysis.audit import AUDIT_FLAGGED, SplitSettings, audit_data
+from dpo_engine.analysis.audit.label_noise import embedding_signal
+from dpo_engine.analysis.audit.thresholds import LABEL_NOISE_MAX_PAIRS
 from dpo_engine.data import LoadedDataset, open_dataset
 from dpo_engine.data.split import SplitBy
 from dpo_engine.embed import DEFAULT_EMBEDDER, PairEmbeddings, embed_pairs
@@ -64,6 +68,11 @@ class DiagnoseParams(BaseModel):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="training data.eval_fraction (TrainConfig default)")
     min_eval_pairs: int = Field(32, ge=1, description="training data.min_eval_pairs (TrainConfig default)")
     split_seed: int = Field(0, description="training split seed (data.split_seed, else optimisation.seed; default 0)")
+    label_noise: bool = Field(
+        True,
+        description="label-noise candidates in the audit: embedding margin, and the log-prob gap of preflight_model "
+        "(the model chosen for training) on a seeded sample of at most LABEL_NOISE_MAX_PAIRS pairs",
+    )
 
     @field_validator("thresholds")
     @classmethod
@@ -159,7 +168,11 @@ def run_diagnosis(
         seed=params.seed,
         embedder=canonical_embedder_name(params.embedder),
     )
-    audit = flagged_rows = None
+    audit = flagged_rows = signals = None
+    if params.audit and params.label_noise:
+        signals = {"embedding": embedding_signal(diagnosis.pairs.margins)}
+        if params.preflight_model:
+            signals["logprob"] = _logprob_signal(table, params, workspace, device, report, should_stop)
     if params.audit:
         report(0.97, "auditing the data: length bias, duplicates, leakage")
         audit = audit_data(
@@ -169,6 +182,8 @@ def run_diagnosis(
             rejected_emb=embeddings.rejected,
             token_counts=n_tokens,
             split=params.split_settings(),
+            label_noise_signals=signals,
+            label_noise_model=params.preflight_model if signals and "logprob" in signals else None,
         )
         flagged_rows = audit.flagged_with_texts(table)
     dataset_entry = {
@@ -210,6 +225,36 @@ def run_diagnosis(
         flagged(flagged_rows)
     report(1.0, f"recommended {summary['kernel']} + {summary['divergence']}")
     return diagnosis, embeddings, loaded, summary
+
+
+def _logprob_signal(table, params: DiagnoseParams, workspace, device, report, should_stop) -> np.ndarray:
+    """The reference model's log-prob gap on every pair, or on a seeded sample of LABEL_NOISE_MAX_PAIRS
+    (NaN elsewhere): a forward pass per pair is the audit's one cost that grows with the model."""
+    from dpo_engine.analysis.audit.logprob_gap import logprob_gap
+    from dpo_engine.models.loading import load_policy
+
+    n = len(table)
+    rows = np.arange(n)
+    if n > LABEL_NOISE_MAX_PAIRS:
+        rows = np.sort(np.random.default_rng(params.seed).choice(n, size=LABEL_NOISE_MAX_PAIRS, replace=False))
+    report(0.94, f"label noise: {params.preflight_model} log-probs of {len(rows)} pairs")
+    model, tokenizer = load_policy(params.preflight_model, workspace=workspace, device=device)
+
+    def scored(done: int, total: int) -> None:
+        if should_stop is not None and should_stop():
+            raise InterruptedError("stopped while scoring label noise")
+        report(0.94 + 0.03 * done / max(total, 1), f"label noise: log-probs of {done}/{total} pairs")
+
+    out = np.full(n, np.nan)
+    out[rows] = logprob_gap(
+        table.iloc[rows],
+        model,
+        tokenizer,
+        max_length=params.max_length,
+        max_prompt_length=params.max_prompt_length or max(4, params.max_length // 2),  # TrainConfig default
+        progress=scored,
+    )
+    return out
 
 
 def _stop_as_cancel(exc: InterruptedError) -> BaseException:

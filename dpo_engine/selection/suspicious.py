@@ -1,4 +1,8 @@
-"""Label-noise candidates: pairs whose rejected response sits much closer to the prompt than the chosen one."""
+"""Pairs whose rejected response sits much closer to the prompt than the chosen one.
+
+Once the Diagnose page's label-noise table; the flipped-label measurement (METHOD.md 1.6) found this
+ranking no better than random, so the page now shows the audit's label-noise ranking, which lists
+pairs only from a signal that passed that measurement."""
 
 from __future__ import annotations
 

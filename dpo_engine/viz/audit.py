@@ -67,3 +67,34 @@ def leakage_table(audit: dict[str, Any]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def label_noise_table(audit: dict[str, Any]) -> pd.DataFrame:
+    """How well each label-noise signal found known flipped labels (the measurement the ranking rests on)."""
+    from dpo_engine.analysis.audit.label_noise import quality_table
+
+    return quality_table((audit.get("label_noise") or {}).get("measured"))
+
+
+def label_noise_note(audit: dict[str, Any]) -> str | None:
+    """One paragraph on the label-noise ranking: what it is ranked by and how that was measured."""
+    noise = audit.get("label_noise")
+    if not noise:
+        return None
+    measured = noise.get("measured")
+    scored = ", ".join(f"{name} {count}" for name, count in noise["n_scored"].items())
+    text = f"Pairs scored per signal: {scored} of {noise['n_pairs']}."
+    if noise.get("model"):
+        text += f" Reference model of the log-prob signal: {noise['model']}."
+    if not measured:
+        return text + " No measurement of the signals is recorded, so no ranking is shown."
+    random = next(iter(measured["signals"].values()))["random_precision"]
+    text += (
+        f" Measured on {measured['dataset']} with a seeded {measured['flip_share']:.0%} of the labels flipped: each "
+        f"signal's top k (k = pairs flipped) against the flipped pairs, 95 % Wilson intervals; a signal is shown "
+        f"when its precision's lower bound exceeds {random:.2f}"
+        " (random) by the margin in METHOD.md 1.6."
+    )
+    if noise.get("shown"):
+        return text + f" The list is ranked by the {noise['shown']} signal ({noise['n_flagged']} pairs)."
+    return text + " None of the signals computed here cleared that bar, so no pair is listed."

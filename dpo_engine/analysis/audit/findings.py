@@ -2,7 +2,8 @@
 
 `audit_data` takes the preference table, and optionally the diagnosis's sentence embeddings and the
 token pre-flight's token counts; `DataAudit.to_json_dict` is ``diagnosis.json["audit"]`` and
-`DataAudit.flagged` lists every flagged pair once per finding (``audit_flagged.parquet``).
+`DataAudit.flagged` lists every flagged pair once per finding (``audit_flagged.parquet``); label-noise
+candidates come from per-pair signals the caller computes (`label_noise`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dpo_engine.analysis.audit import thresholds as limits
 from dpo_engine.analysis.audit.duplicates import Duplicates, find_duplicates
+from dpo_engine.analysis.audit.label_noise import LabelNoise, label_noise
 from dpo_engine.analysis.audit.leakage import Leakage, leakage
 from dpo_engine.analysis.audit.length import Interval, LengthBias, length_bias
 from dpo_engine.data.split import SPLIT_BY, SplitBy, split_pairs, text_keys
@@ -56,6 +58,7 @@ class DataAudit(BaseModel):
     split: SplitSettings
     leakage: dict[str, Leakage]  # one per split_by; split.split_by is the one training will use
     findings: list[Finding]
+    label_noise: LabelNoise | None = None  # absent when no label-noise signal was computed
     flagged: pd.DataFrame = Field(exclude=True)
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -196,6 +199,30 @@ def _findings(n: int, length: dict[str, LengthBias], dup: Duplicates, leaks: dic
     return out
 
 
+def _label_noise_finding(n: int, ln: LabelNoise) -> Finding:
+    if ln.shown is None:
+        return Finding(
+            key="label_noise",
+            title="label-noise candidates (no signal computed here beat random in the measurement)",
+            count=0,
+            share=0.0,
+            severity="info",
+            action="No ranking is shown: none of the signals computed for this diagnosis found flipped labels "
+            "reliably (METHOD.md 1.6).",
+        )
+    q = ln.measured["signals"][ln.shown]
+    return Finding(
+        key="label_noise",
+        title=f"label-noise candidates, ranked by the {ln.shown} signal (measured: {q['precision']:.0%} of the top "
+        f"{q['k']} were flipped labels, random {q['random_precision']:.0%})",
+        count=ln.n_flagged,
+        share=_share(ln.n_flagged, n),
+        severity="info",
+        action="Read them, most suspicious first: swap the labels of pairs that are mislabeled, drop pairs that are "
+        "ambiguous. A listed pair is a candidate, not a verdict.",
+    )
+
+
 def audit_data(
     table: pd.DataFrame,
     *,
@@ -204,8 +231,12 @@ def audit_data(
     rejected_emb: np.ndarray | None = None,
     token_counts: dict[str, np.ndarray] | None = None,
     split: SplitSettings | None = None,
+    label_noise_signals: dict[str, np.ndarray] | None = None,
+    label_noise_model: str | None = None,
 ) -> DataAudit:
-    """Audit a preference table (rows in dataset order, as diagnosed and as training reads them)."""
+    """Audit a preference table (rows in dataset order, as diagnosed and as training reads them).
+
+    ``label_noise_signals`` maps signal names (`label_noise.SIGNALS`) to per-pair scores."""
     split = split or SplitSettings()
     n = len(table)
     length = {
@@ -234,6 +265,13 @@ def audit_data(
             continue
         leaks[split_by], rows = leakage(prompt_keys, train_idx, held_out_idx, split_by, prompt_emb)
         leak_flags.append(rows)
+    findings = _findings(n, length, dup, leaks, split.split_by)
+    noise = None
+    if label_noise_signals:
+        noise, noise_flags = label_noise(label_noise_signals, model=label_noise_model)
+        findings.append(_label_noise_finding(n, noise))
+        if len(noise_flags):
+            leak_flags.append(noise_flags)
     flagged = pd.concat([flagged, *leak_flags], ignore_index=True)
     return DataAudit(
         n_pairs=n,
@@ -242,12 +280,15 @@ def audit_data(
             "length_bias_margin": limits.LENGTH_BIAS_MARGIN,
             "near_duplicate_prompt_cosine": limits.NEAR_DUPLICATE_PROMPT_COSINE,
             "near_identical_response_cosine": limits.NEAR_IDENTICAL_RESPONSE_COSINE,
+            "label_noise_max_pairs": limits.LABEL_NOISE_MAX_PAIRS,
+            "label_noise_lift": limits.LABEL_NOISE_LIFT,
         },
         length=length,
         duplicates=dup,
         split=split,
         leakage=leaks,
-        findings=_findings(n, length, dup, leaks, split.split_by),
+        findings=findings,
+        label_noise=noise,
         flagged=flagged,
     )
 

@@ -14,3 +14,9 @@ NEAR_IDENTICAL_RESPONSE_COSINE = 0.98
 # The length-difference histogram: bins, and the share of pairs cut from each tail of its range.
 HISTOGRAM_BINS = 60
 HISTOGRAM_TAIL = 0.005
+# Label noise: the log-prob signal scores at most this many pairs (a seeded sample of larger sets) ...
+LABEL_NOISE_MAX_PAIRS = 2000
+# ... and the audit lists this many top-ranked pairs.
+LABEL_NOISE_FLAGGED = 50
+# A signal is shown only if its measured top-k precision's lower bound exceeds random precision times this.
+LABEL_NOISE_LIFT = 1.5
