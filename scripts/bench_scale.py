@@ -1,20 +1,23 @@
 """What users bring, measured on CPU: a ~1.1B-parameter model and a 100k-pair file.
 
-Two parts, each a training run in a subprocess (`dpo-kernels train --foreground`) whose process tree's
+Each part is a training run in a subprocess (`dpo-kernels train --foreground`) whose process tree's
 resident memory is sampled every 0.1 s:
 
 - `model-1b`: a Llama with TinyLlama-1.1B's shapes and random bf16 weights (built once from a config,
   dpo_engine/models/synthetic.py), LoRA, `--dtype bfloat16`, max_length 256, batch 2, on the bundled
   HH sample. Goal: peak RSS at most 1.5x the bf16 weight bytes + 1.5 GB.
 - `pairs-100k`: the bundled sample repeated as 100,000 tagged variants, the tiny model, default
-  settings, 20 steps. Goals: setup + evaluation at most 25 % of the wall time; tokenisation under 60 s.
+  settings, 20 steps, the workspace's token and reference caches emptied first (cold). Goals: setup
+  + evaluation at most 25 % of the wall time; tokenisation under 60 s. `pairs-100k-warm` runs it
+  again on what the cold run cached.
 - `estimate`: the memory estimate of `train --dry-run` beside the measured peak, for SmolLM2-135M
   (fp32) and the 1.1B model (bf16, LoRA) at two lengths each, batch 2. Goal: within 15 %.
 
 Results go to <out>/<part>.json; a finished part is skipped unless --force. The table it prints goes
 into docs/BENCHMARKS.md ("At the scale users train").
 
-    python scripts/bench_scale.py [--parts model-1b pairs-100k] [--out build/bench_scale] [--force]
+    python scripts/bench_scale.py [--parts model-1b pairs-100k pairs-100k-warm estimate]
+        [--out build/bench_scale] [--force]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dpo_engine.data.token_cache import CACHE_DIR as TOKEN_CACHE_DIR  # noqa: E402
 from dpo_engine.models.synthetic import build_random_llama, llama_parameter_count  # noqa: E402
 from dpo_engine.train.reference import CACHE_DIR  # noqa: E402
 from dpo_engine.workspace import Workspace  # noqa: E402
@@ -127,11 +131,17 @@ def hundred_thousand_pairs(path: Path, n: int = 100_000) -> Path:
     return path
 
 
-def part_pairs_100k(out: Path) -> dict:
+def part_pairs_100k(out: Path, *, warm: bool = False) -> dict:
+    """Cold: the workspace's token and reference caches emptied first (the first run on a dataset);
+    warm: the same run again, reading what the cold run cached."""
     data = hundred_thousand_pairs(out / "pairs_100k.jsonl.gz")
     args = [str(data), "--model", "tiny-random", "--max-steps", "20"]
-    print("training 20 steps of the tiny model on 100,000 pairs ...", flush=True)
-    result = run_train(args, out / "ws" / "runs" / "pairs-100k", out / "ws", out / "pairs-100k.log")
+    name = "pairs-100k-warm" if warm else "pairs-100k"
+    if not warm:
+        for cache in (TOKEN_CACHE_DIR, CACHE_DIR):
+            shutil.rmtree(out / "ws" / cache, ignore_errors=True)
+    print(f"training 20 steps of the tiny model on 100,000 pairs ({'warm' if warm else 'cold'} caches) ...", flush=True)
+    result = run_train(args, out / "ws" / "runs" / name, out / "ws", out / f"{name}.log")
     split = result["summary"].get("time_split_s") or {}
     overhead = sum(v for k, v in split.items() if k != "train")
     return {
@@ -186,7 +196,12 @@ def part_estimate(out: Path) -> dict:
     return {"rows": rows}
 
 
-PARTS = {"model-1b": part_model_1b, "pairs-100k": part_pairs_100k, "estimate": part_estimate}
+PARTS = {
+    "model-1b": part_model_1b,
+    "pairs-100k": part_pairs_100k,
+    "pairs-100k-warm": lambda out: part_pairs_100k(out, warm=True),
+    "estimate": part_estimate,
+}
 
 
 def report(out: Path) -> None:
