@@ -164,7 +164,8 @@ def summary_lines(by_group: dict[str, Any]) -> list[str]:
         c, lk = g["counts"], g["leakage"]
         lines.append(
             f"  {g['name'][:24]:<24} {g['n_pairs']:>6} pairs  {length}  dup {c['duplicate_pair']}  "
-            f"conflict {c['conflict']}  leak {lk['exact']}" + ("" if lk["near"] is None else f"/{lk['near']}")
+            f"conflict {c['conflict']}  held out {lk['held_out']}, leaked {lk['exact']}"
+            + ("" if lk["near"] is None else f" ({lk['near']} with near-duplicates)")
         )
         if g["metrics"] is not None:
             lines.append(
