@@ -132,11 +132,14 @@ def _job_done(job_id: int):
 
 def _mapper(result: dict, mapping_key: str, file_id: str) -> None:
     st.error(result["error"])
-    st.markdown("**Map your columns** to prompt / chosen / rejected:")
+    st.markdown(
+        "**Map your columns** to prompt / chosen / rejected, and optionally a category or source column "
+        "(the diagnosis then breaks its numbers down per group):"
+    )
     found = ["(none)"] + list(result["columns_found"])
-    mc = st.columns(3)
+    mc = st.columns(4)
     chosen_map = {}
-    for col, field in zip(mc, ("prompt", "chosen", "rejected")):
+    for col, field in zip(mc, ("prompt", "chosen", "rejected", "category")):
         default = result["suggested_mapping"].get(field, "(none)")
         chosen_map[field] = col.selectbox(
             field, found, index=found.index(default) if default in found else 0, key=f"map-{field}-{file_id}"
@@ -205,13 +208,20 @@ with tab_add:
         max_chars = oc[2].number_input(
             "Flag texts longer than (characters)", min_value=100, value=IngestOptions().max_chars, step=1000
         )
+        category_column = st.text_input(
+            "Category or source column (optional)",
+            help="A column with a common name (category, source, …) is picked up by itself; name another one "
+            "here. The diagnosis then shows its audit and metrics per group.",
+        ).strip()
     stored_uploads = st.session_state.setdefault("ingest-stored-uploads", {})
     if uploaded is not None and uploaded.file_id in stored_uploads:
         result = stored_uploads[uploaded.file_id]
         st.success(f"Saved dataset **{result['name']}** (`{result['dataset_id']}`) with {result['n_pairs']} pairs.")
     elif uploaded is not None:
         mapping_key = f"mapping-{uploaded.file_id}"
-        mapping = st.session_state.get(mapping_key) or {}
+        mapping = dict(st.session_state.get(mapping_key) or {})
+        if category_column:
+            mapping["category"] = category_column
         upload = upload_path(workspace(), uploaded.file_id, uploaded.name)
         params = {
             "step": "validate",

@@ -355,6 +355,12 @@ if audit := json.loads((run_dir / "diagnosis.json").read_text()).get("audit"):
             mime="text/csv",
             key="audit-export",
         )
+    if by_group := audit.get("by_group"):
+        st.markdown("**Per group** (the audit and the eight metrics on each category or source)")
+        st.caption(aviz.pooled_note(by_group))
+        st.dataframe(aviz.group_table(by_group), hide_index=True, width="stretch")
+        if (fig := aviz.group_length_figure(by_group, "characters")) is not None:
+            figure_with_export(fig, key="length-by-group")
 else:
     st.info("This diagnosis ran without a data audit: run it again to see length bias, duplicates and leakage.")
 

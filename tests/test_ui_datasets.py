@@ -58,7 +58,7 @@ def test_upload_hh_sample_shows_report_and_saves(workspace, hh_sample_path):
     assert metrics["Rows in file"] == "400"
     assert int(metrics["Usable rows"]) + int(metrics["Unusable"]) == 400
     assert "layout **hh**" in _texts(at)
-    at.text_input[0].set_value("hh-upload").run()
+    next(t for t in at.text_input if t.label == "Dataset name").set_value("hh-upload").run()
     _button(at, "Save dataset").click().run()
     assert not at.exception
     assert DatasetStore(workspace).list() == []  # storing is a job too

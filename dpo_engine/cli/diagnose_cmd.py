@@ -82,6 +82,10 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
         from dpo_engine.analysis.audit import summary_lines
 
         lines.extend(summary_lines(audit))
+        if by_group := audit.get("by_group"):
+            from dpo_engine.selection.groups import summary_lines as group_lines
+
+            lines.extend(group_lines(by_group))
     km, dm = data["kernel_metrics"], data["divergence_metrics"]
     lines.append("metrics    " + "  ".join(f"{k}={v:.4g}" for k, v in km.items()))
     lines.append("           " + "  ".join(f"{k}={'n/a' if v is None else format(v, '.4g')}" for k, v in dm.items()))

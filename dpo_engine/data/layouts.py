@@ -67,7 +67,7 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
         "y_l",
         "yl",
     ),
-    "category": ("category", "subset", "domain", "topic"),
+    "category": ("category", "source", "subset", "domain", "topic"),
 }
 
 MISSING = object()  # a key absent from a record (distinct from an explicit null)

@@ -190,6 +190,19 @@ def _audit_section(audit: dict | None, fig: _Figures) -> str:
         + _table(audit_viz.leakage_table(audit))
         + "".join(fig(audit_viz.length_difference_figure(audit, unit)) for unit in ("characters", "tokens"))
         + _label_noise_part(audit)
+        + _group_part(audit.get("by_group"), fig)
+    )
+
+
+def _group_part(by_group: dict | None, fig: _Figures) -> str:
+    """The audit and the eight metrics per category or source; nothing when the data has no such column."""
+    if not by_group:
+        return ""
+    return (
+        "<h4>Per group</h4>"
+        f"<p class='note'>{_esc(audit_viz.pooled_note(by_group))}</p>"
+        + _table(audit_viz.group_table(by_group))
+        + fig(audit_viz.group_length_figure(by_group, "characters"))
     )
 
 

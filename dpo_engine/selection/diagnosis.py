@@ -65,6 +65,10 @@ class PairData(BaseModel):
     hist_rejected: np.ndarray  # counts of 1 - dn per bin
     bootstrap: np.ndarray  # (n_bootstrap x 8) metrics per resample, METRIC_NAMES order
 
+    def quantities(self) -> PairQuantities:
+        """The per-pair quantities the metrics were computed from (no second embedding pass)."""
+        return PairQuantities(dp=self.dp, dn=self.dn, log_ratio=self.log_ratio, tat=self.tat, nag=self.nag)
+
     def to_npz_dict(self) -> dict[str, np.ndarray]:
         return {name: np.asarray(getattr(self, name)) for name in type(self).model_fields}
 

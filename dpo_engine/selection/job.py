@@ -6,7 +6,7 @@ and the CLI's in-process ``--foreground`` path share one implementation. Run dir
 ``diagnosis_pairs.npz`` (per-pair arrays, bootstrap table), ``embeddings.npz`` (float32
 prompt, chosen, rejected in dataset order) and ``audit_flagged.parquet`` (the data audit's flagged
 pairs with their texts, label-noise candidates among them; the audit's numbers are
-``diagnosis.json["audit"]``).
+``diagnosis.json["audit"]``, per category or source under ``["audit"]["by_group"]`` when the data has one).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dpo_engine.embed import DEFAULT_EMBEDDER, PairEmbeddings, embed_pairs
 from dpo_engine.embed.encoder import DEFAULT_BACKEND, Backend, Precision, resolve_precision
 from dpo_engine.embed.pairs import canonical_embedder_name
 from dpo_engine.selection.diagnosis import DIAGNOSIS_JSON, Diagnosis, diagnose
+from dpo_engine.selection.groups import group_breakdown
 from dpo_engine.selection.metrics import Distance
 from dpo_engine.selection.rules import Thresholds
 from dpo_engine.workspace import Workspace
@@ -168,7 +169,7 @@ def run_diagnosis(
         seed=params.seed,
         embedder=canonical_embedder_name(params.embedder),
     )
-    audit = flagged_rows = signals = None
+    audit = flagged_rows = signals = by_group = None
     if params.audit and params.label_noise:
         signals = {"embedding": embedding_signal(diagnosis.pairs.margins)}
         if params.preflight_model:
@@ -186,6 +187,7 @@ def run_diagnosis(
             label_noise_model=params.preflight_model if signals and "logprob" in signals else None,
         )
         flagged_rows = audit.flagged_with_texts(table)
+        by_group = group_breakdown(table, diagnosis.pairs.quantities(), audit, n_tokens)
     dataset_entry = {
         "label": loaded.label,
         "source": loaded.source,
@@ -206,6 +208,8 @@ def run_diagnosis(
         "token_preflight": preflight.model_dump() if preflight is not None else None,
         "audit": audit.to_json_dict() if audit is not None else None,
     }
+    if by_group is not None:
+        summary["audit"]["by_group"] = by_group
     if run_dir is not None:
         run_dir = Path(run_dir)
         diagnosis.save(run_dir)

@@ -98,3 +98,79 @@ def label_noise_note(audit: dict[str, Any]) -> str | None:
     if noise.get("shown"):
         return text + f" The list is ranked by the {noise['shown']} signal ({noise['n_flagged']} pairs)."
     return text + " None of the signals computed here cleared that bar, so no pair is listed."
+
+
+def group_table(by_group: dict[str, Any]) -> pd.DataFrame:
+    """One row per category or source: size, length bias with its interval, repeats, leakage, the eight metrics."""
+    rows = []
+    for g in by_group.get("groups", []):
+        lb = g["length"]["characters"]
+        share = lb["share_chosen_longer"]
+        c, lk = g["counts"], g["leakage"]
+        row = {
+            "group": g["name"],
+            "pairs": g["n_pairs"],
+            "chosen longer (chars)": "" if share is None else f"{share:.1%}",
+            "95% interval": "" if share is None else f"{lb['interval']['low']:.1%} – {lb['interval']['high']:.1%}",
+            "length bias": "warning" if lb["flagged"] else "ok",
+        }
+        if "tokens" in g["length"] and g["length"]["tokens"]["share_chosen_longer"] is not None:
+            row["chosen longer (tokens)"] = f"{g['length']['tokens']['share_chosen_longer']:.1%}"
+        row.update(
+            {
+                "duplicate pairs": c["duplicate_pair"],
+                "conflicts": c["conflict"],
+                "identical responses": c["identical_responses"],
+                "near-identical responses": c["near_identical_responses"],
+                "shared prompt": c["duplicate_prompt"],
+                "near-duplicate prompt": c["near_duplicate_prompt"],
+                "held out": lk["held_out"],
+                "held-out prompt trained on": lk["exact"],
+                "… or a near-duplicate": lk["near"],
+            }
+        )
+        for name, value in (g["metrics"] or {}).items():
+            row[name] = None if value is None else round(value, 4)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pooled_note(by_group: dict[str, Any]) -> str:
+    """Which groups were too small for their own row, and why no recommendation is given per group."""
+    text = f"Groups from the {by_group['column']!r} column; a group needs {by_group['min_group_pairs']} pairs "
+    text += "for its own row."
+    if by_group.get("pooled"):
+        text += " Pooled into 'other': " + ", ".join(f"{k} ({v})" for k, v in by_group["pooled"].items()) + "."
+    return text + " " + by_group["recommendation_note"]
+
+
+def group_length_figure(by_group: dict[str, Any], unit: str = "characters") -> go.Figure | None:
+    """Share of pairs whose chosen response is the longer one, per group, with its 95 % interval."""
+    points = [
+        (g["name"], g["n_pairs"], g["length"][unit])
+        for g in by_group.get("groups", [])
+        if unit in g["length"] and g["length"][unit]["share_chosen_longer"] is not None
+    ]
+    if not points:
+        return None
+    labels = [f"{name} ({n})" for name, n, _ in points]
+    shares = [lb["share_chosen_longer"] for _, _, lb in points]
+    fig = go.Figure()
+    fig.add_scatter(
+        x=shares,
+        y=labels,
+        mode="markers",
+        marker={"color": [REJECTED_COLOR if lb["flagged"] else CHOSEN_COLOR for _, _, lb in points], "size": 10},
+        error_x={
+            "type": "data",
+            "symmetric": False,
+            "array": [lb["interval"]["high"] - s for s, (_, _, lb) in zip(shares, points)],
+            "arrayminus": [s - lb["interval"]["low"] for s, (_, _, lb) in zip(shares, points)],
+        },
+        showlegend=False,
+        name="share",
+    )
+    fig.add_vline(x=0.5, line_dash="dash", line_color=NEUTRAL_COLOR, annotation_text="no length bias")
+    fig.update_xaxes(title_text=f"chosen is the longer response ({unit}; pairs of unequal length)", range=[0, 1])
+    fig.update_yaxes(title_text="group (pairs)", autorange="reversed")
+    return apply_style(fig, title=f"Length bias per group ({unit}), 95% intervals", height=160 + 40 * len(points))

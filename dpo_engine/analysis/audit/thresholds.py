@@ -20,3 +20,6 @@ LABEL_NOISE_MAX_PAIRS = 2000
 LABEL_NOISE_FLAGGED = 50
 # A signal is shown only if its measured top-k precision's lower bound exceeds random precision times this.
 LABEL_NOISE_LIFT = 1.5
+# Per-group breakdown (category / source column): a group gets its own row from this many pairs on;
+# smaller groups are pooled into one "other" row, which lists them.
+MIN_GROUP_PAIRS = 20
