@@ -156,10 +156,14 @@ def test_the_diagnose_job_scores_a_seeded_sample_with_the_training_model(workspa
     rows = [{"prompt": f"question {i}?", "chosen": f"answer {i}", "rejected": f"no {i}"} for i in range(12)]
     path = workspace.root / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    params = job.DiagnoseParams(dataset=str(path), preflight_model="tiny-random", max_length=32, n_bootstrap=0)
+    params = job.DiagnoseParams(
+        dataset=str(path), preflight_model="tiny-random", max_length=32, n_bootstrap=0, label_noise_logprob=True
+    )
     _, _, _, summary = job.run_diagnosis(params, workspace, workspace.root / "run")
     noise = summary["audit"]["label_noise"]
     assert noise["n_scored"] == {"embedding": 12, "logprob": 5, "combined": 12} and noise["model"] == "tiny-random"
     assert json.loads((workspace.root / "run" / "diagnosis.json").read_text())["audit"]["label_noise"] == noise
     skipped = job.run_diagnosis(params.model_copy(update={"label_noise": False}), workspace, None)[3]
     assert skipped["audit"]["label_noise"] is None
+    default = job.run_diagnosis(params.model_copy(update={"label_noise_logprob": False}), workspace, None)[3]
+    assert default["audit"]["label_noise"]["n_scored"] == {"embedding": 12}  # no model pass unless asked

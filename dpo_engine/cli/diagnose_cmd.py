@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from dpo_engine.analysis.audit.thresholds import LABEL_NOISE_MAX_PAIRS
 from dpo_engine.cli.common import WorkspaceOption, fail
 from dpo_engine.cli.common import workspace as resolve_workspace
 from dpo_engine.schema import validation_errors
@@ -208,7 +209,13 @@ def register(app: typer.Typer) -> None:
         label_noise: bool = typer.Option(
             True,
             "--label-noise/--no-label-noise",
-            help="Label-noise candidates in the audit (embedding margin; with the pre-flight, --model's log-probs).",
+            help="Label-noise candidates in the audit (the embedding margin).",
+        ),
+        label_noise_logprob: bool = typer.Option(
+            False,
+            "--label-noise-logprob",
+            help="Also --model's log-prob gap (with the pre-flight; a forward pass over up to "
+            f"{LABEL_NOISE_MAX_PAIRS:,} pairs).",
         ),
         split_by: str = typer.Option(
             "prompt", "--split-by", help="The training split the leakage check uses: prompt or pair (data.split_by)."
@@ -255,6 +262,7 @@ def register(app: typer.Typer) -> None:
                 max_prompt_length=max_prompt_length,
                 audit=audit,
                 label_noise=label_noise,
+                label_noise_logprob=label_noise_logprob,
                 split_by=split_by,
                 split_seed=split_seed,
             )

@@ -70,9 +70,13 @@ class DiagnoseParams(BaseModel):
     min_eval_pairs: int = Field(32, ge=1, description="training data.min_eval_pairs (TrainConfig default)")
     split_seed: int = Field(0, description="training split seed (data.split_seed, else optimisation.seed; default 0)")
     label_noise: bool = Field(
-        True,
-        description="label-noise candidates in the audit: embedding margin, and the log-prob gap of preflight_model "
-        "(the model chosen for training) on a seeded sample of at most LABEL_NOISE_MAX_PAIRS pairs",
+        True, description="label-noise candidates in the audit (the embedding margin, free once pairs are embedded)"
+    )
+    label_noise_logprob: bool = Field(
+        False,
+        description="also the log-prob gap of preflight_model (the model chosen for training) on a seeded sample of "
+        "at most LABEL_NOISE_MAX_PAIRS pairs: a forward pass of that model, off by default since on the bundled "
+        "models it found flipped labels no better than random (METHOD.md 1.6)",
     )
 
     @field_validator("thresholds")
@@ -172,7 +176,7 @@ def run_diagnosis(
     audit = flagged_rows = signals = by_group = None
     if params.audit and params.label_noise:
         signals = {"embedding": embedding_signal(diagnosis.pairs.margins)}
-        if params.preflight_model:
+        if params.preflight_model and params.label_noise_logprob:
             signals["logprob"] = _logprob_signal(table, params, workspace, device, report, should_stop)
     if params.audit:
         report(0.97, "auditing the data: length bias, duplicates, leakage")
