@@ -113,6 +113,11 @@ def _load(run_dir: str, stamp: float):
     return load_diagnosis(run_dir)
 
 
+def _table_with_export(frame: pd.DataFrame, label: str, file_name: str, key: str, height: int) -> None:
+    st.dataframe(frame, hide_index=True, width="stretch", height=height)
+    st.download_button(label, frame.to_csv(index=False), file_name=file_name, mime="text/csv", key=key)
+
+
 run_dir = Path(done.run_dir)
 base = _load(str(run_dir), (run_dir / "diagnosis.json").stat().st_mtime)
 info = json.loads((run_dir / "diagnosis.json").read_text()).get("dataset", {})
@@ -347,14 +352,7 @@ if audit := json.loads((run_dir / "diagnosis.json").read_text()).get("audit"):
     if flagged_path.is_file():
         flagged = pd.read_parquet(flagged_path)
         st.markdown(f"**Flagged pairs** ({len(flagged)} rows, one per pair and finding)")
-        st.dataframe(flagged, hide_index=True, width="stretch", height=300)
-        st.download_button(
-            "Export flagged pairs (CSV)",
-            flagged.to_csv(index=False),
-            file_name=f"audit-{dataset_id}.csv",
-            mime="text/csv",
-            key="audit-export",
-        )
+        _table_with_export(flagged, "Export flagged pairs (CSV)", f"audit-{dataset_id}.csv", "audit-export", 300)
     if by_group := audit.get("by_group"):
         st.markdown("**Per group** (the audit and the eight metrics on each category or source)")
         st.caption(aviz.pooled_note(by_group))
@@ -401,11 +399,6 @@ else:
     if flagged_path.is_file():
         noisy = pd.read_parquet(flagged_path).query("finding == 'label_noise'").dropna(axis=1, how="all")
         if len(noisy):
-            st.dataframe(noisy, hide_index=True, width="stretch", height=360)
-            st.download_button(
-                "Export label-noise candidates (CSV)",
-                noisy.to_csv(index=False),
-                file_name=f"label-noise-{dataset_id}.csv",
-                mime="text/csv",
-                key="label-noise-export",
+            _table_with_export(
+                noisy, "Export label-noise candidates (CSV)", f"label-noise-{dataset_id}.csv", "label-noise-export", 360
             )

@@ -208,18 +208,8 @@ def untrained_htsr(
 ) -> float | None:
     """The "before" analysis at the end of a run: from the workspace when this model was analysed
     before, else of a fresh copy of the untrained weights loaded onto the CPU."""
-    from dpo_engine.models import load_policy
-
     cached = workspace.root / CACHE_DIR / f"{parts.base_model_key}.{rundir.HTSR_BEFORE}"
-    base = None
-    if not cached.is_file():
-        base, _ = load_policy(
-            config.model.name,
-            workspace=workspace,
-            dtype="float32",
-            device="cpu",
-            trust_remote_code=config.model.trust_remote_code,
-        )
+    base = None if cached.is_file() else untrained_weights(config, workspace, torch.float32)
     return htsr_before(
         base,
         parts.base_model_key,
@@ -263,20 +253,25 @@ def weights_before(config: TrainConfig, parts: TrainingParts, model, workspace: 
     """A model holding the weights before training, for a full fine-tune's ΔW: the frozen reference
     when it is stored in the trained weights' dtype, else the untrained weights loaded afresh onto
     the CPU (a reference in a lower precision would put its rounding into ΔW)."""
-    from dpo_engine.models import load_policy
-
     dtype = next(model.parameters()).dtype
     ref = parts.ref_model
     if ref is not None and next(ref.parameters()).dtype == dtype:
         return ref
-    base, _ = load_policy(
+    return untrained_weights(config, workspace, dtype)
+
+
+def untrained_weights(config: TrainConfig, workspace: Workspace, dtype: torch.dtype):
+    """A fresh copy of the model before training, on the CPU in `dtype` (the end-of-run analyses)."""
+    from dpo_engine.models import load_policy
+
+    model, _ = load_policy(
         config.model.name,
         workspace=workspace,
         dtype=dtype,
         device="cpu",
         trust_remote_code=config.model.trust_remote_code,
     )
-    return base
+    return model
 
 
 def htsr_of_update(

@@ -11,8 +11,10 @@ Long curves are thinned for display (min/max per bucket, so spikes survive) beca
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -491,9 +493,6 @@ def separation_table(run) -> pd.DataFrame:
     snapshot (runs written before a metric existed, a snapshot without an eval row), so every
     snapshot has both. Lower DBS = better separated; probe accuracy 0.5 = not separated.
     """
-    from dpo_engine.analysis.dbs import davies_bouldin
-    from dpo_engine.analysis.probe import linear_probe
-
     logged: dict[int, dict[str, float]] = {}
     if _has(run.eval, "step"):
         for _, row in run.eval.iterrows():
@@ -507,17 +506,33 @@ def separation_table(run) -> pd.DataFrame:
         source = "eval.jsonl"
         if missing and step in run.snapshot_steps:
             source = "eval.jsonl + snapshot" if values else "computed from snapshot"
+            path = Path(run.snapshot_path(step))
             try:
-                snap = run.load_snapshot(step)
-                if "dbs" in missing:
-                    values["dbs"] = davies_bouldin(snap.chosen, snap.rejected)
-                if "probe_acc" in missing:
-                    probe = linear_probe(snap.chosen, snap.rejected)
-                    values |= {"probe_acc": probe.accuracy, "probe_acc_lo": probe.low, "probe_acc_hi": probe.high}
+                computed = _snapshot_separation(str(path), path.stat().st_mtime_ns)
             except Exception:  # a snapshot being written or degenerate (all points equal)
-                pass
+                computed = {}
+            values |= {k: computed[k] for k in missing if k in computed}
         rows.append({"step": step, **{k: values.get(k, float("nan")) for k in SEPARATION_METRICS}, "source": source})
     return pd.DataFrame(rows, columns=SEPARATION_COLUMNS)
+
+
+@functools.lru_cache(maxsize=256)
+def _snapshot_separation(path: str, mtime_ns: int) -> dict[str, float]:  # noqa: ARG001 - part of the cache key
+    """DBS and linear probe of one stored snapshot. A snapshot does not change once written and a page
+    asks for it several times per render (tables, summary, titles), so each is computed once per process."""
+    from dpo_engine.analysis.dbs import davies_bouldin
+    from dpo_engine.analysis.probe import linear_probe
+
+    with np.load(path, allow_pickle=False) as npz:
+        chosen = np.asarray(npz["chosen"], dtype=np.float32)
+        rejected = np.asarray(npz["rejected"], dtype=np.float32)
+    probe = linear_probe(chosen, rejected)
+    return {
+        "dbs": davies_bouldin(chosen, rejected),
+        "probe_acc": probe.accuracy,
+        "probe_acc_lo": probe.low,
+        "probe_acc_hi": probe.high,
+    }
 
 
 def last_probe_text(run) -> str:
