@@ -49,7 +49,7 @@ def stored(out: Path, name: str) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("status") == "succeeded"
 
 
-def store_compactly(run_dir: Path, target: Path) -> int:
+def store_compactly(run_dir: Path, target: Path, dataset: str = SAMPLE) -> int:
     """Copy the files the pages and the report read; returns the bytes stored."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -61,7 +61,7 @@ def store_compactly(run_dir: Path, target: Path) -> int:
         if (run_dir / name).is_dir():
             shutil.copytree(run_dir / name, tmp / name)
     config = json.loads((tmp / "config.json").read_text())
-    config["data"]["dataset"] = SAMPLE  # not this machine's absolute path
+    config["data"]["dataset"] = dataset  # relative to the repository: not this machine's absolute path
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -67,11 +68,24 @@ def _shot(page, tmp_path: Path, name: str) -> None:
     _keep(path)
 
 
+def _with_a_swapped_pair(source: Path, target: Path) -> None:
+    """The sample with its first pair repeated, labels the other way round, among the first 60 rows:
+    a conflict the data audit must find and export."""
+    import gzip
+    import json
+
+    with gzip.open(source, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    swapped = {"chosen": rows[0]["rejected"], "rejected": rows[0]["chosen"]}
+    with gzip.open(target, "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in [*rows[:50], swapped, *rows[50:]])
+
+
 def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
     """The whole product path a new user takes, on tiny-random for a few steps."""
     ws = tmp_path / "ws"
     upload = tmp_path / "flow_pairs.jsonl.gz"
-    shutil.copy(hh_sample_path, upload)
+    _with_a_swapped_pair(hh_sample_path, upload)
     with running_app(ws, tmp_path / "app.log") as url, chromium_page() as page:
         # 1. Upload the sample.
         page.goto(f"{url}/datasets")
@@ -100,6 +114,22 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         recommended_kernel = kernel.split()[-1]
         assert recommended_kernel in {"rbf", "polynomial", "spectral", "mahalanobis", "hmk"}
         _shot(page, tmp_path, "flow_1_diagnosis")
+
+        # 2a. The data audit finds the planted conflict; its flagged rows export as CSV.
+        page.get_by_text("Data audit: length bias, repeats, conflicts, leakage").wait_for()
+        page.get_by_text("finding(s) to act on").wait_for()
+        with page.expect_download(timeout=60_000) as download:
+            page.get_by_role("button", name="Export flagged pairs (CSV)").click()
+        flagged_csv = tmp_path / "flagged.csv"
+        download.value.save_as(str(flagged_csv))
+        import pandas as pd
+
+        flagged = pd.read_csv(flagged_csv)
+        conflicts = flagged[flagged["finding"] == "conflict"]
+        assert len(conflicts) == 2, flagged[["pair_id", "finding"]]
+        first, second = conflicts.iloc[0], conflicts.iloc[1]
+        assert (first["chosen"], first["rejected"]) == (second["rejected"], second["chosen"])
+        assert first["related_pair_id"] == second["pair_id"]
         store = JobStore.for_workspace(Workspace.resolve(ws))
         # The newest dataset (the upload, not the bundled sample) was preselected and diagnosed.
         assert store.list(kind="diagnose")[0].params["dataset"].startswith("flow-")
@@ -164,6 +194,15 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         clusters.locator(".js-plotly-plot").first.wait_for(timeout=180_000)
         assert "Davies" in clusters.inner_text()
         _shot(page, tmp_path, "flow_4_clusters")
+        page.get_by_role("tab", name="Generalisation (HT-SR)").first.click()
+        htsr = page.get_by_role("tabpanel").filter(visible=True)
+        htsr.get_by_text("What training changed (HT-SR of the update)").wait_for(timeout=60_000)
+        htsr.get_by_text("Per-layer update table (skipped layers with the reason)").click()
+        layers = htsr.locator('[data-testid="stExpander"]').filter(has_text="Per-layer update table")
+        layers.locator('[data-testid="stDataFrame"]').wait_for()
+        rows = int(layers.locator('[role="grid"]').first.get_attribute("aria-rowcount"))
+        assert rows > 2, rows  # a header and one row per adapted layer of tiny-random
+        _shot(page, tmp_path, "flow_4b_htsr_update")
 
         # 5. Export the stakeholder report and check what it holds.
         page.get_by_role("tab", name="Logs & files").first.click()
@@ -184,8 +223,10 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         ):
             assert section.lower() in html.lower(), section
         assert "tiny-random" in html
-        import re
-
+        sections = re.findall(r"<section id='(\w+)'>", html)
+        assert sections[0] == "summary", sections  # the report leads with the plain-words summary
+        summary = html[html.index("<section id='summary'>") : html.index("<section id='diagnosis'>")]
+        assert "What was trained" in summary and "Held-out outcome" in summary, summary[:2000]
         assert re.search(r"<script[^>]*\bsrc=", html) is None  # opens offline
 
         # 6. The Compare page says whether the recommended pair came out ahead, with intervals.

@@ -501,7 +501,8 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
         warn_html = (
             f"<div class='warn'><b>Example {'runs' if len(examples) > 1 else 'run'}</b> "
             f"{_esc(', '.join(examples))}: shipped with DPO-Kernels Studio (trained by "
-            "scripts/make_example_run.py on the bundled HH sample), not runs of this workspace.</div>" + warn_html
+            "scripts/learning_sweep.py on a bundled preference set, named in its configuration), not runs of this "
+            "workspace.</div>" + warn_html
         )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
