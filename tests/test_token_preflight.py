@@ -81,3 +81,36 @@ def test_bad_limits_are_one_line_errors(tokenizer, table):
         token_preflight(table, tokenizer, model="tiny-random", max_length=64, max_prompt_length=64)
     with pytest.raises(ValueError, match="lacks column"):
         token_preflight(table.drop(columns=["chosen"]), tokenizer, model="tiny-random", max_length=64)
+
+
+@pytest.mark.real_model
+def test_the_bundled_tokenizer_read_once_from_gguf_equals_the_converted_model_s(tmp_path, monkeypatch, hh_sample_path):
+    """A fresh model cache reads SmolLM2's tokenizer from its GGUF file once and keeps it: the kept
+    tokenizer splits text and applies the chat template exactly as the converted model's does."""
+    from dpo_engine.models.loading import DEFAULT_MODEL, SMOLLM2_TOKENIZER, model_directory
+    from dpo_engine.workspace import Workspace
+
+    shared = Workspace.resolve(tmp_path / "shared")  # the suite's model cache: the converted model
+    model_directory(DEFAULT_MODEL, workspace=shared)  # converted once per model cache
+    converted = load_tokenizer(DEFAULT_MODEL, shared)
+    monkeypatch.setenv("DPO_KERNELS_MODEL_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = Workspace.resolve(tmp_path / "fresh")
+    first = load_tokenizer(DEFAULT_MODEL, fresh)
+    assert (fresh.models_dir / SMOLLM2_TOKENIZER / "tokenizer_config.json").is_file()
+    assert not (fresh.models_dir / DEFAULT_MODEL).exists()  # no whole-model conversion for a tokenizer
+    again = load_tokenizer(DEFAULT_MODEL, fresh)
+    import gzip
+    import json
+
+    with gzip.open(hh_sample_path, "rt", encoding="utf-8") as fh:
+        texts = [json.loads(next(fh))["chosen"] for _ in range(20)]
+    texts += ["<|im_start|>user\nhi<|im_end|>", "  spaces\tand\nnewlines  "]
+    for tok in (first, again):
+        assert [tok.encode(t) for t in texts] == [converted.encode(t) for t in texts]
+        chat = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]
+        assert tok.apply_chat_template(chat, tokenize=False) == converted.apply_chat_template(chat, tokenize=False)
+        assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (
+            converted.pad_token_id,
+            converted.eos_token_id,
+            converted.bos_token_id,
+        )

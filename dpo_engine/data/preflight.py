@@ -95,16 +95,15 @@ class TokenPreflight(BaseModel):
 def load_tokenizer(model: str, workspace):
     """The tokenizer training would use for ``model`` (known name, local directory or cached id), offline.
 
-    For the bundled SmolLM2 the tokenizer is read straight from its GGUF file when the converted
-    model is not cached yet, so a pre-flight never waits for a whole-model conversion.
+    For the bundled SmolLM2 only the tokenizer is read (and cached), so a pre-flight never waits for
+    a whole-model conversion.
     """
     from transformers import AutoTokenizer
 
-    from dpo_engine.models.loading import DEFAULT_MODEL, model_directory, smollm2_gguf_path
+    from dpo_engine.models.loading import DEFAULT_MODEL, model_directory, smollm2_tokenizer
 
-    if model == DEFAULT_MODEL and not (workspace.models_dir / model / "tokenizer_config.json").is_file():
-        gguf = smollm2_gguf_path()
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if model == DEFAULT_MODEL:
+        tokenizer = smollm2_tokenizer(workspace)
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_directory(model, workspace=workspace), local_files_only=True)
     if tokenizer.pad_token_id is None:

@@ -118,6 +118,26 @@ def _cached_dir(workspace: Workspace, name: str, build) -> Path:
     return target
 
 
+SMOLLM2_TOKENIZER = f"{DEFAULT_MODEL}-tokenizer"  # models_dir entry holding only the tokenizer
+
+
+def smollm2_tokenizer(workspace: Workspace):
+    """The bundled SmolLM2's tokenizer without converting the model: from the converted model when it
+    is cached, else from a tokenizer-only cache, written the first time from the GGUF file (reading
+    the GGUF's vocabulary is the slow part, so it happens once per model cache)."""
+    from transformers import AutoTokenizer
+
+    converted = workspace.models_dir / DEFAULT_MODEL
+    if (converted / _COMPLETE_MARKER).is_file():
+        return AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
+
+    def build(out: Path) -> None:
+        gguf = smollm2_gguf_path()
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+    return AutoTokenizer.from_pretrained(str(_cached_dir(workspace, SMOLLM2_TOKENIZER, build)), local_files_only=True)
+
+
 def _build_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,14 +162,9 @@ def _build_smollm2(out: Path) -> None:
 
 def _build_tiny_random(workspace: Workspace):
     def build(out: Path) -> None:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-        converted = workspace.models_dir / DEFAULT_MODEL
-        if (converted / _COMPLETE_MARKER).is_file():
-            tokenizer = AutoTokenizer.from_pretrained(str(converted))
-        else:  # reading only the tokenizer from the GGUF is much faster than converting the whole model
-            gguf = smollm2_gguf_path()
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = smollm2_tokenizer(workspace)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=64,
