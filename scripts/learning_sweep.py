@@ -159,6 +159,8 @@ def held_out(run_dir: Path) -> dict:
             "loss_pref": float(loss.mean()),
             "loss_pref_interval": (float(loss.mean()) - half, float(loss.mean()) + half),
         }
+    logged = {row["step"]: row for row in rundir.read_jsonl(run_dir / "eval.jsonl")}
+    out["end"]["loss_pref_logged"] = logged[out["steps"]]["loss_pref"]  # the method's own loss, as the page shows
     cost = run_dir / "sweep_cost.json"
     out["cpu_s"] = json.loads(cost.read_text())["cpu_s"] if cost.is_file() else None
     return out
@@ -171,7 +173,7 @@ def learns(result: dict) -> bool:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| run | lr | steps | held-out pairs | reward acc (95 % CI) | preference loss (95 % CI) | CPU min |",
+        "| run | lr | steps | held-out pairs | reward acc (95 % CI) | DPO loss of the margin (95 % CI) | CPU min |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:

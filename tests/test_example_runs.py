@@ -3,6 +3,7 @@ workspace copy, resolvable by the report; the committed examples hold no weights
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dpo_engine.train.trainer import train
 from tests.test_train import make_config, toy_pairs
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS_JSON = REPO / "docs" / "results" / "learning_sweep.json"
 
 
 @pytest.fixture
@@ -61,23 +63,31 @@ def test_committed_examples_hold_no_weights_and_stay_small():
 
 
 def test_a_fresh_workspace_opens_on_the_committed_examples(workspace):
-    """What `make run` shows on a fresh clone: both shipped runs on Runs, Compare and in the report."""
+    """What `make run` shows on a fresh clone: both shipped runs on Runs, Compare and in the report,
+    with the held-out outcome docs/RESULTS.md reports for them."""
     shipped = REPO / "assets" / "example_runs"
-    assert shipped.is_dir(), "the example runs ship with the repo (scripts/make_example_run.py writes them)"
+    assert shipped.is_dir(), "the example runs ship with the repo (scripts/learning_sweep.py writes them)"
     entries = rundata.workspace_runs(workspace, JobStore.for_workspace(workspace))
     ids = sorted(e.run_id for e in entries)
-    assert len(ids) >= 2 and all(e.example for e in entries)
-    assert any(i.startswith("example-dpo") for i in ids) and any(i.startswith("example-hmk") for i in ids)
+    assert len(ids) == 2 and all(e.example for e in entries) and "example-dpo" in ids
     html = build_report(workspace, ids)
     assert all(f"{i} [example]" in html for i in ids)
+    reported = {r["run"]: r for r in json.loads(RESULTS_JSON.read_text())["final"]}
+    assert sorted(reported) == ids  # the examples are the final runs of the learning sweep
     for page in ("runs.py", "compare.py"):
         at = AppTest.from_file(str(REPO / "pages" / page), default_timeout=180).run()
         assert not at.exception, (page, at.exception)
         assert any("example runs" in i.value for i in at.info), page
-        if page == "runs.py":  # the HT-SR tab: the base model's layers as information, no update table yet
+        if page == "runs.py":  # the first example: its held-out outcome, the base model's layers, the update
+            shown = at.selectbox(key="runs-select").value
+            end = reported[shown]["end"]
+            low, high = end["reward_acc_interval"]
+            words = " ".join(m.value for m in at.markdown)
+            assert f"held-out reward accuracy {end['reward_acc']:.2f} ({low:.2f}–{high:.2f})" in words, words[:3000]
+            assert f"Held-out preference loss {end['loss_pref_logged']:.3f}" in words
             assert any("What training changed" in h.value for h in at.subheader)
             assert any("The base model has 87 of" in c.value for c in at.caption)
-            assert any("No update table in this run" in i.value for i in at.info)
+            assert not any("No update table in this run" in i.value for i in at.info)
     assert sorted(at.multiselect(key="compare-runs").value) == ids  # Compare opens on both examples
 
 
