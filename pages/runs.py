@@ -35,9 +35,10 @@ if not entries:
     st.stop()
 if all(e.example for e in entries):
     st.info(
-        f"{EXAMPLE_MARK} These are **example runs** shipped with DPO-Kernels Studio: plain DPO and HMK on the "
-        "bundled HH sample, quick preset, trained on a CPU by `scripts/make_example_run.py`. They are shown until "
-        "this workspace has a training run of its own (**Train** page)."
+        f"{EXAMPLE_MARK} These are **example runs** shipped with DPO-Kernels Studio: plain DPO and the pair the "
+        "diagnosis recommends, on the bundled PandaLM pairs, trained on a CPU by `scripts/learning_sweep.py` and "
+        "evaluated on pairs no choice was made on (docs/RESULTS.md). They are shown until this workspace has a "
+        "training run of its own (**Train** page)."
     )
 
 by_id = {e.run_id: e for e in entries}

@@ -54,7 +54,7 @@ def test_runs_page_labels_the_examples(workspace, examples_dir):
 
 def test_committed_examples_hold_no_weights_and_stay_small():
     shipped = REPO / "assets" / "example_runs"
-    assert shipped.is_dir(), "the example runs ship with the repo (scripts/make_example_run.py writes them)"
+    assert shipped.is_dir(), "the example runs ship with the repo (scripts/learning_sweep.py writes them)"
     files = [p for p in shipped.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"} or "checkpoints" in p.parts]
     assert sum(p.stat().st_size for p in files) < 5_000_000

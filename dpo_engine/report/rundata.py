@@ -220,7 +220,7 @@ EXAMPLES_DIR_NAME = "example_runs"  # in the repository's assets/ and, copied on
 
 
 def shipped_examples_dir() -> Path:
-    """assets/example_runs in the repository (written by scripts/make_example_run.py)."""
+    """assets/example_runs in the repository (written by scripts/learning_sweep.py --store-examples)."""
     return Path(__file__).resolve().parents[2] / "assets" / EXAMPLES_DIR_NAME
 
 
