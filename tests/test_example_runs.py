@@ -102,3 +102,18 @@ def test_shipped_examples_raise_no_htsr_alert_for_the_base_models_layers():
         assert health.htsr_left_range(run.htsr_before, run.htsr_after).empty, run_dir.name
         assert "htsr_alpha" not in {a.code for a in health.health_of(run)}, run_dir.name
         assert len(health.htsr_base_out_of_range(run.htsr_before)) > 0, run_dir.name
+
+
+def test_every_alert_on_the_shipped_examples_is_about_what_training_did():
+    """An alert on an example starts after the first update, where its quantity was at its reference
+    value, and an HT-SR alert names layers training moved out of [2, 6] or an over-fit update."""
+    from dpo_engine.analysis import health
+
+    for run_dir in sorted(p for p in (REPO / "assets" / "example_runs").iterdir() if p.is_dir()):
+        run = rundata.load_run(run_dir)
+        for alert in health.health_of(run):
+            if alert.code == "htsr_alpha":
+                moved = health.htsr_left_range(run.htsr_before, run.htsr_after)
+                assert not moved.empty or not health.update_overfit(run.htsr_update).empty, alert.evidence
+            else:
+                assert alert.step is not None and alert.step > 0, (run_dir.name, alert.headline, alert.evidence)
