@@ -209,8 +209,8 @@ def embed_texts(
     unique = list(unique_index)
     multiplicity = np.bincount(inverse, minlength=len(unique))
     if backend != "torch":  # batches of equal token counts: int8 kernels gain most from unpadded batches
-        lengths = model.token_lengths(unique)
-        order = sorted(range(len(unique)), key=lambda i: lengths[i], reverse=True)
+        ids = model.tokenize(unique)  # once: the order and the batches both use these ids
+        order = sorted(range(len(unique)), key=lambda i: len(ids[i]), reverse=True)
     else:
         order = sorted(range(len(unique)), key=lambda i: len(unique[i]), reverse=True)
 
@@ -221,7 +221,7 @@ def embed_texts(
             raise InterruptedError("embedding stopped on request")
         batch = order[start : start + batch_size]
         if backend != "torch":
-            out[batch] = model.encode([unique[i] for i in batch])
+            out[batch] = model.encode_ids([ids[i] for i in batch])
         else:
             vectors = model.encode(
                 [unique[i] for i in batch],
