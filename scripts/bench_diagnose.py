@@ -169,6 +169,29 @@ def quality_real_pairs() -> dict:
     return out
 
 
+def quality_spliced(n: int) -> dict:
+    """The eight metrics of float32 torch, torch at precision "auto" (the CLI's torch run) and int8, in
+    process, on the first ``n`` pairs of the benchmark file's construction (float32 is too slow for
+    the whole headline file on a shared 2-core machine)."""
+    import pandas as pd
+
+    from dpo_engine.embed import embed_pairs
+    from dpo_engine.selection import diagnose
+    from dpo_engine.selection.metrics import METRIC_NAMES
+
+    table = pd.DataFrame(build_pairs(n))
+    out = {}
+    for option, kwargs in (
+        ("torch-float32", dict(backend="torch", precision="float32")),
+        ("torch-auto", dict(backend="torch", precision="auto")),
+        ("onnx-int8", dict(backend="onnx-int8")),
+    ):
+        emb = embed_pairs(table, **kwargs)
+        d = diagnose(emb.prompt, emb.chosen, emb.rejected, n_bootstrap=200)
+        out[option] = {"metrics": {k: getattr(d.metrics, k) for k in METRIC_NAMES}, "se": d.standard_errors()}
+    return out
+
+
 def worst_in_se(metrics: dict, reference: dict, se: dict) -> tuple[float, str]:
     pairs = [
         (abs(metrics[k] - reference[k]) / se[k], k)
@@ -186,6 +209,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "workspace/bench_diagnose")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results in --state")
     parser.add_argument("--skip-quality", action="store_true", help="skip the in-process check on the real pairs")
+    parser.add_argument(
+        "--spliced-quality",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare int8 and torch auto with float32 torch in process on N spliced pairs",
+    )
     args = parser.parse_args()
     state = {} if args.fresh or not args.state.is_file() else json.loads(args.state.read_text())
     args.state.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +271,11 @@ def main() -> None:
         state["quality"] = quality_real_pairs()
         save()
 
+    key_spliced = f"spliced#{args.spliced_quality}"
+    if args.spliced_quality and key_spliced not in state:
+        state[key_spliced] = quality_spliced(args.spliced_quality)
+        save()
+
     best = {}
     for backend in BACKENDS:
         runs = [state[k] for k in state if k.startswith(f"cli#{args.pairs}#{backend}#")]
@@ -268,6 +303,14 @@ def main() -> None:
                 f"  {name:<8} max |Δ| = {worst:.2f} SE ({metric}); verdicts {'+'.join(ref['verdict'])} | "
                 f"{'+'.join(q['verdict'])}"
             )
+    for key in (k for k in state if k.startswith("spliced#")):
+        per = state[key]
+        ref = per["torch-float32"]
+        print()
+        print(f"on the first {key.split('#')[1]} spliced pairs, in float32 torch's bootstrap SE:")
+        for option in ("torch-auto", "onnx-int8"):
+            worst, metric = worst_in_se(per[option]["metrics"], ref["metrics"], ref["se"])
+            print(f"  {option:<10} max |Δ| = {worst:.2f} SE ({metric})")
     print(f"load average at end: {os.getloadavg()}")
 
 

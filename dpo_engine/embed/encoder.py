@@ -38,7 +38,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 # The default is the fastest option whose eight metrics stay within 1 bootstrap SE of float32
-# torch on HH and PandaLM (scripts/bench_diagnose.py: ~4.5x less CPU end to end than torch bf16).
+# torch on HH and PandaLM (scripts/bench_diagnose.py: 1.4x less CPU than torch bf16 through the CLI at
+# 10,000 pairs, docs/BENCHMARKS.md).
 DEFAULT_BACKEND: Backend = "onnx-int8"
 # Texts per batch when none is given: token-sorted int8 batches are fastest small; torch's larger.
 DEFAULT_BATCH_SIZE: dict[str, int] = {"torch": 64, "onnx": 8, "onnx-int8": 8}
