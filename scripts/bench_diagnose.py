@@ -1,38 +1,47 @@
-"""Benchmark of dataset diagnosis, end to end, per encoder option, on the real text that is here.
+"""Benchmark of dataset diagnosis through the CLI, end to end, torch against onnx-int8.
 
-Prints numbers; it is not a test. For every option the script diagnoses the shared HH sample
-(399 pairs) and the PandaLM set (760 pairs, many repeated prompts) from a cold embedding cache:
-embedding (deduplicated, length-sorted batches) + the eight metrics + 200 bootstrap resamples.
-Model loading (and, for ONNX, the one-time local export) is timed apart. Rows:
+Prints numbers; it is not a test. Two parts:
 
-- baseline: the pipeline before this benchmark's options (torch sentence-transformers,
-  precision "auto" = bfloat16 on CPUs with native bf16, float32 elsewhere, batches of 64);
-  the default is now onnx-int8 in token-sorted batches of 8, the fastest row within 1 SE;
-- the options: torch float32, ONNX Runtime float32, ONNX Runtime int8 (dynamic, per-channel),
-  int8 with max_seq_length 128 (the length all-MiniLM-L6-v2 was trained with), batch sizes,
-  one thread; plus what deduplication saves (texts embedded vs texts submitted).
+1. Headline (the CLI path, measured, not extrapolated). A deterministic ``--pairs``-pair JSONL file
+   (default 10,000) is diagnosed by ``python -m dpo_engine.cli diagnose FILE --foreground
+   --backend torch`` and ``--backend onnx-int8`` as subprocesses, the token pre-flight and the data
+   audit at their defaults. Each run gets a fresh workspace (so a cold embedding cache: every text is
+   embedded); the model cache (``$DPO_KERNELS_MODEL_CACHE``, else ./workspace/models) is shared, so the
+   ONNX export and the pre-flight tokenizer are warm, as after the first diagnosis on a machine. One
+   untimed warm-up diagnosis of a 20-pair file per backend does the export and fills the OS file
+   cache. The backends alternate (torch first in even rounds, int8 first in odd ones) for
+   ``--rounds`` rounds; each run's wall seconds and CPU seconds (the child's user + system time) are
+   printed, and the ratio torch / int8 of the fastest run of each.
 
-For each option: CPU seconds of this process (all its threads; on a shared machine the fair
-measure) and wall seconds, texts/s (texts submitted per second), the speed-up over the baseline,
-and the largest difference of any of the eight metrics from the float32 torch reference, in that
-metric's bootstrap SE ("within 1 SE" is
-the bar for making an option the default). The options run in alternating order, ``--rounds``
-times, and each keeps its fastest round, so a busy shared machine hurts every option alike.
-Finished (option, round) results are kept in ``--state`` and skipped when the script is run again.
+   The file: only ~1,160 real pairs are bundled (assets/sample_hh.jsonl.gz, HH; and
+   assets/pandalm_test_pairs.jsonl.gz, PandaLM), and the embedding step deduplicates texts, so
+   repeating them would make a large file artificially cheap. Pair i is therefore built from two
+   real pairs a (the i-th in turn) and b (a seeded random other one): each of its prompt, chosen and
+   rejected texts is the first part of a's text followed by the last part of b's (split at a seeded
+   word position between 30% and 70%), which keeps lengths near the real ones (mean of the two) and
+   chosen/rejected related as in the real pair. Every one of the 3 x pairs texts is distinct (checked;
+   a clash moves the split point), so the embedder embeds all of them.
 
-The 10,000-pair cold time is an *extrapolation*: there are only 1,159 real pairs here; it takes
-the measured unique texts per CPU-second times the cores, assumes 30,000 distinct texts (no
-duplicates) on an idle machine, adds the model load and the measured metrics + bootstrap time of
-10,000 pairs (random 384-d embeddings).
+2. Quality: every one of the eight metrics of onnx-int8 (the CLI's default batch size) within one
+   bootstrap SE of float32 torch, in process, on the real HH (399 pairs) and PandaLM (760) pairs, and
+   on the headline file the int8 CLI run's metrics against the torch CLI run's in that run's SE.
 
-Usage: python scripts/bench_diagnose.py [--rounds 2] [--options a,b,...] [--state FILE]
+Finished (option, round) results are kept in ``--state`` and skipped when the script runs again
+(``--fresh`` starts over; a different ``--pairs`` keeps its own entries).
+
+Usage: python scripts/bench_diagnose.py [--pairs 10000] [--rounds 1] [--state FILE] [--skip-quality]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import resource
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,206 +49,268 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from dpo_engine.data import load_preferences
-from dpo_engine.embed import embed_pairs, load_embedder
-from dpo_engine.embed import encoder as encoder_module
-from dpo_engine.selection import diagnose
-from dpo_engine.selection.metrics import METRIC_NAMES
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
 DATA = {
     "hh": ASSETS / "sample_hh.jsonl.gz",
     "pandalm": ASSETS / "pandalm_test_pairs.jsonl.gz",
 }
-OPTIONS: dict[str, dict] = {
-    "baseline": dict(backend="torch", precision="auto", batch_size=64),
-    "torch-float32": dict(backend="torch", precision="float32", batch_size=64),
-    "onnx": dict(backend="onnx", batch_size=64),
-    "onnx-int8": dict(backend="onnx-int8", batch_size=64),
-    "onnx-int8-b8": dict(backend="onnx-int8", batch_size=8),
-    "onnx-int8-b16": dict(backend="onnx-int8", batch_size=16),
-    "onnx-int8-b32": dict(backend="onnx-int8", batch_size=32),
-    "onnx-int8-b128": dict(backend="onnx-int8", batch_size=128),
-    "onnx-int8-len128": dict(backend="onnx-int8", batch_size=64, max_seq_length=128),
-    "onnx-int8-len128-b16": dict(backend="onnx-int8", batch_size=16, max_seq_length=128),
-    "torch-auto-1thread": dict(backend="torch", precision="auto", batch_size=64, threads=1),
-}
-REFERENCE = "torch-float32"
+BACKENDS = ("torch", "onnx-int8")
+SEED = 20261203
 
 
-def _tables() -> dict:
-    out = {}
-    for name, path in DATA.items():
+def real_pairs() -> list[tuple[str, str, str]]:
+    """The bundled real pairs (HH, then PandaLM) as (prompt, chosen, rejected), flagged rows dropped."""
+    from dpo_engine.data import load_preferences
+
+    out = []
+    for path in DATA.values():
         table, _ = load_preferences(path).finalize(drop_flagged=True)
-        out[name] = table[["prompt", "chosen", "rejected"]].reset_index(drop=True)
+        out.extend(zip(table["prompt"], table["chosen"], table["rejected"]))
     return out
 
 
-def _set_threads(threads: int | None) -> None:
-    import torch
+def _splice(first: str, second: str, cut: float) -> str:
+    a, b = first.split(), second.split()
+    head = a[: max(1, round(len(a) * cut))]
+    tail = b[min(len(b) - 1, round(len(b) * cut)) :] if b else []
+    return " ".join(head + tail)
 
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+def build_pairs(n: int, seed: int = SEED) -> list[dict[str, str]]:
+    """``n`` pairs of distinct texts spliced from two real pairs each (see the module docstring)."""
+    real = real_pairs()
+    rng = np.random.default_rng(seed)
+    seen: set[str] = set()
+    rows = []
+    for i in range(n):
+        a = real[i % len(real)]
+        for _attempt in range(50):
+            b = real[int(rng.integers(len(real)))]
+            cut = float(rng.uniform(0.3, 0.7))
+            row = {k: _splice(x, y, cut) for k, x, y in zip(("prompt", "chosen", "rejected"), a, b)}
+            texts = list(row.values())
+            if len(set(texts)) == 3 and not seen.intersection(texts) and all(t.strip() for t in texts):
+                break
+        else:
+            raise RuntimeError(f"could not build distinct texts for pair {i}")
+        seen.update(texts)
+        rows.append(row)
+    return rows
 
 
-def _run_option(name: str, spec: dict, tables: dict) -> dict:
-    spec = dict(spec)
-    threads = spec.pop("threads", None)
-    encoder_module._models.clear()  # cold model: load (and export, the first time) is timed
-    kwargs = {k: v for k, v in spec.items() if k != "batch_size"}
+def write_pairs(n: int, path: Path) -> dict:
+    rows = build_pairs(n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    texts = [t for r in rows for t in r.values()]
+    real_lengths = [len(t) for p in real_pairs() for t in p]
+    return {
+        "n_pairs": n,
+        "n_texts": len(texts),
+        "n_distinct": len(set(texts)),
+        "mean_chars": float(np.mean([len(t) for t in texts])),
+        "real_mean_chars": float(np.mean(real_lengths)),
+    }
+
+
+def run_cli(data: Path, backend: str, workspace: Path, env: dict, json_out: Path) -> dict:
+    """One foreground diagnosis as a subprocess in a fresh workspace: wall and CPU seconds."""
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    cmd = [sys.executable, "-m", "dpo_engine.cli", "diagnose", str(data), "--foreground", "--backend", backend]
+    cmd += ["--json", str(json_out)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    load_embedder(**kwargs)
-    load_s = time.perf_counter() - started
-    _set_threads(threads)  # after loading, which sets every core
-    result = {"load_s": load_s, "datasets": {}}
-    for data_name, table in tables.items():
-        texts = [*table["prompt"], *table["chosen"], *table["rejected"]]
-        n_unique = len(set(texts))
-        t0, c0 = time.perf_counter(), time.process_time()
-        emb = embed_pairs(table, batch_size=spec["batch_size"], **kwargs)  # no cache_dir: always cold
-        t1, c1 = time.perf_counter(), time.process_time()
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**env, "DPO_KERNELS_WORKSPACE": str(workspace)}, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    shutil.rmtree(workspace, ignore_errors=True)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "load_avg": os.getloadavg()[0]}
+
+
+def metrics_of(json_path: Path) -> tuple[dict, dict]:
+    """(metrics, bootstrap SEs) of a diagnosis.json written by the CLI."""
+    data = json.loads(json_path.read_text())
+    metrics = {**data["kernel_metrics"], **data["divergence_metrics"]}
+    return metrics, data["bootstrap"]["standard_errors"]
+
+
+def quality_real_pairs() -> dict:
+    """The eight metrics of int8 and float32 torch in process on the real pairs, and their SEs."""
+    from dpo_engine.data import load_preferences
+    from dpo_engine.embed import embed_pairs
+    from dpo_engine.selection import diagnose
+    from dpo_engine.selection.metrics import METRIC_NAMES
+
+    out = {}
+    for name, path in DATA.items():
+        table, _ = load_preferences(path).finalize(drop_flagged=True)
+        per = {}
+        for option, kwargs in (
+            ("torch-float32", dict(backend="torch", precision="float32")),
+            ("onnx-int8", dict(backend="onnx-int8")),
+        ):
+            emb = embed_pairs(table, **kwargs)  # no cache_dir: always embedded
+            d = diagnose(emb.prompt, emb.chosen, emb.rejected, n_bootstrap=200)
+            per[option] = {
+                "metrics": {k: getattr(d.metrics, k) for k in METRIC_NAMES},
+                "se": d.standard_errors(),
+                "verdict": [d.recommendation.kernel, d.recommendation.divergence],
+            }
+        out[name] = per
+    return out
+
+
+def quality_spliced(n: int) -> dict:
+    """The eight metrics of float32 torch, torch at precision "auto" (the CLI's torch run) and int8, in
+    process, on the first ``n`` pairs of the benchmark file's construction (float32 is too slow for
+    the whole headline file on a shared 2-core machine)."""
+    import pandas as pd
+
+    from dpo_engine.embed import embed_pairs
+    from dpo_engine.selection import diagnose
+    from dpo_engine.selection.metrics import METRIC_NAMES
+
+    table = pd.DataFrame(build_pairs(n))
+    out = {}
+    for option, kwargs in (
+        ("torch-float32", dict(backend="torch", precision="float32")),
+        ("torch-auto", dict(backend="torch", precision="auto")),
+        ("onnx-int8", dict(backend="onnx-int8")),
+    ):
+        emb = embed_pairs(table, **kwargs)
         d = diagnose(emb.prompt, emb.chosen, emb.rejected, n_bootstrap=200)
-        t2, c2 = time.perf_counter(), time.process_time()
-        result["datasets"][data_name] = {
-            "n_pairs": len(table),
-            "n_texts": len(texts),
-            "n_unique": n_unique,
-            "embed_s": t1 - t0,
-            "metrics_s": t2 - t1,
-            "wall_s": t2 - t0,
-            "embed_cpu_s": c1 - c0,
-            "cpu_s": c2 - c0,
-            "metrics": {k: getattr(d.metrics, k) for k in METRIC_NAMES},
-            "se": d.standard_errors(),
-            "verdict": [d.recommendation.kernel, d.recommendation.divergence],
-            "chosen_embeddings_head": emb.chosen[:50].tolist(),
-        }
-    _set_threads(None)
-    return result
+        out[option] = {"metrics": {k: getattr(d.metrics, k) for k in METRIC_NAMES}, "se": d.standard_errors()}
+    return out
 
 
-def _metrics_time_10k() -> float:
-    rng = np.random.default_rng(0)
-
-    def unit() -> np.ndarray:
-        x = rng.standard_normal((10_000, 384), dtype=np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    p, c, r = unit(), unit(), unit()
-    t0 = time.perf_counter()
-    diagnose(p, c, r, n_bootstrap=200)
-    return time.perf_counter() - t0
+def worst_in_se(metrics: dict, reference: dict, se: dict) -> tuple[float, str]:
+    pairs = [
+        (abs(metrics[k] - reference[k]) / se[k], k)
+        for k in reference
+        if se.get(k) and metrics.get(k) is not None and reference.get(k) is not None
+    ]
+    return max(pairs) if pairs else (float("nan"), "-")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated subset of: " + ", ".join(OPTIONS))
-    parser.add_argument("--state", type=Path, default=Path("workspace/bench_diagnose_state.json"))
+    parser.add_argument("--pairs", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--state", type=Path, default=ROOT / "workspace/bench_diagnose_state.json")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "workspace/bench_diagnose")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results in --state")
+    parser.add_argument("--skip-quality", action="store_true", help="skip the in-process check on the real pairs")
+    parser.add_argument(
+        "--spliced-quality",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare int8 and torch auto with float32 torch in process on N spliced pairs",
+    )
     args = parser.parse_args()
-    names = [n.strip() for n in args.options.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OPTIONS]
-    if unknown:
-        raise SystemExit(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    for needed in ("baseline", REFERENCE):
-        if needed not in names:
-            names.insert(0, needed)
     state = {} if args.fresh or not args.state.is_file() else json.loads(args.state.read_text())
     args.state.parent.mkdir(parents=True, exist_ok=True)
-    tables = _tables()
-    print(f"load average at start: {os.getloadavg()} on {len(os.sched_getaffinity(0))} CPUs")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        args.state.write_text(json.dumps(state, indent=1))
+
+    env = dict(os.environ)
+    env.setdefault("DPO_KERNELS_MODEL_CACHE", str(ROOT / "workspace/models"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    cores = len(os.sched_getaffinity(0))
+    print(f"load average at start: {os.getloadavg()} on {cores} CPUs", flush=True)
+
+    data = args.workdir / f"pairs-{args.pairs}.jsonl.gz"
+    key_data = f"data#{args.pairs}"
+    if key_data not in state or not data.is_file():
+        state[key_data] = write_pairs(args.pairs, data)
+        save()
+    d = state[key_data]
+    print(
+        f"{data}: {d['n_pairs']} pairs, {d['n_distinct']} distinct of {d['n_texts']} texts, mean "
+        f"{d['mean_chars']:.0f} characters per text (real pairs: {d['real_mean_chars']:.0f})",
+        flush=True,
+    )
+    if "warmup" not in state:
+        small = args.workdir / "pairs-20.jsonl.gz"
+        write_pairs(20, small)
+        for backend in BACKENDS:
+            r = run_cli(small, backend, args.workdir / "ws-warmup", env, args.workdir / "warmup.json")
+            print(f"  warm-up {backend:<10} (export, file cache) {r['wall_s']:.1f} s", flush=True)
+        state["warmup"] = True
+        save()
+
     for round_index in range(args.rounds):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            key = f"{name}#{round_index}"
+        order = BACKENDS if round_index % 2 == 0 else BACKENDS[::-1]
+        for backend in order:
+            key = f"cli#{args.pairs}#{backend}#{round_index}"
             if key in state:
                 continue
-            state[key] = _run_option(name, OPTIONS[name], tables)
-            args.state.write_text(json.dumps(state))
-            walls = ", ".join(
-                f"{d}: {v['wall_s']:.1f} s wall / {v['cpu_s']:.1f} CPU-s" for d, v in state[key]["datasets"].items()
+            json_out = args.workdir / f"diagnosis-{args.pairs}-{backend}-{round_index}.json"
+            result = run_cli(data, backend, args.workdir / f"ws-{backend}-{round_index}", env, json_out)
+            result["metrics"], result["se"] = metrics_of(json_out)
+            state[key] = result
+            save()
+            print(
+                f"  round {round_index + 1} {backend:<10} {result['wall_s']:7.1f} s wall {result['cpu_s']:7.1f} CPU-s "
+                f"(load average {result['load_avg']:.1f})",
+                flush=True,
             )
-            print(f"  round {round_index + 1} {name:<20} load {state[key]['load_s']:.1f} s; {walls}", flush=True)
-    if "metrics_10k_s" not in state:
-        state["metrics_10k_s"] = _metrics_time_10k()
-        args.state.write_text(json.dumps(state))
+
+    if not args.skip_quality and "quality" not in state:
+        state["quality"] = quality_real_pairs()
+        save()
+
+    key_spliced = f"spliced#{args.spliced_quality}"
+    if args.spliced_quality and key_spliced not in state:
+        state[key_spliced] = quality_spliced(args.spliced_quality)
+        save()
 
     best = {}
-    for name in names:
-        runs = [state[f"{name}#{i}"] for i in range(args.rounds) if f"{name}#{i}" in state]
-        best[name] = min(runs, key=lambda r: sum(d["cpu_s"] for d in r["datasets"].values()))
-    ref = best[REFERENCE]["datasets"]
-    base = best["baseline"]["datasets"]
-    base_cpu = sum(d["cpu_s"] for d in base.values())
-    base_wall = sum(d["wall_s"] for d in base.values())
-    cores = len(os.sched_getaffinity(0))
+    for backend in BACKENDS:
+        runs = [state[k] for k in state if k.startswith(f"cli#{args.pairs}#{backend}#")]
+        if runs:
+            best[backend] = min(runs, key=lambda r: r["wall_s"])
     print()
-    print("end to end from a cold embedding cache (model loaded), HH + PandaLM, the round with the least CPU time.")
-    print(
-        "CPU-s = this process's CPU seconds (all threads): on a shared machine the fairer measure; wall s on "
-        f"{cores} cores."
-    )
-    header = (
-        f"{'option':<20} {'CPU-s':>7} {'wall s':>7} {'speed-up CPU':>12} {'speed-up wall':>13} {'texts/CPU-s':>11} "
-        f"{'texts/s':>8} {'load s':>7} {'max |Δ|/SE':>10}  verdicts HH | PandaLM"
-    )
-    print(header)
-    print("-" * len(header))
-    rates = {}
-    for name in names:
-        r = best[name]
-        ds = r["datasets"]
-        cpu = sum(d["cpu_s"] for d in ds.values())
-        wall = sum(d["wall_s"] for d in ds.values())
-        n_texts = sum(d["n_texts"] for d in ds.values())
-        n_unique = sum(d["n_unique"] for d in ds.values())
-        rates[name] = n_unique / sum(d["embed_cpu_s"] for d in ds.values())  # unique texts per CPU-second
-        worst = max(
-            abs(d["metrics"][k] - ref[dn]["metrics"][k]) / ref[dn]["se"][k]
-            for dn, d in ds.items()
-            for k in METRIC_NAMES
-            if ref[dn]["se"].get(k)
-        )
-        verdicts = " | ".join("+".join(d["verdict"]) for d in ds.values())
+    print(f"CLI end to end, {args.pairs} pairs ({3 * args.pairs} distinct texts), pre-flight and audit on, cold")
+    print(f"embedding cache, warm model cache, {cores} CPUs; the fastest of the rounds run:")
+    for backend, r in best.items():
+        print(f"  {backend:<10} {r['wall_s']:7.1f} s wall  {r['cpu_s']:7.1f} CPU-s")
+    if len(best) == 2:
+        t, q = best["torch"], best["onnx-int8"]
         print(
-            f"{name:<20} {cpu:>7.1f} {wall:>7.1f} {base_cpu / cpu:>11.2f}x {base_wall / wall:>12.2f}x "
-            f"{n_texts / cpu:>11.1f} {n_texts / wall:>8.1f} {r['load_s']:>7.1f} {worst:>10.2f}  {verdicts}"
+            f"  torch / onnx-int8: {t['wall_s'] / q['wall_s']:.2f}x wall, {t['cpu_s'] / q['cpu_s']:.2f}x CPU (goal: 3x)"
         )
-    print()
-    print("metric values per option (HH / PandaLM); the reference's bootstrap SE in the last row")
-    short = {"support_overlap": "overlap", "drift_magnitude": "drift", "smoothness": "smooth"}
-    print(f"{'option':<20} " + " ".join(f"{short.get(k, k):>15}" for k in METRIC_NAMES))
-    for name in names:
-        ds = best[name]["datasets"]
-        print(
-            f"{name:<20} "
-            + " ".join(f"{ds['hh']['metrics'][k]:>7.3f}/{ds['pandalm']['metrics'][k]:<7.3f}" for k in METRIC_NAMES)
-        )
-    print(
-        f"{'SE (' + REFERENCE + ')':<20} "
-        + " ".join(f"{ref['hh']['se'][k]:>7.3f}/{ref['pandalm']['se'][k]:<7.3f}" for k in METRIC_NAMES)
-    )
-    d_hh, d_pl = base["hh"], base["pandalm"]
-    print()
-    print(
-        f"deduplication: HH {d_hh['n_unique']} unique of {d_hh['n_texts']} texts, PandaLM {d_pl['n_unique']} of "
-        f"{d_pl['n_texts']} (every option embeds each distinct text once; without it PandaLM would embed "
-        f"{d_pl['n_texts'] / d_pl['n_unique']:.2f}x as many)"
-    )
-    print(f"metrics + 200 bootstrap resamples of 10,000 pairs: {state['metrics_10k_s']:.1f} s")
-    print(
-        f"EXTRAPOLATED, not measured: 10,000 distinct pairs (30,000 texts) cold on {cores} idle cores = model load + "
-        "30,000 / (unique texts per CPU-second x cores) + metrics:"
-    )
-    # every option starts a process, imports torch and sentence-transformers and loads the model: the
-    # first load of the run (a cold process) stands for all of them
-    cold_load = max(state[k]["load_s"] for k in state if "#" in k)
-    print(f"  (model load in a cold process, measured once: {cold_load:.1f} s)")
-    for name in names:
-        per_core = rates[name]
-        threads = OPTIONS[name].get("threads") or cores
-        cold = cold_load + 30_000 / (per_core * threads) + state["metrics_10k_s"]
-        print(f"  {name:<20} ~{cold:.0f} s  ({per_core:.1f} unique texts per CPU-second measured here)")
+        worst, name = worst_in_se(q["metrics"], t["metrics"], t["se"])
+        print(f"  metrics of the int8 run vs the torch run on this file: max |Δ| = {worst:.2f} SE ({name})")
+    if "quality" in state:
+        print()
+        print("int8 (CLI batch size) vs float32 torch on the real pairs, in float32's bootstrap SE:")
+        for name, per in state["quality"].items():
+            ref, q = per["torch-float32"], per["onnx-int8"]
+            worst, metric = worst_in_se(q["metrics"], ref["metrics"], ref["se"])
+            print(
+                f"  {name:<8} max |Δ| = {worst:.2f} SE ({metric}); verdicts {'+'.join(ref['verdict'])} | "
+                f"{'+'.join(q['verdict'])}"
+            )
+    for key in (k for k in state if k.startswith("spliced#")):
+        per = state[key]
+        ref = per["torch-float32"]
+        print()
+        print(f"on the first {key.split('#')[1]} spliced pairs, in float32 torch's bootstrap SE:")
+        for option in ("torch-auto", "onnx-int8"):
+            worst, metric = worst_in_se(per[option]["metrics"], ref["metrics"], ref["se"])
+            print(f"  {option:<10} max |Δ| = {worst:.2f} SE ({metric})")
     print(f"load average at end: {os.getloadavg()}")
 
 

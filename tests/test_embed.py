@@ -184,3 +184,24 @@ def test_backend_is_part_of_the_cache_key_and_onnx_needs_the_cpu(tmp_path):
         load_embedder(device="cuda", backend="onnx")
     with pytest.raises(ValueError, match="unknown backend"):
         load_embedder(backend="tensorrt")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_onnx_texts_are_tokenized_once_with_the_same_batches(backend):
+    """Ids tokenized once and padded here feed the model exactly what the tokenizer's own padding feeds."""
+    model = load_embedder(backend=backend)
+    texts = list(dict.fromkeys(TEXTS)) + [
+        "A longer text, so that the batch is padded to its length and the mask matters."
+    ]
+    ids = model.tokenize(texts)
+    assert [len(x) for x in ids] == model.token_lengths(texts)
+    np.testing.assert_array_equal(model.encode_ids(ids), model.encode(texts))
+    # embed_texts (one tokenization) gives what tokenizing each batch again gives: int8 activations are
+    # quantised per batch, so the comparison keeps embed_texts' batches (distinct texts, longest first, 3 a batch)
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]), reverse=True)
+    expected = np.empty((len(texts), model.dimension), dtype=np.float32)
+    for start in range(0, len(order), 3):
+        batch = order[start : start + 3]
+        expected[batch] = model.encode([texts[i] for i in batch])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(embed_texts(texts, backend=backend, batch_size=3), expected, atol=1e-6)

@@ -38,7 +38,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 # The default is the fastest option whose eight metrics stay within 1 bootstrap SE of float32
-# torch on HH and PandaLM (scripts/bench_diagnose.py: ~4.5x less CPU end to end than torch bf16).
+# torch on HH and PandaLM (scripts/bench_diagnose.py: 1.4x less CPU than torch bf16 through the CLI at
+# 10,000 pairs, docs/BENCHMARKS.md).
 DEFAULT_BACKEND: Backend = "onnx-int8"
 # Texts per batch when none is given: token-sorted int8 batches are fastest small; torch's larger.
 DEFAULT_BATCH_SIZE: dict[str, int] = {"torch": 64, "onnx": 8, "onnx-int8": 8}
@@ -209,8 +210,8 @@ def embed_texts(
     unique = list(unique_index)
     multiplicity = np.bincount(inverse, minlength=len(unique))
     if backend != "torch":  # batches of equal token counts: int8 kernels gain most from unpadded batches
-        lengths = model.token_lengths(unique)
-        order = sorted(range(len(unique)), key=lambda i: lengths[i], reverse=True)
+        ids = model.tokenize(unique)  # once: the order and the batches both use these ids
+        order = sorted(range(len(unique)), key=lambda i: len(ids[i]), reverse=True)
     else:
         order = sorted(range(len(unique)), key=lambda i: len(unique[i]), reverse=True)
 
@@ -221,7 +222,7 @@ def embed_texts(
             raise InterruptedError("embedding stopped on request")
         batch = order[start : start + batch_size]
         if backend != "torch":
-            out[batch] = model.encode([unique[i] for i in batch])
+            out[batch] = model.encode_ids([ids[i] for i in batch])
         else:
             vectors = model.encode(
                 [unique[i] for i in batch],

@@ -144,11 +144,40 @@ class OnnxSentenceEncoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else 0
+        self._pad_left = getattr(self.tokenizer, "padding_side", "right") == "left"
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (truncated to ``max_seq_length``, special tokens included), unpadded.
+
+        `embed_texts` tokenizes every text once with this, orders the texts by length and hands
+        batches of these ids to `encode_ids`, instead of tokenizing once for the order and again per batch.
+        """
+        return self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_seq_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Tokens each text will occupy (after truncation): batching in this order pads least."""
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length)["input_ids"]
-        return [len(x) for x in ids]
+        return [len(x) for x in self.tokenize(texts)]
+
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embeddings of already tokenized texts, padded on the tokenizer's side as it pads, one segment."""
+        width = max(len(x) for x in ids)
+        input_ids = np.full((len(ids), width), self._pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, x in enumerate(ids):
+            cols = slice(width - len(x), width) if self._pad_left else slice(0, len(x))
+            input_ids[row, cols] = x
+            attention_mask[row, cols] = 1
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids)}
+        with self._lock:
+            return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         batch = self.tokenizer(
