@@ -159,11 +159,12 @@ def held_out(run_dir: Path) -> dict:
 
     margins = rundir.read_eval_margins(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
+    beta = config["method"]["loss"]["beta"]  # eval_margins.jsonl holds the log-ratio margin, before beta
     out = {"run": run_dir.name, "lr": config["optimisation"]["lr"], "steps": max(margins)}
     for label, step in (("start", min(margins)), ("end", max(margins))):
         m = margins[step].to_numpy()
         acc = accuracy_with_interval(margins[step])  # the bootstrap interval the Runs page and report show
-        loss = np.logaddexp(0.0, -m)  # -log sigmoid(margin): the preference loss of each pair
+        loss = np.logaddexp(0.0, -beta * m)  # -log sigmoid(beta * margin): each pair's DPO loss
         half = float(stats.t.ppf(0.975, len(loss) - 1) * loss.std(ddof=1) / math.sqrt(len(loss)))
         out[label] = {
             "pairs": len(m),
@@ -222,9 +223,9 @@ def store_example(run_dir: Path, target: Path) -> int:
     return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
 
 
-def write_report(tuning: list[dict], chosen_lr: float, finals: list[dict], rec: dict) -> None:
+def write_report(tuning: list[dict], chosen_lr: float, final_lr: float, finals: list[dict], rec: dict) -> None:
     report = {"dataset": DATASET, "settings": SETTINGS, "epochs": EPOCHS, "recommendation": rec}
-    report |= {"tuning": tuning, "chosen_lr": chosen_lr, "final": finals}
+    report |= {"tuning": tuning, "chosen_lr": chosen_lr, "final_lr": final_lr, "final": finals}
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(report, indent=2) + "\n")
     verdict = (
@@ -237,7 +238,12 @@ def write_report(tuning: list[dict], chosen_lr: float, finals: list[dict], rec: 
     body = "\n\n".join(
         [
             BEGIN,
-            f"Learning rate chosen on the validation split (lowest held-out preference loss): **{chosen_lr:g}**.",
+            f"Learning rate chosen on the validation split (lowest held-out preference loss): **{chosen_lr:g}**; "
+            + (
+                f"the final runs were trained at **{final_lr:g}** (`--final-lr`, see the text above)."
+                if final_lr != chosen_lr
+                else "the final runs were trained at it."
+            ),
             "Tuning runs (trained on the non-test pairs minus the validation split, evaluated on the validation "
             "split):\n\n" + table(tuning),
             "Final runs (trained on every non-test pair, evaluated on the test pairs, which no choice used):\n\n"
@@ -259,6 +265,12 @@ def main() -> None:
     parser.add_argument("--workspace", default=str(ROOT / "workspace" / "learning"))
     parser.add_argument("--report-only", action="store_true", help="report the finished runs, train nothing")
     parser.add_argument("--store-examples", action="store_true", help="ship the final runs as the example runs")
+    parser.add_argument(
+        "--final-lr",
+        type=float,
+        default=None,
+        help="train (or report) the final runs at this rate instead of the validation choice; the report says so",
+    )
     parser.add_argument(
         "--only", nargs="*", default=None, help="train only these runs (to run several processes side by side)"
     )
@@ -295,6 +307,7 @@ def main() -> None:
     if len(tuning) < len(tuning_dirs):
         raise SystemExit(f"{len(tuning)} of {len(tuning_dirs)} tuning runs have finished: the final runs wait for all")
     chosen_lr = min(tuning, key=lambda r: r["end"]["loss_pref"])["lr"]
+    final_lr = chosen_lr if args.final_lr is None else args.final_lr
 
     rec = recommendation(workspace)
     final_steps = steps_for(n_rest)
@@ -302,7 +315,7 @@ def main() -> None:
         "data.split_seed": TEST_SEED,
         "data.eval_fraction": TEST_FRACTION,
         "data.min_eval_pairs": 1,
-        "optimisation.lr": chosen_lr,
+        "optimisation.lr": final_lr,
         "optimisation.max_steps": final_steps,
         "monitoring.eval_every": max(1, final_steps // 2),
         "monitoring.snapshot_every": final_steps,
@@ -321,7 +334,7 @@ def main() -> None:
         run = Path(workspace.runs_dir) / name
         final_dirs.append(train_run(name, ROOT / DATASET, {**test, **method}, workspace) if wanted(name) else run)
     finals = [held_out(d) for d in final_dirs if finished(d)]
-    write_report(tuning, chosen_lr, finals, rec)
+    write_report(tuning, chosen_lr, final_lr, finals, rec)
     print(table(tuning) + "\n\n" + table(finals))
     if args.store_examples:
         import shutil
