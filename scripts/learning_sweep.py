@@ -275,10 +275,9 @@ def main() -> None:
         "--only", nargs="*", default=None, help="train only these runs (to run several processes side by side)"
     )
     args = parser.parse_args()
-    skip = args.report_only
 
     def wanted(name: str) -> bool:
-        return not skip and (args.only is None or name in args.only)
+        return not args.report_only and (args.only is None or name in args.only)
 
     from evidence import finished
 

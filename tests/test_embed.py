@@ -194,7 +194,6 @@ def test_onnx_texts_are_tokenized_once_with_the_same_batches(backend):
         "A longer text, so that the batch is padded to its length and the mask matters."
     ]
     ids = model.tokenize(texts)
-    assert [len(x) for x in ids] == model.token_lengths(texts)
     np.testing.assert_array_equal(model.encode_ids(ids), model.encode(texts))
     # embed_texts (one tokenization) gives what tokenizing each batch again gives: int8 activations are
     # quantised per batch, so the comparison keeps embed_texts' batches (distinct texts, longest first, 3 a batch)

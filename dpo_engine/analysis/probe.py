@@ -88,3 +88,18 @@ def linear_probe(chosen: np.ndarray, rejected: np.ndarray, *, folds: int = FOLDS
     accuracy = float(correct.mean())
     low, high = wilson(accuracy, n_pairs)
     return ProbeResult(accuracy, low, high, n_pairs, len(splits))
+
+
+def separation(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
+    """How far apart chosen and rejected representations are (names.SEPARATION_METRICS): the
+    Davies-Bouldin score and the linear probe with its interval. Training computes it on the stored
+    float16 snapshot and the pages recompute it from that file with this same function."""
+    from dpo_engine.analysis.dbs import davies_bouldin
+
+    probe = linear_probe(chosen, rejected)
+    return {
+        "dbs": davies_bouldin(chosen, rejected),
+        "probe_acc": probe.accuracy,
+        "probe_acc_lo": probe.low,
+        "probe_acc_hi": probe.high,
+    }

@@ -162,10 +162,6 @@ class OnnxSentenceEncoder:
             return_token_type_ids=False,
         )["input_ids"]
 
-    def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        """Tokens each text will occupy (after truncation): batching in this order pads least."""
-        return [len(x) for x in self.tokenize(texts)]
-
     def encode_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Embeddings of already tokenized texts, padded on the tokenizer's side as it pads, one segment."""
         width = max(len(x) for x in ids)
@@ -175,16 +171,20 @@ class OnnxSentenceEncoder:
             cols = slice(width - len(x), width) if self._pad_left else slice(0, len(x))
             input_ids[row, cols] = x
             attention_mask[row, cols] = 1
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids)}
-        with self._lock:
-            return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
+        return self._run(
+            {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids)}
+        )
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of texts padded by the tokenizer itself: the plain path `encode_ids` is tested against."""
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="np"
         )
         feed = {k: batch[k].astype(np.int64) for k in _INPUTS if k in batch}
         if "token_type_ids" not in feed:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        return self._run(feed)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         with self._lock:
             return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)

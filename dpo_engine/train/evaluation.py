@@ -20,8 +20,7 @@ import torch
 from accelerate.utils import gather_object
 
 from dpo_engine import rundir
-from dpo_engine.analysis.dbs import davies_bouldin
-from dpo_engine.analysis.probe import linear_probe
+from dpo_engine.analysis.probe import separation
 from dpo_engine.data.tokenize import pair_length
 from dpo_engine.divergences import all_token_divergences_from_hidden
 from dpo_engine.names import DIVERGENCE_METRICS
@@ -205,10 +204,4 @@ class Evaluator:
         if self.parts.accelerator.is_main_process:
             pair_ids = [p.pair_id for p in self.parts.probe_pairs]
             rundir.write_snapshot(self.run_dir, self.state.step, c, r, pair_ids)
-        probe = linear_probe(c, r)
-        return {
-            "dbs": davies_bouldin(c, r),
-            "probe_acc": probe.accuracy,
-            "probe_acc_lo": probe.low,
-            "probe_acc_hi": probe.high,
-        }
+        return separation(c, r)

@@ -520,19 +520,10 @@ def separation_table(run) -> pd.DataFrame:
 def _snapshot_separation(path: str, mtime_ns: int) -> dict[str, float]:  # noqa: ARG001 - part of the cache key
     """DBS and linear probe of one stored snapshot. A snapshot does not change once written and a page
     asks for it several times per render (tables, summary, titles), so each is computed once per process."""
-    from dpo_engine.analysis.dbs import davies_bouldin
-    from dpo_engine.analysis.probe import linear_probe
+    from dpo_engine.analysis.probe import separation
 
     with np.load(path, allow_pickle=False) as npz:
-        chosen = np.asarray(npz["chosen"], dtype=np.float32)
-        rejected = np.asarray(npz["rejected"], dtype=np.float32)
-    probe = linear_probe(chosen, rejected)
-    return {
-        "dbs": davies_bouldin(chosen, rejected),
-        "probe_acc": probe.accuracy,
-        "probe_acc_lo": probe.low,
-        "probe_acc_hi": probe.high,
-    }
+        return separation(npz["chosen"], npz["rejected"])
 
 
 def last_probe_text(run) -> str:
