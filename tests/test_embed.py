@@ -204,3 +204,35 @@ def test_onnx_texts_are_tokenized_once_with_the_same_batches(backend):
         expected[batch] = model.encode([texts[i] for i in batch])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(embed_texts(texts, backend=backend, batch_size=3), expected, atol=1e-6)
+
+
+def test_onnx_sessions_side_by_side_give_what_one_session_gives():
+    """Batches run on several single-threaded sessions at once come back in order and equal to one session's."""
+    from dpo_engine.embed.onnx_backend import OnnxSentenceEncoder, session_layout
+
+    assert session_layout(2) == (2, 1) and session_layout(1) == (1, 1)
+    assert session_layout(32) == (8, 4) and session_layout(4, sessions=1) == (1, 4)
+    st_model = load_embedder(backend="torch", precision="float32")
+    model_dir = resolve_embedder(None)
+    one = OnnxSentenceEncoder(st_model, model_dir, quantize=True, sessions=1)
+    three = OnnxSentenceEncoder(st_model, model_dir, quantize=True, sessions=3)
+    texts = [f"text number {i} " + "word " * (i % 7) for i in range(40)]
+    ids = one.tokenize(texts)
+    batches = [ids[i : i + 3] for i in range(0, len(ids), 3)]
+    expected = np.concatenate([one.encode_ids(b) for b in batches])
+    np.testing.assert_array_equal(np.concatenate(list(three.encode_batches(batches))), expected)
+
+
+def test_stopping_an_onnx_embedding_cancels_the_batches_not_started():
+    model = load_embedder(backend="onnx-int8")
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    texts = [f"sentence {i} about something" for i in range(200)]
+    with pytest.raises(InterruptedError):
+        embed_texts(texts, backend="onnx-int8", batch_size=4, should_stop=should_stop)
+    # every batch asks before it starts; those after the stop are cancelled, not asked
+    assert len(asked) < 50

@@ -216,28 +216,32 @@ def embed_texts(
         order = sorted(range(len(unique)), key=lambda i: len(unique[i]), reverse=True)
 
     out = np.empty((len(unique), dim), dtype=np.float32)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if backend != "torch":  # the encoder runs batches on its sessions side by side, results in order
+        encoded = model.encode_batches(([ids[i] for i in batch] for batch in batches), should_stop)
+    else:
+        encoded = (_encode_torch(model, [unique[i] for i in batch], should_stop) for batch in batches)
     done = 0
-    for start in range(0, len(order), batch_size):
-        if should_stop is not None and should_stop():
-            raise InterruptedError("embedding stopped on request")
-        batch = order[start : start + batch_size]
-        if backend != "torch":
-            out[batch] = model.encode_ids([ids[i] for i in batch])
-        else:
-            vectors = model.encode(
-                [unique[i] for i in batch],
-                batch_size=batch_size,
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-            out[batch] = vectors.float().cpu().numpy()
-        done += int(multiplicity[batch].sum())
-        if progress is not None:
-            progress(done, total)
+    try:
+        for batch, vectors in zip(batches, encoded):
+            out[batch] = vectors
+            done += int(multiplicity[batch].sum())
+            if progress is not None:
+                progress(done, total)
+    finally:
+        encoded.close()  # a stop or an error cancels the batches not yet started
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     out /= np.where(norms > 0, norms, 1.0)
     return out[inverse]
+
+
+def _encode_torch(model, texts: list[str], should_stop: Callable[[], bool] | None) -> np.ndarray:
+    if should_stop is not None and should_stop():
+        raise InterruptedError("embedding stopped on request")
+    vectors = model.encode(
+        texts, batch_size=len(texts), convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+    )
+    return vectors.float().cpu().numpy()
 
 
 def _dimension(model) -> int:

@@ -5,24 +5,48 @@ with torch's TorchScript-based ONNX exporter into the workspace's model cache (n
 downloaded), and, for ``onnx-int8``, quantised with ONNX Runtime's dynamic int8 quantisation
 (per-channel int8 weights of the matrix products, activations quantised on the fly; fast on CPUs
 with VNNI). Tokenisation is the
-model's own fast tokenizer with its ``max_seq_length``. scripts/bench_diagnose.py measures speed
-and checks that the eight metrics stay within one bootstrap SE of the float32 torch ones.
+model's own fast tokenizer with its ``max_seq_length``. Batches of a few short texts are too small
+for one session to use several cores well, so the encoder holds one single-threaded session per core
+and runs batches on them side by side (ONNX Runtime releases the GIL while it runs).
+scripts/bench_diagnose.py measures speed and checks that the eight metrics stay within one bootstrap
+SE of the float32 torch ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import tempfile
-import threading
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 ONNX_OPSET = 17
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Sessions side by side at most: each holds its own copy of the weights; more cores go to each session.
+MAX_SESSIONS = 8
+
+
+def session_layout(cores: int, sessions: int | None = None) -> tuple[int, int]:
+    """(sessions, threads per session) for ``cores`` cores: one single-threaded session per core up to
+    `MAX_SESSIONS`, the rest of the cores shared among them; ``sessions`` overrides the count."""
+    cores = max(1, int(cores))
+    count = max(1, int(sessions)) if sessions is not None else min(cores, MAX_SESSIONS)
+    return count, max(1, cores // count)
+
+
+def available_cores() -> int:
+    """Cores this process may use: ``OMP_NUM_THREADS`` when the operator set it (e.g. to run several
+    processes side by side), else the CPU affinity."""
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if chosen.isdigit() and int(chosen) > 0:
+        return int(chosen)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def onnx_cache_dir() -> Path:
@@ -124,7 +148,7 @@ def export_onnx(st_model, model_dir: str, quantize: bool) -> Path:
 class OnnxSentenceEncoder:
     """Encode texts with an exported model: the model's tokenizer, ONNX Runtime, L2-normalised float32 rows."""
 
-    def __init__(self, st_model, model_dir: str, quantize: bool, threads: int | None = None):
+    def __init__(self, st_model, model_dir: str, quantize: bool, sessions: int | None = None):
         import onnxruntime as ort
 
         self.path = export_onnx(st_model, model_dir, quantize)
@@ -135,15 +159,18 @@ class OnnxSentenceEncoder:
             if hasattr(st_model, "get_embedding_dimension")
             else st_model.get_sentence_embedding_dimension()
         )
+        count, threads = session_layout(available_cores(), sessions)
         options = ort.SessionOptions()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        options.intra_op_num_threads = threads or cores
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
         # Idle worker threads sleep instead of spinning: on a busy or shared CPU spinning burns a third
         # of the CPU time for nothing (measured in scripts/bench_diagnose.py).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self._lock = threading.Lock()
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self._idle.put(ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"]))
+        self.parallelism = count
         pad = self.tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
         self._pad_left = getattr(self.tokenizer, "padding_side", "right") == "left"
@@ -185,6 +212,35 @@ class OnnxSentenceEncoder:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         return self._run(feed)
 
+    def encode_batches(
+        self, batches: Iterable[Sequence[Sequence[int]]], should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[np.ndarray]:
+        """`encode_ids` of each batch of token ids, in order, the batches run on the sessions side by side.
+
+        At most two batches per session are in flight; ``should_stop()`` is checked before each batch
+        starts, and stopping (or any error) cancels the batches not yet started.
+        """
+
+        def encode(ids: Sequence[Sequence[int]]) -> np.ndarray:
+            if should_stop is not None and should_stop():
+                raise InterruptedError("embedding stopped on request")
+            return self.encode_ids(ids)
+
+        pool = ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="onnx-encoder")
+        pending: deque = deque()
+        try:
+            for ids in batches:
+                pending.append(pool.submit(encode, ids))
+                if len(pending) >= 2 * self.parallelism:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        with self._lock:
-            return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
+        session = self._idle.get()  # a free session; ONNX Runtime sessions may not run one call twice at once
+        try:
+            return np.asarray(session.run(None, feed)[0], dtype=np.float32)
+        finally:
+            self._idle.put(session)
