@@ -224,7 +224,6 @@ def test_onnx_sessions_side_by_side_give_what_one_session_gives():
 
 
 def test_stopping_an_onnx_embedding_cancels_the_batches_not_started():
-    model = load_embedder(backend="onnx-int8")
     asked = []
 
     def should_stop() -> bool:
