@@ -14,6 +14,7 @@ SE of the float32 torch ones.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import queue
@@ -27,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 ONNX_OPSET = 17
+# Exported with the eager attention: its graph adds the mask as a bias; the SDPA export guards fully
+# masked rows with Where/IsNaN nodes that cost a tenth of the int8 model's time (BENCHMARKS.md).
+EXPORT_ATTENTION = "eager"
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Sessions side by side at most: each holds its own copy of the weights; more cores go to each session.
 MAX_SESSIONS = 8
@@ -60,7 +64,8 @@ def _export_key(model_dir: str) -> str:
     import onnxruntime
     import torch
 
-    stamp = "|".join([str(Path(model_dir).resolve()), torch.__version__, onnxruntime.__version__, str(ONNX_OPSET)])
+    parts = [str(Path(model_dir).resolve()), torch.__version__, onnxruntime.__version__, str(ONNX_OPSET), EXPORT_ATTENTION]
+    stamp = "|".join(parts)
     weights = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
     for w in weights:
         stamp += f"|{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}"
@@ -90,7 +95,8 @@ def export_onnx(st_model, model_dir: str, quantize: bool) -> Path:
         return wanted
     target_dir.mkdir(parents=True, exist_ok=True)
     if not fp32.is_file():
-        transformer = st_model[0].auto_model.float().eval()
+        transformer = copy.deepcopy(st_model[0].auto_model).float().eval()
+        transformer.set_attn_implementation(EXPORT_ATTENTION)
 
         class Pooled(torch.nn.Module):
             def __init__(self, inner):
