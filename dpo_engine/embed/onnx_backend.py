@@ -64,7 +64,13 @@ def _export_key(model_dir: str) -> str:
     import onnxruntime
     import torch
 
-    parts = [str(Path(model_dir).resolve()), torch.__version__, onnxruntime.__version__, str(ONNX_OPSET), EXPORT_ATTENTION]
+    parts = [
+        str(Path(model_dir).resolve()),
+        torch.__version__,
+        onnxruntime.__version__,
+        str(ONNX_OPSET),
+        EXPORT_ATTENTION,
+    ]
     stamp = "|".join(parts)
     weights = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
     for w in weights:
