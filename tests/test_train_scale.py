@@ -134,3 +134,15 @@ def test_fp16_overflow_is_a_skipped_step_until_too_many_in_a_row():
     assert fp16_overflow_tolerated(scaled, 0) and fp16_overflow_tolerated(scaled, MAX_FP16_OVERFLOW_STREAK - 1)
     assert not fp16_overflow_tolerated(scaled, MAX_FP16_OVERFLOW_STREAK)
     assert not fp16_overflow_tolerated(unscaled, 0)  # bf16 and fp32 have no scaler: inf means diverged
+
+
+def test_automatic_eval_cadence_grows_with_the_run():
+    """About twenty evaluations a run, at least ten steps apart; snapshots at every second one; explicit values kept."""
+    from dpo_engine.train.config import EVAL_EVERY_AUTO_MIN, EVALS_PER_RUN_AUTO, MonitoringConfig
+
+    auto = MonitoringConfig()
+    assert auto.cadence(100) == (EVAL_EVERY_AUTO_MIN, 2 * EVAL_EVERY_AUTO_MIN)
+    every, snap = auto.cadence(13_500)  # one epoch of 54k pairs at batch 4
+    assert every == 13_500 // EVALS_PER_RUN_AUTO and snap == 2 * every
+    assert 13_500 // every == EVALS_PER_RUN_AUTO
+    assert MonitoringConfig(eval_every=3, snapshot_every=7).cadence(13_500) == (3, 7)

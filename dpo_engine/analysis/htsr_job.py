@@ -11,9 +11,18 @@ from dpo_engine.analysis.htsr import analyze_model, summarize
 
 
 def analyze_into(
-    model_name: str, run_dir: Path, *, workspace, trust_remote_code: bool = False, progress=None
+    model_name: str,
+    run_dir: Path,
+    *,
+    workspace,
+    trust_remote_code: bool = False,
+    progress=None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Load `model_name` (registry name, local dir, cached id, or a run's LoRA model/ dir), analyse, write files."""
+    """Load `model_name` (registry name, local dir, cached id, or a run's LoRA model/ dir), analyse, write files.
+
+    The weights are loaded on the host; with a CUDA `device` the layers' Gram spectra are computed there
+    (an 8B model's float64 spectra take a CPU a long time)."""
     from dpo_engine.models import load_policy
 
     progress = progress or (lambda f, m: None)
@@ -25,7 +34,7 @@ def analyze_into(
         model_name, workspace=workspace, trust_remote_code=trust_remote_code, load_policy=load_policy
     )
     progress(0.2, "analysing layer spectra")
-    table = analyze_model(model)
+    table = analyze_model(model, device=device if device and device.startswith("cuda") else None)
     table.to_csv(run_dir / "htsr.csv", index=False)
     summary = {
         "status": "succeeded",
@@ -64,4 +73,5 @@ def run_htsr_job(ctx) -> dict[str, Any]:
         workspace=ctx.workspace,
         trust_remote_code=bool(params.get("trust_remote_code", False)),
         progress=ctx.progress,
+        device=ctx.device,
     )

@@ -367,10 +367,12 @@ def htsr(
         job = JobStore.for_workspace(ws).submit("htsr", {"model": model}, title=f"htsr {Path(model).name}")
         typer.echo(job.run_id)
         return
+    import torch
+
     from dpo_engine.analysis.htsr_job import analyze_into
 
     run_dir = run_dir or ws.run_dir(time.strftime("%Y%m%d-%H%M%S") + "-htsr")
-    summary = analyze_into(model, run_dir, workspace=ws)
+    summary = analyze_into(model, run_dir, workspace=ws, device="cuda:0" if torch.cuda.is_available() else None)
     print_json({**summary, "run_dir": str(run_dir)})
 
 

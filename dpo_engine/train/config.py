@@ -8,6 +8,7 @@ config (every default filled in) is written to the run directory as config.json.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,15 +221,25 @@ class OptimConfig(_Strict):
         return self
 
 
+# The automatic evaluation cadence: about this many evaluations per run, at least this many steps apart.
+EVALS_PER_RUN_AUTO = 20
+EVAL_EVERY_AUTO_MIN = 10
+
+
 class MonitoringConfig(_Strict):
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl row every N optimiser steps.")
-    eval_every: int = Field(
-        10, ge=1, description="Evaluate on the held-out split every N steps (and at step 0 and the end)."
-    )
-    snapshot_every: int = Field(
-        25,
+    eval_every: int | None = Field(
+        None,
         ge=1,
-        description="Store probe-set representations + Davies-Bouldin score every N steps (and at 0 and the end).",
+        description="Evaluate on the held-out split every N steps (and at step 0 and the end); empty = auto: every "
+        f"max({EVAL_EVERY_AUTO_MIN}, total steps / {EVALS_PER_RUN_AUTO}) steps, so a long run spends little of its "
+        "time evaluating.",
+    )
+    snapshot_every: int | None = Field(
+        None,
+        ge=1,
+        description="Store probe-set representations + Davies-Bouldin score every N steps (and at 0 and the end); "
+        "empty = at every second evaluation. A snapshot at a step that is not an evaluation step costs one.",
     )
     eval_max_pairs: int | None = Field(
         512,
@@ -263,6 +274,11 @@ class MonitoringConfig(_Strict):
     @classmethod
     def _htsr_from_bool(cls, value: Any) -> Any:
         return switch_from_bool(value)
+
+    def cadence(self, total_steps: int) -> tuple[int, int]:
+        """(eval_every, snapshot_every) of a run of `total_steps` steps, the automatic ones resolved."""
+        every = self.eval_every or max(EVAL_EVERY_AUTO_MIN, math.ceil(total_steps / EVALS_PER_RUN_AUTO))
+        return every, self.snapshot_every or 2 * every
 
 
 class TrainConfig(_Strict):

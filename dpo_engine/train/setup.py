@@ -10,6 +10,7 @@ it built; nothing is set on the trainer.
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from transformers import get_scheduler
 
 from dpo_engine import rundir
@@ -40,6 +42,8 @@ from dpo_engine.train.reference import ReferenceCache, model_key
 from dpo_engine.workspace import Workspace
 
 CALIBRATED_KERNELS = ("spectral", "mahalanobis", "mixture", "hmk")
+# How long a process waits at a collective for the others (torch's NCCL default is ten minutes).
+PROCESS_GROUP_TIMEOUT_S = 60 * 60
 
 LogFn = Callable[[str], None]
 
@@ -112,15 +116,18 @@ def make_accelerator(config: TrainConfig, request: str | None) -> tuple[Accelera
         torch.cuda.set_device(torch.device(request))
     dtype = resolve_dtype(config.model.dtype, "cpu" if cpu or not torch.cuda.is_available() else "cuda")
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    # ranks wait at barriers while rank 0 loads and hashes the model and tokenises the data first
+    # (`main_process_first`): NCCL's default ten minutes is too short for an 8B model on slow storage
+    group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[group])
     allow_tf32(accelerator.device)
     return accelerator, dtype
 
 
 def allow_tf32(device: torch.device) -> None:
-    """fp32 matrix products on tensor cores (TF32) on Ampere and later GPUs: what stays fp32 under
-    autocast (the LM head's chunks, divergences, kernels) runs several times faster there, with the
-    10-bit mantissa that bf16 training already accepts."""
+    """fp32 matrix products on tensor cores (TF32) on Ampere and later GPUs: the kernels and fp32 runs
+    take the tensor cores, with the 10-bit mantissa that bf16 training already accepts (under autocast
+    the LM head's products are in the compute dtype anyway: METHOD.md 2.1)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -112,12 +112,13 @@ class TrainingStep:
     def raise_if_not_finite(self) -> None:
         """TrainingDiverged naming the first term noted not finite since the last call, on every process
         when any process saw one (so none is left waiting for the others at a collective)."""
-        if not self._checks:
+        accelerator = self.parts.accelerator
+        if not self._checks and accelerator.num_processes == 1:
             return
-        flags = torch.stack([ok for _, ok in self._checks]).tolist()  # the one read
+        # every process reaches the reduce below, also one that noted nothing (e.g. no evaluation chunk)
+        flags = torch.stack([ok for _, ok in self._checks]).tolist() if self._checks else []  # the one read
         bad = [term for (term, _), ok in zip(self._checks, flags) if not ok]
         self._checks.clear()
-        accelerator = self.parts.accelerator
         n_bad = len(bad)
         if accelerator.num_processes > 1:
             count = torch.tensor([n_bad], device=self.parts.device)

@@ -204,8 +204,9 @@ class DPOTrainer:
         """Evaluate (and snapshot) when the cadence says so; append the eval row."""
         mon = self.config.monitoring
         step = self.state.step
-        do_eval = final or step == 0 or step % mon.eval_every == 0
-        do_snap = final or step == 0 or step % mon.snapshot_every == 0
+        eval_every, snapshot_every = mon.cadence(self.parts.total_steps)
+        do_eval = final or step == 0 or step % eval_every == 0
+        do_snap = final or step == 0 or step % snapshot_every == 0
         if not (do_eval or do_snap):
             return
         if (
