@@ -330,15 +330,16 @@ def test_a_version_1_database_is_upgraded_in_place(fresh_db_url, tmp_path):
     first = old.submit("selftest", {"steps": 2}, run_id="before-upgrade")
     with old.engine.begin() as conn:  # back to the schema of version 1
         conn.execute(text("ALTER TABLE jobs DROP COLUMN submitted_by"))
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN processes"))
         conn.execute(text("DROP TABLE schema_version"))
     old.close()
     store = JobStore(fresh_db_url, runs_dir=tmp_path / "runs")
     kept = store.get(first.id)
-    assert (kept.run_id, kept.params, kept.submitted_by) == ("before-upgrade", {"steps": 2}, None)
+    assert (kept.run_id, kept.params, kept.submitted_by, kept.processes) == ("before-upgrade", {"steps": 2}, None, 1)
     new = store.submit("selftest", {}, submitted_by="alice@example.org")
     assert store.get(new.id).submitted_by == "alice@example.org"
     with store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version FROM schema_version")).scalar() == 2
+        assert conn.execute(text("SELECT version FROM schema_version")).scalar() == schema.LATEST_VERSION == 3
     store.close()
 
 
@@ -347,5 +348,17 @@ def test_a_database_from_a_newer_program_is_refused(fresh_db_url, tmp_path):
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE schema_version SET version = 99"))
     store.close()
-    with pytest.raises(schema.SchemaTooNew, match="schema version 99, newer than this program's 2"):
+    with pytest.raises(schema.SchemaTooNew, match="schema version 99, newer than this program's 3"):
         JobStore(fresh_db_url, runs_dir=tmp_path / "runs")
+
+
+def test_a_multi_process_job_waits_for_a_worker_with_enough_gpus(store):
+    """A training job launching two processes is not taken by a worker whose jobs see one GPU."""
+    two = store.submit("train", {"optimisation": {"processes": 2}}, run_id="two-gpus")
+    assert store.get(two.id).processes == 2
+    assert store.submit("selftest", {}).processes == 1
+    assert store.claim("w-pinned", "cuda:1", max_processes=1).kind == "selftest"
+    assert store.claim("w-pinned", "cuda:1", max_processes=1) is None
+    assert store.claim("w-two", "cuda:0", max_processes=2).id == two.id
+    three = store.submit("train", {"optimisation": {"processes": 3}}, run_id="three-cpu")
+    assert store.claim("w-cpu", "cpu", max_processes=None).id == three.id  # processes on the CPU: no GPU bound

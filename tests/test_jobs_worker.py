@@ -254,6 +254,7 @@ def test_a_pinned_worker_binds_its_jobs_and_their_processes_to_its_gpu(
     assert store.get(job.id).status == SUCCEEDED, store.get(job.id).error
     seen = json.loads((Path(store.get(job.id).run_dir) / "device.json").read_text())
     assert seen == {"device": "cuda:0", "visible": expected}
+    assert worker.max_processes == 1  # a job launching two processes waits for a worker that sees two GPUs
 
 
 def test_a_pin_outside_the_visible_gpus_is_refused(ws, store, monkeypatch):

@@ -31,20 +31,30 @@ def _nvidia_driver_present() -> bool:
     return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
 
 
-def cuda_usable(timeout_s: float = 120.0) -> bool:
-    """True when torch in this interpreter sees a CUDA device (checked in a subprocess)."""
+def cuda_device_count(timeout_s: float = 120.0) -> int:
+    """How many CUDA devices torch in this interpreter can use (asked in a subprocess); 0 when none."""
     if not _nvidia_driver_present():
-        return False
+        return 0
     try:
         out = subprocess.run(
-            [sys.executable, "-c", "import torch; print(int(torch.cuda.is_available()))"],
+            [
+                sys.executable,
+                "-c",
+                "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)",
+            ],
             capture_output=True,
             text=True,
             timeout=timeout_s,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and out.stdout.strip().endswith("1")
+        return 0
+    last = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
+    return int(last[0]) if last and last[0].isdigit() else 0
+
+
+def cuda_usable(timeout_s: float = 120.0) -> bool:
+    """True when torch in this interpreter sees a CUDA device (checked in a subprocess)."""
+    return cuda_device_count(timeout_s) > 0
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -83,6 +83,8 @@ class JobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     resumable: Mapped[bool] = mapped_column(Boolean, default=False)
     submitted_by: Mapped[str | None] = mapped_column(String(256), nullable=True)  # schema version 2
+    # processes the job launches (a multi-process training run: one per GPU on a GPU); schema version 3
+    processes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class WorkerRow(Base):
@@ -128,6 +130,7 @@ class Job(BaseModel):
     result: dict[str, Any] | None = None
     attempts: int = 0
     resumable: bool = False
+    processes: int = 1
     submitted_by: str | None = None
 
     @classmethod

@@ -15,9 +15,11 @@ from sqlalchemy import Connection, Engine, inspect, select, text
 from dpo_engine.jobs.models import Base, SchemaVersionRow
 
 # Version 1: the jobs and workers tables. Version 2: jobs.submitted_by (who queued the job).
-LATEST_VERSION = 2
+# Version 3: jobs.processes (how many processes, one per GPU on a GPU, the job launches).
+LATEST_VERSION = 3
 UPGRADES: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE jobs ADD COLUMN submitted_by VARCHAR(256)",),
+    3: ("ALTER TABLE jobs ADD COLUMN processes INTEGER NOT NULL DEFAULT 1",),
 }
 _PG_LOCK_KEY = 0x64706F6B  # any constant shared by every process using this schema
 

@@ -97,6 +97,18 @@ def _check_json(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be JSON-serialisable (plain dicts, lists, str, numbers): {exc}") from None
 
 
+def launched_processes(kind: str, params: dict[str, Any]) -> int:
+    """How many processes a job of `kind` with `params` launches: a training run's
+    `optimisation.processes`, else 1."""
+    if kind != "train":
+        return 1
+    optimisation = params.get("optimisation") if isinstance(params.get("optimisation"), dict) else {}
+    try:
+        return max(1, int(optimisation.get("processes") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 class JobStore:
     """Jobs and workers in one SQL database (SQLite file by default, PostgreSQL when shared)."""
 
@@ -161,6 +173,7 @@ class JobStore:
         params = dict(params or {})
         _check_json("params", params)
         device = normalize_device(requested_device) if requested_device is not None else None
+        processes = launched_processes(kind, params)
         if run_id is None:
             run_id = f"{kind}-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         elif not _RUN_ID_RE.match(run_id):
@@ -192,6 +205,7 @@ class JobStore:
                 attempts=0,
                 resumable=False,
                 submitted_by=submitted_by or current_user(),
+                processes=processes,
             )
             s.add(row)
             s.flush()
@@ -223,11 +237,17 @@ class JobStore:
 
     # ---- the worker side ----------------------------------------------------------------
 
-    def claim(self, worker_id: str, device: str) -> Job | None:
-        """Atomically take the next queued job this device may run, or None when there is none."""
+    def claim(self, worker_id: str, device: str, max_processes: int | None = None) -> Job | None:
+        """Atomically take the next queued job this device may run, or None when there is none.
+
+        `max_processes`: the most processes a job may launch here (a GPU worker: the GPUs its jobs
+        see); None: no limit (processes on the CPU). A job needing more waits for a worker that has them."""
         device = normalize_device(device)
+        accepted = or_(JobRow.requested_device.is_(None), JobRow.requested_device == device)
+        if max_processes is not None:
+            accepted = accepted & (JobRow.processes <= int(max_processes))
         return self._claim(
-            or_(JobRow.requested_device.is_(None), JobRow.requested_device == device),
+            accepted,
             worker_id=worker_id,
             device=device,
             message=f"started on {device} by {worker_id}",

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 import dpo_engine
 from dpo_engine.jobs.allocator import with_allocator
 from dpo_engine.jobs.child import ENV_DEVICE, ENV_WORKER_PID
-from dpo_engine.jobs.devices import pinned_visible_devices, resolve_device
+from dpo_engine.jobs.devices import cuda_device_count, pinned_visible_devices, resolve_device
 from dpo_engine.jobs.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
 from dpo_engine.jobs.stopping import StopOnSignal
 from dpo_engine.jobs.store import JobStore
@@ -108,6 +108,11 @@ class Worker(StopOnSignal):
             if self.pinned and self.device.startswith("cuda:")
             else None
         )
+        # the most processes a job may launch here: one per GPU its processes see; unlimited on the CPU
+        if self.device.startswith("cuda:"):
+            self.max_processes: int | None = 1 if self.visible_devices is not None else max(1, cuda_device_count())
+        else:
+            self.max_processes = None if self.device == "cpu" else 1
         self.poll_s, self.heartbeat_s = float(poll_s), float(heartbeat_s)
         self.lost_timeout_s, self.cancel_grace_s = float(lost_timeout_s), float(cancel_grace_s)
         self.store = store or JobStore.for_workspace(workspace)
@@ -142,7 +147,7 @@ class Worker(StopOnSignal):
                     self.store.worker_heartbeat(self.worker_id)
                     for lost in self.store.reap_lost(self.lost_timeout_s):
                         log.warning("job %s lost -> %s: %s", lost.id, lost.status, lost.message)
-                    job = self.store.claim(self.worker_id, self.device)
+                    job = self.store.claim(self.worker_id, self.device, self.max_processes)
                 except SQLAlchemyError as exc:  # database briefly unavailable: retry after a pause
                     log.error("job database error: %s", exc)
                     job = None
