@@ -441,3 +441,25 @@ def test_a_sliding_window_shorter_than_max_length_keeps_the_plain_layout():
     unused = SimpleNamespace(config=SimpleNamespace(sliding_window=16, use_sliding_window=False))  # Qwen2 style
     assert packing_keeps_attention(unused, 512, said.append)
     assert packing_keeps_attention(SimpleNamespace(config=SimpleNamespace()), 512, said.append)
+
+
+def test_device_fingerprint_changes_with_any_weight_and_its_position():
+    """The key of a GPU's weights (formed on the device, computed here on the CPU) sees a one-ulp
+    change, two swapped values and bf16 tensors of an odd length."""
+    from dpo_engine.train.reference import device_fingerprint
+
+    torch.manual_seed(0)
+    w = torch.randn(1000, 7)
+    base = device_fingerprint(w).tolist()
+    assert device_fingerprint(w.clone()).tolist() == base
+    nudged = w.clone()
+    nudged[3, 2] = torch.nextafter(nudged[3, 2], torch.tensor(1e9))
+    assert device_fingerprint(nudged).tolist() != base
+    swapped = w.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    fp = device_fingerprint(swapped).tolist()
+    assert fp[0] == base[0] and fp[1] != base[1]  # same words, other places
+    odd = torch.randn(5, dtype=torch.bfloat16)  # 10 bytes: read byte by byte
+    changed = odd.clone()
+    changed[4] = -changed[4]
+    assert device_fingerprint(odd).tolist() != device_fingerprint(changed).tolist()

@@ -29,14 +29,43 @@ CACHE_DIR = "reference_cache"
 
 
 def model_key(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> str:
-    """Hash of the reference weights (every parameter and buffer, in order) and how they are computed."""
+    """Hash of the reference weights (every parameter and buffer, in order) and how they are computed.
+
+    Host tensors are hashed byte for byte; a GPU's tensors by their `device_fingerprint`, so an 8B
+    model's 16 GB never cross to the host (the key differs between the two, as the device type does)."""
     digest = hashlib.sha256()
     digest.update(f"{compute_dtype}|{torch.device(device).type}".encode())
+    pending: list[torch.Tensor] = []  # device fingerprints, read in one transfer at the end
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        data = tensor.detach().cpu().contiguous()
+        data = tensor.detach()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().data if data.numel() else b"")
+        if data.device.type == "cpu":
+            data = data.contiguous()
+            digest.update(data.view(torch.uint8).numpy().data if data.numel() else b"")
+        else:
+            pending.append(device_fingerprint(data))
+    if pending:
+        digest.update(np.asarray(torch.stack(pending).cpu().numpy(), dtype=np.int64).tobytes())
     return digest.hexdigest()[:32]
+
+
+_FINGERPRINT_WORDS = 1 << 22  # 32-bit words summed per chunk (about 100 MB of int64 temporaries)
+_FINGERPRINT_MULTIPLIER = 0x9E3779B97F4A7C15 - (1 << 64)  # an odd 64-bit constant, as a signed int64
+
+
+def device_fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Two wrapping 64-bit sums of the tensor's bytes read as 32-bit words, formed where it lives:
+    the plain sum and the sum weighted by an odd multiple of each word's position (so moved words
+    count). Any change of weights a training or a conversion makes changes them; returns (2,) int64."""
+    raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+    sums = torch.zeros(2, dtype=torch.int64, device=tensor.device)
+    for start in range(0, words.numel(), _FINGERPRINT_WORDS):
+        chunk = words[start : start + _FINGERPRINT_WORDS].to(torch.int64)
+        position = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=tensor.device)
+        sums[0] += chunk.sum()
+        sums[1] += (chunk * (position * _FINGERPRINT_MULTIPLIER + 1)).sum()
+    return sums
 
 
 def pair_key(pair: TokenizedPair) -> bytes:
