@@ -355,7 +355,7 @@ def test_a_database_from_a_newer_program_is_refused(fresh_db_url, tmp_path):
 def test_a_multi_process_job_waits_for_a_worker_with_enough_gpus(store):
     """A training job launching two processes is not taken by a worker whose jobs see one GPU."""
     two = store.submit("train", {"optimisation": {"processes": 2}}, run_id="two-gpus")
-    assert store.get(two.id).processes == 2
+    assert store.get(two.id).processes == 2 and "2 GPUs" in store.get(two.id).message
     assert store.submit("selftest", {}).processes == 1
     assert store.claim("w-pinned", "cuda:1", max_processes=1).kind == "selftest"
     assert store.claim("w-pinned", "cuda:1", max_processes=1) is None

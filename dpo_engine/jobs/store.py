@@ -198,7 +198,9 @@ class JobStore:
                 run_id=run_id,
                 run_dir=str(run_dir),
                 progress=0.0,
-                message="queued",
+                message="queued"
+                if processes == 1
+                else f"queued: waits for a CPU worker or one whose jobs see {processes} GPUs (--device auto)",
                 requested_device=device,
                 created_at=utcnow(),
                 cancel_requested=False,
