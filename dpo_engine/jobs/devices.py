@@ -6,6 +6,7 @@ then asks a short-lived Python subprocess whether torch can actually use CUDA.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -31,8 +32,10 @@ def _nvidia_driver_present() -> bool:
     return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
 
 
+@functools.cache
 def cuda_device_count(timeout_s: float = 120.0) -> int:
-    """How many CUDA devices torch in this interpreter can use (asked in a subprocess); 0 when none."""
+    """How many CUDA devices torch in this interpreter can use (asked once per process, in a
+    subprocess, so the worker never imports torch); 0 when none."""
     if not _nvidia_driver_present():
         return 0
     try:

@@ -56,7 +56,8 @@ _FINGERPRINT_MULTIPLIER = 0x9E3779B97F4A7C15 - (1 << 64)  # an odd 64-bit consta
 def device_fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     """Two wrapping 64-bit sums of the tensor's bytes read as 32-bit words, formed where it lives:
     the plain sum and the sum weighted by an odd multiple of each word's position (so moved words
-    count). Any change of weights a training or a conversion makes changes them; returns (2,) int64."""
+    count). A checksum, not a cryptographic hash: weights that differ give the same pair only by a
+    coincidence of both sums modulo 2^64, which no training or conversion arranges; returns (2,) int64."""
     raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
     words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
     sums = torch.zeros(2, dtype=torch.int64, device=tensor.device)
