@@ -34,7 +34,7 @@ from tests.jobs_db import backend, fresh_db_url, postgres_server, store, ws  # n
 def test_submit_creates_row_and_run_dir(store, ws):
     job = store.submit("selftest", {"seconds": 0.1}, title="quick")
     assert job.status == QUEUED and job.progress == 0.0 and job.attempts == 0
-    assert re.fullmatch(r"selftest-\d{8}-\d{6}-[0-9a-f]{4}", job.run_id)
+    assert re.fullmatch(r"selftest-\d{8}-\d{6}-[0-9a-f]{6}", job.run_id)
     assert job.run_dir == str((ws.runs_dir / job.run_id).resolve())
     assert (ws.runs_dir / job.run_id).is_dir()
     assert job.executor == "dpo_engine.jobs.selftest:run_selftest_job"

@@ -174,15 +174,16 @@ class JobStore:
         _check_json("params", params)
         device = normalize_device(requested_device) if requested_device is not None else None
         processes = launched_processes(kind, params)
-        if run_id is None:
-            run_id = f"{kind}-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-        elif not _RUN_ID_RE.match(run_id):
+        chosen = run_id is not None
+        if chosen and not _RUN_ID_RE.match(run_id):
             raise ValueError(
                 f"invalid run id {run_id!r}: use letters, digits, '.', '_' or '-' (at most 128, not starting with a "
                 "symbol)"
             )
-        run_dir = (self.runs_dir / run_id).resolve()
         with self._write() as s:
+            if not chosen:
+                run_id = self._unused_run_id(s, kind)
+            run_dir = (self.runs_dir / run_id).resolve()
             if s.scalar(select(JobRow.id).where(JobRow.run_id == run_id)) is not None:
                 raise ValueError(f"run id {run_id!r} is already used by another job")
             if run_dir.exists() and any(run_dir.iterdir()):
@@ -212,6 +213,16 @@ class JobStore:
             s.add(row)
             s.flush()
             return Job.from_row(row)
+
+    def _unused_run_id(self, s: Session, kind: str) -> str:
+        """kind-date-time-random, drawn again while a job or a run directory already has it: many
+        jobs submitted within one second share the time part."""
+        while True:
+            run_id = f"{kind}-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+            if s.scalar(select(JobRow.id).where(JobRow.run_id == run_id)) is None and not (
+                self.runs_dir / run_id
+            ).exists():
+                return run_id
 
     def get(self, job_id: int) -> Job:
         with self._read() as s:
