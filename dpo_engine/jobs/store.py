@@ -219,9 +219,10 @@ class JobStore:
         jobs submitted within one second share the time part."""
         while True:
             run_id = f"{kind}-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-            if s.scalar(select(JobRow.id).where(JobRow.run_id == run_id)) is None and not (
-                self.runs_dir / run_id
-            ).exists():
+            if (
+                s.scalar(select(JobRow.id).where(JobRow.run_id == run_id)) is None
+                and not (self.runs_dir / run_id).exists()
+            ):
                 return run_id
 
     def get(self, job_id: int) -> Job:
