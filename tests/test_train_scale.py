@@ -137,12 +137,28 @@ def test_fp16_overflow_is_a_skipped_step_until_too_many_in_a_row():
 
 
 def test_automatic_eval_cadence_grows_with_the_run():
-    """About twenty evaluations a run, at least ten steps apart; snapshots at every second one; explicit values kept."""
-    from dpo_engine.train.config import EVAL_EVERY_AUTO_MIN, EVALS_PER_RUN_AUTO, MonitoringConfig
+    """About twenty evaluations a run, at least ten steps apart and far enough apart that evaluating
+    costs at most about a fifth of the training between them; snapshots at every second one;
+    explicit values kept."""
+    from dpo_engine.train.config import (
+        EVAL_EVERY_AUTO_MIN,
+        EVAL_SHARE_AUTO,
+        EVALS_PER_RUN_AUTO,
+        FORWARD_SHARE_OF_STEP,
+        MonitoringConfig,
+    )
 
     auto = MonitoringConfig()
-    assert auto.cadence(100) == (EVAL_EVERY_AUTO_MIN, 2 * EVAL_EVERY_AUTO_MIN)
-    every, snap = auto.cadence(13_500)  # one epoch of 54k pairs at batch 4
+    assert auto.cadence(100) == (EVAL_EVERY_AUTO_MIN, 2 * EVAL_EVERY_AUTO_MIN)  # nothing to evaluate: the floor
+    every, snap = auto.cadence(13_500, eval_pairs=512, pairs_per_step=4)  # one epoch of 54k pairs at batch 4
     assert every == 13_500 // EVALS_PER_RUN_AUTO and snap == 2 * every
     assert 13_500 // every == EVALS_PER_RUN_AUTO
+    # 512 eval pairs against 4 pairs a step: one evaluation costs as much as ~43 steps, so >= ~213 steps apart
+    every, _ = auto.cadence(200, eval_pairs=512, pairs_per_step=4)
+    assert every > 200  # a 200-step run evaluates at step 0 and the end only
+    for pairs, per_step in ((512, 4), (64, 2), (40, 16), (2000, 32)):
+        every, _ = auto.cadence(1000, eval_pairs=pairs, pairs_per_step=per_step)
+        cost = pairs * FORWARD_SHARE_OF_STEP / (every * per_step)  # evaluation's cost per training between two
+        assert cost <= EVAL_SHARE_AUTO + 1e-9
+        assert every == EVAL_EVERY_AUTO_MIN or every == 1000 // EVALS_PER_RUN_AUTO or cost > 0.9 * EVAL_SHARE_AUTO
     assert MonitoringConfig(eval_every=3, snapshot_every=7).cadence(13_500) == (3, 7)

@@ -221,9 +221,13 @@ class OptimConfig(_Strict):
         return self
 
 
-# The automatic evaluation cadence: about this many evaluations per run, at least this many steps apart.
+# The automatic evaluation cadence: about this many evaluations per run, at least this many steps apart,
+# and far enough apart that evaluating costs at most about EVAL_SHARE_AUTO of the training between two
+# evaluations, taking a no-grad forward over a pair as FORWARD_SHARE_OF_STEP of a training step over it.
 EVALS_PER_RUN_AUTO = 20
 EVAL_EVERY_AUTO_MIN = 10
+EVAL_SHARE_AUTO = 0.2
+FORWARD_SHARE_OF_STEP = 1 / 3
 
 
 class MonitoringConfig(_Strict):
@@ -231,9 +235,10 @@ class MonitoringConfig(_Strict):
     eval_every: int | None = Field(
         None,
         ge=1,
-        description="Evaluate on the held-out split every N steps (and at step 0 and the end); empty = auto: every "
-        f"max({EVAL_EVERY_AUTO_MIN}, total steps / {EVALS_PER_RUN_AUTO}) steps, so a long run spends little of its "
-        "time evaluating.",
+        description="Evaluate on the held-out split every N steps (and at step 0 and the end); empty = auto: about "
+        f"{EVALS_PER_RUN_AUTO} evaluations a run, at least {EVAL_EVERY_AUTO_MIN} steps apart and far enough apart "
+        f"that evaluating costs at most about {EVAL_SHARE_AUTO:.0%} of the training between them (a short run "
+        "evaluates at step 0 and the end only).",
     )
     snapshot_every: int | None = Field(
         None,
@@ -275,9 +280,11 @@ class MonitoringConfig(_Strict):
     def _htsr_from_bool(cls, value: Any) -> Any:
         return switch_from_bool(value)
 
-    def cadence(self, total_steps: int) -> tuple[int, int]:
-        """(eval_every, snapshot_every) of a run of `total_steps` steps, the automatic ones resolved."""
-        every = self.eval_every or max(EVAL_EVERY_AUTO_MIN, math.ceil(total_steps / EVALS_PER_RUN_AUTO))
+    def cadence(self, total_steps: int, *, eval_pairs: int = 0, pairs_per_step: int = 1) -> tuple[int, int]:
+        """(eval_every, snapshot_every) of a run of `total_steps` optimiser steps, each over `pairs_per_step`
+        pairs, that evaluates `eval_pairs` pairs, the automatic ones resolved (METHOD.md 3)."""
+        affordable = math.ceil(eval_pairs * FORWARD_SHARE_OF_STEP / (EVAL_SHARE_AUTO * max(1, pairs_per_step)))
+        every = self.eval_every or max(EVAL_EVERY_AUTO_MIN, math.ceil(total_steps / EVALS_PER_RUN_AUTO), affordable)
         return every, self.snapshot_every or 2 * every
 
 

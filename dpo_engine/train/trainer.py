@@ -130,6 +130,11 @@ class DPOTrainer:
         self.passes = ModelPasses.from_parts(parts)
         self.step = TrainingStep(self.config, parts, self.state, self.passes, ReferenceSource(self.passes))
         self.evaluator = Evaluator(self.config, parts, self.state, self.step, self.run_dir)
+        eval_every, snapshot_every = self.cadence()
+        self.log(
+            f"evaluating {len(parts.eval_pairs)} held-out pairs at step 0, every {eval_every} steps and at the end; "
+            f"snapshots every {snapshot_every} steps"
+        )
 
     def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
@@ -200,11 +205,19 @@ class DPOTrainer:
                 bar.close()
         return "succeeded"
 
+    def cadence(self) -> tuple[int, int]:
+        """(eval_every, snapshot_every) of this run, the automatic ones resolved."""
+        opt, parts = self.config.optimisation, self.parts
+        return self.config.monitoring.cadence(
+            parts.total_steps,
+            eval_pairs=len(parts.eval_pairs),
+            pairs_per_step=opt.batch_size * opt.grad_accum * parts.accelerator.num_processes,
+        )
+
     def _monitor(self, final: bool = False) -> None:
         """Evaluate (and snapshot) when the cadence says so; append the eval row."""
-        mon = self.config.monitoring
         step = self.state.step
-        eval_every, snapshot_every = mon.cadence(self.parts.total_steps)
+        eval_every, snapshot_every = self.cadence()
         do_eval = final or step == 0 or step % eval_every == 0
         do_snap = final or step == 0 or step % snapshot_every == 0
         if not (do_eval or do_snap):
