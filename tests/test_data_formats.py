@@ -320,3 +320,26 @@ def test_bad_format_and_layout_names():
         load_preferences(_jsonl(PAIRS), fmt="xml")
     with pytest.raises(DataFormatError, match="unknown layout"):
         load_preferences(_jsonl(PAIRS), layout="tree")
+
+
+def test_common_prefix_length_equals_os_path_commonprefix():
+    """The HH split's halving search gives the length os.path.commonprefix gives, on random strings
+    over a small alphabet (long shared prefixes), unicode and the empty and equal cases."""
+    import os
+    import random
+
+    from dpo_engine.data.layouts import common_prefix_length
+
+    rng = random.Random(0)
+    cases = [("", ""), ("", "a"), ("abc", "abc"), ("abc", "abd"), ("ab", "abc"), ("é\U0001f600x", "é\U0001f600y")]
+    for _ in range(2000):
+        base = "".join(rng.choice("ab\n:é") for _ in range(rng.randrange(0, 300)))
+        cases.append(
+            (
+                base + "".join(rng.choice("ab") for _ in range(rng.randrange(0, 5))),
+                base[: rng.randrange(0, len(base) + 1)] + rng.choice(["", "a", "b", "zz"]),
+            )
+        )
+    for a, b in cases:
+        assert common_prefix_length(a, b) == len(os.path.commonprefix([a, b])), (a, b)
+        assert common_prefix_length(b, a) == common_prefix_length(a, b)

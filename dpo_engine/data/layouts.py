@@ -18,7 +18,6 @@ exactly the text of the equivalent flat data; any other segment is rendered turn
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -271,12 +270,27 @@ def _split_hh(values: dict[str, Any], row: int, mapping: dict[str, str]) -> tupl
     if problems:
         return problems
     chosen, rejected = values["chosen"], values["rejected"]
-    shared = os.path.commonprefix([chosen, rejected])
-    cut = shared.rfind(HH_ASSISTANT)
+    cut = chosen.rfind(HH_ASSISTANT, 0, common_prefix_length(chosen, rejected))
     if cut < 0:
         return [_issue(row, "malformed", mapping["chosen"], "chosen and rejected share no '\\n\\nAssistant:' turn")]
     end = cut + len(HH_ASSISTANT)
     return chosen[:end], _strip_one_space(chosen[end:]), _strip_one_space(rejected[end:])
+
+
+def common_prefix_length(a: str, b: str) -> int:
+    """How many leading characters `a` and `b` share: os.path.commonprefix's length, found by halving
+    with slice comparisons (C speed) instead of a Python loop over characters."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo]; the first difference is before hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _strip_one_space(text: str) -> str:
