@@ -10,6 +10,7 @@ import streamlit as st
 from app.state import job_store, workspace
 from app.ui import figure_with_export, format_seconds, health_alerts, job_status_panel, page_header
 from dpo_engine.analysis import health
+from dpo_engine.analysis.audit.label_noise import policy_candidates, policy_reliability
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
 from dpo_engine.report import build_report
@@ -180,7 +181,7 @@ def _cluster_map(run, config, method, separation) -> None:
     try:
         with st.spinner("Projecting snapshots (cached after the first time)…"):
             projection, _ = cached_projection(run, config)
-        texts = load_dataset_texts(ws, ((run.config or {}).get("data") or {}).get("dataset"))
+        texts = _pair_texts(config_value(run.config, "data", "dataset"))
         label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
         figure_with_export(
             viz.cluster_figure(projection, texts, method=label, separation=viz.separation_by_step(separation)),
@@ -239,6 +240,43 @@ def _htsr(run) -> None:
         st.dataframe(viz_update.update_display_table(run.htsr_update), hide_index=True)
 
 
+@st.cache_data(max_entries=4, show_spinner="Reading the dataset's texts ...")
+def _pair_texts(dataset: str | None) -> pd.DataFrame | None:
+    return load_dataset_texts(ws, dataset)
+
+
+def _disagreements(run) -> None:
+    candidates = policy_candidates(run.run_dir)
+    if candidates is None:
+        st.info("No evaluation logged yet: the held-out pairs the policy disagrees with appear after the first eval.")
+        return
+    step = int(candidates["step"].iloc[0]) if len(candidates) else None
+    st.markdown(
+        "Held-out pairs where the trained policy's reward margin prefers the **rejected** response, the strongest "
+        f"disagreement first (evaluation at step {step}). Swapped or doubtful labels sit at the top of such a list; "
+        "so do pairs the policy simply gets wrong."
+        if step is not None
+        else "The policy agrees with every held-out label at its last evaluation."
+    )
+    reliability = policy_reliability()
+    if reliability:
+        st.caption(reliability)
+    if candidates.empty:
+        return
+    texts = _pair_texts(config_value(run.config, "data", "dataset"))
+    table = candidates.drop(columns="step")
+    if texts is not None:
+        table = table.join(texts, on="pair_id")
+    st.dataframe(table, hide_index=True, use_container_width=True)
+    st.download_button(
+        "Download these pairs (.csv)",
+        lambda: table.to_csv(index=False),
+        file_name=f"{run.run_id}-held-out-disagreements.csv",
+        mime="text/csv",
+        key="disagreements-csv",
+    )
+
+
 def _files(job, run) -> None:
     if job is not None and job.status in LIVE_STATUSES and not job.cancel_requested:
         if st.button("Cancel run", key="cancel-run", type="secondary"):
@@ -289,7 +327,17 @@ def _body(run_id: str) -> None:
     if job is not None and job.status not in LIVE_STATUSES and st.session_state.get("run-was-live") == run_id:
         st.session_state.pop("run-was-live")
         st.rerun()  # finished while watched: redraw once without auto-refresh
-    tabs = st.tabs(["Curves", "Kernel weights", "Divergences", "Clusters", "Generalisation (HT-SR)", "Logs & files"])
+    tabs = st.tabs(
+        [
+            "Curves",
+            "Kernel weights",
+            "Divergences",
+            "Clusters",
+            "Generalisation (HT-SR)",
+            "Held-out disagreements",
+            "Logs & files",
+        ]
+    )
     if run.is_empty:
         with tabs[0]:
             st.info("Nothing to plot yet.")
@@ -304,7 +352,9 @@ def _body(run_id: str) -> None:
             _clusters(run)
         with tabs[4]:
             _htsr(run)
-    with tabs[5]:
+        with tabs[5]:
+            _disagreements(run)
+    with tabs[6]:
         _files(job, run)
 
 

@@ -12,6 +12,11 @@ under ``--out``, so a stopped run resumes where it stopped. ``--write`` stores t
 report read::
 
     python scripts/measure_label_noise.py --write
+
+The trained policy's signal is measured on runs (``--policy-runs``, default the two bundled example
+runs): their last evaluation's per-pair reward margins, with the labels of a seeded share of those
+held-out pairs swapped (a swapped pair's margin is the negated margin, so no pass is needed), and the
+same over ``--policy-seeds`` seeds to show the spread. ``--policy-only`` updates only that part.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dpo_engine import rundir
 from dpo_engine.analysis.audit.label_noise import (
     MEASURED_JSON,
     embedding_signal,
+    flip_labels,
+    policy_flip_quality,
     quality_table,
     rank_average,
     top_k_quality,
@@ -41,6 +49,7 @@ from dpo_engine.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "assets" / "sample_hh.jsonl.gz"
+EXAMPLE_RUNS = sorted((ROOT / "assets" / "example_runs").glob("example-*"))
 CHUNK = 40
 
 
@@ -48,9 +57,7 @@ def flipped_table(pairs: int | None, share: float, seed: int) -> tuple[pd.DataFr
     table, _ = load_preferences(SAMPLE).finalize(drop_flagged=True)
     if pairs is not None:
         table = table.head(pairs).reset_index(drop=True)
-    n = len(table)
-    flip = np.zeros(n, dtype=bool)
-    flip[np.random.default_rng(seed).choice(n, size=round(share * n), replace=False)] = True
+    flip = flip_labels(len(table), share, seed)
     out = table.copy()
     out.loc[flip, ["chosen", "rejected"]] = table.loc[flip, ["rejected", "chosen"]].to_numpy()
     return out, flip
@@ -90,6 +97,47 @@ def logprob_signal(table: pd.DataFrame, args, workspace: Workspace, out: Path) -
     return np.concatenate(parts), seconds
 
 
+def policy_measurement(runs: list[Path], share: float, seed: int, seeds: int) -> list[dict]:
+    """Per run: the policy signal's top-k quality at `seed`, and its precision over `seeds` seeds."""
+    out = []
+    for run in runs:
+        by_step = rundir.read_eval_margins(run)
+        if not by_step:
+            raise SystemExit(f"{run} has no eval_margins.jsonl")
+        step, margins = max(by_step.items())
+        values = margins.to_numpy()
+        quality = policy_flip_quality(values, share, seed).model_dump(mode="json")
+        spread = [policy_flip_quality(values, share, s).precision for s in range(seeds)]
+        config = rundir.read_json(run / "config.json") or {}
+        method = config.get("method", {})
+        out.append(
+            {
+                "run": str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run),
+                "dataset": config.get("data", {}).get("dataset"),
+                "kernel": (method.get("kernel") or {}).get("name"),
+                "divergence": (method.get("divergence") or {}).get("name"),
+                "step": step,
+                "agrees_with_unflipped": round(float((values[~flip_labels(len(values), share, seed)] > 0).mean()), 4),
+                **quality,
+                "precision_over_seeds": {
+                    "seeds": seeds,
+                    "mean": round(float(np.mean(spread)), 4),
+                    "min": round(float(np.min(spread)), 4),
+                    "max": round(float(np.max(spread)), 4),
+                },
+            }
+        )
+        p = quality["precision_interval"]
+        print(
+            f"policy of {out[-1]['run']} (step {step}, {len(values)} held-out pairs): precision@{quality['k']} "
+            f"{quality['precision']:.2f} [{p['low']:.2f}, {p['high']:.2f}] "
+            f"vs random {quality['random_precision']:.2f}; "
+            f"over {seeds} seeds {out[-1]['precision_over_seeds']['mean']:.2f} "
+            f"({out[-1]['precision_over_seeds']['min']:.2f}-{out[-1]['precision_over_seeds']['max']:.2f})"
+        )
+    return out
+
+
 def markdown(frame: pd.DataFrame) -> str:
     """A GitHub table (for docs/METHOD.md and docs/BENCHMARKS.md)."""
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
@@ -108,7 +156,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "measure_label_noise")
     parser.add_argument("--write", action="store_true", help=f"store the result as {MEASURED_JSON.name}")
+    parser.add_argument("--policy-runs", type=Path, nargs="*", default=EXAMPLE_RUNS, help="trained runs to measure")
+    parser.add_argument("--policy-seeds", type=int, default=20, help="seeds for the policy signal's spread")
+    parser.add_argument("--policy-only", action="store_true", help="measure and store only the policy signal")
     args = parser.parse_args()
+    policy = {
+        "flip_share": args.flip,
+        "seed": args.seed,
+        "command": "python scripts/measure_label_noise.py --policy-only --write",
+        "runs": policy_measurement(args.policy_runs, args.flip, args.seed, args.policy_seeds),
+    }
+    if args.policy_only:
+        if args.write:
+            stored = json.loads(MEASURED_JSON.read_text()) if MEASURED_JSON.is_file() else {}
+            MEASURED_JSON.write_text(json.dumps({**stored, "policy": policy}, indent=2) + "\n")
+            print(f"wrote the policy part of {MEASURED_JSON.relative_to(ROOT)}")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     workspace = Workspace.resolve(args.out / "workspace")
     table, flip = flipped_table(args.pairs, args.flip, args.seed)
@@ -138,6 +201,7 @@ def main() -> None:
         "command": "python scripts/measure_label_noise.py --write"
         + (f" --pairs {args.pairs}" if args.pairs is not None else ""),
         "signals": quality,
+        "policy": policy,
     }
     print(f"embedding (or its cache) {embed_s:.0f} s; log-probs {logprob_s:.0f} s")
     for name in ("embedding", "logprob"):

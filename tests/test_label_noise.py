@@ -167,3 +167,31 @@ def test_the_diagnose_job_scores_a_seeded_sample_with_the_training_model(workspa
     assert skipped["audit"]["label_noise"] is None
     default = job.run_diagnosis(params.model_copy(update={"label_noise_logprob": False}), workspace, None)[3]
     assert default["audit"]["label_noise"]["n_scored"] == {"embedding": 12}  # no model pass unless asked
+
+
+def test_policy_flip_quality_on_closed_form_margins():
+    """A policy that agrees with every label (all margins > 0) finds every swapped pair: its swapped
+    margins are the only negative ones. Margins symmetric about 0 with no relation to the swap find
+    about the random share. The swap is the seeded `flip_labels` mask."""
+    n = 400
+    agreeing = np.linspace(0.1, 5.0, n)
+    q = ln.policy_flip_quality(agreeing, 0.1, seed=3)
+    assert (q.k, q.hits, q.precision, q.recall) == (40, 40, 1.0, 1.0)
+    flip = ln.flip_labels(n, 0.1, seed=3)
+    assert flip.sum() == 40 and np.array_equal(flip, ln.flip_labels(n, 0.1, seed=3))
+    precisions = [
+        ln.policy_flip_quality(np.random.default_rng(s).standard_normal(n), 0.1, seed=s).precision for s in range(200)
+    ]
+    assert abs(np.mean(precisions) - 0.1) < 0.02  # no information: the random share
+
+
+def test_policy_candidates_are_the_last_evaluations_negative_margins(tmp_path):
+    from dpo_engine import rundir
+
+    rundir.append_eval_margins(tmp_path, 0, ["a", "b", "c", "d"], np.array([0.0, 0.0, 0.0, 0.0]))
+    rundir.append_eval_margins(tmp_path, 10, ["a", "b", "c", "d"], np.array([0.5, -2.0, -0.1, -3.0]))
+    got = ln.policy_candidates(tmp_path, k=2)
+    assert got["pair_id"].tolist() == ["d", "b"] and got["margin"].tolist() == [-3.0, -2.0]
+    assert got["rank"].tolist() == [1, 2] and set(got["step"]) == {10}
+    assert ln.policy_candidates(tmp_path)["pair_id"].tolist() == ["d", "b", "c"]  # never a pair it agrees with
+    assert ln.policy_candidates(tmp_path / "none") is None

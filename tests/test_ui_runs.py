@@ -126,3 +126,20 @@ def test_report_from_the_page_is_self_contained(run_workspace, state):
 
     html = build_report(Workspace.resolve(run_workspace.root), [run_workspace.runs[state]])
     assert "<html" in html and run_workspace.runs[state] in html
+
+
+def test_held_out_disagreements_list_the_most_negative_final_margins(run_workspace):
+    """The tab lists the last evaluation's held-out pairs with a negative reward margin, most negative
+    first (at most 50), with their texts, and says how reliable such a list was in the measurement."""
+    run_dir = run_workspace.root / "runs" / "ok-hmk"
+    rows = [json.loads(line) for line in (run_dir / "eval_margins.jsonl").read_text().splitlines() if line.strip()]
+    last = max(rows, key=lambda r: r["step"])
+    negative = sorted((m, pid) for pid, m in zip(last["pair_ids"], last["margin"]) if m is not None and m < 0)
+    at = _open(run_workspace.runs["ok_hmk"])
+    assert not at.exception, at.exception
+    frame = next(d.value for d in at.dataframe if "margin" in d.value.columns and "rank" in d.value.columns)
+    assert list(frame["pair_id"]) == [pid for _, pid in negative[:50]]
+    assert frame["margin"].tolist() == pytest.approx([m for m, _ in negative[:50]])
+    assert {"prompt", "chosen", "rejected"} <= set(frame.columns)
+    assert any(c.value.startswith("How reliable:") for c in at.caption)
+    assert any(b.label == "Download these pairs (.csv)" for b in at.get("download_button"))

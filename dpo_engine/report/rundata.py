@@ -127,13 +127,14 @@ def load_run(run_dir: str | Path, run_id: str | None = None) -> RunData:
 
 
 def load_dataset_texts(workspace, dataset: str | None) -> pd.DataFrame | None:
-    """pair_id -> prompt / chosen / rejected for hover texts; None when the dataset is unavailable."""
+    """pair_id -> prompt / chosen / rejected of a stored dataset or a preference file, for hover texts
+    and pair lists; None when the dataset is unavailable."""
     if not dataset:
         return None
     try:
-        from dpo_engine.data import DatasetStore
+        from dpo_engine.data import open_dataset
 
-        table = DatasetStore(workspace).load(dataset)
+        table = open_dataset(workspace, dataset).table
     except Exception:  # the dataset may have been deleted or be a file path elsewhere; hovers then show ids
         return None
     columns = [c for c in ("pair_id", "prompt", "chosen", "rejected") if c in table]

@@ -27,6 +27,7 @@ import pandas as pd
 from pydantic import BaseModel
 from scipy.stats import rankdata
 
+from dpo_engine import rundir
 from dpo_engine.analysis.audit import thresholds as limits
 from dpo_engine.analysis.audit.length import Interval, wilson_interval
 
@@ -48,6 +49,41 @@ def policy_signal(margins: pd.Series, pair_ids: pd.Series | np.ndarray) -> np.nd
     """The trained policy's reward margin per held-out pair (``rundir.read_eval_margins(run)[step]``,
     indexed by pair id), negated and aligned to ``pair_ids``; NaN for pairs the run did not hold out."""
     return -pd.Series(margins, dtype=float).reindex([str(p) for p in pair_ids]).to_numpy(dtype=float)
+
+
+def flip_labels(n: int, share: float, seed: int) -> np.ndarray:
+    """A seeded random `share` of n rows, as a boolean mask: the rows whose labels a measurement swaps."""
+    flip = np.zeros(n, dtype=bool)
+    flip[np.random.default_rng(seed).choice(n, size=round(share * n), replace=False)] = True
+    return flip
+
+
+def policy_flip_quality(margins: np.ndarray, share: float, seed: int) -> TopKQuality:
+    """How well the policy signal finds held-out pairs whose labels were swapped: a swapped pair's
+    reward margin is exactly the negated margin (rho(x, y-, y+) = -rho(x, y+, y-)), so the trained
+    run's held-out margins measure it without another pass."""
+    margins = np.asarray(margins, dtype=float)
+    flip = flip_labels(len(margins), share, seed)
+    return top_k_quality(-np.where(flip, -margins, margins), flip)
+
+
+def policy_candidates(run_dir: Path, k: int = limits.LABEL_NOISE_FLAGGED) -> pd.DataFrame | None:
+    """The held-out pairs the run's policy disagrees with most at its last evaluation (the k lowest
+    reward margins, below zero only): pair_id, rank, margin; None when the run has no margins yet."""
+    by_step = rundir.read_eval_margins(run_dir)
+    if not by_step:
+        return None
+    step, margins = max(by_step.items())
+    score = policy_signal(margins, margins.index)
+    picked = [i for i in top_k(score, k) if score[i] > 0]
+    return pd.DataFrame(
+        {
+            "rank": np.arange(1, len(picked) + 1),
+            "pair_id": margins.index[picked].astype(str),
+            "margin": margins.to_numpy()[picked],
+            "step": step,
+        }
+    )
 
 
 def rank_average(signals: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -207,3 +243,25 @@ def quality_table(measured: dict[str, Any] | None) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def policy_reliability(measured: dict[str, Any] | None = None) -> str | None:
+    """One sentence on how well the policy signal found swapped labels in the measurement, for the
+    Runs page and the report; None when it was not measured."""
+    runs = ((measured if measured is not None else load_measured()) or {}).get("policy", {}).get("runs") or []
+    if not runs:
+        return None
+    parts = []
+    for q in runs:
+        p, spread = q["precision_interval"], q["precision_over_seeds"]
+        parts.append(
+            f"{q['hits']} of the top {q['k']} ({q['precision']:.0%}, 95 % interval {p['low']:.0%}-{p['high']:.0%}; "
+            f"{spread['mean']:.0%} on average over {spread['seeds']} draws) for {q['run'].rsplit('/', 1)[-1]}"
+        )
+    first = runs[0]
+    return (
+        f"How reliable: with the labels of a random {first['n_mislabeled'] / first['n_pairs']:.0%} of the held-out "
+        f"pairs swapped on purpose, this list caught " + "; ".join(parts) + f", against "
+        f"{first['random_precision']:.0%} for a random list (bundled example runs, {first['n_pairs']} held-out pairs). "
+        "It is only as good as the policy: a pair listed here is one to read, not one to drop unread."
+    )
