@@ -10,7 +10,11 @@ import streamlit as st
 from app.state import job_store, workspace
 from app.ui import figure_with_export, format_seconds, health_alerts, job_status_panel, page_header
 from dpo_engine.analysis import health
-from dpo_engine.analysis.audit.label_noise import policy_candidates, policy_reliability
+from dpo_engine.analysis.audit.label_noise import (
+    POLICY_CANDIDATES_EXPLANATION,
+    policy_candidates,
+    policy_reliability,
+)
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
 from dpo_engine.report import build_report
@@ -252,9 +256,7 @@ def _disagreements(run) -> None:
         return
     step = int(candidates["step"].iloc[0]) if len(candidates) else None
     st.markdown(
-        "Held-out pairs where the trained policy's reward margin prefers the **rejected** response, the strongest "
-        f"disagreement first (evaluation at step {step}). Swapped or doubtful labels sit at the top of such a list; "
-        "so do pairs the policy simply gets wrong."
+        f"{POLICY_CANDIDATES_EXPLANATION} (Evaluation at step {step}.)"
         if step is not None
         else "The policy agrees with every held-out label at its last evaluation."
     )

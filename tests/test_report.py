@@ -54,7 +54,16 @@ def test_single_run_report_has_every_section_and_is_offline(report_workspace, ru
     html = build_report(report_workspace, [run_workspace.runs["ok_hmk"]])
     parser = _Collector()
     parser.feed(html)
-    for key in ("diagnosis", "configuration", "curves", "kernel_weights", "divergences", "clusters", "htsr"):
+    for key in (
+        "diagnosis",
+        "configuration",
+        "curves",
+        "kernel_weights",
+        "divergences",
+        "clusters",
+        "htsr",
+        "disagreements",
+    ):
         assert key in parser.ids, key
         assert SECTION_TITLES[key] in html
     assert "compare" not in parser.ids  # one run: no comparison section
@@ -144,3 +153,16 @@ def test_cli_writes_the_report(report_workspace, run_workspace, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "unknown run 'nope'" in bad.stderr
+
+
+def test_report_lists_the_policys_held_out_disagreements_like_the_page(report_workspace, run_workspace):
+    """The report's table holds the first 20 of the pairs the Runs page lists, in the same order."""
+    from dpo_engine.analysis.audit.label_noise import policy_candidates
+
+    run_id = run_workspace.runs["ok_hmk"]
+    expected = policy_candidates(run_workspace.root / "runs" / "ok-hmk")["pair_id"].head(20).tolist()
+    html = build_report(report_workspace, [run_id])
+    section = html[html.index("<section id='disagreements'>") :]
+    section = section[: section.index("</section>")]
+    assert expected and re.findall(r"<td>(p[^<]*)</td>", section)[: len(expected)] == expected
+    assert "How reliable:" in section

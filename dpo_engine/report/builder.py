@@ -21,6 +21,11 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from dpo_engine.analysis import health
+from dpo_engine.analysis.audit.label_noise import (
+    POLICY_CANDIDATES_EXPLANATION,
+    policy_candidates,
+    policy_reliability,
+)
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
 from dpo_engine.report.rundata import (
@@ -45,6 +50,7 @@ SECTION_TITLES = {  # in the order the report shows them
     "divergences": "Divergences",
     "clusters": "Clusters: Davies–Bouldin score and linear probe",
     "htsr": "Generalisation (HT-SR)",
+    "disagreements": "Held-out disagreements (label-noise candidates)",
     "compare": "Comparison of runs",
     "health": "Run health",
     "diagnosis": "Dataset diagnosis",
@@ -326,11 +332,37 @@ def _health_section(run: RunData) -> str:
     return label + items
 
 
+RUN_SECTIONS = ("curves", "kernel_weights", "divergences", "clusters", "htsr", "disagreements")
+REPORT_DISAGREEMENTS = 20  # rows of the held-out disagreements table in a report (the page lists more)
+REPORT_TEXT_CHARS = 300
+
+
+def _disagreements_section(run: RunData, texts: pd.DataFrame | None) -> str:
+    candidates = policy_candidates(run.run_dir)
+    if candidates is None:
+        return "<p class='note'>No evaluation yet.</p>"
+    reliability = policy_reliability()
+    head = f"<p>{_esc(POLICY_CANDIDATES_EXPLANATION)}</p>" + (
+        f"<p class='note'>{_esc(reliability)}</p>" if reliability else ""
+    )
+    if candidates.empty:
+        return head + "<p class='note'>The policy agrees with every held-out label at its last evaluation.</p>"
+    table = candidates.drop(columns="step").head(REPORT_DISAGREEMENTS)
+    if texts is not None:
+        shown = texts.map(lambda v: v if len(str(v)) <= REPORT_TEXT_CHARS else str(v)[:REPORT_TEXT_CHARS] + "…")
+        table = table.join(shown, on="pair_id")
+    return (
+        head
+        + f"<p>Evaluation at step {int(candidates['step'].iloc[0])}; the first {len(table)} of "
+        + (f"{len(candidates)} pairs.</p>" + _table(table))
+    )
+
+
 def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> dict[str, str]:
     label = f"<h3>{_esc(run.run_id)}</h3>"
     if run.is_empty:
         empty = label + "<p class='note'>This run has not written any results yet.</p>"
-        return {key: empty for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr")}
+        return {key: empty for key in RUN_SECTIONS}
     out = {}
     out["curves"] = (
         label
@@ -394,6 +426,7 @@ def _run_sections(run: RunData, fig: _Figures, texts: pd.DataFrame | None) -> di
         out["htsr"] = (
             label + "<p class='note'>No WeightWatcher analysis in this run (monitoring.htsr off or not finished).</p>"
         )
+    out["disagreements"] = label + _disagreements_section(run, texts)
     return out
 
 
@@ -472,7 +505,7 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
         "health": "".join(_health_section(r) for r in runs),
         "cost": _cost_section(runs),
     }
-    for key in ("curves", "kernel_weights", "divergences", "clusters", "htsr"):
+    for key in RUN_SECTIONS:
         built[key] = "".join(parts[key] for parts in per_run)
     if len(runs) > 1:
         built["compare"] = _compare_section(runs, fig)

@@ -67,6 +67,13 @@ def policy_flip_quality(margins: np.ndarray, share: float, seed: int) -> TopKQua
     return top_k_quality(-np.where(flip, -margins, margins), flip)
 
 
+POLICY_CANDIDATES_EXPLANATION = (
+    "Held-out pairs where the trained policy's reward margin prefers the rejected response, the strongest "
+    "disagreement first. Swapped or doubtful labels sit at the top of such a list; so do pairs the policy simply "
+    "gets wrong."
+)
+
+
 def policy_candidates(run_dir: Path, k: int = limits.LABEL_NOISE_FLAGGED) -> pd.DataFrame | None:
     """The held-out pairs the run's policy disagrees with most at its last evaluation (the k lowest
     reward margins, below zero only): pair_id, rank, margin; None when the run has no margins yet."""
