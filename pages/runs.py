@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -244,32 +245,39 @@ def _htsr(run) -> None:
         st.dataframe(viz_update.update_display_table(run.htsr_update), hide_index=True)
 
 
-@st.cache_data(max_entries=4, show_spinner="Reading the dataset's texts ...")
+@st.cache_resource(max_entries=4, show_spinner="Reading the dataset's texts ...")
 def _pair_texts(dataset: str | None) -> pd.DataFrame | None:
+    """One shared copy per dataset (not copied per rerun as cache_data would); never modified."""
     return load_dataset_texts(ws, dataset)
 
 
 def _disagreements(run) -> None:
-    candidates = policy_candidates(run.run_dir)
-    if candidates is None:
-        st.info("No evaluation logged yet: the held-out pairs the policy disagrees with appear after the first eval.")
+    found = policy_candidates(run.run_dir)
+    if found is None:
+        st.info(
+            "No evaluation since training began: the held-out pairs the policy disagrees with appear after the "
+            "first evaluation past step 0."
+        )
         return
-    step = int(candidates["step"].iloc[0]) if len(candidates) else None
+    step, candidates = found
     st.markdown(
         f"{POLICY_CANDIDATES_EXPLANATION} (Evaluation at step {step}.)"
-        if step is not None
-        else "The policy agrees with every held-out label at its last evaluation."
+        if len(candidates)
+        else f"At step {step} the policy prefers the chosen response of every held-out pair it scored."
     )
     reliability = policy_reliability()
     if reliability:
         st.caption(reliability)
     if candidates.empty:
         return
-    texts = _pair_texts(config_value(run.config, "data", "dataset"))
-    table = candidates.drop(columns="step")
-    if texts is not None:
-        table = table.join(texts, on="pair_id")
-    st.dataframe(table, hide_index=True, use_container_width=True)
+    dataset = config_value(run.config, "data", "dataset")
+    texts = _pair_texts(dataset)
+    table = candidates if texts is None else candidates.join(texts, on="pair_id")
+    if texts is not None and dataset and Path(dataset).expanduser().is_file():
+        st.caption(
+            f"Texts are read from `{dataset}` as it is now: if the file changed since the run, they may not match."
+        )
+    st.dataframe(table, hide_index=True, width="stretch")
     st.download_button(
         "Download these pairs (.csv)",
         lambda: table.to_csv(index=False),

@@ -178,9 +178,9 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         assert train_job.params["model"]["name"] == "tiny-random"
         page.get_by_text("succeeded", exact=True).first.wait_for(timeout=400_000)
         # The page redraws once when the run ends; wait until a single set of tabs is on screen.
-        page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 6", timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 7", timeout=60_000)
         page.wait_for_timeout(1500)
-        page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 6", timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 7", timeout=60_000)
         page.get_by_role("tab", name="Kernel weights").first.click()
         tab = page.get_by_role("tabpanel").filter(visible=True)
         if recommended_kernel == "hmk":
@@ -203,6 +203,9 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         rows = int(layers.locator('[role="grid"]').first.get_attribute("aria-rowcount"))
         assert rows > 2, rows  # a header and one row per adapted layer of tiny-random
         _shot(page, tmp_path, "flow_4b_htsr_update")
+        page.get_by_role("tab", name="Held-out disagreements").first.click()
+        disagreements = page.get_by_role("tabpanel").filter(visible=True)
+        disagreements.get_by_text("How reliable:").wait_for(timeout=60_000)  # the measurement beside the list
 
         # 5. Export the stakeholder report and check what it holds.
         page.get_by_role("tab", name="Logs & files").first.click()
@@ -220,6 +223,7 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
             "Divergence",
             "Clusters",
             "HT-SR",
+            "Held-out disagreements",
         ):
             assert section.lower() in html.lower(), section
         assert "tiny-random" in html

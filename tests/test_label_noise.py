@@ -189,9 +189,13 @@ def test_policy_candidates_are_the_last_evaluations_negative_margins(tmp_path):
     from dpo_engine import rundir
 
     rundir.append_eval_margins(tmp_path, 0, ["a", "b", "c", "d"], np.array([0.0, 0.0, 0.0, 0.0]))
+    assert ln.policy_candidates(tmp_path) is None  # step 0 only: the policy is the reference, no list yet
     rundir.append_eval_margins(tmp_path, 10, ["a", "b", "c", "d"], np.array([0.5, -2.0, -0.1, -3.0]))
-    got = ln.policy_candidates(tmp_path, k=2)
-    assert got["pair_id"].tolist() == ["d", "b"] and got["margin"].tolist() == [-3.0, -2.0]
-    assert got["rank"].tolist() == [1, 2] and set(got["step"]) == {10}
-    assert ln.policy_candidates(tmp_path)["pair_id"].tolist() == ["d", "b", "c"]  # never a pair it agrees with
+    step, got = ln.policy_candidates(tmp_path, k=2)
+    assert step == 10 and got["pair_id"].tolist() == ["d", "b"] and got["margin"].tolist() == [-3.0, -2.0]
+    assert got["rank"].tolist() == [1, 2]
+    assert ln.policy_candidates(tmp_path)[1]["pair_id"].tolist() == ["d", "b", "c"]  # never a pair it agrees with
+    rundir.append_eval_margins(tmp_path, 20, ["a", "b", "c", "d"], np.array([np.nan, 1.0, -1.0, np.nan]))
+    step, got = ln.policy_candidates(tmp_path)
+    assert step == 20 and got["pair_id"].tolist() == ["c"]  # not-finite margins are left out
     assert ln.policy_candidates(tmp_path / "none") is None

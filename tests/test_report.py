@@ -160,7 +160,7 @@ def test_report_lists_the_policys_held_out_disagreements_like_the_page(report_wo
     from dpo_engine.analysis.audit.label_noise import policy_candidates
 
     run_id = run_workspace.runs["ok_hmk"]
-    expected = policy_candidates(run_workspace.root / "runs" / "ok-hmk")["pair_id"].head(20).tolist()
+    expected = policy_candidates(run_workspace.root / "runs" / "ok-hmk")[1]["pair_id"].head(20).tolist()
     html = build_report(report_workspace, [run_id])
     section = html[html.index("<section id='disagreements'>") :]
     section = section[: section.index("</section>")]

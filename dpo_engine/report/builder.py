@@ -338,23 +338,27 @@ REPORT_TEXT_CHARS = 300
 
 
 def _disagreements_section(run: RunData, texts: pd.DataFrame | None) -> str:
-    candidates = policy_candidates(run.run_dir)
-    if candidates is None:
-        return "<p class='note'>No evaluation yet.</p>"
+    found = policy_candidates(run.run_dir)
+    if found is None:
+        return "<p class='note'>No evaluation since training began.</p>"
+    step, candidates = found
     reliability = policy_reliability()
     head = f"<p>{_esc(POLICY_CANDIDATES_EXPLANATION)}</p>" + (
         f"<p class='note'>{_esc(reliability)}</p>" if reliability else ""
     )
     if candidates.empty:
-        return head + "<p class='note'>The policy agrees with every held-out label at its last evaluation.</p>"
-    table = candidates.drop(columns="step").head(REPORT_DISAGREEMENTS)
+        return (
+            head + f"<p class='note'>At step {step} the policy prefers the chosen response of every held-out pair.</p>"
+        )
+    table = candidates.head(REPORT_DISAGREEMENTS)
     if texts is not None:
-        shown = texts.map(lambda v: v if len(str(v)) <= REPORT_TEXT_CHARS else str(v)[:REPORT_TEXT_CHARS] + "…")
-        table = table.join(shown, on="pair_id")
+        table = table.join(texts, on="pair_id")
+        for column in texts.columns:
+            table[column] = table[column].map(
+                lambda v: v if not isinstance(v, str) or len(v) <= REPORT_TEXT_CHARS else v[:REPORT_TEXT_CHARS] + "…"
+            )
     return (
-        head
-        + f"<p>Evaluation at step {int(candidates['step'].iloc[0])}; the first {len(table)} of "
-        + (f"{len(candidates)} pairs.</p>" + _table(table))
+        head + f"<p>Evaluation at step {step}; the first {len(table)} of {len(candidates)} pairs.</p>" + _table(table)
     )
 
 

@@ -131,9 +131,15 @@ class DPOTrainer:
         self.step = TrainingStep(self.config, parts, self.state, self.passes, ReferenceSource(self.passes))
         self.evaluator = Evaluator(self.config, parts, self.state, self.step, self.run_dir)
         eval_every, snapshot_every = self.cadence()
+        total = parts.total_steps
         self.log(
-            f"evaluating {len(parts.eval_pairs)} held-out pairs at step 0, every {eval_every} steps and at the end; "
-            f"snapshots every {snapshot_every} steps"
+            f"evaluating {len(parts.eval_pairs)} held-out pairs "
+            + (f"at step 0, every {eval_every} steps and at the end" if eval_every < total else "at step 0 and the end")
+            + (
+                f"; snapshots every {snapshot_every} steps"
+                if snapshot_every < total
+                else "; snapshots at step 0 and the end"
+            )
         )
 
     def run(self) -> dict[str, Any]:

@@ -74,21 +74,22 @@ POLICY_CANDIDATES_EXPLANATION = (
 )
 
 
-def policy_candidates(run_dir: Path, k: int = limits.LABEL_NOISE_FLAGGED) -> pd.DataFrame | None:
-    """The held-out pairs the run's policy disagrees with most at its last evaluation (the k lowest
-    reward margins, below zero only): pair_id, rank, margin; None when the run has no margins yet."""
-    by_step = rundir.read_eval_margins(run_dir)
+def policy_candidates(run_dir: Path, k: int = limits.LABEL_NOISE_FLAGGED) -> tuple[int, pd.DataFrame] | None:
+    """(step, pairs): the held-out pairs the run's policy disagrees with most at its last evaluation
+    after training began (the k lowest reward margins, below zero only; rank, pair_id, margin). None when the
+    run has not evaluated since step 0 (there the policy is the reference and every margin is 0).
+    Pairs whose margin is not finite are left out (`health` reports a run that diverged)."""
+    by_step = {step: m for step, m in rundir.read_eval_margins(run_dir).items() if step > 0}
     if not by_step:
         return None
     step, margins = max(by_step.items())
     score = policy_signal(margins, margins.index)
     picked = [i for i in top_k(score, k) if score[i] > 0]
-    return pd.DataFrame(
+    return step, pd.DataFrame(
         {
             "rank": np.arange(1, len(picked) + 1),
             "pair_id": margins.index[picked].astype(str),
             "margin": margins.to_numpy()[picked],
-            "step": step,
         }
     )
 
@@ -204,6 +205,8 @@ def label_noise(
     if len(base) > 1:
         signals["combined"] = rank_average(base)
     measured = load_measured()
+    if measured:
+        measured = {k: v for k, v in measured.items() if k != "policy"}  # the after-training signal: Runs page
     comparable = set(signals)
     if measured and model != measured.get("model"):  # the log-prob measurement holds for its model only
         comparable -= {"logprob", "combined"}
@@ -263,7 +266,9 @@ def policy_reliability(measured: dict[str, Any] | None = None) -> str | None:
         p, spread = q["precision_interval"], q["precision_over_seeds"]
         parts.append(
             f"{q['hits']} of the top {q['k']} ({q['precision']:.0%}, 95 % interval {p['low']:.0%}-{p['high']:.0%}; "
-            f"{spread['mean']:.0%} on average over {spread['seeds']} draws) for {q['run'].rsplit('/', 1)[-1]}"
+            f"{spread['mean']:.0%} on average over {spread['seeds']} draws of the swapped pairs, the interval's low "
+            f"end above {limits.LABEL_NOISE_LIFT:g} x random in {spread.get('clearing_the_bar', '?')} of them) "
+            f"for {q['run'].rsplit('/', 1)[-1]}"
         )
     first = runs[0]
     return (
