@@ -63,7 +63,7 @@ def ray_head():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        stop_head(head)
+        stop_head(head, grace_s=3)  # a test head has nothing to drain
         remove_temp_dir(head)
 
 

@@ -316,8 +316,12 @@ def start_head(
     )
 
 
-def stop_head(record: HeadRecord, grace_s: float = 45.0) -> None:
-    """SIGTERM the head's process group (Ray drains for up to 30 s), then SIGKILL what is left."""
+STOP_GRACE_S = 16.0  # what `ray stop` allows before it force-kills
+
+
+def stop_head(record: HeadRecord, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the head's process group, then SIGKILL what is left after `grace_s`: an idle head's
+    GCS server and `ray start --block` take about 30 s to leave on SIGTERM alone, with nothing to save."""
     try:
         os.killpg(record.pid, signal.SIGTERM)
     except ProcessLookupError:
