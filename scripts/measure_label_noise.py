@@ -16,7 +16,8 @@ report read::
 The trained policy's signal is measured on runs (``--policy-runs``, default the two bundled example
 runs): their last evaluation's per-pair reward margins, with the labels of a seeded share of those
 held-out pairs swapped (a swapped pair's margin is the negated margin, so no pass is needed), and the
-same over ``--policy-seeds`` seeds to show the spread. ``--policy-only`` updates only that part.
+same over ``--policy-seeds`` seeds to show the spread. It is stored apart
+(``label_noise_policy_measured.json``); ``--policy-only`` measures only it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pandas as pd
 from dpo_engine import rundir
 from dpo_engine.analysis.audit.label_noise import (
     MEASURED_JSON,
+    POLICY_MEASURED_JSON,
     embedding_signal,
     flip_labels,
     policy_flip_quality,
@@ -170,11 +172,10 @@ def main() -> None:
         "command": "python scripts/measure_label_noise.py --policy-only --write",
         "runs": policy_measurement(args.policy_runs, args.flip, args.seed, args.policy_seeds),
     }
+    if args.write:
+        POLICY_MEASURED_JSON.write_text(json.dumps(policy, indent=2) + "\n")
+        print(f"wrote {POLICY_MEASURED_JSON.relative_to(ROOT)}")
     if args.policy_only:
-        if args.write:
-            stored = json.loads(MEASURED_JSON.read_text()) if MEASURED_JSON.is_file() else {}
-            MEASURED_JSON.write_text(json.dumps({**stored, "policy": policy}, indent=2) + "\n")
-            print(f"wrote the policy part of {MEASURED_JSON.relative_to(ROOT)}")
         return
     args.out.mkdir(parents=True, exist_ok=True)
     workspace = Workspace.resolve(args.out / "workspace")
@@ -205,7 +206,6 @@ def main() -> None:
         "command": "python scripts/measure_label_noise.py --write"
         + (f" --pairs {args.pairs}" if args.pairs is not None else ""),
         "signals": quality,
-        "policy": policy,
     }
     print(f"embedding (or its cache) {embed_s:.0f} s; log-probs {logprob_s:.0f} s")
     for name in ("embedding", "logprob"):

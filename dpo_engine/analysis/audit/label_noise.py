@@ -32,6 +32,7 @@ from dpo_engine.analysis.audit import thresholds as limits
 from dpo_engine.analysis.audit.length import Interval, wilson_interval
 
 MEASURED_JSON = Path(__file__).with_name("label_noise_measured.json")
+POLICY_MEASURED_JSON = Path(__file__).with_name("label_noise_policy_measured.json")  # the after-training signal
 SIGNALS: dict[str, str] = {
     "embedding": "embedding margin (rejected nearer the prompt than chosen)",
     "logprob": "reference model prefers rejected (length-normalised log-prob gap)",
@@ -205,8 +206,6 @@ def label_noise(
     if len(base) > 1:
         signals["combined"] = rank_average(base)
     measured = load_measured()
-    if measured:
-        measured = {k: v for k, v in measured.items() if k != "policy"}  # the after-training signal: Runs page
     comparable = set(signals)
     if measured and model != measured.get("model"):  # the log-prob measurement holds for its model only
         comparable -= {"logprob", "combined"}
@@ -256,9 +255,9 @@ def quality_table(measured: dict[str, Any] | None) -> pd.DataFrame:
 
 
 def policy_reliability(measured: dict[str, Any] | None = None) -> str | None:
-    """One sentence on how well the policy signal found swapped labels in the measurement, for the
-    Runs page and the report; None when it was not measured."""
-    runs = ((measured if measured is not None else load_measured()) or {}).get("policy", {}).get("runs") or []
+    """One sentence on how well the policy signal found swapped labels in the measurement
+    (`POLICY_MEASURED_JSON`), for the Runs page and the report; None when it was not measured."""
+    runs = ((measured if measured is not None else load_measured(POLICY_MEASURED_JSON)) or {}).get("runs") or []
     if not runs:
         return None
     parts = []
