@@ -302,7 +302,9 @@ def test_run_page_and_report_figures_are_legible_and_show_the_alert(tmp_path):
     ws = _health_run_workspace(tmp_path / "ws")
     with running_app(ws, tmp_path / "app.log", with_worker=False) as url, chromium_page((1400, 1100)) as page:
         page.goto(f"{url}/runs?run_id=displaced-run")
-        page.get_by_text("Likelihood displacement from step 20").wait_for(timeout=60_000)
+        # the alert itself (the plain-words summary above it names the same alert once rendered)
+        alert = page.get_by_test_id("stAlertContentWarning").get_by_text("Likelihood displacement from step 20")
+        alert.first.wait_for(timeout=60_000)
         page.locator(".js-plotly-plot").nth(3).wait_for()
         page.wait_for_timeout(1500)
         body = page.inner_text("body")
