@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from dpo_engine.logit_chunks import HEAD_CHUNK_ROWS, head_chunk_rows
 from dpo_engine.names import ALL_DIVERGENCES, divergence_metric
 
 DivergenceName = Literal[("none", *ALL_DIVERGENCES)]
@@ -61,8 +62,12 @@ class DivergenceConfig(BaseModel):
     ot_top_k: int = Field(
         32, ge=1, description="Wasserstein support: top-k tokens of each distribution plus one bucket for the rest."
     )
-    chunk_positions: int = Field(
-        256, ge=1, description="Token positions per chunk when computing divergences (bounds peak memory)."
+    chunk_positions: int | None = Field(
+        None,
+        ge=1,
+        description="Token positions per chunk when computing divergences (bounds peak memory); empty = auto: "
+        "the LM head's chunk for the model's hidden size (hidden / 4 within 64-256; 256 for stored logits). "
+        "No value depends on it.",
     )
 
 
@@ -416,7 +421,11 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _chunks(positions: Tensor, size: int) -> list[Tensor]:
+def _chunks(positions: Tensor, cfg: DivergenceConfig, policy: _Logits) -> list[Tensor]:
+    """Positions a chunk at a time: `cfg.chunk_positions`, or the LM head's chunk for this hidden size."""
+    size = cfg.chunk_positions
+    if size is None:
+        size = head_chunk_rows(policy.hidden.shape[-1]) if policy.hidden is not None else HEAD_CHUNK_ROWS
     return list(positions.split(size))
 
 
@@ -471,7 +480,7 @@ def _pointwise_value_and_grad(cfg: DivergenceConfig, policy: _Logits, ref: _Logi
     total = torch.zeros((), dtype=policy.dtype, device=policy.device)
     fn = _pointwise(cfg, cfg.name)
     value_and_grad = _closed_form(cfg, cfg.name)
-    for pos in _chunks(positions, cfg.chunk_positions):
+    for pos in _chunks(positions, cfg, policy):
         logp = torch.log_softmax(policy.rows(pos), dim=-1)
         logq = torch.log_softmax(ref.rows(pos), dim=-1)
         if policy.grad is None:
@@ -490,7 +499,7 @@ def _wasserstein_value_and_grad(
     then the envelope gradient p ⊙ (ψ - <p, ψ>) per chunk (when the policy carries a gradient buffer)."""
     dtype = policy.dtype
     unit = _unit_embeddings(embeddings, policy.vocab, dtype)
-    chunks = _chunks(positions, cfg.chunk_positions)
+    chunks = _chunks(positions, cfg, policy)
     parts = []  # per chunk: support indices, which count, their log-probs under p and q
     for pos in chunks:
         logp = torch.log_softmax(policy.rows(pos), dim=-1)
@@ -681,7 +690,7 @@ def _all_divergences(
     names = [name for name in ALL_DIVERGENCES if name != "wasserstein"]
     fns = {name: _pointwise(cfg, name) for name in names}
     totals = {name: 0.0 for name in names}
-    for pos in _chunks(positions, cfg.chunk_positions):
+    for pos in _chunks(positions, cfg, policy):
         logp = torch.log_softmax(policy.rows(pos), dim=-1)
         logq = torch.log_softmax(ref.rows(pos), dim=-1)
         for name in names:

@@ -15,7 +15,7 @@ response tokens instead (N × H, H ≈ 576) and forms logits `chunk_rows` rows a
 - `perturbed_token_logps`: ε-DPO's log-probs under (1 + t) z - t z_ref, chunk by chunk, no gradient.
 
 Values equal the plain path's (`losses.token_logps` on full logits) to float rounding; tests in
-tests/test_lm_head.py compare values and gradients.
+tests/test_lm_head.py compare values and gradients. How many rows a chunk holds: logit_chunks.py.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dpo_engine.logit_chunks import head_chunk_rows
 from dpo_engine.losses import token_logps
-
-HEAD_CHUNK_ROWS = 256
-"""Rows per chunk: 256 × 49k float32 logits = 48 MB at a time instead of N × V."""
 
 
 def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
@@ -94,10 +92,12 @@ class _HeadTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def head_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_rows: int = HEAD_CHUNK_ROWS) -> Tensor:
+def head_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_rows: int | None = None) -> Tensor:
     """log π(label_n | ctx_n) = (W h_n)[label_n] - logsumexp(W h_n): hidden (N × H), weight (V × H),
-    labels (N,) -> (N,), in at least float32; no N × V tensor is kept for backward."""
+    labels (N,) -> (N,), in at least float32; no N × V tensor is kept for backward. `chunk_rows`
+    defaults to `head_chunk_rows(H)`."""
     _check(hidden, weight, labels)
+    chunk_rows = head_chunk_rows(weight.shape[1]) if chunk_rows is None else chunk_rows
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     labels = labels.long()
@@ -116,7 +116,7 @@ def perturbed_token_logps(
     ts: tuple[float, ...],
     *,
     ref_weight: Tensor | None = None,
-    chunk_rows: int = HEAD_CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> list[Tensor]:
     """For each t in ts, log-softmax((1 + t) z - t z_ref) at the labels (N,), with z = W h and
     z_ref = W_ref h_ref (W_ref = W unless given): ε-DPO's perturbed policies (METHOD.md 2.6), a
@@ -132,6 +132,7 @@ def perturbed_token_logps(
             f"policy and reference hidden states differ in shape: {tuple(hidden.shape)} vs {tuple(ref_hidden.shape)}"
         )
     labels = labels.long()
+    chunk_rows = head_chunk_rows(weight.shape[1]) if chunk_rows is None else chunk_rows
     outs = [
         torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for _ in ts

@@ -16,6 +16,7 @@ from dpo_engine.divergences import (
     token_divergence_from_hidden,
 )
 from dpo_engine.lm_head import head_token_logps, perturbed_token_logps
+from dpo_engine.logit_chunks import HEAD_CHUNK_MIN_ROWS, HEAD_CHUNK_ROWS, head_chunk_rows
 from dpo_engine.losses import epsilon_dpo_steps_from_token_logps, epsilon_dpo_steps_tokens, epsilon_grid, token_logps
 
 N, H, V = 37, 16, 300
@@ -57,6 +58,37 @@ def test_head_token_logps_float32_within_1e_5_of_the_plain_path():
     assert chunked.dtype == torch.float32
     np.testing.assert_allclose(chunked.detach().numpy(), plain.detach().numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(g.numpy(), g_plain.numpy(), rtol=0, atol=1e-5)
+
+
+def test_default_chunk_follows_the_hidden_size_within_its_bounds():
+    assert head_chunk_rows(64) == HEAD_CHUNK_MIN_ROWS  # narrow head: small chunks that stay in cache
+    assert head_chunk_rows(576) == 144
+    assert head_chunk_rows(4096) == HEAD_CHUNK_ROWS
+    # a batch spanning several default chunks gives the one-chunk values (200 rows, H = 256 -> 64 rows)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(200, 256, generator=gen, dtype=torch.float64)
+    weight = torch.randn(50, 256, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 50, (200,), generator=gen)
+    np.testing.assert_allclose(
+        head_token_logps(hidden, weight, labels).numpy(), token_logps(hidden @ weight.T, labels).numpy(), atol=1e-12
+    )
+
+
+def test_divergences_with_the_automatic_chunk_equal_one_chunk():
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(150, 256, generator=gen, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(150, 256, generator=gen, dtype=torch.float64)
+    weight = torch.randn(40, 256, generator=gen, dtype=torch.float64) * 0.1
+    for name in ("kl", "wasserstein"):
+        auto = DivergenceConfig(name=name)  # 256 // 4 = 64 rows a chunk: three chunks here
+        one = auto.model_copy(update={"chunk_positions": 10_000})
+        values = []
+        for cfg in (auto, one):
+            value = token_divergence_from_hidden(cfg, hidden, ref, weight, output_embeddings=weight)
+            (grad,) = torch.autograd.grad(value, [hidden])
+            values.append((value.item(), grad.numpy()))
+        assert values[0][0] == pytest.approx(values[1][0], abs=1e-12)
+        np.testing.assert_allclose(values[0][1], values[1][1], atol=1e-12)
 
 
 def test_head_token_logps_rejects_bad_shapes_and_labels():

@@ -227,6 +227,9 @@ class OptimConfig(_Strict):
 EVALS_PER_RUN_AUTO = 20
 EVAL_EVERY_AUTO_MIN = 10
 EVAL_SHARE_AUTO = 0.2
+# Held-out pairs per evaluation batch by default, as a multiple of the training micro-batch: a no-grad
+# pass keeps no activations for backward, so a larger batch fits where the training one does.
+EVAL_BATCH_FACTOR_AUTO = 2
 FORWARD_SHARE_OF_STEP = 1 / 3
 
 
@@ -251,6 +254,12 @@ class MonitoringConfig(_Strict):
         ge=2,
         description="Evaluate on at most this many held-out pairs (a fixed seeded subset of the split, the same at "
         "every eval); empty = all of them.",
+    )
+    eval_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Held-out pairs per evaluation batch (and per batch of the reference's no-grad passes); "
+        f"empty = auto: {EVAL_BATCH_FACTOR_AUTO} x optimisation.batch_size. No value depends on it.",
     )
     probe_pairs: int = Field(128, ge=2, description="Held-out pairs in the fixed probe set for snapshots.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
@@ -279,6 +288,10 @@ class MonitoringConfig(_Strict):
     @classmethod
     def _htsr_from_bool(cls, value: Any) -> Any:
         return switch_from_bool(value)
+
+    def eval_batch(self, train_batch_size: int) -> int:
+        """Pairs per evaluation batch, the automatic value resolved."""
+        return self.eval_batch_size or EVAL_BATCH_FACTOR_AUTO * train_batch_size
 
     def cadence(self, total_steps: int, *, eval_pairs: int = 0, pairs_per_step: int = 1) -> tuple[int, int]:
         """(eval_every, snapshot_every) of a run of `total_steps` optimiser steps, each over `pairs_per_step`

@@ -77,7 +77,8 @@ class Evaluator:
         so those prefixes get their extra outputs from the same passes. Within each of those segments
         pairs are grouped by length, so a batch pads to a near neighbour rather than to the longest
         pair of a random few; each pair's values do not depend on its batch."""
-        mon, bs, pairs = self.config.monitoring, self.config.optimisation.batch_size, self.parts.eval_pairs
+        mon, pairs = self.config.monitoring, self.parts.eval_pairs
+        bs = mon.eval_batch(self.config.optimisation.batch_size)
         cuts = sorted({0, len(pairs), min(mon.divergence_pairs, len(pairs)), len(self.parts.probe_pairs)})
         chunks = []
         for lo, hi in zip(cuts, cuts[1:]):

@@ -30,7 +30,7 @@ class WillNotFit(ValueError):
 
 def memory_estimate(cfg, ws, device: str):
     """The predicted peak memory of `cfg` on `device` (dpo_engine/train/memory.py), nothing loaded."""
-    from dpo_engine.lm_head import HEAD_CHUNK_ROWS
+    from dpo_engine.logit_chunks import head_chunk_rows
     from dpo_engine.models.loading import model_directory, resolve_dtype
     from dpo_engine.train.memory import device_memory, estimate_peak, model_shape
     from dpo_engine.train.setup import use_gradient_checkpointing
@@ -49,7 +49,7 @@ def memory_estimate(cfg, ws, device: str):
         gradient_checkpointing=use_gradient_checkpointing(cfg.model.gradient_checkpointing, shape.n_params),
         device=device,
         available=device_memory(device),
-        head_chunk_rows=HEAD_CHUNK_ROWS,
+        head_chunk_rows=head_chunk_rows(shape.hidden),
         load_in_4bit=cfg.model.load_in_4bit,
     )
 

@@ -437,7 +437,7 @@ def calibration_reps(
     The pooled reference hidden states are cached with the log-probs, so a later run on the same
     data skips this pass; computing them also fills the log-probs of these pairs."""
     pairs = train_pairs[: config.method.calibration_pairs]
-    bs = config.optimisation.batch_size
+    bs = config.monitoring.eval_batch(config.optimisation.batch_size)
     if passes.encoder_reps is not None:
         chunks = [
             torch.cat(passes.encoder_batch(passes.collate(pairs[i : i + bs]))).cpu() for i in range(0, len(pairs), bs)
