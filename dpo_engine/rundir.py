@@ -45,6 +45,7 @@ CALIBRATION = "calibration.pt"
 HTSR_BEFORE = "htsr_before.csv"
 HTSR_AFTER = "htsr_after.csv"
 HTSR_UPDATE = "htsr_update.csv"  # HT-SR of what training changed, ΔW per layer (analysis/htsr_update.py)
+DATA_FILE = "data_file.json"  # the preference file a run read: path, size, modification time
 EVAL_MARGINS = "eval_margins.jsonl"  # per held-out pair reward margins at each evaluation (intervals over pairs)
 
 METRIC_KEYS = (
@@ -94,6 +95,28 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_clean(obj), indent=2, default=str))
     os.replace(tmp, path)
+
+
+def file_stamp(path: str | Path) -> dict[str, Any] | None:
+    """Path, size and modification time of a file (None when it is not one): what tells that a file
+    read by a run has changed since, without reading it again."""
+    path = Path(path).expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not path.is_file():
+        return None
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def data_file_changed(run_dir: Path) -> bool | None:
+    """True when the preference file the run read is gone or differs in size or modification time;
+    False when unchanged; None when the run recorded no file (a stored dataset, or an older run)."""
+    recorded = read_json(Path(run_dir) / DATA_FILE)
+    if not recorded or "path" not in recorded:
+        return None
+    return file_stamp(recorded["path"]) != recorded
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -20,9 +19,9 @@ from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
 from dpo_engine.report import build_report
 from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
-from dpo_engine.report.rundata import EXAMPLE_MARK, load_dataset_texts, load_run, workspace_runs
+from dpo_engine.report.rundata import DATA_FILE_CHANGED, EXAMPLE_MARK, load_dataset_texts, load_run, workspace_runs
 from dpo_engine.report.summary import plain_summary
-from dpo_engine.rundir import config_value
+from dpo_engine.rundir import config_value, data_file_changed, file_stamp
 from dpo_engine.viz import htsr_update as viz_update
 from dpo_engine.viz import runs as viz
 
@@ -186,7 +185,7 @@ def _cluster_map(run, config, method, separation) -> None:
     try:
         with st.spinner("Projecting snapshots (cached after the first time)…"):
             projection, _ = cached_projection(run, config)
-        texts = _pair_texts(config_value(run.config, "data", "dataset"))
+        texts = _pair_texts(run)
         label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
         figure_with_export(
             viz.cluster_figure(projection, texts, method=label, separation=viz.separation_by_step(separation)),
@@ -246,9 +245,19 @@ def _htsr(run) -> None:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Reading the dataset's texts ...")
-def _pair_texts(dataset: str | None) -> pd.DataFrame | None:
-    """One shared copy per dataset (not copied per rerun as cache_data would); never modified."""
+def _dataset_texts(dataset: str | None, version: tuple | None) -> pd.DataFrame | None:
+    """One shared copy per dataset version (not copied per rerun as cache_data would); never modified.
+    `version` (a file's size and modification time) makes a changed file be read again."""
     return load_dataset_texts(ws, dataset)
+
+
+def _pair_texts(run) -> pd.DataFrame | None:
+    """The texts of the run's pairs; None when its dataset is unavailable or its file changed since the run."""
+    if data_file_changed(run.run_dir):
+        return None
+    dataset = config_value(run.config, "data", "dataset")
+    stamp = file_stamp(dataset) if dataset else None
+    return _dataset_texts(dataset, None if stamp is None else (stamp["size"], stamp["mtime_ns"]))
 
 
 def _disagreements(run) -> None:
@@ -270,13 +279,10 @@ def _disagreements(run) -> None:
         st.caption(reliability)
     if candidates.empty:
         return
-    dataset = config_value(run.config, "data", "dataset")
-    texts = _pair_texts(dataset)
+    texts = _pair_texts(run)
     table = candidates if texts is None else candidates.join(texts, on="pair_id")
-    if texts is not None and dataset and Path(dataset).expanduser().is_file():
-        st.caption(
-            f"Texts are read from `{dataset}` as it is now: if the file changed since the run, they may not match."
-        )
+    if data_file_changed(run.run_dir):
+        st.caption(DATA_FILE_CHANGED)
     st.dataframe(table, hide_index=True, width="stretch")
     st.download_button(
         "Download these pairs (.csv)",

@@ -83,6 +83,9 @@ def test_train_foreground_writes_run_dir(workspace, tmp_path):
     assert '"health_alerts": [' in res.output  # the run's health is reported with its summary
     assert "eval step 2" in (run / rundir.LOG).read_text()
     assert rundir.read_config(run)["monitoring"]["htsr"] == "off"
+    # the file it read is stamped, so pages can tell when its rows no longer are the run's
+    assert rundir.read_json(run / rundir.DATA_FILE) == rundir.file_stamp(tmp_path / "toy.jsonl")
+    assert rundir.data_file_changed(run) is False
 
 
 def test_train_bad_flags_fail_cleanly(workspace, tmp_path):

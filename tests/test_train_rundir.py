@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,3 +130,25 @@ def test_train_job_failure_raises(workspace, tmp_path):
     with pytest.raises(Exception, match="no-such-dataset"):
         run_train_job(ctx)
     assert rundir.read_summary(tmp_path / "run")["status"] == "failed"
+
+
+def test_a_stamped_data_file_reads_changed_when_rewritten_touched_or_gone(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    assert rundir.data_file_changed(run) is None  # nothing recorded: a stored dataset, or an older run
+    rundir.write_json(run / rundir.DATA_FILE, rundir.file_stamp(data))
+    assert rundir.data_file_changed(run) is False
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # same bytes, touched
+    assert rundir.data_file_changed(run) is True
+    rundir.write_json(run / rundir.DATA_FILE, rundir.file_stamp(data))
+    data.write_text('{"prompt": "p", "chosen": "b", "rejected": "a"}\n')  # rewritten: labels swapped
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # even with the old time
+    assert rundir.data_file_changed(run) is False  # same size and time: the limit of a stamp, documented
+    data.write_text('{"prompt": "p", "chosen": "bb", "rejected": "a"}\n')
+    assert rundir.data_file_changed(run) is True
+    data.unlink()
+    assert rundir.data_file_changed(run) is True
+    assert rundir.file_stamp(tmp_path) is None  # a directory is no file

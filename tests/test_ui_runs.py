@@ -143,3 +143,33 @@ def test_held_out_disagreements_list_the_most_negative_final_margins(run_workspa
     assert {"prompt", "chosen", "rejected"} <= set(frame.columns)
     assert any(c.value.startswith("How reliable:") for c in at.caption)
     assert any(b.label == "Download these pairs (.csv)" for b in at.get("download_button"))
+
+
+def test_disagreements_leave_out_texts_once_the_file_the_run_read_has_changed(run_workspace, tmp_path):
+    """Pair ids of a file are its row numbers: after the file changes, its rows are not the run's pairs,
+    so the tab and the report show ids and say why instead of another pair's texts."""
+    from dpo_engine import rundir
+    from dpo_engine.report import build_report
+    from dpo_engine.report.rundata import DATA_FILE_CHANGED
+    from dpo_engine.workspace import Workspace
+
+    run_dir = run_workspace.root / "runs" / "ok-hmk"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n")
+    stamp = rundir.file_stamp(data) | {"size": 1}  # recorded when the run read it; the file differs now
+    rundir.write_json(run_dir / rundir.DATA_FILE, stamp)
+    try:
+        at = _open(run_workspace.runs["ok_hmk"])
+        assert not at.exception, at.exception
+        frame = next(d.value for d in at.dataframe if "margin" in d.value.columns and "rank" in d.value.columns)
+        assert len(frame) and not {"prompt", "chosen", "rejected"} & set(frame.columns)
+        assert any(c.value == DATA_FILE_CHANGED for c in at.caption)
+        html = build_report(Workspace.resolve(run_workspace.root), [run_workspace.runs["ok_hmk"]])
+        section = html[html.index("<section id='disagreements'>") :]
+        section = section[: section.index("</section>")]
+        assert "has changed since" in section and "<th>prompt</th>" not in section
+    finally:
+        (run_dir / rundir.DATA_FILE).unlink()
+    at = _open(run_workspace.runs["ok_hmk"])  # unchanged again (no stamp: a stored dataset): texts are back
+    frame = next(d.value for d in at.dataframe if "margin" in d.value.columns and "rank" in d.value.columns)
+    assert {"prompt", "chosen", "rejected"} <= set(frame.columns)

@@ -29,15 +29,16 @@ from dpo_engine.analysis.audit.label_noise import (
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
 from dpo_engine.report.rundata import (
+    DATA_FILE_CHANGED,
     EXAMPLE_MARK,
     EXAMPLES_DIR_NAME,
     RunData,
     example_run_dir,
-    load_dataset_texts,
     load_run,
+    run_dataset_texts,
 )
 from dpo_engine.report.summary import PlainSummary, plain_summary
-from dpo_engine.rundir import config_value
+from dpo_engine.rundir import config_value, data_file_changed
 from dpo_engine.viz import audit as audit_viz
 from dpo_engine.viz import htsr_update as viz_update
 from dpo_engine.viz import runs as viz
@@ -351,6 +352,8 @@ def _disagreements_section(run: RunData, texts: pd.DataFrame | None) -> str:
             head + f"<p class='note'>At step {step} the policy prefers the chosen response of every held-out pair.</p>"
         )
     table = candidates.head(REPORT_DISAGREEMENTS)
+    if data_file_changed(run.run_dir):
+        head += f"<p class='note'>{_esc(DATA_FILE_CHANGED)}</p>"
     if texts is not None:
         table = table.join(texts, on="pair_id")
         for column in texts.columns:
@@ -501,7 +504,7 @@ def build_report(workspace, run_ids: list[str] | tuple[str, ...], diagnosis: str
     per_run = []
     for run in runs:
         dataset = ((run.config or {}).get("data") or {}).get("dataset")
-        per_run.append(_run_sections(run, fig, load_dataset_texts(workspace, dataset)))
+        per_run.append(_run_sections(run, fig, run_dataset_texts(workspace, run.run_dir, dataset)))
     built = {
         "summary": _summary_section(plain_summary(runs, diagnosis)),
         "diagnosis": _diagnosis_section(diagnosis, fig),

@@ -143,6 +143,19 @@ def load_dataset_texts(workspace, dataset: str | None) -> pd.DataFrame | None:
     return table[columns].set_index("pair_id")
 
 
+DATA_FILE_CHANGED = (
+    "The file this run read has changed since (its size or modification time differ), so its texts are not "
+    "shown: the pair ids are rows of the file as it was."
+)
+
+
+def run_dataset_texts(workspace, run_dir: Path, dataset: str | None) -> pd.DataFrame | None:
+    """`load_dataset_texts` for a run: None when the file the run read has changed since."""
+    if rundir.data_file_changed(run_dir):
+        return None
+    return load_dataset_texts(workspace, dataset)
+
+
 @dataclass
 class RunEntry:
     """One run the pages can show: its directory and, when it came from the queue, its job."""

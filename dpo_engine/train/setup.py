@@ -64,6 +64,10 @@ def build_parts(
     resuming = rundir.latest_checkpoint(run_dir) is not None
     if accelerator.is_main_process:
         rundir.write_json(run_dir / rundir.CONFIG, config.resolved())
+        # stamped before reading, so a file changed while it is read counts as changed
+        stamp = rundir.file_stamp(config.data.dataset) if pairs is None and config.data.dataset else None
+        if stamp is not None:
+            rundir.write_json(run_dir / rundir.DATA_FILE, stamp)
     torch.manual_seed(config.optimisation.seed)
     with accelerator.main_process_first():  # rank 0 fills the workspace's model and data caches first
         with timer.timed("load_model"):
