@@ -403,6 +403,16 @@ def test_length_grouped_evaluation_equals_the_held_out_order(workspace, tmp_path
     np.testing.assert_allclose(list(margins[0].values()), list(margins[1].values()), rtol=1e-5, atol=1e-5)
     for a, b in zip(snapshots[0], snapshots[1]):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    # another evaluation batch size (monitoring.eval_batch_size): other batches, the same values
+    monkeypatch.setattr(tr.config.monitoring, "eval_batch_size", 7)
+    assert max(map(len, tr.evaluator.eval_chunks())) == 7 != cfg.optimisation.batch_size
+    tr.evaluator.divergence_reference.clear()
+    wider = tr.evaluator.evaluate(snapshot=True)
+    for key, value in plain.items():
+        assert wider[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    np.testing.assert_allclose(list(margins[2].values()), list(margins[1].values()), rtol=1e-5, atol=1e-5)
+    for a, b in zip(snapshots[2], snapshots[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_packed_block_mask_allows_exactly_what_each_token_sees_alone():

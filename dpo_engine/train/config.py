@@ -227,9 +227,10 @@ class OptimConfig(_Strict):
 EVALS_PER_RUN_AUTO = 20
 EVAL_EVERY_AUTO_MIN = 10
 EVAL_SHARE_AUTO = 0.2
-# Held-out pairs per evaluation batch by default, as a multiple of the training micro-batch: a no-grad
-# pass keeps no activations for backward, so a larger batch fits where the training one does.
-EVAL_BATCH_FACTOR_AUTO = 2
+# Held-out pairs per evaluation batch by default, as a multiple of the training micro-batch. Not more
+# than one: with gradient checkpointing a training step keeps little, and a no-grad pass over twice the
+# pairs raised a 1.1B model's peak by 0.6 GB on the CPU (docs/BENCHMARKS.md), past the memory estimate.
+EVAL_BATCH_FACTOR_AUTO = 1
 FORWARD_SHARE_OF_STEP = 1 / 3
 
 
@@ -259,7 +260,7 @@ class MonitoringConfig(_Strict):
         None,
         ge=1,
         description="Held-out pairs per evaluation batch (and per batch of the reference's no-grad passes); "
-        f"empty = auto: {EVAL_BATCH_FACTOR_AUTO} x optimisation.batch_size. No value depends on it.",
+        "empty = auto: optimisation.batch_size. Larger is faster where memory allows; no value depends on it.",
     )
     probe_pairs: int = Field(128, ge=2, description="Held-out pairs in the fixed probe set for snapshots.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
