@@ -8,8 +8,8 @@ Two layers:
   respect to the policy logits chunk by chunk in the forward pass (hand-derived
   gradients, checked against autograd in tests) and keeps only that gradient for
   backward, so memory stays close to a plain DPO step whatever the sequence length,
-  and the backward pass is a single scaling. On a CPU, small chunks (about 16
-  positions) are markedly faster than large ones: the working set stays in cache.
+  and the backward pass is a single scaling. Chunks follow the LM head's
+  (logit_chunks.py): smaller for a narrow hidden state, whose chunk then stays in cache.
 
 Wasserstein is the debiased entropic OT (Sinkhorn divergence)
 S(p, q) = OT_ε(p, q) - ½ OT_ε(p, p) - ½ OT_ε(q, q), so that S(p, p) = 0 like every
@@ -620,8 +620,8 @@ def token_divergence(
     """L_div = mean over masked positions of D(π_θ(·|ctx_t) || π_ref(·|ctx_t)) -> scalar.
 
     `cfg_or_name` is a DivergenceConfig, or a name whose parameters come from `cfg`
-    (defaults otherwise). Positions are processed `chunk_positions` at a time; the value
-    does not depend on the chunk size. Gradient flows to `policy_logits` only.
+    (defaults otherwise). Positions are processed `chunk_positions` at a time (auto: 256 for
+    stored logits); the value does not depend on the chunk size. Gradient flows to `policy_logits` only.
     `output_embeddings` (V × d, the LM head rows) is required for wasserstein.
     """
     cfg = _resolve_cfg(cfg_or_name, cfg)

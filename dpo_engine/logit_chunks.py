@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 HEAD_CHUNK_ROWS = 256
-"""Rows per chunk at most: 256 × 49k float32 logits = 48 MB at a time instead of N × V."""
+"""Rows per chunk at most: 256 × 49k float32 logits = 50 MB at a time instead of N × V."""
 HEAD_CHUNK_MIN_ROWS = 64
 
 

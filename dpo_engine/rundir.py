@@ -110,13 +110,18 @@ def file_stamp(path: str | Path) -> dict[str, Any] | None:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def data_file_record(run_dir: Path) -> dict[str, Any] | None:
+    """The stamp of the preference file the run read (`file_stamp`), or None (a stored dataset, or an
+    older run)."""
+    recorded = read_json(Path(run_dir) / DATA_FILE)
+    return recorded if recorded and "path" in recorded else None
+
+
 def data_file_changed(run_dir: Path) -> bool | None:
     """True when the preference file the run read is gone or differs in size or modification time;
     False when unchanged; None when the run recorded no file (a stored dataset, or an older run)."""
-    recorded = read_json(Path(run_dir) / DATA_FILE)
-    if not recorded or "path" not in recorded:
-        return None
-    return file_stamp(recorded["path"]) != recorded
+    recorded = data_file_record(run_dir)
+    return None if recorded is None else file_stamp(recorded["path"]) != recorded
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:

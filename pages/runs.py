@@ -19,7 +19,14 @@ from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection, projection_cache_file
 from dpo_engine.report import build_report
 from dpo_engine.report.archive import DEFAULT_EXCLUDES, zip_directory
-from dpo_engine.report.rundata import DATA_FILE_CHANGED, EXAMPLE_MARK, load_dataset_texts, load_run, workspace_runs
+from dpo_engine.report.rundata import (
+    EXAMPLE_MARK,
+    load_dataset_texts,
+    load_run,
+    run_dataset_source,
+    texts_note,
+    workspace_runs,
+)
 from dpo_engine.report.summary import plain_summary
 from dpo_engine.rundir import config_value, data_file_changed, file_stamp
 from dpo_engine.viz import htsr_update as viz_update
@@ -186,6 +193,9 @@ def _cluster_map(run, config, method, separation) -> None:
         with st.spinner("Projecting snapshots (cached after the first time)…"):
             projection, _ = cached_projection(run, config)
         texts = _pair_texts(run)
+        note = texts_note(run.run_dir, config_value(run.config, "data", "dataset"))
+        if note:
+            st.caption(note)
         label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
         figure_with_export(
             viz.cluster_figure(projection, texts, method=label, separation=viz.separation_by_step(separation)),
@@ -255,7 +265,7 @@ def _pair_texts(run) -> pd.DataFrame | None:
     """The texts of the run's pairs; None when its dataset is unavailable or its file changed since the run."""
     if data_file_changed(run.run_dir):
         return None
-    dataset = config_value(run.config, "data", "dataset")
+    dataset = run_dataset_source(run.run_dir, config_value(run.config, "data", "dataset"))
     stamp = file_stamp(dataset) if dataset else None
     return _dataset_texts(dataset, None if stamp is None else (stamp["size"], stamp["mtime_ns"]))
 
@@ -281,8 +291,9 @@ def _disagreements(run) -> None:
         return
     texts = _pair_texts(run)
     table = candidates if texts is None else candidates.join(texts, on="pair_id")
-    if data_file_changed(run.run_dir):
-        st.caption(DATA_FILE_CHANGED)
+    note = texts_note(run.run_dir, config_value(run.config, "data", "dataset"))
+    if note:
+        st.caption(note)
     st.dataframe(table, hide_index=True, width="stretch")
     st.download_button(
         "Download these pairs (.csv)",

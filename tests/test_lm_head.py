@@ -60,33 +60,46 @@ def test_head_token_logps_float32_within_1e_5_of_the_plain_path():
     np.testing.assert_allclose(g.numpy(), g_plain.numpy(), rtol=0, atol=1e-5)
 
 
-def test_default_chunk_follows_the_hidden_size_within_its_bounds():
+def test_default_chunk_follows_the_hidden_size_within_its_bounds(monkeypatch):
     assert head_chunk_rows(64) == HEAD_CHUNK_MIN_ROWS  # narrow head: small chunks that stay in cache
     assert head_chunk_rows(576) == 144
     assert head_chunk_rows(4096) == HEAD_CHUNK_ROWS
-    # a batch spanning several default chunks gives the one-chunk values (200 rows, H = 256 -> 64 rows)
+    # 300 rows of H = 512 go in chunks of 512 / 4 = 128 rows (the vocabulary, 40, would give 64), with
+    # the one-chunk values
+    from dpo_engine import lm_head
+
+    calls = []
+    monkeypatch.setattr(lm_head, "head_logits", lambda h, w: calls.append(len(h)) or h @ w.T)
     gen = torch.Generator().manual_seed(1)
-    hidden = torch.randn(200, 256, generator=gen, dtype=torch.float64)
-    weight = torch.randn(50, 256, generator=gen, dtype=torch.float64)
-    labels = torch.randint(0, 50, (200,), generator=gen)
-    np.testing.assert_allclose(
-        head_token_logps(hidden, weight, labels).numpy(), token_logps(hidden @ weight.T, labels).numpy(), atol=1e-12
-    )
+    hidden = torch.randn(300, 512, generator=gen, dtype=torch.float64)
+    weight = torch.randn(40, 512, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 40, (300,), generator=gen)
+    got = head_token_logps(hidden, weight, labels)
+    assert calls == [128, 128, 44]
+    np.testing.assert_allclose(got.numpy(), token_logps(hidden @ weight.T, labels).numpy(), atol=1e-12)
 
 
-def test_divergences_with_the_automatic_chunk_equal_one_chunk():
+def test_divergences_with_the_automatic_chunk_equal_one_chunk(monkeypatch):
+    from dpo_engine import divergences
+
+    chunks = []
+    rows = divergences._Logits.rows
+    monkeypatch.setattr(divergences._Logits, "rows", lambda self, pos: chunks.append(len(pos)) or rows(self, pos))
     gen = torch.Generator().manual_seed(2)
-    hidden = torch.randn(150, 256, generator=gen, dtype=torch.float64).requires_grad_()
-    ref = torch.randn(150, 256, generator=gen, dtype=torch.float64)
-    weight = torch.randn(40, 256, generator=gen, dtype=torch.float64) * 0.1
+    hidden = torch.randn(300, 512, generator=gen, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(300, 512, generator=gen, dtype=torch.float64)
+    weight = torch.randn(40, 512, generator=gen, dtype=torch.float64) * 0.1
     for name in ("kl", "wasserstein"):
-        auto = DivergenceConfig(name=name)  # 256 // 4 = 64 rows a chunk: three chunks here
+        auto = DivergenceConfig(name=name)  # 512 // 4 = 128 rows a chunk (the vocabulary, 40, would give 64)
         one = auto.model_copy(update={"chunk_positions": 10_000})
         values = []
         for cfg in (auto, one):
+            chunks.clear()
             value = token_divergence_from_hidden(cfg, hidden, ref, weight, output_embeddings=weight)
             (grad,) = torch.autograd.grad(value, [hidden])
             values.append((value.item(), grad.numpy()))
+            if cfg is auto:
+                assert set(chunks) == {128, 44}, name  # policy and reference rows, chunk by chunk
         assert values[0][0] == pytest.approx(values[1][0], abs=1e-12)
         np.testing.assert_allclose(values[0][1], values[1][1], atol=1e-12)
 

@@ -80,6 +80,36 @@ def test_terms_follow_their_formulas():
     assert _estimate(batch_size=4).components["activations"] == 2 * lora.components["activations"]
     assert lora.components["logits"] == 256 * SHAPE.vocab * 4 * 3
     assert lora.fits and not lora.advice
+    # An evaluation batch the training one's size adds nothing; a larger one holds one layer of its own
+    # size (no grad), which without checkpointing stays below every layer of the training batch.
+    assert _estimate(eval_batch_size=2).components == lora.components
+    big_eval = _estimate(eval_batch_size=64).components["activations"]
+    one_layer_at_64 = _estimate(gradient_checkpointing=False, batch_size=64).components["activations"] // SHAPE.n_layers
+    assert big_eval == one_layer_at_64 > lora.components["activations"]
+    assert _estimate(gradient_checkpointing=False, eval_batch_size=4).components["activations"] == without
+
+
+def test_the_estimate_of_a_config_uses_its_head_chunk_and_evaluation_batch(workspace):
+    """memory_estimate reads the head's chunk from the model's hidden size and the resolved evaluation
+    batch from the config (the tiny model: hidden 64 -> 64 rows)."""
+    from dpo_engine.logit_chunks import head_chunk_rows
+    from dpo_engine.models.loading import model_directory
+    from dpo_engine.train.config import TrainConfig
+    from dpo_engine.train.inputs import memory_estimate
+    from dpo_engine.train.memory import model_shape
+
+    def config(**monitoring):
+        return TrainConfig.model_validate(
+            {"data": {"dataset": str(HH_SAMPLE)}, "model": {"name": "tiny-random"}, "monitoring": monitoring}
+        )
+
+    cfg = config()
+    shape = model_shape(model_directory("tiny-random", workspace=workspace), cfg.model.lora_target_modules)
+    estimate = memory_estimate(config(), workspace, "cpu")
+    assert estimate.components["logits"] == head_chunk_rows(shape.hidden) * shape.vocab * 4 * 3
+    assert head_chunk_rows(shape.hidden) == 64
+    wider = memory_estimate(config(eval_batch_size=512), workspace, "cpu")
+    assert wider.components["activations"] > estimate.components["activations"]
 
 
 def test_a_run_that_cannot_fit_gets_advice():

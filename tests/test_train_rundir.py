@@ -152,3 +152,28 @@ def test_a_stamped_data_file_reads_changed_when_rewritten_touched_or_gone(tmp_pa
     data.unlink()
     assert rundir.data_file_changed(run) is True
     assert rundir.file_stamp(tmp_path) is None  # a directory is no file
+
+
+def test_a_resumed_run_keeps_the_stamp_of_its_first_start_and_a_reused_directory_drops_a_stale_one(tmp_path):
+    from dpo_engine.report.rundata import DATA_FILE_CHANGED, texts_note
+    from dpo_engine.train.setup import record_data_file
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig.model_validate({"data": {"dataset": str(data)}})
+    lines: list[str] = []
+    record_data_file(config, run, None, False, lines.append)
+    first = rundir.read_json(run / rundir.DATA_FILE)
+    assert first == rundir.file_stamp(data) and texts_note(run, str(data)) is None
+    data.write_text('{"prompt": "p", "chosen": "ab", "rejected": "b"}\n')  # edited before a retry
+    record_data_file(config, run, None, True, lines.append)
+    assert rundir.read_json(run / rundir.DATA_FILE) == first  # the pair ids and snapshots are the first file's
+    assert any("changed since this run started" in line for line in lines)
+    assert texts_note(run, str(data)) == DATA_FILE_CHANGED
+    stored = TrainConfig.model_validate({"data": {"dataset": "some-stored-dataset"}})
+    record_data_file(stored, run, None, False, lines.append)  # the directory used again for a stored dataset
+    assert not (run / rundir.DATA_FILE).exists() and rundir.data_file_changed(run) is None
+    # a run from before files were stamped: its texts come with the old caveat
+    assert "as it is now" in texts_note(run, str(data)) and texts_note(run, "some-stored-dataset") is None

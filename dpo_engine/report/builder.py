@@ -29,16 +29,16 @@ from dpo_engine.analysis.audit.label_noise import (
 from dpo_engine.analysis.health import health_of
 from dpo_engine.analysis.projections import ProjectionConfig, cached_projection
 from dpo_engine.report.rundata import (
-    DATA_FILE_CHANGED,
     EXAMPLE_MARK,
     EXAMPLES_DIR_NAME,
     RunData,
     example_run_dir,
     load_run,
     run_dataset_texts,
+    texts_note,
 )
 from dpo_engine.report.summary import PlainSummary, plain_summary
-from dpo_engine.rundir import config_value, data_file_changed
+from dpo_engine.rundir import config_value
 from dpo_engine.viz import audit as audit_viz
 from dpo_engine.viz import htsr_update as viz_update
 from dpo_engine.viz import runs as viz
@@ -352,8 +352,9 @@ def _disagreements_section(run: RunData, texts: pd.DataFrame | None) -> str:
             head + f"<p class='note'>At step {step} the policy prefers the chosen response of every held-out pair.</p>"
         )
     table = candidates.head(REPORT_DISAGREEMENTS)
-    if data_file_changed(run.run_dir):
-        head += f"<p class='note'>{_esc(DATA_FILE_CHANGED)}</p>"
+    note = texts_note(run.run_dir, config_value(run.config, "data", "dataset"))
+    if note:
+        head += f"<p class='note'>{_esc(note)}</p>"
     if texts is not None:
         table = table.join(texts, on="pair_id")
         for column in texts.columns:

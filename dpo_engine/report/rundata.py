@@ -149,11 +149,28 @@ DATA_FILE_CHANGED = (
 )
 
 
+def run_dataset_source(run_dir: Path, dataset: str | None) -> str | None:
+    """Where a run's texts are read: the file it recorded reading (its absolute path), else its dataset."""
+    recorded = rundir.data_file_record(run_dir)
+    return recorded["path"] if recorded is not None else dataset
+
+
+def texts_note(run_dir: Path, dataset: str | None) -> str | None:
+    """What to say beside a run's texts: the file changed since (texts left out), or, for a run from
+    before files were stamped, that they are read from the file as it is now; None otherwise."""
+    changed = rundir.data_file_changed(run_dir)
+    if changed:
+        return DATA_FILE_CHANGED
+    if changed is None and dataset and rundir.file_stamp(dataset) is not None:
+        return f"Texts are read from `{dataset}` as it is now: if the file changed since the run, they may not match."
+    return None
+
+
 def run_dataset_texts(workspace, run_dir: Path, dataset: str | None) -> pd.DataFrame | None:
     """`load_dataset_texts` for a run: None when the file the run read has changed since."""
     if rundir.data_file_changed(run_dir):
         return None
-    return load_dataset_texts(workspace, dataset)
+    return load_dataset_texts(workspace, run_dataset_source(run_dir, dataset))
 
 
 @dataclass

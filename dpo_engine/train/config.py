@@ -260,7 +260,8 @@ class MonitoringConfig(_Strict):
         None,
         ge=1,
         description="Held-out pairs per evaluation batch (and per batch of the reference's no-grad passes); "
-        "empty = auto: optimisation.batch_size. Larger is faster where memory allows; no value depends on it.",
+        "empty = auto: optimisation.batch_size. Larger is faster where memory allows (the memory estimate counts "
+        "it); no value depends on it.",
     )
     probe_pairs: int = Field(128, ge=2, description="Held-out pairs in the fixed probe set for snapshots.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")

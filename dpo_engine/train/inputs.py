@@ -51,6 +51,7 @@ def memory_estimate(cfg, ws, device: str):
         available=device_memory(device),
         head_chunk_rows=head_chunk_rows(shape.hidden),
         load_in_4bit=cfg.model.load_in_4bit,
+        eval_batch_size=cfg.monitoring.eval_batch(cfg.optimisation.batch_size),
     )
 
 

@@ -9,7 +9,8 @@ The estimate adds what a step holds at its peak (docs/METHOD.md 2.9 has the term
   adapters, or every parameter);
 * activations: chosen and rejected of `batch_size` pairs at `max_length` tokens. With gradient
   checkpointing each layer keeps only its input, plus one layer's working set recomputed in the
-  backward pass; without it every layer keeps its working set;
+  backward pass; without it every layer keeps its working set. An evaluation batch larger than the
+  training one (`monitoring.eval_batch_size`) holds one layer's working set of its own size, no grad;
 * the LM head: one chunk of logits and its gradient (dpo_engine/lm_head.py);
 * the runtime: interpreter, libraries, tokenizer and data on the CPU; the CUDA context on a GPU.
 
@@ -118,6 +119,7 @@ def estimate_peak(
     available: int | None,
     head_chunk_rows: int,
     load_in_4bit: bool = False,
+    eval_batch_size: int | None = None,
 ) -> MemoryEstimate:
     """Predicted peak memory of one training step (see the module docstring for the terms)."""
     compute = DTYPE_BYTES[compute_dtype]
@@ -132,13 +134,19 @@ def estimate_peak(
     # fp32 weights (a full fine-tune's are counted above), gradients, AdamW's two moments
     components["trainable state"] = trainable * (4 + 4 + 8) if lora else trainable * (4 + 8)
     tokens = 2 * batch_size * max_length
-    working = tokens * (shape.hidden * _WORKING_SET_HIDDEN + shape.intermediate * _WORKING_SET_INTERMEDIATE)
-    attention = 2 * batch_size * shape.n_heads * max_length * max_length  # scores and probabilities
-    layer = (working + attention) * compute
+
+    def one_layer(pairs: int) -> int:
+        """One layer's working set for `pairs` pairs: projections, norms, MLP, attention scores and probabilities."""
+        per_token = shape.hidden * _WORKING_SET_HIDDEN + shape.intermediate * _WORKING_SET_INTERMEDIATE
+        attention = 2 * pairs * shape.n_heads * max_length * max_length
+        return (2 * pairs * max_length * per_token + attention) * compute
+
     if gradient_checkpointing:
-        components["activations"] = shape.n_layers * tokens * shape.hidden * compute + layer
+        components["activations"] = shape.n_layers * tokens * shape.hidden * compute + one_layer(batch_size)
     else:
-        components["activations"] = shape.n_layers * layer
+        components["activations"] = shape.n_layers * one_layer(batch_size)
+    # an evaluation pass keeps nothing for backward: one layer of its own batch at a time
+    components["activations"] = max(components["activations"], one_layer(eval_batch_size or batch_size))
     components["logits"] = head_chunk_rows * shape.vocab * 4 * _LOGIT_COPIES
     components["runtime"] = RUNTIME_BYTES_CUDA if device.startswith("cuda") else RUNTIME_BYTES_CPU
     estimate = MemoryEstimate(components, device, available)

@@ -64,10 +64,7 @@ def build_parts(
     resuming = rundir.latest_checkpoint(run_dir) is not None
     if accelerator.is_main_process:
         rundir.write_json(run_dir / rundir.CONFIG, config.resolved())
-        # stamped before reading, so a file changed while it is read counts as changed
-        stamp = rundir.file_stamp(config.data.dataset) if pairs is None and config.data.dataset else None
-        if stamp is not None:
-            rundir.write_json(run_dir / rundir.DATA_FILE, stamp)
+        record_data_file(config, run_dir, pairs, resuming, log)
     torch.manual_seed(config.optimisation.seed)
     with accelerator.main_process_first():  # rank 0 fills the workspace's model and data caches first
         with timer.timed("load_model"):
@@ -430,6 +427,27 @@ def embed_with_encoder(df: pd.DataFrame) -> tuple[EncoderReps, int]:
     n = len(df)
     reps = {pid: (emb[i], emb[n + i], emb[2 * n + i]) for i, pid in enumerate(df["pair_id"])}
     return reps, emb.shape[1]
+
+
+def record_data_file(
+    config: TrainConfig, run_dir: Path, pairs: pd.DataFrame | None, resuming: bool, log: LogFn
+) -> None:
+    """Stamp the preference file a run reads (rundir.DATA_FILE), before reading it, so a file changed
+    while it is read counts as changed. A resumed run keeps the stamp of its first start: its pair ids
+    and snapshots came from the file as it was then."""
+    record = run_dir / rundir.DATA_FILE
+    if resuming and record.exists():
+        if rundir.data_file_changed(run_dir):
+            log(
+                f"{config.data.dataset} changed since this run started: training goes on with the file as it is "
+                "now, and the pages show pair ids without texts"
+            )
+        return
+    stamp = rundir.file_stamp(config.data.dataset) if pairs is None and config.data.dataset else None
+    if stamp is None:
+        record.unlink(missing_ok=True)  # a run directory used again, now for a stored dataset
+    else:
+        rundir.write_json(record, stamp)
 
 
 @torch.no_grad()
