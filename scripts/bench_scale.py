@@ -38,6 +38,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dpo_engine.data.file_cache import CACHE_DIR as FILE_CACHE_DIR  # noqa: E402
 from dpo_engine.data.token_cache import CACHE_DIR as TOKEN_CACHE_DIR  # noqa: E402
 from dpo_engine.models.synthetic import build_random_llama, llama_parameter_count  # noqa: E402
 from dpo_engine.train.reference import CACHE_DIR  # noqa: E402
@@ -132,13 +133,13 @@ def hundred_thousand_pairs(path: Path, n: int = 100_000) -> Path:
 
 
 def part_pairs_100k(out: Path, *, warm: bool = False) -> dict:
-    """Cold: the workspace's token and reference caches emptied first (the first run on a dataset);
+    """Cold: the workspace's file, token and reference caches emptied first (the first run on a dataset);
     warm: the same run again, reading what the cold run cached."""
     data = hundred_thousand_pairs(out / "pairs_100k.jsonl.gz")
     args = [str(data), "--model", "tiny-random", "--max-steps", "20"]
     name = "pairs-100k-warm" if warm else "pairs-100k"
     if not warm:
-        for cache in (TOKEN_CACHE_DIR, CACHE_DIR):
+        for cache in (FILE_CACHE_DIR, TOKEN_CACHE_DIR, CACHE_DIR):
             shutil.rmtree(out / "ws" / cache, ignore_errors=True)
     print(f"training 20 steps of the tiny model on 100,000 pairs ({'warm' if warm else 'cold'} caches) ...", flush=True)
     result = run_train(args, out / "ws" / "runs" / name, out / "ws", out / f"{name}.log")

@@ -25,6 +25,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, ValidationError
 
 from dpo_engine.data.errors import DataFormatError, DatasetExists, DatasetNotFound, WorkspaceFull
+from dpo_engine.data.file_cache import cached_file_table
 from dpo_engine.data.ingest import (
     ContentHasher,
     IngestResult,
@@ -277,7 +278,9 @@ def open_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
     """A stored dataset by id/name, else a file ingested with flagged rows dropped (what jobs accept)."""
     path = Path(dataset).expanduser()
     if path.is_file():
-        table, dropped = load_preferences(path).finalize(drop_flagged=True)
+        table, dropped = cached_file_table(
+            getattr(workspace, "root", None), path, lambda p: load_preferences(p).finalize(drop_flagged=True)
+        )
         return LoadedDataset(table=table, label=path.name, source=str(path.resolve()), dropped=dropped)
     store = DatasetStore(workspace)
     try:
