@@ -45,6 +45,7 @@ changed); `--write` puts the table into docs/BENCHMARKS.md ("On one GPU"), repla
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import importlib.util
 import json
@@ -293,7 +294,7 @@ def child_trl(spec: dict) -> dict:
     variant = TRL_RUNS[spec["run"]]
     options = dict(variant["options"])
     memory = PhaseMemory(device)
-    state: dict = {"steps": [], "pair_tokens": 0}
+    state: dict = {"steps": [], "batches": collections.deque()}
 
     class Phases(TrainerCallback):
         """Setup ends when training begins (after TRL's tokenising and precompute); a step is the time
@@ -304,15 +305,17 @@ def child_trl(spec: dict) -> dict:
             state["setup_s"], state["setup_mem"] = time.perf_counter() - t0, memory.peak()
             memory.reset()
             state["counter"].take()
-            state["pair_tokens"] = 0
+            state["batches"].clear()  # batches collated for TRL's reference precompute
             state["t"] = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             sync(device)
             now = time.perf_counter()
-            row = {"s": now - state["t"], "pair_tokens": state["pair_tokens"], **state["counter"].take()}
+            # the data loader collates one batch ahead: this step trained on the oldest batch not yet counted
+            pair_tokens = state["batches"].popleft() if state["batches"] else None
+            row = {"s": now - state["t"], "pair_tokens": pair_tokens, **state["counter"].take()}
             state["steps"].append(row)
-            state["pair_tokens"], state["t"] = 0, now
+            state["t"] = now
 
     memory.reset()
     t0 = time.perf_counter()
@@ -336,8 +339,7 @@ def child_trl(spec: dict) -> dict:
 
         def counted(examples):
             counts = [bench_peer.trl_pair_tokens(e, spec["max_length"]) for e in examples]
-            known = None not in counts and state["pair_tokens"] is not None
-            state["pair_tokens"] = state["pair_tokens"] + sum(counts) if known else None
+            state["batches"].append(sum(counts) if None not in counts else None)
             return collator(examples)
 
         trainer.data_collator = counted
@@ -387,7 +389,11 @@ def child(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     kind = spec["kind"]
-    result = {"ours": child_ours, "trl": child_trl, "build": child_build}[kind](spec)
+    try:
+        result = {"ours": child_ours, "trl": child_trl, "build": child_build}[kind](spec)
+    except torch.OutOfMemoryError as exc:  # a measured outcome at this size and these options, not a crash
+        first = str(exc).splitlines()[0][:160]
+        result = {"skipped": f"out of GPU memory at these settings ({first})"}
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -3,7 +3,7 @@
 The estimate adds what a step holds at its peak (docs/METHOD.md 2.9 has the terms):
 
 * weights: every parameter in the dtype it is stored in (`setup.weight_dtype`; with 4-bit loading
-  the linear layers' weights at NF4_BYTES_PER_PARAM), plus, for a full fine-tune, the frozen
+  the linear layers' weights at NF4_BYTES_PER_PARAM, the rest in fp32 as peft prepares them), plus, for a full fine-tune, the frozen
   reference in the compute dtype;
 * trainable state: fp32 weights, gradients and AdamW's two moments of what is trained (the LoRA
   adapters, or every parameter);
@@ -125,8 +125,9 @@ def estimate_peak(
     compute = DTYPE_BYTES[compute_dtype]
     stored = compute if lora else 4
     if load_in_4bit:
+        # peft's prepare_model_for_kbit_training casts every weight it did not quantise to fp32
         rest = shape.n_params - shape.linear_params
-        components = {"weights": int(shape.linear_params * NF4_BYTES_PER_PARAM) + rest * compute}
+        components = {"weights": int(shape.linear_params * NF4_BYTES_PER_PARAM) + rest * 4}
     else:
         components = {"weights": shape.n_params * stored}
     components["reference"] = 0 if lora else shape.n_params * compute

@@ -257,8 +257,9 @@ def weight_dtype(compute_dtype: torch.dtype, *, lora: bool) -> torch.dtype:
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of the model (LoRA adapters included, which are a rounding error beside the base)."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model (LoRA adapters included, which are a rounding error beside the base).
+    bitsandbytes packs two 4-bit weights per stored element (Params4bit), so those count twice."""
+    return sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
 
 
 def use_gradient_checkpointing(setting: str, n_params: int) -> bool:
