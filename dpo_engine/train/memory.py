@@ -3,8 +3,8 @@
 The estimate adds what a step holds at its peak (docs/METHOD.md 2.9 has the terms):
 
 * weights: every parameter in the dtype it is stored in (`setup.weight_dtype`; with 4-bit loading
-  the linear layers' weights at NF4_BYTES_PER_PARAM, the rest in fp32 as peft prepares them), plus, for a full fine-tune, the frozen
-  reference in the compute dtype;
+  the linear layers' weights at NF4_BYTES_PER_PARAM, the rest in fp32 as peft prepares them),
+  plus, for a full fine-tune, the frozen reference in the compute dtype;
 * trainable state: fp32 weights, gradients and AdamW's two moments of what is trained (the LoRA
   adapters, or every parameter);
 * activations: chosen and rejected of `batch_size` pairs at `max_length` tokens. With gradient
