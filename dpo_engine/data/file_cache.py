@@ -68,9 +68,12 @@ def _write(entry: Path, table: pd.DataFrame, dropped: dict[str, int]) -> None:
     except OSError:  # a full or read-only workspace: the file is simply read again next time
         tmp.unlink(missing_ok=True)
         return
-    entries = sorted(entry.parent.glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for old in entries[MAX_ENTRIES:]:
-        old.unlink(missing_ok=True)
+    try:  # keep the newest; another process may be evicting the same entries at this moment
+        entries = sorted(entry.parent.glob("*.parquet"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in entries[MAX_ENTRIES:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def cached_file_table(root: Path | None, path: str | os.PathLike, parse) -> tuple[pd.DataFrame, dict[str, int]]:
