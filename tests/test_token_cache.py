@@ -184,6 +184,34 @@ def test_a_table_passed_in_is_keyed_on_its_content(workspace, tmp_path):
     assert "tokenised 40" in cache[0] and "read 40" in cache[1]
 
 
+def test_a_file_is_keyed_on_its_stamp_and_tokenised_again_once_it_changes(workspace, tmp_path):
+    """A preference file names its table by path, size and modification time (no hashing of the
+    table); rewriting it makes the next run parse and tokenise it again."""
+    data = tmp_path / "pairs.jsonl"
+    toy_pairs().drop(columns=["pair_id"]).to_json(data, orient="records", lines=True)
+    cfg = make_config(data={"dataset": str(data)})
+    lines: list[str] = []
+
+    def run(name):
+        lines.clear()
+        trainer = DPOTrainer(cfg, tmp_path / name, workspace=workspace, device="cpu", log=lines.append)
+        trainer.setup()
+        return [line for line in lines if line.startswith("token cache")][0], trainer.parts
+
+    first, a = run("a")
+    again, b = run("b")
+    assert "tokenised 40" in first and "read 40" in again
+    assert list(a.train_pairs) == list(b.train_pairs) and a.eval_pairs == b.eval_pairs
+    changed = toy_pairs().drop(columns=["pair_id"])
+    changed.loc[0, "chosen"] = changed.loc[0, "chosen"] + " (edited)"
+    changed.to_json(data, orient="records", lines=True)
+    third, c = run("c")
+    assert "tokenised 40" in third
+    before = {p.pair_id: p for p in list(a.train_pairs) + a.eval_pairs}
+    after = {p.pair_id: p for p in list(c.train_pairs) + c.eval_pairs}
+    assert before.keys() == after.keys() and sum(before[k] != after[k] for k in before) == 1  # the edited pair
+
+
 class WithoutBackend:
     """A tokenizer whose Rust backend is out of reach: the arrays come from its own call."""
 

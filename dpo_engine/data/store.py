@@ -25,7 +25,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, ValidationError
 
 from dpo_engine.data.errors import DataFormatError, DatasetExists, DatasetNotFound, WorkspaceFull
-from dpo_engine.data.file_cache import cached_file_table
+from dpo_engine.data.file_cache import cached_file_table, file_key
 from dpo_engine.data.ingest import (
     ContentHasher,
     IngestResult,
@@ -264,7 +264,8 @@ def ensure_sample_dataset(workspace: Workspace) -> DatasetInfo:
 @dataclass
 class LoadedDataset:
     """A preference table and where it came from (dropped: rows removed at ingest, by reason;
-    content_hash: the stored dataset's, which names the table without hashing it again)."""
+    content_hash: what names the table without hashing it again: a stored dataset's content hash, or
+    for a file its path, size and modification time, `file_cache.file_key`)."""
 
     table: pd.DataFrame
     label: str
@@ -278,10 +279,17 @@ def open_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
     """A stored dataset by id/name, else a file ingested with flagged rows dropped (what jobs accept)."""
     path = Path(dataset).expanduser()
     if path.is_file():
+        key = file_key(path)  # before reading: a file changed meanwhile gets a new key next time
         table, dropped = cached_file_table(
             getattr(workspace, "root", None), path, lambda p: load_preferences(p).finalize(drop_flagged=True)
         )
-        return LoadedDataset(table=table, label=path.name, source=str(path.resolve()), dropped=dropped)
+        return LoadedDataset(
+            table=table,
+            label=path.name,
+            source=str(path.resolve()),
+            dropped=dropped,
+            content_hash=None if key is None else f"file:{key}",
+        )
     store = DatasetStore(workspace)
     try:
         info = store.get(dataset)

@@ -1,11 +1,12 @@
 """Tokenised datasets kept in the workspace, so a second run on the same data never tokenises again.
 
 `<workspace>/token_cache/<key>.npz` holds a table's `TokenArrays`. The key is a hash of everything
-the token ids depend on: the data (a stored dataset's content hash and row count, else a hash of
-the table itself), the tokenizer (its name, its full definition: vocabulary, merges, normaliser,
-added tokens; its chat template and EOS; the tokenizers version) and max_length /
-max_prompt_length. A file is written whole (temporary file, then an atomic rename); one that does
-not read back as the arrays of its key is rebuilt, never trusted.
+the token ids depend on: the data (a stored dataset's content hash and row count; a file's path,
+size and modification time, `file_cache.file_key`, and row count; else a hash of the table itself),
+the tokenizer (its name, its full definition: vocabulary, merges, normaliser, added tokens; its chat
+template and EOS; the tokenizers version) and max_length / max_prompt_length. A file is written whole
+(temporary file, then an atomic rename); one that does not read back as the arrays of its key is
+rebuilt, never trusted.
 """
 
 from __future__ import annotations
