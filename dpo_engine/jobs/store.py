@@ -14,6 +14,8 @@ import json
 import os
 import re
 import secrets
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -22,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from dpo_engine import rundir
@@ -58,6 +61,24 @@ class JobStateError(RuntimeError):
     """The requested transition is not allowed from the job's current status."""
 
 
+def retry_while_locked(fn, timeout_s: float = SQLITE_BUSY_TIMEOUT_S):
+    """fn(), again while SQLite answers "database is locked", for up to `timeout_s`.
+
+    SQLite returns SQLITE_BUSY without asking the busy handler when a connection opens a WAL
+    database while the last connection to it is closing (it holds an exclusive lock to clean up the
+    WAL) or while another one runs recovery (sqlite.org/wal.html, "Sometimes queries return
+    SQLITE_BUSY in WAL mode"): processes that open and close the job database at once meet that."""
+    deadline, delay = time.monotonic() + timeout_s, 0.01
+    while True:
+        try:
+            return fn()
+        except (sqlite3.OperationalError, OperationalError) as exc:
+            if "database is locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 0.5)
+
+
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
@@ -72,7 +93,7 @@ def _make_engine(url: str) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        cur.execute("PRAGMA journal_mode=WAL")
+        retry_while_locked(lambda: cur.execute("PRAGMA journal_mode=WAL"))  # the first read of the file
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
@@ -126,7 +147,7 @@ class JobStore:
     def _create_tables(self) -> None:
         # The write engine starts SQLite transactions with BEGIN IMMEDIATE, so the check-then-create
         # holds the write lock from the start instead of failing when another process does the same.
-        upgrade_schema(self._write_engine)
+        retry_while_locked(lambda: upgrade_schema(self._write_engine))
 
     def close(self) -> None:
         self.engine.dispose()
