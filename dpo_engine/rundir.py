@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def file_stamp(path: str | Path) -> dict[str, Any] | None:
         st = path.stat()
     except OSError:
         return None
-    if not path.is_file():
+    if not stat.S_ISREG(st.st_mode):
         return None
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

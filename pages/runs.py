@@ -23,12 +23,12 @@ from dpo_engine.report.rundata import (
     EXAMPLE_MARK,
     load_dataset_texts,
     load_run,
-    run_dataset_source,
+    run_dataset_texts,
     texts_note,
     workspace_runs,
 )
 from dpo_engine.report.summary import plain_summary
-from dpo_engine.rundir import config_value, data_file_changed, file_stamp
+from dpo_engine.rundir import config_value, file_stamp
 from dpo_engine.viz import htsr_update as viz_update
 from dpo_engine.viz import runs as viz
 
@@ -261,13 +261,14 @@ def _dataset_texts(dataset: str | None, version: tuple | None) -> pd.DataFrame |
     return load_dataset_texts(ws, dataset)
 
 
-def _pair_texts(run) -> pd.DataFrame | None:
-    """The texts of the run's pairs; None when its dataset is unavailable or its file changed since the run."""
-    if data_file_changed(run.run_dir):
-        return None
-    dataset = run_dataset_source(run.run_dir, config_value(run.config, "data", "dataset"))
+def _cached_texts(_workspace, dataset: str | None) -> pd.DataFrame | None:
     stamp = file_stamp(dataset) if dataset else None
     return _dataset_texts(dataset, None if stamp is None else (stamp["size"], stamp["mtime_ns"]))
+
+
+def _pair_texts(run) -> pd.DataFrame | None:
+    """The texts of the run's pairs; None when its dataset is unavailable or its file changed since the run."""
+    return run_dataset_texts(ws, run.run_dir, config_value(run.config, "data", "dataset"), load=_cached_texts)
 
 
 def _disagreements(run) -> None:

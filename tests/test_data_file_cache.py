@@ -10,8 +10,12 @@ import pandas as pd
 import pytest
 
 from dpo_engine.data import load_preferences, open_dataset
-from dpo_engine.data.file_cache import CACHE_DIR, MAX_ENTRIES, cached_file_table
+from dpo_engine.data.file_cache import CACHE_DIR, MAX_ENTRIES, cached_file_table, file_key
 from tests.conftest import HH_SAMPLE, PANDALM_SAMPLE
+
+
+def _cached(root, path, parse):
+    return cached_file_table(root, file_key(path), path, parse)  # the key taken before parsing, as open_dataset does
 
 
 def _parse_counting(calls: list):
@@ -26,8 +30,8 @@ def _parse_counting(calls: list):
 def test_a_hit_equals_parsing_the_file(tmp_path, sample):
     calls: list = []
     parse = _parse_counting(calls)
-    first = cached_file_table(tmp_path, sample, parse)
-    second = cached_file_table(tmp_path, sample, parse)
+    first = _cached(tmp_path, sample, parse)
+    second = _cached(tmp_path, sample, parse)
     assert len(calls) == 1  # the second read came from the cache
     pd.testing.assert_frame_equal(second[0], first[0])
     assert second[1] == first[1] and sum(first[1].values()) > 0  # the drop counts too (each file has flagged rows)
@@ -43,8 +47,8 @@ def test_missing_values_and_a_category_column_come_back_as_parsed(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     parse = _parse_counting([])
     parsed = parse(data)
-    cached_file_table(tmp_path / "ws", data, parse)
-    hit = cached_file_table(tmp_path / "ws", data, lambda p: pytest.fail("parsed again"))
+    _cached(tmp_path / "ws", data, parse)
+    hit = _cached(tmp_path / "ws", data, lambda p: pytest.fail("parsed again"))
     pd.testing.assert_frame_equal(hit[0], parsed[0])
     assert hit[0]["category"].tolist() == [None, "chat"] * 3  # missing stays None, not NaN
 
@@ -54,13 +58,13 @@ def test_a_changed_file_is_parsed_again(tmp_path):
     data.write_text("".join(json.dumps({"prompt": p, "chosen": "a", "rejected": "b"}) + "\n" for p in "pq"))
     calls: list = []
     parse = _parse_counting(calls)
-    assert len(cached_file_table(tmp_path / "ws", data, parse)[0]) == 2
+    assert len(_cached(tmp_path / "ws", data, parse)[0]) == 2
     stat = data.stat()
     data.write_text(data.read_text() + json.dumps({"prompt": "r", "chosen": "e", "rejected": "f"}) + "\n")
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same time, other size
-    assert len(cached_file_table(tmp_path / "ws", data, parse)[0]) == 3
+    assert len(_cached(tmp_path / "ws", data, parse)[0]) == 3
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, touched
-    assert len(cached_file_table(tmp_path / "ws", data, parse)[0]) == 3
+    assert len(_cached(tmp_path / "ws", data, parse)[0]) == 3
     assert len(calls) == 3
 
 
@@ -72,15 +76,15 @@ def test_the_cache_keeps_the_newest_entries_and_survives_a_damaged_one(tmp_path)
         data = tmp_path / f"pairs{i}.jsonl"
         data.write_text(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n")
         files.append(data)
-        cached_file_table(tmp_path / "ws", data, parse)
+        _cached(tmp_path / "ws", data, parse)
     entries = list((tmp_path / "ws" / CACHE_DIR).glob("*.parquet"))
     assert len(entries) == MAX_ENTRIES
     for entry in entries:
         entry.write_bytes(b"not parquet")
-    table, _ = cached_file_table(tmp_path / "ws", files[-1], parse)  # damaged: parsed again, rewritten
+    table, _ = _cached(tmp_path / "ws", files[-1], parse)  # damaged: parsed again, rewritten
     assert table["prompt"].tolist() == [f"p{MAX_ENTRIES + 1}"] and len(calls) == MAX_ENTRIES + 3
-    assert cached_file_table(tmp_path / "ws", files[-1], parse)[0].equals(table) and len(calls) == MAX_ENTRIES + 3
-    cached_file_table(None, files[0], parse)  # no workspace: no cache
+    assert _cached(tmp_path / "ws", files[-1], parse)[0].equals(table) and len(calls) == MAX_ENTRIES + 3
+    _cached(None, files[0], parse)  # no workspace: no cache
     assert len(calls) == MAX_ENTRIES + 4
 
 

@@ -76,12 +76,13 @@ def _write(entry: Path, table: pd.DataFrame, dropped: dict[str, int]) -> None:
         pass
 
 
-def cached_file_table(root: Path | None, path: str | os.PathLike, parse) -> tuple[pd.DataFrame, dict[str, int]]:
-    """`parse(path)` -> (table, dropped), or what it returned for the same file before (root None: no cache).
-
-    The key is taken before parsing, so a file that changes while it is read is parsed again next time."""
-    key = file_key(path) if root is not None else None
-    entry = Path(root) / CACHE_DIR / f"{key}.parquet" if key is not None else None
+def cached_file_table(
+    root: Path | None, key: str | None, path: str | os.PathLike, parse
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """`parse(path)` -> (table, dropped), or what it returned before for the file `key` names (root or
+    key None: no cache). Take `key` (`file_key`) before parsing, so a file that changes while it is
+    read is parsed again next time."""
+    entry = Path(root) / CACHE_DIR / f"{key}.parquet" if root is not None and key is not None else None
     if entry is not None and entry.is_file():
         hit = _read(entry)
         if hit is not None:

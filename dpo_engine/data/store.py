@@ -281,7 +281,7 @@ def open_dataset(workspace: Workspace, dataset: str) -> LoadedDataset:
     if path.is_file():
         key = file_key(path)  # before reading: a file changed meanwhile gets a new key next time
         table, dropped = cached_file_table(
-            getattr(workspace, "root", None), path, lambda p: load_preferences(p).finalize(drop_flagged=True)
+            getattr(workspace, "root", None), key, path, lambda p: load_preferences(p).finalize(drop_flagged=True)
         )
         return LoadedDataset(
             table=table,

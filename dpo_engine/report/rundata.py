@@ -166,11 +166,12 @@ def texts_note(run_dir: Path, dataset: str | None) -> str | None:
     return None
 
 
-def run_dataset_texts(workspace, run_dir: Path, dataset: str | None) -> pd.DataFrame | None:
-    """`load_dataset_texts` for a run: None when the file the run read has changed since."""
+def run_dataset_texts(workspace, run_dir: Path, dataset: str | None, load=load_dataset_texts) -> pd.DataFrame | None:
+    """The texts of a run's pairs, read by `load(workspace, source)` from the file the run recorded
+    reading, else its dataset; None when that file has changed since."""
     if rundir.data_file_changed(run_dir):
         return None
-    return load_dataset_texts(workspace, run_dataset_source(run_dir, dataset))
+    return load(workspace, run_dataset_source(run_dir, dataset))
 
 
 @dataclass

@@ -227,10 +227,6 @@ class OptimConfig(_Strict):
 EVALS_PER_RUN_AUTO = 20
 EVAL_EVERY_AUTO_MIN = 10
 EVAL_SHARE_AUTO = 0.2
-# Held-out pairs per evaluation batch by default, as a multiple of the training micro-batch. Not more
-# than one: with gradient checkpointing a training step keeps little, and a no-grad pass over twice the
-# pairs raised a 1.1B model's peak by 0.6 GB on the CPU (docs/BENCHMARKS.md), past the memory estimate.
-EVAL_BATCH_FACTOR_AUTO = 1
 FORWARD_SHARE_OF_STEP = 1 / 3
 
 
@@ -292,8 +288,10 @@ class MonitoringConfig(_Strict):
         return switch_from_bool(value)
 
     def eval_batch(self, train_batch_size: int) -> int:
-        """Pairs per evaluation batch, the automatic value resolved."""
-        return self.eval_batch_size or EVAL_BATCH_FACTOR_AUTO * train_batch_size
+        """Pairs per evaluation batch, the automatic value resolved: the training micro-batch, not more,
+        because with gradient checkpointing a training step keeps little and a no-grad pass over more
+        pairs can peak above it (docs/BENCHMARKS.md)."""
+        return self.eval_batch_size or train_batch_size
 
     def cadence(self, total_steps: int, *, eval_pairs: int = 0, pairs_per_step: int = 1) -> tuple[int, int]:
         """(eval_every, snapshot_every) of a run of `total_steps` optimiser steps, each over `pairs_per_step`
