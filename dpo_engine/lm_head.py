@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dpo_engine.logit_chunks import head_chunk_rows
-from dpo_engine.losses import token_logps
+from dpo_engine.losses import check_labels, token_logps
 
 
 def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
@@ -40,9 +40,7 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
         )
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"expected labels (N,) = ({hidden.shape[0]},), got {tuple(labels.shape)}")
-    vocab = weight.shape[0]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
-        raise ValueError(f"labels must lie in [0, {vocab}), got range [{int(labels.min())}, {int(labels.max())}]")
+    check_labels(labels, weight.shape[0])
 
 
 def _logps_and_direction(
@@ -57,8 +55,11 @@ def _logps_and_direction(
         lse = torch.logsumexp(z, dim=-1)
         out[rows] = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - lse
         if direction is not None:
+            # e_y - softmax(z), formed in fp32 before the cast: for a confident token p_y is near 1, and
+            # W[y] - (pᵀW rounded to bf16) would lose the small difference that is the gradient
             p = z.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of z
-            direction[rows] = weight[labels[rows]] - (p.to(weight.dtype) @ weight)
+            p[torch.arange(p.shape[0], device=p.device), labels[rows]] -= 1.0
+            direction[rows] = -(p.to(weight.dtype) @ weight)
     return out, direction
 
 

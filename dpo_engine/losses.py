@@ -82,6 +82,14 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
     return (token_logp * mask).sum(-1)
 
 
+def check_labels(labels: Tensor, vocab: int) -> None:
+    """Labels must index the vocabulary. Checked on CPU tensors only: on a GPU reading the range back
+    would make the host wait for the device at every pass, so training checks its token ids against
+    the head once, before the first step (train/setup.py, `check_token_ids`)."""
+    if labels.device.type == "cpu" and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+        raise ValueError(f"labels must lie in [0, {vocab}), got range [{int(labels.min())}, {int(labels.max())}]")
+
+
 def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
     """log π(label_n | context_n) for N scored positions: logits (N × V), labels (N,) -> (N,).
 
@@ -93,9 +101,7 @@ def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
         raise ValueError(
             f"expected logits (N x V) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
-    vocab = logits.shape[-1]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
-        raise ValueError(f"labels must lie in [0, {vocab}), got range [{int(labels.min())}, {int(labels.max())}]")
+    check_labels(labels, logits.shape[-1])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
@@ -107,17 +113,14 @@ def sum_by_sequence(values: Tensor, sequence: Tensor, n_sequences: int) -> Tenso
 
 
 def masked_mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean of hidden states over the masked tokens, L2-normalised -> (B × H)."""
+    """Mean of hidden states over the masked tokens, L2-normalised -> (B × H). A row without tokens
+    (an empty prompt under a tokenizer that adds no BOS) pools to the zero vector (METHOD.md 2.2)."""
     if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
         raise ValueError(
             f"expected hidden (B x T x H) and mask (B x T), got {tuple(hidden.shape)} and {tuple(mask.shape)}"
         )
     weights = mask.to(hidden.dtype).unsqueeze(-1)
-    counts = weights.sum(1)
-    if bool((counts == 0).any()):
-        empty = (counts.squeeze(-1) == 0).nonzero().flatten().tolist()
-        raise ValueError(f"masked_mean_pool: rows {empty} have no tokens to pool")
-    pooled = (hidden * weights).sum(1) / counts
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
     return F.normalize(pooled, dim=-1)
 
 
@@ -159,9 +162,11 @@ def hybrid_dpo_loss(
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    beta_i = _as_vector(beta, policy_chosen_logps, "beta")
-    if bool((beta_i <= 0).any()):
+    if isinstance(beta, Tensor) and beta.device.type != "cpu":
+        pass  # a device tensor: ε-DPO keeps beta a positive float (update_beta); reading it back would wait
+    elif bool((torch.as_tensor(beta) <= 0).any()):
         raise ValueError("beta must be > 0")
+    beta_i = _as_vector(beta, policy_chosen_logps, "beta")
 
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps

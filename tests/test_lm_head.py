@@ -47,6 +47,28 @@ def test_head_token_logps_equal_the_full_logit_path_in_value_and_gradient(weight
         np.testing.assert_allclose(head_token_logps(hidden, weight, labels).numpy(), plain.detach().numpy(), atol=1e-12)
 
 
+def test_bfloat16_gradient_of_confident_tokens_is_as_accurate_as_the_plain_bfloat16_path():
+    """A confident token's gradient, W[y] - softmax(z)ᵀW, is a small difference of two near-equal
+    vectors: it must be formed before rounding to bf16, as autograd's plain path does (e_y - p)."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(64, 32, generator=gen, dtype=torch.float64)
+    weight = torch.randn(512, 32, generator=gen, dtype=torch.float64)
+    labels = (hidden @ weight.T).argmax(-1)
+    hidden = hidden * 6  # p_y of most labels above 0.99
+    exact = torch.autograd.grad(token_logps(hidden.requires_grad_() @ weight.T, labels).sum(), [hidden])[0]
+    p_y = torch.softmax(hidden.detach() @ weight.T, -1).gather(-1, labels[:, None])
+    assert float(p_y.median()) > 0.99
+
+    def error(fn) -> float:
+        h = hidden.detach().bfloat16().requires_grad_()
+        (g,) = torch.autograd.grad(fn(h, weight.bfloat16()).sum(), [h])
+        return float(((g.double() - exact).norm(dim=-1) / exact.norm(dim=-1)).median())
+
+    plain = error(lambda h, w: token_logps(h @ w.T, labels))
+    chunked = error(lambda h, w: head_token_logps(h, w, labels, chunk_rows=16))
+    assert chunked < max(2 * plain, 0.02), (chunked, plain)
+
+
 def test_head_token_logps_float32_within_1e_5_of_the_plain_path():
     hidden, _, weight, labels, upstream = _inputs()
     h32 = hidden.detach().float().requires_grad_()

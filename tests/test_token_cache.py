@@ -28,7 +28,20 @@ def tokenizers(tmp_path_factory):
     chat, plain = load_tokenizer("tiny-random", ws), load_tokenizer("tiny-random", ws)
     plain.chat_template = None
     assert chat.chat_template
-    return {"chat": chat, "plain": plain}
+    return {"chat": chat, "plain": plain, "bos": with_bos(load_tokenizer("tiny-random", ws))}
+
+
+def with_bos(tokenizer):
+    """The tokenizer made to put its BOS before every text, as a base Llama's does, and without a chat
+    template: what a prompt then starts with must come from the prefix rule."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = None
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +64,7 @@ def as_pairs(tokenizer, table, **lengths):
     return ArrayPairs(tokenize_arrays(tokenizer, table, chunk=64, **lengths), table["pair_id"].to_numpy())
 
 
-@pytest.mark.parametrize("kind", ["chat", "plain"])
+@pytest.mark.parametrize("kind", ["chat", "plain", "bos"])
 @pytest.mark.parametrize("lengths", [(96, 48), (256, 128), (40, 4)])
 def test_arrays_equal_the_list_form_token_for_token(tokenizers, table, kind, lengths):
     tokenizer = tokenizers[kind]

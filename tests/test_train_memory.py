@@ -116,7 +116,26 @@ def test_a_run_that_cannot_fit_gets_advice():
     estimate = _estimate(lora=False, gradient_checkpointing=False, batch_size=8, max_length=2048, available=8 * GiB)
     assert not estimate.fits
     text = " ".join(estimate.advice)
-    assert "LoRA" in text and "checkpointing" in text and "batch_size 4" in text and "max_length 1024" in text
+    assert "LoRA" in text and "checkpointing" in text and "optimisation.batch_size" in text and "max_length" in text
+
+
+def test_advice_offers_only_changes_that_make_the_run_fit():
+    """Each line is checked by estimating again: 4-bit weights alone would not fit here, bf16 is
+    already the dtype, so neither is offered; when no single change fits, all of them together are."""
+    tight = _estimate(batch_size=8, max_length=1024, available=5 * GiB)
+    assert tight.advice == [
+        "lower the batch to 4 (optimisation.batch_size 4) and multiply grad_accum by 2",
+        "shorten sequences (data.max_length 512)",
+    ]
+    assert _estimate(batch_size=4, max_length=1024, available=5 * GiB).fits
+    assert not _estimate(batch_size=8, max_length=1024, load_in_4bit=True, available=5 * GiB).fits
+    fp32 = _estimate(compute_dtype="float32", available=4 * GiB, device="cpu")
+    assert fp32.advice == ["use bfloat16 weights (model.dtype bfloat16)"]
+    together = _estimate(lora=False, gradient_checkpointing=False, batch_size=8, max_length=2048, available=8 * GiB)
+    assert len(together.advice) == 1 and together.advice[0].startswith("all of these together")
+    assert _estimate(available=1 * GiB).advice == [
+        "use a device with more memory (no change of these settings makes it fit)"
+    ]
 
 
 def _env(workspace):
@@ -153,7 +172,7 @@ def test_a_run_that_will_not_fit_is_refused_by_the_cli_and_by_the_job(workspace)
     )
     assert proc.returncode != 0
     line = proc.stderr.strip().splitlines()[-1]
-    assert "will not fit" in line and "batch_size 2048" in line, proc.stderr
+    assert "will not fit" in line and "optimisation.batch_size" in line, proc.stderr
     submitted = subprocess.run(
         [*CLI, "train", str(HH_SAMPLE), "--model", "tiny-random", *HUGE],
         capture_output=True,

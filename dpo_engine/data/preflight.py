@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpo_engine.data.tokenize import render_prompt, tokenize_pair
+from dpo_engine.data.tokenize import prompt_prefix, render_prompt, tokenize_pair
 
 SIDES: tuple[str, ...] = ("prompt", "chosen", "rejected")
 QUANTILES: tuple[int, ...] = (50, 90, 95, 99)
@@ -140,9 +140,11 @@ def token_counts(table: pd.DataFrame, tokenizer) -> dict[str, np.ndarray]:
 
     The pre-flight and the data audit's length bias both read these, so the texts are tokenised once."""
     eos = 1 if tokenizer.eos_token_id is not None else 0
+    prefix = prompt_prefix(tokenizer)
     rendered = [render_prompt(tokenizer, str(p)) for p in table["prompt"]]
-    n_tokens = {
-        "prompt": np.array([len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]),
+    encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    n_tokens = {  # the prompt with the prefix training puts before it (tokenize.keep_prompt_end)
+        "prompt": np.array([len(ids) + (len(prefix) if ids[: len(prefix)] != prefix else 0) for ids in encoded]),
     }
     for side in ("chosen", "rejected"):
         ids = tokenizer([str(t) for t in table[side]], add_special_tokens=False)["input_ids"]

@@ -3,7 +3,7 @@
 At 100k pairs a Python list of ints per prompt and response costs gigabytes and minutes to build
 or unpickle; three flat int32 arrays with int64 offsets are a few hundred megabytes, save and load
 as one file (data.token_cache), and a pair becomes a `TokenizedPair` only when a batch takes it.
-The rule is `tokenize.tokenize_pair`'s (chat template, prompt keeps its end, responses + EOS fill
+The rule is `tokenize.tokenize_pair`'s (chat template, prompt keeps its prefix and end, responses + EOS fill
 what max_length leaves), applied to whole arrays; the tests check it token for token.
 """
 
@@ -16,7 +16,7 @@ from itertools import chain
 import numpy as np
 import pandas as pd
 
-from dpo_engine.data.tokenize import TokenizedPair, render_prompt
+from dpo_engine.data.tokenize import TokenizedPair, prompt_prefix, render_prompt
 
 SIDES = ("prompt", "chosen", "rejected")
 
@@ -78,6 +78,14 @@ class Ragged:
         pos = self._positions()
         keep = (pos >= np.repeat(lo, n)) & (pos < np.repeat(hi, n))
         return Ragged.from_lengths(self.values[keep], hi - lo)
+
+    def prepend_each(self, tokens: list[int]) -> "Ragged":
+        """Every sequence with `tokens` put before it."""
+        if not tokens:
+            return self
+        at = np.repeat(self.offsets[:-1], len(tokens))
+        values = np.insert(self.values, at, np.tile(np.asarray(tokens, dtype=np.int32), len(self)))
+        return Ragged.from_lengths(values, self.lengths() + len(tokens))
 
     def append_each(self, token: int) -> "Ragged":
         """Every sequence with `token` added at its end."""
@@ -143,7 +151,8 @@ def tokenize_arrays(
     A prompt repeated across pairs (several responses to one prompt) is rendered and encoded once."""
     codes, prompts = pd.factorize(pd.Series([str(p) for p in df["prompt"]], dtype=object), sort=False)
     rendered = [render_prompt(tokenizer, p) for p in prompts]
-    prompt = encode(tokenizer, rendered, chunk).slice_each(-max_prompt_length, None).take(codes)
+    prompt = keep_prompt_end(encode(tokenizer, rendered, chunk), prompt_prefix(tokenizer), max_prompt_length)
+    prompt = prompt.take(codes)
     budget = max_length - prompt.lengths()
     eos = tokenizer.eos_token_id
 
@@ -152,6 +161,24 @@ def tokenize_arrays(
         return (ids if eos is None else ids.append_each(eos)).slice_each(None, budget)
 
     return TokenArrays(prompt, response("chosen"), response("rejected"))
+
+
+def keep_prompt_end(prompts: Ragged, prefix: list[int], max_prompt_length: int) -> Ragged:
+    """`tokenize.keep_prompt_end` on every prompt: the prefix (added where a prompt lacks it), then the
+    end of the rest, max_prompt_length tokens in all."""
+    k = len(prefix)
+    n = prompts.lengths()
+    if k:
+        rows = np.flatnonzero(n >= k)  # the prompts that start with the prefix already, narrowed token by token
+        for j, token in enumerate(prefix):
+            rows = rows[prompts.values[prompts.offsets[rows] + j] == token]
+        start = np.zeros(len(n), dtype=np.int64)
+        start[rows] = k
+        prompts = prompts.slice_each(start, None)
+        n = prompts.lengths()
+    keep = max(0, max_prompt_length - k)
+    prompts = prompts.slice_each(np.maximum(n - keep, 0), None)
+    return prompts.prepend_each(prefix[:max_prompt_length]) if k else prompts
 
 
 class ArrayPairs(Sequence[TokenizedPair]):

@@ -25,7 +25,7 @@ import pandas as pd
 from dpo_engine.data.token_arrays import SIDES, Ragged, TokenArrays, tokenize_arrays
 
 CACHE_DIR = "token_cache"
-FORMAT = 1  # bump when the file layout or the tokenisation rule changes
+FORMAT = 2  # bump when the file layout or the tokenisation rule changes
 
 
 def table_hash(df: pd.DataFrame) -> str:

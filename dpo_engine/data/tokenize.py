@@ -2,7 +2,8 @@
 
 Prompts are rendered through the tokenizer's chat template when it has one (a user turn plus the
 generation prompt) and responses are appended as assistant text + EOS, so the policy sees pairs the
-way it was instruction-tuned. The prompt keeps its end; responses fill what ``max_length`` leaves.
+way it was instruction-tuned. A prompt starts with what the tokenizer would put before any text (a
+base Llama's BOS) and keeps its end when cut; responses fill what ``max_length`` leaves.
 Training reads a whole table through `token_arrays` (the same rule on flat arrays) and `token_cache`.
 """
 
@@ -26,6 +27,26 @@ def pair_length(pair: TokenizedPair) -> int:
     return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 
+def prompt_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text of its own accord: a BOS for Llama, Mistral or Gemma,
+    nothing for GPT-2-style tokenizers or Qwen. Texts are encoded without special tokens, so a prompt
+    gets these by `keep_prompt_end` (a chat template that writes its own BOS is not given a second)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k : k + len(bare)] == bare:
+            return list(full[:k])
+    return []
+
+
+def keep_prompt_end(ids: list[int], prefix: list[int], max_prompt_length: int) -> list[int]:
+    """The prompt as training reads it: the prefix, then the end of the rest, max_prompt_length in all.
+    The prefix stays when a long prompt is cut (cutting from the left would drop a base model's BOS)."""
+    body = ids[len(prefix) :] if prefix and ids[: len(prefix)] == prefix else ids
+    keep = max(0, max_prompt_length - len(prefix))
+    return (prefix + body[max(0, len(body) - keep) :] if keep else prefix)[:max_prompt_length]
+
+
 def render_prompt(tokenizer, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
@@ -37,9 +58,9 @@ def render_prompt(tokenizer, prompt: str) -> str:
 def tokenize_pair(
     tokenizer, pair_id: str, prompt: str, chosen: str, rejected: str, *, max_length: int, max_prompt_length: int
 ) -> TokenizedPair:
-    """Prompt keeps its last max_prompt_length tokens; responses are cut so prompt + response <= max_length."""
+    """Prompt keeps its prefix and its end (`keep_prompt_end`); responses are cut so prompt + response <= max_length."""
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    prompt_ids = prompt_ids[-max_prompt_length:]
+    prompt_ids = keep_prompt_end(prompt_ids, prompt_prefix(tokenizer), max_prompt_length)
     budget = max_length - len(prompt_ids)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
@@ -59,6 +80,7 @@ def tokenize_pairs(
     100k pairs is the difference between minutes and seconds; the result is the same as one call per
     text, which the tests check."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prefix = prompt_prefix(tokenizer)
     out: list[TokenizedPair] = []
     for start in range(0, len(df), chunk):
         part = df.iloc[start : start + chunk]
@@ -68,7 +90,7 @@ def tokenize_pairs(
             for texts in (prompts, [str(t) for t in part["chosen"]], [str(t) for t in part["rejected"]])
         ]
         for pair_id, prompt_ids, chosen_ids, rejected_ids in zip(part["pair_id"], *encode):
-            prompt_ids = prompt_ids[-max_prompt_length:]
+            prompt_ids = keep_prompt_end(prompt_ids, prefix, max_prompt_length)
             budget = max_length - len(prompt_ids)
             chosen, rejected = (chosen_ids + eos)[:budget], (rejected_ids + eos)[:budget]
             out.append(TokenizedPair(str(pair_id), list(prompt_ids), chosen, rejected))

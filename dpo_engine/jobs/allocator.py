@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 ENV_ALLOCATOR = "DPO_KERNELS_ALLOCATOR"
+CUDA_ALLOC_CONF = "expandable_segments:True"  # PyTorch's caching allocator in a job process (worker.py)
 JEMALLOC_CONF = "background_thread:true"
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 import dpo_engine
-from dpo_engine.jobs.allocator import with_allocator
+from dpo_engine.jobs.allocator import CUDA_ALLOC_CONF, with_allocator
 from dpo_engine.jobs.child import ENV_DEVICE, ENV_WORKER_PID
 from dpo_engine.jobs.devices import cuda_device_count, pinned_visible_devices, resolve_device
 from dpo_engine.jobs.models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job
@@ -184,6 +184,9 @@ class Worker(StopOnSignal):
         )
         if self.visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+        # packed batches change shape every step: growable segments keep the CUDA allocator from
+        # fragmenting into blocks no later batch fits (a user's own setting wins)
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
         return with_allocator(env)
 
     @property

@@ -28,8 +28,9 @@ class WillNotFit(ValueError):
     """The predicted peak memory of a run exceeds what its device has; the message says what to change."""
 
 
-def memory_estimate(cfg, ws, device: str):
-    """The predicted peak memory of `cfg` on `device` (dpo_engine/train/memory.py), nothing loaded."""
+def memory_estimate(cfg, ws, device: str, *, free: bool = False):
+    """The predicted peak memory of `cfg` on `device` (dpo_engine/train/memory.py), nothing loaded;
+    against the GPU memory free now with `free` (memory.device_memory), else its total."""
     from dpo_engine.logit_chunks import head_chunk_rows
     from dpo_engine.models.loading import model_directory, resolve_dtype
     from dpo_engine.train.memory import device_memory, estimate_peak, model_shape
@@ -39,7 +40,7 @@ def memory_estimate(cfg, ws, device: str):
         model_directory(cfg.model.name, workspace=ws), cfg.model.lora_target_modules, cfg.model.trust_remote_code
     )
     compute = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
-    return estimate_peak(
+    estimate = estimate_peak(
         shape,
         lora=cfg.model.lora,
         lora_r=cfg.model.lora_r,
@@ -48,21 +49,24 @@ def memory_estimate(cfg, ws, device: str):
         max_length=cfg.data.max_length,
         gradient_checkpointing=use_gradient_checkpointing(cfg.model.gradient_checkpointing, shape.n_params),
         device=device,
-        available=device_memory(device),
+        available=device_memory(device, free=free),
         head_chunk_rows=head_chunk_rows(shape.hidden),
         load_in_4bit=cfg.model.load_in_4bit,
         eval_batch_size=cfg.monitoring.eval_batch(cfg.optimisation.batch_size),
     )
+    estimate.free = free and device.startswith("cuda")
+    return estimate
 
 
-def check_memory(cfg, ws, device: str):
+def check_memory(cfg, ws, device: str, *, free: bool = False):
     """The estimate, or WillNotFit when the run is predicted not to fit on `device` (ValueError when
-    its options cannot run there at all, e.g. 4-bit weights without an NVIDIA GPU)."""
+    its options cannot run there at all, e.g. 4-bit weights without an NVIDIA GPU); `free` as in
+    `memory_estimate`."""
     if cfg.model.load_in_4bit:
         from dpo_engine.train.setup import require_4bit_support
 
         require_4bit_support(device)
-    estimate = memory_estimate(cfg, ws, device)
+    estimate = memory_estimate(cfg, ws, device, free=free)
     if not estimate.fits:
         raise WillNotFit(f"this run will not fit: {estimate.summary()}; to fit, " + "; or ".join(estimate.advice))
     return estimate

@@ -62,6 +62,7 @@ class MemoryEstimate:
     device: str
     available: int | None
     advice: list[str] = field(default_factory=list)
+    free: bool = False  # `available` is what the device has free now, not its total
 
     @property
     def total(self) -> int:
@@ -73,7 +74,8 @@ class MemoryEstimate:
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.components.items() if v)
-        have = f" of {self.available / GiB:.1f} GiB on {self.device}" if self.available else f" on {self.device}"
+        free = " free" if self.free else ""
+        have = f" of {self.available / GiB:.1f} GiB{free} on {self.device}" if self.available else f" on {self.device}"
         return f"predicted peak {self.total / GiB:.2f} GiB{have} ({parts} GiB)"
 
 
@@ -106,7 +108,17 @@ def model_shape(model_dir: str, target_modules: list[str], trust_remote_code: bo
     )
 
 
-def estimate_peak(
+def estimate_peak(shape: ModelShape, **settings) -> MemoryEstimate:
+    """Predicted peak memory of one training step (see the module docstring for the terms) and, when
+    it will not fit, the changes that would each make it fit (`MemoryEstimate.advice`). `settings`
+    are `_estimate`'s keyword arguments."""
+    estimate = _estimate(shape, **settings)
+    if not estimate.fits:
+        estimate.advice = _advice(shape, settings)
+    return estimate
+
+
+def _estimate(
     shape: ModelShape,
     *,
     lora: bool,
@@ -121,7 +133,6 @@ def estimate_peak(
     load_in_4bit: bool = False,
     eval_batch_size: int | None = None,
 ) -> MemoryEstimate:
-    """Predicted peak memory of one training step (see the module docstring for the terms)."""
     compute = DTYPE_BYTES[compute_dtype]
     stored = compute if lora else 4
     if load_in_4bit:
@@ -150,32 +161,62 @@ def estimate_peak(
     components["activations"] = max(components["activations"], one_layer(eval_batch_size or batch_size))
     components["logits"] = head_chunk_rows * shape.vocab * 4 * _LOGIT_COPIES
     components["runtime"] = RUNTIME_BYTES_CUDA if device.startswith("cuda") else RUNTIME_BYTES_CPU
-    estimate = MemoryEstimate(components, device, available)
-    if not estimate.fits:
-        estimate.advice = _advice(lora, gradient_checkpointing, batch_size, max_length, load_in_4bit, device)
-    return estimate
+    return MemoryEstimate(components, device, available)
 
 
-def _advice(
-    lora: bool, checkpointing: bool, batch_size: int, max_length: int, load_in_4bit: bool, device: str
-) -> list[str]:
-    advice = []
-    if not lora:
-        advice.append("train LoRA adapters (model.lora true) instead of every weight")
-    elif not load_in_4bit and device.startswith("cuda"):
-        advice.append("store the frozen base in 4-bit (model.load_in_4bit true: QLoRA)")
-    if not checkpointing:
-        advice.append("turn gradient checkpointing on (model.gradient_checkpointing on)")
-    if batch_size > 1:
-        advice.append(f"halve the batch (optimisation.batch_size {batch_size // 2}) and double grad_accum")
-    if max_length > 256:
-        advice.append(f"shorten sequences (data.max_length {max_length // 2})")
-    advice.append("use bfloat16 weights (model.dtype bfloat16) or a device with more memory")
-    return advice
+def _advice(shape: ModelShape, settings: dict) -> list[str]:
+    """The changes that would each make the run fit, each checked by estimating again (a batch or a
+    length lowered as far as it needs, by halving); when none does alone, all of them together if
+    that fits; else a device with more memory."""
+    s = settings
+
+    def fits(**change) -> bool:
+        return _estimate(shape, **{**s, **change}).fits
+
+    def smaller_batch(size: int) -> dict:
+        return {"batch_size": size, "eval_batch_size": min(size, s.get("eval_batch_size") or size)}
+
+    def halvings(value: int, floor: int) -> list[int]:
+        out = []
+        while value // 2 >= floor:
+            value //= 2
+            out.append(value)
+        return out
+
+    candidates: list[tuple[str, dict]] = []
+    if not s["lora"]:
+        candidates.append(("train LoRA adapters (model.lora true) instead of every weight", {"lora": True}))
+    elif not s.get("load_in_4bit") and s["device"].startswith("cuda"):
+        candidates.append(("store the frozen base in 4-bit (model.load_in_4bit true: QLoRA)", {"load_in_4bit": True}))
+    if not s["gradient_checkpointing"]:
+        candidates.append(
+            ("turn gradient checkpointing on (model.gradient_checkpointing on)", {"gradient_checkpointing": True})
+        )
+    batches = halvings(s["batch_size"], 1)
+    if batches:
+        size = next((b for b in batches if fits(**smaller_batch(b))), batches[-1])
+        factor = s["batch_size"] // size
+        text = f"lower the batch to {size} (optimisation.batch_size {size}) and multiply grad_accum by {factor}"
+        candidates.append((text, smaller_batch(size)))
+    lengths = halvings(s["max_length"], 128)
+    if lengths:
+        length = next((n for n in lengths if fits(max_length=n)), lengths[-1])
+        candidates.append((f"shorten sequences (data.max_length {length})", {"max_length": length}))
+    if DTYPE_BYTES[s["compute_dtype"]] > 2:
+        candidates.append(("use bfloat16 weights (model.dtype bfloat16)", {"compute_dtype": "bfloat16"}))
+    fitting = [text for text, change in candidates if fits(**change)]
+    if fitting:
+        return fitting
+    together = {k: v for _, change in candidates for k, v in change.items()}
+    if len(candidates) > 1 and fits(**together):
+        return ["all of these together: " + ", ".join(text for text, _ in candidates)]
+    return ["use a device with more memory (no change of these settings makes it fit)"]
 
 
-def device_memory(device: str) -> int | None:
-    """Bytes the device offers a new job: a GPU's total memory, or the host's available memory."""
+def device_memory(device: str, *, free: bool = False) -> int | None:
+    """Bytes the device offers a new job: the host's available memory; a GPU's total memory, or with
+    `free` what other processes leave of it now. `free` opens a CUDA context (a few hundred MB held
+    until the process ends), so only the job's own process asks for it, just before it loads."""
     import psutil
 
     if device.startswith("cuda"):
@@ -184,5 +225,7 @@ def device_memory(device: str) -> int | None:
         if not torch.cuda.is_available():
             return None
         index = torch.device(device).index or 0
+        if free:
+            return int(torch.cuda.mem_get_info(index)[0])
         return int(torch.cuda.get_device_properties(index).total_memory)
     return int(psutil.virtual_memory().available)

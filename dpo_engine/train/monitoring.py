@@ -332,6 +332,8 @@ def write_summary(
         train_time_s=state.train_seconds,
         tokens_per_s=state.tokens_seen / state.train_seconds if state.train_seconds else None,
         peak_memory_mb=peak_memory_mb(device),
+        # what the caching allocator held at most (allocated + cached blocks): what other jobs could not use
+        peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         device=str(device),
         weighted_alpha_before=before,
         weighted_alpha_after=htsr_after,

@@ -174,7 +174,10 @@ class ModelPasses:
         return ForwardOut(logps, pooled, tokens, head)
 
     def policy_pass(self, batch: Batch, *, pool: bool) -> ForwardOut:
-        return self.forward(self.model, batch, pool=pool)
+        """The policy on a batch. Without a gradient (evaluation) it runs unwrapped: DDP would broadcast
+        its buffers from rank 0 before each forward, and ranks evaluating different numbers of batches
+        would then wait on each other's collectives."""
+        return self.forward(self.model if torch.is_grad_enabled() else self.unwrapped(), batch, pool=pool)
 
     def reference_pass(self, batch: Batch, *, pool: bool = False) -> ForwardOut:
         """The reference model on a batch (no gradient); its log-probs (and pooled states) go into the cache."""

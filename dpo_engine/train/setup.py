@@ -27,7 +27,7 @@ from transformers import get_scheduler
 
 from dpo_engine import rundir
 from dpo_engine.data.split import split_pairs
-from dpo_engine.data.token_arrays import ArrayPairs
+from dpo_engine.data.token_arrays import ArrayPairs, TokenArrays
 from dpo_engine.data.token_cache import cached_token_arrays
 from dpo_engine.data.tokenize import TokenizedPair, pair_length
 from dpo_engine.embed import embed_texts
@@ -71,6 +71,7 @@ def build_parts(
             models = load_models(config, workspace, run_dir, accelerator, compute_dtype, resuming, timer, log)
         with timer.timed("load_data"):
             split = load_data(config, workspace, pairs, models.tokenizer, accelerator, timer, log)
+    check_token_ids(split.train_pairs.arrays, models.model)
     if not config.model.load_in_4bit:  # 4-bit weights were placed on the device as they loaded
         models.model.to(accelerator.device)
     if models.ref_model is not None:
@@ -107,6 +108,19 @@ def build_parts(
         optimizer=optimizer,
         scheduler=scheduler,
     )
+
+
+def check_token_ids(arrays: TokenArrays, model: torch.nn.Module) -> None:
+    """Every token id must index the LM head. Checked once here, on the arrays, because the passes do
+    not read labels back from a GPU (losses.check_labels)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    sides = (arrays.prompt, arrays.chosen, arrays.rejected)
+    top = max((int(side.values.max()) for side in sides if len(side.values)), default=-1)
+    if top >= vocab:
+        raise ValueError(
+            f"the tokenizer gives token id {top} but the model's LM head has {vocab} rows: "
+            "the tokenizer does not belong to this model"
+        )
 
 
 # ------------------------------------------------------------------ device
@@ -287,7 +301,7 @@ def packing_keeps_attention(model: torch.nn.Module, max_length: int, log: LogFn)
 @dataclass
 class DataSplit:
     pairs: pd.DataFrame
-    train_pairs: Sequence[TokenizedPair]  # made from the token arrays when a batch reads them (ArrayPairs)
+    train_pairs: ArrayPairs  # made from the token arrays when a batch reads them
     eval_pairs: list[TokenizedPair]
     probe_pairs: list[TokenizedPair]
     batches_per_epoch: int
@@ -494,6 +508,9 @@ def build_optimiser(
     """AdamW with one group for the model and one for the mixture weights, the prepared model, the schedule."""
     opt = config.optimisation
     params = [p for p in model.parameters() if p.requires_grad]
+    if accelerator.num_processes > 1:
+        # every rank loaded the same frozen weights: DDP need not broadcast them from rank 0 at wrap
+        model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
     groups = [{"params": params, "lr": opt.lr, "weight_decay": opt.weight_decay}]
     if kernel_params:
         groups.append({"params": kernel_params, "lr": config.method.kernel.weight_lr, "weight_decay": 0.0})

@@ -320,7 +320,8 @@ class TrainingStep:
             check_finite(torch.tensor(grad_norm), "gradient norm", self.config, self.state)
         lr = parts.scheduler.get_last_lr()[0]
         parts.optimizer.step()
-        parts.scheduler.step()
+        if not getattr(parts.optimizer, "step_was_skipped", False):  # fp16: no update, no schedule step (as HF's)
+            parts.scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
         eps = self.config.method.loss.epsilon_dpo
         if eps > 0 and step_count:
@@ -329,6 +330,8 @@ class TrainingStep:
                 stats = accelerator.reduce(stats, reduction="sum")
             state.beta = update_beta(state.beta, float(stats[0] / stats[1]), eps)
         state.step += 1
+        if parts.device.type == "cuda":  # the update's kernels are queued, not done: the step ends when they are
+            torch.cuda.synchronize(parts.device)
         elapsed = time.perf_counter() - t0
         state.train_seconds += elapsed
         state.tokens_seen += tokens
