@@ -161,6 +161,26 @@ def test_dry_run_prints_the_estimate_and_queues_nothing(workspace):
 HUGE = ["--max-length", "8192", "--max-prompt-length", "4096", "--batch-size", "4096", "--no-lora"]
 
 
+def test_a_job_submitted_for_a_device_waits_for_it_and_is_checked_where_it_is_visible(workspace):
+    """--device pins the queued job (a CPU worker will not take a job meant for a GPU); a device this
+    machine has is checked before anything is queued; an unknown one is one line."""
+    from typer.testing import CliRunner
+
+    from dpo_engine.cli import app
+
+    base = ["train", str(HH_SAMPLE), "--model", "tiny-random", "-w", str(workspace.root)]
+    store = JobStore.for_workspace(workspace)
+    queued = CliRunner().invoke(app, [*base, "--device", "cuda:7"])  # not on this machine: left to its worker
+    assert queued.exit_code == 0, queued.output
+    (job,) = store.list()
+    assert job.requested_device == "cuda:7" and store.claim("w-cpu", "cpu") is None
+    refused = CliRunner().invoke(app, [*base, "--device", "cpu", *HUGE])
+    assert refused.exit_code != 0 and "will not fit" in refused.output
+    unknown = CliRunner().invoke(app, [*base, "--device", "tpu"])
+    assert unknown.exit_code != 0 and "unknown device 'tpu'" in unknown.output
+    assert len(store.list()) == 1
+
+
 @pytest.mark.slow  # a CLI or worker process of its own
 def test_a_run_that_will_not_fit_is_refused_by_the_cli_and_by_the_job(workspace):
     proc = subprocess.run(
@@ -212,3 +232,12 @@ def test_four_bit_loading_is_refused_in_one_line_where_it_cannot_run(workspace):
     cfg = TrainConfig.model_validate({"data": {"dataset": "x"}, "model": {"name": "tiny-random", "load_in_4bit": True}})
     with pytest.raises(ValueError, match=r"needs an NVIDIA GPU and this run is on cpu"):
         check_memory(cfg, workspace, "cpu")
+
+
+def test_a_run_that_sees_little_of_its_training_split_says_so():
+    from dpo_engine.train.setup import coverage_note
+
+    note = coverage_note(100, 4, 54_000)
+    assert note.startswith("note: 100 steps of 4 pairs train on 400 of the 54,000 training pairs (0.7%)")
+    assert coverage_note(100, 4, 8_000) is None  # 5 % of the split
+    assert coverage_note(100, 4, 300) is None

@@ -119,6 +119,7 @@ def _train(
     run_dir: Optional[Path],
     foreground: bool,
     dry_run: bool,
+    device: Optional[str],
     workspace_path: Optional[str],
     **flag_values: Any,
 ) -> None:
@@ -135,6 +136,10 @@ def _train(
     path = Path(dataset).expanduser()
     if path.is_file():
         dataset = str(path.resolve())  # a worker may run elsewhere: hand it an absolute path
+    if device is not None:
+        from dpo_engine.jobs.devices import normalize_device
+
+        device = normalize_device(device)
     cfg = build_config(dataset, config, flag_values, preset=preset)
     ws = workspace(workspace_path)
     if run_dir is not None:
@@ -142,33 +147,43 @@ def _train(
     from dpo_engine.train.inputs import check_inputs
 
     check_inputs(cfg, ws)
+    here = device or _local_device()
     if dry_run:
-        _print_estimate(cfg, ws)
+        _print_estimate(cfg, ws, here)
         return
-    if foreground:
+    if foreground or (device is not None and _visible_here(device)):
         from dpo_engine.train.inputs import check_memory
 
-        check_memory(cfg, ws, _local_device())
+        check_memory(cfg, ws, here)
     title = f"train {cfg.model.name} {cfg.method.kernel.name}+{cfg.method.divergence.name} on {Path(dataset).name}"
     if not foreground:
         from dpo_engine.jobs import JobStore
 
-        job = JobStore.for_workspace(ws).submit("train", cfg.resolved(), title=title)
+        job = JobStore.for_workspace(ws).submit("train", cfg.resolved(), title=title, requested_device=device)
         typer.echo(job.run_id)
         return
-    _train_foreground(cfg, ws, run_dir)
+    _train_foreground(cfg, ws, run_dir, here)
 
 
 def _local_device() -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def _print_estimate(cfg, ws) -> None:
+def _visible_here(device: str) -> bool:
+    """Whether this machine has `device`, so a job for it can be checked before it is queued."""
+    if device == "cpu":
+        return True
+    import torch
+
+    return device.startswith("cuda:") and int(device.split(":")[1]) < torch.cuda.device_count()
+
+
+def _print_estimate(cfg, ws, device: str) -> None:
     from dpo_engine.train.inputs import memory_estimate
 
-    estimate = memory_estimate(cfg, ws, _local_device())
+    estimate = memory_estimate(cfg, ws, device)
     gib = 1024**3
     print_json(
         {
@@ -264,6 +279,19 @@ def _train_signature() -> tuple[inspect.Signature, dict[str, Any]]:
                 "queue nothing.",
             ),
         ),
+        inspect.Parameter(
+            "device",
+            kw,
+            annotation=Optional[str],
+            default=typer.Option(
+                None,
+                "--device",
+                help="cpu or cuda:N. A submitted job waits for a worker on that device (without it, any worker "
+                "takes it, and one whose device cannot hold the run fails it); --foreground and --dry-run use it "
+                "here. Default: any worker; here, the first GPU if there is one.",
+                show_default=False,
+            ),
+        ),
         inspect.Parameter("workspace_path", kw, annotation=Optional[str], default=WorkspaceOption),
     ]
     return inspect.Signature(params), {p.name: p.annotation for p in params}
@@ -275,7 +303,7 @@ def make_train_command():
     def train(**kwargs: Any) -> None:
         fixed = {
             k: kwargs.pop(k)
-            for k in ("dataset", "config", "preset", "run_dir", "foreground", "dry_run", "workspace_path")
+            for k in ("dataset", "config", "preset", "run_dir", "foreground", "dry_run", "device", "workspace_path")
         }
         _train(**fixed, **kwargs)
 
@@ -286,7 +314,7 @@ def make_train_command():
     return train
 
 
-def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
+def _train_foreground(cfg, ws, run_dir: Optional[Path], device: str) -> None:
     from tqdm import tqdm
 
     from dpo_engine import rundir
@@ -310,7 +338,7 @@ def _train_foreground(cfg, ws, run_dir: Optional[Path]) -> None:
         except ValueError as exc:
             fail(str(exc))
     else:
-        summary = run_training(cfg, run_dir, workspace=ws, log=log, progress_bar=True)
+        summary = run_training(cfg, run_dir, workspace=ws, device=device, log=log, progress_bar=True)
     from dpo_engine.analysis.health import health_of
     from dpo_engine.report.rundata import load_run
 

@@ -298,6 +298,21 @@ def packing_keeps_attention(model: torch.nn.Module, max_length: int, log: LogFn)
 
 
 # ------------------------------------------------------------------ data
+SMALL_SHARE_OF_TRAINING = 0.05  # a run of max_steps that sees less of the training split says so in its log
+
+
+def coverage_note(steps: int, pairs_per_step: int, n_train: int) -> str | None:
+    """A line for the log when a run of a fixed number of steps sees little of its training split
+    (a 60k-pair file at the default max_steps trains on a few hundred pairs)."""
+    seen = min(steps * pairs_per_step, n_train)
+    if seen >= SMALL_SHARE_OF_TRAINING * n_train:
+        return None
+    return (
+        f"note: {steps} steps of {pairs_per_step} pairs train on {seen:,} of the {n_train:,} training pairs "
+        f"({seen / n_train:.1%}); optimisation.epochs (--epochs 1) trains on all of them"
+    )
+
+
 @dataclass
 class DataSplit:
     pairs: pd.DataFrame
@@ -370,6 +385,8 @@ def load_data(
         f"pairs: {len(df)} (train {len(train_pairs)}, eval {len(eval_pairs)}, "
         f"probe {len(probe_pairs)}); steps: {total_steps}"
     )
+    if opt.max_steps is not None and (note := coverage_note(total_steps, global_bs * opt.grad_accum, len(train_pairs))):
+        log(note)
     return DataSplit(df, train_pairs, eval_pairs, probe_pairs, batches_per_epoch, total_steps)
 
 
