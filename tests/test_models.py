@@ -40,6 +40,18 @@ def test_unknown_model_and_bad_dtype(workspace, tmp_path):
     assert resolve_dtype("auto", "cpu") == torch.float32
 
 
+def test_explicit_bfloat16_is_refused_on_a_gpu_that_only_emulates_it(monkeypatch):
+    """A T4 or V100 says bf16 is supported, by emulation, slower than fp32: an explicit request is one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match="Tesla T4 has no native bfloat16.*model.dtype float16 or auto"):
+        resolve_dtype("bfloat16", "cuda:0")
+    assert resolve_dtype("auto", "cuda:0") == torch.float32
+    assert resolve_dtype("float16", "cuda:0") == torch.float16
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16  # a CPU run may ask for it
+
+
 def test_local_directory_loads(workspace, tmp_path):
     model, tok = load_policy("tiny-random", workspace=workspace, dtype="float32")
     model.save_pretrained(tmp_path / "m")

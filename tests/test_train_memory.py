@@ -178,6 +178,8 @@ def test_a_job_submitted_for_a_device_waits_for_it_and_is_checked_where_it_is_vi
     assert refused.exit_code != 0 and "will not fit" in refused.output
     unknown = CliRunner().invoke(app, [*base, "--device", "tpu"])
     assert unknown.exit_code != 0 and "unknown device 'tpu'" in unknown.output
+    elsewhere = CliRunner().invoke(app, [*base, "--device", "cuda:7", "--dry-run"])
+    assert elsewhere.exit_code != 0 and "device cuda:7 is not on this machine" in elsewhere.output
     assert len(store.list()) == 1
 
 

@@ -186,6 +186,26 @@ def test_cache_keys_change_with_weights_precision_and_tokens():
     assert pair_key(a) == pair_key(TokenizedPair("other id", [1, 2], [3], [4, 5]))
     assert pair_key(a) != pair_key(TokenizedPair("a", [1], [2, 3], [4, 5]))  # same tokens, other boundary
     assert pair_key(a) != pair_key(TokenizedPair("a", [1, 2], [3], [4, 5, 6]))
+    # the bytes hashed are those of every earlier version, so caches saved before still match
+    import hashlib
+
+    old = hashlib.sha1()
+    for ids in ([1, 2], [3], [4, 5]):
+        old.update(np.asarray([len(ids)] + ids, dtype=np.int64).tobytes())
+    assert pair_key(a) == old.digest()
+    assert pair_key(TokenizedPair("e", [], [7], [])) != pair_key(TokenizedPair("e", [7], [], []))
+
+
+def test_storing_cached_pairs_reads_nothing_back_from_the_device():
+    """A live reference pass over pairs already cached records nothing, so on a GPU it costs no copy:
+    a meta tensor, which cannot be copied to the host at all, stands in for the device's values."""
+    cache = ReferenceCache(None, "k")
+    pairs = [TokenizedPair("a", [1], [2], [3]), TokenizedPair("b", [4], [5], [6])]
+    cache.store_logps(pairs, torch.tensor([-1.0, -2.0, -3.0, -4.0]))
+    cache.store_logps(pairs, torch.empty(4, device="meta"))
+    assert cache.lookup_logps(pairs).tolist() == [-1.0, -2.0, -3.0, -4.0]
+    with pytest.raises(NotImplementedError):
+        cache.store_logps([TokenizedPair("c", [7], [8], [9])], torch.empty(2, device="meta"))
 
 
 @pytest.mark.parametrize(

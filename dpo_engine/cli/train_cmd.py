@@ -147,7 +147,9 @@ def _train(
     from dpo_engine.train.inputs import check_inputs
 
     check_inputs(cfg, ws)
-    here = device or _local_device()
+    here = device or (_local_device() if dry_run or foreground else "")
+    if (dry_run or foreground) and not _visible_here(here):
+        fail(f"device {here} is not on this machine; give --device cpu or one of its GPUs, or queue the job")
     if dry_run:
         _print_estimate(cfg, ws, here)
         return
@@ -175,9 +177,11 @@ def _visible_here(device: str) -> bool:
     """Whether this machine has `device`, so a job for it can be checked before it is queued."""
     if device == "cpu":
         return True
+    if not device.startswith("cuda:"):
+        return False
     import torch
 
-    return device.startswith("cuda:") and int(device.split(":")[1]) < torch.cuda.device_count()
+    return int(device.split(":")[1]) < torch.cuda.device_count()
 
 
 def _print_estimate(cfg, ws, device: str) -> None:
@@ -334,7 +338,8 @@ def _train_foreground(cfg, ws, run_dir: Optional[Path], device: str) -> None:
         from dpo_engine.train.launch import launch_training
 
         try:
-            summary = launch_training(cfg, run_dir, workspace=ws, log=log)
+            cpu = device if device.startswith("cpu") else None  # GPUs: one process per visible GPU
+            summary = launch_training(cfg, run_dir, workspace=ws, device=cpu, log=log)
         except ValueError as exc:
             fail(str(exc))
     else:

@@ -83,6 +83,17 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
         return torch.float32
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use one of: auto, {', '.join(table)}")
+    dev = torch.device(device)
+    if (
+        table[dtype] is torch.bfloat16
+        and dev.type == "cuda"
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported(including_emulation=False)
+    ):
+        raise ValueError(
+            f"{torch.cuda.get_device_name(dev)} has no native bfloat16 (emulated, it is slower than float32): "
+            "use model.dtype float16 or auto"
+        )
     return table[dtype]
 
 

@@ -22,7 +22,9 @@ def run_train_job(ctx) -> dict[str, Any]:
     if not ray_address:  # refused in seconds, before a model is loaded, when it cannot fit this device
         from dpo_engine.train.inputs import check_memory
 
-        print(check_memory(config, ctx.workspace, str(ctx.device), free=True).summary(), flush=True)
+        # free memory opens a CUDA context here; a job of several processes only waits, so it reads the total
+        free = config.optimisation.processes == 1
+        print(check_memory(config, ctx.workspace, str(ctx.device), free=free).summary(), flush=True)
     try:
         if config.optimisation.processes > 1 and ray_address:  # N Ray Train workers on the cluster (ray_train.py)
             from dpo_engine.train.ray_train import launch_training_on_ray

@@ -185,7 +185,7 @@ class ModelPasses:
             ref = self.forward(self.reference_model(), batch, pool=pool)
         if self.reference_cache is not None:
             self.reference_cache.store_logps(batch.pairs, ref.logps)
-            if pool:
+            if pool and self.reference_cache.missing("reps", batch.pairs):
                 self.reference_cache.put("reps", batch.pairs, torch.stack(ref.pooled, dim=1).float().cpu().numpy())
         return ref
 

@@ -73,7 +73,8 @@ def pair_key(pair: TokenizedPair) -> bytes:
     """20-byte hash of the pair's token ids (prompt, chosen, rejected, with their boundaries)."""
     digest = hashlib.sha1()
     for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-        digest.update(np.asarray([len(ids)] + list(ids), dtype=np.int64).tobytes())
+        digest.update(np.int64(len(ids)).tobytes())
+        digest.update(np.asarray(ids, dtype=np.int64).tobytes())
     return digest.digest()
 
 
@@ -135,7 +136,10 @@ class ReferenceCache:
         return None if found is None else torch.from_numpy(np.concatenate([found[:, 0], found[:, 1]]))
 
     def store_logps(self, pairs: list[TokenizedPair], logps: torch.Tensor) -> None:
-        """Record (2B,) reference log-probs (chosen then rejected) for `pairs`."""
+        """Record (2B,) reference log-probs (chosen then rejected) for `pairs`; when every pair is cached
+        already nothing is read back from the device."""
+        if not self.missing("logps", pairs):
+            return
         b = len(pairs)
         values = logps.detach().double().cpu().numpy()
         self.put("logps", pairs, np.stack([values[:b], values[b:]], axis=1))

@@ -113,7 +113,10 @@ def build_parts(
 def check_token_ids(arrays: TokenArrays, model: torch.nn.Module) -> None:
     """Every token id must index the LM head. Checked once here, on the arrays, because the passes do
     not read labels back from a GPU (losses.check_labels)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    if head is None:  # no separate head: passes.head_weight says what it needs
+        return
+    vocab = head.weight.shape[0]
     sides = (arrays.prompt, arrays.chosen, arrays.rejected)
     top = max((int(side.values.max()) for side in sides if len(side.values)), default=-1)
     if top >= vocab:
