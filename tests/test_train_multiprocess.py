@@ -144,3 +144,20 @@ def test_two_processes_share_the_evaluation_and_both_fill_the_reference_cache(wo
     assert len(margins_two[0]) == n_eval
     pd.testing.assert_series_equal(margins_two[0], margins_one[0], rtol=1e-5, atol=1e-6)
     assert np.isfinite(rows["two"].loc[2, ["loss_pref", divergence_metric("kl"), "dbs"]].astype(float)).all()
+
+
+def test_two_processes_evaluate_fewer_batches_than_processes(workspace, tmp_path):
+    """One held-out batch for two processes: the second has nothing to evaluate. The policy's
+    evaluation passes run outside DDP, whose first forward after a training step would broadcast
+    buffers from rank 0 and leave a rank without batches waiting on another collective."""
+    data = tmp_path / "pairs.jsonl"
+    varied_pairs().to_json(data, orient="records", lines=True)
+    config = make_config(
+        data={"dataset": str(data)},
+        optimisation={"max_steps": 2, "processes": 2, "batch_size": 2, "scheduler": "constant"},
+        monitoring={"eval_every": 1, "snapshot_every": 1000, "eval_max_pairs": 2, "htsr": "off"},
+    )
+    summary = launch_training(config, workspace.runs_dir / "few", workspace=workspace, device="cpu", log=print)
+    assert summary["status"] == "succeeded", summary["error"]
+    evals = rundir.read_eval(workspace.runs_dir / "few")
+    assert evals["step"].tolist() == [0, 1, 2] and summary["n_eval_pairs"] == 2
