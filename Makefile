@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test test-fast lint install install-dev browser postgres jemalloc bench clean
+.PHONY: run test test-fast test-gpu lint install install-dev browser postgres jemalloc bench clean
 
 # Test processes: the slow tier mostly waits on servers and subprocesses, so three workers on two
 # cores finish sooner than one; nothing in the suite times itself.
@@ -31,6 +31,12 @@ PYTEST_RUN = rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no te
 # Everything, as CI runs it: lint, import layers, every tier.
 test: $(DEV_STAMP) postgres jemalloc lint
 	@$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); $(PYTEST_RUN)
+
+# On a CUDA machine: what only a GPU can show (tests/test_gpu.py; skipped by `make test` elsewhere).
+# Then `python scripts/bench_gpu.py --write` for speed and memory beside TRL.
+test-gpu: $(DEV_STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU')"
+	@$(VENV)/bin/pytest tests/test_gpu.py -p no:xdist -rs $(PYTEST_ARGS); $(PYTEST_RUN)
 
 # The loop between edits: unit tests and page AppTests; no servers, browser or real model.
 test-fast: $(DEV_STAMP) lint
