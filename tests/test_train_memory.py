@@ -106,8 +106,17 @@ def test_the_estimate_of_a_config_uses_its_head_chunk_and_evaluation_batch(works
     cfg = config()
     shape = model_shape(model_directory("tiny-random", workspace=workspace), cfg.model.lora_target_modules)
     estimate = memory_estimate(config(), workspace, "cpu")
-    assert estimate.components["logits"] == head_chunk_rows(shape.hidden) * shape.vocab * 4 * 3
+    # the default KL regulariser's chunk (the head's rows) holds six copies of the distributions
+    assert estimate.components["logits"] == head_chunk_rows(shape.hidden) * shape.vocab * 4 * 6
     assert head_chunk_rows(shape.hidden) == 64
+    plain = TrainConfig.model_validate(
+        {
+            "data": {"dataset": str(HH_SAMPLE)},
+            "model": {"name": "tiny-random"},
+            "method": {"divergence": {"name": "none"}},
+        }
+    )
+    assert memory_estimate(plain, workspace, "cpu").components["logits"] == 64 * shape.vocab * 4 * 3
     wider = memory_estimate(config(eval_batch_size=512), workspace, "cpu")
     assert wider.components["activations"] > estimate.components["activations"]
 

@@ -40,6 +40,8 @@ def memory_estimate(cfg, ws, device: str, *, free: bool = False):
         model_directory(cfg.model.name, workspace=ws), cfg.model.lora_target_modules, cfg.model.trust_remote_code
     )
     compute = str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    div = cfg.method.divergence
+    regularised = div.name != "none" and div.alpha > 0
     estimate = estimate_peak(
         shape,
         lora=cfg.model.lora,
@@ -53,6 +55,7 @@ def memory_estimate(cfg, ws, device: str, *, free: bool = False):
         head_chunk_rows=head_chunk_rows(shape.hidden),
         load_in_4bit=cfg.model.load_in_4bit,
         eval_batch_size=cfg.monitoring.eval_batch(cfg.optimisation.batch_size),
+        divergence_chunk_rows=(div.chunk_positions or head_chunk_rows(shape.hidden)) if regularised else None,
     )
     estimate.free = free and device.startswith("cuda")
     return estimate

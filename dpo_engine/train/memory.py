@@ -11,7 +11,8 @@ The estimate adds what a step holds at its peak (docs/METHOD.md 2.9 has the term
   checkpointing each layer keeps only its input, plus one layer's working set recomputed in the
   backward pass; without it every layer keeps its working set. An evaluation batch larger than the
   training one (`monitoring.eval_batch_size`) holds one layer's working set of its own size, no grad;
-* the LM head: one chunk of logits and its gradient (dpo_engine/lm_head.py);
+* the LM head: one chunk of logits and its gradient (dpo_engine/lm_head.py), or the divergence
+  regulariser's chunk of policy and reference distributions when it holds more;
 * the runtime: interpreter, libraries, tokenizer and data on the CPU; the CUDA context on a GPU.
 
 Model shapes come from the model's config, with parameters counted on the meta device, so nothing
@@ -30,6 +31,9 @@ _WORKING_SET_HIDDEN = 10
 _WORKING_SET_INTERMEDIATE = 3
 # Logits, their log-softmax and its gradient for one chunk of rows, in fp32.
 _LOGIT_COPIES = 3
+# The divergence regulariser's chunk (divergences._pointwise_value_and_grad): the policy's and the
+# reference's log-softmax, the policy's probabilities, their difference, its product and the gradient.
+_DIVERGENCE_LOGIT_COPIES = 6
 # Interpreter, torch, transformers, tokenizer and a dataset in host memory, and what the allocator
 # keeps between steps (the one constant set from a measurement: METHOD.md 2.9).
 RUNTIME_BYTES_CPU = int(1.6 * GiB)
@@ -132,6 +136,7 @@ def _estimate(
     head_chunk_rows: int,
     load_in_4bit: bool = False,
     eval_batch_size: int | None = None,
+    divergence_chunk_rows: int | None = None,
 ) -> MemoryEstimate:
     compute = DTYPE_BYTES[compute_dtype]
     stored = compute if lora else 4
@@ -159,7 +164,9 @@ def _estimate(
         components["activations"] = shape.n_layers * one_layer(batch_size)
     # an evaluation pass keeps nothing for backward: one layer of its own batch at a time
     components["activations"] = max(components["activations"], one_layer(eval_batch_size or batch_size))
-    components["logits"] = head_chunk_rows * shape.vocab * 4 * _LOGIT_COPIES
+    # the head's chunk and the divergence's are formed one after the other: the larger counts
+    divergence_rows = (divergence_chunk_rows or 0) * _DIVERGENCE_LOGIT_COPIES
+    components["logits"] = max(head_chunk_rows * _LOGIT_COPIES, divergence_rows) * shape.vocab * 4
     components["runtime"] = RUNTIME_BYTES_CUDA if device.startswith("cuda") else RUNTIME_BYTES_CPU
     return MemoryEstimate(components, device, available)
 
