@@ -137,6 +137,8 @@ def test_advice_offers_only_changes_that_make_the_run_fit():
         "shorten sequences (data.max_length 512)",
     ]
     assert _estimate(batch_size=4, max_length=1024, available=5 * GiB).fits
+    wide_eval = _estimate(batch_size=8, max_length=1024, eval_batch_size=16, available=5 * GiB)
+    assert wide_eval.advice[0].endswith("with monitoring.eval_batch_size 4")
     assert not _estimate(batch_size=8, max_length=1024, load_in_4bit=True, available=5 * GiB).fits
     fp32 = _estimate(compute_dtype="float32", available=4 * GiB, device="cpu")
     assert fp32.advice == ["use bfloat16 weights (model.dtype bfloat16)"]

@@ -204,6 +204,8 @@ def _advice(shape: ModelShape, settings: dict) -> list[str]:
         size = next((b for b in batches if fits(**smaller_batch(b))), batches[-1])
         factor = s["batch_size"] // size
         text = f"lower the batch to {size} (optimisation.batch_size {size}) and multiply grad_accum by {factor}"
+        if (s.get("eval_batch_size") or 0) > size:  # an evaluation batch set apart must come down with it
+            text += f", with monitoring.eval_batch_size {size}"
         candidates.append((text, smaller_batch(size)))
     lengths = halvings(s["max_length"], 128)
     if lengths:
