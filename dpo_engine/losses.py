@@ -162,9 +162,8 @@ def hybrid_dpo_loss(
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if isinstance(beta, Tensor) and beta.device.type != "cpu":
-        pass  # a device tensor: ε-DPO keeps beta a positive float (update_beta); reading it back would wait
-    elif bool((torch.as_tensor(beta) <= 0).any()):
+    on_host = not isinstance(beta, Tensor) or beta.device.type == "cpu"  # a device's would be read back: a wait
+    if on_host and bool((torch.as_tensor(beta) <= 0).any()):
         raise ValueError("beta must be > 0")
     beta_i = _as_vector(beta, policy_chosen_logps, "beta")
 

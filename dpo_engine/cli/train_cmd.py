@@ -144,26 +144,25 @@ def _train(
     ws = workspace(workspace_path)
     if run_dir is not None:
         run_dir = path_inside(run_dir, ws.runs_dir, "--run-dir")
-    from dpo_engine.train.inputs import check_inputs
+    from dpo_engine.train.inputs import check_inputs, check_memory
 
     check_inputs(cfg, ws)
-    here = device or (_local_device() if dry_run or foreground else "")
-    if (dry_run or foreground) and not _visible_here(here):
+    if not (dry_run or foreground):  # queued: checked here too when this machine has the job's device
+        from dpo_engine.jobs import JobStore
+
+        if device is not None and _visible_here(device):
+            check_memory(cfg, ws, device)
+        title = f"train {cfg.model.name} {cfg.method.kernel.name}+{cfg.method.divergence.name} on {Path(dataset).name}"
+        job = JobStore.for_workspace(ws).submit("train", cfg.resolved(), title=title, requested_device=device)
+        typer.echo(job.run_id)
+        return
+    here = device or _local_device()
+    if not _visible_here(here):
         fail(f"device {here} is not on this machine; give --device cpu or one of its GPUs, or queue the job")
     if dry_run:
         _print_estimate(cfg, ws, here)
         return
-    if foreground or (device is not None and _visible_here(device)):
-        from dpo_engine.train.inputs import check_memory
-
-        check_memory(cfg, ws, here)
-    title = f"train {cfg.model.name} {cfg.method.kernel.name}+{cfg.method.divergence.name} on {Path(dataset).name}"
-    if not foreground:
-        from dpo_engine.jobs import JobStore
-
-        job = JobStore.for_workspace(ws).submit("train", cfg.resolved(), title=title, requested_device=device)
-        typer.echo(job.run_id)
-        return
+    check_memory(cfg, ws, here)
     _train_foreground(cfg, ws, run_dir, here)
 
 

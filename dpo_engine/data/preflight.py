@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpo_engine.data.tokenize import prompt_prefix, render_prompt, tokenize_pair
+from dpo_engine.data.tokenize import prompt_prefix, render_prompt, tokenize_pair, with_prefix
 
 SIDES: tuple[str, ...] = ("prompt", "chosen", "rejected")
 QUANTILES: tuple[int, ...] = (50, 90, 95, 99)
@@ -143,8 +143,8 @@ def token_counts(table: pd.DataFrame, tokenizer) -> dict[str, np.ndarray]:
     prefix = prompt_prefix(tokenizer)
     rendered = [render_prompt(tokenizer, str(p)) for p in table["prompt"]]
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    n_tokens = {  # the prompt with the prefix training puts before it (tokenize.keep_prompt_end)
-        "prompt": np.array([len(ids) + (len(prefix) if ids[: len(prefix)] != prefix else 0) for ids in encoded]),
+    n_tokens = {  # the prompt with the prefix training puts before it
+        "prompt": np.array([len(with_prefix(ids, prefix)) for ids in encoded]),
     }
     for side in ("chosen", "rejected"):
         ids = tokenizer([str(t) for t in table[side]], add_special_tokens=False)["input_ids"]

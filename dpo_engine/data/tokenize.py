@@ -39,10 +39,15 @@ def prompt_prefix(tokenizer) -> list[int]:
     return []
 
 
+def with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
+    """The prompt's ids with the prefix before them, unless they start with it already."""
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
+
+
 def keep_prompt_end(ids: list[int], prefix: list[int], max_prompt_length: int) -> list[int]:
     """The prompt as training reads it: the prefix, then the end of the rest, max_prompt_length in all.
     The prefix stays when a long prompt is cut (cutting from the left would drop a base model's BOS)."""
-    body = ids[len(prefix) :] if prefix and ids[: len(prefix)] == prefix else ids
+    body = with_prefix(ids, prefix)[len(prefix) :]
     keep = max(0, max_prompt_length - len(prefix))
     return (prefix + body[max(0, len(body) - keep) :] if keep else prefix)[:max_prompt_length]
 
