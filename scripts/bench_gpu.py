@@ -10,12 +10,14 @@ projections, `--batch-size` pairs of the HH sample per step, `--max-length` toke
 
 Runs per size: ours for each method, first with a fresh reference cache (`cold`: the workspace's
 `reference_cache/` is removed, so setup and steps run the reference) and then again on the same
-workspace (`warm`: the cache the cold run filled), then TRL's DPOTrainer (extra `peer`) with its
-defaults (`trl-default`: reference forward every step, gradient checkpointing) and with its
-documented fast options (`trl-fast`: precomputed reference log-probs, no gradient checkpointing;
-TRL 1.16 turns `padding_free` off with a warning, so it is not set). TRL keeps no reference between
-runs of in-memory pairs, so it has no warm run. Model building and the TRL code paths are those of bench_scale.py's
-and bench_peer.py's.
+workspace (`warm`: the cache the cold run filled); on a GPU the first method's warm run once more
+with `model.attn_implementation flex_attention` (`ours-dpo-flex-warm`, packed rows' block mask as a
+BlockMask, against SDPA's dense mask: the measurement that chooses the default); then TRL's
+DPOTrainer (extra `peer`) with its defaults (`trl-default`: reference forward every step, gradient
+checkpointing) and with its documented fast options (`trl-fast`: precomputed reference log-probs, no
+gradient checkpointing; TRL 1.16 turns `padding_free` off with a warning, so it is not set). TRL
+keeps no reference between runs of in-memory pairs, so it has no warm run. Model building and the
+TRL code paths are those of bench_scale.py's and bench_peer.py's.
 
 Every run is its own process. What a run reports comes from the run itself:
 - pair tokens: our trainer's own counter (`state.tokens_seen`, prompt counted once per response);
@@ -31,8 +33,8 @@ Every run is its own process. What a run reports comes from the run itself:
 - memory per phase, setup (model load, tokenising, calibration, TRL's precompute) and steps:
   torch's peak allocated and reserved, reset between phases; on CPU the peak RSS per phase.
 
-Budget of the default GPU run on one H100/H200, about ten minutes: 135m 150 s (ten runs), 1b 180 s
-(building the model, six runs), 8b 270 s (building the model, four runs). Results go to
+Budget of the default GPU run on one H100/H200, about ten minutes: 135m 150 s (eleven runs), 1b 180 s
+(building the model, seven runs), 8b 270 s (building the model, five runs). Results go to
 `<out>/results/<size>/<run>.json` and a finished run is skipped unless --force (or its settings
 changed); `--write` puts the table into docs/BENCHMARKS.md ("On one GPU"), replacing the last one.
 
@@ -239,6 +241,7 @@ def child_ours(spec: dict) -> dict:
         steps=n_steps,
         calibration_pairs=spec["calibration_pairs"],
         gradient_checkpointing="auto",
+        attn_implementation=spec.get("attention", "sdpa"),
     )
     memory = PhaseMemory(device)
     memory.reset()
@@ -421,17 +424,14 @@ def plan(args) -> list[dict]:
             model = path
         for method in methods:
             ws = str(out / "ws" / size / method.replace("+", "_"))
-            for temp in ("cold", "warm"):
-                runs.append(
-                    {
-                        **base,
-                        "kind": "ours",
-                        "run": f"ours-{method}-{temp}",
-                        "method": method,
-                        "model": model,
-                        "workspace": ws,
-                    }
-                )
+            ours = {**base, "kind": "ours", "method": method, "model": model, "workspace": ws}
+            cold = f"ours-{method}-cold"
+            runs += [{**ours, "run": cold}, {**ours, "run": f"ours-{method}-warm", "cold": cold}]
+            if method == methods[0]:  # other attention kernels beside SDPA, on the first method's warm cache
+                for attention in args.attention:
+                    if attention != "sdpa":
+                        name = f"ours-{method}-{attention.removesuffix('_attention')}-warm"
+                        runs.append({**ours, "run": name, "cold": cold, "attention": attention})
         if not args.no_peer:
             runs += [{**base, "kind": "trl", "run": name, "model": model} for name in TRL_RUNS]
     for r in runs:
@@ -472,8 +472,8 @@ def execute(args, runs: list[dict]) -> dict[tuple[str, str], dict]:
     todo = {(s["size"], s["run"]) for s in runs if saved_result(args, s) is None}
     for spec in runs:
         no_cache = not any((Path(spec["workspace"]) / CACHE_DIR).glob("*.npz"))
-        if spec["run"].endswith("-warm") and (spec["size"], spec["run"]) in todo and no_cache:
-            todo.add((spec["size"], spec["run"].replace("-warm", "-cold")))
+        if "cold" in spec and (spec["size"], spec["run"]) in todo and no_cache:
+            todo.add((spec["size"], spec["cold"]))
     skipped: dict[str, str] = {}  # size -> why
     group_start: dict[str, float] = {}
     trl = importlib.util.find_spec("trl") is not None
@@ -489,7 +489,7 @@ def execute(args, runs: list[dict]) -> dict[tuple[str, str], dict]:
         elif (size, run) not in todo:
             results[(size, run)] = saved_result(args, spec)
             print(f"{label}: done before ({result_path(args, spec)}); --force reruns it", flush=True)
-        elif run.endswith("-warm") and "error" in results.get((size, run.replace("-warm", "-cold")), {}):
+        elif "cold" in spec and "error" in results.get((size, spec["cold"]), {}):
             results[(size, run)] = {"error": "its cold run failed"}
         else:
             if run.endswith("-cold"):
@@ -695,6 +695,14 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--calibration-pairs", type=int, default=256)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads per run")
+    p.add_argument(
+        "--attention",
+        nargs="*",
+        default=None,
+        choices=["sdpa", "flex_attention"],
+        help="attention kernels for our runs (default: both on a GPU, sdpa on the CPU): runs other than sdpa "
+        "repeat the first method's warm run",
+    )
     p.add_argument("--no-peer", action="store_true", help="leave TRL out")
     p.add_argument("--smoke", action="store_true", help="CPU, 135M, 2 pairs of 128 tokens, 1 warm-up + 2 steps")
     p.add_argument("--out", default=str(REPO / "build" / "bench_gpu"))
@@ -715,6 +723,8 @@ def main() -> None:
         args.max_length = args.max_length if "--max-length" in explicit else 128
         args.calibration_pairs = args.calibration_pairs if "--calibration-pairs" in explicit else 8
         args.threads = args.threads if "--threads" in explicit else min(2, args.threads)
+    if args.attention is None:
+        args.attention = ["sdpa", "flex_attention"] if args.device.startswith("cuda") else ["sdpa"]
     if args.device.startswith("cuda") and shutil.which("nvidia-smi") is None:
         print("warning: no nvidia-smi here; use --smoke (or --device cpu) on a machine without a GPU", flush=True)
     runs = plan(args)

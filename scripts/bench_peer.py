@@ -85,6 +85,7 @@ def our_config(
     steps: int,
     calibration_pairs: int,
     gradient_checkpointing: bool | str = False,
+    attn_implementation: str = "sdpa",
 ):
     """Our trainer's config for a benchmark run: LoRA r8 on the seven projections, the compute dtype of
     the device (bf16 on CUDA), no HT-SR, one held-out pair (the benchmark times steps, not evaluation)."""
@@ -100,6 +101,7 @@ def our_config(
                 "lora_target_modules": LORA_TARGETS,
                 "dtype": "bfloat16" if device.startswith("cuda") else "float32",
                 "gradient_checkpointing": gradient_checkpointing,
+                "attn_implementation": attn_implementation,
             },
             "method": {**METHODS[method], "calibration_pairs": calibration_pairs},
             "optimisation": {"max_steps": steps, "batch_size": batch_size, "seed": 0},

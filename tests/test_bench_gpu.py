@@ -90,3 +90,23 @@ def test_smoke_prints_the_table_resumes_and_writes_its_section(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nWhat comes before stays.\n")
     assert text.count("## On one GPU") == 1 and text.count("| tiny | ours-dpo-cold |") == 1
+
+
+def test_the_gpu_plan_puts_flex_attention_beside_sdpa_on_the_warm_cache():
+    """On a GPU the first method's warm run is repeated with flex_attention on the same workspace, and
+    a missing cache sends it back to that method's cold run."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_plan", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = type("Args", (), {})()
+    args.out, args.sizes, args.methods, args.smoke, args.no_peer = "out", ["135m"], None, False, True
+    args.warmup = args.steps = None
+    args.device, args.batch_size, args.max_length, args.calibration_pairs, args.threads = "cuda", 8, 512, 256, 1
+    args.attention = ["sdpa", "flex_attention"]
+    runs = {r["run"]: r for r in bench.plan(args)}
+    flex = runs["ours-dpo-flex-warm"]
+    assert flex["attention"] == "flex_attention" and flex["cold"] == "ours-dpo-cold"
+    assert flex["workspace"] == runs["ours-dpo-warm"]["workspace"] == runs["ours-dpo-cold"]["workspace"]
+    assert not any(r.get("attention") for name, r in runs.items() if name != "ours-dpo-flex-warm")
+    args.attention = ["sdpa"]
+    assert "ours-dpo-flex-warm" not in {r["run"] for r in bench.plan(args)}

@@ -2,8 +2,9 @@
 
 The same checks as the CPU suite's, moved to the device where kernels, autocast and TF32 differ:
 the chunked LM head's bf16 gradient against float64, the speed paths (packed rows with a block
-mask through SDPA, the reference cache) against the plain layout, a bf16 run, an fp16 run whose
-gradient scaler skips steps, and the job's memory check against the GPU's free memory.
+mask through SDPA, the reference cache) against the plain layout, flex_attention's block mask
+against SDPA's dense one in training, a bf16 run, an fp16 run whose gradient scaler skips steps,
+and the job's memory check against the GPU's free memory.
 `DPO_TEST_DEVICE=cpu` runs the ones that do not need CUDA itself on the CPU, which is how they are
 checked on a machine without a GPU.
 """
@@ -75,6 +76,32 @@ def test_speed_paths_on_the_device_equal_the_plain_layout(workspace, tmp_path, d
     for col in ("loss_pref", "reward_chosen", "reward_rejected", "div_kl"):
         np.testing.assert_allclose(fast_e[col], slow_e[col], rtol=tol, atol=tol)
     assert np.isfinite(fast_m["grad_norm"]).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flex_attention_trains_as_sdpa_does(workspace, tmp_path, dtype):
+    """Packed rows through flex_attention's block mask against the same rows through SDPA's dense
+    mask: the same losses, gradient norms and held-out values, to the precision's rounding."""
+
+    def run(name: str, attention: str):
+        cfg = make_config(
+            model={"lora": True, "lora_dropout": 0.0, "dtype": dtype, "attn_implementation": attention},
+            method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}, "loss": {"gamma": 0.5}},
+            optimisation={"max_steps": 4, "pack_pairs": True},
+            monitoring={"eval_every": 2},
+        )
+        summary = train(cfg, tmp_path / name, workspace=workspace, pairs=varied_pairs(40), device=DEVICE)
+        assert summary["status"] == "succeeded", summary["error"]
+        return rundir.read_metrics(tmp_path / name), rundir.read_eval(tmp_path / name)
+
+    sdpa_m, sdpa_e = run("sdpa", "sdpa")
+    flex_m, flex_e = run("flex", "flex_attention")
+    tol = {"float32": 2e-3, "bfloat16": 3e-2}[dtype]
+    for col in ("loss", "loss_pref", "margin", "grad_norm"):
+        np.testing.assert_allclose(flex_m[col], sdpa_m[col], rtol=tol, atol=tol)
+    for col in ("loss_pref", "reward_chosen", "reward_rejected"):
+        np.testing.assert_allclose(flex_e[col], sdpa_e[col], rtol=tol, atol=tol)
 
 
 @needs_cuda

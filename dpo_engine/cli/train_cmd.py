@@ -185,7 +185,9 @@ def _visible_here(device: str) -> bool:
 
 def _print_estimate(cfg, ws, device: str) -> None:
     from dpo_engine.train.inputs import memory_estimate
+    from dpo_engine.train.setup import require_device_support
 
+    require_device_support(cfg.model, device)  # options that cannot run there at all: one line, no estimate
     estimate = memory_estimate(cfg, ws, device)
     gib = 1024**3
     print_json(

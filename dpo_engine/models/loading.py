@@ -225,9 +225,11 @@ def load_policy(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     quantization_config=None,
+    attn_implementation: str | None = None,
 ):
     """Return (model, tokenizer) for `name` on `device`, in eval mode; the tokenizer always has a pad token.
-    `quantization_config` (transformers' BitsAndBytesConfig) loads quantised weights straight onto the GPU."""
+    `quantization_config` (transformers' BitsAndBytesConfig) loads quantised weights straight onto the GPU;
+    `attn_implementation` is transformers' (None: its default, SDPA where the model has it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_directory(name, workspace=workspace)
@@ -238,6 +240,8 @@ def load_policy(
     placement = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}
     if quantization_config is not None:
         placement["quantization_config"] = quantization_config
+    if attn_implementation is not None:
+        placement["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **offline, **placement)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

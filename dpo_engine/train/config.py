@@ -94,6 +94,14 @@ class ModelConfig(_Strict):
         description="Recompute activations in the backward pass: less memory, ~30% slower; auto = on for models "
         f"of {GRADIENT_CHECKPOINTING_MIN_PARAMS / 1e9:g}B parameters and more.",
     )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = Field(
+        "sdpa",
+        description="Attention kernel (transformers' attn_implementation). sdpa: PyTorch's "
+        "scaled_dot_product_attention, packed rows' block mask given as a dense boolean mask (every device; "
+        "eager where a model has no SDPA). flex_attention: the same mask as a block-sparse BlockMask built on "
+        "the GPU, so fused kernels skip masked tiles and grouped-query models keep K/V unexpanded (NVIDIA "
+        "GPUs; compiled on first use).",
+    )
     load_in_4bit: bool = Field(
         False,
         description="QLoRA: store the frozen base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPUs; LoRA only), "

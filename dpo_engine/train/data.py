@@ -1,7 +1,9 @@
 """Tokenized pairs -> padded batches with chosen and rejected stacked (tokenisation: data.tokenize).
 
 Two batch layouts: chosen and rejected as separate rows, or packed into
-one row per pair with a block attention mask so the shared prompt is computed once.
+one row per pair with a block attention mask so the shared prompt is computed once. The packed mask's
+rule is written once (`packed_sees`) and given to the model as a dense boolean mask (SDPA, eager) or as
+flex_attention's block mask.
 """
 
 from __future__ import annotations
@@ -267,16 +269,46 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int) -> Batch:
     )
 
 
+def packed_sees(q, kv, segment_q, segment_kv, owner_q, owner_kv):
+    """The packed rows' attention rule, written once for both masks below: a position sees earlier
+    positions of its own pair that are the prompt or its own response (the rejected response never
+    sees the chosen one), and every position sees itself so no row of padding is empty. Works on
+    broadcast tensors (the dense mask) and on the index tensors flex_attention's mask_mod receives."""
+    own_pair = owner_q == owner_kv
+    shared_or_own = (segment_kv == 0) | (segment_kv == segment_q)
+    return ((q >= kv) & own_pair & shared_or_own) | (q == kv)
+
+
 def packed_attention_mask(segment: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """The (R × 1 × L × L) boolean block mask of packed rows, on the device `segment` is on.
 
-    A position sees earlier positions of its own pair that are the prompt or its own response (the
-    rejected response never sees the chosen one), and padding sees itself so no row is empty.
     Built from the two (R × L) index tensors where the model runs, so only those cross to a GPU."""
-    width = segment.shape[1]
-    positions = torch.arange(width, device=segment.device)
-    causal = positions.unsqueeze(1) >= positions.unsqueeze(0)
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = causal & (owner.unsqueeze(2) == owner.unsqueeze(1)) & ((key == 0) | (key == query))
-    allowed |= positions.unsqueeze(1) == positions.unsqueeze(0)
+    positions = torch.arange(segment.shape[1], device=segment.device)
+    allowed = packed_sees(
+        positions.view(1, -1, 1),
+        positions.view(1, 1, -1),
+        segment.unsqueeze(2),
+        segment.unsqueeze(1),
+        owner.unsqueeze(2),
+        owner.unsqueeze(1),
+    )
     return allowed.unsqueeze(1)
+
+
+def packed_mask_mod(segment: torch.Tensor, owner: torch.Tensor):
+    """`packed_sees` as flex_attention's mask_mod over the (R × L) index tensors."""
+
+    def mask_mod(b, _h, q, kv):
+        return packed_sees(q, kv, segment[b, q], segment[b, kv], owner[b, q], owner[b, kv])
+
+    return mask_mod
+
+
+def packed_block_mask(segment: torch.Tensor, owner: torch.Tensor):
+    """The same rule as flex_attention's BlockMask (model.attn_implementation flex_attention): built on
+    the device from the index tensors, it records which 128 × 128 tiles hold any allowed position, so the
+    fused kernel skips the rest and no (L × L) mask is ever stored."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, width = segment.shape
+    return create_block_mask(packed_mask_mod(segment, owner), rows, None, width, width, device=segment.device)

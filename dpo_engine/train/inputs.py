@@ -63,12 +63,11 @@ def memory_estimate(cfg, ws, device: str, *, free: bool = False):
 
 def check_memory(cfg, ws, device: str, *, free: bool = False):
     """The estimate, or WillNotFit when the run is predicted not to fit on `device` (ValueError when
-    its options cannot run there at all, e.g. 4-bit weights without an NVIDIA GPU); `free` as in
+    its options cannot run there at all, e.g. 4-bit weights or flex_attention without an NVIDIA GPU); `free` as in
     `memory_estimate`."""
-    if cfg.model.load_in_4bit:
-        from dpo_engine.train.setup import require_4bit_support
+    from dpo_engine.train.setup import require_device_support
 
-        require_4bit_support(device)
+    require_device_support(cfg.model, device)
     estimate = memory_estimate(cfg, ws, device, free=free)
     if not estimate.fits:
         raise WillNotFit(f"this run will not fit: {estimate.summary()}; to fit, " + "; or ".join(estimate.advice))

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from dpo_engine.data.tokenize import TokenizedPair
 from dpo_engine.lm_head import head_token_logps
 from dpo_engine.losses import masked_mean_pool, sum_by_sequence
-from dpo_engine.train.data import Batch, collate, collate_packed, packed_attention_mask
+from dpo_engine.train.data import Batch, collate, collate_packed, packed_attention_mask, packed_block_mask
 from dpo_engine.train.parts import EncoderReps, TrainingParts
 from dpo_engine.train.reference import ReferenceCache
 
@@ -142,19 +142,27 @@ class ModelPasses:
         stack = [torch.stack([r[j] for r in rows]).to(self.device) for j in range(3)]
         return self.project(stack[0]), self.project(stack[1]), self.project(stack[2])
 
+    @staticmethod
+    def attention_mask(batch: Batch, attention: str):
+        """The mask in the form the model's attention takes: the padding mask of separate rows; for packed
+        rows their block mask, as flex_attention's BlockMask, as a boolean (SDPA) or as an additive one (eager)."""
+        if batch.segment is None:
+            return batch.attention_mask.long()
+        if attention == "flex_attention":
+            return packed_block_mask(batch.segment, batch.owner)
+        mask = packed_attention_mask(batch.segment, batch.owner)
+        if attention == "eager":  # eager adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(torch.float32).min
+            )
+        return mask
+
     # ------------------------------------------------------------------ passes
     def forward(self, model, batch: Batch, *, pool: bool) -> ForwardOut:
         """One pass; the LM head runs on the response tokens only (prompt and padding logits are never
         formed), a chunk of rows at a time, and log-probs come from a gather and a logsumexp."""
         inner = self.accelerator.unwrap_model(model)
-        if batch.segment is None:
-            mask = batch.attention_mask.long()
-        else:
-            mask = packed_attention_mask(batch.segment, batch.owner)
-        if mask.ndim == 4 and getattr(inner.config, "_attn_implementation", "sdpa") == "eager":  # eager adds it
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(torch.float32).min
-            )
+        mask = self.attention_mask(batch, getattr(inner.config, "_attn_implementation", "sdpa"))
         with self.accelerator.autocast(), final_hidden_state(inner) as captured:
             model(
                 input_ids=batch.input_ids,

@@ -184,6 +184,7 @@ def load_models(
         device=accelerator.device,
         trust_remote_code=mcfg.trust_remote_code,
         quantization_config=four_bit_config(compute_dtype, accelerator.device) if mcfg.load_in_4bit else None,
+        attn_implementation=requested_attention(mcfg.attn_implementation, accelerator.device),
     )
     hidden_size = int(model.config.hidden_size)
     # Keyed on the weights before any adapter is attached: the reference model, and the "before" model.
@@ -249,6 +250,24 @@ def require_4bit_support(device: str | torch.device) -> None:
         raise ValueError(
             "model.load_in_4bit (QLoRA) needs bitsandbytes: pip install 'dpo-kernels-studio[qlora]'"
         ) from exc
+
+
+def requested_attention(attn_implementation: str, device: str | torch.device) -> str | None:
+    """What to ask transformers for: nothing for sdpa (its default, eager for the few models without
+    SDPA); flex_attention only on an NVIDIA GPU, where PyTorch can run its backward pass."""
+    if attn_implementation == "flex_attention" and torch.device(device).type != "cuda":
+        raise ValueError(
+            f"model.attn_implementation flex_attention trains only on NVIDIA GPUs and this run is on {device} "
+            "(PyTorch has no flex_attention backward pass elsewhere): use sdpa"
+        )
+    return None if attn_implementation == "sdpa" else attn_implementation
+
+
+def require_device_support(model_config, device: str | torch.device) -> None:
+    """Refuse, in one line, model options that cannot run on `device` at all."""
+    if model_config.load_in_4bit:
+        require_4bit_support(device)
+    requested_attention(model_config.attn_implementation, device)
 
 
 def four_bit_config(compute_dtype: torch.dtype, device: str | torch.device):
