@@ -111,13 +111,19 @@ def our_config(
 
 
 def trl_dataset(rows: list[dict]):
-    """The pairs as TRL reads conversations, so its chat template renders them as ours does."""
+    """The pairs as TRL reads conversations, so its chat template renders them as ours does (a
+    dialogue turn by turn: dpo_engine.data.tokenize.render_prompt)."""
     from datasets import Dataset
+
+    from dpo_engine.data.layouts import dialogue_turns
+
+    def prompt(text: str) -> list[dict]:
+        return [{"role": role, "content": content} for role, content in dialogue_turns(text) or [("user", text)]]
 
     return Dataset.from_list(
         [
             {
-                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "prompt": prompt(r["prompt"]),
                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
                 "rejected": [{"role": "assistant", "content": r["rejected"]}],
             }

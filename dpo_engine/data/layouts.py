@@ -13,6 +13,8 @@ Rendering messages as text: a segment that is a single message of the expected r
 prompt, assistant for a response) is its bare content, so single-turn conversational data gives
 exactly the text of the equivalent flat data; any other segment is rendered turn by turn as
 "Role: content" blocks (role capitalised) joined by blank lines, the same shape as HH dialogues.
+`dialogue_turns` reads such a text back into turns, so a multi-turn prompt reaches the chat template
+turn by turn (data.tokenize.render_prompt).
 """
 
 from __future__ import annotations
@@ -365,6 +367,30 @@ def _messages(value: Any) -> list[tuple[str, str]] | str:
             return f"message {i} has no string content"
         out.append((role, content))
     return out
+
+
+# Role labels of a rendered dialogue (render_messages, HH) and the chat roles they stand for.
+DIALOGUE_ROLES = {"Human": "user", "User": "user", "Assistant": "assistant", "System": "system"}
+_TURN_LABEL = re.compile(r"\n\n(" + "|".join(DIALOGUE_ROLES) + r"):(?: |(?=\n)|$)")
+
+
+def dialogue_turns(text: str) -> list[tuple[str, str]] | None:
+    """The (role, content) turns of a prompt that is a rendered dialogue, else None.
+
+    A dialogue starts with a role label (HH's leading blank lines allowed) and holds at least two
+    (Human/User, Assistant, System), each at the start of a blank-line-separated block; a final
+    Assistant turn with nothing after it (HH's prompt ends so) is dropped, since the chat template's
+    generation prompt stands for it. A text with one label or none, or starting with anything
+    else, is not read as a dialogue: its words are the user's, labels and all."""
+    framed = "\n\n" + text.lstrip("\n")
+    labels = list(_TURN_LABEL.finditer(framed))
+    if len(labels) < 2 or labels[0].start() != 0:
+        return None
+    ends = [m.start() for m in labels[1:]] + [len(framed)]
+    turns = [(DIALOGUE_ROLES[m.group(1)], framed[m.end() : end].strip()) for m, end in zip(labels, ends)]
+    if turns[-1] == ("assistant", ""):
+        turns.pop()
+    return turns
 
 
 def render_messages(messages: list[tuple[str, str]], *, expected_role: str) -> str:

@@ -26,7 +26,7 @@ from dpo_engine.data.token_arrays import SIDES, Ragged, TokenArrays, tokenize_ar
 from dpo_engine.data.tokenize import prompt_prefix
 
 CACHE_DIR = "token_cache"
-FORMAT = 2  # bump when the file layout or the tokenisation rule changes
+FORMAT = 3  # bump when the file layout or the tokenisation rule changes
 
 
 def table_hash(df: pd.DataFrame) -> str:

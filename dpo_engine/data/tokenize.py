@@ -1,10 +1,11 @@
 """Preference pairs -> token ids, the one rule that training and the token pre-flight share.
 
-Prompts are rendered through the tokenizer's chat template when it has one (a user turn plus the
-generation prompt) and responses are appended as assistant text + EOS, so the policy sees pairs the
-way it was instruction-tuned. A prompt starts with what the tokenizer would put before any text (a
-base Llama's BOS) and keeps its end when cut; responses fill what ``max_length`` leaves.
-Training reads a whole table through `token_arrays` (the same rule on flat arrays) and `token_cache`.
+Prompts are rendered through the tokenizer's chat template when it has one (a dialogue turn by turn,
+other text as one user turn, then the generation prompt) and responses are appended as assistant
+text + EOS, so the policy sees pairs the way it was instruction-tuned. A prompt starts with what the
+tokenizer would put before any text (a base Llama's BOS) and keeps its end when cut; responses fill
+what ``max_length`` leaves. Training reads a whole table through `token_arrays` (the same rule on
+flat arrays) and `token_cache`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
+from jinja2 import TemplateError
+
+from dpo_engine.data.layouts import dialogue_turns
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,25 @@ def keep_prompt_end(ids: list[int], prefix: list[int], max_prompt_length: int) -
 
 
 def render_prompt(tokenizer, prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+    """The prompt as the policy reads it: through the chat template when the tokenizer has one, a
+    dialogue turn by turn (`layouts.dialogue_turns`) and any other text as one user turn; a template
+    that refuses the turns (e.g. one without a system role) gets the text as one user turn. Without
+    a template the text is kept as it is (a base model reads HH's "Human:/Assistant:" text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    turns = dialogue_turns(prompt)
+    if turns:
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in turns],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except TemplateError:
+            pass
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def tokenize_pair(
