@@ -145,7 +145,7 @@ if submitted:
     # any worker: this machine's memory says nothing when a GPU worker may take the job
     gpu_worker_alive = any(w.device.startswith("cuda") for w in workers)
     try:  # against the chosen worker's device where this machine can see it; the job checks again
-        if device or not (config.model.load_in_4bit or gpu_worker_alive):  # else left to the worker that takes it
+        if device or not (config.model.needs_nvidia_gpu or gpu_worker_alive):  # else left to the worker that takes it
             check_memory(config, workspace(), device or "cpu")
     except ValueError as exc:  # WillNotFit, or options the device cannot run
         st.error(f"Not queued: {exc}")

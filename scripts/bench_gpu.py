@@ -34,7 +34,8 @@ Every run is its own process. What a run reports comes from the run itself:
   torch's peak allocated and reserved, reset between phases; on CPU the peak RSS per phase.
 
 Budget of the default GPU run on one H100/H200, about ten minutes: 135m 150 s (eleven runs), 1b 180 s
-(building the model, seven runs), 8b 270 s (building the model, five runs). Results go to
+(building the model, seven runs), 8b 270 s (building the model, five runs); flex_attention's first
+compile comes on top. Results go to
 `<out>/results/<size>/<run>.json` and a finished run is skipped unless --force (or its settings
 changed); `--write` puts the table into docs/BENCHMARKS.md ("On one GPU"), replacing the last one.
 
@@ -167,10 +168,10 @@ class TokenCounter:
             return
         self.computed += ids.numel()
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim == 2:
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
             self.padding += int(ids.numel() - mask.sum())
-        elif mask is not None:
-            self.padding_known = False  # a block mask (our packed rows: the step reports its own counts)
+        elif mask is not None:  # a block mask, dense or flex_attention's (packed rows: the step counts them)
+            self.padding_known = False
 
     def take(self) -> dict:
         out = {"computed": self.computed, "padding": self.padding if self.padding_known else None}
@@ -643,7 +644,8 @@ def header(args, runs: list[dict], results: dict) -> str:
     per_size = ", ".join(f"{size} {w} warm-up + {n} timed" for size, w, n in steps)
     return (
         f"{dev}; driver {env['driver'] or 'n/a'}, torch {env['torch']}, CUDA {env['cuda'] or 'n/a'}; "
-        f"weights {env['dtype']}, attention {env['attention']}; LoRA r8, {first['batch_size']} pairs of "
+        f"weights {env['dtype']}, attention {env['attention']} (a `flex` run: flex_attention); "
+        f"LoRA r8, {first['batch_size']} pairs of "
         f"{first['max_length']} tokens at most per step; steps: {per_size}; {datetime.date.today().isoformat()}"
     )
 

@@ -110,3 +110,23 @@ def test_the_gpu_plan_puts_flex_attention_beside_sdpa_on_the_warm_cache():
     assert not any(r.get("attention") for name, r in runs.items() if name != "ours-dpo-flex-warm")
     args.attention = ["sdpa"]
     assert "ours-dpo-flex-warm" not in {r["run"] for r in bench.plan(args)}
+
+
+def test_the_token_counter_reads_every_mask_form():
+    """A padding mask is counted; a dense or flex_attention block mask leaves padding to the step."""
+    import torch
+
+    from dpo_engine.data.tokenize import TokenizedPair
+    from dpo_engine.train.data import collate_packed, packed_attention_mask, packed_block_mask
+
+    spec = importlib.util.spec_from_file_location("bench_gpu_counter", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    counter = bench.TokenCounter(torch.nn.Identity())
+    batch = collate_packed([TokenizedPair("a", [1, 2], [3], [4, 5]), TokenizedPair("b", [6], [7, 8], [9])], 0)
+    ids = batch.input_ids
+    counter._count(None, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert counter.take() == {"computed": ids.numel(), "padding": 0, "reference": 0}
+    for mask in (packed_attention_mask(batch.segment, batch.owner), packed_block_mask(batch.segment, batch.owner)):
+        counter._count(None, (), {"input_ids": ids, "attention_mask": mask})
+        assert counter.take() == {"computed": ids.numel(), "padding": None, "reference": 0}

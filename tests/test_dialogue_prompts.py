@@ -44,6 +44,16 @@ def test_an_hh_prompt_is_read_as_its_turns():
 def test_rendered_messages_read_back_as_the_messages():
     messages = [("system", "Be brief."), ("user", "Name a colour."), ("assistant", "Red."), ("user", "Another?")]
     assert dialogue_turns(render_messages(messages, expected_role="user")) == messages
+    # other names of the same roles (ShareGPT's human/gpt, Gemma's model, OpenAI's developer)
+    aliased = [("developer", "Be brief."), ("human", "a"), ("gpt", "b"), ("model", "c"), ("user", "d")]
+    assert dialogue_turns(render_messages(aliased, expected_role="user")) == [
+        ("system", "Be brief."),
+        ("user", "a"),
+        ("assistant", "b"),
+        ("assistant", "c"),
+        ("user", "d"),
+    ]
+    assert render_messages([("human", "hello")], expected_role="user") == "hello"  # as flat data gives it
 
 
 @pytest.mark.parametrize(
@@ -51,7 +61,8 @@ def test_rendered_messages_read_back_as_the_messages():
     [
         "User: hi",  # one label: the user's own words
         "Summarise this chat:\n\nHuman: a\n\nAssistant: b",  # does not start with a label
-        "Tool: x\n\nAssistant: y",  # an unknown role
+        "User: a\n\nTool: x\n\nAssistant: y",  # a tool turn is not text a template takes as a turn
+        "Note: x\n\nAssistant: y",  # not a role
         "",
         "Human:x\n\nAssistant: y",  # a label needs a space or a line end after it
     ],
@@ -64,6 +75,14 @@ def test_the_chat_template_renders_the_turns(smol):
     assert render_prompt(smol, HH_PROMPT) == _chat(smol, dialogue_turns(HH_PROMPT))
     assert "Human:" not in render_prompt(smol, HH_PROMPT)
     assert render_prompt(smol, "User: hi") == _chat(smol, [("user", "User: hi")])
+
+
+def test_a_dialogue_ending_with_the_assistant_is_continued_as_trl_does(smol):
+    turns = [("user", "Write a haiku."), ("assistant", "Autumn moonlight")]
+    prompt = render_messages(turns, expected_role="user")
+    messages = [{"role": r, "content": c} for r, c in turns]
+    continued = smol.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert render_prompt(smol, prompt) == continued and continued.endswith("Autumn moonlight")
 
 
 def test_a_conversational_file_reaches_the_template_as_its_messages(smol, tmp_path, workspace):

@@ -79,16 +79,23 @@ def test_speed_paths_on_the_device_equal_the_plain_layout(workspace, tmp_path, d
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_flex_attention_trains_as_sdpa_does(workspace, tmp_path, dtype):
+@pytest.mark.parametrize(("dtype", "checkpointing"), [("float32", "off"), ("bfloat16", "on")])
+def test_flex_attention_trains_as_sdpa_does(workspace, tmp_path, dtype, checkpointing):
     """Packed rows through flex_attention's block mask against the same rows through SDPA's dense
-    mask: the same losses, gradient norms and held-out values, to the precision's rounding."""
+    mask: the same losses, gradient norms and held-out values, to the precision's rounding. No
+    reference cache, so each run's reference passes and calibration go through its own attention."""
 
     def run(name: str, attention: str):
         cfg = make_config(
-            model={"lora": True, "lora_dropout": 0.0, "dtype": dtype, "attn_implementation": attention},
+            model={
+                "lora": True,
+                "lora_dropout": 0.0,
+                "dtype": dtype,
+                "attn_implementation": attention,
+                "gradient_checkpointing": checkpointing,
+            },
             method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}, "loss": {"gamma": 0.5}},
-            optimisation={"max_steps": 4, "pack_pairs": True},
+            optimisation={"max_steps": 4, "pack_pairs": True, "reference_cache": False},
             monitoring={"eval_every": 2},
         )
         summary = train(cfg, tmp_path / name, workspace=workspace, pairs=varied_pairs(40), device=DEVICE)

@@ -369,22 +369,36 @@ def _messages(value: Any) -> list[tuple[str, str]] | str:
     return out
 
 
-# Role labels of a rendered dialogue (render_messages, HH) and the chat roles they stand for.
-DIALOGUE_ROLES = {"Human": "user", "User": "user", "Assistant": "assistant", "System": "system"}
-_TURN_LABEL = re.compile(r"\n\n(" + "|".join(DIALOGUE_ROLES) + r"):(?: |(?=\n)|$)")
+# Role labels of a rendered dialogue (render_messages, HH) and the chat roles they stand for: HH's,
+# and the common names in conversational files (ShareGPT's human/gpt, Gemma's model, OpenAI's developer).
+DIALOGUE_ROLES = {
+    "Human": "user",
+    "User": "user",
+    "Assistant": "assistant",
+    "Gpt": "assistant",
+    "Model": "assistant",
+    "Bot": "assistant",
+    "System": "system",
+    "Developer": "system",
+}
+# Roles whose messages are not text a chat template takes as a turn: a prompt with one stays one user turn.
+NON_TEXT_ROLES = ("Tool", "Function", "Ipython")
+_TURN_LABEL = re.compile(r"\n\n(" + "|".join([*DIALOGUE_ROLES, *NON_TEXT_ROLES]) + r"):(?: |(?=\n)|$)")
 
 
 def dialogue_turns(text: str) -> list[tuple[str, str]] | None:
     """The (role, content) turns of a prompt that is a rendered dialogue, else None.
 
     A dialogue starts with a role label (HH's leading blank lines allowed) and holds at least two
-    (Human/User, Assistant, System), each at the start of a blank-line-separated block; a final
-    Assistant turn with nothing after it (HH's prompt ends so) is dropped, since the chat template's
-    generation prompt stands for it. A text with one label or none, or starting with anything
-    else, is not read as a dialogue: its words are the user's, labels and all."""
+    (`DIALOGUE_ROLES`), each at the start of a blank-line-separated block; each turn's text is
+    stripped; a final Assistant turn with nothing after it (HH's prompt ends so) is dropped, since
+    the chat template's generation prompt stands for it. A text with one label or none, starting
+    with anything else, or holding a tool or function turn, is not read as a dialogue: its words are
+    the user's, labels and all. A turn's own text that starts a paragraph with "User: " (or another
+    role label) reads as a new turn: the rendered text cannot tell the two apart."""
     framed = "\n\n" + text.lstrip("\n")
     labels = list(_TURN_LABEL.finditer(framed))
-    if len(labels) < 2 or labels[0].start() != 0:
+    if len(labels) < 2 or labels[0].start() != 0 or any(m.group(1) in NON_TEXT_ROLES for m in labels):
         return None
     ends = [m.start() for m in labels[1:]] + [len(framed)]
     turns = [(DIALOGUE_ROLES[m.group(1)], framed[m.end() : end].strip()) for m, end in zip(labels, ends)]
@@ -395,6 +409,6 @@ def dialogue_turns(text: str) -> list[tuple[str, str]] | None:
 
 def render_messages(messages: list[tuple[str, str]], *, expected_role: str) -> str:
     """Text of a message segment (see the module docstring for the convention)."""
-    if len(messages) == 1 and messages[0][0].lower() == expected_role:
+    if len(messages) == 1 and DIALOGUE_ROLES.get(messages[0][0].strip().capitalize()) == expected_role:
         return messages[0][1]
     return "\n\n".join(f"{role.strip().capitalize() or 'Unknown'}: {content}" for role, content in messages)

@@ -59,19 +59,22 @@ def keep_prompt_end(ids: list[int], prefix: list[int], max_prompt_length: int) -
 def render_prompt(tokenizer, prompt: str) -> str:
     """The prompt as the policy reads it: through the chat template when the tokenizer has one, a
     dialogue turn by turn (`layouts.dialogue_turns`) and any other text as one user turn; a template
-    that refuses the turns (e.g. one without a system role) gets the text as one user turn. Without
-    a template the text is kept as it is (a base model reads HH's "Human:/Assistant:" text)."""
+    that refuses the turns (e.g. one without a system role) gets the text as one user turn. A
+    dialogue that ends with an assistant's words is continued, not closed, as TRL does. Without a
+    template the text is kept as it is (a base model reads HH's "Human:/Assistant:" text)."""
     if not getattr(tokenizer, "chat_template", None):
         return prompt
     turns = dialogue_turns(prompt)
     if turns:
+        continued = turns[-1][0] == "assistant"
         try:
             return tokenizer.apply_chat_template(
                 [{"role": role, "content": content} for role, content in turns],
                 tokenize=False,
-                add_generation_prompt=True,
+                add_generation_prompt=not continued,
+                continue_final_message=continued,
             )
-        except TemplateError:
+        except (TemplateError, ValueError):  # the template's own refusal, or transformers' for the continuation
             pass
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True

@@ -119,6 +119,11 @@ class ModelConfig(_Strict):
     def _checkpointing_from_bool(cls, value: Any) -> Any:
         return switch_from_bool(value)
 
+    @property
+    def needs_nvidia_gpu(self) -> bool:
+        """Options that run only on an NVIDIA GPU (train.setup.require_device_support says why)."""
+        return self.load_in_4bit or self.attn_implementation == "flex_attention"
+
     @model_validator(mode="after")
     def _known(self) -> "ModelConfig":
         from dpo_engine.models import is_known_model

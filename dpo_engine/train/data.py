@@ -2,8 +2,8 @@
 
 Two batch layouts: chosen and rejected as separate rows, or packed into
 one row per pair with a block attention mask so the shared prompt is computed once. The packed mask's
-rule is written once (`packed_sees`) and given to the model as a dense boolean mask (SDPA, eager) or as
-flex_attention's block mask.
+rule is written once (`packed_sees`) and given to the model as a dense boolean mask (SDPA; eager takes
+it additive, passes.py) or as flex_attention's block mask.
 """
 
 from __future__ import annotations
@@ -307,8 +307,10 @@ def packed_mask_mod(segment: torch.Tensor, owner: torch.Tensor):
 def packed_block_mask(segment: torch.Tensor, owner: torch.Tensor):
     """The same rule as flex_attention's BlockMask (model.attn_implementation flex_attention): built on
     the device from the index tensors, it records which 128 × 128 tiles hold any allowed position, so the
-    fused kernel skips the rest and no (L × L) mask is ever stored."""
+    fused kernel skips the rest and evaluates the rule only inside partly masked tiles. On a GPU it is
+    built by a compiled kernel: built eagerly, it would pass through several full (R × L × L) temporaries."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     rows, width = segment.shape
-    return create_block_mask(packed_mask_mod(segment, owner), rows, None, width, width, device=segment.device)
+    mod = packed_mask_mod(segment, owner)
+    return create_block_mask(mod, rows, None, width, width, device=segment.device, _compile=segment.is_cuda)

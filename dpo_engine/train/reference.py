@@ -7,6 +7,9 @@ on exactly that:
   type, so another model, a fine-tuned copy or bf16 instead of fp32 never reads stale values;
 - the pair key: a hash of the pair's token ids, which already encode the dataset text, the
   tokenizer, the chat template, max_length / max_prompt_length and how truncation cut them.
+The batch layout (packed or separate rows) and the attention kernel (model.attn_implementation) are
+not in the key: they compute the same values up to float rounding (tests/test_train_speed_paths.py,
+tests/test_attention_paths.py).
 Values are filled as pairs are first seen (the first epoch pays the reference pass, exactly as
 without a cache) and saved to `<workspace>/reference_cache/<model key>.npz`, so every later run or
 epoch on the same data skips the reference forward pass. Writes merge with what other runs saved
