@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test test-fast test-gpu lint install install-dev browser postgres jemalloc bench clean
+.PHONY: run test test-fast test-gpu gpu-check lint install install-dev browser postgres jemalloc bench clean
 
 # Test processes: the slow tier mostly waits on servers and subprocesses, so three workers on two
 # cores finish sooner than one; nothing in the suite times itself.
@@ -33,10 +33,16 @@ test: $(DEV_STAMP) postgres jemalloc lint
 	@$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); $(PYTEST_RUN)
 
 # On a CUDA machine: what only a GPU can show (tests/test_gpu.py; skipped by `make test` elsewhere).
-# Then `python scripts/bench_gpu.py --write` for speed and memory beside TRL.
 test-gpu: $(DEV_STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU')"
 	@$(VENV)/bin/pytest tests/test_gpu.py -p no:xdist -rs $(PYTEST_ARGS); $(PYTEST_RUN)
+
+# The whole first-GPU check in one command: the GPU tests, then speed and memory beside TRL's
+# DPOTrainer (scripts/bench_gpu.py, about ten minutes on one H100/H200), its table written into
+# docs/BENCHMARKS.md. Resumable: finished benchmark runs are read back.
+gpu-check: test-gpu
+	$(PIP) install --quiet -e '.[peer]'
+	$(PY) scripts/bench_gpu.py --write
 
 # The loop between edits: unit tests and page AppTests; no servers, browser or real model.
 test-fast: $(DEV_STAMP) lint
