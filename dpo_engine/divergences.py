@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from dpo_engine.logit_chunks import HEAD_CHUNK_ROWS, head_chunk_rows
+from dpo_engine.logit_transform import IDENTITY, LogitTransform
 from dpo_engine.names import ALL_DIVERGENCES, divergence_metric
 
 DivergenceName = Literal[("none", *ALL_DIVERGENCES)]
@@ -442,8 +443,9 @@ class _Logits:
         hidden: Tensor | None = None,
         weight: Tensor | None = None,
         with_grad: bool = False,
+        transform: LogitTransform = IDENTITY,
     ):
-        self.logits, self.hidden, self.weight = logits, hidden, weight
+        self.logits, self.hidden, self.weight, self.transform = logits, hidden, weight, transform
         base = logits if logits is not None else hidden
         self.vocab = logits.shape[-1] if logits is not None else weight.shape[0]
         self.dtype = (
@@ -459,15 +461,20 @@ class _Logits:
                 self.grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
 
     def rows(self, pos: Tensor) -> Tensor:
-        """The (n × V) logits at positions pos (n × 2), in the compute dtype; copies only those rows."""
+        """The (n × V) logits at positions pos (n × 2), in the compute dtype; copies only those rows.
+        Formed from hidden states, they are the model's own: its `transform` of W h (lm_head.py)."""
         if self.logits is not None:
             return self.logits[pos[:, 0], pos[:, 1]].to(self.dtype)
-        return (self.hidden[pos[:, 0], pos[:, 1]] @ self.weight.T).to(self.dtype)
+        z = (self.hidden[pos[:, 0], pos[:, 1]] @ self.weight.T).to(self.dtype)
+        return z if self.transform.identity else self.transform.apply(z)
 
-    def put_grad(self, pos: Tensor, grad: Tensor) -> None:
+    def put_grad(self, pos: Tensor, grad: Tensor, logits: Tensor) -> None:
+        """Take d(value)/d(logits) of the chunk at `pos`, whose logits (`rows(pos)`) are `logits`."""
         if self.logits is not None:
             self.grad[pos[:, 0], pos[:, 1]] = grad.to(self.grad.dtype)
             return
+        if not self.transform.identity:
+            grad = grad * self.transform.slope(logits)
         h = self.hidden[pos[:, 0], pos[:, 1]]
         self.grad[pos[:, 0], pos[:, 1]] = (grad.to(self.weight.dtype) @ self.weight).to(self.grad.dtype)
         if self.grad_weight is not None:
@@ -481,14 +488,15 @@ def _pointwise_value_and_grad(cfg: DivergenceConfig, policy: _Logits, ref: _Logi
     fn = _pointwise(cfg, cfg.name)
     value_and_grad = _closed_form(cfg, cfg.name)
     for pos in _chunks(positions, cfg, policy):
-        logp = torch.log_softmax(policy.rows(pos), dim=-1)
+        z = policy.rows(pos)
+        logp = torch.log_softmax(z, dim=-1)
         logq = torch.log_softmax(ref.rows(pos), dim=-1)
         if policy.grad is None:
             total += fn(logp, logq).sum()
             continue
         values, grad = value_and_grad(logp, logq)
         total += values.sum()
-        policy.put_grad(pos, grad)
+        policy.put_grad(pos, grad, z)
     return total
 
 
@@ -520,11 +528,12 @@ def _wasserstein_value_and_grad(
         for pos, idx, keep in zip(chunks, idxs, keeps):
             phi = phi_a[start : start + len(pos)]
             start += len(pos)
-            p = torch.softmax(policy.rows(pos), dim=-1)
+            z = policy.rows(pos)
+            p = torch.softmax(z, dim=-1)
             shifted = (phi[:, :-1] - phi[:, -1:]) * keep
             psi = torch.zeros_like(p).scatter_add_(-1, idx, shifted)
             mean_psi = (p.gather(-1, idx) * shifted).sum(-1, keepdim=True)
-            policy.put_grad(pos, p * (psi - mean_psi))
+            policy.put_grad(pos, p * (psi - mean_psi), z)
     return value.sum()
 
 
@@ -533,11 +542,11 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
     given as logits (B × T × V), or as hidden states (B × T × H) and the head weight (V × H)."""
 
     @staticmethod
-    def forward(ctx, policy: Tensor, weight: Tensor | None, positions: Tensor, evaluate):  # type: ignore[override]
+    def forward(ctx, policy: Tensor, weight: Tensor | None, positions: Tensor, evaluate, transform):  # type: ignore[override]
         if weight is None:
             source = _Logits(policy, with_grad=True)
         else:
-            source = _Logits(hidden=policy, weight=weight, with_grad=True)
+            source = _Logits(hidden=policy, weight=weight, with_grad=True, transform=transform)
         total = evaluate(source, positions)
         ctx.save_for_backward(source.grad, source.grad_weight)
         ctx.count = len(positions)
@@ -549,7 +558,7 @@ class _ChunkedTokenDivergence(torch.autograd.Function):
         grad, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.count
         grad_weight = None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype)
-        return grad * scale.to(grad.dtype), grad_weight, None, None
+        return grad * scale.to(grad.dtype), grad_weight, None, None, None
 
 
 def _resolve_cfg(cfg_or_name: DivergenceConfig | str, cfg: DivergenceConfig | None) -> DivergenceConfig:
@@ -598,12 +607,15 @@ def _mean_divergence(
     ref: _Logits,
     positions: Tensor,
     output_embeddings: Tensor | None,
+    transform: LogitTransform = IDENTITY,
 ) -> Tensor:
     evaluate = _evaluator(cfg, output_embeddings)
     grad_wanted = policy.requires_grad or (weight is not None and weight.requires_grad)
     if torch.is_grad_enabled() and grad_wanted:
-        return _ChunkedTokenDivergence.apply(policy, weight, positions, lambda pol, pos: evaluate(pol, ref, pos))
-    source = _Logits(policy) if weight is None else _Logits(hidden=policy, weight=weight)
+        return _ChunkedTokenDivergence.apply(
+            policy, weight, positions, lambda pol, pos: evaluate(pol, ref, pos), transform
+        )
+    source = _Logits(policy) if weight is None else _Logits(hidden=policy, weight=weight, transform=transform)
     with torch.no_grad():
         return evaluate(source, ref, positions) / len(positions)
 
@@ -666,19 +678,20 @@ def token_divergence_from_hidden(
     ref_head_weight: Tensor | None = None,
     output_embeddings: Tensor | None = None,
     cfg: DivergenceConfig | None = None,
+    transform: LogitTransform = IDENTITY,
 ) -> Tensor:
-    """`token_divergence` over every row, with logits z = W h formed a chunk at a time from the final
-    hidden states (N × H) of policy and reference and the head weight W (V × H; the reference's own
-    `ref_head_weight` when it differs, as after full fine-tuning of a tied head): the same value and
-    gradient (to the policy's hidden states, and to W when it trains) without any N × V tensor."""
+    """`token_divergence` over every row, with logits (`transform` of z = W h) formed a chunk at a time
+    from the final hidden states (N × H) of policy and reference and the head weight W (V × H; the
+    reference's own `ref_head_weight` when it differs, as after full fine-tuning of a tied head): the
+    same value and gradient (to the policy's hidden states, and to W when it trains) without any N × V
+    tensor."""
     cfg = _resolve_cfg(cfg_or_name, cfg)
     if cfg.name == "none":
         return torch.zeros((), dtype=_compute_dtype(policy_hidden), device=policy_hidden.device)
     ref_head_weight = head_weight if ref_head_weight is None else ref_head_weight
     policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight, ref_head_weight)
-    return _mean_divergence(
-        cfg, policy, head_weight, _Logits(hidden=ref, weight=ref_head_weight.detach()), positions, output_embeddings
-    )
+    ref_logits = _Logits(hidden=ref, weight=ref_head_weight.detach(), transform=transform)
+    return _mean_divergence(cfg, policy, head_weight, ref_logits, positions, output_embeddings, transform)
 
 
 @torch.no_grad()
@@ -723,13 +736,15 @@ def all_token_divergences_from_hidden(
     output_embeddings: Tensor | None,
     *,
     ref_head_weight: Tensor | None = None,
+    transform: LogitTransform = IDENTITY,
 ) -> dict[str, float]:
-    """`all_token_divergences` over every row of (N × H) final hidden states, logits formed a chunk at a time."""
+    """`all_token_divergences` over every row of (N × H) final hidden states, logits (`transform` of
+    W h) formed a chunk at a time."""
     ref_head_weight = head_weight if ref_head_weight is None else ref_head_weight
     policy, ref, positions = _flatten_hidden(policy_hidden, ref_hidden, head_weight, ref_head_weight)
     return _all_divergences(
-        _Logits(hidden=policy, weight=head_weight.detach()),
-        _Logits(hidden=ref, weight=ref_head_weight.detach()),
+        _Logits(hidden=policy, weight=head_weight.detach(), transform=transform),
+        _Logits(hidden=ref, weight=ref_head_weight.detach(), transform=transform),
         positions,
         cfg,
         output_embeddings,

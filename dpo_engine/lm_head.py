@@ -14,6 +14,11 @@ response tokens instead (N × H, H ≈ 576) and forms logits `chunk_rows` rows a
 - `head_logits`: the logits themselves, for callers that need whole distributions of a few rows.
 - `perturbed_token_logps`: ε-DPO's log-probs under (1 + t) z - t z_ref, chunk by chunk, no gradient.
 
+Some models do more to W h before the softmax: Gemma caps it softly (c tanh(z / c)), Cohere scales
+it, Granite divides it. `LogitTransform` is that step, read from the model's config
+(logit_transform.py); every function here (and the divergences) applies it where logits are formed,
+and its slope where gradients pass back through it, so log-probs are the model's own.
+
 Values equal the plain path's (`losses.token_logps` on full logits) to float rounding; tests in
 tests/test_lm_head.py compare values and gradients. How many rows a chunk holds: logit_chunks.py.
 """
@@ -24,13 +29,15 @@ import torch
 from torch import Tensor
 
 from dpo_engine.logit_chunks import head_chunk_rows
+from dpo_engine.logit_transform import IDENTITY, LogitTransform
 from dpo_engine.losses import check_labels, token_logps
 
 
-def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
-    """z = h Wᵀ for hidden (N × H) and the head weight (V × H), in at least float32 (N × V)."""
+def head_logits(hidden: Tensor, weight: Tensor, transform: LogitTransform = IDENTITY) -> Tensor:
+    """The model's logits for hidden (N × H) and the head weight (V × H): `transform` of z = h Wᵀ, in
+    at least float32 (N × V)."""
     z = hidden @ weight.T
-    return z.to(torch.promote_types(z.dtype, torch.float32))
+    return transform.apply(z.to(torch.promote_types(z.dtype, torch.float32)))
 
 
 def _check(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
@@ -44,21 +51,24 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor) -> None:
 
 
 def _logps_and_direction(
-    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, want_direction: bool
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, want_direction: bool, transform: LogitTransform
 ) -> tuple[Tensor, Tensor | None]:
-    """The label log-probs (N,) and, when asked, d logp_n / d h_n = W[y_n] - softmax(z_n)ᵀ W (N × H)."""
+    """The label log-probs (N,) and, when asked, d logp_n / d h_n = ((e_y - softmax(z_n)) ⊙ slope)ᵀ W (N × H)."""
     out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     direction = torch.empty_like(hidden) if want_direction else None
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        z = head_logits(hidden[rows], weight)
+        z = head_logits(hidden[rows], weight, transform)
         lse = torch.logsumexp(z, dim=-1)
         out[rows] = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - lse
         if direction is not None:
+            slope = None if transform.identity else transform.slope(z)
             # e_y - softmax(z), formed in fp32 before the cast: for a confident token p_y is near 1, and
             # W[y] - (pᵀW rounded to bf16) would lose the small difference that is the gradient
             p = z.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of z
             p[torch.arange(p.shape[0], device=p.device), labels[rows]] -= 1.0
+            if slope is not None:
+                p = p.mul_(slope)
             direction[rows] = -(p.to(weight.dtype) @ weight)
     return out, direction
 
@@ -67,10 +77,10 @@ class _HeadTokenLogps(torch.autograd.Function):
     """log-probs of the labels from hidden states and the head, chunked; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int):  # type: ignore[override]
-        out, direction = _logps_and_direction(hidden, weight, labels, chunk_rows, ctx.needs_input_grad[0])
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, transform: LogitTransform):  # type: ignore[override]
+        out, direction = _logps_and_direction(hidden, weight, labels, chunk_rows, ctx.needs_input_grad[0], transform)
         ctx.save_for_backward(hidden, weight, labels, direction)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.transform = chunk_rows, transform
         return out
 
     @staticmethod
@@ -84,28 +94,38 @@ class _HeadTokenLogps(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
             for start in range(0, hidden.shape[0], ctx.chunk_rows):
                 rows = slice(start, start + ctx.chunk_rows)
-                p = torch.softmax(head_logits(hidden[rows], weight), dim=-1)
+                z = head_logits(hidden[rows], weight, ctx.transform)
+                p = torch.softmax(z, dim=-1)
                 g = grad_out[rows].to(p.dtype)
                 coef = -p.mul_(g.unsqueeze(-1))  # d logp / dz = e_y - p, scaled by g
                 coef.scatter_add_(-1, labels[rows].unsqueeze(-1), g.unsqueeze(-1))
+                if not ctx.transform.identity:
+                    coef.mul_(ctx.transform.slope(z))
                 grad_weight += coef.T @ hidden[rows].to(coef.dtype)
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def head_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_rows: int | None = None) -> Tensor:
-    """log π(label_n | ctx_n) = (W h_n)[label_n] - logsumexp(W h_n): hidden (N × H), weight (V × H),
-    labels (N,) -> (N,), in at least float32; no N × V tensor is kept for backward. `chunk_rows`
-    defaults to `head_chunk_rows(H)`."""
+def head_token_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    chunk_rows: int | None = None,
+    transform: LogitTransform = IDENTITY,
+) -> Tensor:
+    """log π(label_n | ctx_n) = z_n[label_n] - logsumexp(z_n), z_n = `transform`(W h_n): hidden (N × H),
+    weight (V × H), labels (N,) -> (N,), in at least float32; no N × V tensor is kept for backward.
+    `chunk_rows` defaults to `head_chunk_rows(H)`."""
     _check(hidden, weight, labels)
     chunk_rows = head_chunk_rows(weight.shape[1]) if chunk_rows is None else chunk_rows
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     labels = labels.long()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _HeadTokenLogps.apply(hidden, weight, labels, chunk_rows)
+        return _HeadTokenLogps.apply(hidden, weight, labels, chunk_rows, transform)
     with torch.no_grad():
-        return _logps_and_direction(hidden, weight, labels, chunk_rows, want_direction=False)[0]
+        return _logps_and_direction(hidden, weight, labels, chunk_rows, False, transform)[0]
 
 
 @torch.no_grad()
@@ -118,10 +138,11 @@ def perturbed_token_logps(
     *,
     ref_weight: Tensor | None = None,
     chunk_rows: int | None = None,
+    transform: LogitTransform = IDENTITY,
 ) -> list[Tensor]:
-    """For each t in ts, log-softmax((1 + t) z - t z_ref) at the labels (N,), with z = W h and
-    z_ref = W_ref h_ref (W_ref = W unless given): ε-DPO's perturbed policies (METHOD.md 2.6), a
-    chunk of rows at a time."""
+    """For each t in ts, log-softmax((1 + t) z - t z_ref) at the labels (N,), with z and z_ref the
+    model's logits (`transform` of W h and of W_ref h_ref; W_ref = W unless given): ε-DPO's
+    perturbed policies (METHOD.md 2.6), a chunk of rows at a time."""
     _check(hidden, weight, labels)
     ref_weight = weight if ref_weight is None else ref_weight
     if ref_weight.shape != weight.shape:
@@ -140,7 +161,7 @@ def perturbed_token_logps(
     ]
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        z, z_ref = head_logits(hidden[rows], weight), head_logits(ref_hidden[rows], ref_weight)
+        z, z_ref = head_logits(hidden[rows], weight, transform), head_logits(ref_hidden[rows], ref_weight, transform)
         for out, t in zip(outs, ts):
             out[rows] = token_logps((1.0 + t) * z - t * z_ref, labels[rows])
     return outs

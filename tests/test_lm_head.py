@@ -91,7 +91,7 @@ def test_default_chunk_follows_the_hidden_size_within_its_bounds(monkeypatch):
     from dpo_engine import lm_head
 
     calls = []
-    monkeypatch.setattr(lm_head, "head_logits", lambda h, w: calls.append(len(h)) or h @ w.T)
+    monkeypatch.setattr(lm_head, "head_logits", lambda h, w, _t: calls.append(len(h)) or h @ w.T)
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(300, 512, generator=gen, dtype=torch.float64)
     weight = torch.randn(40, 512, generator=gen, dtype=torch.float64)

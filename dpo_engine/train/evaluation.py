@@ -156,6 +156,7 @@ class Evaluator:
                         self.config.method.divergence,
                         step.passes.output_embeddings(),
                         ref_head_weight=terms.ref_head,
+                        transform=step.passes.logit_transform,
                     )
                     div_sums += n_pos * torch.tensor(
                         [divs[k] for k in DIVERGENCE_METRICS], dtype=torch.float64, device=device

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from dpo_engine.data.tokenize import TokenizedPair
-from dpo_engine.lm_head import head_token_logps
+from dpo_engine.lm_head import head_logits, head_token_logps
+from dpo_engine.logit_transform import logit_transform
 from dpo_engine.losses import masked_mean_pool, sum_by_sequence
 from dpo_engine.train.data import Batch, collate, collate_packed, packed_attention_mask, packed_block_mask
 from dpo_engine.train.parts import EncoderReps, TrainingParts
@@ -46,6 +47,33 @@ def final_hidden_state(model: torch.nn.Module):
         yield captured
     finally:
         handle.remove()
+
+
+LOGIT_MATCH_TOLERANCE = 1e-3  # largest difference, as a share of the logits' scale, in fp32
+LOGIT_MATCH_TOLERANCE_LOW_PRECISION = 3e-2  # in bf16 / fp16 (the model rounds its capped logits there)
+
+
+@torch.no_grad()
+def check_logits_match_the_model(model: torch.nn.Module, accelerator: Accelerator, pair: TokenizedPair, pad: int):
+    """Once per run, before any pass: the logits the trainer forms (the head on the final hidden state,
+    then the model's `logit_transform`) against the model's own forward on one pair. A model that does
+    something else between its last hidden state and its logits would be trained on other log-probs
+    than its own, so it is refused in one line."""
+    inner = accelerator.unwrap_model(model)
+    batch = collate([pair], pad).to(accelerator.device)
+    with accelerator.autocast(), final_hidden_state(inner) as captured:
+        theirs = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        weight = inner.get_output_embeddings().weight
+        ours = head_logits(captured[0], weight, logit_transform(inner.config))
+    theirs = theirs.float()
+    gap = float((ours.float() - theirs).abs().amax() / theirs.abs().amax().clamp(min=1.0))
+    exact = accelerator.mixed_precision == "no" and weight.dtype == torch.float32
+    if gap > (LOGIT_MATCH_TOLERANCE if exact else LOGIT_MATCH_TOLERANCE_LOW_PRECISION):
+        raise ValueError(
+            f"{type(inner).__name__}'s logits are not its LM head applied to its last hidden state (with the "
+            f"softcapping or scaling its config names): they differ by {gap:.2g} of their scale, so the trainer "
+            "cannot reproduce this model's log-probabilities; this model is not supported"
+        )
 
 
 @dataclass
@@ -85,6 +113,7 @@ class ModelPasses:
         self.projection = projection
         self.encoder_reps = encoder_reps
         self.pack_pairs = pack_pairs
+        self.logit_transform = logit_transform(accelerator.unwrap_model(model).config)  # W h -> the model's logits
 
     @classmethod
     def from_parts(cls, parts: TrainingParts) -> ModelPasses:
@@ -174,7 +203,7 @@ class ModelPasses:
             hidden = captured[0]
             tokens = hidden[batch.token_rows, batch.token_cols]
             head = self.head_weight(inner)
-            token_values = head_token_logps(tokens, head, batch.token_labels)
+            token_values = head_token_logps(tokens, head, batch.token_labels, transform=self.logit_transform)
         logps = sum_by_sequence(token_values, batch.token_seq, 2 * batch.n_pairs)
         pooled = None
         if pool:

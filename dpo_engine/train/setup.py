@@ -37,7 +37,7 @@ from dpo_engine.train.config import GRADIENT_CHECKPOINTING_MIN_PARAMS, TrainConf
 from dpo_engine.train.data import check_pairs, eval_subset, load_dataset
 from dpo_engine.train.monitoring import HTSR_IN_RUN, TimeSplit, htsr_before, htsr_plan
 from dpo_engine.train.parts import EncoderReps, TrainingParts
-from dpo_engine.train.passes import ModelPasses
+from dpo_engine.train.passes import ModelPasses, check_logits_match_the_model
 from dpo_engine.train.reference import ReferenceCache, model_key
 from dpo_engine.workspace import Workspace
 
@@ -76,6 +76,8 @@ def build_parts(
         models.model.to(accelerator.device)
     if models.ref_model is not None:
         models.ref_model.to(accelerator.device)
+    if len(split.train_pairs):
+        check_logits_match_the_model(models.model, accelerator, split.train_pairs[0], models.tokenizer.pad_token_id)
     pack_pairs = config.optimisation.pack_pairs and packing_keeps_attention(models.model, config.data.max_length, log)
     with timer.timed("calibration"):
         method = setup_method(config, run_dir, accelerator, models, split, pack_pairs, log)

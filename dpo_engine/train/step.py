@@ -199,6 +199,7 @@ class TrainingStep:
                 ref_head_weight=ref.head,
                 output_embeddings=passes.output_embeddings(),
                 cfg=dcfg,
+                transform=passes.logit_transform,
             )
             self.check_finite(loss_div, f"divergence regulariser ({dcfg.name})")
 
@@ -214,6 +215,7 @@ class TrainingStep:
                 batch.token_labels,
                 epsilon_grid(lcfg.epsilon_dpo),
                 ref_weight=ref.head,
+                transform=passes.logit_transform,
             )
             steps = epsilon_dpo_steps_from_token_logps(perturbed, batch.token_seq, b)
             beta_arg = epsilon_dpo_beta_per_pair(beta, steps, lcfg.epsilon_dpo)

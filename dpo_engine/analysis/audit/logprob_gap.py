@@ -17,6 +17,7 @@ import torch
 
 from dpo_engine.data.tokenize import TokenizedPair, tokenize_pairs
 from dpo_engine.lm_head import head_token_logps
+from dpo_engine.logit_transform import logit_transform
 from dpo_engine.losses import sum_by_sequence
 
 BATCH_PAIRS = 8
@@ -46,7 +47,7 @@ def sequence_logps(model, pairs: list[TokenizedPair], pad_token_id: int) -> tupl
     ids, attention, rows, cols, labels = (t.to(device) for t in _batch_inputs(pairs, pad_token_id))
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     head = model.get_output_embeddings().weight
-    token_logps = head_token_logps(hidden[rows, cols], head, labels)
+    token_logps = head_token_logps(hidden[rows, cols], head, labels, transform=logit_transform(model.config))
     logps = sum_by_sequence(token_logps, rows, ids.shape[0])
     counts = torch.bincount(rows, minlength=ids.shape[0])
     return logps.float().cpu(), counts.cpu()

@@ -1,0 +1,146 @@
+"""Models that do more than W h before the softmax (Gemma's soft cap, Cohere's and Granite's scales):
+the trainer's chunked logits, log-probs, divergences and ε-DPO perturbations apply the same step and
+its slope, checked against autograd on the full logits and against the models' own forward passes;
+a model whose logits the trainer cannot reproduce is refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_engine.divergences import DivergenceConfig, token_divergence, token_divergence_from_hidden
+from dpo_engine.lm_head import head_token_logps, perturbed_token_logps
+from dpo_engine.logit_transform import IDENTITY, LogitTransform, logit_transform
+from dpo_engine.losses import token_logps
+
+TRANSFORMS = [LogitTransform(softcap=2.0), LogitTransform(scale=0.25), LogitTransform(scale=3.0, softcap=4.0)]
+
+
+def _case(seed: int = 0, n: int = 37, h: int = 16, v: int = 300):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64) * 2
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    return hidden, weight, labels
+
+
+def test_the_transform_is_read_from_each_family_config():
+    from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
+
+    assert logit_transform(LlamaConfig()) == IDENTITY and IDENTITY.identity
+    assert logit_transform(Gemma2Config()) == LogitTransform(softcap=30.0)
+    assert logit_transform(CohereConfig(logit_scale=0.0625)) == LogitTransform(scale=0.0625)
+    assert logit_transform(GraniteConfig(logits_scaling=8.0)) == LogitTransform(scale=0.125)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_head_log_probs_and_gradients_equal_autograd_on_the_full_logits(transform):
+    hidden, weight, labels = _case()
+    g = torch.randn(hidden.shape[0], dtype=torch.float64)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain = token_logps(transform.apply(h1 @ w1.T), labels)
+    (plain * g).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    chunked = head_token_logps(h2, w2, labels, chunk_rows=8, transform=transform)
+    (chunked * g).sum().backward()
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+
+
+@pytest.mark.parametrize("name", ["kl", "js", "wasserstein"])
+def test_divergences_from_hidden_equal_the_logits_path_with_the_transform(name):
+    transform = LogitTransform(scale=0.5, softcap=3.0)
+    hidden, weight, _ = _case(1, n=19, v=120)
+    ref_hidden = hidden + 0.3 * torch.randn_like(hidden)
+    embeddings = torch.randn(weight.shape[0], 8, dtype=torch.float64)
+    cfg = DivergenceConfig(name=name, chunk_positions=5)
+    h1 = hidden.clone().requires_grad_()
+    logits = transform.apply(h1 @ weight.T)[None]
+    ref_logits = transform.apply(ref_hidden @ weight.T)[None]
+    mask = torch.ones(1, hidden.shape[0], dtype=torch.bool)
+    plain = token_divergence(cfg, logits, ref_logits, mask, output_embeddings=embeddings)
+    plain.backward()
+    h2 = hidden.clone().requires_grad_()
+    chunked = token_divergence_from_hidden(
+        cfg, h2, ref_hidden, weight, output_embeddings=embeddings, transform=transform
+    )
+    chunked.backward()
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(h2.grad, h1.grad)
+
+
+def test_epsilon_dpo_perturbations_use_the_models_logits():
+    transform = LogitTransform(softcap=2.5)
+    hidden, weight, labels = _case(2)
+    ref_hidden = hidden + 0.2
+    got = perturbed_token_logps(hidden, ref_hidden, weight, labels, (0.01, -0.01), chunk_rows=8, transform=transform)
+    z, z_ref = transform.apply(hidden @ weight.T), transform.apply(ref_hidden @ weight.T)
+    for t, value in zip((0.01, -0.01), got):
+        torch.testing.assert_close(value, token_logps((1 + t) * z - t * z_ref, labels))
+
+
+def _tiny(family: str):
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
+
+    shape = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    if family == "gemma2":  # a cap low enough to bite on random weights
+        return Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=0.5)).eval()
+    if family == "cohere":
+        return CohereForCausalLM(CohereConfig(**shape, logit_scale=4.0)).eval()
+    return GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=0.2)).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_sequence_log_probs_equal_the_models_own_forward(family):
+    """The audit's reference log-probs (the chunked head with the model's transform) against the
+    log-softmax of the logits the model's own forward returns."""
+    from dpo_engine.analysis.audit.logprob_gap import sequence_logps
+    from dpo_engine.data.tokenize import TokenizedPair
+
+    model = _tiny(family)
+    pairs = [TokenizedPair("a", [5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair("b", [13], [14, 15, 16], [17])]
+    logps, _ = sequence_logps(model, pairs, pad_token_id=0)
+    expected = []
+    for response in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            ids = torch.tensor([p.prompt_ids + getattr(p, response)])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0]
+            start = len(p.prompt_ids)
+            targets = ids[0, start:]
+            expected.append(float(token_logps(logits[start - 1 : -1].double(), targets).sum()))
+    torch.testing.assert_close(logps.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_whose_logits_the_trainer_cannot_form_is_refused_in_one_line(monkeypatch):
+    from accelerate import Accelerator
+
+    from dpo_engine.data.tokenize import TokenizedPair
+    from dpo_engine.train import passes
+
+    accelerator = Accelerator(cpu=True)
+    pair = TokenizedPair("a", [5, 6, 7], [8, 9], [10, 11])
+    model = _tiny("gemma2")
+    passes.check_logits_match_the_model(model, accelerator, pair, 0)  # its cap is applied: accepted
+    monkeypatch.setattr(passes, "logit_transform", lambda _config: IDENTITY)  # as if the cap were unknown
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM's logits are not its LM head") as err:
+        passes.check_logits_match_the_model(model, accelerator, pair, 0)
+    assert "\n" not in str(err.value)
