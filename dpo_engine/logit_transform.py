@@ -44,13 +44,21 @@ class LogitTransform:
 IDENTITY = LogitTransform()
 
 
+def _number(value) -> float | None:
+    """A config value that is a number, else None (e.g. MPT's "inv_sqrt_d_model" names a rule)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value else None
+
+
 def logit_transform(config) -> LogitTransform:
     """The model's step between W h and the softmax, from its (text) config: Gemma's
-    `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling` (a divisor)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = float(getattr(text, "logit_scale", None) or 1.0)
-    divisor = getattr(text, "logits_scaling", None)
+    `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling` (a divisor). A
+    model that does something else is caught by the trainer's logits check (train/passes.py)."""
+    try:
+        text = config.get_text_config(decoder=True)
+    except (AttributeError, TypeError, ValueError):
+        text = config
+    scale = _number(getattr(text, "logit_scale", None)) or 1.0
+    divisor = _number(getattr(text, "logits_scaling", None))
     if divisor:
-        scale /= float(divisor)
-    softcap = getattr(text, "final_logit_softcapping", None)
-    return LogitTransform(scale, float(softcap) if softcap else None)
+        scale /= divisor
+    return LogitTransform(scale, _number(getattr(text, "final_logit_softcapping", None)))

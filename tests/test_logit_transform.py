@@ -5,6 +5,7 @@ a model whose logits the trainer cannot reproduce is refused in one line."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,26 @@ def _case(seed: int = 0, n: int = 37, h: int = 16, v: int = 300):
     weight = torch.randn(v, h, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, v, (n,), generator=gen)
     return hidden, weight, labels
+
+
+def test_a_value_that_is_not_a_number_is_not_read_as_one():
+    from types import SimpleNamespace
+
+    assert logit_transform(SimpleNamespace(logit_scale="inv_sqrt_d_model")) == IDENTITY  # MPT names a rule
+    assert logit_transform(SimpleNamespace(final_logit_softcapping=None, logits_scaling=True)) == IDENTITY
+
+
+def test_the_reference_cache_key_changes_with_the_transform_only():
+    from dpo_engine.train.reference import model_key
+
+    model = torch.nn.Linear(4, 3)
+    model.register_buffer("scale", torch.tensor(2.0))  # a 0-d buffer, as Gemma's embedding scale
+    cpu = torch.device("cpu")
+    plain = model_key(model, torch.float32, cpu)
+    assert model_key(model, torch.float32, cpu, IDENTITY) == plain  # other models keep their cached values
+    assert model_key(model, torch.float32, cpu, LogitTransform(softcap=30.0)) != plain
+    model.scale.fill_(3.0)
+    assert model_key(model, torch.float32, cpu) != plain
 
 
 def test_the_transform_is_read_from_each_family_config():
@@ -130,6 +151,43 @@ def test_sequence_log_probs_equal_the_models_own_forward(family):
     torch.testing.assert_close(logps.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_trainers_passes_give_the_models_own_log_probs(packed):
+    """ModelPasses.forward (the path of every training and evaluation batch) on a soft-capped model,
+    packed and plain, against the log-softmax of the model's own logits."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from dpo_engine.data.tokenize import TokenizedPair
+    from dpo_engine.train.passes import ModelPasses
+
+    model = _tiny("gemma2")
+    passes = ModelPasses(
+        accelerator=Accelerator(cpu=True),
+        device=torch.device("cpu"),
+        tokenizer=SimpleNamespace(pad_token_id=0),
+        model=model,
+        ref_model=None,
+        reference_cache=None,
+        projection=torch.eye(32),
+        encoder_reps=None,
+        pack_pairs=packed,
+    )
+    pairs = [TokenizedPair("a", [5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair("b", [13], [14, 15, 16], [17])]
+    with torch.no_grad():
+        got = passes.forward(model, passes.collate(pairs), pool=False).logps
+    expected = []
+    for response in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            ids = torch.tensor([p.prompt_ids + getattr(p, response)])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0]
+            start = len(p.prompt_ids)
+            expected.append(float(token_logps(logits[start - 1 : -1].double(), ids[0, start:]).sum()))
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
 def test_a_model_whose_logits_the_trainer_cannot_form_is_refused_in_one_line(monkeypatch):
     from accelerate import Accelerator
 
@@ -139,8 +197,63 @@ def test_a_model_whose_logits_the_trainer_cannot_form_is_refused_in_one_line(mon
     accelerator = Accelerator(cpu=True)
     pair = TokenizedPair("a", [5, 6, 7], [8, 9], [10, 11])
     model = _tiny("gemma2")
-    passes.check_logits_match_the_model(model, accelerator, pair, 0)  # its cap is applied: accepted
+    passes.check_logits_match_the_model(model, accelerator, pair)  # its cap is applied: accepted
     monkeypatch.setattr(passes, "logit_transform", lambda _config: IDENTITY)  # as if the cap were unknown
     with pytest.raises(ValueError, match="Gemma2ForCausalLM's logits are not its LM head") as err:
-        passes.check_logits_match_the_model(model, accelerator, pair, 0)
+        passes.check_logits_match_the_model(model, accelerator, pair)
     assert "\n" not in str(err.value)
+
+
+@pytest.fixture
+def tiny_gemma_dir(workspace, tmp_path):
+    """A two-layer Gemma-2 with random weights and the bundled tokenizer, saved as a local model."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from dpo_engine.models.loading import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer(workspace)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        final_logit_softcapping=0.5,  # low enough to bite on random weights
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    out = tmp_path / "tiny-gemma2"
+    Gemma2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow  # trains a model
+def test_a_softcapped_model_trains_with_a_divergence_and_a_wrong_cap_is_refused(
+    workspace, tmp_path, tiny_gemma_dir, monkeypatch
+):
+    from dpo_engine import rundir
+    from dpo_engine.train import passes
+    from dpo_engine.train.trainer import train
+    from tests.test_train import make_config
+    from tests.test_train_speed_paths import varied_pairs
+
+    cfg = make_config(
+        model={"name": str(tiny_gemma_dir), "lora": True},
+        method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}, "loss": {"gamma": 0.5}},
+        optimisation={"max_steps": 3},
+        monitoring={"eval_divergences": True, "divergence_pairs": 4},
+    )
+    summary = train(cfg, tmp_path / "capped", workspace=workspace, pairs=varied_pairs(40))
+    assert summary["status"] == "succeeded", summary["error"]
+    metrics = rundir.read_metrics(tmp_path / "capped")
+    assert np.isfinite(metrics["loss"]).all() and np.isfinite(metrics["grad_norm"]).all()
+    assert (rundir.read_eval(tmp_path / "capped")["div_kl"].dropna() >= 0).all()
+    monkeypatch.setattr(passes, "logit_transform", lambda _config: IDENTITY)  # as if the cap were unknown
+    with pytest.raises(ValueError, match="logits are not its LM head"):  # the job shows this line
+        train(cfg, tmp_path / "uncapped", workspace=workspace, pairs=varied_pairs(40))
+    assert rundir.read_json(tmp_path / "uncapped" / rundir.SUMMARY)["status"] == "failed"

@@ -51,28 +51,47 @@ def final_hidden_state(model: torch.nn.Module):
 
 LOGIT_MATCH_TOLERANCE = 1e-3  # largest difference, as a share of the logits' scale, in fp32
 LOGIT_MATCH_TOLERANCE_LOW_PRECISION = 3e-2  # in bf16 / fp16 (the model rounds its capped logits there)
+LOGIT_MATCH_TOKENS = 32  # the check reads this many leading tokens: at a 256k vocabulary, 32 MB of logits
+
+
+def lm_head_weight(inner: torch.nn.Module) -> torch.Tensor:
+    """The (unwrapped) model's LM head weight W (V × H), refused in one line unless the head is a plain
+    linear layer: logits are W h (then the model's transform), formed a chunk of rows at a time."""
+    head = inner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise ValueError(
+            f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias; "
+            "leave it out of model.lora_target_modules"
+        )
+    return head.weight
 
 
 @torch.no_grad()
-def check_logits_match_the_model(model: torch.nn.Module, accelerator: Accelerator, pair: TokenizedPair, pad: int):
+def check_logits_match_the_model(model: torch.nn.Module, accelerator: Accelerator, pair: TokenizedPair) -> None:
     """Once per run, before any pass: the logits the trainer forms (the head on the final hidden state,
-    then the model's `logit_transform`) against the model's own forward on one pair. A model that does
-    something else between its last hidden state and its logits would be trained on other log-probs
-    than its own, so it is refused in one line."""
+    then the model's `logit_transform`) against the model's own forward on the first tokens of one
+    pair. A model that does something else between its last hidden state and its logits would be
+    trained on other log-probs than its own, so it is refused in one line."""
     inner = accelerator.unwrap_model(model)
-    batch = collate([pair], pad).to(accelerator.device)
+    weight = lm_head_weight(inner)
+    ids = torch.tensor([(pair.prompt_ids + pair.chosen_ids)[:LOGIT_MATCH_TOKENS]], device=accelerator.device)
     with accelerator.autocast(), final_hidden_state(inner) as captured:
-        theirs = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        weight = inner.get_output_embeddings().weight
+        theirs = inner(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
         ours = head_logits(captured[0], weight, logit_transform(inner.config))
-    theirs = theirs.float()
-    gap = float((ours.float() - theirs).abs().amax() / theirs.abs().amax().clamp(min=1.0))
-    exact = accelerator.mixed_precision == "no" and weight.dtype == torch.float32
-    if gap > (LOGIT_MATCH_TOLERANCE if exact else LOGIT_MATCH_TOLERANCE_LOW_PRECISION):
+    name = type(inner).__name__
+    if ours.shape != theirs.shape:
         raise ValueError(
-            f"{type(inner).__name__}'s logits are not its LM head applied to its last hidden state (with the "
-            f"softcapping or scaling its config names): they differ by {gap:.2g} of their scale, so the trainer "
-            "cannot reproduce this model's log-probabilities; this model is not supported"
+            f"{name}'s logits ({tuple(theirs.shape)}) are not its LM head's output ({tuple(ours.shape)}): "
+            "this model is not supported"
+        )
+    theirs = theirs.float()
+    gap = float(ours.float().sub_(theirs).abs_().amax() / theirs.abs().amax().clamp(min=1.0))
+    exact = accelerator.mixed_precision == "no" and weight.dtype == torch.float32
+    if not gap <= (LOGIT_MATCH_TOLERANCE if exact else LOGIT_MATCH_TOLERANCE_LOW_PRECISION):  # NaN fails too
+        raise ValueError(
+            f"{name}'s logits are not its LM head applied to its last hidden state (with the softcapping or "
+            f"scaling its config names): they differ by {gap:.2g} of their scale, so the trainer cannot "
+            "reproduce this model's log-probabilities; this model is not supported"
         )
 
 
@@ -149,14 +168,8 @@ class ModelPasses:
         return self.unwrapped().disable_adapter()
 
     def head_weight(self, model) -> torch.Tensor:
-        """The model's LM head weight W (V × H): logits are W h, formed a chunk of rows at a time."""
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-            raise ValueError(
-                f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias; "
-                "leave it out of model.lora_target_modules"
-            )
-        return head.weight
+        """The model's LM head weight W (V × H) (`lm_head_weight`)."""
+        return lm_head_weight(self.accelerator.unwrap_model(model))
 
     def output_embeddings(self) -> torch.Tensor:
         return self.head_weight(self.model)

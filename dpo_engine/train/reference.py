@@ -27,23 +27,30 @@ import numpy as np
 import torch
 
 from dpo_engine.data.tokenize import TokenizedPair
+from dpo_engine.logit_transform import IDENTITY, LogitTransform
 
 CACHE_DIR = "reference_cache"
 
 
-def model_key(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> str:
-    """Hash of the reference weights (every parameter and buffer, in order) and how they are computed.
+def model_key(
+    model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device, transform: LogitTransform = IDENTITY
+) -> str:
+    """Hash of the reference weights (every parameter and buffer, in order) and how they are computed,
+    its logits' soft cap or scale included (logit_transform.py; values cached before the trainer
+    applied it are not reused).
 
     Host tensors are hashed byte for byte; a GPU's tensors by their `device_fingerprint`, so an 8B
     model's 16 GB never cross to the host (the key differs between the two, as the device type does)."""
     digest = hashlib.sha256()
     digest.update(f"{compute_dtype}|{torch.device(device).type}".encode())
+    if not transform.identity:  # the identity adds nothing, so other models keep their keys
+        digest.update(f"|{transform}".encode())
     pending: list[torch.Tensor] = []  # device fingerprints, read in one transfer at the end
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         data = tensor.detach()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
         if data.device.type == "cpu":
-            data = data.contiguous()
+            data = data.contiguous().reshape(-1)  # a 0-d buffer (Gemma's embedding scale) cannot view as bytes
             digest.update(data.view(torch.uint8).numpy().data if data.numel() else b"")
         else:
             pending.append(device_fingerprint(data))

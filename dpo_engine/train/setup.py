@@ -32,6 +32,7 @@ from dpo_engine.data.token_cache import cached_token_arrays
 from dpo_engine.data.tokenize import TokenizedPair, pair_length
 from dpo_engine.embed import embed_texts
 from dpo_engine.kernels import KernelCalibration, KernelModule, build_kernel, random_orthogonal_projection
+from dpo_engine.logit_transform import logit_transform
 from dpo_engine.models import load_policy, resolve_dtype
 from dpo_engine.train.config import GRADIENT_CHECKPOINTING_MIN_PARAMS, TrainConfig
 from dpo_engine.train.data import check_pairs, eval_subset, load_dataset
@@ -77,7 +78,7 @@ def build_parts(
     if models.ref_model is not None:
         models.ref_model.to(accelerator.device)
     if len(split.train_pairs):
-        check_logits_match_the_model(models.model, accelerator, split.train_pairs[0], models.tokenizer.pad_token_id)
+        check_logits_match_the_model(models.model, accelerator, split.train_pairs[0])
     pack_pairs = config.optimisation.pack_pairs and packing_keeps_attention(models.model, config.data.max_length, log)
     with timer.timed("calibration"):
         method = setup_method(config, run_dir, accelerator, models, split, pack_pairs, log)
@@ -190,7 +191,7 @@ def load_models(
     )
     hidden_size = int(model.config.hidden_size)
     # Keyed on the weights before any adapter is attached: the reference model, and the "before" model.
-    key = model_key(model, compute_dtype, accelerator.device)
+    key = model_key(model, compute_dtype, accelerator.device, logit_transform(model.config))
     plan, why = htsr_plan(config.monitoring.htsr, parameter_count(model), accelerator.num_processes)
     if why:
         log(why)
