@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpo_engine.data.tokenize import TokenizedPair
 from dpo_engine.divergences import DivergenceConfig, token_divergence, token_divergence_from_hidden
 from dpo_engine.lm_head import head_token_logps, perturbed_token_logps
 from dpo_engine.logit_transform import IDENTITY, LogitTransform, logit_transform
@@ -129,16 +130,12 @@ def _tiny(family: str):
     return GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=0.2)).eval()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
-def test_sequence_log_probs_equal_the_models_own_forward(family):
-    """The audit's reference log-probs (the chunked head with the model's transform) against the
-    log-softmax of the logits the model's own forward returns."""
-    from dpo_engine.analysis.audit.logprob_gap import sequence_logps
-    from dpo_engine.data.tokenize import TokenizedPair
+PAIRS = [TokenizedPair("a", [5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair("b", [13], [14, 15, 16], [17])]
 
-    model = _tiny(family)
-    pairs = [TokenizedPair("a", [5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair("b", [13], [14, 15, 16], [17])]
-    logps, _ = sequence_logps(model, pairs, pad_token_id=0)
+
+def _own_log_probs(model, pairs) -> torch.Tensor:
+    """Summed response log-probs (chosen then rejected) from the model's own forward and logits, one
+    sequence at a time: the reference the trainer's paths are held to."""
     expected = []
     for response in ("chosen_ids", "rejected_ids"):
         for p in pairs:
@@ -146,9 +143,19 @@ def test_sequence_log_probs_equal_the_models_own_forward(family):
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0]
             start = len(p.prompt_ids)
-            targets = ids[0, start:]
-            expected.append(float(token_logps(logits[start - 1 : -1].double(), targets).sum()))
-    torch.testing.assert_close(logps.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+            expected.append(float(token_logps(logits[start - 1 : -1].double(), ids[0, start:]).sum()))
+    return torch.tensor(expected, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_sequence_log_probs_equal_the_models_own_forward(family):
+    """The audit's reference log-probs (the chunked head with the model's transform) against the
+    log-softmax of the logits the model's own forward returns."""
+    from dpo_engine.analysis.audit.logprob_gap import sequence_logps
+
+    model = _tiny(family)
+    logps, _ = sequence_logps(model, PAIRS, pad_token_id=0)
+    torch.testing.assert_close(logps.double(), _own_log_probs(model, PAIRS), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -159,7 +166,6 @@ def test_the_trainers_passes_give_the_models_own_log_probs(packed):
 
     from accelerate import Accelerator
 
-    from dpo_engine.data.tokenize import TokenizedPair
     from dpo_engine.train.passes import ModelPasses
 
     model = _tiny("gemma2")
@@ -174,24 +180,14 @@ def test_the_trainers_passes_give_the_models_own_log_probs(packed):
         encoder_reps=None,
         pack_pairs=packed,
     )
-    pairs = [TokenizedPair("a", [5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair("b", [13], [14, 15, 16], [17])]
     with torch.no_grad():
-        got = passes.forward(model, passes.collate(pairs), pool=False).logps
-    expected = []
-    for response in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            ids = torch.tensor([p.prompt_ids + getattr(p, response)])
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits[0]
-            start = len(p.prompt_ids)
-            expected.append(float(token_logps(logits[start - 1 : -1].double(), ids[0, start:]).sum()))
-    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+        got = passes.forward(model, passes.collate(PAIRS), pool=False).logps
+    torch.testing.assert_close(got.double(), _own_log_probs(model, PAIRS), rtol=1e-4, atol=1e-4)
 
 
 def test_a_model_whose_logits_the_trainer_cannot_form_is_refused_in_one_line(monkeypatch):
     from accelerate import Accelerator
 
-    from dpo_engine.data.tokenize import TokenizedPair
     from dpo_engine.train import passes
 
     accelerator = Accelerator(cpu=True)
