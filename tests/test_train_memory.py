@@ -5,6 +5,7 @@ How close the estimate comes to measured peaks is scripts/bench_scale.py's `esti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -49,7 +50,7 @@ SHAPE = ModelShape(
 )
 
 
-def _estimate(**overrides):
+def _estimate_settings(**overrides) -> dict:
     settings = dict(
         lora=True,
         lora_r=8,
@@ -61,7 +62,11 @@ def _estimate(**overrides):
         available=40 * GiB,
         head_chunk_rows=256,
     )
-    return estimate_peak(SHAPE, **{**settings, **overrides})
+    return {**settings, **overrides}
+
+
+def _estimate(**overrides):
+    return estimate_peak(SHAPE, **_estimate_settings(**overrides))
 
 
 def test_terms_follow_their_formulas():
@@ -79,6 +84,8 @@ def test_terms_follow_their_formulas():
     # Activations grow linearly in the batch (attention scores quadratically in the length).
     assert _estimate(batch_size=4).components["activations"] == 2 * lora.components["activations"]
     assert lora.components["logits"] == 256 * SHAPE.vocab * 4 * 3
+    capped = estimate_peak(dataclasses.replace(SHAPE, logit_softcap=True), **_estimate_settings())
+    assert capped.components["logits"] == 256 * SHAPE.vocab * 4 * 5  # the cap's tanh and slope
     assert lora.fits and not lora.advice
     # An evaluation batch the training one's size adds nothing; a larger one holds one layer of its own
     # size (no grad), which without checkpointing stays below every layer of the training batch.

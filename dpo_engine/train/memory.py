@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dpo_engine.logit_transform import logit_transform
+
 GiB = 1024**3
 # Values held per token and layer beyond the layer input, in units of hidden size (attention
 # projections, norms, MLP input) and of intermediate size (gate, up, their product).
@@ -34,6 +36,8 @@ _LOGIT_COPIES = 3
 # The divergence regulariser's chunk (divergences._pointwise_value_and_grad): the policy's and the
 # reference's log-softmax, the policy's probabilities, their difference, its product and the gradient.
 _DIVERGENCE_LOGIT_COPIES = 6
+# A soft cap on the logits (Gemma, logit_transform.py) adds its tanh and its slope to either chunk.
+_SOFTCAP_LOGIT_COPIES = 2
 # Interpreter, torch, transformers, tokenizer and a dataset in host memory, and what the allocator
 # keeps between steps (the one constant set from a measurement: METHOD.md 2.9).
 RUNTIME_BYTES_CPU = int(1.6 * GiB)
@@ -56,6 +60,7 @@ class ModelShape:
     n_heads: int
     lora_params_per_rank: int  # adapter parameters at rank 1 over the targeted modules (scales with r)
     linear_params: int = 0  # weights of the decoder's linear layers (what 4-bit loading quantises)
+    logit_softcap: bool = False  # the model caps its logits (logit_transform.py): more copies per chunk
 
 
 @dataclass
@@ -109,6 +114,7 @@ def model_shape(model_dir: str, target_modules: list[str], trust_remote_code: bo
         n_heads=int(text.num_attention_heads),
         lora_params_per_rank=per_rank,
         linear_params=linear,
+        logit_softcap=logit_transform(config).softcap is not None,
     )
 
 
@@ -165,8 +171,9 @@ def _estimate(
     # an evaluation pass keeps nothing for backward: one layer of its own batch at a time
     components["activations"] = max(components["activations"], one_layer(eval_batch_size or batch_size))
     # the head's chunk and the divergence's are formed one after the other: the larger counts
-    divergence_rows = (divergence_chunk_rows or 0) * _DIVERGENCE_LOGIT_COPIES
-    components["logits"] = max(head_chunk_rows * _LOGIT_COPIES, divergence_rows) * shape.vocab * 4
+    cap = _SOFTCAP_LOGIT_COPIES if shape.logit_softcap else 0
+    divergence_rows = (divergence_chunk_rows or 0) * (_DIVERGENCE_LOGIT_COPIES + cap)
+    components["logits"] = max(head_chunk_rows * (_LOGIT_COPIES + cap), divergence_rows) * shape.vocab * 4
     components["runtime"] = RUNTIME_BYTES_CUDA if device.startswith("cuda") else RUNTIME_BYTES_CPU
     return MemoryEstimate(components, device, available)
 
