@@ -60,8 +60,8 @@ def lm_head_weight(inner: torch.nn.Module) -> torch.Tensor:
     head = inner.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         raise ValueError(
-            f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias; "
-            "leave it out of model.lora_target_modules"
+            f"the LM head ({type(head).__name__}) must be a plain linear layer without a bias (if LoRA wraps it, "
+            "leave it out of model.lora_target_modules; a head with a bias of its own is not supported)"
         )
     return head.weight
 

@@ -4,7 +4,8 @@ The reference model never changes during training, so log π_ref(y | x) of a pai
 (reference weights, the exact token ids of prompt and responses, numeric precision). The cache keys
 on exactly that:
 - the model key: a hash of every reference parameter and buffer plus the compute dtype and device
-  type, so another model, a fine-tuned copy or bf16 instead of fp32 never reads stale values;
+  type (and the model's logit cap or scale, logit_transform.py), so another model, a fine-tuned copy
+  or bf16 instead of fp32 never reads stale values;
 - the pair key: a hash of the pair's token ids, which already encode the dataset text, the
   tokenizer, the chat template, max_length / max_prompt_length and how truncation cut them.
 The batch layout (packed or separate rows) and the attention kernel (model.attn_implementation) are
