@@ -3,6 +3,8 @@ keys as the list form, read back instead of tokenised again, and rebuilt when th
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,7 +30,16 @@ def tokenizers(tmp_path_factory):
     chat, plain = load_tokenizer("tiny-random", ws), load_tokenizer("tiny-random", ws)
     plain.chat_template = None
     assert chat.chat_template
-    return {"chat": chat, "plain": plain, "bos": with_bos(load_tokenizer("tiny-random", ws))}
+    turn_end = load_tokenizer("tiny-random", ws)
+    turn_end.chat_template = TURN_END_TEMPLATE
+    return {"chat": chat, "plain": plain, "bos": with_bos(load_tokenizer("tiny-random", ws)), "turn_end": turn_end}
+
+
+# Gemma's shape: an assistant turn ends with "<end_of_turn>" (several ordinary tokens to this tokenizer)
+TURN_END_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
+)
 
 
 def with_bos(tokenizer):
@@ -64,7 +75,7 @@ def as_pairs(tokenizer, table, **lengths):
     return ArrayPairs(tokenize_arrays(tokenizer, table, chunk=64, **lengths), table["pair_id"].to_numpy())
 
 
-@pytest.mark.parametrize("kind", ["chat", "plain", "bos"])
+@pytest.mark.parametrize("kind", ["chat", "plain", "bos", "turn_end"])
 @pytest.mark.parametrize("lengths", [(96, 48), (256, 128), (40, 4)])
 def test_arrays_equal_the_list_form_token_for_token(tokenizers, table, kind, lengths):
     tokenizer = tokenizers[kind]
@@ -99,8 +110,10 @@ def test_ragged_slices_follow_python_slices():
     assert [got.row(i) for i in range(4)] == [s[: int(b)] for s, b in zip(lists, budgets)]
     taken = ragged.take(np.array([3, 0, 3, 1]))
     assert [taken.row(i) for i in range(4)] == [lists[3], lists[0], lists[3], lists[1]]
-    appended = ragged.append_each(0)
+    appended = ragged.append_each([0])
     assert [appended.row(i) for i in range(4)] == [s + [0] for s in lists]
+    appended = ragged.append_each([5, 6])
+    assert [appended.row(i) for i in range(4)] == [s + [5, 6] for s in lists]
 
 
 def test_array_pairs_answer_as_the_list_would(tokenizers, table):
@@ -244,3 +257,20 @@ def test_arrays_from_the_tokenizers_own_call_are_the_same(tokenizers, table):
     tokenizer = tokenizers["chat"]
     lengths = {"max_length": 96, "max_prompt_length": 48}
     assert list(as_pairs(WithoutBackend(tokenizer), table, **lengths)) == tokenize_pairs(tokenizer, table, **lengths)
+
+
+def test_a_response_ends_as_the_template_ends_an_assistant_turn(tokenizers):
+    """The template's end of turn without its trailing whitespace; EOS without a template, or where
+    the template writes nothing after the text."""
+    from dpo_engine.data.tokenize import response_end
+
+    chat, plain, turn_end = tokenizers["chat"], tokenizers["plain"], tokenizers["turn_end"]
+    assert response_end(chat) == [chat.eos_token_id]  # ChatML's <|im_end|> is SmolLM2's EOS: ids unchanged
+    assert response_end(plain) == [plain.eos_token_id]
+    end = response_end(turn_end)
+    assert turn_end.decode(end) == "<end_of_turn>" and end != [turn_end.eos_token_id]
+    pair = tokenize_pair(turn_end, "p", "Hi", "Hello there", "Go away", max_length=64, max_prompt_length=32)
+    assert pair.chosen_ids[-len(end) :] == end and pair.rejected_ids[-len(end) :] == end
+    bare = copy.deepcopy(plain)
+    bare.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert response_end(bare) == [bare.eos_token_id]

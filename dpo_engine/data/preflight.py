@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpo_engine.data.tokenize import prompt_prefix, render_prompt, tokenize_pair, with_prefix
+from dpo_engine.data.tokenize import prompt_prefix, render_prompt, response_end, tokenize_pair, with_prefix
 
 SIDES: tuple[str, ...] = ("prompt", "chosen", "rejected")
 QUANTILES: tuple[int, ...] = (50, 90, 95, 99)
@@ -136,10 +136,11 @@ def _round_up(x: float) -> int:
 
 
 def token_counts(table: pd.DataFrame, tokenizer) -> dict[str, np.ndarray]:
-    """Tokens per side before any cut: the prompt with its chat template, each response with its EOS.
+    """Tokens per side before any cut: the prompt with its chat template, each response with its end
+    (`tokenize.response_end`: the template's end of turn, or EOS).
 
     The pre-flight and the data audit's length bias both read these, so the texts are tokenised once."""
-    eos = 1 if tokenizer.eos_token_id is not None else 0
+    end = len(response_end(tokenizer))
     prefix = prompt_prefix(tokenizer)
     rendered = [render_prompt(tokenizer, str(p)) for p in table["prompt"]]
     encoded = tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -148,7 +149,7 @@ def token_counts(table: pd.DataFrame, tokenizer) -> dict[str, np.ndarray]:
     }
     for side in ("chosen", "rejected"):
         ids = tokenizer([str(t) for t in table[side]], add_special_tokens=False)["input_ids"]
-        n_tokens[side] = np.array([len(x) + eos for x in ids])
+        n_tokens[side] = np.array([len(x) + end for x in ids])
     return n_tokens
 
 

@@ -16,7 +16,7 @@ from itertools import chain
 import numpy as np
 import pandas as pd
 
-from dpo_engine.data.tokenize import TokenizedPair, prompt_prefix, render_prompt
+from dpo_engine.data.tokenize import TokenizedPair, prompt_prefix, render_prompt, response_end
 
 SIDES = ("prompt", "chosen", "rejected")
 
@@ -87,10 +87,13 @@ class Ragged:
         values = np.insert(self.values, at, np.tile(np.asarray(tokens, dtype=np.int32), len(self)))
         return Ragged.from_lengths(values, self.lengths() + len(tokens))
 
-    def append_each(self, token: int) -> "Ragged":
-        """Every sequence with `token` added at its end."""
-        values = np.insert(self.values, self.offsets[1:], np.int32(token))
-        return Ragged.from_lengths(values, self.lengths() + 1)
+    def append_each(self, tokens: list[int]) -> "Ragged":
+        """Every sequence with `tokens` added at its end."""
+        if not tokens:
+            return self
+        at = np.repeat(self.offsets[1:], len(tokens))
+        values = np.insert(self.values, at, np.tile(np.asarray(tokens, dtype=np.int32), len(self)))
+        return Ragged.from_lengths(values, self.lengths() + len(tokens))
 
 
 def _slice_bound(bound, n: np.ndarray) -> np.ndarray:
@@ -154,11 +157,11 @@ def tokenize_arrays(
     prompt = keep_prompt_end(encode(tokenizer, rendered, chunk), prompt_prefix(tokenizer), max_prompt_length)
     prompt = prompt.take(codes)
     budget = max_length - prompt.lengths()
-    eos = tokenizer.eos_token_id
+    end = response_end(tokenizer)
 
     def response(column: str) -> Ragged:
         ids = encode(tokenizer, [str(t) for t in df[column]], chunk)
-        return (ids if eos is None else ids.append_each(eos)).slice_each(None, budget)
+        return ids.append_each(end).slice_each(None, budget)
 
     return TokenArrays(prompt, response("chosen"), response("rejected"))
 

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from dpo_engine.data.token_arrays import SIDES, Ragged, TokenArrays, tokenize_arrays
-from dpo_engine.data.tokenize import prompt_prefix
+from dpo_engine.data.tokenize import prompt_prefix, response_end
 
 CACHE_DIR = "token_cache"
-FORMAT = 3  # bump when the file layout or the tokenisation rule changes
+FORMAT = 4  # bump when the file layout or the tokenisation rule changes
 
 
 def table_hash(df: pd.DataFrame) -> str:
@@ -59,6 +59,7 @@ def tokenizer_hash(tokenizer) -> str:
         "special_tokens": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
         "tokenizers": tokenizers.__version__,
         "prompt_prefix": prompt_prefix(tokenizer),  # a slow tokenizer's add_bos_token is not in its vocabulary
+        "response_end": response_end(tokenizer),
     }
     digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     digest.update(definition.encode("utf-8", "surrogatepass"))

@@ -2,10 +2,10 @@
 
 Prompts are rendered through the tokenizer's chat template when it has one (a dialogue turn by turn,
 other text as one user turn, then the generation prompt) and responses are appended as assistant
-text + EOS, so the policy sees pairs the way it was instruction-tuned. A prompt starts with what the
-tokenizer would put before any text (a base Llama's BOS) and keeps its end when cut; responses fill
-what ``max_length`` leaves. Training reads a whole table through `token_arrays` (the same rule on
-flat arrays) and `token_cache`.
+text + the template's end of turn (`response_end`), so the policy sees pairs the way it was
+instruction-tuned. A prompt starts with what the tokenizer would put before any text (a base Llama's
+BOS) and keeps its end when cut; responses fill what ``max_length`` leaves. Training reads a whole
+table through `token_arrays` (the same rule on flat arrays) and `token_cache`.
 """
 
 from __future__ import annotations
@@ -81,17 +81,39 @@ def render_prompt(tokenizer, prompt: str) -> str:
     )
 
 
+_RESPONSE_MARK = "\u2063response\u2063"  # invisible separators: no template writes them of its own
+
+
+def response_end(tokenizer) -> list[int]:
+    """The ids that end a response: what the chat template writes after an assistant message's text,
+    its trailing whitespace left out (Gemma's <end_of_turn>, Llama-3's <|eot_id|>, ChatML's
+    <|im_end|>, Phi-3's <|end|>), so a trained model ends its turns as the template does; the EOS
+    token without a template, or where the template writes nothing after the text."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _RESPONSE_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except (TemplateError, ValueError):
+        return eos
+    at = text.rfind(_RESPONSE_MARK)
+    suffix = text[at + len(_RESPONSE_MARK) :].rstrip() if at >= 0 else ""
+    return list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else eos
+
+
 def tokenize_pair(
     tokenizer, pair_id: str, prompt: str, chosen: str, rejected: str, *, max_length: int, max_prompt_length: int
 ) -> TokenizedPair:
-    """Prompt keeps its prefix and its end (`keep_prompt_end`); responses are cut so prompt + response <= max_length."""
+    """Prompt keeps its prefix and its end (`keep_prompt_end`); each response is its text and
+    `response_end`, cut so prompt + response <= max_length."""
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     prompt_ids = keep_prompt_end(prompt_ids, prompt_prefix(tokenizer), max_prompt_length)
     budget = max_length - len(prompt_ids)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = response_end(tokenizer)
 
     def response(text: str) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + end
         return ids[:budget]
 
     return TokenizedPair(str(pair_id), list(prompt_ids), response(chosen), response(rejected))
@@ -105,7 +127,7 @@ def tokenize_pairs(
     A fast tokenizer encodes a list of texts in one call (in Rust, on several threads), which at
     100k pairs is the difference between minutes and seconds; the result is the same as one call per
     text, which the tests check."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = response_end(tokenizer)
     prefix = prompt_prefix(tokenizer)
     out: list[TokenizedPair] = []
     for start in range(0, len(df), chunk):
@@ -118,6 +140,6 @@ def tokenize_pairs(
         for pair_id, prompt_ids, chosen_ids, rejected_ids in zip(part["pair_id"], *encode):
             prompt_ids = keep_prompt_end(prompt_ids, prefix, max_prompt_length)
             budget = max_length - len(prompt_ids)
-            chosen, rejected = (chosen_ids + eos)[:budget], (rejected_ids + eos)[:budget]
+            chosen, rejected = (chosen_ids + end)[:budget], (rejected_ids + end)[:budget]
             out.append(TokenizedPair(str(pair_id), list(prompt_ids), chosen, rejected))
     return out
