@@ -202,30 +202,10 @@ def test_a_model_whose_logits_the_trainer_cannot_form_is_refused_in_one_line(mon
 
 @pytest.fixture
 def tiny_gemma_dir(workspace, tmp_path):
-    """A two-layer Gemma-2 with random weights and the bundled tokenizer, saved as a local model."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    """A two-layer Gemma-2 whose cap bites on its random weights, saved as a local model."""
+    from tests.test_model_families import build_family_model
 
-    from dpo_engine.models.loading import smollm2_tokenizer
-
-    tokenizer = smollm2_tokenizer(workspace)
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        final_logit_softcapping=0.5,  # low enough to bite on random weights
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    out = tmp_path / "tiny-gemma2"
-    Gemma2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_family_model("gemma2", workspace, tmp_path / "tiny-gemma2")
 
 
 @pytest.mark.slow  # trains a model

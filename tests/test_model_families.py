@@ -5,6 +5,8 @@ embedding scale once did) rather than on a user's GPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ FAMILIES = {  # config class, model class, what the family needs beyond the comm
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    # a cap low enough to bite on random weights
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": 0.5}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
@@ -25,15 +28,11 @@ FAMILIES = {  # config class, model class, what the family needs beyond the comm
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_each_family_trains_and_evaluates(workspace, tmp_path, family):
+def build_family_model(family: str, workspace, out: Path) -> Path:
+    """A two-layer model of `family` with random weights and the bundled tokenizer, saved at `out`."""
     import transformers
 
-    from dpo_engine import rundir
     from dpo_engine.models.loading import smollm2_tokenizer
-    from dpo_engine.train.trainer import train
-    from tests.test_train import make_config
-    from tests.test_train_speed_paths import varied_pairs
 
     config_name, model_name, extra = FAMILIES[family]
     tokenizer = smollm2_tokenizer(workspace)
@@ -50,9 +49,19 @@ def test_each_family_trains_and_evaluates(workspace, tmp_path, family):
         **extra,
     )
     torch.manual_seed(0)
-    model_dir = tmp_path / family
-    getattr(transformers, model_name)(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    getattr(transformers, model_name)(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_trains_and_evaluates(workspace, tmp_path, family):
+    from dpo_engine import rundir
+    from dpo_engine.train.trainer import train
+    from tests.test_train import make_config
+    from tests.test_train_speed_paths import varied_pairs
+
+    model_dir = build_family_model(family, workspace, tmp_path / family)
     cfg = make_config(
         model={"name": str(model_dir), "lora": True},
         method={"kernel": {"name": "hmk"}, "divergence": {"name": "kl"}, "loss": {"gamma": 0.5}},
