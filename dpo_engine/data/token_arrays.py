@@ -3,8 +3,8 @@
 At 100k pairs a Python list of ints per prompt and response costs gigabytes and minutes to build
 or unpickle; three flat int32 arrays with int64 offsets are a few hundred megabytes, save and load
 as one file (data.token_cache), and a pair becomes a `TokenizedPair` only when a batch takes it.
-The rule is `tokenize.tokenize_pair`'s (chat template, prompt keeps its prefix and end, responses + EOS fill
-what max_length leaves), applied to whole arrays; the tests check it token for token.
+The rule is `tokenize.tokenize_pair`'s (chat template, prompt keeps its prefix and end, responses and
+their end of turn fill what max_length leaves), applied to whole arrays; the tests check it token for token.
 """
 
 from __future__ import annotations
@@ -81,17 +81,17 @@ class Ragged:
 
     def prepend_each(self, tokens: list[int]) -> "Ragged":
         """Every sequence with `tokens` put before it."""
-        if not tokens:
-            return self
-        at = np.repeat(self.offsets[:-1], len(tokens))
-        values = np.insert(self.values, at, np.tile(np.asarray(tokens, dtype=np.int32), len(self)))
-        return Ragged.from_lengths(values, self.lengths() + len(tokens))
+        return self._insert_each(tokens, self.offsets[:-1])
 
     def append_each(self, tokens: list[int]) -> "Ragged":
         """Every sequence with `tokens` added at its end."""
+        return self._insert_each(tokens, self.offsets[1:])
+
+    def _insert_each(self, tokens: list[int], where: np.ndarray) -> "Ragged":
+        """`tokens` inserted at one offset per sequence (its start or its end)."""
         if not tokens:
             return self
-        at = np.repeat(self.offsets[1:], len(tokens))
+        at = np.repeat(where, len(tokens))
         values = np.insert(self.values, at, np.tile(np.asarray(tokens, dtype=np.int32), len(self)))
         return Ragged.from_lengths(values, self.lengths() + len(tokens))
 

@@ -99,9 +99,8 @@ class ModelConfig(_Strict):
         description="Attention kernel (transformers' attn_implementation). sdpa: PyTorch's "
         "scaled_dot_product_attention, packed rows' block mask given as a dense boolean mask (every device; "
         "eager where a model has no SDPA). flex_attention: the same mask as a block-sparse BlockMask built on "
-        "the GPU, so fused kernels skip masked tiles and grouped-query models keep K/V unexpanded where their query "
-        "heads are a power of two (NVIDIA "
-        "GPUs; compiled on first use).",
+        "the GPU, so fused kernels skip masked tiles and grouped-query models keep K/V unexpanded where their "
+        "query heads are a power of two (NVIDIA GPUs; compiled on first use).",
     )
     load_in_4bit: bool = Field(
         False,

@@ -117,7 +117,7 @@ def check_token_ids(arrays: TokenArrays, model: torch.nn.Module) -> None:
     """Every token id must index the LM head. Checked once here, on the arrays, because the passes do
     not read labels back from a GPU (losses.check_labels)."""
     head = model.get_output_embeddings()
-    if head is None:  # no separate head: passes.head_weight says what it needs
+    if head is None:  # no separate head: passes.lm_head_weight refuses the model in one line
         return
     vocab = head.weight.shape[0]
     sides = (arrays.prompt, arrays.chosen, arrays.rejected)
