@@ -42,6 +42,7 @@ from dpo_engine.jobs.node_runner import EXIT_NOT_WAITING
 from dpo_engine.jobs.ray_cluster import RayUnavailable, join
 from dpo_engine.jobs.stopping import StopOnSignal
 from dpo_engine.jobs.store import JobStore
+from dpo_engine.jobs.worker import CANCEL_GRACE_S
 from dpo_engine.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class RayDispatcher(StopOnSignal):
         poll_s: float = 1.0,
         heartbeat_s: float = 2.0,
         lost_timeout_s: float = 30.0,
-        cancel_grace_s: float = 5.0,
+        cancel_grace_s: float = CANCEL_GRACE_S,
         max_jobs: int | None = None,
         store: JobStore | None = None,
     ) -> None:

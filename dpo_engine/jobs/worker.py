@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 20
 CANCEL_POLL_S = 0.5
 WATCH_INTERVAL_S = 0.1
+# How long a job may take to stop after SIGTERM before SIGKILL: saving a large checkpoint or
+# disconnecting N Ray Train workers on a busy node takes seconds (Kubernetes allows pods 30 s too).
+CANCEL_GRACE_S = 30.0
 PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -87,7 +90,7 @@ class Worker(StopOnSignal):
         poll_s: float = 1.0,
         heartbeat_s: float = 2.0,
         lost_timeout_s: float = 30.0,
-        cancel_grace_s: float = 5.0,
+        cancel_grace_s: float = CANCEL_GRACE_S,
         store: JobStore | None = None,
         worker_id: str | None = None,
         extra_env: dict[str, str] | None = None,
