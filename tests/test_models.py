@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpo_engine.models import UnknownModelError, load_policy, resolve_dtype
+from dpo_engine.models.loading import indexed_cuda
 
 
 def test_tiny_random_is_deterministic_and_shaped(workspace, tmp_path, monkeypatch):
@@ -71,3 +72,12 @@ def test_smollm2_converted_once_without_quantization_flags(workspace):
     with torch.no_grad():
         logits = model(**ids).logits[0, -1]
     assert "Paris" in tok.decode(logits.argmax())
+
+
+def test_a_gpu_device_map_names_the_gpu(monkeypatch):
+    """A one-process accelerator's device is a bare "cuda"; transformers reads that device map as GPU 0,
+    so the model is placed on the GPU `torch.cuda.set_device` chose."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert indexed_cuda("cuda") == torch.device("cuda", 3)
+    assert indexed_cuda(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert indexed_cuda("cpu") == torch.device("cpu")

@@ -92,6 +92,8 @@ def test_htsr_plan_follows_the_setting_the_size_and_the_process_count():
     assert htsr_plan("on", large, 1)[0] == HTSR_IN_RUN
     assert htsr_plan("on", small, 2)[0] == HTSR_AT_END and htsr_plan("auto", small, 4)[0] == HTSR_AT_END
     assert htsr_plan("off", small, 1)[0] == HTSR_SKIPPED
+    plan, why = htsr_plan("on", small, 1, four_bit=True)  # packed NF4 bytes are no weight matrix
+    assert plan == HTSR_SKIPPED and "model.load_in_4bit" in why
     # configs written before auto existed said true or false
     assert MonitoringConfig(htsr=True).htsr == "on" and MonitoringConfig(htsr=False).htsr == "off"
     assert MonitoringConfig().htsr == "auto"

@@ -76,3 +76,17 @@ def test_killed_worker_train_job_resumes_on_next_worker(workspace, tmp_path):
     assert "resumed from checkpoints" in (run_dir / "log.txt").read_text()
     steps = rundir.read_metrics(run_dir)["step"].tolist()
     assert steps == list(range(1, MAX_STEPS + 1))  # every step logged exactly once across both attempts
+
+
+def test_a_resume_restores_only_its_own_gpus_generator():
+    """Checkpoints hold the CUDA generator of the saving process's GPU; ones of earlier versions held
+    one per visible GPU, of which rank 0's is the first. A CPU run restores none."""
+    import torch
+
+    from dpo_engine.train.checkpoint import _own_cuda_rng
+
+    state = torch.arange(8, dtype=torch.uint8)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _own_cuda_rng(state, gpu) is state
+    assert _own_cuda_rng([state, state + 1], gpu) is state  # the earlier list form: rank 0's GPU
+    assert _own_cuda_rng(state, cpu) is None and _own_cuda_rng(None, gpu) is None and _own_cuda_rng([], gpu) is None

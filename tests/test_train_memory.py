@@ -261,3 +261,19 @@ def test_a_run_that_sees_little_of_its_training_split_says_so():
     assert note.startswith("note: 100 steps of 4 pairs train on 400 of the 54,000 training pairs (0.7%)")
     assert coverage_note(100, 4, 8_000) is None  # 5 % of the split
     assert coverage_note(100, 4, 300) is None
+
+
+def test_the_half_precision_advice_is_one_the_gpu_accepts(monkeypatch):
+    """A T4 or V100 has no native bfloat16 and `resolve_dtype` refuses it there: the advice says float16."""
+    from dpo_engine.models import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    t4 = _estimate(compute_dtype="float32", available=4 * GiB, device="cuda:0")
+    assert "use float16 weights (model.dtype float16)" in t4.advice and not any("bfloat16" in a for a in t4.advice)
+    assert resolve_dtype("float16", "cuda:0") == torch.float16  # what the advice names is accepted
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert (
+        "use bfloat16 weights (model.dtype bfloat16)"
+        in _estimate(compute_dtype="float32", available=4 * GiB, device="cuda:0").advice
+    )

@@ -63,6 +63,15 @@ def _in_local_hf_cache(name: str) -> bool:
     return isinstance(hit, str)
 
 
+def indexed_cuda(device: str | torch.device) -> torch.device:
+    """`device` with its GPU index: plain "cuda" (a one-process accelerator's device) is the current GPU,
+    which `torch.cuda.set_device` chose; transformers would read a bare "cuda" device map as GPU 0."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     """'auto' means bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 is slow and imprecise)."""
     if isinstance(dtype, torch.dtype):
@@ -237,7 +246,7 @@ def load_policy(
     offline = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(source, **offline)
     # straight onto the GPU in the target dtype: no fp32 copy and no full copy in host memory on the way
-    placement = {"device_map": str(device)} if torch.device(device).type == "cuda" else {}
+    placement = {"device_map": str(indexed_cuda(device))} if torch.device(device).type == "cuda" else {}
     if quantization_config is not None:
         placement["quantization_config"] = quantization_config
     if attn_implementation is not None:

@@ -59,7 +59,8 @@ def write_checkpoint(parts: TrainingParts, state: TrainState, run_dir: Path, log
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # this process's own GPU only: every rank seeds alike, and a resume may see fewer GPUs
+        "cuda": torch.cuda.get_rng_state(parts.device) if parts.device.type == "cuda" else None,
     }
     torch.save(
         {
@@ -106,8 +107,8 @@ def load_checkpoint(parts: TrainingParts, state: TrainState, path: Path, run_dir
     torch.set_rng_state(st["rng"]["torch"])
     np.random.set_state(st["rng"]["numpy"])
     random.setstate(st["rng"]["python"])
-    if st["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+    if (cuda_rng := _own_cuda_rng(st["rng"]["cuda"], parts.device)) is not None:
+        torch.cuda.set_rng_state(cuda_rng, parts.device)
     step = state.step
     if parts.accelerator.is_main_process:
         rundir.truncate_jsonl_after_step(run_dir / rundir.METRICS, step)
@@ -116,3 +117,13 @@ def load_checkpoint(parts: TrainingParts, state: TrainState, path: Path, run_dir
             if s > step:
                 rundir.snapshot_path(run_dir, s).unlink(missing_ok=True)
     log(f"resumed from {path.relative_to(run_dir)} (step {step}, beta {state.beta:g})")
+
+
+def _own_cuda_rng(saved, device: torch.device):
+    """The saved CUDA generator state for this process's GPU, or None (no GPU now, or none saved).
+    Checkpoints of earlier versions hold a list with one state per visible GPU: rank 0's first."""
+    if saved is None or device.type != "cuda":
+        return None
+    if isinstance(saved, (list, tuple)):
+        return saved[0] if saved else None
+    return saved

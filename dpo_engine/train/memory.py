@@ -219,7 +219,8 @@ def _advice(shape: ModelShape, settings: dict) -> list[str]:
         length = next((n for n in lengths if fits(max_length=n)), lengths[-1])
         candidates.append((f"shorten sequences (data.max_length {length})", {"max_length": length}))
     if DTYPE_BYTES[s["compute_dtype"]] > 2:
-        candidates.append(("use bfloat16 weights (model.dtype bfloat16)", {"compute_dtype": "bfloat16"}))
+        half = half_dtype(s["device"])
+        candidates.append((f"use {half} weights (model.dtype {half})", {"compute_dtype": half}))
     fitting = [text for text, change in candidates if fits(**change)]
     if fitting:
         return fitting
@@ -227,6 +228,17 @@ def _advice(shape: ModelShape, settings: dict) -> list[str]:
     if len(candidates) > 1 and fits(**together):
         return ["all of these together: " + ", ".join(text for text, _ in candidates)]
     return ["use a device with more memory (no change of these settings makes it fit)"]
+
+
+def half_dtype(device: str) -> str:
+    """The 16-bit dtype a run on `device` can use: float16 on GPUs without native bfloat16 (T4, V100),
+    which `resolve_dtype` refuses bfloat16 on."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return "float16"
+    return "bfloat16"
 
 
 def device_memory(device: str, *, free: bool = False) -> int | None:

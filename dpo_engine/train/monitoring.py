@@ -91,11 +91,17 @@ class Trackers:
 HTSR_IN_RUN, HTSR_AT_END, HTSR_SKIPPED = "in_run", "at_end", "skipped"
 
 
-def htsr_plan(setting: str, n_params: int, processes: int) -> tuple[str, str]:
+def htsr_plan(setting: str, n_params: int, processes: int, four_bit: bool = False) -> tuple[str, str]:
     """When the run analyses its layers, and why: before training and after it (`in_run`), both after
-    training on rank 0 once no process waits on another (`at_end`, several processes), or not at all."""
+    training on rank 0 once no process waits on another (`at_end`, several processes), or not at all.
+    4-bit weights are stored packed, two to a byte: no matrix WeightWatcher could read."""
     if setting == "off":
         return HTSR_SKIPPED, "HT-SR off (monitoring.htsr)"
+    if four_bit:
+        return HTSR_SKIPPED, (
+            "HT-SR skipped: 4-bit weights (model.load_in_4bit) are stored packed; "
+            "an HT-SR job on the saved model reads them unpacked"
+        )
     if setting == "auto" and n_params >= HTSR_AUTO_MAX_PARAMS:
         return HTSR_SKIPPED, (
             f"HT-SR skipped: {n_params / 1e9:.2f}B parameters, at or above the {HTSR_AUTO_MAX_PARAMS / 1e9:g}B "

@@ -192,7 +192,9 @@ def load_models(
     hidden_size = int(model.config.hidden_size)
     # Keyed on the weights before any adapter is attached: the reference model, and the "before" model.
     key = model_key(model, compute_dtype, accelerator.device, logit_transform(model.config))
-    plan, why = htsr_plan(config.monitoring.htsr, parameter_count(model), accelerator.num_processes)
+    plan, why = htsr_plan(
+        config.monitoring.htsr, parameter_count(model), accelerator.num_processes, four_bit=mcfg.load_in_4bit
+    )
     if why:
         log(why)
     before = None
