@@ -46,7 +46,7 @@ def test_other_preloads_are_kept_and_bad_choices_refused():
 
 
 def test_the_worker_starts_jobs_on_jemalloc(ws, store):  # noqa: F811 - fixtures
-    job = store.submit("selftest", {"seconds": 3.0, "steps": 30})
+    job = store.submit("selftest", {"seconds": 15.0, "steps": 30})  # alive while a loaded test reads its maps
     worker = fast_worker(ws, store)
     thread = threading.Thread(target=lambda: worker.run(once=True))
     thread.start()

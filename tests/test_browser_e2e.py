@@ -54,6 +54,7 @@ def test_upload_validate_save_and_list(tmp_path, hh_sample_path):
         page.get_by_role("tab", name="Your datasets").click()
         page.get_by_text("Download jsonl").wait_for()
         page.locator('[data-testid="stSelectbox"]').last.click()
+        page.get_by_role("option").first.wait_for()
         options = page.get_by_role("option").all_inner_texts()
         assert any(o.startswith("e2e-hh") for o in options), options
         assert any(o.startswith("hh-harmless-sample") for o in options), options
@@ -177,9 +178,8 @@ def test_upload_diagnose_train_monitor_and_report(tmp_path, hh_sample_path):
         assert train_job.params["method"]["kernel"]["name"] == recommended_kernel
         assert train_job.params["model"]["name"] == "tiny-random"
         page.get_by_text("succeeded", exact=True).first.wait_for(timeout=400_000)
-        # The page redraws once when the run ends; wait until a single set of tabs is on screen.
-        page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 7", timeout=60_000)
-        page.wait_for_timeout(1500)
+        # The page redraws once when the run ends, without its live caption; then one set of tabs is on screen.
+        page.get_by_text("Live: this view refreshes").wait_for(state="detached", timeout=120_000)
         page.wait_for_function("document.querySelectorAll('[data-testid=\"stTab\"]').length === 7", timeout=60_000)
         page.get_by_role("tab", name="Kernel weights").first.click()
         tab = page.get_by_role("tabpanel").filter(visible=True)

@@ -95,8 +95,8 @@ def test_selftest_wait_reports_failure_with_exit_code(ws):
         stderr=subprocess.DEVNULL,
     )
     try:
-        ok = cli(ws, "jobs", "selftest", "--seconds", "0.2", "--steps", "2", "--wait", "--timeout", "20")
-        bad = cli(ws, "jobs", "selftest", "--seconds", "0.2", "--steps", "2", "--fail", "--wait", "--timeout", "20")
+        ok = cli(ws, "jobs", "selftest", "--seconds", "0.2", "--steps", "2", "--wait", "--timeout", "120")
+        bad = cli(ws, "jobs", "selftest", "--seconds", "0.2", "--steps", "2", "--fail", "--wait", "--timeout", "120")
         workers = json.loads(cli(ws, "jobs", "workers", "--json").stdout)
     finally:
         worker.terminate()

@@ -166,7 +166,7 @@ def test_cancel_running_and_waiting_jobs(rstore):
     params = {"seconds": 600, "steps": 6000, "spawn_grandchild": True}  # long enough to outlast a loaded machine
     running = [rstore.submit("selftest", params) for _ in range(2)]  # both CPUs of the cluster
     waiting = rstore.submit("selftest", {"seconds": 1, "steps": 2})
-    pids = read_pids(rstore, running[0].id)
+    pids = read_pids(rstore, running[0].id, timeout=300)
     wait_until(
         lambda: (
             not rstore.get(running[1].id).worker_id.startswith("ray-dispatch-")
@@ -269,23 +269,24 @@ def test_killed_dispatcher_takes_its_jobs_along_and_they_resume(ray_address, tmp
         "0.2",
         "--heartbeat-s",
         "0.5",
-        "--lost-timeout",
-        "2",
     ]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the first dispatcher must not reap its own job when a loaded machine delays a heartbeat
+    first = subprocess.Popen(
+        [*cmd, "--lost-timeout", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        pids = read_pids(store, job.id)
+        pids = read_pids(store, job.id, timeout=300)
         wait_until(lambda: store.get(job.id).progress > 0, 60, "the first step")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
     finally:
         _stop_group(first)
     # Ray ends the tasks of a driver that died; the parent-death signal stops the job's processes
-    wait_until(lambda: pid_gone(pids["child"]) and pid_gone(pids["grandchild"]), 30, "the orphaned job to end")
+    wait_until(lambda: pid_gone(pids["child"]) and pid_gone(pids["grandchild"]), 120, "the orphaned job to end")
     assert store.get(job.id).status == "running"  # nobody has noticed yet
     write_selftest_checkpoint(job.run_dir, 58)  # resume near the end
-    time.sleep(2.5)
-    second = subprocess.run([*cmd, "--once"], capture_output=True, text=True, timeout=180)
+    time.sleep(5.5)  # the orphan's heartbeat is now older than the second dispatcher's lost timeout
+    second = subprocess.run([*cmd, "--lost-timeout", "5", "--once"], capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stdout[-2000:]
     done = store.get(job.id)
     assert done.status == SUCCEEDED and done.attempts == 2, done.error

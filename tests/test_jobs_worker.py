@@ -14,7 +14,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dpo_engine.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore, executors, register_executor
+from dpo_engine.jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobStore,
+    context,
+    executors,
+    register_executor,
+)
 from dpo_engine.jobs.context import JobContext
 from dpo_engine.jobs.selftest import write_selftest_checkpoint
 from dpo_engine.jobs.worker import Worker
@@ -46,15 +56,21 @@ def start_cli_worker(ws: Workspace, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([*CLI, *args, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def read_pids(store: JobStore, job_id: int) -> dict:
+def read_pids(store: JobStore, job_id: int, timeout: float = 60.0) -> dict:
     path = Path(store.get(job_id).run_dir) / "selftest_pids.json"
-    wait_until(path.exists, what="the job's pid file")
+    wait_until(path.exists, timeout, what="the job's pid file")
     return json.loads(path.read_text())
 
 
 def fast_worker(ws, store, **kw) -> Worker:
     return Worker(
-        ws, device="cpu", poll_s=0.1, heartbeat_s=0.2, lost_timeout_s=kw.pop("lost_timeout_s", 5.0), store=store, **kw
+        ws,
+        device="cpu",
+        poll_s=kw.pop("poll_s", 0.1),
+        heartbeat_s=0.2,
+        lost_timeout_s=kw.pop("lost_timeout_s", 5.0),
+        store=store,
+        **kw,
     )
 
 
@@ -84,8 +100,8 @@ def test_selftest_succeeds_with_progress_and_log(ws, store):
 
 def test_nothing_queued_returns_at_once(ws, store):
     start = time.monotonic()
-    assert fast_worker(ws, store).run(once=True) == 0
-    assert time.monotonic() - start < 2
+    assert fast_worker(ws, store, poll_s=60).run(once=True) == 0
+    assert time.monotonic() - start < 30  # one poll would take 60 s: it did not wait for one
 
 
 def test_failing_job_is_failed_with_the_exception(ws, store):
@@ -189,7 +205,8 @@ def test_sigterm_on_the_worker_stops_its_job_and_exits(ws, store):
     assert store.alive_workers(60) == []
 
 
-def test_context_throttles_progress_writes(ws, store):
+def test_context_throttles_progress_writes(ws, store, monkeypatch):
+    monkeypatch.setattr(context, "PROGRESS_INTERVAL_S", 30.0)  # a slow first write must not open the window
     job = store.submit("selftest", {})
     ctx = JobContext(job=store.claim("w", "cpu"), workspace=ws, store=store, device="cpu")
     ctx.progress(0.1, "first")

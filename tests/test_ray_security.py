@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from dpo_engine.jobs import JobStore
@@ -21,11 +20,11 @@ from dpo_engine.jobs.ray_cluster import CURRENT_CLUSTER_FILE, HeadRecord, head_c
 from dpo_engine.workspace import Workspace
 from tests.listening import beyond_loopback, listeners
 from tests.test_jobs_ray import _free_port, _stop_group, _wait_finished
-from tests.test_jobs_worker import wait_until
+from tests.test_jobs_worker import pid_gone, wait_until
 
 CLI = [sys.executable, "-m", "dpo_engine.cli"]
 RUN_WITHIN_S = 300.0  # a Ray worker, then the job's own process, both start on a loaded machine
-FAIL_WITHIN_S = 15.0  # the requirement: an absent cluster is reported within seconds, not minutes
+FAIL_WITHIN_S = 30.0  # the requirement: an absent cluster is reported within seconds, not Ray's minutes of retries
 
 
 def _startup_s(env: dict[str, str]) -> float:
@@ -163,4 +162,4 @@ def test_the_product_s_cluster_listens_on_loopback_only_and_wants_its_token(tmp_
         stopped = subprocess.run([*CLI, "cluster", "stop"], capture_output=True, text=True, env=env, timeout=120)
     assert stopped.returncode == 0 and stopped.stdout.startswith("stopped the Ray head at 127.0.0.1:"), stopped
     assert not Path(head.temp_dir).exists() and not head.token_path.exists()
-    wait_until(lambda: not psutil.pid_exists(head.pid), 30, "the head process to be gone")
+    wait_until(lambda: pid_gone(head.pid), 30, "the head process to be gone")

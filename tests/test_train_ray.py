@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import psutil
+import pytest
 
 from dpo_engine import rundir
 from dpo_engine.jobs import CANCELLED, SUCCEEDED, Job
@@ -48,6 +49,7 @@ def test_a_multi_process_train_job_leaves_the_resources_to_its_ray_train_workers
     assert job_resources(job(1), cluster_gpus=2) == {"num_cpus": 1.0, "num_gpus": 1.0}
 
 
+@pytest.mark.timeout(1200)
 def test_two_ray_train_workers_log_the_mean_over_both_batches_resume_and_cancel(ray_address, workspace, tmp_path):
     data = _pairs(tmp_path)
     run_dir = workspace.runs_dir / "ray"
@@ -89,9 +91,10 @@ def test_two_ray_train_workers_log_the_mean_over_both_batches_resume_and_cancel(
     assert rundir.read_summary(run_dir)["status"] == "cancelled"  # both workers stopped at one step; rank 0 wrote it
 
 
+@pytest.mark.timeout(1200)
 def test_train_job_with_two_processes_runs_on_ray_train(rstore, ray_ws, tmp_path):
     job = rstore.submit("train", multiprocess_config(_pairs(tmp_path), 2).model_dump(mode="json"), title="two workers")
-    done = _wait_finished(rstore, job.id)
+    done = _wait_finished(rstore, job.id, 600)
     assert done.status == SUCCEEDED, done.error
     assert done.result["steps_completed"] == 2
     assert rundir.read_metrics(done.run_dir)["epoch"].tolist() == [1 / 8, 2 / 8]  # two processes: 8 steps an epoch
@@ -103,6 +106,7 @@ def test_train_job_with_two_processes_runs_on_ray_train(rstore, ray_ws, tmp_path
     assert sent and sent[0].endswith("asking for {'num_cpus': 0.0, 'num_gpus': 0.0}"), sent
 
 
+@pytest.mark.timeout(1200)
 def test_cancel_a_train_job_on_ray_train(rstore, tmp_path):
     job = rstore.submit("train", multiprocess_config(_pairs(tmp_path), 500).model_dump(mode="json"), title="cancelled")
     # Two Ray Train workers start beside the rest of the suite on two cores: allow for a slow start.

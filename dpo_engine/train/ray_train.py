@@ -32,6 +32,9 @@ from dpo_engine.train.launch import LAUNCH_CONFIG, report_step_progress
 STAGE = "ray_train"  # Ray Train's storage, rank 0's log and the stop request, inside the run directory
 RANK0_LOG = "rank0.log"
 STOP = "stop"
+# How long a stopped launcher waits for its workers to stop at a step before leaving Ray to end them:
+# well within the grace a worker gives a cancelled job (jobs/worker.py CANCEL_GRACE_S).
+STOP_WAIT_S = 15.0
 
 
 def _worker(args: dict[str, Any]) -> None:
@@ -119,9 +122,14 @@ def launch_training_on_ray(
         else:
             runner = threading.Thread(target=_fit, args=(trainer, outcome), name="ray-train-fit", daemon=True)
             runner.start()
-            cancelled = _follow(
-                runner, config, run_dir, should_stop, progress, log or (lambda line: print(line, flush=True))
-            )
+            try:
+                cancelled = _follow(
+                    runner, config, run_dir, should_stop, progress, log or (lambda line: print(line, flush=True))
+                )
+            except BaseException:  # a signal stopped this process (a job's cancel): let the workers stop at a step
+                (stage / STOP).touch()
+                runner.join(timeout=STOP_WAIT_S)
+                raise
     finally:
         if owned and ray.is_initialized():
             ray.shutdown()
