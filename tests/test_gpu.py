@@ -21,7 +21,7 @@ from dpo_engine import rundir
 from dpo_engine.lm_head import head_token_logps
 from dpo_engine.losses import token_logps
 from dpo_engine.train.trainer import train
-from tests.test_train import make_config
+from tests.test_train import assert_full_fine_tunes_reference_is_the_policy, make_config
 from tests.test_train_speed_paths import varied_pairs
 
 DEVICE = os.environ.get("DPO_TEST_DEVICE") or ("cuda:0" if torch.cuda.is_available() else None)
@@ -139,3 +139,8 @@ def test_the_jobs_memory_check_reads_free_gpu_memory(workspace):
     total = check_memory(cfg, workspace, DEVICE)
     assert free.free and not total.free and free.available <= total.available
     assert "free on cuda" in free.summary()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_full_fine_tunes_reference_computes_what_the_policy_does_on_the_device(workspace, tmp_path, dtype):
+    assert_full_fine_tunes_reference_is_the_policy(workspace, tmp_path, dtype, DEVICE)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dpo_engine import rundir
 from dpo_engine.train.config import TrainConfig
@@ -164,3 +165,32 @@ def test_smollm2_lora_few_steps_on_hh(workspace, tmp_path, hh_sample_path):
     assert np.isfinite(rundir.read_metrics(tmp_path / "run")[["loss", "grad_norm"]].to_numpy()).all()
     assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
     assert rundir.load_snapshot(tmp_path / "run", 2)["chosen"].shape == (4, 256)
+
+
+def assert_full_fine_tunes_reference_is_the_policy(workspace, tmp_path, dtype: str, device: str) -> None:
+    """The step-0 evaluation takes the reference's outputs for the policy's. A full fine-tune's frozen
+    copy must compute exactly what the fp32 policy does under autocast: a copy in the compute dtype
+    would round the embeddings, norms and residual stream that autocast keeps in fp32."""
+    from dpo_engine.train.monitoring import TimeSplit
+    from dpo_engine.train.passes import ModelPasses
+    from dpo_engine.train.setup import build_parts, make_accelerator
+    from tests.test_train_speed_paths import varied_pairs
+
+    cfg = make_config(model={"lora": False, "dtype": dtype}, optimisation={"reference_cache": False})
+    accelerator, compute = make_accelerator(cfg, device)
+    (tmp_path / "run").mkdir()
+    parts = build_parts(
+        cfg, tmp_path / "run", workspace, accelerator, compute, pairs=varied_pairs(40), timer=TimeSplit(), log=print
+    )
+    passes = ModelPasses.from_parts(parts)
+    batch = passes.collate([parts.eval_pairs[i] for i in range(4)])
+    with torch.no_grad():
+        policy = passes.policy_pass(batch, pool=False).logps
+    reference = passes.reference_pass(batch).logps
+    assert torch.equal(policy, reference), (policy - reference).abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_full_fine_tunes_reference_computes_what_the_policy_does_before_any_update(workspace, tmp_path, dtype):
+    """bfloat16 autocast on the CPU rounds as on a GPU: the check runs here too."""
+    assert_full_fine_tunes_reference_is_the_policy(workspace, tmp_path, dtype, "cpu")

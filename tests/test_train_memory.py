@@ -76,7 +76,7 @@ def test_terms_follow_their_formulas():
     assert lora.components["trainable state"] == 8 * SHAPE.lora_params_per_rank * 16
     full = _estimate(lora=False)
     assert full.components["weights"] == SHAPE.n_params * 4  # fp32 masters
-    assert full.components["reference"] == SHAPE.n_params * 2
+    assert full.components["reference"] == SHAPE.n_params * 4  # a copy of the fp32 policy
     assert full.components["trainable state"] == SHAPE.n_params * 12  # gradients + two AdamW moments
     # Checkpointing keeps one layer's working set instead of every layer's.
     without = _estimate(gradient_checkpointing=False).components["activations"]

@@ -4,7 +4,7 @@ The estimate adds what a step holds at its peak (docs/METHOD.md 2.9 has the term
 
 * weights: every parameter in the dtype it is stored in (`setup.weight_dtype`; with 4-bit loading
   the linear layers' weights at NF4_BYTES_PER_PARAM, the rest in fp32 as peft prepares them),
-  plus, for a full fine-tune, the frozen reference in the compute dtype;
+  plus, for a full fine-tune, the frozen reference in the same fp32;
 * trainable state: fp32 weights, gradients and AdamW's two moments of what is trained (the LoRA
   adapters, or every parameter);
 * activations: chosen and rejected of `batch_size` pairs at `max_length` tokens. With gradient
@@ -152,7 +152,7 @@ def _estimate(
         components = {"weights": int(shape.linear_params * NF4_BYTES_PER_PARAM) + rest * 4}
     else:
         components = {"weights": shape.n_params * stored}
-    components["reference"] = 0 if lora else shape.n_params * compute
+    components["reference"] = 0 if lora else shape.n_params * stored
     trainable = shape.lora_params_per_rank * lora_r if lora else shape.n_params
     # fp32 weights (a full fine-tune's are counted above), gradients, AdamW's two moments
     components["trainable state"] = trainable * (4 + 4 + 8) if lora else trainable * (4 + 8)

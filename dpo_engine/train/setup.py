@@ -231,8 +231,9 @@ def load_models(
             ) from exc
         ref_model = None
     else:
-        # the frozen reference only ever runs under autocast: its weights in the compute dtype are enough
-        ref_model = copy.deepcopy(model).to(compute_dtype).eval().requires_grad_(False)
+        # a copy in the policy's own dtype: one in the compute dtype would round its embeddings, norms and
+        # residual stream, which autocast keeps in fp32 for the policy, and differ from it before any update
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if use_gradient_checkpointing(mcfg.gradient_checkpointing, parameter_count(model)):
         log("gradient checkpointing: on")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
