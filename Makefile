@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: run test test-fast test-gpu gpu-check lint install install-dev browser postgres jemalloc bench clean
+.PHONY: help run test test-fast test-gpu gpu-check lint install install-dev browser postgres jemalloc bench clean
 
 # Test processes: the slow tier mostly waits on servers and subprocesses, so three workers on two
 # cores finish sooner than one; nothing in the suite times itself.
@@ -24,6 +24,15 @@ PYTEST_WORKERS ?= 3
 
 run: $(STAMP) jemalloc
 	$(VENV)/bin/dpo-kernels app
+
+help:
+	@echo "make run        install into $(VENV) and start the app + a local worker (http://127.0.0.1:8501)"
+	@echo "make test       everything CI runs: lint, import layers, every test tier"
+	@echo "make test-fast  unit tests and page AppTests (the loop between edits)"
+	@echo "make test-gpu   what only a CUDA GPU can show; make gpu-check adds the GPU benchmark beside TRL"
+	@echo "make bench      the CPU benchmarks (diagnosis, training)"
+	@echo "make clean      remove $(VENV) and build outputs"
+	@echo "The command line: source $(VENV)/bin/activate, then dpo-kernels --help"
 
 # pytest exit codes: 0 all passed, 1 failures, 5 nothing collected (treated as a failure here).
 PYTEST_RUN = rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc

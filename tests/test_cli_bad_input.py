@@ -231,4 +231,4 @@ def test_a_rejected_train_after_a_good_one_leaves_only_the_good_job(files, works
     bad = _invoke(["train", files["wrongcols"], "--model", "tiny-random", "--max-steps", "2"], workspace)
     assert bad.exit_code == 2
     runs, jobs, _ = _workspace_state(workspace)
-    assert len(jobs) == 1 and runs == [ok.output.strip()]
+    assert len(jobs) == 1 and runs == [ok.output.strip().splitlines()[-1]]

@@ -46,6 +46,7 @@ def test_train_submits_a_job(workspace, tmp_path):
     run_id = res.output.strip().splitlines()[-1]
     job = next(j for j in JobStore.for_workspace(workspace).list() if j.run_id == run_id)
     assert job.kind == "train"
+    assert f"submitted job {job.id} (run {run_id}); follow it: dpo-kernels jobs logs {job.id} --follow" in res.output
     assert job.params["method"]["kernel"]["name"] == "rbf" and job.params["method"]["loss"]["beta"] == 0.2
     assert job.params["optimisation"]["max_steps"] == 3
 

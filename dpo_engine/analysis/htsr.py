@@ -71,6 +71,15 @@ def gram_singular_values_on(device: str):
     return singular_values
 
 
+def import_weightwatcher():
+    """The weightwatcher module, imported with its logger quieted first: its import warns about CUDA and
+    about "import errors" on every CPU, which read like failures in a run's log."""
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    import weightwatcher
+
+    return weightwatcher
+
+
 @contextlib.contextmanager
 def _gram_spectra(device: str | None = None):
     """WeightWatcher takes its singular values from `gram_singular_values` (or its torch twin on
@@ -97,15 +106,13 @@ def analyze_model(
     analysis gives, without the largest SVDs (the 49k × 576 embedding of SmolLM2).
     `solver`: "gram" (the default; see the module docstring) or "svd" (WeightWatcher's own);
     `device`: where torch computes the Gram spectra (e.g. "cuda:0"); None computes them with numpy."""
-    import weightwatcher
-
+    weightwatcher = import_weightwatcher()
     if solver not in ("gram", "svd"):
         raise ValueError(f"solver must be 'gram' or 'svd', got {solver!r}")
     known = known if known is not None and len(known) else None
     skip = [] if known is None else [-int(i) for i in known["layer_id"]]
     if any(i >= 0 for i in skip):
         raise ValueError("layers to reuse need positive WeightWatcher layer ids")
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     spectra = _gram_spectra(device) if solver == "gram" else contextlib.nullcontext()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), spectra:
         warnings.simplefilter("ignore")

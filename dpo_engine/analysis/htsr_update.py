@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dpo_engine.analysis.health import ALPHA_RANGE, ALPHA_UNRELIABLE, UPDATE_MIN_EVALS
-from dpo_engine.analysis.htsr import gram_eigenvalues
+from dpo_engine.analysis.htsr import gram_eigenvalues, import_weightwatcher
 
 FITTED, NOT_FITTED, SKIPPED = "fitted", "not fitted", "skipped"
 UPDATE_COLUMNS = (
@@ -110,9 +109,7 @@ def nonzero_eigenvalues(evals: np.ndarray, shape: tuple[int, int]) -> np.ndarray
 def fit_alpha(evals: np.ndarray) -> tuple[float, float, int]:
     """WeightWatcher's power-law fit of a spectrum: (alpha, KS distance D, eigenvalues in the tail);
     NaNs when the fit fails. Its absolute 1e-5 cut is off: an update's eigenvalues may all lie below it."""
-    import weightwatcher
-
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    weightwatcher = import_weightwatcher()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         result = weightwatcher.WeightWatcher().fit_powerlaw(

@@ -47,6 +47,14 @@ def fail(message: str, code: int = USAGE_EXIT) -> NoReturn:
     raise typer.Exit(code)
 
 
+def announce_job(job) -> None:
+    """Say on stderr which job was queued and how to follow it; stdout keeps only the run id for scripts."""
+    typer.echo(
+        f"submitted job {job.id} (run {job.run_id}); follow it: dpo-kernels jobs logs {job.id} --follow", err=True
+    )
+    typer.echo(job.run_id)
+
+
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 

@@ -20,8 +20,9 @@ from typing import Any, Literal, Optional
 
 import typer
 
-from dpo_engine.cli.common import WorkspaceOption, fail, path_inside, print_json, workspace
+from dpo_engine.cli.common import WorkspaceOption, announce_job, fail, path_inside, print_json, workspace
 from dpo_engine.schema import help_text, leaf_settings
+from dpo_engine.train.presets import QUICK_MINUTES
 
 # Settings whose own field name would be ambiguous ("name") keep the short flags users know.
 FLAG_NAMES = {"model.name": "model", "method.kernel.name": "kernel", "method.divergence.name": "divergence"}
@@ -154,7 +155,7 @@ def _train(
             check_memory(cfg, ws, device)
         title = f"train {cfg.model.name} {cfg.method.kernel.name}+{cfg.method.divergence.name} on {Path(dataset).name}"
         job = JobStore.for_workspace(ws).submit("train", cfg.resolved(), title=title, requested_device=device)
-        typer.echo(job.run_id)
+        announce_job(job)
         return
     here = device or _local_device()
     if not _visible_here(here):
@@ -249,8 +250,8 @@ def _train_signature() -> tuple[inspect.Signature, dict[str, Any]]:
                 None,
                 "--preset",
                 help="Named settings applied on top of --config and under the flags given: "
-                "quick = the bundled SmolLM2-135M-Instruct, HMK, 128-token sequences, 48 steps (about 4 minutes on 2 "
-                "CPU cores). Default: none.",
+                "quick = the bundled SmolLM2-135M-Instruct, HMK, 128-token sequences, 48 steps (about "
+                f"{QUICK_MINUTES} minutes on 2 CPU cores). Default: none.",
                 show_default=False,
             ),
         ),
@@ -399,7 +400,7 @@ def htsr(
         from dpo_engine.jobs import JobStore
 
         job = JobStore.for_workspace(ws).submit("htsr", {"model": model}, title=f"htsr {Path(model).name}")
-        typer.echo(job.run_id)
+        announce_job(job)
         return
     import torch
 

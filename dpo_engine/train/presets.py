@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-QUICK_LABEL = "Quick run (CPU, about 5 min)"
+QUICK_MINUTES = 5  # on 2 CPU cores (docs/BENCHMARKS.md)
+QUICK_LABEL = f"Quick run (CPU, about {QUICK_MINUTES} min)"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {

@@ -245,6 +245,11 @@ class DPOTrainer:
         cache = self.parts.reference_cache
         self.log(
             f"eval step {step}: loss_pref {row['loss_pref']:.4f} reward_acc {row['reward_acc']:.3f}"
+            + (
+                " (step 0: the policy is the reference, every margin ties and a tie counts as wrong)"
+                if step == 0
+                else ""
+            )
             + (f" dbs {row['dbs']:.3f}" if "dbs" in row else "")
             + (
                 f" ({time.perf_counter() - t0:.1f}s; reference cache {cache.count()} pairs)"

@@ -203,7 +203,7 @@ def _label_noise_finding(n: int, ln: LabelNoise) -> Finding:
     if ln.shown is None:
         return Finding(
             key="label_noise",
-            title="label-noise candidates (no signal computed here beat random in the measurement)",
+            title="label-noise ranking not shown: no signal computed here beat chance at finding flipped labels",
             count=0,
             share=0.0,
             severity="info",
