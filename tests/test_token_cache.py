@@ -274,3 +274,39 @@ def test_a_response_ends_as_the_template_ends_an_assistant_turn(tokenizers):
     bare = copy.deepcopy(plain)
     bare.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert response_end(bare) == [bare.eos_token_id]
+
+
+@pytest.mark.parametrize("kind", ["chat", "turn_end"])
+def test_cut_responses_are_the_ones_longer_than_what_max_length_leaves(tokenizers, table, kind):
+    """Counted independently from each text's whole token length: a response is cut when its text and
+    the response end do not fit beside the prompt as kept. The run's log line says the same counts."""
+    from dpo_engine.data.tokenize import keep_prompt_end, prompt_prefix, render_prompt, response_end
+    from dpo_engine.train.setup import truncation_note
+
+    tokenizer = tokenizers[kind]
+    max_length, max_prompt_length = 96, 48
+    arrays = tokenize_arrays(tokenizer, table, chunk=64, max_length=max_length, max_prompt_length=max_prompt_length)
+    end = response_end(tokenizer)
+
+    def whole(text) -> int:
+        return len(tokenizer(str(text), add_special_tokens=False)["input_ids"]) + len(end)
+
+    expected = []
+    for r in table.itertuples():
+        prompt = tokenizer(render_prompt(tokenizer, str(r.prompt)), add_special_tokens=False)["input_ids"]
+        budget = max_length - len(keep_prompt_end(prompt, prompt_prefix(tokenizer), max_prompt_length))
+        expected.append(whole(r.chosen) > budget or whole(r.rejected) > budget)
+    cut = arrays.cut_responses(end)
+    np.testing.assert_array_equal(cut, expected)
+    assert 0 < cut.sum() < len(table)  # both kinds are in the table
+    prompts = int((arrays.prompt.lengths() == max_prompt_length).sum())
+    note = truncation_note(arrays, end, max_length, max_prompt_length)
+    assert note.startswith(f"truncation: {int(cut.sum())} of {len(table)} pairs") and f"{prompts} prompts" in note
+    uncut = tokenize_arrays(tokenizer, table.iloc[300:], chunk=64, max_length=4096, max_prompt_length=2048)
+    assert truncation_note(uncut, end, 4096, 2048) is None
+
+
+def test_ragged_ends_with_a_tail():
+    r = Ragged.from_lists([[1, 2, 3], [3], [], [2, 3], [9, 2, 3, 4]])
+    assert r.ends_with([2, 3]).tolist() == [True, False, False, True, False]
+    assert r.ends_with([]).tolist() == [True] * 5

@@ -55,6 +55,16 @@ class Ragged:
             return cls.from_lengths(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
         return cls.from_lengths(np.concatenate([p.values for p in parts]), np.concatenate([p.lengths() for p in parts]))
 
+    def ends_with(self, tail: list[int]) -> np.ndarray:
+        """Per sequence: whether its last tokens are `tail` (always, for an empty tail)."""
+        k, lengths = len(tail), self.lengths()
+        out = np.zeros(len(self), dtype=bool) if k else np.ones(len(self), dtype=bool)
+        rows = np.flatnonzero(lengths >= k) if k else np.zeros(0, dtype=np.int64)
+        if len(rows):
+            window = self.values[(self.offsets[1:][rows] - k)[:, None] + np.arange(k)]
+            out[rows] = (window == np.asarray(tail, dtype=self.values.dtype)).all(axis=1)
+        return out
+
     def _positions(self) -> np.ndarray:
         """Each value's position inside its own sequence."""
         lengths = self.lengths()
@@ -115,6 +125,11 @@ class TokenArrays:
     def pair_lengths(self) -> np.ndarray:
         """`tokenize.pair_length` of every pair."""
         return self.prompt.lengths() + self.chosen.lengths() + self.rejected.lengths()
+
+    def cut_responses(self, end: list[int]) -> np.ndarray:
+        """Per pair: whether `max_length` cut its chosen or rejected response. Every response is its text
+        and `end` (`tokenize.response_end`) before the cut, so a cut one no longer ends with `end`."""
+        return ~(self.chosen.ends_with(end) & self.rejected.ends_with(end))
 
 
 def encode(tokenizer, texts: list[str], chunk: int) -> Ragged:

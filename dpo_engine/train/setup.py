@@ -29,7 +29,7 @@ from dpo_engine import rundir
 from dpo_engine.data.split import split_pairs
 from dpo_engine.data.token_arrays import ArrayPairs, TokenArrays
 from dpo_engine.data.token_cache import cached_token_arrays
-from dpo_engine.data.tokenize import TokenizedPair, pair_length
+from dpo_engine.data.tokenize import TokenizedPair, pair_length, response_end
 from dpo_engine.embed import embed_texts
 from dpo_engine.kernels import KernelCalibration, KernelModule, build_kernel, random_orthogonal_projection
 from dpo_engine.logit_transform import logit_transform
@@ -329,6 +329,22 @@ def packing_keeps_attention(model: torch.nn.Module, max_length: int, log: LogFn)
 SMALL_SHARE_OF_TRAINING = 0.05  # a run of max_steps that sees less of the training split says so in its log
 
 
+def truncation_note(arrays: TokenArrays, end: list[int], max_length: int, max_prompt_length: int) -> str | None:
+    """What the sequence limits cut, in the run's log: pairs whose chosen or rejected response lost its end
+    to `max_length` (it no longer ends its turn), and prompts at `max_prompt_length` (cut from the start,
+    or exactly that long); None when nothing was."""
+    responses = int(arrays.cut_responses(end).sum()) if end else 0
+    prompts = int((arrays.prompt.lengths() >= max_prompt_length).sum())
+    if not (responses or prompts):
+        return None
+    n = len(arrays)
+    return (
+        f"truncation: {responses} of {n} pairs ({responses / n:.0%}) have a response cut by data.max_length "
+        f"{max_length}; {prompts} prompts ({prompts / n:.0%}) reach data.max_prompt_length {max_prompt_length} "
+        "(cut from the start, or exactly that long). The diagnosis's token pre-flight suggests limits"
+    )
+
+
 def coverage_note(steps: int, pairs_per_step: int, n_train: int) -> str | None:
     """A line for the log when a run of a fixed number of steps sees little of its training split
     (a 60k-pair file at the default max_steps trains on a few hundred pairs)."""
@@ -392,6 +408,8 @@ def load_data(
             data_key=None if content_hash is None else f"dataset:{content_hash}:{len(df)}",
             log=log,
         )
+    if note := truncation_note(arrays, response_end(tokenizer), cfg.max_length, cfg.max_prompt_length):
+        log(note)
     all_pairs = ArrayPairs(arrays, df["pair_id"].to_numpy())
     # every evaluation reads all eval pairs: made once; training pairs when a batch takes them
     eval_pairs = all_pairs.take(eval_idx)
