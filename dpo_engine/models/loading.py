@@ -72,6 +72,16 @@ def indexed_cuda(device: str | torch.device) -> torch.device:
     return device
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` is a GPU with native bfloat16: T4 and V100 report it "supported" through
+    emulation, which is slower than float32."""
+    return (
+        torch.device(device).type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.is_bf16_supported(including_emulation=False)
+    )
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     """'auto' means bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 is slow and imprecise)."""
     if isinstance(dtype, torch.dtype):
@@ -85,20 +95,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
         "fp16": torch.float16,
     }
     if dtype == "auto":
-        dev = torch.device(device)
-        # native bf16 only: T4/V100 report bf16 "supported" through emulation, slower than fp32
-        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use one of: auto, {', '.join(table)}")
     dev = torch.device(device)
-    if (
-        table[dtype] is torch.bfloat16
-        and dev.type == "cuda"
-        and torch.cuda.is_available()
-        and not torch.cuda.is_bf16_supported(including_emulation=False)
-    ):
+    if table[dtype] is torch.bfloat16 and dev.type == "cuda" and torch.cuda.is_available() and not native_bf16(dev):
         raise ValueError(
             f"{torch.cuda.get_device_name(dev)} has no native bfloat16 (emulated, it is slower than float32): "
             "use model.dtype float16 or auto"
@@ -246,7 +247,8 @@ def load_policy(
     offline = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(source, **offline)
     # straight onto the GPU in the target dtype: no fp32 copy and no full copy in host memory on the way
-    placement = {"device_map": str(indexed_cuda(device))} if torch.device(device).type == "cuda" else {}
+    target = indexed_cuda(device)
+    placement = {"device_map": str(target)} if target.type == "cuda" else {}
     if quantization_config is not None:
         placement["quantization_config"] = quantization_config
     if attn_implementation is not None:

@@ -236,7 +236,9 @@ def half_dtype(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        from dpo_engine.models.loading import native_bf16
+
+        if torch.cuda.is_available() and not native_bf16(device):
             return "float16"
     return "bfloat16"
 

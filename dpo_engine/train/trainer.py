@@ -246,8 +246,8 @@ class DPOTrainer:
         self.log(
             f"eval step {step}: loss_pref {row['loss_pref']:.4f} reward_acc {row['reward_acc']:.3f}"
             + (
-                " (step 0: the policy is the reference, every margin ties and a tie counts as wrong)"
-                if step == 0
+                " (the policy is still the reference: every margin ties, and a tie counts as wrong)"
+                if self.step.reference.policy_is_reference(step)
                 else ""
             )
             + (f" dbs {row['dbs']:.3f}" if "dbs" in row else "")
